@@ -1,0 +1,632 @@
+package ebpf
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane"
+)
+
+// DefaultPinRoot is where programs, maps and links are pinned.
+const DefaultPinRoot = "/sys/fs/bpf/btmm"
+
+// Tags on the kernel objects this dataplane owns; cleanup goes by them.
+const (
+	routeProtocol = 98      // rtm_protocol of our /128 ULA routes
+	reqid         = 0xb7e0f // reqid of our XFRM states and policies
+	filterPrio    = 0xb7e   // clsact filter priority (6.1 path)
+	filterHandle  = 1
+	outerOverhead = 20 + 8 // IPv4 + UDP
+)
+
+// Program modes (enum mode in bpf/btmm.c).
+const (
+	modeOff       = 0
+	modeSecure    = 1
+	modeCleartext = 2
+)
+
+// DropReason indexes the drops map (enum drop_reason in bpf/btmm.c).
+type DropReason uint32
+
+// Why the programs drop packets.
+const (
+	DropUnknownPeer DropReason = iota
+	DropMalformed
+	DropFragment
+	DropOversize
+	DropNotESP
+	DropSpoofed
+	DropNoRoute
+	DropAdjustFailed
+	numDropReasons
+)
+
+var dropNames = [...]string{"unknown-peer", "malformed", "fragment", "oversize", "not-esp", "spoofed", "no-route", "adjust-failed"}
+
+func (r DropReason) String() string {
+	if r < numDropReasons {
+		return dropNames[r]
+	}
+	return fmt.Sprintf("drop-reason-%d", uint32(r))
+}
+
+// Config configures a Dataplane. Device is required.
+type Config struct {
+	// Device is the interface carrying the tunnel traffic; the programs
+	// attach to it and the peers' ULA routes point at it.
+	Device string
+	// NetNS is the path of the network namespace to work in (for example
+	// /run/netns/NAME); empty means the caller's.
+	NetNS string
+	// PinRoot is the bpffs directory for pins (default DefaultPinRoot).
+	// One directory per Dataplane.
+	PinRoot string
+	// Cleartext carries IPv6 in UDP without ESP. INSECURE: only for kernels
+	// without ESP or traffic that is already encrypted.
+	Cleartext bool
+	// ForceClsact attaches with clsact + cls_bpf even where TCX works
+	// (exercises the pre-6.6 path on a new kernel).
+	ForceClsact bool
+	Logger      *slog.Logger
+	Now         func() time.Time
+}
+
+// Dataplane implements controlplane.Dataplane with TC BPF programs and XFRM.
+type Dataplane struct {
+	cfg    Config
+	log    *slog.Logger
+	now    func() time.Time
+	ns     netns.NsHandle
+	nl     *netlink.Handle
+	objs   btmmObjects
+	dev    netlink.Link
+	attach attachment
+
+	mu      sync.Mutex
+	closed  bool
+	names   map[netip.Addr]string
+	moved   map[netip.Addr]time.Time
+	lastSet controlplane.Local
+}
+
+var _ controlplane.Dataplane = (*Dataplane)(nil)
+
+// New loads the programs (reusing compatible pinned maps, replacing
+// incompatible ones), attaches them to cfg.Device and pins everything under
+// cfg.PinRoot. It changes no routes, SAs or peers: Set does.
+func New(cfg Config) (*Dataplane, error) {
+	if cfg.Device == "" {
+		return nil, errors.New("ebpf: new: Config.Device is empty")
+	}
+	if cfg.PinRoot == "" {
+		cfg.PinRoot = DefaultPinRoot
+	}
+	d := &Dataplane{cfg: cfg, log: cfg.Logger, now: cfg.Now, names: map[netip.Addr]string{}, moved: map[netip.Addr]time.Time{}}
+	if d.log == nil {
+		d.log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if d.now == nil {
+		d.now = time.Now
+	}
+	var err error
+	if cfg.NetNS == "" {
+		d.ns, err = netns.Get()
+	} else {
+		d.ns, err = netns.GetFromPath(cfg.NetNS)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ebpf: open netns %q: %w", cfg.NetNS, err)
+	}
+	d.nl, err = netlink.NewHandleAt(d.ns)
+	if err != nil {
+		d.ns.Close()
+		return nil, fmt.Errorf("ebpf: netlink handle: %w", err)
+	}
+	if err := d.start(); err != nil {
+		d.nl.Close()
+		d.ns.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Dataplane) start() error {
+	var err error
+	d.dev, err = d.nl.LinkByName(d.cfg.Device)
+	if err != nil {
+		return fmt.Errorf("ebpf: device %q: %w", d.cfg.Device, err)
+	}
+	if err := os.MkdirAll(d.cfg.PinRoot, 0o700); err != nil {
+		return fmt.Errorf("ebpf: pin root: %w", err)
+	}
+	if err := d.load(); err != nil {
+		return err
+	}
+	if err := d.inNS(func() error { return d.attachPrograms() }); err != nil {
+		d.objs.Close()
+		return err
+	}
+	d.log.Info("ebpf dataplane attached", "device", d.cfg.Device, "attach", d.attach.kind(), "pins", d.cfg.PinRoot,
+		"mode", d.modeName())
+	return nil
+}
+
+// load loads the collection with maps pinned by name under PinRoot. A pinned
+// map from an incompatible build is unpinned and replaced (its peers are
+// then re-added by the next Set).
+func (d *Dataplane) load() error {
+	spec, err := loadBtmm()
+	if err != nil {
+		return fmt.Errorf("ebpf: load spec: %w", err)
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinByName
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.cfg.PinRoot}}
+	err = spec.LoadAndAssign(&d.objs, opts)
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		d.log.Warn("pinned maps incompatible with this build; replacing them", "pins", d.cfg.PinRoot, "err", err)
+		for name := range spec.Maps {
+			os.Remove(filepath.Join(d.cfg.PinRoot, name))
+		}
+		err = spec.LoadAndAssign(&d.objs, opts)
+	}
+	if err != nil {
+		return fmt.Errorf("ebpf: load programs and maps: %w", err)
+	}
+	for name, p := range map[string]*ebpf.Program{"prog_egress": d.objs.BtmmEgress, "prog_ingress": d.objs.BtmmIngress} {
+		path := filepath.Join(d.cfg.PinRoot, name)
+		os.Remove(path) // a previous run's program; links keep what they run alive
+		if err := p.Pin(path); err != nil {
+			d.objs.Close()
+			return fmt.Errorf("ebpf: pin %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func (d *Dataplane) modeName() string {
+	if d.cfg.Cleartext {
+		return "CLEARTEXT (IPv6 in UDP, NO ENCRYPTION)"
+	}
+	return "secure (XFRM ESP between ULAs, outer IPv4/UDP swapped in TC)"
+}
+
+// Status is a one-line summary for btmmctl; in cleartext mode it says so loudly.
+func (d *Dataplane) Status() string {
+	s := fmt.Sprintf("ebpf dataplane on %s via %s, pinned at %s, mode %s", d.cfg.Device, d.attach.kind(), d.cfg.PinRoot, d.modeName())
+	if d.cfg.Cleartext {
+		s = "WARNING: TRAFFIC IS NOT ENCRYPTED. " + s
+	}
+	return s
+}
+
+// inNS runs f on a locked thread inside the dataplane's namespace (attach
+// calls resolve interface indexes in the caller's namespace). A thread that
+// cannot switch back is left locked so the runtime discards it.
+func (d *Dataplane) inNS(f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(d.ns); err != nil {
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		ferr := f()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("return to original netns: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// peerEntry is what the maps say about one peer.
+type peerEntry struct {
+	outer netip.AddrPort
+	local netip.Addr
+}
+
+func ulaKey(a netip.Addr) btmmUla { return btmmUla{Addr: a.As16()} }
+
+func be32(a netip.Addr) uint32 { b := a.As4(); return binary.NativeEndian.Uint32(b[:]) }
+
+func from32(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+func be16(p uint16) uint16 { return p<<8 | p>>8 } // host <-> network order (little-endian hosts; bpf2go -target bpfel)
+
+func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
+	out := map[netip.Addr]peerEntry{}
+	var k btmmUla
+	var v btmmPeer
+	it := d.objs.PeerByUla.Iterate()
+	for it.Next(&k, &v) {
+		out[netip.AddrFrom16(k.Addr)] = peerEntry{
+			outer: netip.AddrPortFrom(from32(v.OuterAddr), be16(v.OuterPort)),
+			local: from32(v.LocalAddr),
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read peer_by_ula: %w", err)
+	}
+	return out, nil
+}
+
+// Set implements controlplane.Dataplane.
+func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
+	if err := desired.Validate(); err != nil {
+		return nil, fmt.Errorf("ebpf: set: %w", err)
+	}
+	if desired.Local.Device != "" && desired.Local.Device != d.cfg.Device {
+		return nil, fmt.Errorf("ebpf: set: state wants device %q, programs are on %q: %w", desired.Local.Device, d.cfg.Device, ErrDevice)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	// Resolve our IPv4 source towards each peer before touching anything.
+	want := map[netip.Addr]peerEntry{}
+	for _, p := range desired.Peers {
+		src := desired.Local.Outer
+		if !src.IsValid() || src.IsUnspecified() {
+			var err error
+			if src, err = d.sourceFor(p.Outer.Addr()); err != nil {
+				return nil, fmt.Errorf("ebpf: set: peer %q: %w", p.Name, err)
+			}
+		}
+		want[p.ULA] = peerEntry{outer: p.Outer, local: src}
+	}
+	var changes []controlplane.Change
+	var errs []error
+	note := func(op, obj, what string) {
+		changes = append(changes, controlplane.Change{Op: op, Object: obj, What: what})
+	}
+
+	// 1. Program configuration (one array entry).
+	mode := uint8(modeSecure)
+	if d.cfg.Cleartext {
+		mode = modeCleartext
+	}
+	cfgWant := btmmBtmmConfig{LocalUla: desired.Local.ULA.As16(), Port: desired.Local.Port, Mode: mode}
+	var cfgHave btmmBtmmConfig
+	if err := d.objs.Config.Lookup(uint32(0), &cfgHave); err != nil {
+		return nil, fmt.Errorf("ebpf: set: read config: %w", err)
+	}
+	if cfgHave != cfgWant {
+		if err := d.objs.Config.Put(uint32(0), cfgWant); err != nil {
+			return nil, fmt.Errorf("ebpf: set: write config: %w", err)
+		}
+		note("update", "map", fmt.Sprintf("config local %v port %d mode %s", desired.Local.ULA, desired.Local.Port, d.modeName()))
+	}
+
+	have, err := d.readPeers()
+	if err != nil {
+		return changes, fmt.Errorf("ebpf: set: %w", err)
+	}
+
+	// 2. XFRM first (secure mode): SAs and policies before a packet can be sent.
+	if !d.cfg.Cleartext {
+		c, err := d.setXfrm(desired)
+		changes = append(changes, c...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+
+	// 3. Maps: counters, then reverse lookup, then forward (adds before deletes).
+	for _, p := range desired.Peers {
+		d.names[p.ULA] = p.Name
+		w := want[p.ULA]
+		h, ok := have[p.ULA]
+		if ok && h == w {
+			continue
+		}
+		k := ulaKey(p.ULA)
+		if !ok {
+			zero := make([]btmmCounters, ebpf.MustPossibleCPU())
+			if err := d.objs.PeerStats.Update(k, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+				errs = append(errs, fmt.Errorf("peer %q: counters: %w", p.Name, err))
+				continue
+			}
+		}
+		ok2 := btmmOuter{Addr: be32(w.outer.Addr()), Port: be16(w.outer.Port())}
+		if err := d.objs.PeerByOuter.Put(ok2, k); err != nil {
+			errs = append(errs, fmt.Errorf("peer %q: peer_by_outer: %w", p.Name, err))
+			continue
+		}
+		v := btmmPeer{OuterAddr: be32(w.outer.Addr()), LocalAddr: be32(w.local), OuterPort: be16(w.outer.Port())}
+		if err := d.objs.PeerByUla.Put(k, v); err != nil {
+			errs = append(errs, fmt.Errorf("peer %q: peer_by_ula: %w", p.Name, err))
+			continue
+		}
+		if ok {
+			if h.outer != w.outer {
+				d.deleteOuter(h.outer, p.ULA)
+			}
+			d.moved[p.ULA] = d.now()
+			note("move", "map", fmt.Sprintf("peer %s %v outer %v -> %v (local %v)", p.Name, p.ULA, h.outer, w.outer, w.local))
+		} else {
+			note("add", "map", fmt.Sprintf("peer %s %v outer %v (local %v)", p.Name, p.ULA, w.outer, w.local))
+		}
+	}
+
+	// 4. Routes and neighbours to the peers' ULAs.
+	c, err := d.setRoutes(desired)
+	changes = append(changes, c...)
+	if err != nil {
+		errs = append(errs, err)
+	}
+
+	// 5. Deletes: peers no longer desired.
+	for ula, h := range have {
+		if _, ok := want[ula]; ok {
+			continue
+		}
+		k := ulaKey(ula)
+		if err := d.objs.PeerByUla.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("delete peer %v: %w", ula, err))
+			continue
+		}
+		d.deleteOuter(h.outer, ula)
+		d.objs.PeerStats.Delete(k)
+		note("delete", "map", fmt.Sprintf("peer %s %v outer %v", d.names[ula], ula, h.outer))
+		delete(d.names, ula)
+		delete(d.moved, ula)
+	}
+	d.lastSet = desired.Local
+	if err := errors.Join(errs...); err != nil {
+		return changes, fmt.Errorf("ebpf: set: %w", err)
+	}
+	return changes, nil
+}
+
+// deleteOuter removes the reverse entry for outer if it still names ula.
+func (d *Dataplane) deleteOuter(outer netip.AddrPort, ula netip.Addr) {
+	k := btmmOuter{Addr: be32(outer.Addr()), Port: be16(outer.Port())}
+	var v btmmUla
+	if d.objs.PeerByOuter.Lookup(k, &v) == nil && netip.AddrFrom16(v.Addr) == ula {
+		d.objs.PeerByOuter.Delete(k)
+	}
+}
+
+// sourceFor asks the kernel which IPv4 source it would use towards dst.
+func (d *Dataplane) sourceFor(dst netip.Addr) (netip.Addr, error) {
+	rs, err := d.nl.RouteGet(dst.AsSlice())
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("route to outer %v: %w", dst, err)
+	}
+	for _, r := range rs {
+		if a, ok := netip.AddrFromSlice(r.Src); ok && a.Unmap().Is4() {
+			return a.Unmap(), nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("route to outer %v has no IPv4 source", dst)
+}
+
+func (d *Dataplane) routeMTU() int {
+	if d.cfg.Cleartext {
+		return d.dev.Attrs().MTU - outerOverhead - 40
+	}
+	// XFRM sizes ESP for an outer IPv6 header (40 bytes) that the program
+	// replaces with IPv4+UDP (28): the device MTU is the outer budget.
+	return d.dev.Attrs().MTU
+}
+
+// setRoutes makes a /128 route and a permanent neighbour entry for each peer.
+func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Change, error) {
+	var changes []controlplane.Change
+	var errs []error
+	idx := d.dev.Attrs().Index
+	have := map[netip.Addr]netlink.Route{}
+	rs, err := d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: idx, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
+		netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range rs {
+		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok && r.Dst != nil {
+			have[a] = r
+		}
+	}
+	neighs, err := d.nl.NeighList(idx, netlink.FAMILY_V6)
+	if err != nil {
+		return nil, fmt.Errorf("list neighbours: %w", err)
+	}
+	hasNeigh := map[netip.Addr]bool{}
+	for _, n := range neighs {
+		if a, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+			hasNeigh[a] = true
+		}
+	}
+	mtu := d.routeMTU()
+	want := map[netip.Addr]bool{}
+	lladdr := d.dev.Attrs().HardwareAddr
+	for _, p := range desired.Peers {
+		want[p.ULA] = true
+		if len(lladdr) > 0 && !hasNeigh[p.ULA] {
+			// The program rewrites both MAC addresses; this entry only keeps
+			// IPv6 neighbour discovery from holding the packet back.
+			n := &netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V6, State: netlink.NUD_PERMANENT, IP: p.ULA.AsSlice(), HardwareAddr: lladdr}
+			if err := d.nl.NeighSet(n); err != nil {
+				errs = append(errs, fmt.Errorf("neighbour %v: %w", p.ULA, err))
+			} else {
+				changes = append(changes, controlplane.Change{Op: "add", Object: "neigh", What: fmt.Sprintf("%v dev %s permanent", p.ULA, d.cfg.Device)})
+			}
+		}
+		r := &netlink.Route{
+			LinkIndex: idx, Dst: &net.IPNet{IP: p.ULA.AsSlice(), Mask: net.CIDRMask(128, 128)},
+			Src: desired.Local.ULA.AsSlice(), MTU: mtu, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN,
+		}
+		if h, ok := have[p.ULA]; ok && h.MTU == mtu && h.Src.Equal(r.Src) {
+			continue
+		}
+		if err := d.nl.RouteReplace(r); err != nil {
+			errs = append(errs, fmt.Errorf("route %v: %w", p.ULA, err))
+			continue
+		}
+		op := "add"
+		if _, ok := have[p.ULA]; ok {
+			op = "update"
+		}
+		changes = append(changes, controlplane.Change{Op: op, Object: "route", What: fmt.Sprintf("%v/128 dev %s src %v mtu %d", p.ULA, d.cfg.Device, desired.Local.ULA, mtu)})
+	}
+	for a, r := range have {
+		if want[a] {
+			continue
+		}
+		if err := d.nl.RouteDel(&r); err != nil && !errors.Is(err, unix.ESRCH) {
+			errs = append(errs, fmt.Errorf("delete route %v: %w", a, err))
+			continue
+		}
+		changes = append(changes, controlplane.Change{Op: "delete", Object: "route", What: fmt.Sprintf("%v/128 dev %s", a, d.cfg.Device)})
+		if hasNeigh[a] {
+			d.nl.NeighDel(&netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V6, IP: a.AsSlice()})
+			changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", a, d.cfg.Device)})
+		}
+	}
+	return changes, errors.Join(errs...)
+}
+
+// Stats implements controlplane.Dataplane: per-peer counters summed over CPUs.
+func (d *Dataplane) Stats(ctx context.Context) ([]controlplane.PeerStats, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	var out []controlplane.PeerStats
+	var k btmmUla
+	var per []btmmCounters
+	it := d.objs.PeerStats.Iterate()
+	for it.Next(&k, &per) {
+		ula := netip.AddrFrom16(k.Addr)
+		s := controlplane.PeerStats{ULA: ula, LastOuterChange: d.moved[ula]}
+		for _, c := range per {
+			s.TxPackets += c.TxPackets
+			s.TxBytes += c.TxBytes
+			s.RxPackets += c.RxPackets
+			s.RxBytes += c.RxBytes
+			s.Drops += c.Drops
+		}
+		out = append(out, s)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("ebpf: stats: %w", err)
+	}
+	slices.SortFunc(out, func(a, b controlplane.PeerStats) int { return a.ULA.Compare(b.ULA) })
+	return out, nil
+}
+
+// Drops returns the programs' drop counters by reason, summed over CPUs.
+func (d *Dataplane) Drops() (map[DropReason]uint64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	return readDrops(d.objs.Drops)
+}
+
+func readDrops(m *ebpf.Map) (map[DropReason]uint64, error) {
+	out := map[DropReason]uint64{}
+	for r := DropReason(0); r < numDropReasons; r++ {
+		var per []uint64
+		if err := m.Lookup(uint32(r), &per); err != nil {
+			return nil, fmt.Errorf("ebpf: drops[%s]: %w", r, err)
+		}
+		for _, n := range per {
+			out[r] += n
+		}
+	}
+	return out, nil
+}
+
+// Close detaches the programs and removes every route, neighbour entry,
+// XFRM state and policy, and pin this dataplane made.
+func (d *Dataplane) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	var errs []error
+	if _, err := d.setRoutes(&controlplane.State{}); err != nil {
+		errs = append(errs, err)
+	}
+	if !d.cfg.Cleartext {
+		if _, err := d.setXfrm(&controlplane.State{}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := d.inNS(d.detach); err != nil {
+		errs = append(errs, err)
+	}
+	for _, m := range []*ebpf.Map{d.objs.Config, d.objs.Drops, d.objs.PeerByOuter, d.objs.PeerByUla, d.objs.PeerStats} {
+		if err := m.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin map: %w", err))
+		}
+	}
+	for _, p := range []*ebpf.Program{d.objs.BtmmEgress, d.objs.BtmmIngress} {
+		if err := p.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin program: %w", err))
+		}
+	}
+	d.objs.Close()
+	if err := os.Remove(d.cfg.PinRoot); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("remove pin root: %w", err))
+	}
+	d.nl.Close()
+	d.ns.Close()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("ebpf: close: %w", err)
+	}
+	return nil
+}
+
+// Pinned lists what is pinned under root (for status and tests).
+func Pinned(root string) ([]string, error) {
+	ents, err := os.ReadDir(root)
+	if err != nil {
+		return nil, err
+	}
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names, nil
+}
+
+var _ = strings.TrimSpace
