@@ -2,8 +2,8 @@ package ebpf
 
 import (
 	"bytes"
-	"errors"
 	"encoding/binary"
+	"errors"
 	"net"
 	"net/netip"
 	"testing"

@@ -18,7 +18,7 @@ import (
 // the policies that send ULA -> peer ULA traffic through them. Everything
 // carries reqid; nothing else is touched.
 
-func host(a netip.Addr) *net.IPNet {
+func hostNet(a netip.Addr) *net.IPNet {
 	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
 }
 
@@ -26,7 +26,7 @@ func wantState(src, dst netip.Addr, sa controlplane.SA) *netlink.XfrmState {
 	s := &netlink.XfrmState{
 		Src: src.AsSlice(), Dst: dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL,
 		Spi: int(sa.SPI), Reqid: reqid, ReplayWindow: 32,
-		Selector: &netlink.XfrmPolicy{Src: host(src), Dst: host(dst)},
+		Selector: &netlink.XfrmPolicy{Src: hostNet(src), Dst: hostNet(dst)},
 	}
 	switch sa.Cipher {
 	case controlplane.CipherAESGCM:
@@ -119,7 +119,7 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			src, dst netip.Addr
 		}{{netlink.XFRM_DIR_OUT, local, p.ULA}, {netlink.XFRM_DIR_IN, p.ULA, local}} {
 			k := polKey{x.dir, x.src, x.dst}
-			wantPol[k] = &netlink.XfrmPolicy{Src: host(x.src), Dst: host(x.dst), Dir: x.dir, Proto: 0,
+			wantPol[k] = &netlink.XfrmPolicy{Src: hostNet(x.src), Dst: hostNet(x.dst), Dir: x.dir, Proto: 0,
 				Tmpls: []netlink.XfrmPolicyTmpl{{Src: x.src.AsSlice(), Dst: x.dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
 					Mode: netlink.XFRM_MODE_TUNNEL, Reqid: reqid}}}
 			polOrder = append(polOrder, k)

@@ -62,6 +62,8 @@ struct outer {
 	__u16 pad;
 };
 
+// Per-peer counters. Packets are skbs as the programs see them: a GSO
+// super-packet counts once, its bytes all.
 struct counters {
 	__u64 tx_packets;
 	__u64 tx_bytes;
@@ -134,12 +136,6 @@ static __always_inline int same_addr(const __u8 *a, const __u8 *b)
 	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-static __always_inline __u32 segs(const struct __sk_buff *skb)
-{
-	__u32 n = skb->gso_segs;
-	return n ? n : 1;
-}
-
 // Fill in the Ethernet addresses for the IPv4 packet now in skb and send it.
 // Fast path: a FIB lookup with a resolved neighbour (needs forwarding enabled
 // on the device). Otherwise the neighbour subsystem resolves the next hop
@@ -162,7 +158,7 @@ static __always_inline int send_ipv4(struct __sk_buff *skb, struct ethhdr *eth, 
 		__builtin_memcpy(eth->h_dest, fib.dmac, 6);
 		__builtin_memcpy(eth->h_source, fib.smac, 6);
 		if (st) {
-			st->tx_packets += segs(skb);
+			st->tx_packets += 1;
 			st->tx_bytes += skb->len;
 		}
 		if (fib.ifindex == skb->ifindex)
@@ -176,7 +172,7 @@ static __always_inline int send_ipv4(struct __sk_buff *skb, struct ethhdr *eth, 
 		return drop(DROP_OVERSIZE, st);
 	}
 	if (st) {
-		st->tx_packets += segs(skb);
+		st->tx_packets += 1;
 		st->tx_bytes += skb->len;
 	}
 	return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
@@ -399,7 +395,7 @@ int btmm_ingress(struct __sk_buff *skb)
 		((struct ethhdr *)data)->h_proto = bpf_htons(ETH_P_IPV6);
 	}
 	if (st) {
-		st->rx_packets += segs(skb);
+		st->rx_packets += 1;
 		st->rx_bytes += rx_len;
 	}
 	return TC_ACT_OK;

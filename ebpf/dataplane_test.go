@@ -1,0 +1,517 @@
+package ebpf
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/internal/netns"
+	"github.com/btmm/btmm/internal/testenv"
+)
+
+// host is one side of a two-namespace topology: an IPv4-only veth between
+// the namespaces, each with its ULA on lo.
+type host struct {
+	name  string
+	ns    *netns.NS
+	dev   string
+	ula   netip.Addr
+	outer netip.Addr
+	port  uint16
+	root  string
+	dp    *Dataplane
+}
+
+// mountBPFFS mounts a private bpffs for the test's pins (the test process
+// stays in the root mount namespace; `ip netns exec` would hide /sys/fs/bpf).
+func mountBPFFS(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mount bpffs: %v", err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+func topology(t testing.TB) (a, b *host) {
+	t.Helper()
+	testenv.RequireNetNS(t)
+	fs := mountBPFFS(t)
+	a = &host{name: "a", ns: netns.New(t, "ea"), dev: "va", ula: ulaA, outer: outerA, port: portA, root: filepath.Join(fs, "a")}
+	b = &host{name: "b", ns: netns.New(t, "eb"), dev: "vb", ula: ulaB, outer: outerB, port: portB, root: filepath.Join(fs, "b")}
+	netns.MustVeth(t, a.ns, a.dev, b.ns, b.dev)
+	for _, h := range []*host{a, b} {
+		h.ns.MustAddr(t, h.dev, h.outer.String()+"/24")
+		h.ns.MustAddr(t, "lo", h.ula.String()+"/128")
+		// No IPv6 address on the veth: IPv6 crosses it only inside the tunnel.
+		must(t, h.ns.Sysctl("net.ipv6.conf."+h.dev+".addr_gen_mode", "1"))
+		l, err := h.ns.LinkByName(h.dev)
+		must(t, err)
+		addrs, err := h.ns.Handle.AddrList(l, netlink.FAMILY_V6)
+		must(t, err)
+		for _, ad := range addrs {
+			must(t, h.ns.Handle.AddrDel(l, &ad))
+		}
+	}
+	return a, b
+}
+
+func (h *host) start(t testing.TB, cfg Config) {
+	t.Helper()
+	cfg.Device, cfg.NetNS, cfg.PinRoot = h.dev, "/run/netns/"+h.ns.Name, h.root
+	dp, err := New(cfg)
+	if err != nil {
+		t.Fatalf("%s: %v", h.name, err)
+	}
+	h.dp = dp
+	t.Cleanup(func() {
+		if h.dp != nil {
+			h.dp.Close()
+		}
+	})
+}
+
+func key(n int, seed byte) []byte {
+	k := make([]byte, n)
+	for i := range k {
+		k[i] = seed + byte(i)
+	}
+	return k
+}
+
+// state is h's desired state with peer p reachable at outer.
+func (h *host) state(p *host, outer netip.AddrPort) *controlplane.State {
+	spi := func(from, to *host) uint32 { return 0x1000 + uint32(from.ula.As16()[15])<<4 + uint32(to.ula.As16()[15]) }
+	return &controlplane.State{
+		Local: controlplane.Local{ULA: h.ula, Port: h.port, Device: h.dev},
+		Peers: []controlplane.Peer{{
+			Name: p.name, ULA: p.ula, Outer: outer,
+			Out: controlplane.SA{SPI: spi(h, p), Cipher: controlplane.CipherAESGCM, Key: key(20, byte(spi(h, p)))},
+			In:  controlplane.SA{SPI: spi(p, h), Cipher: controlplane.CipherAESGCM, Key: key(20, byte(spi(p, h)))},
+		}},
+	}
+}
+
+func (h *host) set(t testing.TB, st *controlplane.State) []controlplane.Change {
+	t.Helper()
+	ch, err := h.dp.Set(context.Background(), st)
+	if err != nil {
+		t.Fatalf("%s: set: %v", h.name, err)
+	}
+	return ch
+}
+
+func connect(t testing.TB, a, b *host, cfg Config) {
+	t.Helper()
+	a.start(t, cfg)
+	b.start(t, cfg)
+	a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port)))
+	b.set(t, b.state(a, netip.AddrPortFrom(a.outer, a.port)))
+}
+
+func ping(t testing.TB, from, to *host) {
+	t.Helper()
+	out, err := from.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", to.ula.String())
+	if err != nil {
+		t.Fatalf("ping %s -> %s: %v", from.name, to.name, err)
+	}
+	if !strings.Contains(out, " 0% packet loss") {
+		t.Fatalf("ping %s -> %s lost packets:\n%s", from.name, to.name, out)
+	}
+}
+
+func peerStats(t testing.TB, h *host) controlplane.PeerStats {
+	t.Helper()
+	st, err := h.dp.Stats(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st) != 1 {
+		t.Fatalf("%s: stats for %d peers, want 1", h.name, len(st))
+	}
+	return st[0]
+}
+
+// stream is a TCP connection from a to b's ULA; the receiver hashes what arrives.
+type stream struct {
+	conn net.Conn
+	sent atomic.Int64
+	hash chan [2]any // sha256 sum, byte count
+}
+
+func openStream(t testing.TB, a, b *host) *stream {
+	t.Helper()
+	var ln net.Listener
+	must(t, b.ns.Do(func() (err error) {
+		ln, err = net.Listen("tcp6", net.JoinHostPort(b.ula.String(), "5001"))
+		return err
+	}))
+	t.Cleanup(func() { ln.Close() })
+	s := &stream{hash: make(chan [2]any, 1)}
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			s.hash <- [2]any{err, int64(0)}
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		n, err := io.Copy(h, c)
+		if err != nil {
+			s.hash <- [2]any{err, n}
+			return
+		}
+		s.hash <- [2]any{h.Sum(nil), n}
+	}()
+	must(t, a.ns.Do(func() (err error) {
+		d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: a.ula.AsSlice()}}
+		s.conn, err = d.Dial("tcp6", net.JoinHostPort(b.ula.String(), "5001"))
+		return err
+	}))
+	return s
+}
+
+// finish closes the sending side and checks that every byte arrived intact.
+func (s *stream) finish(t testing.TB, sum []byte) {
+	t.Helper()
+	s.conn.(*net.TCPConn).CloseWrite()
+	select {
+	case r := <-s.hash:
+		if err, ok := r[0].(error); ok {
+			t.Fatalf("receiver: %v", err)
+		}
+		if r[1].(int64) != s.sent.Load() || !bytes.Equal(r[0].([]byte), sum) {
+			t.Fatalf("received %d bytes (sha256 %x), sent %d (sha256 %x)", r[1], r[0], s.sent.Load(), sum)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("receiver did not finish")
+	}
+	s.conn.Close()
+}
+
+func randomBytes(t testing.TB, n int) []byte {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// attached lists programs attached to dev in h's namespace, by TCX query
+// and by clsact filter listing.
+func attached(t testing.TB, h *host) []string {
+	t.Helper()
+	var names []string
+	must(t, h.ns.Do(func() error {
+		l, err := net.InterfaceByName(h.dev)
+		if err != nil {
+			return err
+		}
+		for _, at := range []ebpf.AttachType{ebpf.AttachTCXEgress, ebpf.AttachTCXIngress} {
+			r, err := link.QueryPrograms(link.QueryOptions{Target: l.Index, Attach: at})
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			for _, p := range r.Programs {
+				names = append(names, fmt.Sprintf("tcx %v prog %d", at, p.ID))
+			}
+		}
+		return nil
+	}))
+	l, err := h.ns.LinkByName(h.dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
+		fs, _ := h.ns.Handle.FilterList(l, parent)
+		for _, f := range fs {
+			names = append(names, fmt.Sprintf("filter %s", f.Type()))
+		}
+	}
+	qs, _ := h.ns.Handle.QdiscList(l)
+	for _, q := range qs {
+		if q.Type() == "clsact" {
+			names = append(names, "qdisc clsact")
+		}
+	}
+	return names
+}
+
+// leftovers lists what a closed dataplane must not leave behind.
+func leftovers(t testing.TB, h *host) []string {
+	t.Helper()
+	got := attached(t, h)
+	if _, err := os.Stat(h.root); !errors.Is(err, os.ErrNotExist) {
+		names, _ := Pinned(h.root)
+		got = append(got, fmt.Sprintf("pin root %s: %v %v", h.root, err, names))
+	}
+	rs, _ := h.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol}, netlink.RT_FILTER_PROTOCOL)
+	for _, r := range rs {
+		got = append(got, "route "+r.String())
+	}
+	ns, _ := h.ns.Handle.NeighList(0, netlink.FAMILY_V6)
+	for _, n := range ns {
+		if n.State&netlink.NUD_PERMANENT != 0 {
+			got = append(got, "neigh "+n.String())
+		}
+	}
+	ss, _ := h.ns.Handle.XfrmStateList(netlink.FAMILY_ALL)
+	for _, s := range ss {
+		got = append(got, fmt.Sprintf("xfrm state spi 0x%x", s.Spi))
+	}
+	ps, _ := h.ns.Handle.XfrmPolicyList(netlink.FAMILY_ALL)
+	for range ps {
+		got = append(got, "xfrm policy")
+	}
+	return got
+}
+
+func closeAndCheck(t testing.TB, hs ...*host) {
+	t.Helper()
+	for _, h := range hs {
+		if err := h.dp.Close(); err != nil {
+			t.Errorf("%s: close: %v", h.name, err)
+		}
+		h.dp = nil
+		if l := leftovers(t, h); len(l) > 0 {
+			t.Errorf("%s: left behind after Close: %q", h.name, l)
+		}
+	}
+}
+
+// TestCleartextNetNS: ping -6 and a multi-MB TCP transfer (GSO on the veth)
+// between ULAs across an IPv4-only veth, on this kernel, TCX or clsact.
+func TestCleartextNetNS(t *testing.T) {
+	for _, force := range []bool{false, true} {
+		t.Run(map[bool]string{false: "probe", true: "clsact"}[force], func(t *testing.T) {
+			a, b := topology(t)
+			connect(t, a, b, Config{Cleartext: true, ForceClsact: force})
+			if force && a.dp.attach.kind() != "clsact+cls_bpf" {
+				t.Fatalf("attach %s, want clsact", a.dp.attach.kind())
+			}
+			if !strings.Contains(a.dp.Status(), "NOT ENCRYPTED") {
+				t.Errorf("status does not shout cleartext: %q", a.dp.Status())
+			}
+			t.Logf("a: %s", a.dp.Status())
+			ping(t, a, b)
+			ping(t, b, a)
+
+			data := randomBytes(t, 8<<20)
+			s := openStream(t, a, b)
+			n, err := s.conn.Write(data)
+			s.sent.Add(int64(n))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sum := sha256.Sum256(data)
+			s.finish(t, sum[:])
+
+			sa, sb := peerStats(t, a), peerStats(t, b)
+			t.Logf("a->b %+v", sa)
+			t.Logf("b<-a %+v", sb)
+			if sa.TxBytes < 8<<20 || sb.RxBytes < 8<<20 {
+				t.Errorf("counters do not show the transfer: a tx %d bytes, b rx %d bytes", sa.TxBytes, sb.RxBytes)
+			}
+			// Counters count skbs: a mean above the MTU means GSO
+			// super-packets went through the programs whole.
+			if mean := sa.TxBytes / max(sa.TxPackets, 1); mean <= 1500 {
+				t.Errorf("mean egress skb %d bytes: GSO not exercised", mean)
+			}
+			closeAndCheck(t, a, b)
+		})
+	}
+}
+
+// TestMoveNetNS: b's outer address changes while a TCP stream runs; the
+// dataplanes rewrite map entries only, and every byte arrives.
+func TestMoveNetNS(t *testing.T) {
+	a, b := topology(t)
+	connect(t, a, b, Config{Cleartext: true})
+	s := openStream(t, a, b)
+	h := sha256.New()
+	stop := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 32<<10)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			rand.Read(buf)
+			n, err := s.conn.Write(buf)
+			h.Write(buf[:n])
+			s.sent.Add(int64(n))
+			if err != nil {
+				done <- err
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	waitSent := func(n int64) {
+		deadline := time.Now().Add(10 * time.Second)
+		for s.sent.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("stream stalled at %d bytes", s.sent.Load())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	waitSent(1 << 20)
+	rxBefore := peerStats(t, a).RxPackets
+
+	// b gets a new address and leaves from it; a learns it.
+	moved := netip.MustParseAddr("10.0.0.3")
+	b.ns.MustAddr(t, b.dev, moved.String()+"/24")
+	bst := b.state(a, netip.AddrPortFrom(a.outer, a.port))
+	bst.Local.Outer = moved
+	chB := b.set(t, bst)
+	chA := a.set(t, a.state(b, netip.AddrPortFrom(moved, b.port)))
+	for _, c := range append(chA, chB...) {
+		if c.Op != "move" || c.Object != "map" {
+			t.Errorf("a move changed more than a map entry: %v", c)
+		}
+	}
+	if len(chA) != 1 || len(chB) != 1 {
+		t.Errorf("changes a=%v b=%v, want one map move each", chA, chB)
+	}
+	t.Logf("a: %v", chA)
+	t.Logf("b: %v", chB)
+	if again := a.set(t, a.state(b, netip.AddrPortFrom(moved, b.port))); len(again) != 0 {
+		t.Errorf("second identical Set changed %v", again)
+	}
+	sent := s.sent.Load()
+	waitSent(sent + 2<<20)
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	s.finish(t, h.Sum(nil))
+
+	st := peerStats(t, a)
+	if st.RxPackets <= rxBefore || st.LastOuterChange.IsZero() {
+		t.Errorf("after the move: rx packets %d (before %d), last outer change %v", st.RxPackets, rxBefore, st.LastOuterChange)
+	}
+	var v btmmUla
+	if err := a.dp.objs.PeerByOuter.Lookup(btmmOuter{Addr: be32(moved), Port: be16(b.port)}, &v); err != nil {
+		t.Errorf("peer_by_outer has no entry for the new address: %v", err)
+	}
+	if err := a.dp.objs.PeerByOuter.Lookup(btmmOuter{Addr: be32(b.outer), Port: be16(b.port)}, &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Errorf("old outer address still mapped: %v", err)
+	}
+	closeAndCheck(t, a, b)
+}
+
+// abandon drops the dataplane's file descriptors without cleaning up, as a
+// crashed agent would.
+func (d *Dataplane) abandon() {
+	for _, l := range d.attach.tcx {
+		l.Close()
+	}
+	d.objs.Close()
+	d.nl.Close()
+	d.ns.Close()
+	d.closed = true
+}
+
+// TestRestartNetNS: an agent that dies and starts again reuses the pinned
+// maps and links: its first Set changes nothing and traffic never stops
+// being tunnelled. Bad input is refused without touching anything.
+func TestRestartNetNS(t *testing.T) {
+	for _, force := range []bool{false, true} {
+		t.Run(map[bool]string{false: "probe", true: "clsact"}[force], func(t *testing.T) {
+			a, b := topology(t)
+			connect(t, a, b, Config{Cleartext: true, ForceClsact: force})
+			ping(t, a, b)
+			a.dp.abandon()
+			a.dp = nil
+			ping(t, a, b) // still attached and programmed with no agent at all
+
+			a.start(t, Config{Cleartext: true, ForceClsact: force})
+			if ch := a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port))); len(ch) != 0 {
+				t.Errorf("first Set after restart changed %v, want nothing", ch)
+			}
+			if got := attached(t, a); len(got) != 2 && !(force && len(got) == 3) {
+				t.Errorf("attached after restart: %q, want one program per direction", got)
+			}
+			ping(t, a, b)
+
+			bad := a.state(b, netip.AddrPortFrom(b.outer, b.port))
+			bad.Peers[0].Outer = netip.MustParseAddrPort("[2001:db8::1]:4500")
+			if ch, err := a.dp.Set(context.Background(), bad); err == nil || len(ch) != 0 {
+				t.Errorf("bad state: changes %v, err %v; want an error and no change", ch, err)
+			}
+			ping(t, a, b)
+			closeAndCheck(t, a, b)
+		})
+	}
+}
+
+// TestSecureVM: secure mode, ESP between the ULAs, outer IPv4/UDP swapped
+// in TC. Needs esp6 and GCM: the VM tier (6.1, no TCX: clsact path).
+func TestSecureVM(t *testing.T) {
+	testenv.Require(t, testenv.ESP)
+	a, b := topology(t)
+	connect(t, a, b, Config{})
+	t.Logf("a: %s", a.dp.Status())
+	if strings.Contains(a.dp.Status(), "NOT ENCRYPTED") {
+		t.Fatalf("secure status says cleartext: %s", a.dp.Status())
+	}
+	ping(t, a, b)
+	ping(t, b, a)
+	data := randomBytes(t, 2<<20)
+	s := openStream(t, a, b)
+	n, err := s.conn.Write(data)
+	s.sent.Add(int64(n))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(data)
+	s.finish(t, sum[:])
+
+	// ESP really carried it: the SAs counted the bytes.
+	for _, h := range []*host{a, b} {
+		ss, err := h.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ss) != 2 {
+			t.Fatalf("%s: %d xfrm states, want 2", h.name, len(ss))
+		}
+		for _, s := range ss {
+			t.Logf("%s: state spi 0x%x %s->%s packets %d bytes %d", h.name, s.Spi, s.Src, s.Dst, s.Statistics.Packets, s.Statistics.Bytes)
+			if s.Statistics.Bytes < 2<<20 && net.IP(s.Dst).Equal(b.ula.AsSlice()) {
+				t.Errorf("%s: SA towards b carried only %d bytes", h.name, s.Statistics.Bytes)
+			}
+		}
+	}
+	t.Logf("a stats %+v; b stats %+v", peerStats(t, a), peerStats(t, b))
+	d, _ := a.dp.Drops()
+	t.Logf("a drops %v", d)
+	closeAndCheck(t, a, b)
+}
