@@ -100,7 +100,9 @@ func key(n int, seed byte) []byte {
 
 // state is h's desired state with peer p reachable at outer.
 func (h *host) state(p *host, outer netip.AddrPort) *controlplane.State {
-	spi := func(from, to *host) uint32 { return 0x1000 + uint32(from.ula.As16()[15])<<4 + uint32(to.ula.As16()[15]) }
+	spi := func(from, to *host) uint32 {
+		return 0x1000 + uint32(from.ula.As16()[15])<<4 + uint32(to.ula.As16()[15])
+	}
 	return &controlplane.State{
 		Local: controlplane.Local{ULA: h.ula, Port: h.port, Device: h.dev},
 		Peers: []controlplane.Peer{{
