@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -628,5 +627,3 @@ func Pinned(root string) ([]string, error) {
 	}
 	return names, nil
 }
-
-var _ = strings.TrimSpace
