@@ -2,17 +2,28 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
+	"github.com/btmm/btmm/dns/server"
 )
 
 const synopsis = `btmm-dnsd: the btmm rendezvous DNS server (RFC 2136 updates with TSIG,
 update leases, Long-Lived Queries, DNS over TLS).
 
-Usage: btmm-dnsd [flags]`
+Usage:
+  btmm-dnsd [flags]                          serve (config file, see docs/dnsd.md)
+  btmm-dnsd [flags] adduser USER [ALGORITHM] create USER, print its TSIG key
+                                             (BIND key clause; ALGORITHM hmac-sha256
+                                             (default), hmac-sha512 or hmac-md5)
+  btmm-dnsd [flags] deluser USER             delete USER's key`
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -20,9 +31,83 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := cli.NewFlagSet("btmm-dnsd", synopsis)
+	conf := fs.String("config", "/etc/btmm/dnsd.toml", "config file (TOML)")
+	debug := fs.Bool("debug", false, "log debug messages")
 	if done, code := fs.Parse(args, stdout, stderr); done {
 		return code
 	}
-	fmt.Fprintln(stderr, "btmm-dnsd: not implemented yet in this build")
-	return 1
+	cfg, err := server.LoadConfig(*conf)
+	if err != nil {
+		fmt.Fprintln(stderr, "btmm-dnsd:", err)
+		return 1
+	}
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	rest := fs.Args()
+	if len(rest) > 0 {
+		if err := admin(cfg, rest, stdout); err != nil {
+			fmt.Fprintln(stderr, "btmm-dnsd:", err)
+			return 1
+		}
+		return 0
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, cfg, log); err != nil {
+		fmt.Fprintln(stderr, "btmm-dnsd:", err)
+		return 1
+	}
+	return 0
+}
+
+func admin(cfg server.Config, args []string, stdout io.Writer) error {
+	if cfg.Zone == "" || cfg.DataDir == "" {
+		return errors.New("config: zone and data_dir are required")
+	}
+	users := server.NewUsers(cfg.DataDir, cfg.Zone)
+	switch {
+	case args[0] == "adduser" && (len(args) == 2 || len(args) == 3):
+		alg := ""
+		if len(args) == 3 {
+			alg = args[2]
+		}
+		k, err := users.Add(args[1], alg)
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(stdout, k.BINDClause())
+		return err
+	case args[0] == "deluser" && len(args) == 2:
+		return users.Remove(args[1])
+	}
+	return fmt.Errorf("unknown command %q (see --help)", args)
+}
+
+func serve(ctx context.Context, cfg server.Config, log *slog.Logger) error {
+	srv, err := server.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	if _, err := srv.Start(ctx); err != nil {
+		srv.Close()
+		return err
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	for {
+		select {
+		case <-ctx.Done():
+			return srv.Close()
+		case <-hup:
+			if err := srv.ReloadKeys(); err != nil {
+				log.Error("reload keys", "err", err)
+			} else {
+				log.Info("keys reloaded")
+			}
+		}
+	}
 }

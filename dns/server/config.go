@@ -1,0 +1,166 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/btmm/btmm/dns/lease"
+)
+
+// Config configures a Server. The zero values of the optional fields take
+// the defaults shown in docs/dnsd.md.
+type Config struct {
+	// Zone is the rendezvous zone, e.g. "btmm.example.". Required.
+	Zone string `toml:"zone"`
+	// ServerName is the primary server's name (SOA MNAME, NS, SRV target);
+	// default "ns.<zone>". ServerAddrs are its addresses (glue A/AAAA when
+	// ServerName is in the zone).
+	ServerName  string   `toml:"server_name"`
+	ServerAddrs []string `toml:"server_addrs"`
+	// DataDir holds the store (store/), user keys (keys/<user>.key, 0600)
+	// and a generated self-signed TLS certificate (tls/). Required.
+	DataDir string `toml:"data_dir"`
+	// Listen is the UDP and TCP address (same port for both), e.g.
+	// "127.0.0.1:0" or "[::]:53". Empty: no plain DNS listener.
+	Listen string `toml:"listen"`
+	// ListenTLS is the DNS-over-TLS address (RFC 7858), e.g. "[::]:853".
+	ListenTLS string `toml:"listen_tls"`
+	// TLSCert / TLSKey are PEM files; when empty and ListenTLS is set a
+	// self-signed certificate for ServerName is generated in DataDir/tls.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// AdvertisePorts overrides the ports in the discovery SRV records (for
+	// a server behind port forwarding); zero: the bound ports.
+	AdvertiseDNSPort uint16 `toml:"advertise_dns_port"`
+	AdvertiseTLSPort uint16 `toml:"advertise_tls_port"`
+
+	UpdateLease LeaseConfig `toml:"update_lease"`
+	LLQ         LLQConfig   `toml:"llq"`
+	Limits      Limits      `toml:"limits"`
+
+	// Now is the clock (default time.Now).
+	Now func() time.Time `toml:"-"`
+}
+
+// LeaseConfig bounds update leases (RFC 9664).
+type LeaseConfig struct {
+	Min     Duration `toml:"min"`     // default 30m
+	Max     Duration `toml:"max"`     // default 2h
+	Default Duration `toml:"default"` // for updates without the option; default 2h; "0s" never expires
+	// NoDefault makes updates without the option permanent.
+	Permanent bool `toml:"permanent_without_option"`
+}
+
+// LLQConfig tunes Long-Lived Queries (RFC 8764).
+type LLQConfig struct {
+	MinLease      Duration `toml:"min_lease"`     // default 15m
+	MaxLease      Duration `toml:"max_lease"`     // default 2h
+	Retransmit    Duration `toml:"retransmit"`    // first event retransmission; default 2s
+	Transmissions int      `toml:"transmissions"` // default 3
+	MaxPerKey     int      `toml:"max_per_key"`   // default 256
+	MaxTotal      int      `toml:"max_total"`     // default 200000
+}
+
+// Limits are abuse limits.
+type Limits struct {
+	UpdatesPerSecond float64 `toml:"updates_per_second"` // per key; default 50
+	UpdateBurst      int     `toml:"update_burst"`       // default 100
+	MaxMessageSize   int     `toml:"max_message_size"`   // TCP/TLS message; default 16384
+	MaxUpdateRecords int     `toml:"max_update_records"` // prerequisite+update RRs; default 128
+	MaxConns         int     `toml:"max_conns"`          // TCP+TLS connections; default 10000
+}
+
+// Duration is a time.Duration written as "30m" in the config file.
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// LoadConfig reads a TOML config file. Unknown keys are an error.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("server: load config: %w", err)
+	}
+	md, err := toml.Decode(string(data), &c)
+	if err != nil {
+		return c, fmt.Errorf("server: load config %s: %w", path, err)
+	}
+	if u := md.Undecoded(); len(u) > 0 {
+		return c, fmt.Errorf("server: load config %s: unknown key %q", path, u[0].String())
+	}
+	return c, nil
+}
+
+func (c *Config) setDefaults() error {
+	if c.Zone == "" {
+		return fmt.Errorf("server: config: zone is required")
+	}
+	if c.DataDir == "" {
+		return fmt.Errorf("server: config: data_dir is required")
+	}
+	def := func(d *Duration, v time.Duration) {
+		if *d == 0 {
+			*d = Duration(v)
+		}
+	}
+	def(&c.UpdateLease.Min, lease.DefaultBounds.Min)
+	def(&c.UpdateLease.Max, lease.DefaultBounds.Max)
+	if !c.UpdateLease.Permanent {
+		def(&c.UpdateLease.Default, lease.DefaultBounds.Default)
+	} else {
+		c.UpdateLease.Default = 0
+	}
+	if err := c.leaseBounds().Validate(); err != nil {
+		return fmt.Errorf("server: config: update_lease: %w", err)
+	}
+	def(&c.LLQ.MinLease, 15*time.Minute)
+	def(&c.LLQ.MaxLease, 2*time.Hour)
+	if c.LLQ.MaxLease < c.LLQ.MinLease {
+		return fmt.Errorf("server: config: llq: max_lease < min_lease")
+	}
+	def(&c.LLQ.Retransmit, 2*time.Second)
+	if c.Limits.UpdatesPerSecond == 0 {
+		c.Limits.UpdatesPerSecond = 50
+	}
+	if c.Limits.UpdateBurst == 0 {
+		c.Limits.UpdateBurst = 100
+	}
+	if c.Limits.MaxMessageSize == 0 {
+		c.Limits.MaxMessageSize = 16384
+	}
+	if c.Limits.MaxUpdateRecords == 0 {
+		c.Limits.MaxUpdateRecords = 128
+	}
+	if c.Limits.MaxConns == 0 {
+		c.Limits.MaxConns = 10000
+	}
+	for _, a := range c.ServerAddrs {
+		if _, err := netip.ParseAddr(a); err != nil {
+			return fmt.Errorf("server: config: server_addrs: %w", err)
+		}
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return nil
+}
+
+func (c *Config) leaseBounds() lease.Bounds {
+	return lease.Bounds{Min: time.Duration(c.UpdateLease.Min), Max: time.Duration(c.UpdateLease.Max),
+		Default: time.Duration(c.UpdateLease.Default)}
+}

@@ -1,0 +1,683 @@
+// Package server is btmm-dnsd, the rendezvous DNS server of RFC 6281 §5: an
+// authoritative server for one zone with a subdomain per user that accepts
+// TSIG-signed (RFC 8945) dynamic updates (RFC 2136) with update leases
+// (RFC 9664) and serves Long-Lived Queries (RFC 8764), over UDP, TCP and DNS
+// over TLS (RFC 7858). It wires dns/zone, dns/store, dns/lease, dns/llq and
+// dns/tsig together; handlers take a dns.ResponseWriter.
+//
+// # API for tests and embedding
+//
+//	srv, err := server.New(server.Config{
+//		Zone:      "btmm.example.",
+//		DataDir:   t.TempDir(),
+//		Listen:    "127.0.0.1:0", // UDP and TCP on the same port
+//		ListenTLS: "127.0.0.1:0", // optional, self-signed cert in DataDir/tls
+//	}, logger)
+//	key, err := srv.AddUser("alice", "hmac-sha256") // tsig.Key; or "hmac-md5", "hmac-sha512"
+//	addrs, err := srv.Start(ctx)                    // addrs.DNS, addrs.TLS: "127.0.0.1:PORT"
+//	defer srv.Close()
+//
+// The user's key is named "alice.btmm.example." and may update and
+// subscribe to names at or below "alice.btmm.example." only. Sign with
+// miekg/dns: c.TsigProvider = key.Provider() (needed for hmac-md5; the
+// others also work with c.TsigSecret = map[string]string{key.Name:
+// key.Base64()}) and m.SetTsig(key.Name, key.Algorithm, 300, time.Now().Unix()).
+//
+// Updates: a signed UPDATE for zone "btmm.example." (class IN SOA). With an
+// EDNS0 Update-Lease option (dns.EDNS0_UL) the granted lease, clamped to
+// [Config.UpdateLease.Min, Max] (default [30m, 2h]), is echoed in the
+// response; without it the records get UpdateLease.Default (2h). Records
+// expire at lease end; re-sending the same adds with a lease refreshes them.
+// The response is sent only after the update is fsynced.
+//
+// LLQs: a signed query with a dns.EDNS0_LLQ option (version 1). Setup: opcode
+// 1, id 0 -> challenge (opcode 1, fresh id, granted lease in [15m, 2h]); send
+// the same question with opcode 1 and that id -> ACK with the current
+// answers. Refresh: opcode 2 with the id and a lease (0 cancels). Events are
+// unsolicited responses (QR=1, fresh message ID) from the server's port to
+// the address the LLQ was set up (or last refreshed) from, with the question,
+// the changed RRs in the answer section (removed RRs have TTL 0xFFFFFFFF), an
+// LLQ option (opcode 3, the id, lease 0) and a TSIG signed with the LLQ's key
+// (no request MAC). Over UDP the client acknowledges with a message carrying
+// the same message ID and an LLQ option opcode 3 with the id (QR either way);
+// without an ACK the event is resent after Config.LLQ.Retransmit (2s) and
+// again after twice that; with no ACK after three transmissions the LLQ is
+// deleted. Over TCP/TLS events are sent once on the connection, which the LLQ
+// lives on; acknowledgements are accepted but not needed.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/btmm/btmm/dns/lease"
+	"github.com/btmm/btmm/dns/llq"
+	"github.com/btmm/btmm/dns/store"
+	"github.com/btmm/btmm/dns/tsig"
+	"github.com/btmm/btmm/dns/zone"
+	"github.com/miekg/dns"
+)
+
+// Addrs are the bound listener addresses ("" when not listening).
+type Addrs struct {
+	DNS string // UDP and TCP
+	TLS string
+}
+
+// Server is a running btmm-dnsd.
+type Server struct {
+	cfg   Config
+	log   *slog.Logger
+	users *Users
+	keys  *tsig.Keyring
+	zone  *zone.Zone
+	store store.Store
+	llq   *llq.Table
+	rate  *rateLimiter
+
+	mu      sync.Mutex
+	started bool
+	closed  bool
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	udp     net.PacketConn
+	udpSrv  *dns.Server
+	lns     []net.Listener
+	conns   map[*streamConn]struct{}
+	ports   zone.Ports
+}
+
+// New opens the data directory (store and user keys) and prepares a server.
+// Call Start to listen.
+func New(cfg Config, log *slog.Logger) (*Server, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{}}
+	s.users = NewUsers(cfg.DataDir, cfg.Zone)
+	var addrs []netip.Addr
+	for _, a := range cfg.ServerAddrs {
+		addrs = append(addrs, netip.MustParseAddr(a))
+	}
+	z, err := zone.New(zone.Zone{Origin: cfg.Zone, ServerName: cfg.ServerName, ServerAddr: addrs,
+		Users: s.userNames, Ports: zone.Ports{}})
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s.zone = z
+	if err := s.ReloadKeys(); err != nil {
+		return nil, err
+	}
+	// A key added on disk by `btmm-dnsd adduser` while running is picked
+	// up on first use.
+	s.keys.Miss = func(name string) (tsig.Key, bool) {
+		u := s.zone.UserOf(name)
+		if u == "" || dns.CanonicalName(name) != s.users.KeyName(u) {
+			return tsig.Key{}, false
+		}
+		k, err := s.users.Get(u)
+		return k, err == nil
+	}
+	st, err := store.Open(filepath.Join(cfg.DataDir, "store"))
+	if err != nil {
+		return nil, fmt.Errorf("server: %w", err)
+	}
+	s.store = st
+	s.rate = newRateLimiter(cfg.Limits.UpdatesPerSecond, cfg.Limits.UpdateBurst)
+	s.llq = llq.NewTable(llq.Config{
+		MinLease: time.Duration(cfg.LLQ.MinLease), MaxLease: time.Duration(cfg.LLQ.MaxLease),
+		Retransmit: time.Duration(cfg.LLQ.Retransmit), Transmissions: cfg.LLQ.Transmissions,
+		MaxPerKey: cfg.LLQ.MaxPerKey, MaxTotal: cfg.LLQ.MaxTotal,
+		Answer: s.answerLLQ, Send: eventSender{s}, Log: log, Now: cfg.Now,
+		Persist: func(id uint64, data []byte) {
+			k := "llq/" + strconv.FormatUint(id, 16)
+			var err error
+			if data == nil {
+				err = st.DeleteMeta(k)
+			} else {
+				err = st.PutMeta(k, data)
+			}
+			if err != nil {
+				log.Warn("persist llq", "err", err)
+			}
+		},
+	})
+	return s, nil
+}
+
+func (s *Server) userNames() []string {
+	var out []string
+	for _, n := range s.keys.Names() {
+		if u := s.zone.UserOf(n); u != "" && n == s.users.KeyName(u) {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// ReloadKeys re-reads the user key directory (after adduser / deluser).
+func (s *Server) ReloadKeys() error {
+	users, err := s.users.List()
+	if err != nil {
+		return err
+	}
+	want := map[string]bool{}
+	for _, u := range users {
+		k, err := s.users.Get(u)
+		if err != nil {
+			return err
+		}
+		s.keys.Add(k)
+		want[k.Name] = true
+	}
+	for _, n := range s.keys.Names() {
+		if !want[n] {
+			s.keys.Remove(n)
+		}
+	}
+	return nil
+}
+
+// AddUser creates a user with a fresh TSIG key (algorithm "" means
+// hmac-sha256; "hmac-md5" and "hmac-sha512" work too), stores it (0600) and
+// returns it. The key is usable at once.
+func (s *Server) AddUser(user, algorithm string) (tsig.Key, error) {
+	k, err := s.users.Add(user, algorithm)
+	if err != nil {
+		return k, err
+	}
+	s.keys.Add(k)
+	return k, nil
+}
+
+// RemoveUser deletes a user's key; its records expire with their leases.
+func (s *Server) RemoveUser(user string) error {
+	if err := s.users.Remove(user); err != nil {
+		return err
+	}
+	s.keys.Remove(s.users.KeyName(user))
+	return nil
+}
+
+// Store returns the server's store (for inspection in tests).
+func (s *Server) Store() store.Store { return s.store }
+
+// LLQs returns the number of established LLQs.
+func (s *Server) LLQs() int { return s.llq.Len() }
+
+// Start binds the listeners and starts serving; it returns the bound
+// addresses. The server stops when ctx ends or Close is called.
+func (s *Server) Start(ctx context.Context) (Addrs, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started || s.closed {
+		return Addrs{}, errors.New("server: start: already started or closed")
+	}
+	s.started = true
+	ctx, s.cancel = context.WithCancel(ctx)
+	var addrs Addrs
+	fail := func(err error) (Addrs, error) {
+		s.closeListenersLocked()
+		return Addrs{}, err
+	}
+	if s.cfg.Listen != "" {
+		pc, ln, err := listenSamePort(s.cfg.Listen)
+		if err != nil {
+			return fail(fmt.Errorf("server: listen %s: %w", s.cfg.Listen, err))
+		}
+		s.udp = pc
+		s.lns = append(s.lns, ln)
+		addrs.DNS = pc.LocalAddr().String()
+		port := uint16(pc.LocalAddr().(*net.UDPAddr).Port)
+		if s.cfg.AdvertiseDNSPort != 0 {
+			port = s.cfg.AdvertiseDNSPort
+		}
+		s.ports.UpdateUDP, s.ports.LLQUDP = port, port
+	}
+	if s.cfg.ListenTLS != "" {
+		cert, err := loadOrCreateCert(s.cfg.TLSCert, s.cfg.TLSKey, filepath.Join(s.cfg.DataDir, "tls"), s.zone.ServerName, s.cfg.Now())
+		if err != nil {
+			return fail(err)
+		}
+		ln, err := tls.Listen("tcp", s.cfg.ListenTLS, &tls.Config{Certificates: []tls.Certificate{cert},
+			MinVersion: tls.VersionTLS12, NextProtos: []string{"dot"}})
+		if err != nil {
+			return fail(fmt.Errorf("server: listen tls %s: %w", s.cfg.ListenTLS, err))
+		}
+		s.lns = append(s.lns, ln)
+		addrs.TLS = ln.Addr().String()
+		port := uint16(ln.Addr().(*net.TCPAddr).Port)
+		if s.cfg.AdvertiseTLSPort != 0 {
+			port = s.cfg.AdvertiseTLSPort
+		}
+		s.ports.UpdateTLS, s.ports.LLQTLS = port, port
+	}
+	s.zone.Ports = s.ports
+
+	// Restore persisted UDP LLQs.
+	if m, err := s.store.Meta("llq/"); err == nil {
+		var data [][]byte
+		for _, v := range m {
+			data = append(data, v)
+		}
+		if n := s.llq.Restore(data); n > 0 {
+			s.log.Info("restored LLQs", "count", n)
+		}
+	}
+	// Store changes drive LLQ events; leases drive expiry.
+	ch, _ := s.store.Watch(ctx)
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		for c := range ch {
+			s.llq.Changed(c)
+		}
+	}()
+	exp := &lease.Expirer{Store: s.store, Log: s.log, Now: s.cfg.Now}
+	go func() {
+		defer s.wg.Done()
+		exp.Run(ctx)
+	}()
+
+	if s.udp != nil {
+		started := make(chan struct{})
+		s.udpSrv = &dns.Server{PacketConn: s.udp, Handler: s, TsigProvider: s.keys,
+			MsgAcceptFunc: acceptMsg, UDPSize: 65535,
+			NotifyStartedFunc: func() { close(started) }}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if err := s.udpSrv.ActivateAndServe(); err != nil && ctx.Err() == nil {
+				s.log.Error("udp server stopped", "err", err)
+			}
+		}()
+		<-started
+	}
+	for _, ln := range s.lns {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.acceptLoop(ctx, ln)
+		}()
+	}
+	go func() {
+		<-ctx.Done()
+		s.Close()
+	}()
+	s.log.Info("btmm-dnsd serving", "zone", s.zone.Origin, "dns", addrs.DNS, "tls", addrs.TLS)
+	return addrs, nil
+}
+
+// listenSamePort binds UDP and then TCP on the same port (retrying when
+// port 0 picked a UDP port whose TCP twin is taken).
+func listenSamePort(addr string) (net.PacketConn, net.Listener, error) {
+	var lastErr error
+	for range 20 {
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			return nil, nil, err
+		}
+		host, _, _ := net.SplitHostPort(addr)
+		port := pc.LocalAddr().(*net.UDPAddr).Port
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err == nil {
+			return pc, ln, nil
+		}
+		pc.Close()
+		lastErr = err
+		if _, p, _ := net.SplitHostPort(addr); p != "0" {
+			break
+		}
+	}
+	return nil, nil, lastErr
+}
+
+func (s *Server) closeListenersLocked() {
+	if s.udp != nil {
+		s.udp.Close()
+	}
+	for _, ln := range s.lns {
+		ln.Close()
+	}
+}
+
+// Close stops the server and waits for its goroutines; state stays in the
+// data directory.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if s.udpSrv != nil {
+		s.udpSrv.Shutdown()
+	}
+	s.closeListenersLocked()
+	for c := range s.conns {
+		c.c.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	s.llq.Close()
+	return s.store.Close()
+}
+
+// acceptMsg admits queries, updates and (possible LLQ event ACKs) responses.
+func acceptMsg(dh dns.Header) dns.MsgAcceptAction {
+	opcode := int(dh.Bits>>11) & 0xF
+	if opcode != dns.OpcodeQuery && opcode != dns.OpcodeUpdate {
+		if dh.Bits&(1<<15) != 0 {
+			return dns.MsgIgnore
+		}
+		return dns.MsgRejectNotImplemented
+	}
+	if dh.Qdcount != 1 {
+		if dh.Bits&(1<<15) != 0 {
+			return dns.MsgIgnore
+		}
+		return dns.MsgReject
+	}
+	if int(dh.Ancount)+int(dh.Nscount)+int(dh.Arcount) > 1024 {
+		return dns.MsgReject
+	}
+	return dns.MsgAccept
+}
+
+// authInfo is what TSIG verification established about a request.
+type authInfo struct {
+	signed bool
+	key    string // key name, when verified
+	user   string
+	tsig   *dns.TSIG
+	err    error // verification failure
+}
+
+func (s *Server) auth(w dns.ResponseWriter, r *dns.Msg) authInfo {
+	t := r.IsTsig()
+	if t == nil {
+		return authInfo{}
+	}
+	a := authInfo{signed: true, tsig: t}
+	if err := w.TsigStatus(); err != nil {
+		a.err = err
+		return a
+	}
+	a.key = dns.CanonicalName(t.Hdr.Name)
+	if u := s.zone.UserOf(a.key); u != "" && a.key == s.users.KeyName(u) {
+		a.user = u
+	}
+	return a
+}
+
+// tsigError answers a request whose TSIG did not verify (RFC 8945 §5.2).
+func (s *Server) tsigError(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
+	resp := new(dns.Msg)
+	resp.SetRcode(r, dns.RcodeNotAuth)
+	code := uint16(dns.RcodeBadSig)
+	switch {
+	case errors.Is(a.err, dns.ErrSecret), errors.Is(a.err, dns.ErrKeyAlg):
+		code = dns.RcodeBadKey
+	case errors.Is(a.err, dns.ErrTime):
+		code = dns.RcodeBadTime
+	}
+	resp.SetTsig(a.tsig.Hdr.Name, a.tsig.Algorithm, 300, s.cfg.Now().Unix())
+	resp.Extra[len(resp.Extra)-1].(*dns.TSIG).Error = code
+	s.log.Info("tsig verification failed", "key", a.tsig.Hdr.Name, "from", w.RemoteAddr().String(), "err", a.err)
+	if err := w.WriteMsg(resp); err != nil {
+		s.log.Debug("write tsig error", "err", err)
+	}
+}
+
+// reply finishes resp (EDNS, TSIG) and writes it.
+func (s *Server) reply(w dns.ResponseWriter, r, resp *dns.Msg, a authInfo) {
+	if opt := r.IsEdns0(); opt != nil && resp.IsEdns0() == nil {
+		resp.SetEdns0(4096, false)
+	}
+	if a.key != "" {
+		resp.SetTsig(a.tsig.Hdr.Name, a.tsig.Algorithm, 300, s.cfg.Now().Unix())
+	}
+	if err := w.WriteMsg(resp); err != nil {
+		s.log.Debug("write response", "err", err)
+	}
+}
+
+// ServeDNS implements dns.Handler.
+func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	if r.Response {
+		// Only LLQ event acknowledgements arrive as responses.
+		if o, ok := llq.Option(r); ok && o.Opcode == llq.OpEvent {
+			s.llq.Handle(r, s.peer(w), "")
+		}
+		return
+	}
+	a := s.auth(w, r)
+	if a.err != nil {
+		s.tsigError(w, r, a)
+		return
+	}
+	switch r.Opcode {
+	case dns.OpcodeUpdate:
+		s.serveUpdate(w, r, a)
+	case dns.OpcodeQuery:
+		if _, ok := llq.Option(r); ok {
+			s.serveLLQ(w, r, a)
+			return
+		}
+		s.serveQuery(w, r, a)
+	default:
+		resp := new(dns.Msg)
+		resp.SetRcode(r, dns.RcodeNotImplemented)
+		s.reply(w, r, resp, a)
+	}
+}
+
+func (s *Server) serveQuery(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
+	resp := new(dns.Msg)
+	resp.SetReply(r)
+	if len(r.Question) != 1 {
+		resp.Rcode = dns.RcodeFormatError
+		s.reply(w, r, resp, a)
+		return
+	}
+	q := r.Question[0]
+	if q.Qtype == dns.TypeAXFR || q.Qtype == dns.TypeIXFR {
+		resp.Rcode = dns.RcodeRefused
+		s.reply(w, r, resp, a)
+		return
+	}
+	now := s.cfg.Now()
+	s.store.Read(func(v store.View) { s.zone.Answer(v, q, now, resp) })
+	if _, isUDP := w.RemoteAddr().(*net.UDPAddr); isUDP {
+		size := 512
+		if opt := r.IsEdns0(); opt != nil {
+			size = max(int(opt.UDPSize()), 512)
+		}
+		resp.Truncate(size)
+	}
+	s.reply(w, r, resp, a)
+}
+
+func (s *Server) answerLLQ(q dns.Question) []dns.RR {
+	resp := new(dns.Msg)
+	now := s.cfg.Now()
+	s.store.Read(func(v store.View) { s.zone.Answer(v, q, now, resp) })
+	return resp.Answer
+}
+
+func (s *Server) peer(w dns.ResponseWriter) llq.Peer {
+	if sw, ok := w.(*streamWriter); ok {
+		return llq.Peer{Net: "tcp", Addr: sw.sc.c.RemoteAddr().String(), Conn: sw.sc}
+	}
+	return llq.Peer{Net: "udp", Addr: w.RemoteAddr().String()}
+}
+
+func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
+	o, _ := llq.Option(r)
+	if o.Opcode == llq.OpEvent {
+		s.llq.Handle(r, s.peer(w), a.key)
+		return
+	}
+	deny := func(rcode int) {
+		resp := new(dns.Msg)
+		resp.SetRcode(r, rcode)
+		s.reply(w, r, resp, a)
+	}
+	if a.key == "" {
+		deny(dns.RcodeRefused)
+		return
+	}
+	if len(r.Question) != 1 {
+		deny(dns.RcodeFormatError)
+		return
+	}
+	q := r.Question[0]
+	if !s.zone.InZone(q.Name) {
+		deny(dns.RcodeRefused)
+		return
+	}
+	if u := s.zone.UserOf(q.Name); u != "" && u != a.user {
+		s.log.Info("llq refused: name of another user", "key", a.key, "name", q.Name)
+		deny(dns.RcodeRefused)
+		return
+	}
+	resp, err := s.llq.Handle(r, s.peer(w), a.key)
+	if err != nil || resp == nil {
+		return
+	}
+	if sw, ok := w.(*streamWriter); ok && o.Opcode == llq.OpSetup && o.Id != 0 {
+		sw.sc.hasLLQ.Store(true)
+	}
+	s.reply(w, r, resp, a)
+}
+
+func (s *Server) serveUpdate(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
+	resp := new(dns.Msg)
+	resp.SetReply(r)
+	fail := func(err error) {
+		resp.Rcode = zone.Rcode(err)
+		s.log.Info("update refused", "key", a.key, "from", w.RemoteAddr().String(), "err", err)
+		s.reply(w, r, resp, a)
+	}
+	if a.key == "" {
+		fail(&zone.RcodeError{Rcode: dns.RcodeRefused, Reason: "unsigned update"})
+		return
+	}
+	if len(r.Answer)+len(r.Ns) > s.cfg.Limits.MaxUpdateRecords {
+		fail(&zone.RcodeError{Rcode: dns.RcodeRefused, Reason: "too many records"})
+		return
+	}
+	now := s.cfg.Now()
+	if !s.rate.allow(a.key, now) {
+		fail(&zone.RcodeError{Rcode: dns.RcodeRefused, Reason: "update rate limit"})
+		return
+	}
+	granted, echo := s.cfg.leaseBounds().Grant(r)
+	req := zone.Request{User: a.user, KeyName: a.key, Lease: granted, Now: now}
+	if err := s.zone.CheckUpdate(r, req); err != nil {
+		fail(err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := s.store.Update(ctx, s.zone.Update(r, req)); err != nil {
+		var re *zone.RcodeError
+		if !errors.As(err, &re) {
+			s.log.Error("update failed", "key", a.key, "err", err)
+		}
+		fail(err)
+		return
+	}
+	if echo != nil {
+		resp.SetEdns0(4096, false)
+		opt := resp.IsEdns0()
+		opt.Option = append(opt.Option, echo)
+	}
+	s.reply(w, r, resp, a)
+}
+
+type eventSender struct{ s *Server }
+
+func (e eventSender) SendEvent(p llq.Peer, key string, m *dns.Msg) error {
+	s := e.s
+	var data []byte
+	var err error
+	if k, ok := s.keys.Get(key); ok && key != "" {
+		m.SetTsig(k.Name, k.Algorithm, 300, s.cfg.Now().Unix())
+		data, _, err = dns.TsigGenerateWithProvider(m, s.keys, "", false)
+	} else {
+		data, err = m.Pack()
+	}
+	if err != nil {
+		return fmt.Errorf("server: pack event: %w", err)
+	}
+	switch p.Net {
+	case "udp":
+		if s.udp == nil {
+			return errors.New("server: send event: no UDP listener")
+		}
+		ap, err := netip.ParseAddrPort(p.Addr)
+		if err != nil {
+			return fmt.Errorf("server: send event: %w", err)
+		}
+		_, err = s.udp.WriteTo(data, net.UDPAddrFromAddrPort(ap))
+		return err
+	case "tcp":
+		sc, ok := p.Conn.(*streamConn)
+		if !ok {
+			return errors.New("server: send event: no connection")
+		}
+		return sc.write(data)
+	}
+	return fmt.Errorf("server: send event: unknown network %q", p.Net)
+}
+
+// rateLimiter is a token bucket per key.
+type rateLimiter struct {
+	mu      sync.Mutex
+	rate    float64
+	burst   float64
+	buckets map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newRateLimiter(rate float64, burst int) *rateLimiter {
+	return &rateLimiter{rate: rate, burst: float64(burst), buckets: map[string]*bucket{}}
+}
+
+func (l *rateLimiter) allow(key string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[strings.ToLower(key)]
+	if b == nil {
+		b = &bucket{tokens: l.burst, last: now}
+		l.buckets[strings.ToLower(key)] = b
+	}
+	b.tokens = min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}

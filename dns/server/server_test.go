@@ -1,0 +1,350 @@
+package server_test
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/btmm/btmm/dns/llq"
+	"github.com/btmm/btmm/dns/server"
+	"github.com/btmm/btmm/dns/tsig"
+	"github.com/miekg/dns"
+)
+
+const zoneName = "btmm.example."
+
+func testLogger(t testing.TB) *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// startServer runs a server on free loopback ports with users alice
+// (hmac-sha256) and bob (hmac-md5).
+func startServer(t *testing.T, dir string, mod func(*server.Config)) (*server.Server, server.Addrs) {
+	t.Helper()
+	cfg := server.Config{Zone: zoneName, DataDir: dir, Listen: "127.0.0.1:0", ListenTLS: "127.0.0.1:0",
+		ServerAddrs: []string{"127.0.0.1"}}
+	if mod != nil {
+		mod(&cfg)
+	}
+	srv, err := server.New(cfg, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs, err := srv.Start(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv, addrs
+}
+
+func addUser(t *testing.T, srv *server.Server, user, alg string) tsig.Key {
+	t.Helper()
+	k, err := srv.AddUser(user, alg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func client(k tsig.Key) *dns.Client {
+	return &dns.Client{Net: "udp", TsigProvider: k.Provider(), Timeout: 5 * time.Second}
+}
+
+func sign(m *dns.Msg, k tsig.Key) *dns.Msg {
+	m.SetTsig(k.Name, k.Algorithm, 300, time.Now().Unix())
+	return m
+}
+
+func update(t *testing.T, addr string, k tsig.Key, leaseSecs uint32, build func(m *dns.Msg)) *dns.Msg {
+	t.Helper()
+	m := new(dns.Msg)
+	m.SetUpdate(zoneName)
+	build(m)
+	if leaseSecs != 0 {
+		m.SetEdns0(1232, false)
+		o := m.IsEdns0()
+		o.Option = append(o.Option, &dns.EDNS0_UL{Code: dns.EDNS0UL, Lease: leaseSecs})
+	}
+	sign(m, k)
+	r, _, err := client(k).Exchange(m, addr)
+	if err != nil {
+		t.Fatalf("update: %v", err)
+	}
+	return r
+}
+
+func rr(t testing.TB, s string) dns.RR {
+	t.Helper()
+	r, err := dns.NewRR(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func query(t *testing.T, addr, name string, qtype uint16) *dns.Msg {
+	t.Helper()
+	m := new(dns.Msg)
+	m.SetQuestion(name, qtype)
+	r, _, err := (&dns.Client{Timeout: 5 * time.Second}).Exchange(m, addr)
+	if err != nil {
+		t.Fatalf("query %s: %v", name, err)
+	}
+	return r
+}
+
+func TestUpdateWithLeaseAndQuery(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	alice := addUser(t, srv, "alice", "")
+	r := update(t, addrs.DNS, alice, 60, func(m *dns.Msg) {
+		m.Insert([]dns.RR{rr(t, "mac.alice.btmm.example. 60 IN AAAA fd00::1")})
+	})
+	if r.Rcode != dns.RcodeSuccess {
+		t.Fatalf("rcode %s", dns.RcodeToString[r.Rcode])
+	}
+	if r.IsTsig() == nil {
+		t.Error("response not signed")
+	}
+	ul := findUL(r)
+	if ul == nil || ul.Lease != 1800 {
+		t.Fatalf("lease echo = %v, want 1800 (clamped up)", ul)
+	}
+	q := query(t, addrs.DNS, "mac.alice.btmm.example.", dns.TypeAAAA)
+	if len(q.Answer) != 1 || !q.Authoritative {
+		t.Fatalf("answer %v", q)
+	}
+	// Discovery SRV records are synthesised.
+	q = query(t, addrs.DNS, "_dns-llq._udp.alice.btmm.example.", dns.TypeSRV)
+	if len(q.Answer) != 1 {
+		t.Fatalf("srv answer %v", q)
+	}
+	// NXDOMAIN carries the SOA.
+	q = query(t, addrs.DNS, "nope.alice.btmm.example.", dns.TypeA)
+	if q.Rcode != dns.RcodeNameError || len(q.Ns) != 1 {
+		t.Fatalf("nxdomain %v", q)
+	}
+}
+
+func findUL(m *dns.Msg) *dns.EDNS0_UL {
+	if o := m.IsEdns0(); o != nil {
+		for _, x := range o.Option {
+			if ul, ok := x.(*dns.EDNS0_UL); ok {
+				return ul
+			}
+		}
+	}
+	return nil
+}
+
+func TestCrossUserUpdateRefused(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	alice := addUser(t, srv, "alice", "")
+	addUser(t, srv, "bob", "hmac-md5")
+	r := update(t, addrs.DNS, alice, 0, func(m *dns.Msg) {
+		m.Insert([]dns.RR{rr(t, "evil.bob.btmm.example. 60 IN A 192.0.2.1")})
+	})
+	if r.Rcode != dns.RcodeRefused {
+		t.Fatalf("rcode %s, want REFUSED", dns.RcodeToString[r.Rcode])
+	}
+	// A mixed message touching alice and bob changes nothing at all.
+	r = update(t, addrs.DNS, alice, 0, func(m *dns.Msg) {
+		m.Insert([]dns.RR{rr(t, "ok.alice.btmm.example. 60 IN A 192.0.2.1"), rr(t, "evil.bob.btmm.example. 60 IN A 192.0.2.1")})
+	})
+	if r.Rcode != dns.RcodeRefused {
+		t.Fatalf("rcode %s, want REFUSED", dns.RcodeToString[r.Rcode])
+	}
+	if q := query(t, addrs.DNS, "ok.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+		t.Fatalf("partial update applied: %v", q.Answer)
+	}
+	// Server-managed records are refused too.
+	r = update(t, addrs.DNS, alice, 0, func(m *dns.Msg) {
+		m.RemoveRRset([]dns.RR{rr(t, "_dns-llq._udp.alice.btmm.example. 0 IN SRV 0 0 1 x.")})
+	})
+	if r.Rcode != dns.RcodeRefused {
+		t.Fatalf("rcode %s, want REFUSED", dns.RcodeToString[r.Rcode])
+	}
+	// Unsigned updates are refused.
+	m := new(dns.Msg)
+	m.SetUpdate(zoneName)
+	m.Insert([]dns.RR{rr(t, "x.alice.btmm.example. 60 IN A 192.0.2.1")})
+	resp, _, err := (&dns.Client{}).Exchange(m, addrs.DNS)
+	if err != nil || resp.Rcode != dns.RcodeRefused {
+		t.Fatalf("unsigned: %v %v", resp, err)
+	}
+	// A wrong secret gets NOTAUTH/BADSIG.
+	bad := alice
+	bad.Secret = append([]byte(nil), alice.Secret...)
+	bad.Secret[0] ^= 1
+	m = new(dns.Msg)
+	m.SetUpdate(zoneName)
+	m.Insert([]dns.RR{rr(t, "x.alice.btmm.example. 60 IN A 192.0.2.1")})
+	sign(m, bad)
+	resp, _, _ = client(bad).Exchange(m, addrs.DNS)
+	if resp == nil || resp.Rcode != dns.RcodeNotAuth {
+		t.Fatalf("bad secret: %v", resp)
+	}
+}
+
+// llqClient is a minimal RFC 8764 client over one UDP socket.
+type llqClient struct {
+	t    *testing.T
+	conn *net.UDPConn
+	srv  *net.UDPAddr
+	key  tsig.Key
+}
+
+func newLLQClient(t *testing.T, addr string, k tsig.Key) *llqClient {
+	ua, _ := net.ResolveUDPAddr("udp", addr)
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &llqClient{t: t, conn: c, srv: ua, key: k}
+}
+
+func (c *llqClient) send(m *dns.Msg) {
+	c.t.Helper()
+	m.SetTsig(c.key.Name, c.key.Algorithm, 300, time.Now().Unix())
+	data, _, err := dns.TsigGenerateWithProvider(m, c.key.Provider(), "", false)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := c.conn.WriteToUDP(data, c.srv); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func (c *llqClient) recv(timeout time.Duration) (*dns.Msg, error) {
+	buf := make([]byte, 65535)
+	c.conn.SetReadDeadline(time.Now().Add(timeout))
+	n, _, err := c.conn.ReadFromUDP(buf)
+	if err != nil {
+		return nil, err
+	}
+	if err := dns.TsigVerifyWithProvider(buf[:n], c.key.Provider(), "", false); err != nil {
+		// Responses are signed with the request MAC; events without. Only
+		// check events here.
+		m := new(dns.Msg)
+		if m.Unpack(buf[:n]) == nil {
+			if o, ok := llq.Option(m); ok && o.Opcode == llq.OpEvent {
+				return nil, err
+			}
+		}
+	}
+	m := new(dns.Msg)
+	return m, m.Unpack(buf[:n])
+}
+
+func (c *llqClient) exchange(m *dns.Msg) *dns.Msg {
+	c.t.Helper()
+	c.send(m)
+	for {
+		r, err := c.recv(5 * time.Second)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		if r.Id == m.Id {
+			return r
+		}
+	}
+}
+
+func llqQuery(name string, qtype uint16, op uint16, id uint64, lease uint32) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetQuestion(name, qtype)
+	llq.SetOption(m, dns.EDNS0_LLQ{Version: llq.Version, Opcode: op, Id: id, LeaseLife: lease})
+	return m
+}
+
+func (c *llqClient) setup(name string, qtype uint16) (uint64, *dns.Msg) {
+	c.t.Helper()
+	ch := c.exchange(llqQuery(name, qtype, llq.OpSetup, 0, 3600))
+	o, ok := llq.Option(ch)
+	if !ok || o.Error != llq.ErrNoError || o.Id == 0 || o.LeaseLife != 3600 {
+		c.t.Fatalf("challenge: %v", ch)
+	}
+	ack := c.exchange(llqQuery(name, qtype, llq.OpSetup, o.Id, o.LeaseLife))
+	ao, ok := llq.Option(ack)
+	if !ok || ao.Error != llq.ErrNoError || ao.Id != o.Id {
+		c.t.Fatalf("ack: %v", ack)
+	}
+	return o.Id, ack
+}
+
+func TestLLQSetupAndEventsUDP(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	alice := addUser(t, srv, "alice", "hmac-md5")
+	name := "mac.alice.btmm.example."
+	update(t, addrs.DNS, alice, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN AAAA fd00::1")}) })
+
+	c := newLLQClient(t, addrs.DNS, alice)
+	id, ack := c.setup(name, dns.TypeAAAA)
+	if len(ack.Answer) != 1 {
+		t.Fatalf("ack answers %v", ack.Answer)
+	}
+	if srv.LLQs() != 1 {
+		t.Fatalf("llqs = %d", srv.LLQs())
+	}
+	// Replace the address: one event with the removal and the addition.
+	update(t, addrs.DNS, alice, 3600, func(m *dns.Msg) {
+		m.Remove([]dns.RR{rr(t, name+" 0 IN AAAA fd00::1")})
+		m.Insert([]dns.RR{rr(t, name+" 60 IN AAAA fd00::2")})
+	})
+	ev, err := c.recv(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, ok := llq.Option(ev)
+	if !ok || o.Opcode != llq.OpEvent || o.Id != id || !ev.Response {
+		t.Fatalf("event %v", ev)
+	}
+	var added, removed int
+	for _, a := range ev.Answer {
+		if a.Header().Ttl == llq.RemovedTTL {
+			removed++
+		} else {
+			added++
+		}
+	}
+	if added != 1 || removed != 1 {
+		t.Fatalf("event answers %v", ev.Answer)
+	}
+	// ACK it: the server must not resend.
+	ackm := new(dns.Msg)
+	ackm.Id = ev.Id
+	ackm.Response = true
+	ackm.Question = ev.Question
+	llq.SetOption(ackm, dns.EDNS0_LLQ{Version: llq.Version, Opcode: llq.OpEvent, Id: id})
+	c.send(ackm)
+	if m, err := c.recv(3 * time.Second); err == nil {
+		t.Fatalf("unexpected message after ack: %v", m)
+	}
+	// Refresh, then cancel.
+	r := c.exchange(llqQuery(name, dns.TypeAAAA, llq.OpRefresh, id, 7200))
+	if o, _ := llq.Option(r); o == nil || o.Error != 0 || o.LeaseLife != 7200 {
+		t.Fatalf("refresh %v", r)
+	}
+	r = c.exchange(llqQuery(name, dns.TypeAAAA, llq.OpRefresh, id, 0))
+	if o, _ := llq.Option(r); o == nil || o.Error != 0 || srv.LLQs() != 0 {
+		t.Fatalf("cancel %v (llqs %d)", r, srv.LLQs())
+	}
+}
+
+func TestLLQOtherUserRefused(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	addUser(t, srv, "alice", "")
+	bob := addUser(t, srv, "bob", "")
+	c := newLLQClient(t, addrs.DNS, bob)
+	r := c.exchange(llqQuery("mac.alice.btmm.example.", dns.TypeAAAA, llq.OpSetup, 0, 3600))
+	if r.Rcode != dns.RcodeRefused {
+		t.Fatalf("rcode %s", dns.RcodeToString[r.Rcode])
+	}
+}

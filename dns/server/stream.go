@@ -1,0 +1,169 @@
+package server
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+)
+
+// streamConn is one TCP or TLS connection (RFC 7766, RFC 7858). It is served
+// here rather than by dns.Server so that LLQ events can be written to it
+// from other goroutines and LLQs dropped when it closes.
+type streamConn struct {
+	c      net.Conn
+	s      *Server
+	wmu    sync.Mutex
+	hasLLQ atomic.Bool
+}
+
+func (sc *streamConn) write(msg []byte) error {
+	if len(msg) > dns.MaxMsgSize {
+		return errors.New("server: message too large")
+	}
+	buf := make([]byte, 2+len(msg))
+	binary.BigEndian.PutUint16(buf, uint16(len(msg)))
+	copy(buf[2:], msg)
+	sc.wmu.Lock()
+	defer sc.wmu.Unlock()
+	sc.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	_, err := sc.c.Write(buf)
+	return err
+}
+
+func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		sc := &streamConn{c: c, s: s}
+		s.mu.Lock()
+		if s.closed || len(s.conns) >= s.cfg.Limits.MaxConns {
+			s.mu.Unlock()
+			c.Close()
+			continue
+		}
+		s.conns[sc] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.serveStream(sc)
+		}()
+	}
+}
+
+const streamIdle = 2 * time.Minute
+
+func (s *Server) serveStream(sc *streamConn) {
+	defer func() {
+		sc.c.Close()
+		s.llq.DropConn(sc)
+		s.mu.Lock()
+		delete(s.conns, sc)
+		s.mu.Unlock()
+	}()
+	var hdr [2]byte
+	for {
+		idle := streamIdle
+		if sc.hasLLQ.Load() {
+			idle = 2*time.Duration(s.cfg.LLQ.MaxLease) + time.Minute
+		}
+		sc.c.SetReadDeadline(time.Now().Add(idle))
+		if _, err := io.ReadFull(sc.c, hdr[:]); err != nil {
+			return
+		}
+		n := int(binary.BigEndian.Uint16(hdr[:]))
+		if n < 12 || n > s.cfg.Limits.MaxMessageSize {
+			return // malformed or oversized: drop the connection
+		}
+		sc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		raw := make([]byte, n)
+		if _, err := io.ReadFull(sc.c, raw); err != nil {
+			return
+		}
+		s.serveRaw(raw, &streamWriter{sc: sc})
+	}
+}
+
+// serveRaw parses one message from a stream and dispatches it.
+func (s *Server) serveRaw(raw []byte, w *streamWriter) {
+	var dh dns.Header
+	m := new(dns.Msg)
+	if err := m.Unpack(raw); err != nil {
+		// Answer FORMERR if at least the header is readable.
+		if len(raw) >= 12 && raw[2]&0x80 == 0 {
+			dh.Id = binary.BigEndian.Uint16(raw)
+			resp := &dns.Msg{MsgHdr: dns.MsgHdr{Id: dh.Id, Response: true, Opcode: int(raw[2]>>3) & 0xF,
+				Rcode: dns.RcodeFormatError}}
+			w.WriteMsg(resp)
+		}
+		return
+	}
+	hdr := dns.Header{Id: m.Id, Qdcount: uint16(len(m.Question)), Ancount: uint16(len(m.Answer)),
+		Nscount: uint16(len(m.Ns)), Arcount: uint16(len(m.Extra))}
+	hdr.Bits = uint16(m.Opcode&0xF) << 11
+	if m.Response {
+		hdr.Bits |= 1 << 15
+	}
+	switch acceptMsg(hdr) {
+	case dns.MsgIgnore:
+		return
+	case dns.MsgReject, dns.MsgRejectNotImplemented:
+		resp := new(dns.Msg)
+		resp.SetRcode(m, dns.RcodeFormatError)
+		if acceptMsg(hdr) == dns.MsgRejectNotImplemented {
+			resp.Rcode = dns.RcodeNotImplemented
+		}
+		resp.Question = nil
+		w.WriteMsg(resp)
+		return
+	}
+	if t := m.IsTsig(); t != nil {
+		w.tsigStatus = dns.TsigVerifyWithProvider(raw, s.keys, "", false)
+		w.requestMAC = t.MAC
+	}
+	s.ServeDNS(w, m)
+}
+
+// streamWriter is the dns.ResponseWriter for one message on a streamConn.
+type streamWriter struct {
+	sc         *streamConn
+	tsigStatus error
+	requestMAC string
+	timersOnly bool
+}
+
+func (w *streamWriter) LocalAddr() net.Addr  { return w.sc.c.LocalAddr() }
+func (w *streamWriter) RemoteAddr() net.Addr { return w.sc.c.RemoteAddr() }
+func (w *streamWriter) WriteMsg(m *dns.Msg) error {
+	if m.IsTsig() != nil {
+		data, _, err := dns.TsigGenerateWithProvider(m, w.sc.s.keys, w.requestMAC, w.timersOnly)
+		if err != nil {
+			return err
+		}
+		return w.sc.write(data)
+	}
+	data, err := m.Pack()
+	if err != nil {
+		return err
+	}
+	return w.sc.write(data)
+}
+func (w *streamWriter) Write(b []byte) (int, error) { return len(b), w.sc.write(b) }
+func (w *streamWriter) Close() error                { return w.sc.c.Close() }
+func (w *streamWriter) TsigStatus() error           { return w.tsigStatus }
+func (w *streamWriter) TsigTimersOnly(b bool)       { w.timersOnly = b }
+func (w *streamWriter) Hijack()                     {}
+func (w *streamWriter) Network() string             { return "tcp" }

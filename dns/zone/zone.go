@@ -1,0 +1,514 @@
+// Package zone implements the authoritative rendezvous zone of btmm-dnsd
+// (RFC 6281 §5): query answers, and RFC 2136 dynamic UPDATE processing —
+// zone section checks, prerequisites (RFC 2136 §2.4, §3.2), update prescan
+// and the add / delete-RR / delete-RRset / delete-name operations (§2.5,
+// §3.4) — as a pure function over a [store.View], so that one UPDATE
+// message commits atomically or not at all.
+//
+// The zone holds one subdomain per user (alice.btmm.example.). SOA, NS and
+// each user's discovery SRV records (_dns-update._udp, _dns-update-tls._tcp,
+// _dns-llq._udp, _dns-llq-tls._tcp, RFC 6281 §5.2) are synthesised from the
+// configuration and are not updatable.
+package zone
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/btmm/btmm/dns/store"
+	"github.com/miekg/dns"
+)
+
+// RcodeError is an update failure carrying the DNS RCODE to answer with.
+type RcodeError struct {
+	Rcode  int
+	Reason string
+}
+
+func (e *RcodeError) Error() string {
+	return fmt.Sprintf("zone: update %s: %s", dns.RcodeToString[e.Rcode], e.Reason)
+}
+
+func rcodeErr(rcode int, format string, args ...any) error {
+	return &RcodeError{Rcode: rcode, Reason: fmt.Sprintf(format, args...)}
+}
+
+// Rcode returns the RCODE for an error from this package (SERVFAIL for others).
+func Rcode(err error) int {
+	var re *RcodeError
+	if errors.As(err, &re) {
+		return re.Rcode
+	}
+	return dns.RcodeServerFailure
+}
+
+// Ports are the advertised service ports for the discovery SRV records
+// (zero: that record is not published).
+type Ports struct {
+	UpdateUDP, UpdateTLS, LLQUDP, LLQTLS uint16
+}
+
+// Zone is the static part of the zone.
+type Zone struct {
+	Origin     string          // "btmm.example."
+	ServerName string          // primary name server, e.g. "ns.btmm.example."
+	ServerAddr []netip.Addr    // glue for ServerName when it is inside the zone
+	Ports      Ports           // for discovery SRV records
+	Users      func() []string // current user names (labels below Origin)
+	TTL        uint32          // TTL of synthesised records; default 300
+}
+
+// New validates and returns a zone.
+func New(z Zone) (*Zone, error) {
+	if _, ok := dns.IsDomainName(z.Origin); !ok || z.Origin == "" || z.Origin == "." {
+		return nil, fmt.Errorf("zone: bad origin %q", z.Origin)
+	}
+	z.Origin = strings.ToLower(dns.CanonicalName(z.Origin))
+	if z.ServerName == "" {
+		z.ServerName = "ns." + z.Origin
+	}
+	z.ServerName = strings.ToLower(dns.CanonicalName(z.ServerName))
+	if z.TTL == 0 {
+		z.TTL = 300
+	}
+	if z.Users == nil {
+		z.Users = func() []string { return nil }
+	}
+	return &z, nil
+}
+
+// InZone reports whether name is at or below the origin.
+func (z *Zone) InZone(name string) bool {
+	return dns.IsSubDomain(z.Origin, dns.CanonicalName(name))
+}
+
+// UserOf returns the user whose subdomain contains name ("alice" for
+// "host._ssh._tcp.alice.btmm.example."), or "" when name is the apex or
+// outside the zone.
+func (z *Zone) UserOf(name string) string {
+	name = strings.ToLower(dns.CanonicalName(name))
+	if !z.InZone(name) || name == z.Origin {
+		return ""
+	}
+	rel := strings.TrimSuffix(name, "."+z.Origin)
+	labels := dns.SplitDomainName(rel)
+	if len(labels) == 0 {
+		return ""
+	}
+	return labels[len(labels)-1]
+}
+
+// UserDomain returns the user's subdomain ("alice.btmm.example.").
+func (z *Zone) UserDomain(user string) string { return strings.ToLower(user) + "." + z.Origin }
+
+// SOA returns the zone's SOA with the given serial.
+func (z *Zone) SOA(serial uint32) *dns.SOA {
+	return &dns.SOA{
+		Hdr: dns.RR_Header{Name: z.Origin, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: z.TTL},
+		Ns:  z.ServerName, Mbox: "hostmaster." + z.Origin,
+		Serial: serial, Refresh: 3600, Retry: 600, Expire: 86400, Minttl: 60,
+	}
+}
+
+var discovery = []struct {
+	prefix string
+	port   func(Ports) uint16
+}{
+	{"_dns-update._udp.", func(p Ports) uint16 { return p.UpdateUDP }},
+	{"_dns-update-tls._tcp.", func(p Ports) uint16 { return p.UpdateTLS }},
+	{"_dns-llq._udp.", func(p Ports) uint16 { return p.LLQUDP }},
+	{"_dns-llq-tls._tcp.", func(p Ports) uint16 { return p.LLQTLS }},
+}
+
+// Synth returns the synthesised records owned by name.
+func (z *Zone) Synth(name string, serial uint32) []dns.RR {
+	name = strings.ToLower(dns.CanonicalName(name))
+	var out []dns.RR
+	hdr := func(t uint16) dns.RR_Header {
+		return dns.RR_Header{Name: name, Rrtype: t, Class: dns.ClassINET, Ttl: z.TTL}
+	}
+	if name == z.Origin {
+		out = append(out, z.SOA(serial), &dns.NS{Hdr: hdr(dns.TypeNS), Ns: z.ServerName})
+	}
+	if name == z.ServerName && z.InZone(name) {
+		for _, a := range z.ServerAddr {
+			if a.Is4() {
+				out = append(out, &dns.A{Hdr: hdr(dns.TypeA), A: a.AsSlice()})
+			} else {
+				out = append(out, &dns.AAAA{Hdr: hdr(dns.TypeAAAA), AAAA: a.AsSlice()})
+			}
+		}
+	}
+	if u := z.UserOf(name); u != "" && z.isUser(u) {
+		for _, d := range discovery {
+			if name == d.prefix+z.UserDomain(u) && d.port(z.Ports) != 0 {
+				out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Priority: 0, Weight: 0,
+					Port: d.port(z.Ports), Target: z.ServerName})
+			}
+		}
+	}
+	return out
+}
+
+func (z *Zone) isUser(u string) bool {
+	for _, x := range z.Users() {
+		if strings.EqualFold(x, u) {
+			return true
+		}
+	}
+	return false
+}
+
+// Protected reports whether name/type is managed by the server and so may
+// not be changed by an UPDATE.
+func (z *Zone) Protected(name string, t uint16) bool {
+	name = strings.ToLower(dns.CanonicalName(name))
+	if name == z.Origin || name == z.ServerName {
+		return true
+	}
+	if t == dns.TypeSOA || t == dns.TypeNS {
+		return true
+	}
+	if u := z.UserOf(name); u != "" {
+		for _, d := range discovery {
+			if name == d.prefix+z.UserDomain(u) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Exists reports whether name owns any record or is an empty non-terminal,
+// used to tell NXDOMAIN from NODATA.
+func (z *Zone) nameRecords(v store.View, name string, serial uint32) []dns.RR {
+	var out []dns.RR
+	for _, r := range v.Name(name) {
+		out = append(out, r.RR)
+	}
+	return append(out, z.Synth(name, serial)...)
+}
+
+// UpdateTypes are the RR types an UPDATE may add.
+var UpdateTypes = map[uint16]bool{
+	dns.TypeA: true, dns.TypeAAAA: true, dns.TypeSRV: true, dns.TypeTXT: true,
+	dns.TypePTR: true, dns.TypeCNAME: true, dns.TypeKEY: true, dns.TypeHINFO: true,
+}
+
+// Request is what an UPDATE handler knows about the sender.
+type Request struct {
+	// User is the authenticated user ("" when the key is an admin key
+	// allowed everywhere but protected names). Updates may touch only
+	// names in that user's subdomain.
+	User string
+	// Admin allows any unprotected name.
+	Admin bool
+	// KeyName is recorded as the owner of added records.
+	KeyName string
+	// Lease is the granted update lease (0: no expiry).
+	Lease time.Duration
+	Now   time.Time
+}
+
+// CheckUpdate does the message-only checks of an UPDATE (RFC 2136 §3.1, §3.4.1
+// prescan, authorization); it needs no zone data. It returns an RcodeError.
+func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
+	if len(m.Question) != 1 {
+		return rcodeErr(dns.RcodeFormatError, "zone section must hold exactly one record")
+	}
+	q := m.Question[0]
+	if q.Qtype != dns.TypeSOA {
+		return rcodeErr(dns.RcodeFormatError, "zone section type must be SOA")
+	}
+	if q.Qclass != dns.ClassINET {
+		return rcodeErr(dns.RcodeNotAuth, "zone class %s not served", dns.Class(q.Qclass))
+	}
+	if !strings.EqualFold(dns.CanonicalName(q.Name), z.Origin) {
+		return rcodeErr(dns.RcodeNotAuth, "not authoritative for zone %q", q.Name)
+	}
+	for _, rr := range m.Answer {
+		h := rr.Header()
+		if h.Ttl != 0 {
+			return rcodeErr(dns.RcodeFormatError, "prerequisite TTL must be 0")
+		}
+		if !z.InZone(h.Name) {
+			return rcodeErr(dns.RcodeNotZone, "prerequisite name %q outside zone", h.Name)
+		}
+		switch h.Class {
+		case dns.ClassANY, dns.ClassNONE:
+			if h.Rdlength != 0 {
+				return rcodeErr(dns.RcodeFormatError, "prerequisite with class %s must have no RDATA", dns.Class(h.Class))
+			}
+		case dns.ClassINET:
+			if h.Rrtype == dns.TypeANY || h.Rdlength == 0 {
+				return rcodeErr(dns.RcodeFormatError, "value-dependent prerequisite needs a type and RDATA")
+			}
+		default:
+			return rcodeErr(dns.RcodeFormatError, "prerequisite class %s", dns.Class(h.Class))
+		}
+	}
+	for _, rr := range m.Ns {
+		h := rr.Header()
+		if !z.InZone(h.Name) {
+			return rcodeErr(dns.RcodeNotZone, "update name %q outside zone", h.Name)
+		}
+		switch h.Class {
+		case dns.ClassINET:
+			if !UpdateTypes[h.Rrtype] || h.Rdlength == 0 {
+				return rcodeErr(dns.RcodeFormatError, "cannot add %s record", dns.Type(h.Rrtype))
+			}
+		case dns.ClassANY:
+			if h.Ttl != 0 || h.Rdlength != 0 || (h.Rrtype != dns.TypeANY && isMeta(h.Rrtype)) {
+				return rcodeErr(dns.RcodeFormatError, "bad delete-RRset / delete-name record")
+			}
+		case dns.ClassNONE:
+			if h.Ttl != 0 || h.Rrtype == dns.TypeANY || isMeta(h.Rrtype) {
+				return rcodeErr(dns.RcodeFormatError, "bad delete-RR record")
+			}
+		default:
+			return rcodeErr(dns.RcodeFormatError, "update class %s", dns.Class(h.Class))
+		}
+		// Authorization: a user's key changes only that user's subdomain.
+		if !req.Admin && (req.User == "" || !strings.EqualFold(z.UserOf(h.Name), req.User)) {
+			return rcodeErr(dns.RcodeRefused, "key not authorized for %q", h.Name)
+		}
+		if z.Protected(h.Name, h.Rrtype) {
+			return rcodeErr(dns.RcodeRefused, "%q %s is managed by the server", h.Name, dns.Type(h.Rrtype))
+		}
+	}
+	return nil
+}
+
+// isMeta reports QTYPEs and meta types (RFC 6895 §3.1) that never appear as data.
+func isMeta(t uint16) bool { return t == dns.TypeOPT || t >= 128 && t <= 255 }
+
+// Update returns the store transaction for a checked UPDATE message: it
+// evaluates the prerequisites against v and computes the operations. Any
+// failure is an RcodeError and commits nothing.
+func (z *Zone) Update(m *dns.Msg, req Request) func(store.View) ([]store.Op, error) {
+	return func(v store.View) ([]store.Op, error) {
+		serial := uint32(v.Rev())
+		// Prerequisites (RFC 2136 §3.2).
+		valueSets := map[string][]dns.RR{} // name+type -> required RRset
+		for _, rr := range m.Answer {
+			h := rr.Header()
+			have := z.nameRecords(v, h.Name, serial)
+			switch h.Class {
+			case dns.ClassANY:
+				if h.Rrtype == dns.TypeANY {
+					if len(have) == 0 {
+						return nil, rcodeErr(dns.RcodeNameError, "prerequisite: %q not in use", h.Name)
+					}
+				} else if len(ofType(have, h.Rrtype)) == 0 {
+					return nil, rcodeErr(dns.RcodeNXRrset, "prerequisite: %q %s does not exist", h.Name, dns.Type(h.Rrtype))
+				}
+			case dns.ClassNONE:
+				if h.Rrtype == dns.TypeANY {
+					if len(have) != 0 {
+						return nil, rcodeErr(dns.RcodeYXDomain, "prerequisite: %q in use", h.Name)
+					}
+				} else if len(ofType(have, h.Rrtype)) != 0 {
+					return nil, rcodeErr(dns.RcodeYXRrset, "prerequisite: %q %s exists", h.Name, dns.Type(h.Rrtype))
+				}
+			case dns.ClassINET:
+				k := strings.ToLower(dns.CanonicalName(h.Name)) + "/" + dns.Type(h.Rrtype).String()
+				valueSets[k] = append(valueSets[k], rr)
+			}
+		}
+		for _, want := range valueSets {
+			h := want[0].Header()
+			have := ofType(z.nameRecords(v, h.Name, serial), h.Rrtype)
+			if !sameSet(want, have) {
+				return nil, rcodeErr(dns.RcodeNXRrset, "prerequisite: %q %s differs", h.Name, dns.Type(h.Rrtype))
+			}
+		}
+		// Updates (RFC 2136 §3.4.2), in order, against a working copy.
+		work := map[string][]store.Record{}
+		get := func(name string) []store.Record {
+			n := strings.ToLower(dns.CanonicalName(name))
+			if r, ok := work[n]; ok {
+				return r
+			}
+			r := v.Name(n)
+			work[n] = r
+			return r
+		}
+		var ops []store.Op
+		for _, rr := range m.Ns {
+			h := rr.Header()
+			n := strings.ToLower(dns.CanonicalName(h.Name))
+			recs := get(n)
+			switch h.Class {
+			case dns.ClassINET:
+				add := dns.Copy(rr)
+				add.Header().Name = n
+				rec := store.Record{RR: add, Owner: req.KeyName}
+				if req.Lease > 0 {
+					rec.Expires = req.Now.Add(req.Lease)
+				}
+				// CNAME exclusivity (RFC 2136 §3.4.2.2): a CNAME add to a
+				// name holding other data, or data added to a CNAME, is ignored.
+				if conflictsCNAME(recs, h.Rrtype) {
+					continue
+				}
+				replaced := false
+				for i := range recs {
+					if recs[i].Key() == rec.Key() || h.Rrtype == dns.TypeCNAME && recs[i].RR.Header().Rrtype == dns.TypeCNAME {
+						if recs[i].Key() != rec.Key() {
+							ops = append(ops, store.Op{Kind: store.Delete, Record: recs[i]})
+						}
+						recs[i] = rec
+						replaced = true
+						break
+					}
+				}
+				if !replaced {
+					recs = append(recs, rec)
+				}
+				ops = append(ops, store.Op{Kind: store.Put, Record: rec})
+			case dns.ClassANY:
+				keep := recs[:0:0]
+				for _, r := range recs {
+					if h.Rrtype == dns.TypeANY || r.RR.Header().Rrtype == h.Rrtype {
+						ops = append(ops, store.Op{Kind: store.Delete, Record: r})
+					} else {
+						keep = append(keep, r)
+					}
+				}
+				recs = keep
+			case dns.ClassNONE:
+				del := dns.Copy(rr)
+				del.Header().Class = dns.ClassINET
+				k := store.RRKey(del)
+				keep := recs[:0:0]
+				for _, r := range recs {
+					if r.Key() == k {
+						ops = append(ops, store.Op{Kind: store.Delete, Record: r})
+					} else {
+						keep = append(keep, r)
+					}
+				}
+				recs = keep
+			}
+			work[n] = recs
+		}
+		return ops, nil
+	}
+}
+
+func conflictsCNAME(recs []store.Record, t uint16) bool {
+	for _, r := range recs {
+		rt := r.RR.Header().Rrtype
+		if t == dns.TypeCNAME && rt != dns.TypeCNAME {
+			return true
+		}
+		if t != dns.TypeCNAME && rt == dns.TypeCNAME {
+			return true
+		}
+	}
+	return false
+}
+
+func ofType(rrs []dns.RR, t uint16) []dns.RR {
+	var out []dns.RR
+	for _, rr := range rrs {
+		if rr.Header().Rrtype == t {
+			out = append(out, rr)
+		}
+	}
+	return out
+}
+
+func sameSet(a, b []dns.RR) bool {
+	ka := map[string]bool{}
+	for _, rr := range a {
+		x := dns.Copy(rr)
+		x.Header().Class = dns.ClassINET
+		ka[store.RRKey(x)] = true
+	}
+	kb := map[string]bool{}
+	for _, rr := range b {
+		kb[store.RRKey(rr)] = true
+	}
+	if len(ka) != len(kb) {
+		return false
+	}
+	for k := range ka {
+		if !kb[k] {
+			return false
+		}
+	}
+	return true
+}
+
+// Answer fills resp (already SetReply'd) for a standard query of q against
+// v: authoritative answer, NODATA or NXDOMAIN with the SOA in authority,
+// REFUSED outside the zone. Records with a lease report their remaining
+// lease as TTL when that is shorter.
+func (z *Zone) Answer(v store.View, q dns.Question, now time.Time, resp *dns.Msg) {
+	if !z.InZone(q.Name) || q.Qclass != dns.ClassINET && q.Qclass != dns.ClassANY {
+		resp.Rcode = dns.RcodeRefused
+		return
+	}
+	resp.Authoritative = true
+	rrs := z.Records(v, q.Name, now)
+	for _, rr := range rrs {
+		if q.Qtype == dns.TypeANY || rr.Header().Rrtype == q.Qtype ||
+			rr.Header().Rrtype == dns.TypeCNAME && q.Qtype != dns.TypeCNAME {
+			rr = dns.Copy(rr)
+			rr.Header().Name = q.Name
+			resp.Answer = append(resp.Answer, rr)
+		}
+	}
+	if len(resp.Answer) > 0 {
+		return
+	}
+	resp.Ns = append(resp.Ns, z.SOA(uint32(v.Rev())))
+	if len(rrs) == 0 && !z.hasDescendant(v, q.Name) {
+		resp.Rcode = dns.RcodeNameError
+	}
+}
+
+// Records returns all records at name (stored and synthesised) with TTLs
+// capped by the remaining lease.
+func (z *Zone) Records(v store.View, name string, now time.Time) []dns.RR {
+	var out []dns.RR
+	for _, r := range v.Name(name) {
+		rr := r.RR
+		if !r.Expires.IsZero() {
+			left := r.Expires.Sub(now)
+			if left <= 0 {
+				continue // expired, removal pending
+			}
+			if s := uint32(left / time.Second); s < rr.Header().Ttl {
+				rr = dns.Copy(rr)
+				rr.Header().Ttl = s
+			}
+		}
+		out = append(out, rr)
+	}
+	return append(out, z.Synth(name, uint32(v.Rev()))...)
+}
+
+// hasDescendant reports whether an empty non-terminal exists at name: the
+// apex, a user's subdomain, or a discovery service name.
+func (z *Zone) hasDescendant(v store.View, name string) bool {
+	name = strings.ToLower(dns.CanonicalName(name))
+	if name == z.Origin {
+		return true
+	}
+	if u := z.UserOf(name); u != "" && z.isUser(u) {
+		if name == z.UserDomain(u) {
+			return true
+		}
+		for _, d := range discovery {
+			if dns.IsSubDomain(name, d.prefix+z.UserDomain(u)) {
+				return true
+			}
+		}
+	}
+	return false
+}
