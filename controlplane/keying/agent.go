@@ -180,6 +180,7 @@ type exchange struct {
 	rto    time.Duration
 	nextTx time.Time
 	result *keyed
+	bad    error // why the last answer to this exchange was ignored
 }
 
 type peer struct {
@@ -516,6 +517,10 @@ func (a *Agent) retransmit(p *peer, now time.Time) {
 			a.backoff(p, now)
 			return
 		}
+		if ex.bad != nil {
+			a.fail(p, fmt.Errorf("%w: no valid answer from %v after %d transmissions; last answer ignored: %w", ErrTimeout, p.outer, ex.tries+1, ex.bad))
+			return
+		}
 		a.fail(p, fmt.Errorf("%w: no answer from %v after %d transmissions", ErrTimeout, p.outer, ex.tries+1))
 		return
 	}
@@ -734,7 +739,7 @@ func (a *Agent) onResp(m *Message, d datagram) {
 		if errors.Is(err, ErrTampered) || errors.Is(err, ErrMalformed) {
 			// Could be forged: keep waiting for the genuine RESP.
 			a.log().Warn("keying: ignored bad RESP", "peer", p.cfg.Name, "from", d.from, "err", err)
-			p.lastErr = fmt.Errorf("keying with %s (%v): %w", p.cfg.Name, p.cfg.ULA, err)
+			ex.bad = err
 			return
 		}
 		a.fail(p, err)

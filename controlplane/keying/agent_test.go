@@ -1,0 +1,501 @@
+package keying
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+var (
+	ulaA  = netip.MustParseAddr("fd00::a")
+	ulaB  = netip.MustParseAddr("fd00::b")
+	addrA = netip.MustParseAddrPort("10.0.0.1:4500")
+	addrB = netip.MustParseAddrPort("10.0.0.2:4500")
+	psk1  = bytes.Repeat([]byte("0123456789abcdef"), 3)
+	psk2  = bytes.Repeat([]byte("fedcba9876543210"), 3)
+)
+
+type node struct {
+	agent *Agent
+	rec   *recorder
+	ep    *memEP
+}
+
+// startNode runs an agent on the in-memory network until the test ends.
+func startNode(t *testing.T, n *memNet, name string, ula netip.Addr, addr netip.AddrPort, auth Auth, mod func(*Config)) *node {
+	t.Helper()
+	nd := &node{rec: newRecorder(name), ep: n.endpoint(addr.String())}
+	cfg := Config{ULA: ula, Auth: auth, Transport: nd.ep, Installer: nd.rec, SALifetime: 10 * time.Minute}
+	if mod != nil {
+		mod(&cfg)
+	}
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd.agent = a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; nd.ep.Close() })
+	return nd
+}
+
+func mustPSK(t *testing.T, b []byte) *PSK {
+	t.Helper()
+	p, err := NewPSK(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func (nd *node) peers(t *testing.T, ps ...PeerConfig) {
+	t.Helper()
+	if err := nd.agent.SetPeers(context.Background(), ps); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (nd *node) status(t *testing.T) PeerStatus {
+	t.Helper()
+	st, err := nd.agent.Status(context.Background())
+	if err != nil || len(st) != 1 {
+		t.Fatalf("status: %v %v", st, err)
+	}
+	return st[0]
+}
+
+var (
+	peerA = PeerConfig{Name: "a", ULA: ulaA, Outer: addrA}
+	peerB = PeerConfig{Name: "b", ULA: ulaB, Outer: addrB}
+)
+
+func msgType(b []byte) MsgType {
+	var m Message
+	if m.Unmarshal(b) != nil {
+		return 0
+	}
+	return m.Type
+}
+
+// TestSimultaneousStartConverges: both hosts start keying at the same
+// instant; the tie-break keeps the lower ULA's exchange, so each side
+// installs exactly one SA pair and the two views match.
+func TestSimultaneousStartConverges(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		var mu sync.Mutex
+		var inits []netip.AddrPort
+		up := false
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			mu.Lock()
+			defer mu.Unlock()
+			if !up {
+				return nil // the network comes up after both have started
+			}
+			if msgType(b) == MsgInit {
+				inits = append(inits, from)
+			}
+			return b
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		a.peers(t, peerB)
+		b.peers(t, peerA)
+		time.Sleep(100 * time.Millisecond)
+		mu.Lock()
+		up = true // both retransmit their INIT at 500 ms: crossing INITs
+		mu.Unlock()
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		if !slices.Contains(inits, addrA) || !slices.Contains(inits, addrB) {
+			t.Fatalf("not a simultaneous start: INITs from %v", inits)
+		}
+		if ca, cb := a.rec.Calls(), b.rec.Calls(); len(ca) != 1 || len(cb) != 1 {
+			t.Fatalf("want one install each, got\na: %q\nb: %q", ca, cb)
+		}
+		pa, _ := a.rec.peer(ulaB)
+		pb, _ := b.rec.peer(ulaA)
+		pairOK(t, pa, pb)
+		if pa.Outer != addrB || pb.Outer != addrA {
+			t.Errorf("outer addresses %v / %v", pa.Outer, pb.Outer)
+		}
+		if sa, sb := a.status(t), b.status(t); !sa.Initiator || sb.Initiator || !sa.Established || !sb.Established {
+			t.Errorf("lower ULA should be the initiator: a %+v, b %+v", sa, sb)
+		}
+	})
+}
+
+// TestRekeyMakeBeforeBreak rekeys three times and checks after every
+// dataplane change on either side that whatever each host sends with is
+// accepted by the other: no instant exists at which a packet would be lost.
+func TestRekeyMakeBeforeBreak(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		var mu sync.Mutex
+		var violations []string
+		checks := 0
+		check := func() {
+			pa, okA := a.rec.peer(ulaB)
+			pb, okB := b.rec.peer(ulaA)
+			if !okA || !okB {
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			checks++
+			if !accepts(pb, pa.Out) {
+				violations = append(violations, "b would drop a's "+pa.Out.String())
+			}
+			if !accepts(pa, pb.Out) {
+				violations = append(violations, "a would drop b's "+pb.Out.String())
+			}
+		}
+		a.rec.onChange, b.rec.onChange = check, check
+		a.peers(t, peerB)
+		b.peers(t, peerA)
+		time.Sleep(time.Minute)
+		first := a.status(t)
+		time.Sleep(30 * time.Minute) // rekeys at 8, 16 and 24 minutes (80% of 10)
+		synctest.Wait()
+		mu.Lock()
+		if len(violations) > 0 {
+			t.Errorf("make-before-break violated:\n%s", strings.Join(violations, "\n"))
+		}
+		mu.Unlock()
+		last := a.status(t)
+		if last.Out.SPI == first.Out.SPI || last.In.SPI == first.In.SPI {
+			t.Fatalf("no rekey: %v / %v", first, last)
+		}
+		if want := first.At.Add(24 * time.Minute); !last.At.Equal(want) {
+			t.Errorf("last keying at %v, want %v (three rekeys at 80%% of the lifetime)", last.At, want)
+		}
+		pa, _ := a.rec.peer(ulaB)
+		pb, _ := b.rec.peer(ulaA)
+		pairOK(t, pa, pb)
+		if len(pa.PrevIn) != 0 || len(pb.PrevIn) != 0 {
+			t.Errorf("old inbound SAs not released: a %v, b %v", pa.PrevIn, pb.PrevIn)
+		}
+		// b's sequence for a rekey: new In beside the old Out, then the switch.
+		calls := b.rec.Calls()
+		if len(calls) < 4 {
+			t.Fatalf("b calls: %q", calls)
+		}
+		if checks < 12 {
+			t.Errorf("only %d invariant checks ran", checks)
+		}
+		t.Logf("a: %q", a.rec.Calls())
+		t.Logf("b: %q", calls)
+	})
+}
+
+// TestRetransmitSchedule drops a's first two INITs: the third, 0.5 s + 1 s
+// later, gets through.
+func TestRetransmitSchedule(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		var mu sync.Mutex
+		dropped := 0
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			mu.Lock()
+			defer mu.Unlock()
+			if msgType(b) == MsgInit {
+				if from == addrB {
+					return nil // only a initiates in this test
+				}
+				if dropped < 2 {
+					dropped++
+					return nil
+				}
+			}
+			return b
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		t0 := time.Now()
+		b.peers(t, peerA)
+		a.peers(t, peerB)
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		st := a.status(t)
+		if !st.Established || st.At.Sub(t0) != 1500*time.Millisecond {
+			t.Fatalf("established=%v after %v, want 1.5s (%+v)", st.Established, st.At.Sub(t0), st)
+		}
+	})
+}
+
+// TestTimeoutAndBackoff: nobody answers. INITs go out at 0, .5, 1.5, 3.5,
+// 7.5, 15.5 and 23.5 s; the attempt fails at 31.5 s with ErrTimeout and the
+// next starts 2 s later.
+func TestTimeoutAndBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		var mu sync.Mutex
+		var sent []time.Duration
+		t0 := time.Now()
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			mu.Lock()
+			sent = append(sent, time.Since(t0))
+			mu.Unlock()
+			return b
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		a.peers(t, peerB)
+		time.Sleep(32 * time.Second)
+		synctest.Wait()
+		if err := a.status(t).LastError; !errors.Is(err, ErrTimeout) {
+			t.Fatalf("LastError = %v, want ErrTimeout", err)
+		}
+		time.Sleep(1900 * time.Millisecond)
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		want := []time.Duration{0, 500 * time.Millisecond, 1500 * time.Millisecond, 3500 * time.Millisecond,
+			7500 * time.Millisecond, 15500 * time.Millisecond, 23500 * time.Millisecond, 33500 * time.Millisecond}
+		if !slices.Equal(sent, want) {
+			t.Fatalf("INITs sent at %v, want %v", sent, want)
+		}
+	})
+}
+
+// TestRefusalsInstallNothing: a tampered INIT, a wrong pre-shared key and a
+// tampered RESP are each refused with a clear error and change no SA.
+func TestRefusalsInstallNothing(t *testing.T) {
+	flipAt := func(b []byte, i int) []byte { b[i] ^= 0x01; return b }
+	for _, tt := range []struct {
+		name     string
+		pskB     []byte
+		tap      func(from, to netip.AddrPort, b []byte) []byte
+		wantA    error
+		wantBRec bool // b (responder) legitimately installed
+	}{
+		{
+			name: "tampered INIT",
+			pskB: psk1,
+			tap: func(from, to netip.AddrPort, b []byte) []byte {
+				if msgType(b) == MsgInit {
+					return flipAt(b, headerLen+3) // first nonce byte
+				}
+				return b
+			},
+			wantA: ErrTampered,
+		},
+		{name: "wrong PSK", pskB: psk2, wantA: ErrTampered},
+		{
+			name: "tampered RESP",
+			pskB: psk1,
+			tap: func(from, to netip.AddrPort, b []byte) []byte {
+				switch msgType(b) {
+				case MsgInit:
+					if from == addrB {
+						return nil
+					}
+				case MsgResp:
+					return flipAt(b, headerLen+3)
+				}
+				return b
+			},
+			wantA:    ErrTampered,
+			wantBRec: true,
+		},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				n := newMemNet()
+				n.tap = tt.tap
+				a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+				b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, tt.pskB), nil)
+				a.peers(t, peerB)
+				b.peers(t, peerA)
+				time.Sleep(40 * time.Second)
+				synctest.Wait()
+				if c := a.rec.Calls(); len(c) != 0 {
+					t.Errorf("a installed %q", c)
+				}
+				if c := b.rec.Calls(); len(c) != 0 && !tt.wantBRec {
+					t.Errorf("b installed %q", c)
+				}
+				err := a.status(t).LastError
+				if !errors.Is(err, tt.wantA) {
+					t.Errorf("a: LastError = %v, want %v", err, tt.wantA)
+				}
+				t.Logf("a: %v", err)
+				if !tt.wantBRec {
+					t.Logf("b: %v", b.status(t).LastError)
+					if err := b.status(t).LastError; !errors.Is(err, ErrTampered) {
+						t.Errorf("b: LastError = %v, want ErrTampered", err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// TestReplayedInit replays a's INIT to b: while the retransmission cache
+// holds it, b resends its RESP (no new SAs); later it is refused as a
+// replay; once older than the clock skew, as skewed. Nothing is installed.
+func TestReplayedInit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		var mu sync.Mutex
+		var captured []byte
+		var errorsToAttacker []ErrorCode
+		attacker := netip.MustParseAddrPort("10.6.6.6:4500")
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			mu.Lock()
+			defer mu.Unlock()
+			var m Message
+			if m.Unmarshal(b) == nil {
+				if m.Type == MsgInit && from == addrA && captured == nil {
+					captured = bytes.Clone(b)
+				}
+				if m.Type == MsgInit && from == addrB {
+					return nil
+				}
+				if m.Type == MsgError && to == attacker {
+					errorsToAttacker = append(errorsToAttacker, m.Code)
+				}
+			}
+			return b
+		}
+		n.endpoint(attacker.String())
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		a.peers(t, peerB)
+		b.peers(t, peerA)
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		before := b.rec.Calls()
+		if len(before) == 0 {
+			t.Fatal("no keying")
+		}
+		n.inject(attacker, addrB, captured) // within the cache: answered again
+		synctest.Wait()
+		time.Sleep(time.Minute)
+		n.inject(attacker, addrB, captured) // replay
+		synctest.Wait()
+		if err := b.status(t).LastError; !errors.Is(err, ErrReplay) {
+			t.Errorf("b: LastError = %v, want ErrReplay", err)
+		}
+		time.Sleep(5 * time.Minute)
+		n.inject(attacker, addrB, captured) // too old
+		synctest.Wait()
+		if err := b.status(t).LastError; !errors.Is(err, ErrClockSkew) {
+			t.Errorf("b: LastError = %v, want ErrClockSkew", err)
+		}
+		if after := b.rec.Calls(); !slices.Equal(before, after[:len(before)]) || len(after) != len(before) {
+			t.Errorf("replays changed b's SAs:\nbefore %q\nafter  %q", before, after)
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if !slices.Equal(errorsToAttacker, []ErrorCode{CodeReplay, CodeClockSkew}) {
+			t.Errorf("ERRORs to the attacker: %v", errorsToAttacker)
+		}
+	})
+}
+
+// TestDeleteOnShutdown: when a stops, b receives an authenticated DELETE
+// and removes its SAs at once.
+func TestDeleteOnShutdown(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		ra := newRecorder("a")
+		ep := n.endpoint(addrA.String())
+		agentA, err := New(Config{ULA: ulaA, Auth: mustPSK(t, psk1), Transport: ep, Installer: ra})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() { agentA.Run(ctx); close(done) }()
+		if err := agentA.SetPeers(ctx, []PeerConfig{peerB}); err != nil {
+			t.Fatal(err)
+		}
+		b.peers(t, peerA)
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		if _, ok := b.rec.peer(ulaA); !ok {
+			t.Fatal("not keyed")
+		}
+		cancel()
+		<-done
+		ep.Close()
+		synctest.Wait()
+		if _, ok := b.rec.peer(ulaA); ok {
+			t.Errorf("b kept SAs after a's DELETE: %q", b.rec.Calls())
+		}
+		if c := ra.Calls(); c[len(c)-1] != "remove fd00::a" && c[len(c)-1] != "remove "+ulaB.String() {
+			t.Errorf("a did not remove its SAs: %q", c)
+		}
+		if c := b.rec.Calls(); c[len(c)-1] != "remove "+ulaA.String() {
+			t.Errorf("b: %q", c)
+		}
+	})
+}
+
+// TestUnknownPeer: b has no peer with a's ULA and says so.
+func TestUnknownPeer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		a.peers(t, peerB)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if err := a.status(t).LastError; !errors.Is(err, ErrPeerRefused) || !errors.Is(err, ErrUnknownPeer) {
+			t.Errorf("LastError = %v, want ErrPeerRefused + ErrUnknownPeer", err)
+		}
+		if len(a.rec.Calls())+len(b.rec.Calls()) != 0 {
+			t.Errorf("installed: %q %q", a.rec.Calls(), b.rec.Calls())
+		}
+	})
+}
+
+// TestInstallFailure: when b's dataplane refuses the SAs, b answers ERROR,
+// a installs nothing, and a later attempt succeeds.
+func TestInstallFailure(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			if msgType(b) == MsgInit && from == addrB {
+				return nil // only a initiates
+			}
+			return b
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		b.rec.fail = errors.New("kernel says no")
+		b.peers(t, peerA)
+		a.peers(t, peerB)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if err := a.status(t).LastError; !errors.Is(err, ErrInstall) {
+			t.Errorf("a: LastError = %v, want ErrInstall", err)
+		}
+		if len(a.rec.Calls()) != 0 {
+			t.Errorf("a installed %q", a.rec.Calls())
+		}
+		b.rec.mu.Lock()
+		b.rec.fail = nil
+		b.rec.mu.Unlock()
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		pa, okA := a.rec.peer(ulaB)
+		pb, okB := b.rec.peer(ulaA)
+		if !okA || !okB {
+			t.Fatalf("no recovery: %q %q", a.rec.Calls(), b.rec.Calls())
+		}
+		pairOK(t, pa, pb)
+	})
+}
