@@ -1,0 +1,59 @@
+# btmm — see README.md. Every target runs on a fresh machine after .ci/run's
+# install step (or `make deps`). Test tiers: unit (no root), netns (root, this
+# kernel), vm (Debian 6.1 kernel under qemu, via hack/vmexec).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+GO ?= go
+GOTESTSUM := $(GO) tool gotestsum --format testname --format-hide-empty-pkg
+# Packages with tests gated on kernel features this host may lack: they run
+# again inside the VM. Found by their use of testenv.Require.
+VM_PKGS = $(shell grep -rl --include='*_test.go' 'testenv\.Require(' . | xargs -r -n1 dirname | sort -u)
+TIMEOUT ?= 15m
+
+.PHONY: all build generate generate-check lint test test-unit test-netns test-vm bench demo deps clean
+
+all: build
+
+build:
+	$(GO) build -o bin/ ./cmd/...
+
+generate:
+	$(GO) generate ./...
+
+# CI: regenerated files (bpf2go output) must match what is committed.
+generate-check: generate
+	git diff --exit-code -- ':(glob)**/*_bpfe[lb].go' ':(glob)**/*_bpfe[lb].o' || \
+	  { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+# Unit tier: no root needed; netns/vm gates skip under -short.
+test-unit:
+	$(GOTESTSUM) -- -race -short -count=1 -timeout $(TIMEOUT) ./...
+
+# netns tier (and unit): as root on this kernel. Missing tools fail, not skip.
+test-netns:
+	BTMM_REQUIRE_ALL=1 $(GOTESTSUM) -- -race -count=1 -timeout $(TIMEOUT) ./...
+
+# vm tier: the same test binaries inside Debian's 6.1 kernel (hack/vmexec).
+test-vm:
+	BTMM_REQUIRE_ALL=1 $(GOTESTSUM) -- -count=1 -timeout $(TIMEOUT) -exec $(CURDIR)/hack/vmexec $(VM_PKGS)
+
+# Every tier this machine supports (CI runs this).
+test: test-netns test-vm
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./... | tee bench.txt
+
+demo: build
+	hack/demo
+
+deps:
+	hack/install-deps
+
+clean:
+	rm -rf bin bench.txt
