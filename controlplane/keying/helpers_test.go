@@ -3,8 +3,11 @@ package keying
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strings"
 	"net/netip"
 	"slices"
 	"sync"
@@ -97,6 +100,7 @@ type recorder struct {
 	name  string
 	peers map[netip.Addr]controlplane.Peer
 	calls []string
+	keys  [][]byte
 	fail  error
 	// onChange runs (under no lock) after every successful call.
 	onChange func()
@@ -122,6 +126,7 @@ func (r *recorder) Install(_ context.Context, p controlplane.Peer) error {
 	}
 	p.PrevIn = slices.Clone(p.PrevIn)
 	r.peers[p.ULA] = p
+	r.keys = append(r.keys, p.Out.Key, p.In.Key)
 	var prev []string
 	for _, s := range p.PrevIn {
 		prev = append(prev, fmt.Sprintf("%08x", s.SPI))
@@ -183,4 +188,47 @@ func pairOK(t testing.TB, a, b controlplane.Peer) {
 	if bytes.Equal(a.Out.Key, a.In.Key) {
 		t.Errorf("both directions use the same key")
 	}
+}
+
+// testLogger logs through t and fails the test if a line ever shows key
+// material: every key the recorder sees is checked against the log at the end.
+func testLogger(t testing.TB) (*slog.Logger, *logWriter) {
+	w := &logWriter{t: t}
+	t.Cleanup(func() { w.mu.Lock(); w.t = nil; w.mu.Unlock() })
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug})), w
+}
+
+// noKeysLogged fails t if any key a recorder saw appears in the log, raw or
+// in hex, or in an error string.
+func noKeysLogged(t testing.TB, w *logWriter, recs ...*recorder) {
+	t.Helper()
+	w.mu.Lock()
+	logs := w.buf.String()
+	w.mu.Unlock()
+	for _, r := range recs {
+		r.mu.Lock()
+		for _, k := range r.keys {
+			if strings.Contains(logs, string(k)) || strings.Contains(strings.ToLower(logs), hex.EncodeToString(k)) ||
+				strings.Contains(logs, hex.EncodeToString(k[:8])) {
+				t.Errorf("key material of %s appears in the log", r.name)
+			}
+		}
+		r.mu.Unlock()
+	}
+}
+
+type logWriter struct {
+	mu  sync.Mutex
+	t   testing.TB
+	buf bytes.Buffer
+}
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.buf.Write(p)
+	if w.t != nil {
+		w.t.Log(strings.TrimSpace(string(p)))
+	}
+	return len(p), nil
 }

@@ -1,0 +1,369 @@
+package keying
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/btmm/btmm/internal/krbtest"
+	"github.com/jcmturner/gokrb5/v8/keytab"
+)
+
+const (
+	realm = "BTMM.TEST"
+	princA = "host/a.btmm.test"
+	princB = "host/b.btmm.test"
+)
+
+// offsetClock is a host clock that tests can set wrong.
+type offsetClock struct{ off atomic.Int64 }
+
+func (c *offsetClock) Now() time.Time        { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *offsetClock) Set(d time.Duration) { c.off.Store(int64(d)) }
+
+// tapTransport wraps a UDP transport: tap may rewrite or drop (nil) what is sent.
+type tapTransport struct {
+	*UDPTransport
+	mu  sync.Mutex
+	tap func(to netip.AddrPort, b []byte) []byte
+}
+
+func (tt *tapTransport) WriteKeying(b []byte, to netip.AddrPort) error {
+	tt.mu.Lock()
+	tap := tt.tap
+	tt.mu.Unlock()
+	if tap != nil {
+		if b = tap(to, bytes.Clone(b)); b == nil {
+			return nil
+		}
+	}
+	return tt.UDPTransport.WriteKeying(b, to)
+}
+
+type krbNode struct {
+	agent *Agent
+	rec   *recorder
+	tr    *tapTransport
+	clock *offsetClock
+	peer  PeerConfig // how the other node sees this one
+	log   *logWriter
+}
+
+func startKrbNode(t *testing.T, k *krbtest.KDC, name, principal string, ula netip.Addr, kt *keytab.Keytab, mod func(*Config)) *krbNode {
+	t.Helper()
+	u, err := ListenUDP(netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd := &krbNode{rec: newRecorder(name), tr: &tapTransport{UDPTransport: u}, clock: &offsetClock{}}
+	nd.peer = PeerConfig{Name: name, ULA: ula, Outer: u.LocalAddr(), Principal: principal}
+	var logger *slog.Logger
+	logger, nd.log = testLogger(t)
+	cfg := Config{
+		ULA:       ula,
+		Auth:      &Kerberos{Principal: principal, Realm: realm, Keytab: kt, Krb5Conf: k.Config(t)},
+		Transport: nd.tr, Installer: nd.rec, Now: nd.clock.Now,
+		Logger: logger,
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	a, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd.agent = a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; u.Close() })
+	return nd
+}
+
+func (nd *krbNode) status(t *testing.T) PeerStatus {
+	t.Helper()
+	st, err := nd.agent.Status(context.Background())
+	if err != nil || len(st) != 1 {
+		t.Fatalf("status: %v %v", st, err)
+	}
+	return st[0]
+}
+
+func (nd *krbNode) setPeers(t *testing.T, ps ...PeerConfig) {
+	t.Helper()
+	if err := nd.agent.SetPeers(context.Background(), ps); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dropOwnInits makes nd a pure responder.
+func (nd *krbNode) dropOwnInits() {
+	nd.tr.mu.Lock()
+	defer nd.tr.mu.Unlock()
+	nd.tr.tap = func(_ netip.AddrPort, b []byte) []byte {
+		if msgType(b) == MsgInit {
+			return nil
+		}
+		return b
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func newRealm(t *testing.T, bOpts ...string) (k *krbtest.KDC, ktA, ktB *keytab.Keytab) {
+	k = krbtest.Start(t, realm)
+	k.AddPrincipal(t, princA)
+	k.AddPrincipal(t, princB, bOpts...)
+	_, ktA = k.Keytab(t, "a.keytab", princA)
+	_, ktB = k.Keytab(t, "b.keytab", princB)
+	return k, ktA, ktB
+}
+
+// TestKerberosKeying runs two agents against a real krb5kdc: they start at
+// the same moment (crossing INITs), converge on one SA pair with identical
+// keys, and rekey (short SA lifetime) with a fresh AP-REQ each time.
+func TestKerberosKeying(t *testing.T) {
+	k, ktA, ktB := newRealm(t)
+	short := func(c *Config) { c.SALifetime = 3 * time.Second }
+	a := startKrbNode(t, k, "a", princA, ulaA, ktA, short)
+	b := startKrbNode(t, k, "b", princB, ulaB, ktB, short)
+	var up atomic.Bool
+	var initsFrom sync.Map
+	gate := func(name string) func(netip.AddrPort, []byte) []byte {
+		return func(_ netip.AddrPort, p []byte) []byte {
+			if !up.Load() {
+				return nil
+			}
+			if msgType(p) == MsgInit {
+				initsFrom.Store(name, true)
+			}
+			return p
+		}
+	}
+	a.tr.tap, b.tr.tap = gate("a"), gate("b")
+	a.setPeers(t, b.peer)
+	b.setPeers(t, a.peer)
+	time.Sleep(300 * time.Millisecond) // both have sent a (dropped) INIT
+	up.Store(true)
+	waitFor(t, "keying", func() bool {
+		_, okA := a.rec.peer(ulaB)
+		_, okB := b.rec.peer(ulaA)
+		return okA && okB
+	})
+	_, fromA := initsFrom.Load("a")
+	_, fromB := initsFrom.Load("b")
+	if !fromA || !fromB {
+		t.Logf("INITs did not cross (a %v, b %v): KDC slower than 500 ms?", fromA, fromB)
+	}
+	if ca, cb := a.rec.Calls(), b.rec.Calls(); len(ca) != 1 || len(cb) != 1 {
+		t.Fatalf("want one SA pair, got\na: %q\nb: %q", ca, cb)
+	}
+	pa, _ := a.rec.peer(ulaB)
+	pb, _ := b.rec.peer(ulaA)
+	pairOK(t, pa, pb)
+	first := a.status(t)
+	if !first.Initiator {
+		t.Errorf("a (lower ULA) should have stayed initiator")
+	}
+	// Rekey at 80% of 3 s.
+	waitFor(t, "rekey", func() bool { return a.status(t).In.SPI != first.In.SPI })
+	waitFor(t, "rekey settles", func() bool {
+		pa, _ := a.rec.peer(ulaB)
+		pb, _ := b.rec.peer(ulaA)
+		return pa.Out.SPI == pb.In.SPI && pb.Out.SPI == pa.In.SPI
+	})
+	pa, _ = a.rec.peer(ulaB)
+	pb, _ = b.rec.peer(ulaA)
+	pairOK(t, pa, pb)
+	noKeysLogged(t, a.log, a.rec, b.rec)
+	noKeysLogged(t, b.log, a.rec, b.rec)
+	kept := fmt.Sprintf("prev=[%08x]", first.In.SPI)
+	if !slices.ContainsFunc(a.rec.Calls(), func(c string) bool { return strings.HasSuffix(c, kept) }) {
+		t.Errorf("old inbound SA %08x not kept after the rekey: %q", first.In.SPI, a.rec.Calls())
+	}
+}
+
+// TestKerberosRefusals: each failure is refused with an error naming the
+// cause (errors.Is on our sentinels) and installs nothing on either host.
+// b is a pure responder here (its own INITs are dropped).
+func TestKerberosRefusals(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		bOpts []string // addprinc options for b's principal
+		keytabB func(t *testing.T, k *krbtest.KDC) *keytab.Keytab // b's keytab, if not the good one
+		setup   func(t *testing.T, k *krbtest.KDC, a, b *krbNode, peerB *PeerConfig)
+		wantA error    // in a's LastError
+		wantB error    // in b's LastError (nil: b saw nothing)
+	}{
+		{
+			name: "tampered INIT",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
+				a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
+					if msgType(p) == MsgInit {
+						p[headerLen+3] ^= 1 // a nonce bit: the AP-REQ is fine, the MAC is not
+					}
+					return p
+				}
+			},
+			wantA: ErrTampered, wantB: ErrTampered,
+		},
+		{
+			name: "tampered AP-REQ",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
+				a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
+					if msgType(p) == MsgInit {
+						p[len(p)-3-macLen-20] ^= 1 // inside the AP-REQ's authenticator ciphertext
+					}
+					return p
+				}
+			},
+			wantA: ErrTampered, wantB: ErrTampered,
+		},
+		{
+			name: "wrong keytab",
+			keytabB: func(t *testing.T, k *krbtest.KDC) *keytab.Keytab {
+				_, stale := k.Keytab(t, "b-stale.keytab", princB)
+				k.Keytab(t, "b-new.keytab", princB) // bumps the kvno: "stale" is now wrong
+				return stale
+			},
+			wantA: ErrWrongKeytab, wantB: ErrWrongKeytab,
+		},
+		{
+			name:  "expired ticket",
+			bOpts: []string{"-maxlife", "1 minute"},
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
+				// Both clocks agree, 10 minutes ahead of the KDC's: a's
+				// one-minute ticket has ended 9 minutes ago by b's clock.
+				a.clock.Set(10 * time.Minute)
+				b.clock.Set(10 * time.Minute)
+			},
+			wantA: ErrTicketExpired, wantB: ErrTicketExpired,
+		},
+		{
+			name: "clock skew",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
+				a.clock.Set(-10 * time.Minute)
+			},
+			wantA: ErrClockSkew, wantB: ErrClockSkew,
+		},
+		{
+			name: "unknown principal",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, peerB *PeerConfig) {
+				peerB.Principal = "host/nobody.btmm.test"
+			},
+			wantA: ErrUnknownPrincipal,
+		},
+		{
+			name: "peer is not who the ULA says",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, peerB *PeerConfig) {
+				k.AddPrincipal(t, "host/c.btmm.test")
+				b.setPeers(t, PeerConfig{Name: "a", ULA: ulaA, Outer: a.peer.Outer, Principal: "host/c.btmm.test"})
+			},
+			wantA: ErrUnknownPeer, wantB: ErrUnknownPrincipal,
+		},
+		{
+			name: "KDC down",
+			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
+				k.Stop()
+			},
+			wantA: ErrKDCUnreachable,
+		},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			k, ktA, ktB := newRealm(t, tt.bOpts...)
+			if tt.keytabB != nil {
+				ktB = tt.keytabB(t, k)
+			}
+			a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
+			b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
+			b.dropOwnInits()
+			peerB := b.peer
+			b.setPeers(t, a.peer)
+			if tt.setup != nil {
+				tt.setup(t, k, a, b, &peerB)
+			}
+			a.setPeers(t, peerB)
+			waitFor(t, "a's error", func() bool { return a.status(t).LastError != nil })
+			errA := a.status(t).LastError
+			t.Logf("a: %v", errA)
+			if !errors.Is(errA, tt.wantA) {
+				t.Errorf("a: LastError = %v, want %v", errA, tt.wantA)
+			}
+			if tt.wantB != nil {
+				errB := b.status(t).LastError
+				t.Logf("b: %v", errB)
+				if !errors.Is(errB, tt.wantB) {
+					t.Errorf("b: LastError = %v, want %v", errB, tt.wantB)
+				}
+			}
+			if ca, cb := a.rec.Calls(), b.rec.Calls(); len(ca)+len(cb) != 0 {
+				t.Errorf("installed:\na: %q\nb: %q", ca, cb)
+			}
+		})
+	}
+}
+
+// TestKerberosReplay replays a captured INIT (AP-REQ) to b after the
+// retransmission cache has let it go: b refuses it as a replay and changes
+// no SA.
+func TestKerberosReplay(t *testing.T) {
+	k, ktA, ktB := newRealm(t)
+	a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
+	b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
+	b.dropOwnInits()
+	var captured atomic.Pointer[[]byte]
+	a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
+		if msgType(p) == MsgInit {
+			c := bytes.Clone(p)
+			captured.CompareAndSwap(nil, &c)
+		}
+		return p
+	}
+	b.setPeers(t, a.peer)
+	a.setPeers(t, b.peer)
+	waitFor(t, "keying", func() bool { _, ok := b.rec.peer(ulaA); return ok })
+	before := b.rec.Calls()
+	attacker, err := ListenUDP(netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer attacker.Close()
+	b.clock.Set(time.Minute) // past the retransmission cache, inside the skew window
+	if err := attacker.WriteKeying(*captured.Load(), b.peer.Outer); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, MaxMessageLen)
+	attacker.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, _, err := attacker.ReadKeying(buf)
+	if err != nil {
+		t.Fatalf("no answer to the replay: %v", err)
+	}
+	var m Message
+	if err := m.Unmarshal(buf[:n]); err != nil || m.Type != MsgError || m.Code != CodeReplay {
+		t.Fatalf("answer to the replay: %+v %v, want ERROR replay", m, err)
+	}
+	if err := b.status(t).LastError; !errors.Is(err, ErrReplay) {
+		t.Errorf("b: LastError = %v, want ErrReplay", err)
+	}
+	if after := b.rec.Calls(); !slices.Equal(after, before) {
+		t.Errorf("replay changed b's SAs:\nbefore %q\nafter  %q", before, after)
+	}
+}
