@@ -32,15 +32,15 @@ type btmmCounters struct {
 
 type btmmOuter struct {
 	_    structs.HostLayout
-	Addr uint32
+	Addr [4]uint8
 	Port uint16
 	Pad  uint16
 }
 
 type btmmPeer struct {
 	_         structs.HostLayout
-	OuterAddr uint32
-	LocalAddr uint32
+	OuterAddr [4]uint8
+	LocalAddr [4]uint8
 	OuterPort uint16
 	Pad       uint16
 }

@@ -2,7 +2,6 @@ package ebpf
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -255,15 +254,7 @@ type peerEntry struct {
 
 func ulaKey(a netip.Addr) btmmUla { return btmmUla{Addr: a.As16()} }
 
-func be32(a netip.Addr) uint32 { b := a.As4(); return binary.NativeEndian.Uint32(b[:]) }
-
-func from32(v uint32) netip.Addr {
-	var b [4]byte
-	binary.NativeEndian.PutUint32(b[:], v)
-	return netip.AddrFrom4(b)
-}
-
-func be16(p uint16) uint16 { return p<<8 | p>>8 } // host <-> network order (little-endian hosts; bpf2go -target bpfel)
+func outerKey(ap netip.AddrPort) btmmOuter { return btmmOuter{Addr: ap.Addr().As4(), Port: ap.Port()} }
 
 func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
 	out := map[netip.Addr]peerEntry{}
@@ -272,8 +263,8 @@ func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
 	it := d.objs.PeerByUla.Iterate()
 	for it.Next(&k, &v) {
 		out[netip.AddrFrom16(k.Addr)] = peerEntry{
-			outer: netip.AddrPortFrom(from32(v.OuterAddr), be16(v.OuterPort)),
-			local: from32(v.LocalAddr),
+			outer: netip.AddrPortFrom(netip.AddrFrom4(v.OuterAddr), v.OuterPort),
+			local: netip.AddrFrom4(v.LocalAddr),
 		}
 	}
 	if err := it.Err(); err != nil {
@@ -295,20 +286,26 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if d.closed {
 		return nil, ErrClosed
 	}
-	// Resolve our IPv4 source towards each peer before touching anything.
+	// Resolve our IPv4 source towards each peer. A peer without a route
+	// keeps whatever the maps have for it (it is not deleted) and its error
+	// is reported with the others.
 	want := map[netip.Addr]peerEntry{}
+	keep := map[netip.Addr]bool{}
+	var srcErrs []error
 	for _, p := range desired.Peers {
+		keep[p.ULA] = true
 		src := desired.Local.Outer
 		if !src.IsValid() || src.IsUnspecified() {
 			var err error
 			if src, err = d.sourceFor(p.Outer.Addr()); err != nil {
-				return nil, fmt.Errorf("ebpf: set: peer %q: %w", p.Name, err)
+				srcErrs = append(srcErrs, fmt.Errorf("peer %q: %w", p.Name, err))
+				continue
 			}
 		}
 		want[p.ULA] = peerEntry{outer: p.Outer, local: src}
 	}
 	var changes []controlplane.Change
-	var errs []error
+	errs := srcErrs
 	note := func(op, obj, what string) {
 		changes = append(changes, controlplane.Change{Op: op, Object: obj, What: what})
 	}
@@ -347,7 +344,10 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	// 3. Maps: counters, then reverse lookup, then forward (adds before deletes).
 	for _, p := range desired.Peers {
 		d.names[p.ULA] = p.Name
-		w := want[p.ULA]
+		w, resolved := want[p.ULA]
+		if !resolved {
+			continue
+		}
 		h, ok := have[p.ULA]
 		if ok && h == w {
 			continue
@@ -360,12 +360,11 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 				continue
 			}
 		}
-		ok2 := btmmOuter{Addr: be32(w.outer.Addr()), Port: be16(w.outer.Port())}
-		if err := d.objs.PeerByOuter.Put(ok2, k); err != nil {
+		if err := d.objs.PeerByOuter.Put(outerKey(w.outer), k); err != nil {
 			errs = append(errs, fmt.Errorf("peer %q: peer_by_outer: %w", p.Name, err))
 			continue
 		}
-		v := btmmPeer{OuterAddr: be32(w.outer.Addr()), LocalAddr: be32(w.local), OuterPort: be16(w.outer.Port())}
+		v := btmmPeer{OuterAddr: w.outer.Addr().As4(), LocalAddr: w.local.As4(), OuterPort: w.outer.Port()}
 		if err := d.objs.PeerByUla.Put(k, v); err != nil {
 			errs = append(errs, fmt.Errorf("peer %q: peer_by_ula: %w", p.Name, err))
 			continue
@@ -381,8 +380,17 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 		}
 	}
 
-	// 4. Routes and neighbours to the peers' ULAs.
-	c, err := d.setRoutes(desired)
+	// 4. Routes and neighbours to the peers' ULAs, only for peers the maps
+	// know (a route without a map entry would bypass the tunnel).
+	routed := &controlplane.State{Local: desired.Local}
+	for _, p := range desired.Peers {
+		if _, ok := want[p.ULA]; ok {
+			routed.Peers = append(routed.Peers, p)
+		} else if _, ok := have[p.ULA]; ok {
+			routed.Peers = append(routed.Peers, p)
+		}
+	}
+	c, err := d.setRoutes(routed)
 	changes = append(changes, c...)
 	if err != nil {
 		errs = append(errs, err)
@@ -390,7 +398,7 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 
 	// 5. Deletes: peers no longer desired.
 	for ula, h := range have {
-		if _, ok := want[ula]; ok {
+		if keep[ula] {
 			continue
 		}
 		k := ulaKey(ula)
@@ -413,7 +421,7 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 
 // deleteOuter removes the reverse entry for outer if it still names ula.
 func (d *Dataplane) deleteOuter(outer netip.AddrPort, ula netip.Addr) {
-	k := btmmOuter{Addr: be32(outer.Addr()), Port: be16(outer.Port())}
+	k := outerKey(outer)
 	var v btmmUla
 	if d.objs.PeerByOuter.Lookup(k, &v) == nil && netip.AddrFrom16(v.Addr) == ula {
 		d.objs.PeerByOuter.Delete(k)

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -344,9 +345,64 @@ func TestCleartextNetNS(t *testing.T) {
 			if mean := sa.TxBytes / max(sa.TxPackets, 1); mean <= 1500 {
 				t.Errorf("mean egress skb %d bytes: GSO not exercised", mean)
 			}
+			t.Run("bpftool", func(t *testing.T) {
+				bpftool := testenv.RequireBinary(t, "bpftool", "bpftool")
+				out, err := exec.Command(bpftool, "map", "dump", "pinned", filepath.Join(a.root, "peer_by_ula")).CombinedOutput()
+				if err != nil {
+					t.Fatalf("bpftool: %v: %s", err, out)
+				}
+				t.Logf("bpftool map dump pinned %s/peer_by_ula:\n%s", a.root, out)
+				for _, w := range []string{"outer_addr", "outer_port", "local_addr", "addr"} {
+					if !strings.Contains(string(out), w) {
+						t.Errorf("dump lacks %q", w)
+					}
+				}
+			})
 			closeAndCheck(t, a, b)
 		})
 	}
+}
+
+// TestPartialSetNetNS: a peer whose outer address has no route is
+// reported and left out; the other peer is programmed; nothing else moves.
+func TestPartialSetNetNS(t *testing.T) {
+	a, b := topology(t)
+	a.start(t, Config{Cleartext: true})
+	b.start(t, Config{Cleartext: true})
+	b.set(t, b.state(a, netip.AddrPortFrom(a.outer, a.port)))
+	st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
+	c := controlplane.Peer{Name: "c", ULA: netip.MustParseAddr("fd00::c"), Outer: netip.MustParseAddrPort("192.0.2.1:4500"),
+		Out: controlplane.SA{SPI: 0x5001, Cipher: controlplane.CipherAESGCM, Key: key(20, 1)},
+		In:  controlplane.SA{SPI: 0x5002, Cipher: controlplane.CipherAESGCM, Key: key(20, 2)}}
+	st.Peers = append(st.Peers, c)
+	ch, err := a.dp.Set(context.Background(), st)
+	if err == nil || !strings.Contains(err.Error(), `peer "c"`) {
+		t.Fatalf("err %v, want one naming peer c", err)
+	}
+	for _, x := range ch {
+		if strings.Contains(x.What, "fd00::c") {
+			t.Errorf("unroutable peer was programmed: %v", x)
+		}
+	}
+	if len(ch) == 0 {
+		t.Errorf("no changes reported for peer b")
+	}
+	ping(t, a, b)
+	closeAndCheck(t, a, b)
+}
+
+// TestIncompatiblePinNetNS: a map pinned by another build under the same
+// name is replaced, not fatal.
+func TestIncompatiblePinNetNS(t *testing.T) {
+	a, b := topology(t)
+	must(t, os.MkdirAll(a.root, 0o700))
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 16, ValueSize: 4, MaxEntries: 8})
+	must(t, err)
+	must(t, m.Pin(filepath.Join(a.root, "peer_by_ula")))
+	m.Close()
+	connect(t, a, b, Config{Cleartext: true})
+	ping(t, a, b)
+	closeAndCheck(t, a, b)
 }
 
 // TestMoveNetNS: b's outer address changes while a TCP stream runs; the
@@ -423,10 +479,10 @@ func TestMoveNetNS(t *testing.T) {
 		t.Errorf("after the move: rx packets %d (before %d), last outer change %v", st.RxPackets, rxBefore, st.LastOuterChange)
 	}
 	var v btmmUla
-	if err := a.dp.objs.PeerByOuter.Lookup(btmmOuter{Addr: be32(moved), Port: be16(b.port)}, &v); err != nil {
+	if err := a.dp.objs.PeerByOuter.Lookup(outerKey(netip.AddrPortFrom(moved, b.port)), &v); err != nil {
 		t.Errorf("peer_by_outer has no entry for the new address: %v", err)
 	}
-	if err := a.dp.objs.PeerByOuter.Lookup(btmmOuter{Addr: be32(b.outer), Port: be16(b.port)}, &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
+	if err := a.dp.objs.PeerByOuter.Lookup(outerKey(netip.AddrPortFrom(b.outer, b.port)), &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Errorf("old outer address still mapped: %v", err)
 	}
 	closeAndCheck(t, a, b)

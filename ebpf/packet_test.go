@@ -135,8 +135,8 @@ func newProgEnv(t testing.TB, mode uint8) *progEnv {
 	}
 	t.Cleanup(func() { e.objs.Close() })
 	must(t, e.objs.Config.Put(uint32(0), btmmBtmmConfig{LocalUla: ulaA.As16(), Port: portA, Mode: mode}))
-	must(t, e.objs.PeerByUla.Put(ulaKey(ulaB), btmmPeer{OuterAddr: be32(outerB), LocalAddr: be32(outerA), OuterPort: be16(portB)}))
-	must(t, e.objs.PeerByOuter.Put(btmmOuter{Addr: be32(outerB), Port: be16(portB)}, ulaKey(ulaB)))
+	must(t, e.objs.PeerByUla.Put(ulaKey(ulaB), btmmPeer{OuterAddr: outerB.As4(), LocalAddr: outerA.As4(), OuterPort: portB}))
+	must(t, e.objs.PeerByOuter.Put(outerKey(netip.AddrPortFrom(outerB, portB)), ulaKey(ulaB)))
 	must(t, e.objs.PeerStats.Put(ulaKey(ulaB), make([]btmmCounters, ebpf.MustPossibleCPU())))
 	return e
 }

@@ -49,16 +49,18 @@ struct ula {
 	__u8 addr[16];
 };
 
+// Addresses are byte arrays and ports host-order numbers so that
+// `bpftool map dump` shows them as a person reads them.
 struct peer {
-	__be32 outer_addr;  // the peer's current outer IPv4 address
-	__be32 local_addr;  // our IPv4 source towards it
-	__be16 outer_port;  // the peer's tunnel port (network byte order)
+	__u8 outer_addr[4]; // the peer's current outer IPv4 address
+	__u8 local_addr[4]; // our IPv4 source towards it
+	__u16 outer_port;   // the peer's tunnel port
 	__u16 pad;
 };
 
 struct outer {
-	__be32 addr;
-	__be16 port;
+	__u8 addr[4];
+	__u16 port;
 	__u16 pad;
 };
 
@@ -258,14 +260,14 @@ int btmm_egress(struct __sk_buff *skb)
 	ip->ttl = 64;
 	ip->protocol = IPPROTO_UDP;
 	ip->check = 0;
-	ip->saddr = pc.local_addr;
-	ip->daddr = pc.outer_addr;
+	__builtin_memcpy(&ip->saddr, pc.local_addr, 4);
+	__builtin_memcpy(&ip->daddr, pc.outer_addr, 4);
 	ip->check = ip_checksum(ip);
 	udp->source = bpf_htons(cfg->port);
-	udp->dest = pc.outer_port;
+	udp->dest = bpf_htons(pc.outer_port);
 	udp->len = bpf_htons(outer_len - sizeof(struct iphdr));
 	udp->check = 0; // RFC 3948 §2.1: IPv4 UDP checksum zero
-	return send_ipv4(skb, eth, pc.local_addr, pc.outer_addr, st);
+	return send_ipv4(skb, eth, ip->saddr, ip->daddr, st);
 }
 
 SEC("tc")
@@ -342,7 +344,8 @@ int btmm_ingress(struct __sk_buff *skb)
 	if (have == 1 && first[0] == 0xff)
 		return TC_ACT_OK;
 
-	struct outer ok = {.addr = ip->saddr, .port = udp->source};
+	struct outer ok = {.port = bpf_ntohs(udp->source)};
+	__builtin_memcpy(ok.addr, &ip->saddr, 4);
 	struct ula *pu = bpf_map_lookup_elem(&peer_by_outer, &ok);
 	if (!pu)
 		return drop(DROP_UNKNOWN_PEER, 0);
