@@ -7,9 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 

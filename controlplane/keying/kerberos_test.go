@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,7 +19,7 @@ import (
 )
 
 const (
-	realm = "BTMM.TEST"
+	realm  = "BTMM.TEST"
 	princA = "host/a.btmm.test"
 	princB = "host/b.btmm.test"
 )
@@ -27,7 +27,7 @@ const (
 // offsetClock is a host clock that tests can set wrong.
 type offsetClock struct{ off atomic.Int64 }
 
-func (c *offsetClock) Now() time.Time        { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *offsetClock) Now() time.Time      { return time.Now().Add(time.Duration(c.off.Load())) }
 func (c *offsetClock) Set(d time.Duration) { c.off.Store(int64(d)) }
 
 // tapTransport wraps a UDP transport: tap may rewrite or drop (nil) what is sent.
@@ -206,12 +206,12 @@ func TestKerberosKeying(t *testing.T) {
 // b is a pure responder here (its own INITs are dropped).
 func TestKerberosRefusals(t *testing.T) {
 	for _, tt := range []struct {
-		name  string
-		bOpts []string // addprinc options for b's principal
+		name    string
+		bOpts   []string                                          // addprinc options for b's principal
 		keytabB func(t *testing.T, k *krbtest.KDC) *keytab.Keytab // b's keytab, if not the good one
 		setup   func(t *testing.T, k *krbtest.KDC, a, b *krbNode, peerB *PeerConfig)
-		wantA error    // in a's LastError
-		wantB error    // in b's LastError (nil: b saw nothing)
+		wantA   error // in a's LastError
+		wantB   error // in b's LastError (nil: b saw nothing)
 	}{
 		{
 			name: "tampered INIT",
