@@ -1,0 +1,247 @@
+package controlplane
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Reconciler folds what the agent learns — peers' current outer addresses
+// (from DNS, LLQ pushes, the kernel's NAT-mapping events) and their keys (from
+// keying) — into one desired State and applies it with Dataplane.Set.
+//
+// A peer enters the dataplane only once it has both keys and an outer address.
+// For the outer address the most recent report wins, whoever made it: a
+// keying message or an ESP packet from a new source is fresher news than a DNS
+// record that has not caught up yet, and the other way round.
+//
+// Every change is applied at once and synchronously: when Install returns nil
+// the new SAs are in the kernel, which keying's make-before-break relies on.
+// A failed apply is retried by Run with backoff until it succeeds.
+type Reconciler struct {
+	dp  Dataplane
+	log *slog.Logger
+	now func() time.Time
+
+	mu      sync.Mutex
+	local   Local
+	peers   map[netip.Addr]*peerState
+	applied []Change
+	lastErr error
+	dirty   bool
+	kick    chan struct{}
+}
+
+type peerState struct {
+	name    string
+	outer   netip.AddrPort
+	outerAt time.Time
+	outerBy string
+	keys    *Peer // nil until keyed
+	keyedAt time.Time
+}
+
+// NewReconciler returns a Reconciler for dp with this host's side of the tunnels.
+func NewReconciler(dp Dataplane, local Local, log *slog.Logger) *Reconciler {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Reconciler{dp: dp, log: log, now: time.Now, local: local, peers: map[netip.Addr]*peerState{}, kick: make(chan struct{}, 1)}
+}
+
+// SetLocal changes this host's side (for instance a new local outer address).
+func (r *Reconciler) SetLocal(ctx context.Context, l Local) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.local = l
+	return r.applyLocked(ctx)
+}
+
+// SetPeerOuter records where a peer is reachable now; source says who said so
+// ("dns", "keying", "kernel") for status.
+func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Addr, outer netip.AddrPort, source string) error {
+	if !outer.IsValid() {
+		return fmt.Errorf("peer %s: invalid outer address", name)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p := r.peer(ula)
+	if name != "" {
+		p.name = name
+	}
+	if p.outer == outer {
+		return nil
+	}
+	p.outer, p.outerAt, p.outerBy = outer, r.now(), source
+	if p.keys == nil {
+		return nil
+	}
+	return r.applyLocked(ctx)
+}
+
+// RemovePeer forgets a peer (it left the user's hosts): its SAs go.
+func (r *Reconciler) RemovePeer(ctx context.Context, ula netip.Addr) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.peers[ula]; !ok {
+		return nil
+	}
+	delete(r.peers, ula)
+	return r.applyLocked(ctx)
+}
+
+// Install implements keying's Installer: p becomes the peer's key set, and
+// its Outer counts as the freshest report of where the peer is.
+func (r *Reconciler) Install(ctx context.Context, p Peer) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ps := r.peer(p.ULA)
+	if p.Name != "" {
+		ps.name = p.Name
+	}
+	if p.Outer.IsValid() && p.Outer != ps.outer {
+		ps.outer, ps.outerAt, ps.outerBy = p.Outer, r.now(), "keying"
+	}
+	k := p
+	k.PrevIn = slices.Clone(p.PrevIn)
+	ps.keys, ps.keyedAt = &k, r.now()
+	return r.applyLocked(ctx)
+}
+
+// Remove implements keying's Installer: the peer's SAs go, what is known of
+// its address stays.
+func (r *Reconciler) Remove(ctx context.Context, ula netip.Addr) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ps, ok := r.peers[ula]
+	if !ok || ps.keys == nil {
+		return nil
+	}
+	ps.keys = nil
+	return r.applyLocked(ctx)
+}
+
+func (r *Reconciler) peer(ula netip.Addr) *peerState {
+	p, ok := r.peers[ula]
+	if !ok {
+		p = &peerState{}
+		r.peers[ula] = p
+	}
+	return p
+}
+
+// Desired returns the State the reconciler wants the kernel to have now.
+func (r *Reconciler) Desired() *State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.desiredLocked()
+}
+
+func (r *Reconciler) desiredLocked() *State {
+	s := &State{Local: r.local}
+	for ula, p := range r.peers {
+		if p.keys == nil || !p.outer.IsValid() {
+			continue
+		}
+		dp := *p.keys
+		dp.ULA, dp.Outer = ula, p.outer
+		if dp.Name == "" {
+			dp.Name = p.name
+		}
+		dp.PrevIn = slices.Clone(p.keys.PrevIn)
+		s.Peers = append(s.Peers, dp)
+	}
+	slices.SortFunc(s.Peers, func(a, b Peer) int { return a.ULA.Compare(b.ULA) })
+	return s
+}
+
+func (r *Reconciler) applyLocked(ctx context.Context) error {
+	s := r.desiredLocked()
+	changes, err := r.dp.Set(ctx, s)
+	if len(changes) > 0 {
+		r.applied = append(r.applied, changes...)
+		if n := len(r.applied); n > 100 {
+			r.applied = slices.Clone(r.applied[n-100:])
+		}
+		for _, c := range changes {
+			r.log.Info("dataplane", "change", c.String())
+		}
+	}
+	r.lastErr = err
+	r.dirty = err != nil
+	if err != nil {
+		r.log.Warn("dataplane set failed; will retry", "err", err)
+		select {
+		case r.kick <- struct{}{}:
+		default:
+		}
+		return fmt.Errorf("dataplane set: %w", err)
+	}
+	return nil
+}
+
+// Run retries failed applies with backoff (1 s doubling to 1 min) until ctx
+// is done. It does not close the dataplane: the owner does that.
+func (r *Reconciler) Run(ctx context.Context) error {
+	backoff := time.Second
+	var timer <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-r.kick:
+			if timer == nil {
+				timer = time.After(backoff)
+			}
+		case <-timer:
+			timer = nil
+			r.mu.Lock()
+			var err error
+			if r.dirty {
+				err = r.applyLocked(ctx)
+			}
+			r.mu.Unlock()
+			if err == nil {
+				backoff = time.Second
+			} else {
+				backoff = min(2*backoff, time.Minute)
+				timer = time.After(backoff)
+			}
+		}
+	}
+}
+
+// PeerStatus is what the reconciler knows of one peer; no key material.
+type PeerStatus struct {
+	Name     string         `json:"name"`
+	ULA      netip.Addr     `json:"ula"`
+	Outer    netip.AddrPort `json:"outer"`
+	OuterBy  string         `json:"outer_source"`
+	OuterAt  time.Time      `json:"outer_since"`
+	Keyed    bool           `json:"keyed"`
+	OutSPI   uint32         `json:"out_spi,omitempty"`
+	InSPI    uint32         `json:"in_spi,omitempty"`
+	Cipher   Cipher         `json:"cipher,omitempty"`
+	KeyedAt  time.Time      `json:"keyed_since"`
+	InKernel bool           `json:"in_dataplane"`
+}
+
+// Status reports every known peer, the last changes applied and the last error.
+func (r *Reconciler) Status() (peers []PeerStatus, recent []Change, lastErr error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for ula, p := range r.peers {
+		st := PeerStatus{Name: p.name, ULA: ula, Outer: p.outer, OuterBy: p.outerBy, OuterAt: p.outerAt, KeyedAt: p.keyedAt}
+		if p.keys != nil {
+			st.Keyed, st.OutSPI, st.InSPI, st.Cipher = true, p.keys.Out.SPI, p.keys.In.SPI, p.keys.Out.Cipher
+			st.InKernel = p.outer.IsValid() && !r.dirty
+		}
+		peers = append(peers, st)
+	}
+	slices.SortFunc(peers, func(a, b PeerStatus) int { return a.ULA.Compare(b.ULA) })
+	return peers, slices.Clone(r.applied), r.lastErr
+}

@@ -1,0 +1,127 @@
+package controlplane_test
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/dataplanetest"
+)
+
+var (
+	me    = netip.MustParseAddr("fd11::1")
+	bULA  = netip.MustParseAddr("fd22::2")
+	local = controlplane.Local{ULA: me, Port: 4500}
+)
+
+func sa(spi uint32) controlplane.SA {
+	return controlplane.SA{SPI: spi, Cipher: controlplane.CipherAESGCM, Key: make([]byte, 20)}
+}
+
+func TestReconcilerSequence(t *testing.T) {
+	ctx := context.Background()
+	fake := &dataplanetest.Fake{}
+	r := controlplane.NewReconciler(fake, local, nil)
+	steps := []struct {
+		name string
+		do   func() error
+		want string
+	}{
+		{"address known, no keys yet: nothing in the kernel", func() error {
+			return r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+		}, ""},
+		{"keyed: SAs and route appear", func() error {
+			return r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)})
+		}, `route fd22::2/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:4500`},
+		{"peer moved (LLQ push): outbound SA follows, keys unchanged", func() error {
+			return r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:61000"), "dns")
+		}, `route fd22::2/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:61000`},
+		{"rekey make-before-break: new inbound SA beside the old one", func() error {
+			return r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2002), PrevIn: []controlplane.SA{sa(0x2001)}})
+		}, `route fd22::2/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2001 (previous)
+state in fd22::2 -> fd11::1 spi 0x2002
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:61000`},
+		{"keying reports a fresher source address", func() error {
+			return r.Install(ctx, controlplane.Peer{ULA: bULA, Outer: netip.MustParseAddrPort("11.9.0.9:4500"), Out: sa(0x1002), In: sa(0x2002)})
+		}, `route fd22::2/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2002
+state out fd11::1 -> fd22::2 spi 0x1002 encap 11.9.0.9:4500`},
+		{"keys removed (DELETE): SAs go", func() error { return r.Remove(ctx, bULA) }, ""},
+	}
+	for _, s := range steps {
+		if err := s.do(); err != nil {
+			t.Fatalf("%s: %v", s.name, err)
+		}
+		if diff := cmp.Diff(s.want, fake.Render()); diff != "" {
+			t.Fatalf("%s: kernel state (-want +got):\n%s", s.name, diff)
+		}
+	}
+	peers, _, _ := r.Status()
+	if len(peers) != 1 || peers[0].Keyed || peers[0].OuterBy != "keying" {
+		t.Fatalf("status after remove: %+v", peers)
+	}
+}
+
+func TestReconcilerRefusesInvalidAndChangesNothing(t *testing.T) {
+	ctx := context.Background()
+	fake := &dataplanetest.Fake{}
+	r := controlplane.NewReconciler(fake, local, nil)
+	r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+	if err := r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)}); err != nil {
+		t.Fatal(err)
+	}
+	before := fake.Render()
+	bad := sa(0x1003)
+	bad.Key = []byte{1, 2, 3}
+	err := r.Install(ctx, controlplane.Peer{ULA: bULA, Out: bad, In: sa(0x2003)})
+	if err == nil || !strings.Contains(err.Error(), "20, 28 or 36-byte key") {
+		t.Fatalf("bad key accepted or unclear error: %v", err)
+	}
+	if strings.Contains(err.Error(), "\x01\x02\x03") {
+		t.Fatal("error leaks key bytes")
+	}
+	if got := fake.Render(); got != before {
+		t.Fatalf("kernel state changed by refused input:\n%s", got)
+	}
+}
+
+func TestReconcilerRetriesFailedApply(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		fake := &dataplanetest.Fake{}
+		r := controlplane.NewReconciler(fake, local, nil)
+		go r.Run(ctx)
+		fake.FailNext(2)
+		r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+		err := r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)})
+		if !errors.Is(err, dataplanetest.ErrInjected) {
+			t.Fatalf("first apply: %v", err)
+		}
+		time.Sleep(1500 * time.Millisecond) // first retry at 1 s fails too
+		synctest.Wait()
+		if fake.Render() != "" {
+			t.Fatal("applied despite injected failure")
+		}
+		time.Sleep(2 * time.Second) // second retry after 2 s succeeds
+		synctest.Wait()
+		if !strings.Contains(fake.Render(), "spi 0x1001") {
+			t.Fatalf("not applied after retries; sets=%d", fake.Sets())
+		}
+		if _, _, lastErr := r.Status(); lastErr != nil {
+			t.Fatalf("status still shows error: %v", lastErr)
+		}
+	})
+}
