@@ -93,3 +93,28 @@ func BenchmarkAgentCPU(b *testing.B) {
 		b.ReportMetric(float64(st.TxBytes)/1e9, "tunnel-GB")
 	}
 }
+
+// BenchmarkSecureVM reports TCP throughput between ULAs on this dataplane in
+// secure mode (XFRM ESP between ULAs + TC header swap) against two hosts on
+// plain XFRM ESP-in-UDP, in the same VM run (absolute numbers under TCG
+// mean nothing; the ratio does).
+//
+//	CGO_ENABLED=0 go test -exec "$PWD/hack/vmexec" -run XXX -bench SecureVM -benchtime 1x ./ebpf/
+func BenchmarkSecureVM(b *testing.B) {
+	testenv.Require(b, testenv.ESP)
+	testenv.RequireBinary(b, "iperf3", "iperf3")
+	for b.Loop() {
+		a, c := topology(b)
+		connect(b, a, c, Config{})
+		ebpfBPS := iperf(b, a, c, c.ula, 3)
+		closeAndCheck(b, a, c)
+
+		st := a.state(c, netip.AddrPortFrom(c.outer, c.port))
+		xfrmHost(b, a, c, st.Peers[0].Out, st.Peers[0].In)
+		xfrmHost(b, c, a, st.Peers[0].In, st.Peers[0].Out)
+		xfrmBPS := iperf(b, a, c, c.ula, 3)
+		b.ReportMetric(ebpfBPS/1e6, "ebpf-secure-Mbit/s")
+		b.ReportMetric(xfrmBPS/1e6, "xfrm-espinudp-Mbit/s")
+		b.ReportMetric(ebpfBPS/xfrmBPS, "ebpf/xfrm")
+	}
+}

@@ -581,13 +581,12 @@ func TestSecureVM(t *testing.T) {
 	closeAndCheck(t, a, b)
 }
 
-// xfrmPeer programs b as a host on the plain XFRM dataplane: ESP-in-UDP
-// states (RFC 3948, espinudp) with outer IPv4 and the ULAs as selectors,
-// written here by hand from the SAs a uses, plus the UDP encapsulation
-// socket the kernel needs to receive them.
-func xfrmPeer(t *testing.T, a, b *host, st *controlplane.State) {
+// xfrmHost programs h as a host on the plain XFRM dataplane towards peer:
+// ESP-in-UDP states (RFC 3948, espinudp) with outer IPv4 and the ULAs as
+// selectors, written here by hand (out: h -> peer, in: peer -> h), plus the
+// UDP encapsulation socket the kernel needs to receive them.
+func xfrmHost(t testing.TB, h, peer *host, out, in controlplane.SA) {
 	t.Helper()
-	p := st.Peers[0] // a's view of b
 	sa := func(src, dst *host, s controlplane.SA) *netlink.XfrmState {
 		return &netlink.XfrmState{Src: src.outer.AsSlice(), Dst: dst.outer.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
 			Mode: netlink.XFRM_MODE_TUNNEL, Spi: int(s.SPI), Reqid: 7,
@@ -595,19 +594,20 @@ func xfrmPeer(t *testing.T, a, b *host, st *controlplane.State) {
 			Encap:    &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: int(src.port), DstPort: int(dst.port), OriginalAddress: net.IPv4zero},
 			Selector: &netlink.XfrmPolicy{Src: hostNet(src.ula), Dst: hostNet(dst.ula)}}
 	}
-	must(t, b.ns.Handle.XfrmStateAdd(sa(a, b, p.Out)))
-	must(t, b.ns.Handle.XfrmStateAdd(sa(b, a, p.In)))
+	must(t, h.ns.Handle.XfrmStateAdd(sa(h, peer, out)))
+	must(t, h.ns.Handle.XfrmStateAdd(sa(peer, h, in)))
 	pol := func(dir netlink.Dir, src, dst *host) *netlink.XfrmPolicy {
 		return &netlink.XfrmPolicy{Src: hostNet(src.ula), Dst: hostNet(dst.ula), Dir: dir,
 			Tmpls: []netlink.XfrmPolicyTmpl{{Src: src.outer.AsSlice(), Dst: dst.outer.AsSlice(), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Reqid: 7}}}
 	}
-	must(t, b.ns.Handle.XfrmPolicyAdd(pol(netlink.XFRM_DIR_OUT, b, a)))
-	must(t, b.ns.Handle.XfrmPolicyAdd(pol(netlink.XFRM_DIR_IN, a, b)))
-	l, err := b.ns.LinkByName(b.dev)
+	must(t, h.ns.Handle.XfrmPolicyAdd(pol(netlink.XFRM_DIR_OUT, h, peer)))
+	must(t, h.ns.Handle.XfrmPolicyAdd(pol(netlink.XFRM_DIR_IN, peer, h)))
+	l, err := h.ns.LinkByName(h.dev)
 	must(t, err)
-	must(t, b.ns.Handle.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: hostNet(a.ula), Src: b.ula.AsSlice(), MTU: 1400}))
+	// MTU as the xfrm dataplane would pick it: device MTU - IPv4 - UDP - ESP/GCM overhead.
+	must(t, h.ns.Handle.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: hostNet(peer.ula), Src: h.ula.AsSlice(), MTU: 1400}))
 	var fd int
-	must(t, b.ns.Do(func() (err error) {
+	must(t, h.ns.Do(func() (err error) {
 		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_DGRAM, 0)
 		if err != nil {
 			return err
@@ -615,7 +615,7 @@ func xfrmPeer(t *testing.T, a, b *host, st *controlplane.State) {
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_UDP, unix.UDP_ENCAP, unix.UDP_ENCAP_ESPINUDP); err != nil {
 			return err
 		}
-		return unix.Bind(fd, &unix.SockaddrInet4{Port: int(b.port)})
+		return unix.Bind(fd, &unix.SockaddrInet4{Port: int(h.port)})
 	}))
 	t.Cleanup(func() { unix.Close(fd) })
 }
@@ -628,7 +628,7 @@ func TestInteropXfrmVM(t *testing.T) {
 	a.start(t, Config{})
 	st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
 	a.set(t, st)
-	xfrmPeer(t, a, b, st)
+	xfrmHost(t, b, a, st.Peers[0].In, st.Peers[0].Out)
 	ping(t, a, b)
 	ping(t, b, a)
 	data := randomBytes(t, 1<<20)
