@@ -1,0 +1,76 @@
+package xfrm
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func TestConnKeyingRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	a, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+
+	// Noise a tunnel port sees besides keying: a short non-marker datagram
+	// (delivered by the kernel, skipped by ReadKeying) and a NAT keepalive
+	// (eaten by the kernel).
+	raw, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(b.LocalAddr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Write([]byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.SendKeepalive(b.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	msg := []byte("AP-REQ 0123456789abcdef")
+	if err := a.WriteKeying(msg, b.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 1500)
+	n, from, err := b.ReadKeying(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(buf[:n]) != string(msg) || from != a.LocalAddr() {
+		t.Fatalf("ReadKeying = %q from %v, want %q from %v", buf[:n], from, msg, a.LocalAddr())
+	}
+
+	// The marker is on the wire: a plain socket sees it.
+	plain, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	if err := a.WriteKeying([]byte("hi"), plain.LocalAddr().(*net.UDPAddr).AddrPort()); err != nil {
+		t.Fatal(err)
+	}
+	plain.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, err = plain.Read(buf)
+	if err != nil || string(buf[:n]) != "\x00\x00\x00\x00hi" {
+		t.Fatalf("on the wire: %q, %v; want marker + hi", buf[:n], err)
+	}
+
+	// A message longer than the caller's buffer is an error, not a truncation.
+	if err := a.WriteKeying(make([]byte, 100), b.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := b.ReadKeying(make([]byte, 10)); !errors.Is(err, io.ErrShortBuffer) {
+		t.Fatalf("short buffer: err = %v, want io.ErrShortBuffer", err)
+	}
+}
