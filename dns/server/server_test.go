@@ -229,7 +229,7 @@ func (c *llqClient) recv(timeout time.Duration) (*dns.Msg, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := dns.TsigVerifyWithProvider(buf[:n], c.key.Provider(), "", false); err != nil {
+	if err := dns.TsigVerifyWithProvider(append([]byte(nil), buf[:n]...), c.key.Provider(), "", false); err != nil {
 		// Responses are signed with the request MAC; events without. Only
 		// check events here.
 		m := new(dns.Msg)

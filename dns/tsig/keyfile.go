@@ -28,7 +28,7 @@ func ParseBIND(data []byte) ([]Key, error) {
 	s.Init(bytes.NewReader(data))
 	s.Mode = scanner.ScanIdents | scanner.ScanStrings | scanner.ScanComments | scanner.SkipComments
 	s.IsIdentRune = func(ch rune, i int) bool {
-		return ch == '-' || ch == '.' || ch == '_' || ch == '+' || ch == '/' || ch == '=' ||
+		return ch == '-' || ch == '.' || ch == '_' ||
 			(ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z')
 	}
 	var serr error

@@ -257,6 +257,9 @@ func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
 		}
 		switch h.Class {
 		case dns.ClassINET:
+			if h.Rrtype == dns.TypeSOA || h.Rrtype == dns.TypeNS {
+				return rcodeErr(dns.RcodeRefused, "%s records are managed by the server", dns.Type(h.Rrtype))
+			}
 			if !UpdateTypes[h.Rrtype] || h.Rdlength == 0 {
 				return rcodeErr(dns.RcodeFormatError, "cannot add %s record", dns.Type(h.Rrtype))
 			}

@@ -1,0 +1,279 @@
+package llq
+
+import (
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/btmm/btmm/dns/store"
+	"github.com/miekg/dns"
+)
+
+type sent struct {
+	at  time.Time
+	p   Peer
+	msg *dns.Msg
+}
+
+type fakeSender struct {
+	mu   sync.Mutex
+	msgs []sent
+}
+
+func (f *fakeSender) SendEvent(p Peer, key string, m *dns.Msg) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.msgs = append(f.msgs, sent{time.Now(), p, m})
+	return nil
+}
+
+func (f *fakeSender) all() []sent {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]sent(nil), f.msgs...)
+}
+
+const qname = "mac.alice.btmm.example."
+
+func req(op uint16, id uint64, lease uint32) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetQuestion(qname, dns.TypeAAAA)
+	SetOption(m, dns.EDNS0_LLQ{Version: Version, Opcode: op, Id: id, LeaseLife: lease})
+	return m
+}
+
+var peer = Peer{Net: "udp", Addr: "192.0.2.1:5353"}
+
+func setup(t *testing.T, tb *Table, p Peer, key string) uint64 {
+	t.Helper()
+	before := tb.Len()
+	ch, err := tb.Handle(req(OpSetup, 0, 3600), p, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, _ := Option(ch)
+	if o.Error != ErrNoError || o.Id == 0 {
+		t.Fatalf("challenge %v", o)
+	}
+	if tb.Len() != before {
+		t.Fatal("challenge allocated an LLQ")
+	}
+	ack, _ := tb.Handle(req(OpSetup, o.Id, o.LeaseLife), p, key)
+	ao, _ := Option(ack)
+	if ao.Error != ErrNoError || ao.Id != o.Id {
+		t.Fatalf("ack %v", ao)
+	}
+	return o.Id
+}
+
+func change(added, removed string) store.Change {
+	var c store.Change
+	if added != "" {
+		rr, _ := dns.NewRR(added)
+		c.Added = append(c.Added, store.Record{RR: rr})
+	}
+	if removed != "" {
+		rr, _ := dns.NewRR(removed)
+		c.Removed = append(c.Removed, store.Record{RR: rr})
+	}
+	return c
+}
+
+func TestSetupChallengeIsStatelessAndBound(t *testing.T) {
+	tb := NewTable(Config{})
+	defer tb.Close()
+	ch, _ := tb.Handle(req(OpSetup, 0, 10), peer, "k.")
+	o, _ := Option(ch)
+	if o.LeaseLife != 15*60 {
+		t.Fatalf("lease %d, want clamped to 900", o.LeaseLife)
+	}
+	// From another address, another key, or forged: NO-SUCH-LLQ, nothing kept.
+	for _, tc := range []struct {
+		p   Peer
+		key string
+		id  uint64
+	}{
+		{Peer{Net: "udp", Addr: "192.0.2.2:5353"}, "k.", o.Id},
+		{peer, "other.", o.Id},
+		{peer, "k.", o.Id ^ 1},
+	} {
+		r, _ := tb.Handle(req(OpSetup, tc.id, 900), tc.p, tc.key)
+		if ro, _ := Option(r); ro.Error != ErrNoSuchLLQ || tb.Len() != 0 {
+			t.Fatalf("%+v: got %v, len %d", tc, ro, tb.Len())
+		}
+	}
+	// Bad version.
+	m := req(OpSetup, 0, 900)
+	o2, _ := Option(m)
+	o2.Version = 2
+	r, _ := tb.Handle(m, peer, "k.")
+	if ro, _ := Option(r); ro.Error != ErrBadVers {
+		t.Fatalf("bad version: %v", ro)
+	}
+}
+
+func TestChallengeWindowExpires(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tb := NewTable(Config{})
+		defer tb.Close()
+		ch, _ := tb.Handle(req(OpSetup, 0, 900), peer, "k.")
+		o, _ := Option(ch)
+		time.Sleep(2 * time.Minute)
+		r, _ := tb.Handle(req(OpSetup, o.Id, 900), peer, "k.")
+		if ro, _ := Option(r); ro.Error != ErrNoSuchLLQ || tb.Len() != 0 {
+			t.Fatalf("stale challenge accepted: %v", ro)
+		}
+	})
+}
+
+func TestEventRetransmissionThenDelete(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fs := &fakeSender{}
+		tb := NewTable(Config{Send: fs})
+		defer tb.Close()
+		id := setup(t, tb, peer, "k.")
+		start := time.Now()
+		tb.Changed(change(qname+" 60 IN AAAA fd00::1", qname+" 60 IN AAAA fd00::2"))
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		got := fs.all()
+		if len(got) != 3 {
+			t.Fatalf("transmissions = %d, want 3", len(got))
+		}
+		// Backoff: 0, 2 s, 6 s; the same message ID each time.
+		for i, want := range []time.Duration{0, 2 * time.Second, 6 * time.Second} {
+			if d := got[i].at.Sub(start); d != want {
+				t.Errorf("transmission %d at %v, want %v", i, d, want)
+			}
+			if got[i].msg.Id != got[0].msg.Id {
+				t.Errorf("transmission %d has a new message ID", i)
+			}
+		}
+		ev := got[0].msg
+		o, _ := Option(ev)
+		if o.Opcode != OpEvent || o.Id != id || !ev.Response || len(ev.Answer) != 2 {
+			t.Fatalf("event %v", ev)
+		}
+		if ev.Answer[0].Header().Ttl != RemovedTTL || ev.Answer[1].Header().Ttl != 60 {
+			t.Fatalf("removal/addition TTLs: %v", ev.Answer)
+		}
+		if tb.Len() != 0 {
+			t.Fatal("LLQ not deleted after three unacknowledged transmissions")
+		}
+	})
+}
+
+func TestEventAckStopsRetransmission(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fs := &fakeSender{}
+		tb := NewTable(Config{Send: fs})
+		defer tb.Close()
+		id := setup(t, tb, peer, "k.")
+		tb.Changed(change(qname+" 60 IN AAAA fd00::1", ""))
+		// Unrelated names and types do not match.
+		tb.Changed(change("other.alice.btmm.example. 60 IN AAAA fd00::1", ""))
+		tb.Changed(change(qname+" 60 IN A 192.0.2.1", ""))
+		synctest.Wait()
+		got := fs.all()
+		if len(got) != 1 {
+			t.Fatalf("sent %d", len(got))
+		}
+		ack := new(dns.Msg)
+		ack.Id = got[0].msg.Id
+		ack.Response = true
+		SetOption(ack, dns.EDNS0_LLQ{Version: Version, Opcode: OpEvent, Id: id})
+		if r, _ := tb.Handle(ack, peer, ""); r != nil {
+			t.Fatal("ack answered")
+		}
+		time.Sleep(time.Minute)
+		if n := len(fs.all()); n != 1 || tb.Len() != 1 {
+			t.Fatalf("after ack: %d sends, %d llqs", n, tb.Len())
+		}
+	})
+}
+
+func TestRefreshAndLeaseExpiry(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tb := NewTable(Config{})
+		defer tb.Close()
+		id := setup(t, tb, peer, "k.")
+		time.Sleep(50 * time.Minute)
+		// Refresh from a new address (NAT rebinding) with a too-long lease.
+		np := Peer{Net: "udp", Addr: "192.0.2.9:1"}
+		r, _ := tb.Handle(req(OpRefresh, id, 99999), np, "k.")
+		if o, _ := Option(r); o.Error != ErrNoError || o.LeaseLife != 7200 {
+			t.Fatalf("refresh %v", o)
+		}
+		if e, _ := tb.Get(id); e.Peer != np {
+			t.Fatalf("peer not updated: %v", e.Peer)
+		}
+		// Refresh with another key: NO-SUCH-LLQ.
+		r, _ = tb.Handle(req(OpRefresh, id, 900), peer, "x.")
+		if o, _ := Option(r); o.Error != ErrNoSuchLLQ {
+			t.Fatalf("foreign refresh %v", o)
+		}
+		time.Sleep(119 * time.Minute)
+		if tb.Len() != 1 {
+			t.Fatal("expired early")
+		}
+		time.Sleep(2 * time.Minute)
+		synctest.Wait()
+		if tb.Len() != 0 {
+			t.Fatal("not expired")
+		}
+		r, _ = tb.Handle(req(OpRefresh, id, 900), peer, "k.")
+		if o, _ := Option(r); o.Error != ErrNoSuchLLQ {
+			t.Fatalf("refresh of expired %v", o)
+		}
+	})
+}
+
+func TestCancelAndPerKeyLimit(t *testing.T) {
+	tb := NewTable(Config{MaxPerKey: 2})
+	defer tb.Close()
+	a := setup(t, tb, Peer{Net: "udp", Addr: "192.0.2.1:1"}, "k.")
+	setup(t, tb, Peer{Net: "udp", Addr: "192.0.2.1:2"}, "k.")
+	ch, _ := tb.Handle(req(OpSetup, 0, 900), Peer{Net: "udp", Addr: "192.0.2.1:3"}, "k.")
+	if o, _ := Option(ch); o.Error != ErrServFull {
+		t.Fatalf("third LLQ: %v", o)
+	}
+	// Other keys are unaffected.
+	setup(t, tb, peer, "other.")
+	r, _ := tb.Handle(req(OpRefresh, a, 0), Peer{Net: "udp", Addr: "192.0.2.1:1"}, "k.")
+	if o, _ := Option(r); o.Error != ErrNoError || tb.Len() != 2 {
+		t.Fatalf("cancel %v len %d", o, tb.Len())
+	}
+}
+
+func TestPersistRestore(t *testing.T) {
+	var mu sync.Mutex
+	saved := map[uint64][]byte{}
+	persist := func(id uint64, d []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		if d == nil {
+			delete(saved, id)
+		} else {
+			saved[id] = d
+		}
+	}
+	tb := NewTable(Config{Persist: persist})
+	id := setup(t, tb, peer, "k.")
+	setup(t, tb, Peer{Net: "tcp", Addr: "192.0.2.1:9", Conn: 1}, "k.") // not persisted
+	tb.Close()
+	mu.Lock()
+	var data [][]byte
+	for _, d := range saved {
+		data = append(data, d)
+	}
+	mu.Unlock()
+	tb2 := NewTable(Config{Persist: persist})
+	defer tb2.Close()
+	if n := tb2.Restore(data); n != 1 {
+		t.Fatalf("restored %d", n)
+	}
+	if e, ok := tb2.Get(id); !ok || e.Peer != peer || e.Key != "k." {
+		t.Fatalf("restored %v", e)
+	}
+}
