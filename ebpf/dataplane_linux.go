@@ -67,10 +67,11 @@ func (r DropReason) String() string {
 	return fmt.Sprintf("drop-reason-%d", uint32(r))
 }
 
-// Config configures a Dataplane. Device is required.
+// Config configures a Dataplane.
 type Config struct {
 	// Device is the interface carrying the tunnel traffic; the programs
-	// attach to it and the peers' ULA routes point at it.
+	// attach to it and the peers' ULA routes point at it. Empty means the
+	// IPv4 default route's device at New.
 	Device string
 	// NetNS is the path of the network namespace to work in (for example
 	// /run/netns/NAME); empty means the caller's.
@@ -112,9 +113,6 @@ var _ controlplane.Dataplane = (*Dataplane)(nil)
 // incompatible ones), attaches them to cfg.Device and pins everything under
 // cfg.PinRoot. It changes no routes, SAs or peers: Set does.
 func New(cfg Config) (*Dataplane, error) {
-	if cfg.Device == "" {
-		return nil, errors.New("ebpf: new: Config.Device is empty")
-	}
 	if cfg.PinRoot == "" {
 		cfg.PinRoot = DefaultPinRoot
 	}
@@ -149,6 +147,24 @@ func New(cfg Config) (*Dataplane, error) {
 
 func (d *Dataplane) start() error {
 	var err error
+	if d.cfg.Device == "" {
+		// controlplane.Local.Device: empty means the default route's.
+		rs, err := d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		if err != nil {
+			return fmt.Errorf("ebpf: find default route: %w", err)
+		}
+		for _, r := range rs {
+			if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.LinkIndex > 0 {
+				if l, err := d.nl.LinkByIndex(r.LinkIndex); err == nil {
+					d.cfg.Device = l.Attrs().Name
+					break
+				}
+			}
+		}
+		if d.cfg.Device == "" {
+			return errors.New("ebpf: new: no Config.Device and no IPv4 default route")
+		}
+	}
 	d.dev, err = d.nl.LinkByName(d.cfg.Device)
 	if err != nil {
 		return fmt.Errorf("ebpf: device %q: %w", d.cfg.Device, err)
@@ -373,8 +389,12 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 			if h.outer != w.outer {
 				d.deleteOuter(h.outer, p.ULA)
 			}
-			d.moved[p.ULA] = d.now()
-			note("move", "map", fmt.Sprintf("peer %s %v outer %v -> %v (local %v)", p.Name, p.ULA, h.outer, w.outer, w.local))
+			if h.outer != w.outer {
+				d.moved[p.ULA] = d.now()
+				note("move", "map", fmt.Sprintf("peer %s %v outer %v -> %v (local %v)", p.Name, p.ULA, h.outer, w.outer, w.local))
+			} else {
+				note("update", "map", fmt.Sprintf("peer %s %v local source %v -> %v", p.Name, p.ULA, h.local, w.local))
+			}
 		} else {
 			note("add", "map", fmt.Sprintf("peer %s %v outer %v (local %v)", p.Name, p.ULA, w.outer, w.local))
 		}

@@ -454,7 +454,7 @@ func TestMoveNetNS(t *testing.T) {
 	chB := b.set(t, bst)
 	chA := a.set(t, a.state(b, netip.AddrPortFrom(moved, b.port)))
 	for _, c := range append(chA, chB...) {
-		if c.Op != "move" || c.Object != "map" {
+		if c.Object != "map" || c.Op != "move" && c.Op != "update" {
 			t.Errorf("a move changed more than a map entry: %v", c)
 		}
 	}
@@ -656,4 +656,23 @@ func TestInteropXfrmVM(t *testing.T) {
 	if l := leftovers(t, a); len(l) > 0 {
 		t.Errorf("left behind: %q", l)
 	}
+}
+
+// TestDefaultDeviceNetNS: with no device named, the programs go on the
+// IPv4 default route's device (controlplane.Local.Device's "empty").
+func TestDefaultDeviceNetNS(t *testing.T) {
+	a, b := topology(t)
+	a.ns.MustRoute(t, "default", b.outer.String(), a.dev)
+	dp, err := New(Config{NetNS: "/run/netns/" + a.ns.Name, PinRoot: a.root, Cleartext: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.dp = dp
+	if dp.cfg.Device != a.dev {
+		t.Errorf("device %q, want %q", dp.cfg.Device, a.dev)
+	}
+	st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
+	st.Local.Device = ""
+	a.set(t, st)
+	closeAndCheck(t, a)
 }
