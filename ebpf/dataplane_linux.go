@@ -104,7 +104,6 @@ type Dataplane struct {
 	closed  bool
 	names   map[netip.Addr]string
 	moved   map[netip.Addr]time.Time
-	lastSet controlplane.Local
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -291,6 +290,9 @@ func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
 
 // Set implements controlplane.Dataplane.
 func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("ebpf: set: %w", err)
+	}
 	if err := desired.Validate(); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
@@ -432,7 +434,6 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 		delete(d.names, ula)
 		delete(d.moved, ula)
 	}
-	d.lastSet = desired.Local
 	if err := errors.Join(errs...); err != nil {
 		return changes, fmt.Errorf("ebpf: set: %w", err)
 	}

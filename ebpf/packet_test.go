@@ -301,16 +301,20 @@ func TestEgressCleartext(t *testing.T) {
 	if diff := cmp.Diff(e.wantOuter(inner, 0xb8), out); diff != "" {
 		t.Errorf("egress frame (-want +got):\n%s", diff)
 	}
+	// Another inner source: the peer would drop it as spoofed, so do we.
+	if ret, _ := e.run(t, e.objs.BtmmEgress, eth(0x86dd, ipv6(netip.MustParseAddr("fe80::1"), ulaB, 6, nil))); ret != actShot {
+		t.Errorf("foreign inner source: verdict %d, want SHOT", ret)
+	}
 	// Oversize: 1480-byte IPv6 packet + 28 does not fit a 1500 MTU.
 	big := eth(0x86dd, ipv6(ulaA, ulaB, 17, make([]byte, 1440)))
 	if ret, _ := e.run(t, e.objs.BtmmEgress, big); ret != actShot {
 		t.Errorf("oversize verdict %d, want SHOT", ret)
 	}
-	if d := e.drops(t); d[DropOversize] != 1 {
-		t.Errorf("drops %v, want one oversize", d)
+	if d := e.drops(t); d[DropOversize] != 1 || d[DropSpoofed] != 1 {
+		t.Errorf("drops %v, want one oversize and one spoofed", d)
 	}
-	if s := e.stats(t); s.TxPackets != 1 || s.Drops != 1 {
-		t.Errorf("stats %+v, want 1 tx packet and 1 drop", s)
+	if s := e.stats(t); s.TxPackets != 1 || s.Drops != 2 {
+		t.Errorf("stats %+v, want 1 tx packet and 2 drops", s)
 	}
 }
 

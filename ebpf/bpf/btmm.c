@@ -32,7 +32,7 @@ enum drop_reason {
 	DROP_FRAGMENT = 2,      // fragmented ESP / tunnel packet on our port
 	DROP_OVERSIZE = 3,      // encapsulated packet exceeds the device MTU
 	DROP_NOT_ESP = 4,       // secure mode: a packet to a peer ULA that XFRM did not encrypt
-	DROP_SPOOFED = 5,       // cleartext: inner addresses do not match the peer
+	DROP_SPOOFED = 5,       // cleartext: inner addresses are not the peer's and ours
 	DROP_NO_ROUTE = 6,      // no IPv4 route to the peer's outer address
 	DROP_ADJUST_FAILED = 7, // the kernel refused to resize the packet
 	DROP_MAX = 8,
@@ -231,6 +231,10 @@ int btmm_egress(struct __sk_buff *skb)
 		if (bpf_skb_adjust_room(skb, sizeof(struct udphdr), BPF_ADJ_ROOM_MAC, 0) < 0)
 			return drop(DROP_ADJUST_FAILED, st);
 	} else {
+		// The peer accepts only our ULA as the inner source; do not send
+		// what it would drop as spoofed.
+		if (!same_addr(ip6->saddr, cfg->local_ula))
+			return drop(DROP_SPOOFED, st);
 		outer_len = l3len + sizeof(struct iphdr) + sizeof(struct udphdr);
 		if (bpf_skb_adjust_room(skb, sizeof(struct iphdr) + sizeof(struct udphdr), BPF_ADJ_ROOM_MAC,
 					BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
