@@ -367,3 +367,32 @@ func TestKerberosReplay(t *testing.T) {
 		t.Errorf("replay changed b's SAs:\nbefore %q\nafter  %q", before, after)
 	}
 }
+
+// TestKerberosRekeyBeforeTicketExpiry: b's principal only gets 6-second
+// tickets; with an hour-long SA lifetime the SA pair is still rekeyed before
+// the ticket ends (at 80% of it), with a new ticket from the KDC.
+func TestKerberosRekeyBeforeTicketExpiry(t *testing.T) {
+	k, ktA, ktB := newRealm(t, "-maxlife", "6 seconds")
+	a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
+	b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
+	b.dropOwnInits() // a initiates, so its ticket for b drives the rekey
+	b.setPeers(t, a.peer)
+	a.setPeers(t, b.peer)
+	waitFor(t, "keying", func() bool { return a.status(t).Established })
+	first := a.status(t)
+	if d := first.RekeyAt.Sub(first.At); d > 6*time.Second {
+		t.Fatalf("rekey planned %v after keying, not before the 6 s ticket ends", d)
+	}
+	waitFor(t, "rekey", func() bool { return a.status(t).In.SPI != first.In.SPI })
+	second := a.status(t)
+	if d := second.At.Sub(first.At); d < 3*time.Second || d > 6*time.Second {
+		t.Errorf("rekeyed %v after the first keying, want ~4.8 s (80%% of the ticket)", d)
+	}
+	tickets := func() int { return strings.Count(k.Log(), "for host/b.btmm.test@"+realm) }
+	for i := 0; i < 100 && tickets() < 2; i++ {
+		time.Sleep(10 * time.Millisecond) // the KDC's log line may trail its reply
+	}
+	if n := tickets(); n < 2 {
+		t.Errorf("KDC issued %d tickets for b, want a fresh one for the rekey:\n%s", n, k.Log())
+	}
+}
