@@ -100,10 +100,10 @@ type Dataplane struct {
 	dev    netlink.Link
 	attach attachment
 
-	mu      sync.Mutex
-	closed  bool
-	names   map[netip.Addr]string
-	moved   map[netip.Addr]time.Time
+	mu     sync.Mutex
+	closed bool
+	names  map[netip.Addr]string
+	moved  map[netip.Addr]time.Time
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
