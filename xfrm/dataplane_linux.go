@@ -553,6 +553,7 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 
 type applier struct {
 	d       *Dataplane
+	prevLo  netip.Addr // our earlier ULA on lo, replaced in this Set
 	changes []controlplane.Change
 	errs    []error
 }
@@ -595,7 +596,7 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 			}
 		}
 		if a.do("add", "address", ula.String()+"/128 dev lo", d.h.AddrAdd(lo, want)) {
-			d.loAddr = ula
+			a.prevLo, d.loAddr = d.loAddr, ula
 		}
 		return
 	}
@@ -616,15 +617,12 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 func (a *applier) oldAddress(link netlink.Link, ula netip.Addr) {
 	d := a.d
 	if link == nil {
-		if !d.loAddr.IsValid() || d.loAddr == ula {
+		old := a.prevLo
+		if !old.IsValid() || old == ula {
 			return
 		}
-		lo, err := d.h.LinkByName("lo")
-		if err == nil {
-			old := d.loAddr
-			if a.do("delete", "address", old.String()+"/128 dev lo", d.h.AddrDel(lo, &netlink.Addr{IPNet: prefix128(old)})) {
-				d.loAddr = netip.Addr{}
-			}
+		if lo, err := d.h.LinkByName("lo"); err == nil {
+			a.do("delete", "address", old.String()+"/128 dev lo", d.h.AddrDel(lo, &netlink.Addr{IPNet: prefix128(old)}))
 		}
 		return
 	}

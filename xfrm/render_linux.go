@@ -1,0 +1,134 @@
+package xfrm
+
+import (
+	"fmt"
+	"net/netip"
+	"sort"
+	"strings"
+
+	"github.com/vishvananda/netlink"
+)
+
+var ulaPrefix = netip.MustParsePrefix("fc00::/7")
+
+// render describes what the kernel behind h holds that matters to this
+// package, one object per line in `ip xfrm`-like words, sorted: the xfrm
+// interface and ULA addresses, every XFRM state and policy (ours and
+// foreign), and IPv6 routes to ULAs. Keys appear only as their length.
+func render(h handle, ifname string) (string, error) {
+	var lines []string
+	names := map[int]string{}
+	name := func(i int) string {
+		if n, ok := names[i]; ok {
+			return n
+		}
+		n := fmt.Sprintf("if%d", i)
+		if l, err := h.LinkByIndex(i); err == nil {
+			n = l.Attrs().Name
+		}
+		names[i] = n
+		return n
+	}
+	for _, dev := range []string{ifname, "lo"} {
+		l, err := h.LinkByName(dev)
+		if err != nil {
+			continue
+		}
+		if x, ok := l.(*netlink.Xfrmi); ok {
+			up := "down"
+			if x.Attrs().Flags&0x1 != 0 || x.Attrs().RawFlags&0x1 != 0 {
+				up = "up"
+			}
+			lines = append(lines, fmt.Sprintf("link %s xfrm if_id 0x%x %s", dev, x.Ifid, up))
+		}
+		as, err := h.AddrList(l, netlink.FAMILY_V6)
+		if err != nil {
+			return "", fmt.Errorf("render: addresses of %s: %w", dev, err)
+		}
+		for _, a := range as {
+			ip := ipAddr(a.IP)
+			if ulaPrefix.Contains(ip) {
+				ones, _ := a.Mask.Size()
+				lines = append(lines, fmt.Sprintf("addr %v/%d dev %s", ip, ones, dev))
+			}
+		}
+	}
+	ss, err := retryDump(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
+	if err != nil {
+		return "", fmt.Errorf("render: states: %w", err)
+	}
+	for _, s := range ss {
+		lines = append(lines, renderState(&s))
+	}
+	ps, err := retryDump(func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	if err != nil {
+		return "", fmt.Errorf("render: policies: %w", err)
+	}
+	for _, p := range ps {
+		s := fmt.Sprintf("policy %s %v -> %v", p.Dir, p.Src, p.Dst)
+		if p.Ifid != 0 {
+			s += fmt.Sprintf(" if_id 0x%x", p.Ifid)
+		}
+		for _, t := range p.Tmpls {
+			s += fmt.Sprintf(" tmpl %v -> %v %s %s reqid 0x%x", t.Src, t.Dst, t.Proto, t.Mode, t.Reqid)
+		}
+		lines = append(lines, s)
+	}
+	rs, err := retryDump(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
+	})
+	if err != nil {
+		return "", fmt.Errorf("render: routes: %w", err)
+	}
+	for _, r := range rs {
+		if r.Dst == nil || !ulaPrefix.Contains(ipAddr(r.Dst.IP)) {
+			continue
+		}
+		if ones, _ := r.Dst.Mask.Size(); ones != 128 {
+			continue
+		}
+		s := fmt.Sprintf("route %v dev %s", r.Dst, name(r.LinkIndex))
+		if r.Src != nil {
+			s += fmt.Sprintf(" src %v", r.Src)
+		}
+		s += fmt.Sprintf(" proto %d", int(r.Protocol))
+		if r.MTU != 0 {
+			s += fmt.Sprintf(" mtu %d", r.MTU)
+		}
+		lines = append(lines, s)
+	}
+	sort.Strings(lines)
+	return strings.Join(lines, "\n") + "\n", nil
+}
+
+func renderState(s *netlink.XfrmState) string {
+	b := fmt.Sprintf("state %s spi 0x%08x %s %s reqid 0x%x", outerWhat(s), uint32(s.Spi), s.Proto, s.Mode, s.Reqid)
+	if s.Ifid != 0 {
+		b += fmt.Sprintf(" if_id 0x%x", s.Ifid)
+	}
+	for _, a := range []struct {
+		kind string
+		alg  *netlink.XfrmStateAlgo
+	}{{"aead", s.Aead}, {"enc", s.Crypt}, {"auth", s.Auth}} {
+		if a.alg == nil {
+			continue
+		}
+		b += fmt.Sprintf(" %s %s key[%d]", a.kind, a.alg.Name, len(a.alg.Key))
+		if a.alg.ICVLen != 0 {
+			b += fmt.Sprintf(" icv %d", a.alg.ICVLen)
+		}
+		if a.alg.TruncateLen != 0 {
+			b += fmt.Sprintf(" trunc %d", a.alg.TruncateLen)
+		}
+	}
+	if s.Encap == nil {
+		b += " encap none"
+	}
+	if s.ReplayWindow != 0 {
+		b += fmt.Sprintf(" replay-window %d", s.ReplayWindow)
+	}
+	if s.Selector != nil {
+		b += fmt.Sprintf(" sel %v -> %v", s.Selector.Src, s.Selector.Dst)
+	}
+	return b
+}
