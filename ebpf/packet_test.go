@@ -452,3 +452,42 @@ func FuzzIngress(f *testing.F) {
 		}
 	})
 }
+
+// FuzzEgress runs the egress program (secure mode) on IPv6 packets from our
+// ULA to the peer with arbitrary next header and payload, and on arbitrary
+// frames: OK or SHOT only, passed packets untouched unless encapsulated, and
+// an encapsulated packet is IPv4 with a valid header checksum and UDP to the
+// peer's port carrying exactly the old IPv6 payload.
+func FuzzEgress(f *testing.F) {
+	f.Add(byte(50), esp(0x1001, 16), false)
+	f.Add(byte(58), []byte{128, 0, 0, 0}, false)
+	f.Add(byte(50), []byte{}, false)
+	f.Add(byte(0), ipv6(ulaA, ulaB, 50, nil), true)
+	e := newProgEnv(f, modeSecure)
+	f.Fuzz(func(t *testing.T, nh byte, b []byte, raw bool) {
+		pkt := eth(0x86dd, ipv6(ulaA, ulaB, nh, b))
+		if raw {
+			pkt = eth(0x86dd, b)
+		}
+		ret, out, err := e.tryRun(e.objs.BtmmEgress, pkt)
+		if errors.Is(err, unix.EINVAL) {
+			t.Skip("BPF_PROG_TEST_RUN refuses this input (too short for its protocol)")
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch ret {
+		case actShot:
+		case actOK:
+			if bytes.Equal(out, pkt) {
+				return
+			}
+			if len(out) < 14+28 || binary.BigEndian.Uint16(out[12:]) != 0x0800 || ipsum(out[14:34]) != 0 ||
+				binary.BigEndian.Uint16(out[14+20+2:]) != portB || !bytes.Equal(out[14+28:], pkt[14+40:]) {
+				t.Fatalf("bad encapsulation:\nin  % x\nout % x", pkt, out)
+			}
+		default:
+			t.Fatalf("verdict %d", ret)
+		}
+	})
+}
