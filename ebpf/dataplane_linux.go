@@ -168,6 +168,9 @@ func (d *Dataplane) start() error {
 	if err != nil {
 		return fmt.Errorf("ebpf: device %q: %w", d.cfg.Device, err)
 	}
+	if err := checkBPFFS(d.cfg.PinRoot); err != nil {
+		return err
+	}
 	if err := os.MkdirAll(d.cfg.PinRoot, 0o700); err != nil {
 		return fmt.Errorf("ebpf: pin root: %w", err)
 	}
@@ -640,6 +643,30 @@ func (d *Dataplane) Close() error {
 	d.ns.Close()
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ebpf: close: %w", err)
+	}
+	return nil
+}
+
+// checkBPFFS refuses a pin root that is not on a bpffs (pins there fail
+// with a confusing error, or land in a tmpfs and vanish).
+func checkBPFFS(root string) error {
+	dir := root
+	for {
+		if _, err := os.Stat(dir); err == nil {
+			break
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			break
+		}
+		dir = parent
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("ebpf: pin root %s: %w", root, err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("ebpf: pin root %s is not on a bpffs (%s is not; mount one: mount -t bpf bpf /sys/fs/bpf)", root, dir)
 	}
 	return nil
 }

@@ -676,3 +676,15 @@ func TestDefaultDeviceNetNS(t *testing.T) {
 	a.set(t, st)
 	closeAndCheck(t, a)
 }
+
+// TestPinRootNotBPFFSNetNS: a pin root outside a bpffs is refused up front.
+func TestPinRootNotBPFFSNetNS(t *testing.T) {
+	a, _ := topology(t)
+	_, err := New(Config{Device: a.dev, NetNS: "/run/netns/" + a.ns.Name, PinRoot: filepath.Join(t.TempDir(), "btmm"), Cleartext: true})
+	if err == nil || !strings.Contains(err.Error(), "not on a bpffs") {
+		t.Fatalf("err %v, want a bpffs complaint", err)
+	}
+	if got := attached(t, a); len(got) != 0 {
+		t.Errorf("attached anyway: %q", got)
+	}
+}
