@@ -580,15 +580,21 @@ func (a *Agent) answerFromCache(raw []byte, from netip.AddrPort) bool {
 	return true
 }
 
-func (a *Agent) refuse(m *Message, from netip.AddrPort, p *peer, err error) {
+func (a *Agent) refuse(m *Message, raw []byte, from netip.AddrPort, p *peer, err error) {
 	name := ""
 	if p != nil {
 		name = p.cfg.Name
 		p.lastErr = fmt.Errorf("refused INIT from %s (%v) at %v: %w", name, p.cfg.ULA, from, err)
 	}
 	a.log().Warn("keying: refused INIT", "peer", name, "from", from, "err", err)
-	e := &Message{Type: MsgError, Mode: a.cfg.Auth.Mode(), Exchange: m.Exchange, Code: codeFor(err), Text: safeText(err.Error())}
-	if b, merr := e.Marshal(); merr == nil {
+	// The ERROR is never longer than the INIT it answers, so a spoofed
+	// INIT cannot make us an amplifier.
+	text := safeText(err.Error())
+	if room := len(raw) - headerLen - 5; len(text) > room {
+		text = text[:max(room, 0)]
+	}
+	e := &Message{Type: MsgError, Mode: a.cfg.Auth.Mode(), Exchange: m.Exchange, Code: codeFor(err), Text: text}
+	if b, merr := e.Marshal(); merr == nil && len(b) <= len(raw) {
 		a.cfg.Transport.WriteKeying(b, from)
 	}
 }
@@ -600,11 +606,11 @@ func (a *Agent) onInit(m *Message, d datagram) {
 	now := a.cfg.Now()
 	p := a.peers[m.ULA]
 	if p == nil {
-		a.refuse(m, d.from, nil, fmt.Errorf("%w: no peer has ULA %v", ErrUnknownPeer, m.ULA))
+		a.refuse(m, d.b, d.from, nil, fmt.Errorf("%w: no peer has ULA %v", ErrUnknownPeer, m.ULA))
 		return
 	}
 	if err := a.acceptInit(p, m, d, now); err != nil {
-		a.refuse(m, d.from, p, err)
+		a.refuse(m, d.b, d.from, p, err)
 	}
 }
 

@@ -499,3 +499,48 @@ func TestInstallFailure(t *testing.T) {
 		pairOK(t, pa, pb)
 	})
 }
+
+// FuzzAgentInput feeds arbitrary datagrams (and mutated genuine ones) to a
+// responder: it must never panic, never install anything without a valid
+// MAC, and never answer with more bytes than it received.
+func FuzzAgentInput(f *testing.F) {
+	psk := bytes.Repeat([]byte("0123456789abcdef"), 3)
+	init := &Message{Type: MsgInit, Mode: ModePSK, Exchange: [8]byte{1}, Nonce: bytes.Repeat([]byte{1}, 32), SPI: 0x1000,
+		ULA: ulaA, Proposal: []CipherID{CipherAES256GCM}, Time: 1}
+	signed, err := sign(init, initMACKey(psk, init.Nonce), nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(signed)
+	for _, g := range golden {
+		f.Add(unhex(f, g.hex))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		n := newMemNet()
+		var answered int
+		n.tap = func(from, to netip.AddrPort, p []byte) []byte {
+			if len(p) > len(b) {
+				t.Errorf("answered %d bytes to a %d-byte datagram", len(p), len(b))
+			}
+			answered++
+			return nil
+		}
+		ep := n.endpoint(addrB.String())
+		rec := newRecorder("b")
+		a, err := New(Config{ULA: ulaB, Auth: &PSK{secret: psk, MaxClockSkew: 1 << 62}, Transport: ep, Installer: rec,
+			Now: func() time.Time { return time.Unix(1, 0) }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.ctx = context.Background()
+		a.setPeers([]PeerConfig{peerA})
+		a.peers[ulaA].nextAttempt = time.Time{} // responder only
+		a.onDatagram(datagram{b: bytes.Clone(b), from: addrA})
+		if calls := rec.Calls(); len(calls) > 0 && !bytes.Equal(b, signed) {
+			var m Message
+			if m.Unmarshal(b) != nil || verify(&m, b, initMACKey(psk, m.Nonce), nil) != nil {
+				t.Errorf("installed %q from a datagram without a valid MAC", calls)
+			}
+		}
+	})
+}
