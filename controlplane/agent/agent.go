@@ -1,0 +1,308 @@
+// Package agent composes btmmd, the host agent of RFC 6281: this boot's ULA
+// identity (§6.3), the tunnel port's NAT mapping (§4), leased registration of
+// AAAA/SRV/A/TXT/PTR records (§3, §5.2), LLQ-driven tracking of the user's
+// other hosts (§5.3), Kerberos-authenticated keying (§7.1, §7.3.1), and a
+// kernel dataplane (package xfrm or ebpf) that the reconciler reprograms only
+// when an address or a key changes.
+//
+// The NAT mapping and the peer tracker plug in as functions (NATFunc,
+// PeersFunc) so the agent does not depend on how they are built, and tests
+// can drive it without a gateway or a DNS server.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
+	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/dns/register"
+)
+
+// NATReport is what the NAT mapping side tells the agent.
+type NATReport struct {
+	// External is where peers reach our tunnel port: the gateway's public
+	// address and mapped port, or our own address when there is no NAT.
+	// Invalid while unknown or unusable (double NAT).
+	External netip.AddrPort
+	Status   string // human readable: "mapped by PCP", "no gateway: public network", "double NAT: ..."
+}
+
+// NATFunc runs until ctx ends, keeping the tunnel port mapped and calling
+// report whenever the external address or the status changes. It deletes
+// its mappings before it returns.
+type NATFunc func(ctx context.Context, internalPort uint16, report func(NATReport)) error
+
+// PeerEvent is one change of the user's other hosts.
+type PeerEvent struct {
+	Removed      bool
+	Name         string // host name in the user's domain
+	ULA          netip.Addr
+	Outer        netip.AddrPort // invalid while unknown
+	Capabilities register.Capabilities
+}
+
+// PeersFunc runs until ctx ends, calling report for every change of the
+// user's other hosts (this host excluded).
+type PeersFunc func(ctx context.Context, report func(PeerEvent)) error
+
+// Config is a composed agent.
+type Config struct {
+	Identity      identity.Identity
+	Host          string // this host's label in the user's domain
+	Domain        string // the user's domain
+	TunnelPort    uint16
+	Dataplane     controlplane.Dataplane
+	DataplaneName string // for status and TXT ("xfrm", "ebpf", "ebpf-cleartext")
+	// Transport carries keying messages on the tunnel port (an xfrm.Conn).
+	Transport keying.Transport
+	Auth      keying.Auth
+	Principal string // this host's Kerberos principal, published in TXT
+	// Register is the registrar config minus Outer/ULA/Label/Capabilities,
+	// which the agent fills in.
+	Register register.Config
+	NAT      NATFunc        // nil: no NAT handling, External must be set
+	External netip.AddrPort // static external address when NAT is nil
+	Peers    PeersFunc
+	// KernelEvents are the dataplane's notifications of NAT mapping changes
+	// seen in ESP traffic (xfrm.Dataplane.Events adapted); nil if none.
+	KernelEvents <-chan KernelMapping
+	Logger       *slog.Logger
+}
+
+// KernelMapping: the kernel saw ESP from peer at a new outer address.
+type KernelMapping struct {
+	Peer netip.Addr
+	New  netip.AddrPort
+}
+
+// Agent is a running btmmd.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	rec   *controlplane.Reconciler
+	reg   *register.Registrar
+	keyer *keying.Agent
+
+	mu      sync.Mutex
+	nat     NATReport
+	peers   map[netip.Addr]PeerEvent
+	started time.Time
+}
+
+// New checks cfg and builds the agent's parts; Run starts them.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Dataplane == nil || cfg.Transport == nil || cfg.Auth == nil || cfg.Peers == nil {
+		return nil, errors.New("agent: Config needs Dataplane, Transport, Auth and Peers")
+	}
+	if cfg.NAT == nil && !cfg.External.IsValid() {
+		return nil, errors.New("agent: no NAT function and no static external address")
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, peers: map[netip.Addr]PeerEvent{}, started: time.Now()}
+	a.rec = controlplane.NewReconciler(cfg.Dataplane, controlplane.Local{ULA: cfg.Identity.ULA, Port: cfg.TunnelPort}, cfg.Logger.With("part", "reconciler"))
+
+	rc := cfg.Register
+	rc.Host, rc.Domain = cfg.Host, cfg.Domain
+	rc.ULA, rc.Label = cfg.Identity.ULA, cfg.Identity.Label()
+	rc.Outer = cfg.External
+	rc.Capabilities = register.Capabilities{
+		Version:    register.ProtocolVersion,
+		Device:     "linux btmmd",
+		Dataplanes: []string{cfg.DataplaneName},
+		KeyingPort: cfg.TunnelPort,
+		Principal:  cfg.Principal,
+	}
+	var err error
+	if a.reg, err = register.New(rc, cfg.Logger.With("part", "register")); err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	a.keyer, err = keying.New(keying.Config{
+		ULA: cfg.Identity.ULA, Auth: cfg.Auth, Transport: cfg.Transport, Installer: a.rec,
+		Logger: cfg.Logger.With("part", "keying"),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent: %w", err)
+	}
+	return a, nil
+}
+
+// Run runs every part until ctx ends, then shuts down in order: keying sends
+// DELETE, the registrar deletes our records, the NAT mapping is removed, and
+// the dataplane removes every kernel object it made.
+func (a *Agent) Run(ctx context.Context) error {
+	runCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	errc := make(chan error, 8)
+	start := func(name string, f func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(runCtx); err != nil && runCtx.Err() == nil {
+				a.log.Error("part failed", "part", name, "err", err)
+				errc <- fmt.Errorf("%s: %w", name, err)
+				cancel()
+			}
+		}()
+	}
+	start("reconciler", a.rec.Run)
+	start("keying", a.keyer.Run)
+	start("register", a.reg.Run)
+	if a.cfg.NAT != nil {
+		start("nat", func(ctx context.Context) error { return a.cfg.NAT(ctx, a.cfg.TunnelPort, a.onNAT) })
+	}
+	start("peers", func(ctx context.Context) error { return a.cfg.Peers(ctx, a.onPeer) })
+	if a.cfg.KernelEvents != nil {
+		start("kernel-events", a.kernelEvents)
+	}
+	<-runCtx.Done()
+	wg.Wait()
+	close(errc)
+	var errs []error
+	for err := range errc {
+		errs = append(errs, err)
+	}
+	if err := a.cfg.Dataplane.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("dataplane close: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+func (a *Agent) onNAT(r NATReport) {
+	a.mu.Lock()
+	changed := r.External != a.nat.External
+	a.nat = r
+	a.mu.Unlock()
+	a.log.Info("nat", "external", r.External, "status", r.Status)
+	if changed && r.External.IsValid() {
+		if err := a.reg.SetOuter(r.External); err != nil {
+			a.log.Warn("publishing new external address", "err", err)
+		}
+	}
+}
+
+func (a *Agent) onPeer(ev PeerEvent) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if ev.ULA == a.cfg.Identity.ULA {
+		return // ourselves, seen through the browse PTR
+	}
+	a.mu.Lock()
+	if ev.Removed {
+		delete(a.peers, ev.ULA)
+	} else {
+		a.peers[ev.ULA] = ev
+	}
+	var kp []keying.PeerConfig
+	for _, p := range a.peers {
+		if !p.Outer.IsValid() {
+			continue
+		}
+		kp = append(kp, keying.PeerConfig{Name: p.Name, ULA: p.ULA, Outer: p.Outer, Principal: p.Capabilities.Principal})
+	}
+	a.mu.Unlock()
+	slices.SortFunc(kp, func(x, y keying.PeerConfig) int { return x.ULA.Compare(y.ULA) })
+	a.log.Info("peer", "name", ev.Name, "ula", ev.ULA, "outer", ev.Outer, "removed", ev.Removed)
+	if ev.Removed {
+		if err := a.rec.RemovePeer(ctx, ev.ULA); err != nil {
+			a.log.Warn("removing peer", "peer", ev.Name, "err", err)
+		}
+	} else if ev.Outer.IsValid() {
+		if err := a.rec.SetPeerOuter(ctx, ev.Name, ev.ULA, ev.Outer, "dns"); err != nil {
+			a.log.Warn("moving peer", "peer", ev.Name, "err", err)
+		}
+	}
+	if err := a.keyer.SetPeers(ctx, kp); err != nil {
+		a.log.Warn("keying peers", "err", err)
+	}
+}
+
+func (a *Agent) kernelEvents(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case m, ok := <-a.cfg.KernelEvents:
+			if !ok {
+				return nil
+			}
+			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, "kernel"); err != nil {
+				a.log.Warn("following NAT mapping change", "peer", m.Peer, "err", err)
+			}
+		}
+	}
+}
+
+// Status is what btmmctl shows. It holds no key material.
+type Status struct {
+	Host       string                   `json:"host"`
+	Domain     string                   `json:"domain"`
+	ULA        netip.Addr               `json:"ula"`
+	Label      string                   `json:"autotunnel_label"`
+	IdentityBy string                   `json:"identity_source"`
+	Dataplane  string                   `json:"dataplane"`
+	TunnelPort uint16                   `json:"tunnel_port"`
+	Uptime     string                   `json:"uptime"`
+	NAT        NATReport                `json:"nat"`
+	Register   register.Status          `json:"registration"`
+	Peers      []PeerStatus             `json:"peers"`
+	Recent     []string                 `json:"recent_dataplane_changes"`
+	LastError  string                   `json:"dataplane_error,omitempty"`
+	Counters   []controlplane.PeerStats `json:"counters,omitempty"`
+}
+
+// PeerStatus joins what DNS, keying and the dataplane know of one peer.
+type PeerStatus struct {
+	controlplane.PeerStatus
+	Capabilities register.Capabilities `json:"capabilities"`
+	KeyingError  string                `json:"keying_error,omitempty"`
+}
+
+// Status gathers a snapshot from every part.
+func (a *Agent) Status(ctx context.Context) Status {
+	a.mu.Lock()
+	st := Status{
+		Host: a.cfg.Host, Domain: a.cfg.Domain, ULA: a.cfg.Identity.ULA, Label: a.cfg.Identity.Label(),
+		IdentityBy: a.cfg.Identity.Source, Dataplane: a.cfg.DataplaneName, TunnelPort: a.cfg.TunnelPort,
+		Uptime: time.Since(a.started).Round(time.Second).String(), NAT: a.nat,
+	}
+	caps := map[netip.Addr]register.Capabilities{}
+	for u, p := range a.peers {
+		caps[u] = p.Capabilities
+	}
+	a.mu.Unlock()
+	if a.cfg.NAT == nil {
+		st.NAT = NATReport{External: a.cfg.External, Status: "static external address (no NAT handling)"}
+	}
+	st.Register = a.reg.Status()
+	peers, recent, lastErr := a.rec.Status()
+	kerr := map[netip.Addr]string{}
+	if ks, err := a.keyer.Status(ctx); err == nil {
+		for _, k := range ks {
+			if k.LastError != nil {
+				kerr[k.ULA] = k.LastError.Error()
+			}
+		}
+	}
+	for _, p := range peers {
+		st.Peers = append(st.Peers, PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA]})
+	}
+	for _, c := range recent {
+		st.Recent = append(st.Recent, c.String())
+	}
+	if lastErr != nil {
+		st.LastError = lastErr.Error()
+	}
+	st.Counters, _ = a.cfg.Dataplane.Stats(ctx)
+	return st
+}
