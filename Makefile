@@ -7,7 +7,7 @@ GO ?= go
 GOTESTSUM := $(GO) tool gotestsum --format testname --format-hide-empty-pkg
 # Packages with tests gated on kernel features this host may lack: they run
 # again inside the VM. Found by their use of testenv.Require.
-VM_PKGS = $(shell grep -rl --include='*_test.go' 'testenv\.Require[(]' . | xargs -r -n1 dirname | sort -u)
+VM_PKGS = $(shell hack/vm-packages)
 TIMEOUT ?= 15m
 
 .PHONY: all build generate generate-check lint test test-unit test-netns test-vm bench demo deps clean
