@@ -2,16 +2,29 @@
 package main
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
+	"github.com/btmm/btmm/controlplane/agent"
 )
 
 const synopsis = `btmmctl: inspect a running btmmd.
 
-Usage: btmmctl [flags] <command>`
+Usage: btmmctl [flags] <command>
+
+Commands:
+  status   this host: identity, NAT mapping, registration, dataplane, peers
+  peers    the user's other hosts: ULA, current outer address, keying, counters
+
+Kernel state is inspected with the kernel's own tools: ip xfrm state,
+ip xfrm policy, ip -6 route show proto 0xbb, bpftool map dump pinned /sys/fs/bpf/btmm/...`
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -19,9 +32,88 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := cli.NewFlagSet("btmmctl", synopsis)
+	sock := fs.String("socket", agent.DefaultControlSocket, "btmmd's control socket")
+	asJSON := fs.Bool("json", false, "print JSON")
 	if done, code := fs.Parse(args, stdout, stderr); done {
 		return code
 	}
-	fmt.Fprintln(stderr, "btmmctl: not implemented yet in this build")
-	return 1
+	cmd := "status"
+	if fs.NArg() > 0 {
+		cmd = fs.Arg(0)
+	}
+	if cmd != "status" && cmd != "peers" {
+		fmt.Fprintf(stderr, "btmmctl: unknown command %q (try --help)\n", cmd)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := agent.FetchStatus(ctx, *sock)
+	if err != nil {
+		fmt.Fprintln(stderr, "btmmctl:", err)
+		return 1
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(st)
+		return 0
+	}
+	if cmd == "status" {
+		printStatus(stdout, st)
+	}
+	printPeers(stdout, st)
+	return 0
+}
+
+func printStatus(w io.Writer, st *agent.Status) {
+	fmt.Fprintf(w, "host       %s.%s\n", st.Host, strings.TrimSuffix(st.Domain, "."))
+	fmt.Fprintf(w, "ula        %s (%s, %s)\n", st.ULA, st.Label, st.IdentityBy)
+	fmt.Fprintf(w, "dataplane  %s, tunnel port %d/udp\n", st.Dataplane, st.TunnelPort)
+	if strings.Contains(st.Dataplane, "cleartext") {
+		fmt.Fprintln(w, "           WARNING: CLEARTEXT — tunnel traffic is NOT encrypted")
+	}
+	ext := "unknown"
+	if st.NAT.External.IsValid() {
+		ext = st.NAT.External.String()
+	}
+	fmt.Fprintf(w, "external   %s (%s)\n", ext, st.NAT.Status)
+	r := st.Register
+	reg := "not published"
+	if r.Published {
+		reg = fmt.Sprintf("published on %s, lease %s", r.Server, r.Lease)
+		if !r.LeaseEchoed {
+			reg += " (assumed: server echoed no lease)"
+		}
+	}
+	if r.LastError != "" {
+		reg += fmt.Sprintf("; %d failures, last: %s", r.Failures, r.LastError)
+	}
+	fmt.Fprintf(w, "dns        %s\n", reg)
+	if st.LastError != "" {
+		fmt.Fprintf(w, "error      dataplane: %s\n", st.LastError)
+	}
+	fmt.Fprintf(w, "uptime     %s\n\n", st.Uptime)
+}
+
+func printPeers(w io.Writer, st *agent.Status) {
+	if len(st.Peers) == 0 {
+		fmt.Fprintln(w, "no peers yet")
+		return
+	}
+	counters := map[string]string{}
+	for _, c := range st.Counters {
+		counters[c.ULA.String()] = fmt.Sprintf("tx %d/%dB rx %d/%dB drop %d", c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes, c.Drops)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tULA\tOUTER\tFROM\tKEYS\tIN KERNEL\tCOUNTERS")
+	for _, p := range st.Peers {
+		keys := "-"
+		if p.Keyed {
+			keys = fmt.Sprintf("out 0x%08x in 0x%08x", p.OutSPI, p.InSPI)
+		} else if p.KeyingError != "" {
+			keys = "error: " + p.KeyingError
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%s\n", p.Name, p.ULA, p.Outer, p.OuterBy, keys, p.InKernel, counters[p.ULA.String()])
+	}
+	tw.Flush()
 }
