@@ -410,6 +410,43 @@ func TestIncompatiblePinNetNS(t *testing.T) {
 func TestMoveNetNS(t *testing.T) {
 	a, b := topology(t)
 	connect(t, a, b, Config{Cleartext: true})
+	testMove(t, a, b)
+	closeAndCheck(t, a, b)
+}
+
+// TestMoveSecureVM is TestMoveNetNS in secure mode: the ESP SAs between the
+// ULAs are the same objects before and after the move (same add time,
+// counters carried on).
+func TestMoveSecureVM(t *testing.T) {
+	testenv.Require(t, testenv.ESP)
+	a, b := topology(t)
+	connect(t, a, b, Config{})
+	sas := func() map[int]netlink.XfrmState {
+		ss, err := a.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		must(t, err)
+		m := map[int]netlink.XfrmState{}
+		for _, s := range ss {
+			m[s.Spi] = s
+		}
+		return m
+	}
+	before := sas()
+	testMove(t, a, b)
+	after := sas()
+	if len(before) != 2 || len(after) != 2 {
+		t.Fatalf("SAs before %d after %d, want 2", len(before), len(after))
+	}
+	for spi, x := range before {
+		y, ok := after[spi]
+		if !ok || y.Statistics.AddTime != x.Statistics.AddTime || y.Statistics.Packets <= x.Statistics.Packets {
+			t.Errorf("SA spi 0x%x was replaced or stalled across the move: before %+v after %+v", spi, x.Statistics, y.Statistics)
+		}
+	}
+	closeAndCheck(t, a, b)
+}
+
+func testMove(t *testing.T, a, b *host) {
+	t.Helper()
 	s := openStream(t, a, b)
 	h := sha256.New()
 	stop := make(chan struct{})
@@ -443,7 +480,7 @@ func TestMoveNetNS(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	waitSent(1 << 20)
+	waitSent(256 << 10)
 	rxBefore := peerStats(t, a).RxPackets
 
 	// b gets a new address and leaves from it; a learns it.
@@ -467,7 +504,7 @@ func TestMoveNetNS(t *testing.T) {
 		t.Errorf("second identical Set changed %v", again)
 	}
 	sent := s.sent.Load()
-	waitSent(sent + 2<<20)
+	waitSent(sent + 512<<10)
 	close(stop)
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -485,7 +522,6 @@ func TestMoveNetNS(t *testing.T) {
 	if err := a.dp.objs.PeerByOuter.Lookup(outerKey(netip.AddrPortFrom(b.outer, b.port)), &v); !errors.Is(err, ebpf.ErrKeyNotExist) {
 		t.Errorf("old outer address still mapped: %v", err)
 	}
-	closeAndCheck(t, a, b)
 }
 
 // abandon drops the dataplane's file descriptors without cleaning up, as a
