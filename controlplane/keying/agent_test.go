@@ -349,6 +349,7 @@ func TestReplayedInit(t *testing.T) {
 		n := newMemNet()
 		var mu sync.Mutex
 		var captured []byte
+		inits := map[[8]byte][]byte{}
 		var errorsToAttacker []ErrorCode
 		attacker := netip.MustParseAddrPort("10.6.6.6:4500")
 		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
@@ -356,8 +357,12 @@ func TestReplayedInit(t *testing.T) {
 			defer mu.Unlock()
 			var m Message
 			if m.Unmarshal(b) == nil {
-				if m.Type == MsgInit && from == addrA && captured == nil {
-					captured = bytes.Clone(b)
+				// Capture the INIT b accepted (the one its first RESP answers).
+				if m.Type == MsgInit && from == addrA {
+					inits[m.Exchange] = bytes.Clone(b)
+				}
+				if m.Type == MsgResp && captured == nil {
+					captured = inits[m.Exchange]
 				}
 				if m.Type == MsgInit && from == addrB {
 					return nil
@@ -376,6 +381,11 @@ func TestReplayedInit(t *testing.T) {
 		time.Sleep(5 * time.Second)
 		synctest.Wait()
 		before := b.rec.Calls()
+		mu.Lock()
+		if captured == nil {
+			t.Fatal("no INIT was answered")
+		}
+		mu.Unlock()
 		if len(before) == 0 {
 			t.Fatal("no keying")
 		}
