@@ -614,6 +614,16 @@ func TestSecureVM(t *testing.T) {
 	t.Logf("a stats %+v; b stats %+v", peerStats(t, a), peerStats(t, b))
 	d, _ := a.dp.Drops()
 	t.Logf("a drops %v", d)
+
+	// A restarted agent adopts the SAs, policies, maps and filters as they are.
+	a.dp.abandon()
+	a.dp = nil
+	ping(t, a, b)
+	a.start(t, Config{})
+	if ch := a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port))); len(ch) != 0 {
+		t.Errorf("first Set after restart changed %v, want nothing", ch)
+	}
+	ping(t, b, a)
 	closeAndCheck(t, a, b)
 }
 
