@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/jcmturner/gokrb5/v8/config"
 	"github.com/jcmturner/gokrb5/v8/keytab"
@@ -66,6 +67,20 @@ func (l *lockedBuffer) String() string {
 // starts krb5kdc on a free loopback port. The KDC is stopped at t.Cleanup.
 func Start(t testing.TB, realm string) *KDC {
 	t.Helper()
+	return start(t, realm, nil, netip.MustParseAddr("127.0.0.1"), 0)
+}
+
+// StartIn starts the KDC inside network namespace ns, listening on addr:port
+// (an address the namespace has, such as the lab's 11.0.0.1), so that hosts
+// in other namespaces reach it. The database and configs stay in the test's
+// temporary directory; kadmin.local works on them from the test as with Start.
+func StartIn(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16) *KDC {
+	t.Helper()
+	return start(t, realm, ns, addr, port)
+}
+
+func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16) *KDC {
+	t.Helper()
 	testenv.RequireRoot(t)
 	k := &KDC{
 		Realm:    realm,
@@ -74,11 +89,14 @@ func Start(t testing.TB, realm string) *KDC {
 		kdb5Util: testenv.RequireBinary(t, "kdb5_util", "krb5-kdc"),
 		kadmin:   testenv.RequireBinary(t, "kadmin.local", "krb5-admin-server"),
 	}
-	port, err := freePort()
-	if err != nil {
-		t.Fatalf("krbtest: %v", err)
+	if port == 0 {
+		p, err := freePort()
+		if err != nil {
+			t.Fatalf("krbtest: %v", err)
+		}
+		port = p
 	}
-	k.Addr = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+	k.Addr = netip.AddrPortFrom(addr, port)
 	k.Krb5Conf = filepath.Join(k.Dir, "krb5.conf")
 	k.KDCConf = filepath.Join(k.Dir, "kdc.conf")
 	if err := os.WriteFile(k.Krb5Conf, []byte(k.ClientConfig()), 0o644); err != nil {
@@ -112,6 +130,9 @@ func Start(t testing.TB, realm string) *KDC {
 	}
 	k.stderr = &lockedBuffer{}
 	k.cmd = exec.Command(k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))
+	if ns != nil {
+		k.cmd = ns.Command(context.Background(), k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))
+	}
 	k.cmd.Env = k.env()
 	k.cmd.Stderr = k.stderr
 	k.cmd.Stdout = k.stderr
@@ -121,10 +142,21 @@ func Start(t testing.TB, realm string) *KDC {
 	}
 	t.Cleanup(k.Stop)
 	deadline := time.Now().Add(10 * time.Second)
-	for {
+	dial := func() error {
 		c, err := net.DialTimeout("tcp", k.Addr.String(), 100*time.Millisecond)
 		if err == nil {
 			c.Close()
+		}
+		return err
+	}
+	for {
+		var err error
+		if ns != nil {
+			err = ns.Do(dial)
+		} else {
+			err = dial()
+		}
+		if err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
