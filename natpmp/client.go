@@ -1,0 +1,916 @@
+package natpmp
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Conn is the client's socket to the gateway's port 5351 (a connected UDP
+// socket; *net.UDPConn satisfies it). Read returns one datagram; Close
+// unblocks a pending Read.
+type Conn interface {
+	Read(b []byte) (int, error)
+	Write(b []byte) (int, error)
+	LocalAddr() net.Addr
+	Close() error
+}
+
+// PacketConn receives announcements on port 5350 (*net.UDPConn satisfies it).
+type PacketConn interface {
+	ReadFrom(b []byte) (int, net.Addr, error)
+	Close() error
+}
+
+// Route is the IPv4 default route: the gateway and our address towards it.
+type Route struct {
+	Gateway netip.Addr
+	Local   netip.Addr
+}
+
+// MappingRequest names a mapping the client keeps: the internal port of
+// this host for one protocol. The client asks for the same external port
+// and accepts any other the gateway assigns.
+type MappingRequest struct {
+	Protocol     Protocol
+	InternalPort uint16
+}
+
+func (r MappingRequest) String() string { return fmt.Sprintf("%v/%d", r.Protocol, r.InternalPort) }
+
+// Config configures a Client. Zero fields take the defaults noted.
+type Config struct {
+	Logger *slog.Logger     // default: discard
+	Now    func() time.Time // default: time.Now
+	// Route finds the gateway and our primary IPv4 address. Default:
+	// DefaultRoute(nil).
+	Route func() (Route, error)
+	// Dial opens the socket to the gateway. Default: DialGateway.
+	Dial func(gw netip.AddrPort) (Conn, error)
+	// ListenAnnouncements opens the announcement socket; default
+	// ListenAnnouncements. NoAnnouncements disables the listener.
+	ListenAnnouncements func() (PacketConn, error)
+	NoAnnouncements     bool
+	// Schedule holds the wait after each try of a request; when the last
+	// one passes without an answer there is no gateway. Default: 250 ms
+	// doubling, 9 tries (RFC 6886 §3.1), about 128 s in all.
+	Schedule []time.Duration
+	// Lifetime asked for each mapping; renewed at half of what the gateway
+	// grants. Default 3600 s.
+	Lifetime time.Duration
+	// RetryInterval is how long to wait after "no gateway" or an error
+	// before trying again. Default 5 min.
+	RetryInterval time.Duration
+	// ShutdownTimeout bounds deleting the mappings when Run ends. Default 3 s.
+	ShutdownTimeout time.Duration
+	// DisablePCP speaks only NAT-PMP.
+	DisablePCP bool
+	// Mappings to keep from the start (more with Add).
+	Mappings []MappingRequest
+}
+
+// DefaultSchedule is RFC 6886's retransmission schedule: 250 ms, doubling,
+// nine tries.
+func DefaultSchedule() []time.Duration {
+	s := make([]time.Duration, 9)
+	for i := range s {
+		s[i] = 250 * time.Millisecond << i
+	}
+	return s
+}
+
+// Client keeps port mappings on the local NAT gateway alive and reports the
+// external address and ports. Its methods are safe for concurrent use.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+	now func() time.Time
+
+	wake chan struct{}
+	ran  atomic.Bool
+
+	mu        sync.Mutex
+	want      map[MappingRequest]bool
+	status    Status
+	published Status
+	subs      map[chan Status]struct{}
+	closed    bool
+}
+
+// New checks cfg and returns a client; Run starts it.
+func New(cfg Config) (*Client, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Route == nil {
+		cfg.Route = func() (Route, error) { return DefaultRoute(nil) }
+	}
+	if cfg.Dial == nil {
+		cfg.Dial = DialGateway
+	}
+	if cfg.ListenAnnouncements == nil {
+		cfg.ListenAnnouncements = ListenAnnouncements
+	}
+	if cfg.Schedule == nil {
+		cfg.Schedule = DefaultSchedule()
+	}
+	if len(cfg.Schedule) == 0 || slices.ContainsFunc(cfg.Schedule, func(d time.Duration) bool { return d <= 0 }) {
+		return nil, fmt.Errorf("natpmp: new client: schedule %v needs positive durations", cfg.Schedule)
+	}
+	if cfg.Lifetime == 0 {
+		cfg.Lifetime = time.Hour
+	}
+	if cfg.Lifetime < 2*time.Second || cfg.Lifetime/time.Second > 1<<31 {
+		return nil, fmt.Errorf("natpmp: new client: lifetime %v out of range", cfg.Lifetime)
+	}
+	if cfg.RetryInterval <= 0 {
+		cfg.RetryInterval = 5 * time.Minute
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = 3 * time.Second
+	}
+	c := &Client{cfg: cfg, log: cfg.Logger, now: cfg.Now, wake: make(chan struct{}, 1),
+		want: map[MappingRequest]bool{}, subs: map[chan Status]struct{}{}}
+	for _, m := range cfg.Mappings {
+		if err := checkRequest(m); err != nil {
+			return nil, fmt.Errorf("natpmp: new client: %w", err)
+		}
+		c.want[m] = true
+	}
+	c.status = Status{State: StateStarting, Since: cfg.Now()}
+	return c, nil
+}
+
+func checkRequest(m MappingRequest) error {
+	if m.Protocol != UDP && m.Protocol != TCP {
+		return fmt.Errorf("mapping %v: protocol must be udp or tcp", m)
+	}
+	if m.InternalPort == 0 {
+		return fmt.Errorf("mapping %v: internal port 0", m)
+	}
+	return nil
+}
+
+// Add asks the client to keep a mapping for m (idempotent).
+func (c *Client) Add(m MappingRequest) error {
+	if err := checkRequest(m); err != nil {
+		return fmt.Errorf("natpmp: add: %w", err)
+	}
+	c.mu.Lock()
+	c.want[m] = true
+	c.mu.Unlock()
+	c.poke()
+	return nil
+}
+
+// Remove deletes the mapping for m from the gateway (idempotent).
+func (c *Client) Remove(m MappingRequest) {
+	c.mu.Lock()
+	delete(c.want, m)
+	c.mu.Unlock()
+	c.poke()
+}
+
+// Rediscover makes the client look for the gateway again at once (call it
+// when the default route or address changes).
+func (c *Client) Rediscover() {
+	c.mu.Lock()
+	c.status.rediscover = true
+	c.mu.Unlock()
+	c.poke()
+}
+
+func (c *Client) poke() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Status returns the current status.
+func (c *Client) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.status.clone()
+}
+
+// Subscribe returns a channel that receives the status each time the
+// published part changes (state, external address, external ports), and a
+// function to unsubscribe. The channel holds one value: a slow reader sees
+// the latest status, never a stale one, and never blocks the client. It is
+// closed when Run returns.
+func (c *Client) Subscribe() (<-chan Status, func()) {
+	ch := make(chan Status, 1)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		close(ch)
+		return ch, func() {}
+	}
+	c.subs[ch] = struct{}{}
+	ch <- c.published.clone()
+	return ch, func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if _, ok := c.subs[ch]; ok {
+			delete(c.subs, ch)
+			close(ch)
+		}
+	}
+}
+
+// mapping is the run loop's record of one mapping.
+type mapping struct {
+	req      MappingRequest
+	nonce    [12]byte
+	extPort  uint16
+	lifetime time.Duration
+	expires  time.Time
+	renewAt  time.Time
+	err      error
+}
+
+// session is one conversation with one gateway.
+type session struct {
+	gw       netip.Addr
+	conn     Conn
+	local    netip.Addr
+	pkts     chan []byte
+	quit     chan struct{}
+	pcp      bool
+	epoch    epochSample
+	hasEpoch bool
+	external netip.Addr
+	maps     map[MappingRequest]*mapping
+}
+
+type announcement struct {
+	from     netip.Addr
+	version  uint8
+	epoch    uint32
+	external netip.Addr
+}
+
+// Run talks to the gateway until ctx ends, then deletes the mappings
+// (lifetime 0) and returns ctx's error. It may be called once.
+func (c *Client) Run(ctx context.Context) error {
+	if c.ran.Swap(true) {
+		return ErrClosed
+	}
+	annc := make(chan announcement, 4)
+	if !c.cfg.NoAnnouncements {
+		pc, err := c.cfg.ListenAnnouncements()
+		if err != nil {
+			c.log.Warn("natpmp: no announcement listener", "err", err)
+		} else {
+			stop := make(chan struct{})
+			done := make(chan struct{})
+			go c.readAnnouncements(pc, annc, stop, done)
+			defer func() { close(stop); pc.Close(); <-done }()
+		}
+	}
+	var s *session
+	defer func() {
+		if s != nil {
+			c.shutdown(ctx, s)
+		}
+		c.mu.Lock()
+		c.closed = true
+		for ch := range c.subs {
+			close(ch)
+		}
+		c.subs = nil
+		c.mu.Unlock()
+	}()
+	var nextDiscover time.Time // zero: now
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		c.mu.Lock()
+		if c.status.rediscover {
+			c.status.rediscover = false
+			nextDiscover = time.Time{}
+			if s != nil {
+				s.close()
+				s = nil
+			}
+		}
+		c.mu.Unlock()
+		if s == nil && !c.now().Before(nextDiscover) {
+			s = c.discover(ctx)
+			if s == nil {
+				nextDiscover = c.now().Add(c.cfg.RetryInterval)
+			}
+		}
+		if s != nil {
+			if err := c.reconcile(ctx, s); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				c.lost(s, err)
+				s.close()
+				s = nil
+				nextDiscover = c.now().Add(c.cfg.RetryInterval)
+			}
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		next := nextDiscover
+		if s != nil {
+			next = s.nextRenewal(c.now())
+		}
+		timer.Reset(max(next.Sub(c.now()), 0))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+		case <-c.wake:
+		case a := <-annc:
+			if s == nil {
+				c.log.Info("natpmp: announcement while no gateway is known; looking again", "from", a.from)
+				nextDiscover = time.Time{}
+				continue
+			}
+			if a.from != s.gw {
+				c.log.Debug("natpmp: announcement from a host that is not our gateway", "from", a.from, "gateway", s.gw)
+				continue
+			}
+			c.log.Info("natpmp: gateway announcement; re-querying and renewing", "version", a.version, "epoch", a.epoch)
+			if err := c.requery(ctx, s); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				c.lost(s, err)
+				s.close()
+				s = nil
+				nextDiscover = c.now().Add(c.cfg.RetryInterval)
+			}
+		}
+	}
+}
+
+func (c *Client) readAnnouncements(pc PacketConn, out chan<- announcement, stop, done chan struct{}) {
+	defer close(done)
+	buf := make([]byte, pcpMaxLen)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			c.log.Debug("natpmp: announcement read", "err", err)
+			continue
+		}
+		a := announcement{}
+		if ua, ok := from.(*net.UDPAddr); ok {
+			a.from = ua.AddrPort().Addr().Unmap()
+		}
+		b := buf[:n]
+		switch {
+		case n > 0 && b[0] == VersionNATPMP:
+			r, err := ParseResponse(b)
+			if err != nil || r.Op != OpExternalAddress|opResponse {
+				c.log.Debug("natpmp: ignoring datagram on announcement port", "from", from, "err", err)
+				continue
+			}
+			a.version, a.epoch, a.external = VersionNATPMP, r.Epoch, r.External
+		case n > 0 && b[0] == VersionPCP:
+			r, err := ParsePCPResponse(b)
+			if err != nil || r.Opcode != PCPOpAnnounce {
+				c.log.Debug("natpmp: ignoring datagram on announcement port", "from", from, "err", err)
+				continue
+			}
+			a.version, a.epoch = VersionPCP, r.Epoch
+		default:
+			continue
+		}
+		select {
+		case out <- a:
+		case <-stop:
+			return
+		default: // a re-query is already pending
+		}
+	}
+}
+
+// discover finds the gateway and the protocol it speaks. It returns nil
+// (with the status set) when there is none to talk to.
+func (c *Client) discover(ctx context.Context) *session {
+	rt, err := c.cfg.Route()
+	if err != nil {
+		c.setState(func(st *Status) {
+			*st = Status{State: StateFailed, Detail: err.Error()}
+		})
+		return nil
+	}
+	if !behindNAT(rt.Local) {
+		c.setState(func(st *Status) {
+			*st = Status{State: StatePublic, Gateway: rt.Gateway, Local: rt.Local, External: rt.Local}
+		})
+		return nil
+	}
+	gw := netip.AddrPortFrom(rt.Gateway, ServerPort)
+	conn, err := c.cfg.Dial(gw)
+	if err != nil {
+		c.setState(func(st *Status) {
+			*st = Status{State: StateFailed, Gateway: rt.Gateway, Local: rt.Local, Detail: err.Error()}
+		})
+		return nil
+	}
+	s := &session{gw: rt.Gateway, conn: conn, local: rt.Local, pkts: make(chan []byte, 8),
+		quit: make(chan struct{}), maps: map[MappingRequest]*mapping{}}
+	if la, ok := conn.LocalAddr().(*net.UDPAddr); ok {
+		if a := la.AddrPort().Addr().Unmap(); a.IsValid() && !a.IsUnspecified() {
+			s.local = a
+		}
+	}
+	go s.read()
+	fail := func(state State, err error) *session {
+		s.close()
+		c.setState(func(st *Status) {
+			*st = Status{State: state, Gateway: rt.Gateway, Local: rt.Local, Detail: err.Error()}
+		})
+		if state == StateNoGateway {
+			c.log.Info("natpmp: no gateway answered; treating the network as public", "gateway", rt.Gateway)
+		} else {
+			c.log.Warn("natpmp: gateway discovery failed", "gateway", rt.Gateway, "err", err)
+		}
+		return nil
+	}
+	if !c.cfg.DisablePCP {
+		r, err := c.exchangePCP(ctx, s, BuildPCPAnnounceRequest(s.local), func(r PCPResponse) bool {
+			return r.Opcode == PCPOpAnnounce || r.Result == PCPUnsuppVersion
+		})
+		switch {
+		case errors.Is(err, ErrNoGateway):
+			return fail(StateNoGateway, err)
+		case err != nil:
+			return fail(StateFailed, err)
+		case r.Result == PCPUnsuppVersion:
+			c.log.Info("natpmp: gateway does not speak PCP; falling back to NAT-PMP", "gateway", rt.Gateway)
+		default:
+			// Any PCP answer (even UNSUPP_OPCODE) proves PCP is spoken.
+			s.pcp = true
+			c.epochSeen(s, r.Epoch)
+		}
+	}
+	if !s.pcp {
+		if err := c.queryExternal(ctx, s); errors.Is(err, ErrNoGateway) {
+			return fail(StateNoGateway, err)
+		} else if err != nil {
+			return fail(StateFailed, err)
+		}
+	}
+	c.log.Info("natpmp: gateway found", "gateway", rt.Gateway, "protocol", s.protocol())
+	c.setState(func(st *Status) {
+		*st = Status{State: StateMapped, Protocol: s.protocol(), Gateway: rt.Gateway, Local: s.local}
+	})
+	c.refreshStatus(s)
+	return s
+}
+
+func (s *session) protocol() string {
+	if s.pcp {
+		return "PCP"
+	}
+	return "NAT-PMP"
+}
+
+func (s *session) read() {
+	buf := make([]byte, pcpMaxLen+1)
+	for {
+		n, err := s.conn.Read(buf)
+		if err != nil {
+			// ICMP port unreachable from a gateway without a server comes
+			// back as ECONNREFUSED on the next read: keep waiting, the
+			// schedule decides when to give up.
+			if errors.Is(err, syscall.ECONNREFUSED) {
+				continue
+			}
+			return
+		}
+		select {
+		case s.pkts <- append([]byte(nil), buf[:n]...):
+		case <-s.quit:
+			return
+		}
+	}
+}
+
+func (s *session) close() {
+	close(s.quit)
+	s.conn.Close()
+}
+
+func (s *session) nextRenewal(now time.Time) time.Time {
+	var next time.Time
+	for _, m := range s.maps {
+		if next.IsZero() || m.renewAt.Before(next) {
+			next = m.renewAt
+		}
+	}
+	if next.IsZero() {
+		next = now.Add(24 * time.Hour)
+	}
+	return next
+}
+
+// exchange sends req on the schedule until match accepts an answer.
+func (c *Client) exchange(ctx context.Context, s *session, req []byte, match func([]byte) bool) ([]byte, error) {
+	for {
+		select {
+		case <-s.pkts: // stale answers to earlier tries
+			continue
+		default:
+		}
+		break
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for _, wait := range c.cfg.Schedule {
+		if _, err := s.conn.Write(req); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, fmt.Errorf("send to %v: %w", s.gw, err)
+		}
+		timer.Reset(wait)
+	try:
+		for {
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case b := <-s.pkts:
+				if match(b) {
+					return b, nil
+				}
+			case <-timer.C:
+				break try
+			}
+		}
+	}
+	return nil, fmt.Errorf("%v after %d tries: %w", s.gw, len(c.cfg.Schedule), ErrNoGateway)
+}
+
+func (c *Client) exchangePCP(ctx context.Context, s *session, req []byte, match func(PCPResponse) bool) (PCPResponse, error) {
+	var resp PCPResponse
+	_, err := c.exchange(ctx, s, req, func(b []byte) bool {
+		r, err := ParsePCPResponse(b)
+		if err != nil {
+			c.log.Debug("natpmp: bad PCP answer", "err", err)
+			return false
+		}
+		if match(r) {
+			resp = r
+			return true
+		}
+		return false
+	})
+	if err != nil {
+		return resp, fmt.Errorf("pcp: %w", err)
+	}
+	return resp, nil
+}
+
+func (c *Client) exchangeNATPMP(ctx context.Context, s *session, req []byte, match func(Response) bool) (Response, error) {
+	var resp Response
+	_, err := c.exchange(ctx, s, req, func(b []byte) bool {
+		r, err := ParseResponse(b)
+		if err != nil {
+			c.log.Debug("natpmp: bad NAT-PMP answer", "err", err)
+			return false
+		}
+		if match(r) {
+			resp = r
+			return true
+		}
+		return false
+	})
+	if err != nil {
+		return resp, fmt.Errorf("natpmp: %w", err)
+	}
+	return resp, nil
+}
+
+// epochSeen records the gateway's epoch; when it shows a lost state every
+// mapping is made due for re-creation.
+func (c *Client) epochSeen(s *session, epoch uint32) {
+	now := c.now()
+	reset := false
+	if s.hasEpoch {
+		if s.pcp {
+			reset = PCPEpochReset(s.epoch.server, s.epoch.at, epoch, now)
+		} else {
+			reset = NATPMPEpochReset(s.epoch.server, s.epoch.at, epoch, now)
+		}
+	}
+	s.epoch, s.hasEpoch = epochSample{server: epoch, at: now}, true
+	if reset {
+		c.log.Warn("natpmp: gateway lost its mappings (epoch went back); re-creating them", "gateway", s.gw, "epoch", epoch)
+		for _, m := range s.maps {
+			m.renewAt = now
+			m.extPort = 0
+		}
+	}
+}
+
+// queryExternal asks a NAT-PMP gateway for its external address.
+func (c *Client) queryExternal(ctx context.Context, s *session) error {
+	r, err := c.exchangeNATPMP(ctx, s, BuildExternalAddressRequest(), func(r Response) bool {
+		return r.Op == OpExternalAddress|opResponse
+	})
+	if err != nil {
+		return fmt.Errorf("external address request: %w", err)
+	}
+	c.epochSeen(s, r.Epoch)
+	if r.Result != ResultSuccess {
+		return fmt.Errorf("natpmp: external address request: %w", r.Result)
+	}
+	if s.external != r.External {
+		c.log.Info("natpmp: external address", "addr", r.External)
+	}
+	s.external = r.External
+	return nil
+}
+
+// requery handles an announcement: learn the address and epoch again and
+// renew every mapping.
+func (c *Client) requery(ctx context.Context, s *session) error {
+	if !s.pcp {
+		if err := c.queryExternal(ctx, s); err != nil {
+			return err
+		}
+	}
+	now := c.now()
+	for _, m := range s.maps {
+		m.renewAt = now
+	}
+	return c.reconcile(ctx, s)
+}
+
+// reconcile creates wanted mappings, renews due ones and deletes unwanted
+// ones. An error means the gateway stopped answering.
+func (c *Client) reconcile(ctx context.Context, s *session) error {
+	c.mu.Lock()
+	want := maps.Clone(c.want)
+	c.mu.Unlock()
+	defer c.refreshStatus(s)
+	for req, m := range s.maps {
+		if !want[req] {
+			if err := c.deleteMapping(ctx, s, m); err != nil {
+				return err
+			}
+			delete(s.maps, req)
+		}
+	}
+	// A reply showing an epoch reset makes every mapping due again; a few
+	// passes settle that.
+	for range 3 {
+		now := c.now()
+		var due []*mapping
+		for req := range want {
+			m := s.maps[req]
+			if m == nil {
+				m = &mapping{req: req}
+				if _, err := rand.Read(m.nonce[:]); err != nil {
+					return fmt.Errorf("natpmp: nonce: %w", err)
+				}
+				s.maps[req] = m
+			}
+			if !m.renewAt.After(now) {
+				due = append(due, m)
+			}
+		}
+		if len(due) == 0 {
+			return nil
+		}
+		slices.SortFunc(due, func(a, b *mapping) int {
+			return int(a.req.InternalPort)<<8 + int(a.req.Protocol) - int(b.req.InternalPort)<<8 - int(b.req.Protocol)
+		})
+		for _, m := range due {
+			if err := c.mapOne(ctx, s, m); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// mapOne creates or renews m. A refusal by the gateway is recorded on m;
+// only silence is returned as an error.
+func (c *Client) mapOne(ctx context.Context, s *session, m *mapping) error {
+	lifetime := uint32(c.cfg.Lifetime / time.Second)
+	suggest := m.extPort
+	if suggest == 0 {
+		suggest = m.req.InternalPort
+	}
+	var (
+		granted uint32
+		extPort uint16
+		ext     netip.Addr
+		refusal error
+	)
+	if s.pcp {
+		req := BuildPCPMapRequest(s.local, PCPMap{Nonce: m.nonce, Protocol: m.req.Protocol,
+			InternalPort: m.req.InternalPort, ExternalPort: suggest, External: s.external}, lifetime)
+		r, err := c.exchangePCP(ctx, s, req, func(r PCPResponse) bool {
+			return r.Result == PCPUnsuppVersion || (r.Opcode == PCPOpMap && (r.Map.Nonce == m.nonce ||
+				(r.Result != PCPSuccess && r.Map == PCPMap{})))
+		})
+		if err != nil {
+			return fmt.Errorf("map %v: %w", m.req, err)
+		}
+		if r.Result == PCPUnsuppVersion {
+			c.log.Warn("natpmp: gateway stopped speaking PCP; switching to NAT-PMP", "gateway", s.gw)
+			s.pcp, s.hasEpoch = false, false
+			if err := c.queryExternal(ctx, s); err != nil {
+				return err
+			}
+			return c.mapOne(ctx, s, m)
+		}
+		c.epochSeen(s, r.Epoch)
+		if r.Result != PCPSuccess {
+			refusal = r.Result
+		} else {
+			granted, extPort, ext = r.Lifetime, r.Map.ExternalPort, r.Map.External
+		}
+	} else {
+		op, _ := m.req.Protocol.natpmpOp()
+		req, err := BuildMapRequest(m.req.Protocol, m.req.InternalPort, suggest, lifetime)
+		if err != nil {
+			return err
+		}
+		r, err := c.exchangeNATPMP(ctx, s, req, func(r Response) bool {
+			return r.Op == op|opResponse && (r.Result != ResultSuccess || r.InternalPort == m.req.InternalPort)
+		})
+		if err != nil {
+			return fmt.Errorf("map %v: %w", m.req, err)
+		}
+		c.epochSeen(s, r.Epoch)
+		if r.Result != ResultSuccess {
+			refusal = r.Result
+		} else {
+			granted, extPort, ext = r.Lifetime, r.ExternalPort, s.external
+		}
+	}
+	now := c.now()
+	if refusal != nil {
+		c.log.Warn("natpmp: gateway refused mapping", "mapping", m.req, "err", refusal)
+		m.err = fmt.Errorf("map %v: %w", m.req, refusal)
+		m.extPort, m.lifetime, m.expires = 0, 0, time.Time{}
+		m.renewAt = now.Add(c.cfg.RetryInterval)
+		return nil
+	}
+	if granted == 0 {
+		m.err = fmt.Errorf("map %v: gateway granted lifetime 0", m.req)
+		m.extPort = 0
+		m.renewAt = now.Add(c.cfg.RetryInterval)
+		return nil
+	}
+	if m.extPort != extPort || s.external != ext {
+		c.log.Info("natpmp: mapped", "mapping", m.req, "external", netip.AddrPortFrom(ext, extPort), "lifetime", granted)
+	}
+	m.err = nil
+	m.extPort = extPort
+	if ext.IsValid() {
+		s.external = ext
+	}
+	m.lifetime = time.Duration(granted) * time.Second
+	m.expires = now.Add(m.lifetime)
+	m.renewAt = now.Add(m.lifetime / 2)
+	return nil
+}
+
+func (c *Client) deleteMapping(ctx context.Context, s *session, m *mapping) error {
+	if m.extPort == 0 && m.err != nil {
+		return nil
+	}
+	if s.pcp {
+		req := BuildPCPMapRequest(s.local, PCPMap{Nonce: m.nonce, Protocol: m.req.Protocol,
+			InternalPort: m.req.InternalPort}, 0)
+		_, err := c.exchangePCP(ctx, s, req, func(r PCPResponse) bool {
+			return r.Opcode == PCPOpMap && (r.Map.Nonce == m.nonce || r.Result != PCPSuccess)
+		})
+		if err != nil {
+			return fmt.Errorf("delete %v: %w", m.req, err)
+		}
+	} else {
+		op, _ := m.req.Protocol.natpmpOp()
+		req, err := BuildMapRequest(m.req.Protocol, m.req.InternalPort, 0, 0)
+		if err != nil {
+			return err
+		}
+		_, err = c.exchangeNATPMP(ctx, s, req, func(r Response) bool {
+			return r.Op == op|opResponse && (r.Result != ResultSuccess || r.InternalPort == m.req.InternalPort)
+		})
+		if err != nil {
+			return fmt.Errorf("delete %v: %w", m.req, err)
+		}
+	}
+	c.log.Info("natpmp: mapping deleted", "mapping", m.req)
+	return nil
+}
+
+// shutdown deletes every mapping within ShutdownTimeout.
+func (c *Client) shutdown(ctx context.Context, s *session) {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.ShutdownTimeout)
+	defer cancel()
+	for req, m := range s.maps {
+		if err := c.deleteMapping(dctx, s, m); err != nil {
+			c.log.Warn("natpmp: mapping not deleted at shutdown", "mapping", req, "err", err)
+			break
+		}
+		delete(s.maps, req)
+	}
+	s.close()
+	c.setState(func(st *Status) {
+		*st = Status{State: StateStopped, Gateway: s.gw, Local: s.local, Protocol: s.protocol()}
+	})
+}
+
+// lost records that the gateway stopped answering.
+func (c *Client) lost(s *session, err error) {
+	state := StateFailed
+	if errors.Is(err, ErrNoGateway) {
+		state = StateNoGateway
+	}
+	c.log.Warn("natpmp: lost the gateway", "gateway", s.gw, "err", err)
+	c.setState(func(st *Status) {
+		*st = Status{State: state, Gateway: s.gw, Local: s.local, Detail: err.Error()}
+	})
+}
+
+// refreshStatus renders the session into the status.
+func (c *Client) refreshStatus(s *session) {
+	c.setState(func(st *Status) {
+		*st = Status{State: StateMapped, Protocol: s.protocol(), Gateway: s.gw, Local: s.local,
+			External: s.external, Epoch: s.epoch.server}
+		if s.external.IsValid() && behindNAT(s.external) {
+			st.State = StateDoubleNAT
+			st.External = netip.Addr{}
+			st.Detail = fmt.Sprintf("gateway %v's external address %v is itself private", s.gw, s.external)
+		}
+		var errs []string
+		for _, m := range s.maps {
+			pm := Mapping{Protocol: m.req.Protocol, InternalPort: m.req.InternalPort, ExternalPort: m.extPort,
+				Lifetime: m.lifetime, Expires: m.expires}
+			if m.err != nil {
+				pm.Err = m.err.Error()
+				errs = append(errs, pm.Err)
+			}
+			st.Mappings = append(st.Mappings, pm)
+		}
+		slices.SortFunc(st.Mappings, func(a, b Mapping) int {
+			if a.InternalPort != b.InternalPort {
+				return int(a.InternalPort) - int(b.InternalPort)
+			}
+			return int(a.Protocol) - int(b.Protocol)
+		})
+		if st.State == StateMapped && len(errs) > 0 {
+			slices.Sort(errs)
+			st.Detail = fmt.Sprint(errs)
+		}
+	})
+}
+
+// setState edits the status under the lock and tells subscribers when the
+// published part changed.
+func (c *Client) setState(f func(*Status)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.status
+	f(&c.status)
+	c.status.rediscover = old.rediscover
+	if c.status.samePublished(old) {
+		c.status.Since = old.Since
+	} else {
+		c.status.Since = c.now()
+	}
+	if c.status.samePublished(c.published) && !c.published.Since.IsZero() {
+		return
+	}
+	c.published = c.status.clone()
+	for ch := range c.subs {
+		select {
+		case <-ch:
+		default:
+		}
+		ch <- c.published.clone()
+	}
+}
