@@ -554,3 +554,39 @@ func FuzzAgentInput(f *testing.F) {
 		}
 	})
 }
+
+// TestSetPeersMoveAndRemove: a new outer address for a keyed peer moves its
+// SAs (same SPIs, no rekey); removing the peer sends DELETE, so the other
+// side drops its SAs too.
+func TestSetPeersMoveAndRemove(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		b.peers(t, peerA)
+		a.peers(t, peerB)
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		before, ok := a.rec.peer(ulaB)
+		if !ok {
+			t.Fatal("not keyed")
+		}
+		moved := peerB
+		moved.Outer = netip.MustParseAddrPort("10.0.9.9:4500")
+		a.peers(t, moved)
+		after, _ := a.rec.peer(ulaB)
+		if after.Outer != moved.Outer || after.Out.SPI != before.Out.SPI || after.In.SPI != before.In.SPI {
+			t.Errorf("move: before %v %v, after %v %v (want same SPIs, new outer)", before.Outer, before.Out, after.Outer, after.Out)
+		}
+		// Put it back so the DELETE reaches b, then remove b from a's peers.
+		a.peers(t, peerB)
+		a.peers(t)
+		synctest.Wait()
+		if _, ok := a.rec.peer(ulaB); ok {
+			t.Error("a kept SAs for a removed peer")
+		}
+		if _, ok := b.rec.peer(ulaA); ok {
+			t.Errorf("b kept SAs after a's DELETE: %q", b.rec.Calls())
+		}
+	})
+}
