@@ -139,3 +139,17 @@ func foreignXfrm(t *testing.T, h *netlink.Handle, withState bool) {
 			Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: make([]byte, 20), ICVLen: 128}}))
 	}
 }
+
+func mustLinkObj(t *testing.T, h *labHost, dev string) netlink.Link {
+	t.Helper()
+	l, err := h.ns.LinkByName(dev)
+	must(t, err)
+	return l
+}
+
+func mustParseAddr(t *testing.T, cidr string) *netlink.Addr {
+	t.Helper()
+	a, err := netlink.ParseAddr(cidr)
+	must(t, err)
+	return a
+}
