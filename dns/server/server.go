@@ -334,6 +334,8 @@ func listenSamePort(addr string) (net.PacketConn, net.Listener, error) {
 		port := pc.LocalAddr().(*net.UDPAddr).Port
 		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
 		if err == nil {
+			// Room for bursts (e.g. many LLQ refreshes); capped by net.core.rmem_max.
+			pc.(*net.UDPConn).SetReadBuffer(4 << 20)
 			return pc, ln, nil
 		}
 		pc.Close()

@@ -27,7 +27,7 @@ type Embedded struct {
 	mu      sync.Mutex // serialises writers and guards everything below
 	closed  bool
 	rev     uint64
-	names   map[string][]Record // lower-case canonical owner name -> records
+	names   map[string]map[string]Record // lower-case canonical owner name -> RR key -> record
 	meta    map[string][]byte
 	log     *os.File
 	logLen  int // records in the log since the last snapshot
@@ -73,7 +73,7 @@ func Open(dir string) (*Embedded, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
-	s := &Embedded{dir: dir, names: map[string][]Record{}, meta: map[string][]byte{},
+	s := &Embedded{dir: dir, names: map[string]map[string]Record{}, meta: map[string][]byte{},
 		watches: map[*watch]struct{}{}, CompactEvery: 10000}
 	if err := s.loadSnapshot(); err != nil {
 		return nil, err
@@ -212,54 +212,62 @@ func (s *Embedded) applyWAL(rec walRecord) error {
 
 func lname(n string) string { return strings.ToLower(dns.CanonicalName(n)) }
 
-// put adds or replaces; it reports whether the RR is new and the old record.
+// put adds or replaces; it reports whether the RR is new.
 func (s *Embedded) put(r Record) (added bool) {
 	n := lname(r.RR.Header().Name)
 	recs := s.names[n]
-	k := r.Key()
-	for i := range recs {
-		if recs[i].Key() == k {
-			recs[i] = r
-			return false
-		}
+	if recs == nil {
+		recs = map[string]Record{}
+		s.names[n] = recs
 	}
-	s.names[n] = append(recs, r)
-	return true
+	k := r.Key()
+	_, existed := recs[k]
+	recs[k] = r
+	return !existed
 }
 
 func (s *Embedded) del(rr dns.RR) (Record, bool) {
 	n := lname(rr.Header().Name)
 	recs := s.names[n]
 	k := RRKey(rr)
-	for i := range recs {
-		if recs[i].Key() == k {
-			old := recs[i]
-			recs = append(recs[:i:i], recs[i+1:]...)
-			if len(recs) == 0 {
-				delete(s.names, n)
-			} else {
-				s.names[n] = recs
-			}
-			return old, true
-		}
+	old, ok := recs[k]
+	if !ok {
+		return Record{}, false
 	}
-	return Record{}, false
+	delete(recs, k)
+	if len(recs) == 0 {
+		delete(s.names, n)
+	}
+	return old, true
 }
 
 func (s *Embedded) find(rr dns.RR) (Record, bool) {
-	k := RRKey(rr)
-	for _, r := range s.names[lname(rr.Header().Name)] {
-		if r.Key() == k {
-			return r, true
-		}
+	r, ok := s.names[lname(rr.Header().Name)][RRKey(rr)]
+	return r, ok
+}
+
+// sortedRecords returns a name's records in key order (deterministic).
+func sortedRecords(m map[string]Record) []Record {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
 	}
-	return Record{}, false
+	sort.Strings(keys)
+	out := make([]Record, 0, len(m))
+	for _, k := range keys {
+		out = append(out, m[k])
+	}
+	return out
 }
 
 type view struct{ s *Embedded }
 
 func (v view) Name(name string) []Record {
-	return append([]Record(nil), v.s.names[lname(name)]...)
+	m := v.s.names[lname(name)]
+	if len(m) == 0 {
+		return nil
+	}
+	return sortedRecords(m)
 }
 func (v view) Rev() uint64 { return v.s.rev }
 
@@ -426,7 +434,7 @@ func (s *Embedded) allLocked() []Record {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		out = append(out, s.names[n]...)
+		out = append(out, sortedRecords(s.names[n])...)
 	}
 	return out
 }
