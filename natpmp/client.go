@@ -624,8 +624,7 @@ func (c *Client) epochSeen(s *session, epoch uint32) {
 	if reset {
 		c.log.Warn("natpmp: gateway lost its mappings (epoch went back); re-creating them", "gateway", s.gw, "epoch", epoch)
 		for _, m := range s.maps {
-			m.renewAt = now
-			m.extPort = 0
+			m.renewAt = now // ask again for the same external port
 		}
 	}
 }

@@ -1,0 +1,385 @@
+package natpmp
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+)
+
+type harness struct {
+	c      *Client
+	g      *fakeGateway
+	ann    *fakeAnnouncer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func start(t *testing.T, g *fakeGateway, mod func(*Config)) *harness {
+	t.Helper()
+	h := &harness{g: g, ann: newFakeAnnouncer(), done: make(chan error, 1)}
+	cfg := Config{
+		Logger: slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})),
+		Route: func() (Route, error) {
+			return Route{Gateway: netip.MustParseAddr("192.168.1.1"), Local: netip.MustParseAddr("192.168.1.2")}, nil
+		},
+		Dial:                func(netip.AddrPort) (Conn, error) { return g.dial(), nil },
+		ListenAnnouncements: func() (PacketConn, error) { return h.ann, nil },
+		Mappings:            []MappingRequest{{UDP, 4500}},
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	c, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.c = c
+	ctx, cancel := context.WithCancel(t.Context())
+	h.cancel = cancel
+	go func() { h.done <- c.Run(ctx) }()
+	synctest.Wait()
+	return h
+}
+
+// stop ends Run and checks it returned the context's error.
+func (h *harness) stop(t *testing.T) {
+	t.Helper()
+	h.cancel()
+	if err := <-h.done; !errors.Is(err, context.Canceled) {
+		t.Errorf("Run = %v, want context.Canceled", err)
+	}
+}
+
+func TestRetryScheduleThenNoGateway(t *testing.T) {
+	for _, pcp := range []bool{true, false} {
+		name := "NAT-PMP"
+		if pcp {
+			name = "PCP"
+		}
+		t.Run(name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				g := newFakeGateway(true)
+				g.silent = true
+				t0 := time.Now()
+				h := start(t, g, func(c *Config) { c.DisablePCP = !pcp })
+				updates, unsub := h.c.Subscribe()
+				defer unsub()
+				<-updates // the current status
+				time.Sleep(127*time.Second + 740*time.Millisecond)
+				synctest.Wait()
+				if st := h.c.Status(); st.State != StateStarting {
+					t.Fatalf("gave up early: %v", st)
+				}
+				time.Sleep(20 * time.Millisecond)
+				synctest.Wait()
+				st := h.c.Status()
+				if st.State != StateNoGateway || !strings.Contains(st.String(), "no gateway (treated as a public network)") {
+					t.Errorf("status %q, want no gateway", st)
+				}
+				if _, ok := st.Endpoint(UDP, 4500); ok {
+					t.Error("endpoint published without a gateway")
+				}
+				select {
+				case u := <-updates:
+					if u.State != StateNoGateway {
+						t.Errorf("update %v", u)
+					}
+				default:
+					t.Error("no update for no gateway")
+				}
+				want := []time.Duration{0, 250, 750, 1750, 3750, 7750, 15750, 31750, 63750}
+				reqs := g.requests()
+				if len(reqs) != len(want) {
+					t.Fatalf("%d tries, want %d", len(reqs), len(want))
+				}
+				wantV := uint8(VersionNATPMP)
+				if pcp {
+					wantV = VersionPCP
+				}
+				for i, r := range reqs {
+					if got := r.at.Sub(t0); got != want[i]*time.Millisecond || r.version != wantV {
+						t.Errorf("try %d at %v version %d, want %v version %d", i, got, r.version, want[i]*time.Millisecond, wantV)
+					}
+				}
+				// It looks again after RetryInterval (5 min by default).
+				time.Sleep(5 * time.Minute)
+				synctest.Wait()
+				if n := len(g.requests()); n != len(want)+1 {
+					t.Errorf("%d requests after the retry interval, want %d", n, len(want)+1)
+				}
+				h.stop(t)
+			})
+		})
+	}
+}
+
+func TestNATPMPMapRenewDelete(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(false)
+		g.taken[4500] = true // someone else holds 4500: we get 4501
+		t0 := time.Now()
+		h := start(t, g, func(c *Config) { c.Mappings = append(c.Mappings, MappingRequest{TCP, 22}) })
+		st := h.c.Status()
+		if st.State != StateMapped || st.Protocol != "NAT-PMP" {
+			t.Fatalf("status %v", st)
+		}
+		ep, ok := st.Endpoint(UDP, 4500)
+		if want := netip.MustParseAddrPort("11.0.0.1:4501"); !ok || ep != want {
+			t.Errorf("udp endpoint %v %v, want %v", ep, ok, want)
+		}
+		if ep, ok := st.Endpoint(TCP, 22); !ok || ep.Port() != 22 {
+			t.Errorf("tcp endpoint %v %v", ep, ok)
+		}
+		if got := st.String(); got != "mapped via NAT-PMP gateway 192.168.1.1, external 11.0.0.1, tcp 22->22 (1h0m0s), udp 4501->4500 (1h0m0s)" {
+			t.Errorf("String() = %q", got)
+		}
+		// PCP probe, external address, two mappings (asking internal = external, 3600 s).
+		reqs := g.requests()
+		if len(reqs) != 4 || reqs[0].version != VersionPCP || reqs[1].op != OpExternalAddress {
+			t.Fatalf("requests %+v", reqs)
+		}
+		for _, r := range reqs[2:] {
+			if r.suggest != r.internal || r.lifetime != 3600 {
+				t.Errorf("mapping request %+v", r)
+			}
+		}
+		// Renewal at half-life, suggesting the port we hold.
+		time.Sleep(30*time.Minute - time.Millisecond)
+		synctest.Wait()
+		if n := len(g.requests()); n != 4 {
+			t.Fatalf("renewed early: %d requests", n)
+		}
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		reqs = g.requests()[4:]
+		if len(reqs) != 2 {
+			t.Fatalf("renewals %+v", reqs)
+		}
+		for _, r := range reqs {
+			if r.at.Sub(t0) != 30*time.Minute {
+				t.Errorf("renewal at %v", r.at.Sub(t0))
+			}
+			if r.internal == 4500 && r.suggest != 4501 {
+				t.Errorf("renewal suggests %d, want the held 4501", r.suggest)
+			}
+		}
+		// Remove deletes with lifetime 0 and external port 0.
+		h.c.Remove(MappingRequest{TCP, 22})
+		synctest.Wait()
+		last := g.requests()[len(g.requests())-1]
+		if last.op != OpMapTCP || last.lifetime != 0 || last.suggest != 0 {
+			t.Errorf("delete request %+v", last)
+		}
+		if _, ok := g.mapping(TCP, 22); ok {
+			t.Error("tcp/22 still mapped after Remove")
+		}
+		// Clean shutdown deletes the rest.
+		h.stop(t)
+		if _, ok := g.mapping(UDP, 4500); ok {
+			t.Error("udp/4500 still mapped after shutdown")
+		}
+		if st := h.c.Status(); st.State != StateStopped {
+			t.Errorf("status after Run: %v", st)
+		}
+	})
+}
+
+func TestEpochResetRecreates(t *testing.T) {
+	for _, pcp := range []bool{false, true} {
+		t.Run(map[bool]string{false: "NAT-PMP", true: "PCP"}[pcp], func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				g := newFakeGateway(pcp)
+				h := start(t, g, nil)
+				if _, ok := g.mapping(UDP, 4500); !ok {
+					t.Fatalf("not mapped: %v", h.c.Status())
+				}
+				time.Sleep(10 * time.Minute)
+				g.reboot()
+				// Announcement (NAT-PMP version 0 or PCP ANNOUNCE) -> re-query.
+				var a []byte
+				if pcp {
+					a, _ = PCPResponse{Opcode: PCPOpAnnounce, Epoch: 0}.MarshalBinary()
+				} else {
+					a, _ = Response{Op: 128, External: g.external}.MarshalBinary()
+				}
+				h.ann.c <- a
+				synctest.Wait()
+				if m, ok := g.mapping(UDP, 4500); !ok || m.ext != 4500 {
+					t.Errorf("mapping not restored (same port) after reboot + announcement: %v", h.c.Status())
+				}
+				// Without an announcement, the next renewal notices too.
+				time.Sleep(5 * time.Minute)
+				g.reboot()
+				time.Sleep(30 * time.Minute)
+				synctest.Wait()
+				if _, ok := g.mapping(UDP, 4500); !ok {
+					t.Errorf("mapping not restored at renewal: %v", h.c.Status())
+				}
+				h.stop(t)
+			})
+		})
+	}
+}
+
+func TestEpochResetFunctions(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		prev, cur uint32
+		elapsed   time.Duration
+		natpmp    bool
+		pcp       bool
+	}{
+		{100, 200, 100 * time.Second, false, false},
+		{100, 100, 0, false, false},
+		{100, 99, 0, false, false}, // within tolerance
+		{100, 5, 10 * time.Second, true, true},
+		{100, 150, 100 * time.Second, true, true},   // gateway clock far behind ours
+		{100, 1000, 100 * time.Second, false, true}, // far ahead: only PCP checks
+		{0, 0, time.Hour, true, true},
+	} {
+		now := t0.Add(tc.elapsed)
+		if got := NATPMPEpochReset(tc.prev, t0, tc.cur, now); got != tc.natpmp {
+			t.Errorf("NATPMPEpochReset(%d, +%v, %d) = %v", tc.prev, tc.elapsed, tc.cur, got)
+		}
+		if got := PCPEpochReset(tc.prev, t0, tc.cur, now); got != tc.pcp {
+			t.Errorf("PCPEpochReset(%d, +%v, %d) = %v", tc.prev, tc.elapsed, tc.cur, got)
+		}
+	}
+}
+
+func TestPCPNonceKept(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		g.taken[4500] = true
+		h := start(t, g, nil)
+		st := h.c.Status()
+		if ep, ok := st.Endpoint(UDP, 4500); st.Protocol != "PCP" || !ok || ep != netip.MustParseAddrPort("11.0.0.1:4501") {
+			t.Fatalf("status %v", st)
+		}
+		time.Sleep(31 * time.Minute)
+		synctest.Wait()
+		reqs := g.requests()
+		if len(reqs) != 3 || reqs[0].op != PCPOpAnnounce || reqs[1].nonce != reqs[2].nonce || reqs[2].suggest != 4501 {
+			t.Fatalf("requests %+v", reqs)
+		}
+		if st := h.c.Status(); len(st.Mappings) != 1 || st.Mappings[0].Err != "" {
+			t.Errorf("after renewal %v", st) // a changed nonce would be NOT_AUTHORIZED
+		}
+		h.stop(t)
+		reqs = g.requests()
+		if last := reqs[len(reqs)-1]; last.lifetime != 0 || last.nonce != reqs[1].nonce {
+			t.Errorf("delete %+v", last)
+		}
+		if _, ok := g.mapping(UDP, 4500); ok {
+			t.Error("still mapped after shutdown")
+		}
+	})
+}
+
+func TestDoubleNAT(t *testing.T) {
+	for _, ext := range []string{"10.9.8.7", "100.64.1.2"} {
+		synctest.Test(t, func(t *testing.T) {
+			g := newFakeGateway(false)
+			g.external = netip.MustParseAddr(ext)
+			h := start(t, g, nil)
+			st := h.c.Status()
+			if st.State != StateDoubleNAT || st.External.IsValid() || !strings.HasPrefix(st.String(), "double NAT: no direct inbound path") {
+				t.Errorf("status %q", st)
+			}
+			if ep, ok := st.Endpoint(UDP, 4500); ok {
+				t.Errorf("published %v under double NAT", ep)
+			}
+			h.stop(t)
+		})
+	}
+}
+
+func TestPublicAddressNeedsNoGateway(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		h := start(t, g, func(c *Config) {
+			c.Route = func() (Route, error) {
+				return Route{Gateway: netip.MustParseAddr("11.0.0.1"), Local: netip.MustParseAddr("11.0.0.9")}, nil
+			}
+		})
+		st := h.c.Status()
+		if ep, ok := st.Endpoint(UDP, 4500); st.State != StatePublic || !ok || ep != netip.MustParseAddrPort("11.0.0.9:4500") {
+			t.Errorf("status %v", st)
+		}
+		if n := len(g.requests()); n != 0 {
+			t.Errorf("%d requests to a gateway on a public network", n)
+		}
+		h.stop(t)
+	})
+}
+
+func TestRefusalIsTypedError(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(false)
+		g.refuse = ResultNotAuthorized
+		h := start(t, g, nil)
+		st := h.c.Status()
+		if len(st.Mappings) != 1 || !strings.Contains(st.Mappings[0].Err, "NOT_AUTHORIZED") {
+			t.Fatalf("status %v", st)
+		}
+		if _, ok := st.Endpoint(UDP, 4500); ok {
+			t.Error("refused mapping published")
+		}
+		// Retried after RetryInterval; succeeds once the gateway allows it.
+		g.mu.Lock()
+		g.refuse = 0
+		g.mu.Unlock()
+		time.Sleep(5 * time.Minute)
+		synctest.Wait()
+		if _, ok := h.c.Status().Endpoint(UDP, 4500); !ok {
+			t.Errorf("not mapped after retry: %v", h.c.Status())
+		}
+		h.stop(t)
+	})
+}
+
+func TestConcurrentUse(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		h := start(t, g, nil)
+		updates, unsub := h.c.Subscribe()
+		var wg sync.WaitGroup
+		for i := range 8 {
+			wg.Go(func() {
+				m := MappingRequest{UDP, uint16(5000 + i)}
+				for range 5 {
+					h.c.Add(m)
+					_ = h.c.Status().String()
+					h.c.Remove(m)
+				}
+				h.c.Add(m)
+			})
+		}
+		wg.Wait()
+		synctest.Wait()
+		st := <-updates
+		if len(st.Mappings) != 9 {
+			t.Errorf("latest update has %d mappings, want 9: %v", len(st.Mappings), st)
+		}
+		for _, m := range st.Mappings {
+			if m.ExternalPort == 0 {
+				t.Errorf("unmapped %+v", m)
+			}
+		}
+		unsub()
+		unsub()
+		if err := h.c.Add(MappingRequest{Protocol(1), 1}); err == nil {
+			t.Error("Add(icmp) succeeded")
+		}
+		h.stop(t)
+		if err := h.c.Run(t.Context()); !errors.Is(err, ErrClosed) {
+			t.Errorf("second Run = %v", err)
+		}
+	})
+}
