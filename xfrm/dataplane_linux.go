@@ -485,6 +485,29 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	wantStates := map[uint32]bool{}
 	wantPols := map[string]bool{}
 	wantRoutes := map[string]bool{}
+	// A peer that could not be planned (no route to its outer address just
+	// now) keeps whatever it has in the kernel: a transient lookup failure
+	// must not tear its tunnel down.
+	planned := map[netip.Addr]bool{}
+	for _, pp := range plans {
+		planned[pp.peer.ULA] = true
+	}
+	for _, p := range desired.Peers {
+		if planned[p.ULA] {
+			continue
+		}
+		for _, sa := range append([]controlplane.SA{p.Out, p.In}, p.PrevIn...) {
+			wantStates[sa.SPI] = true
+		}
+		for _, dir := range []netlink.Dir{netlink.XFRM_DIR_OUT, netlink.XFRM_DIR_IN, netlink.XFRM_DIR_FWD} {
+			src, dst := p.ULA, desired.Local.ULA
+			if dir == netlink.XFRM_DIR_OUT {
+				src, dst = dst, src
+			}
+			wantPols[policyKey(&netlink.XfrmPolicy{Dir: dir, Src: prefix128(src), Dst: prefix128(dst), Ifid: d.ifid()})] = true
+		}
+		wantRoutes[prefix128(p.ULA).String()] = true
+	}
 	for _, pp := range plans {
 		moved := a.states(pp, kstates, kpols)
 		if moved {
@@ -678,7 +701,7 @@ func (a *applier) states(pp peerPlan, kstates []netlink.XfrmState, kpols []netli
 func (a *applier) move(pp peerPlan, i int, have, want *netlink.XfrmState, kpols []netlink.XfrmPolicy) bool {
 	d := a.d
 	what := fmt.Sprintf("%s -> %s", stateWhat(have), outerWhat(want))
-	if d.mig != nil && i < 2 {
+	if d.mig != nil && i < 2 && d.uniqueOuter(have) {
 		dir := netlink.XFRM_DIR_OUT
 		if i == 1 {
 			dir = netlink.XFRM_DIR_IN
@@ -740,6 +763,24 @@ func (a *applier) move(pp peerPlan, i int, have, want *netlink.XfrmState, kpols 
 		}
 	}
 	return false
+}
+
+// uniqueOuter reports whether s is the only SA of ours between its outer
+// addresses. XFRM_MSG_MIGRATE moves the first SA it finds with the policy's
+// reqid and old addresses, so it is only precise then; otherwise (two peers
+// behind one NAT address, or an earlier inbound SA kept during a rekey) the
+// SA is moved by re-adding it.
+func (d *Dataplane) uniqueOuter(s *netlink.XfrmState) bool {
+	ss, err := d.states()
+	if err != nil {
+		return false
+	}
+	for _, o := range ss {
+		if o.Spi != s.Spi && o.Src.Equal(s.Src) && o.Dst.Equal(s.Dst) {
+			return false
+		}
+	}
+	return true
 }
 
 func (d *Dataplane) findStateSPI(spi uint32) *netlink.XfrmState {

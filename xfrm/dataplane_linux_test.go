@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -460,4 +461,67 @@ func withoutLink(s string) string {
 		}
 	}
 	return strings.Join(keep, "")
+}
+
+// TestUnplannablePeerKept: when the route to a peer's outer address cannot
+// be looked up for a moment, Set reports it and leaves the peer's tunnel as
+// it is instead of tearing it down.
+func TestUnplannablePeerKept(t *testing.T) {
+	k := newFakeKernel()
+	d := newFake(t, k, Config{})
+	st := stateOf(peer("b", ulaB, "10.0.0.2:4500", gcm(0x1001), gcm(0x1002)))
+	st.Local.Outer = netip.Addr{}
+	if _, err := d.Set(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	before := mustRender(t, k)
+	k.routeErr = syscall.ENETUNREACH
+	ch, err := d.Set(context.Background(), st)
+	if err == nil || len(ch) != 0 {
+		t.Fatalf("Set without a route = %q, %v; want an error and no changes", changeStrings(ch), err)
+	}
+	if diff := cmp.Diff(before, mustRender(t, k)); diff != "" {
+		t.Fatalf("peer torn down (-before +after):\n%s", diff)
+	}
+}
+
+// TestMoveBehindSharedNAT: two peers behind one NAT address; one peer's
+// port changes. Migration could pick the wrong SA (it matches by reqid and
+// addresses), so the SA is re-added with its replay state, and the other
+// peer's SAs stay as they are.
+func TestMoveBehindSharedNAT(t *testing.T) {
+	k := newFakeKernel()
+	d := newFake(t, k, Config{})
+	b := peer("b", ulaB, "11.0.0.9:4500", gcm(0x1001), gcm(0x1002))
+	c := peer("c", ulaC, "11.0.0.9:4600", gcm(0x2001), gcm(0x2002))
+	if _, err := d.Set(context.Background(), stateOf(b, c)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range k.states {
+		k.states[i].Replay = &netlink.XfrmReplayState{OSeq: 500, Seq: 600}
+	}
+	b.Outer = netip.MustParseAddrPort("11.0.0.9:4700")
+	ch, err := d.Set(context.Background(), stateOf(b, c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.migrated != 0 {
+		t.Errorf("used XFRM_MSG_MIGRATE %d times with ambiguous outer addresses", k.migrated)
+	}
+	got := mustRender(t, k)
+	for _, want := range []string{
+		"state 10.0.0.1:4500 -> 11.0.0.9:4700 spi 0x00001001",
+		"state 11.0.0.9:4700 -> 10.0.0.1:4500 spi 0x00001002",
+		"state 10.0.0.1:4500 -> 11.0.0.9:4600 spi 0x00002001",
+		"state 11.0.0.9:4600 -> 10.0.0.1:4500 spi 0x00002002",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("kernel lacks %q; changes %q:\n%s", want, changeStrings(ch), got)
+		}
+	}
+	for _, s := range k.states {
+		if s.Replay.OSeq < 500 || s.Replay.Seq != 600 {
+			t.Errorf("spi 0x%x replay %+v: sequence numbers lost", s.Spi, *s.Replay)
+		}
+	}
 }

@@ -25,6 +25,7 @@ type fakeKernel struct {
 	migrated  int  // successful migrations
 	nextIndex int
 	routeSrc  net.IP // RouteGet's answer
+	routeErr  error  // RouteGet fails
 	routeDev  int
 }
 
@@ -271,6 +272,9 @@ func (k *fakeKernel) RouteDel(r *netlink.Route) error {
 }
 
 func (k *fakeKernel) RouteGet(net.IP) ([]netlink.Route, error) {
+	if k.routeErr != nil {
+		return nil, k.routeErr
+	}
 	return []netlink.Route{{Src: k.routeSrc, LinkIndex: k.routeDev}}, nil
 }
 
