@@ -38,9 +38,53 @@ type Embedded struct {
 	CompactEvery int
 }
 
+// watch delivers changes through an unbounded queue so that a committer
+// never blocks on a watcher (a watcher may itself commit, as the lease
+// expirer does).
 type watch struct {
-	ctx context.Context
-	ch  chan Change
+	ctx   context.Context
+	ch    chan Change
+	mu    sync.Mutex
+	cond  *sync.Cond
+	queue []Change
+	done  bool
+}
+
+func (w *watch) push(c Change) {
+	w.mu.Lock()
+	w.queue = append(w.queue, c)
+	w.mu.Unlock()
+	w.cond.Signal()
+}
+
+func (w *watch) stop() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+	w.cond.Signal()
+}
+
+// pump moves queued changes to the channel until stopped or ctx ends.
+func (w *watch) pump() {
+	defer close(w.ch)
+	for {
+		w.mu.Lock()
+		for len(w.queue) == 0 && !w.done {
+			w.cond.Wait()
+		}
+		if w.done {
+			w.mu.Unlock()
+			return
+		}
+		c := w.queue[0]
+		w.queue = w.queue[1:]
+		w.mu.Unlock()
+		select {
+		case w.ch <- c:
+		case <-w.ctx.Done():
+			return
+		}
+	}
 }
 
 // walRecord is one log entry: a committed transaction or a meta change.
@@ -403,12 +447,7 @@ func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uin
 
 func (s *Embedded) notify(ch Change) {
 	for w := range s.watches {
-		select {
-		case w.ch <- ch:
-		case <-w.ctx.Done():
-			delete(s.watches, w)
-			close(w.ch)
-		}
+		w.push(ch)
 	}
 }
 
@@ -443,16 +482,16 @@ func (s *Embedded) allLocked() []Record {
 func (s *Embedded) Watch(ctx context.Context) (<-chan Change, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	w := &watch{ctx: ctx, ch: make(chan Change, 64)}
+	w := &watch{ctx: ctx, ch: make(chan Change, 16)}
+	w.cond = sync.NewCond(&w.mu)
 	s.watches[w] = struct{}{}
+	go w.pump()
 	go func() {
 		<-ctx.Done()
 		s.mu.Lock()
-		if _, ok := s.watches[w]; ok {
-			delete(s.watches, w)
-			close(w.ch)
-		}
+		delete(s.watches, w)
 		s.mu.Unlock()
+		w.stop()
 	}()
 	return w.ch, s.rev
 }
@@ -585,7 +624,7 @@ func (s *Embedded) Close() error {
 	s.log = nil
 	for w := range s.watches {
 		delete(s.watches, w)
-		close(w.ch)
+		w.stop()
 	}
 	return err
 }

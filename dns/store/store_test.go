@@ -145,3 +145,19 @@ func TestClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A watcher that commits while its own changes are undelivered must not
+// deadlock (the lease expirer does exactly this).
+func TestWatcherMayCommit(t *testing.T) {
+	s, _ := Open(t.TempDir())
+	defer s.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s.Watch(ctx) // never drained
+	for i := range 200 {
+		r := rec(t, "h.alice.btmm.example. 60 IN TXT \"v"+string(rune('a'+i%26))+string(rune('a'+i/26))+"\"")
+		if _, err := s.Update(ctx, func(View) ([]Op, error) { return []Op{{Kind: Put, Record: r}}, nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
