@@ -1,9 +1,16 @@
 package register
 
 import (
+	"crypto/hmac"
+	"crypto/md5"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/sha512"
 	"encoding/base64"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"strings"
@@ -292,4 +299,55 @@ func (p *parser) key() (*Key, error) {
 		return nil, fmt.Errorf("parse tsig key %q: needs both algorithm and secret", name)
 	}
 	return NewKey(name, alg, secret)
+}
+
+// Provider returns a miekg/dns TsigProvider for k. Unlike the library's
+// built-in one it also does hmac-md5, which `btmm-dnsd adduser` can issue.
+func (k *Key) Provider() dns.TsigProvider { return keyProvider{k} }
+
+type keyProvider struct{ k *Key }
+
+func (p keyProvider) Generate(msg []byte, t *dns.TSIG) ([]byte, error) {
+	if !strings.EqualFold(dns.CanonicalName(t.Hdr.Name), p.k.Name) {
+		return nil, dns.ErrSecret
+	}
+	raw, err := base64.StdEncoding.DecodeString(p.k.secret)
+	if err != nil {
+		return nil, dns.ErrSecret
+	}
+	var h func() hash.Hash
+	switch dns.CanonicalName(t.Algorithm) {
+	case dns.HmacMD5:
+		h = md5.New
+	case dns.HmacSHA1:
+		h = sha1.New
+	case dns.HmacSHA224:
+		h = sha256.New224
+	case dns.HmacSHA256:
+		h = sha256.New
+	case dns.HmacSHA384:
+		h = sha512.New384
+	case dns.HmacSHA512:
+		h = sha512.New
+	default:
+		return nil, dns.ErrKeyAlg
+	}
+	mac := hmac.New(h, raw)
+	mac.Write(msg)
+	return mac.Sum(nil), nil
+}
+
+func (p keyProvider) Verify(msg []byte, t *dns.TSIG) error {
+	want, err := p.Generate(msg, t)
+	if err != nil {
+		return err
+	}
+	got, err := hex.DecodeString(t.MAC)
+	if err != nil {
+		return err
+	}
+	if !hmac.Equal(got, want) {
+		return dns.ErrSig
+	}
+	return nil
 }

@@ -494,7 +494,7 @@ func (r *Registrar) serverFor(ctx context.Context) (string, string, error) {
 
 func (r *Registrar) netExchange(ctx context.Context, m *dns.Msg, server, network string) (*dns.Msg, error) {
 	m.SetTsig(r.cfg.Key.Name, r.cfg.Key.Algorithm, 300, time.Now().Unix())
-	c := &dns.Client{Net: network, TsigSecret: r.cfg.Key.Secrets(), Timeout: r.cfg.Timeout, TLSConfig: r.cfg.TLS}
+	c := &dns.Client{Net: network, TsigProvider: r.cfg.Key.Provider(), Timeout: r.cfg.Timeout, TLSConfig: r.cfg.TLS}
 	reply, _, err := c.ExchangeContext(ctx, m, server)
 	if err != nil {
 		return nil, err

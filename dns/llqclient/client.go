@@ -1,0 +1,759 @@
+package llqclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/btmm/btmm/dns/register"
+	"github.com/miekg/dns"
+)
+
+// LLQ opcodes and errors (RFC 8764 §3.2).
+const (
+	opSetup   = 1
+	opRefresh = 2
+	opEvent   = 3
+
+	errNoError   = 0
+	errServFull  = 1
+	errStatic    = 2
+	errFormat    = 3
+	errNoSuchLLQ = 4
+	errBadVers   = 5
+	errUnknown   = 6
+
+	llqVersion = 1
+	// removedTTL marks a removal in an event (RFC 8764 §6.2).
+	removedTTL = 0xFFFFFFFF
+)
+
+var llqErrNames = map[uint16]string{
+	errServFull: "SERV-FULL", errStatic: "STATIC", errFormat: "FORMAT-ERR",
+	errNoSuchLLQ: "NO-SUCH-LLQ", errBadVers: "BAD-VERS", errUnknown: "UNKNOWN-ERR",
+}
+
+// Defaults.
+const (
+	DefaultLease        = time.Hour
+	DefaultPollInterval = 5 * time.Minute
+	DefaultRetryLLQ     = 10 * time.Minute
+	DefaultTimeout      = 2 * time.Second
+	DefaultTries        = 3
+)
+
+// Config configures a Client.
+type Config struct {
+	// Server is the LLQ server "host:port"; empty discovers it by SRV
+	// _dns-llq._udp.<Domain> through Resolver.
+	Server   string
+	Domain   string
+	Resolver string
+	Key      *register.Key // TSIG key; nil sends unsigned
+
+	Lease        time.Duration // requested LLQ lease; default DefaultLease
+	PollInterval time.Duration // fallback polling; default DefaultPollInterval
+	RetryLLQ     time.Duration // while polling, try LLQ again after; default DefaultRetryLLQ
+	Timeout      time.Duration // first retransmission; default DefaultTimeout
+	Tries        int           // transmissions per request; default DefaultTries
+	Rand         *rand.Rand    // jitter; nil uses the runtime's random numbers
+
+	// Dial opens the transport; nil dials UDP. Tests use it for an
+	// in-memory responder.
+	Dial func(ctx context.Context, server string) (Transport, error)
+}
+
+// Transport carries whole DNS messages to and from one server.
+type Transport interface {
+	Send(msg []byte) error
+	// Recv blocks for the next message; after Close it returns an error
+	// wrapping net.ErrClosed.
+	Recv() ([]byte, error)
+	Close() error
+}
+
+// Mode of one watched question.
+type Mode string
+
+// Modes.
+const (
+	ModeSetup   Mode = "setup"   // four-way handshake in progress
+	ModeLLQ     Mode = "llq"     // established, changes are pushed
+	ModePolling Mode = "polling" // LLQ unavailable: plain queries every PollInterval
+)
+
+// QueryStatus describes one watched question.
+type QueryStatus struct {
+	Name    string
+	Type    string
+	Mode    Mode
+	Reason  string        // why polling, "" otherwise
+	Lease   time.Duration // granted LLQ lease
+	Answers int
+	Setups  int // completed four-way setups (more than one: re-established)
+}
+
+// Status is a snapshot for btmmctl.
+type Status struct {
+	Server    string
+	Queries   []QueryStatus
+	Polling   int    // questions in polling mode
+	LastError string // transport level
+}
+
+// Client keeps LLQs on a set of questions. See the package comment.
+type Client struct {
+	cfg Config
+	log *slog.Logger
+
+	cmds chan func()
+
+	mu     sync.Mutex
+	status Status
+
+	// Owned by the Run goroutine.
+	conn    Transport
+	server  string
+	queries map[qkey]*query
+	pending map[uint16]*query
+}
+
+type qkey struct {
+	name  string
+	qtype uint16
+}
+
+type state int
+
+const (
+	stSetup1  state = iota // initial request sent, waiting for the challenge
+	stSetup2               // challenge response sent, waiting for ACK + answers
+	stActive               // established; refreshing when refreshing is true
+	stPolling              // plain queries
+)
+
+type query struct {
+	key     qkey
+	fns     map[int]func([]dns.RR)
+	st      state
+	id      uint64
+	lease   time.Duration
+	msgID   uint16
+	reqMAC  string
+	tries   int
+	due     time.Time // next retransmission, refresh or poll
+	waiting bool      // a request is outstanding
+	setups  int
+	reason  string
+	llqAt   time.Time // while polling: when to try LLQ again
+
+	lastReq   *dns.Msg
+	answers   map[string]dns.RR
+	delivered bool
+}
+
+// New checks cfg; it does no I/O.
+func New(cfg Config, log *slog.Logger) (*Client, error) {
+	if cfg.Server == "" && (cfg.Domain == "" || cfg.Resolver == "") {
+		return nil, errors.New("llqclient: need Server, or Domain and Resolver for SRV discovery")
+	}
+	if cfg.Lease == 0 {
+		cfg.Lease = DefaultLease
+	}
+	if cfg.PollInterval == 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.RetryLLQ == 0 {
+		cfg.RetryLLQ = DefaultRetryLLQ
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.Tries == 0 {
+		cfg.Tries = DefaultTries
+	}
+	if cfg.Lease < time.Second || cfg.PollInterval < time.Second || cfg.Tries < 1 {
+		return nil, fmt.Errorf("llqclient: lease %v / poll interval %v / tries %d out of range", cfg.Lease, cfg.PollInterval, cfg.Tries)
+	}
+	if cfg.Dial == nil {
+		cfg.Dial = dialUDP
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Client{
+		cfg:     cfg,
+		log:     log,
+		cmds:    make(chan func(), 16),
+		queries: map[qkey]*query{},
+		pending: map[uint16]*query{},
+	}, nil
+}
+
+var watchSeq struct {
+	sync.Mutex
+	n int
+}
+
+// Watch keeps an LLQ on name/qtype and calls fn with the complete answer
+// whenever it changes (see the package comment). Several watchers of one
+// question share its LLQ. The returned function stops this watcher; the
+// LLQ is cancelled when its last watcher stops. Watch may be called before
+// or during Run, from any goroutine.
+func (c *Client) Watch(name string, qtype uint16, fn func([]dns.RR)) (stop func()) {
+	k := qkey{dns.CanonicalName(name), qtype}
+	watchSeq.Lock()
+	watchSeq.n++
+	n := watchSeq.n
+	watchSeq.Unlock()
+	c.cmds <- func() { c.addWatch(k, n, fn) }
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			// Never block a caller whose Run has ended.
+			go func() { c.cmds <- func() { c.removeWatch(k, n) } }()
+		})
+	}
+}
+
+// Status returns a snapshot.
+func (c *Client) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.status
+	s.Queries = slices.Clone(s.Queries)
+	return s
+}
+
+// Run connects and serves the watched questions until ctx ends; then it
+// cancels the LLQs (lease 0) and closes the socket. It returns nil on a
+// clean shutdown.
+func (c *Client) Run(ctx context.Context) error {
+	in := make(chan []byte, 64)
+	var readerDone chan struct{}
+	defer func() {
+		c.cancelAll()
+		if c.conn != nil {
+			c.conn.Close()
+			<-readerDone
+		}
+	}()
+	failures := 0
+	for c.conn == nil {
+		err := c.connect(ctx)
+		if err == nil {
+			break
+		}
+		failures++
+		c.setError(err)
+		wait := register.Backoff(failures, time.Minute, c.rand())
+		c.log.Warn("llq: cannot reach server", "err", err, "retry_in", wait)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		case f := <-c.cmds:
+			f()
+		}
+	}
+	readerDone = make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		for {
+			b, err := c.conn.Recv()
+			if err != nil {
+				if errors.Is(err, net.ErrClosed) {
+					return
+				}
+				continue // e.g. ICMP port unreachable while the server restarts
+			}
+			select {
+			case in <- b:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for _, q := range c.queries {
+		c.startSetup(q)
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		c.publishStatus()
+		if d, ok := c.nextDue(); ok {
+			timer.Reset(max(time.Until(d), 0))
+		} else {
+			timer.Stop()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case f := <-c.cmds:
+			f()
+		case b := <-in:
+			c.handle(b)
+		case <-timer.C:
+			c.fire(time.Now())
+		}
+	}
+}
+
+func (c *Client) connect(ctx context.Context) error {
+	server := c.cfg.Server
+	if server == "" {
+		s, err := register.Discover(ctx, c.cfg.Resolver, "_dns-llq._udp."+dns.Fqdn(c.cfg.Domain), c.cfg.Timeout)
+		if err != nil {
+			return fmt.Errorf("llqclient: discover server: %w", err)
+		}
+		server = s
+	}
+	conn, err := c.cfg.Dial(ctx, server)
+	if err != nil {
+		return fmt.Errorf("llqclient: dial %s: %w", server, err)
+	}
+	c.conn, c.server = conn, server
+	c.log.Info("llq: using server", "server", server)
+	return nil
+}
+
+func (c *Client) rand() func() float64 {
+	if c.cfg.Rand != nil {
+		return c.cfg.Rand.Float64
+	}
+	return rand.Float64
+}
+
+// RefreshAfter is when to refresh an LLQ granted for lease: about half of it,
+// ±10% jitter (RFC 8764 §7 asks for a refresh before expiry; half leaves
+// room for two retransmission rounds).
+func RefreshAfter(lease time.Duration, rnd func() float64) time.Duration {
+	return lease*4/10 + time.Duration(rnd()*float64(lease/5))
+}
+
+func (c *Client) pollAfter() time.Duration {
+	p := c.cfg.PollInterval
+	return p*9/10 + time.Duration(c.rand()()*float64(p/5))
+}
+
+func (c *Client) addWatch(k qkey, n int, fn func([]dns.RR)) {
+	q, ok := c.queries[k]
+	if !ok {
+		q = &query{key: k, fns: map[int]func([]dns.RR){}, answers: map[string]dns.RR{}}
+		c.queries[k] = q
+		if c.conn != nil {
+			c.startSetup(q)
+		}
+	}
+	q.fns[n] = fn
+	if q.delivered {
+		fn(q.snapshot())
+	}
+}
+
+func (c *Client) removeWatch(k qkey, n int) {
+	q, ok := c.queries[k]
+	if !ok {
+		return
+	}
+	delete(q.fns, n)
+	if len(q.fns) > 0 {
+		return
+	}
+	if q.st == stActive && c.conn != nil {
+		c.send(q, c.llqMsg(q, opRefresh, q.id, 0), false)
+	}
+	delete(c.pending, q.msgID)
+	delete(c.queries, k)
+}
+
+func (c *Client) cancelAll() {
+	if c.conn == nil {
+		return
+	}
+	for _, q := range c.queries {
+		if q.st == stActive {
+			c.send(q, c.llqMsg(q, opRefresh, q.id, 0), false)
+		}
+	}
+}
+
+func (c *Client) nextDue() (time.Time, bool) {
+	var d time.Time
+	for _, q := range c.queries {
+		if !q.due.IsZero() && (d.IsZero() || q.due.Before(d)) {
+			d = q.due
+		}
+	}
+	return d, !d.IsZero()
+}
+
+// fire runs every action that is due.
+func (c *Client) fire(now time.Time) {
+	for _, q := range c.queries {
+		if q.due.IsZero() || q.due.After(now) {
+			continue
+		}
+		switch {
+		case q.waiting && q.tries < c.cfg.Tries:
+			c.retransmit(q)
+		case q.waiting && (q.st == stSetup1 || q.st == stSetup2):
+			c.toPolling(q, "no answer to LLQ setup")
+		case q.waiting && q.st == stActive:
+			c.log.Info("llq: refresh unanswered, setting up again", "name", q.key.name, "type", dns.TypeToString[q.key.qtype])
+			c.startSetup(q)
+		case q.waiting && q.st == stPolling:
+			q.waiting = false
+			q.due = now.Add(c.pollAfter())
+		case q.st == stActive:
+			q.tries = 0
+			c.send(q, c.llqMsg(q, opRefresh, q.id, c.cfg.Lease), true)
+		case q.st == stPolling && !now.Before(q.llqAt):
+			c.startSetup(q)
+		case q.st == stPolling:
+			q.tries = 0
+			m := new(dns.Msg)
+			m.SetQuestion(q.key.name, q.key.qtype)
+			m.RecursionDesired = false
+			c.send(q, m, true)
+		}
+	}
+}
+
+func (c *Client) startSetup(q *query) {
+	delete(c.pending, q.msgID)
+	q.st, q.id, q.tries = stSetup1, 0, 0
+	c.send(q, c.llqMsg(q, opSetup, 0, c.cfg.Lease), true)
+}
+
+func (c *Client) toPolling(q *query, reason string) {
+	if q.st != stPolling || q.reason != reason {
+		c.log.Warn("llq: unavailable, polling", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "reason", reason, "every", c.cfg.PollInterval)
+	}
+	delete(c.pending, q.msgID)
+	q.st, q.reason, q.waiting, q.id = stPolling, reason, false, 0
+	now := time.Now()
+	q.llqAt = now.Add(c.cfg.RetryLLQ)
+	q.due = now // poll at once
+}
+
+func (c *Client) llqMsg(q *query, op uint16, id uint64, lease time.Duration) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetQuestion(q.key.name, q.key.qtype)
+	m.RecursionDesired = false
+	setLLQ(m, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llqVersion, Opcode: op, Id: id, LeaseLife: uint32(lease / time.Second)})
+	return m
+}
+
+func setLLQ(m *dns.Msg, o *dns.EDNS0_LLQ) {
+	opt := &dns.OPT{Hdr: dns.RR_Header{Name: ".", Rrtype: dns.TypeOPT}}
+	opt.SetUDPSize(dns.DefaultMsgSize)
+	opt.Option = []dns.EDNS0{o}
+	m.Extra = append(m.Extra, opt)
+}
+
+func llqOption(m *dns.Msg) (*dns.EDNS0_LLQ, bool) {
+	opt := m.IsEdns0()
+	if opt == nil {
+		return nil, false
+	}
+	for _, o := range opt.Option {
+		if l, ok := o.(*dns.EDNS0_LLQ); ok {
+			return l, true
+		}
+	}
+	return nil, false
+}
+
+// send signs and sends m for q. With track, it is the request q waits for.
+func (c *Client) send(q *query, m *dns.Msg, track bool) {
+	if track {
+		delete(c.pending, q.msgID)
+		q.msgID = m.Id
+		q.tries = 1
+		q.waiting = true
+		q.due = time.Now().Add(c.cfg.Timeout)
+		c.pending[m.Id] = q
+	}
+	b, mac, err := c.pack(m, "")
+	if err != nil {
+		c.log.Error("llq: pack request", "err", err)
+		return
+	}
+	if track {
+		q.reqMAC = mac
+		q.lastReq = m
+	}
+	if err := c.conn.Send(b); err != nil {
+		c.setError(fmt.Errorf("llqclient: send to %s: %w", c.server, err))
+	}
+}
+
+func (c *Client) retransmit(q *query) {
+	m := q.lastReq
+	if m == nil {
+		return
+	}
+	q.tries++
+	q.due = time.Now().Add(c.cfg.Timeout << (q.tries - 1))
+	b, mac, err := c.pack(m, "")
+	if err != nil {
+		return
+	}
+	q.reqMAC = mac
+	if err := c.conn.Send(b); err != nil {
+		c.setError(fmt.Errorf("llqclient: send to %s: %w", c.server, err))
+	}
+}
+
+func (c *Client) pack(m *dns.Msg, requestMAC string) ([]byte, string, error) {
+	if c.cfg.Key == nil {
+		b, err := m.Pack()
+		return b, "", err
+	}
+	if t := m.IsTsig(); t != nil {
+		m.Extra = m.Extra[:len(m.Extra)-1]
+	}
+	m.SetTsig(c.cfg.Key.Name, c.cfg.Key.Algorithm, 300, time.Now().Unix())
+	return dns.TsigGenerateWithProvider(m, c.cfg.Key.Provider(), requestMAC, false)
+}
+
+func (c *Client) verify(raw []byte, m *dns.Msg, requestMAC string) error {
+	if c.cfg.Key == nil {
+		return nil
+	}
+	if m.IsTsig() == nil {
+		return errors.New("unsigned")
+	}
+	return dns.TsigVerifyWithProvider(raw, c.cfg.Key.Provider(), requestMAC, false)
+}
+
+// handle processes one message from the server.
+func (c *Client) handle(raw []byte) {
+	m := new(dns.Msg)
+	if err := m.Unpack(raw); err != nil || !m.Response || len(m.Question) != 1 {
+		return
+	}
+	o, hasLLQ := llqOption(m)
+	if hasLLQ && o.Opcode == opEvent {
+		c.handleEvent(raw, m, o)
+		return
+	}
+	q, ok := c.pending[m.Id]
+	if !ok || !strings.EqualFold(m.Question[0].Name, q.key.name) || m.Question[0].Qtype != q.key.qtype {
+		return
+	}
+	if err := c.verify(raw, m, q.reqMAC); err != nil {
+		c.log.Warn("llq: dropping response that fails TSIG", "name", q.key.name, "err", err)
+		return
+	}
+	delete(c.pending, m.Id)
+	q.waiting = false
+	now := time.Now()
+	if m.Rcode != dns.RcodeSuccess && m.Rcode != dns.RcodeNameError {
+		c.toPolling(q, "server answered "+dns.RcodeToString[m.Rcode])
+		q.due = now.Add(c.pollAfter())
+		return
+	}
+	if q.st == stPolling {
+		c.replace(q, m.Answer)
+		q.due = now.Add(c.pollAfter())
+		return
+	}
+	if !hasLLQ {
+		c.replace(q, m.Answer)
+		c.toPolling(q, "server does not support LLQ")
+		q.due = now.Add(c.pollAfter())
+		return
+	}
+	if o.Error != errNoError {
+		name := llqErrNames[o.Error]
+		if name == "" {
+			name = fmt.Sprintf("error %d", o.Error)
+		}
+		if o.Error == errNoSuchLLQ && q.st == stActive {
+			c.log.Info("llq: server lost our LLQ, setting up again", "name", q.key.name, "type", dns.TypeToString[q.key.qtype])
+			c.startSetup(q)
+			return
+		}
+		c.toPolling(q, "LLQ "+name)
+		if o.Error == errServFull && o.LeaseLife > 0 {
+			q.llqAt = now.Add(time.Duration(o.LeaseLife) * time.Second)
+		}
+		return
+	}
+	switch {
+	case q.st == stSetup1 && o.Opcode == opSetup && o.Id != 0:
+		// Challenge: echo the ID (challenge response).
+		q.id = o.Id
+		q.st = stSetup2
+		c.send(q, c.llqMsg(q, opSetup, q.id, time.Duration(o.LeaseLife)*time.Second), true)
+	case q.st == stSetup2 && o.Opcode == opSetup && o.Id == q.id:
+		q.st, q.reason, q.setups = stActive, "", q.setups+1
+		q.lease = time.Duration(o.LeaseLife) * time.Second
+		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
+		c.log.Debug("llq: established", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "lease", q.lease, "answers", len(m.Answer))
+		c.replace(q, m.Answer)
+	case q.st == stActive && o.Opcode == opRefresh:
+		q.lease = time.Duration(o.LeaseLife) * time.Second
+		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
+	default:
+		c.log.Debug("llq: unexpected response, setting up again", "name", q.key.name, "opcode", o.Opcode)
+		c.startSetup(q)
+	}
+}
+
+func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
+	var q *query
+	for _, cand := range c.queries {
+		if cand.id == o.Id && cand.id != 0 && (cand.st == stActive || cand.st == stSetup2) {
+			q = cand
+			break
+		}
+	}
+	if q == nil {
+		return // not ours (any more); the server gives up after its retransmissions
+	}
+	if err := c.verify(raw, m, ""); err != nil {
+		c.log.Warn("llq: dropping event that fails TSIG", "name", q.key.name, "err", err)
+		return
+	}
+	ack := new(dns.Msg)
+	ack.Id = m.Id
+	ack.Response = true
+	ack.Question = []dns.Question{m.Question[0]}
+	setLLQ(ack, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llqVersion, Opcode: opEvent, Id: o.Id})
+	if b, _, err := c.pack(ack, ""); err == nil {
+		if err := c.conn.Send(b); err != nil {
+			c.setError(fmt.Errorf("llqclient: ack event: %w", err))
+		}
+	}
+	next := make(map[string]dns.RR, len(q.answers))
+	for k, v := range q.answers {
+		next[k] = v
+	}
+	for _, rr := range m.Answer {
+		if !q.matches(rr) {
+			continue
+		}
+		if rr.Header().Ttl == removedTTL {
+			delete(next, rrKey(rr))
+		} else {
+			next[rrKey(rr)] = rr
+		}
+	}
+	c.set(q, next)
+}
+
+func (q *query) matches(rr dns.RR) bool {
+	h := rr.Header()
+	return strings.EqualFold(h.Name, q.key.name) && (h.Rrtype == q.key.qtype || q.key.qtype == dns.TypeANY)
+}
+
+func rrKey(rr dns.RR) string {
+	c := dns.Copy(rr)
+	c.Header().Ttl = 0
+	c.Header().Name = strings.ToLower(c.Header().Name)
+	return c.String()
+}
+
+func (c *Client) replace(q *query, rrs []dns.RR) {
+	next := map[string]dns.RR{}
+	for _, rr := range rrs {
+		if q.matches(rr) && rr.Header().Ttl != removedTTL {
+			next[rrKey(rr)] = rr
+		}
+	}
+	c.set(q, next)
+}
+
+func (c *Client) set(q *query, next map[string]dns.RR) {
+	same := q.delivered && len(next) == len(q.answers)
+	if same {
+		for k := range next {
+			if _, ok := q.answers[k]; !ok {
+				same = false
+				break
+			}
+		}
+	}
+	q.answers = next
+	if same {
+		return
+	}
+	q.delivered = true
+	snap := q.snapshot()
+	for _, fn := range q.fns {
+		fn(snap)
+	}
+}
+
+func (q *query) snapshot() []dns.RR {
+	keys := make([]string, 0, len(q.answers))
+	for k := range q.answers {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	out := make([]dns.RR, len(keys))
+	for i, k := range keys {
+		out[i] = dns.Copy(q.answers[k])
+	}
+	return out
+}
+
+func (c *Client) setError(err error) {
+	c.mu.Lock()
+	c.status.LastError = err.Error()
+	c.mu.Unlock()
+}
+
+func (c *Client) publishStatus() {
+	var qs []QueryStatus
+	polling := 0
+	for _, q := range c.queries {
+		mode := ModeSetup
+		switch q.st {
+		case stActive:
+			mode = ModeLLQ
+		case stPolling:
+			mode = ModePolling
+			polling++
+		}
+		qs = append(qs, QueryStatus{Name: q.key.name, Type: dns.TypeToString[q.key.qtype], Mode: mode, Reason: q.reason, Lease: q.lease, Answers: len(q.answers), Setups: q.setups})
+	}
+	slices.SortFunc(qs, func(a, b QueryStatus) int { return strings.Compare(a.Name+"/"+a.Type, b.Name+"/"+b.Type) })
+	c.mu.Lock()
+	c.status.Server = c.server
+	c.status.Queries = qs
+	c.status.Polling = polling
+	c.mu.Unlock()
+}
+
+type udpTransport struct{ c *net.UDPConn }
+
+func dialUDP(ctx context.Context, server string) (Transport, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "udp", server)
+	if err != nil {
+		return nil, err
+	}
+	return udpTransport{c.(*net.UDPConn)}, nil
+}
+
+func (t udpTransport) Send(b []byte) error { _, err := t.c.Write(b); return err }
+func (t udpTransport) Recv() ([]byte, error) {
+	b := make([]byte, 65535)
+	n, err := t.c.Read(b)
+	if err != nil {
+		return nil, err
+	}
+	return b[:n], nil
+}
+func (t udpTransport) Close() error { return t.c.Close() }

@@ -1,0 +1,513 @@
+package llqclient
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/btmm/btmm/dns/register"
+	"github.com/miekg/dns"
+)
+
+// pipe is an in-memory Transport: what the client sends goes to the fake
+// responder's inbox; the responder's replies come back through out.
+type pipe struct {
+	inbox  chan []byte
+	out    chan []byte
+	closed chan struct{}
+	once   sync.Once
+}
+
+func (p *pipe) Send(b []byte) error {
+	select {
+	case p.inbox <- b:
+		return nil
+	case <-p.closed:
+		return net.ErrClosed
+	}
+}
+
+func (p *pipe) Recv() ([]byte, error) {
+	select {
+	case b := <-p.out:
+		return b, nil
+	case <-p.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (p *pipe) Close() error { p.once.Do(func() { close(p.closed) }); return nil }
+
+// fakeLLQ is a small LLQ responder for state-machine tests (RFC 8764 §5-7),
+// not a DNS server: one zone of records in memory.
+type fakeLLQ struct {
+	t     *testing.T
+	key   *register.Key
+	mu    sync.Mutex
+	rrs   []dns.RR
+	llqs  map[uint64]dns.Question
+	next  uint64
+	log   []string // "setup1 name", "setup2", "refresh", "ack", "query"
+	acks  map[uint16]bool
+	noLLQ bool // answer like BIND: no LLQ option
+	mute  bool // drop everything
+	lease uint32
+	p     *pipe
+}
+
+func newFake(t *testing.T, key *register.Key) *fakeLLQ {
+	return &fakeLLQ{t: t, key: key, llqs: map[uint64]dns.Question{}, next: 0x1000, acks: map[uint16]bool{}, lease: 3600}
+}
+
+// dial is Config.Dial: a fresh pipe served by a goroutine.
+func (f *fakeLLQ) dial(ctx context.Context, server string) (Transport, error) {
+	p := &pipe{inbox: make(chan []byte, 64), out: make(chan []byte, 64), closed: make(chan struct{})}
+	f.mu.Lock()
+	f.p = p
+	f.mu.Unlock()
+	go func() {
+		for {
+			select {
+			case b := <-p.inbox:
+				f.serve(b)
+			case <-p.closed:
+				return
+			}
+		}
+	}()
+	return p, nil
+}
+
+func (f *fakeLLQ) record(s string) {
+	f.log = append(f.log, s)
+}
+
+func (f *fakeLLQ) steps() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.log)
+}
+
+func (f *fakeLLQ) reply(m *dns.Msg) { f.replyTo(m, "") }
+
+func (f *fakeLLQ) replyTo(m *dns.Msg, requestMAC string) {
+	var b []byte
+	var err error
+	if f.key != nil {
+		m.SetTsig(f.key.Name, f.key.Algorithm, 300, time.Now().Unix())
+		b, _, err = dns.TsigGenerateWithProvider(m, f.key.Provider(), requestMAC, false)
+	} else {
+		b, err = m.Pack()
+	}
+	if err != nil {
+		f.t.Errorf("fake: pack: %v", err)
+		return
+	}
+	f.p.out <- b
+}
+
+func (f *fakeLLQ) answers(q dns.Question) []dns.RR {
+	var out []dns.RR
+	for _, rr := range f.rrs {
+		if strings.EqualFold(rr.Header().Name, q.Name) && rr.Header().Rrtype == q.Qtype {
+			out = append(out, dns.Copy(rr))
+		}
+	}
+	return out
+}
+
+func (f *fakeLLQ) serve(b []byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m := new(dns.Msg)
+	if err := m.Unpack(b); err != nil {
+		f.t.Errorf("fake: unpack: %v", err)
+		return
+	}
+	if f.key != nil {
+		if m.IsTsig() == nil {
+			f.t.Errorf("fake: unsigned message from client")
+			return
+		}
+		if err := dns.TsigVerifyWithProvider(b, f.key.Provider(), "", false); err != nil {
+			f.t.Errorf("fake: bad TSIG from client: %v", err)
+			return
+		}
+	}
+	if f.mute {
+		return
+	}
+	reqMAC := ""
+	if t := m.IsTsig(); t != nil {
+		reqMAC = t.MAC
+	}
+	o, ok := llqOption(m)
+	if m.Response {
+		if ok && o.Opcode == opEvent {
+			f.record("ack")
+			f.acks[m.Id] = true
+		}
+		return
+	}
+	q := m.Question[0]
+	resp := new(dns.Msg)
+	resp.SetReply(m)
+	if !ok || f.noLLQ {
+		f.record("query")
+		resp.Answer = f.answers(q)
+		f.replyTo(resp, reqMAC)
+		return
+	}
+	opt := &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: o.Opcode, Id: o.Id, LeaseLife: f.lease}
+	switch {
+	case o.Opcode == opSetup && o.Id == 0:
+		f.record("setup1 " + q.Name)
+		f.next++
+		opt.Id = f.next
+		f.llqs[f.next] = q
+	case o.Opcode == opSetup:
+		f.record("setup2")
+		if _, ok := f.llqs[o.Id]; !ok {
+			opt.Error = errNoSuchLLQ
+		} else {
+			resp.Answer = f.answers(q)
+		}
+	case o.Opcode == opRefresh:
+		f.record(fmt.Sprintf("refresh %d", o.LeaseLife))
+		if _, ok := f.llqs[o.Id]; !ok {
+			opt.Error = errNoSuchLLQ
+		} else if o.LeaseLife == 0 {
+			delete(f.llqs, o.Id)
+		}
+	}
+	setLLQ(resp, opt)
+	f.replyTo(resp, reqMAC)
+}
+
+// change updates the zone and sends events to every LLQ on the name.
+func (f *fakeLLQ) change(add, del string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var changed []dns.RR
+	if add != "" {
+		rr, _ := dns.NewRR(add)
+		f.rrs = append(f.rrs, rr)
+		changed = append(changed, rr)
+	}
+	if del != "" {
+		rr, _ := dns.NewRR(del)
+		f.rrs = slices.DeleteFunc(f.rrs, func(x dns.RR) bool { return dns.IsDuplicate(x, rr) })
+		gone := dns.Copy(rr)
+		gone.Header().Ttl = removedTTL
+		changed = append(changed, gone)
+	}
+	for id, q := range f.llqs {
+		ev := new(dns.Msg)
+		ev.Id = dns.Id()
+		ev.Response = true
+		ev.Question = []dns.Question{q}
+		for _, rr := range changed {
+			if strings.EqualFold(rr.Header().Name, q.Name) && rr.Header().Rrtype == q.Qtype {
+				ev.Answer = append(ev.Answer, rr)
+			}
+		}
+		if len(ev.Answer) == 0 {
+			continue
+		}
+		setLLQ(ev, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: opEvent, Id: id})
+		f.reply(ev)
+	}
+}
+
+// restart forgets every LLQ, like a server restart.
+func (f *fakeLLQ) restart() {
+	f.mu.Lock()
+	f.llqs = map[uint64]dns.Question{}
+	f.mu.Unlock()
+}
+
+type watcher struct {
+	mu  sync.Mutex
+	got [][]string
+}
+
+func (w *watcher) fn(rrs []dns.RR) {
+	var s []string
+	for _, rr := range rrs {
+		s = append(s, strings.TrimPrefix(rr.String(), rr.Header().String()))
+	}
+	w.mu.Lock()
+	w.got = append(w.got, s)
+	w.mu.Unlock()
+}
+
+func (w *watcher) last() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.got) == 0 {
+		return nil
+	}
+	return w.got[len(w.got)-1]
+}
+
+func (w *watcher) calls() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.got)
+}
+
+func newTestClient(t *testing.T, f *fakeLLQ, mut func(*Config)) *Client {
+	cfg := Config{Server: "fake:53", Dial: f.dial, Key: f.key, Lease: time.Hour, Rand: rand.New(rand.NewPCG(3, 4))}
+	if mut != nil {
+		mut(&cfg)
+	}
+	c, err := New(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+const host = "laptop.alice.btmm.example."
+
+func TestSetupEventsAndAcks(t *testing.T) {
+	key, _ := register.NewKey("alice.btmm.example.", "hmac-md5", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, key)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- c.Run(ctx) }()
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		synctest.Wait()
+		if got := f.steps(); !slices.Equal(got, []string{"setup1 " + host, "setup2"}) {
+			t.Errorf("handshake = %q", got)
+		}
+		if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+			t.Errorf("after setup: %q", got)
+		}
+		f.change(host+" 60 IN AAAA fd00::2", host+" 60 IN AAAA fd00::1")
+		synctest.Wait()
+		if got := w.last(); !slices.Equal(got, []string{"fd00::2"}) {
+			t.Errorf("after event: %q", got)
+		}
+		if got := f.steps(); got[len(got)-1] != "ack" {
+			t.Errorf("event not acknowledged: %q", got)
+		}
+		st := c.Status()
+		if len(st.Queries) != 1 || st.Queries[0].Mode != ModeLLQ || st.Polling != 0 || st.Queries[0].Lease != time.Hour {
+			t.Errorf("status = %+v", st)
+		}
+		// A second watcher of the same question shares the LLQ and gets the
+		// current answer at once.
+		var w2 watcher
+		stop2 := c.Watch(host, dns.TypeAAAA, w2.fn)
+		synctest.Wait()
+		if got := w2.last(); !slices.Equal(got, []string{"fd00::2"}) || len(f.steps()) != 3 {
+			t.Errorf("second watcher: %q, steps %q", got, f.steps())
+		}
+		stop2()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		if got := f.steps(); got[len(got)-1] != "refresh 0" {
+			t.Errorf("shutdown did not cancel the LLQ: %q", got)
+		}
+	})
+}
+
+func TestRefreshScheduleAndReestablish(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, nil)
+		f.lease = 600
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go c.Run(ctx)
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		start := time.Now()
+		synctest.Wait()
+		var refreshes []time.Duration
+		count := func() int {
+			n := 0
+			for _, s := range f.steps() {
+				if s == "refresh 3600" {
+					n++
+				}
+			}
+			return n
+		}
+		for range 1000 {
+			time.Sleep(time.Second)
+			synctest.Wait()
+			if count() > len(refreshes) {
+				refreshes = append(refreshes, time.Since(start))
+			}
+		}
+		if len(refreshes) < 3 {
+			t.Fatalf("refreshes at %v in 1000 s, want >= 3", refreshes)
+		}
+		prev := time.Duration(0)
+		for i, r := range refreshes {
+			if gap := r - prev; gap < 240*time.Second || gap > 361*time.Second {
+				t.Errorf("refresh %d after %v, want ~half of the 600 s lease (240-360 s)", i, gap)
+			}
+			prev = r
+		}
+		// Server restart: the next refresh gets NO-SUCH-LLQ and the LLQ is
+		// set up again; a change made meanwhile is in the new ACK.
+		f.restart()
+		f.mu.Lock()
+		f.rrs = nil
+		f.mu.Unlock()
+		f.change(host+" 60 IN AAAA fd00::9", "")
+		time.Sleep(400 * time.Second)
+		synctest.Wait()
+		if got := w.last(); !slices.Equal(got, []string{"fd00::9"}) {
+			t.Errorf("after restart: %q", got)
+		}
+		st := c.Status()
+		if st.Queries[0].Setups != 2 || st.Queries[0].Mode != ModeLLQ {
+			t.Errorf("status after restart = %+v", st.Queries[0])
+		}
+		// Events after re-establishment still flow.
+		f.change(host+" 60 IN AAAA fd00::a", "")
+		synctest.Wait()
+		if got := w.last(); !slices.Equal(got, []string{"fd00::9", "fd00::a"}) {
+			t.Errorf("event after re-setup: %q", got)
+		}
+	})
+}
+
+func TestFallbackToPolling(t *testing.T) {
+	t.Run("no LLQ option (BIND)", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			f := newFake(t, nil)
+			f.noLLQ = true
+			f.change(host+" 60 IN AAAA fd00::1", "")
+			c := newTestClient(t, f, func(c *Config) { c.PollInterval = time.Minute; c.RetryLLQ = time.Hour })
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			go c.Run(ctx)
+			var w watcher
+			c.Watch(host, dns.TypeAAAA, w.fn)
+			synctest.Wait()
+			st := c.Status()
+			if st.Polling != 1 || st.Queries[0].Reason != "server does not support LLQ" {
+				t.Errorf("status = %+v", st)
+			}
+			if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+				t.Errorf("answer = %q", got)
+			}
+			f.mu.Lock()
+			f.rrs = nil
+			f.mu.Unlock()
+			f.change(host+" 60 IN AAAA fd00::2", "")
+			time.Sleep(66 * time.Second) // one poll interval + jitter
+			synctest.Wait()
+			if got := w.last(); !slices.Equal(got, []string{"fd00::2"}) {
+				t.Errorf("poll did not pick up the change: %q", got)
+			}
+			polls := 0
+			for _, s := range f.steps() {
+				if s == "query" {
+					polls++
+				}
+			}
+			// setup attempt answered without LLQ + 1 poll
+			if polls != 2 {
+				t.Errorf("%d plain queries, want 2: %q", polls, f.steps())
+			}
+		})
+	})
+	t.Run("silent server, then LLQ comes back", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			f := newFake(t, nil)
+			f.mute = true
+			c := newTestClient(t, f, func(c *Config) { c.PollInterval = time.Minute; c.RetryLLQ = 5 * time.Minute })
+			ctx, cancel := context.WithCancel(t.Context())
+			defer cancel()
+			go c.Run(ctx)
+			var w watcher
+			c.Watch(host, dns.TypeAAAA, w.fn)
+			// 3 transmissions: at 0, 2 s, 6 s; gives up at 14 s.
+			time.Sleep(13 * time.Second)
+			synctest.Wait()
+			if st := c.Status(); st.Queries[0].Mode != ModeSetup {
+				t.Errorf("gave up too early: %+v", st.Queries[0])
+			}
+			time.Sleep(2 * time.Second)
+			synctest.Wait()
+			if st := c.Status(); st.Queries[0].Mode != ModePolling || st.Queries[0].Reason != "no answer to LLQ setup" {
+				t.Errorf("status = %+v", st.Queries[0])
+			}
+			f.mu.Lock()
+			f.mute = false
+			f.mu.Unlock()
+			f.change(host+" 60 IN AAAA fd00::1", "")
+			time.Sleep(6 * time.Minute)
+			synctest.Wait()
+			st := c.Status()
+			if st.Queries[0].Mode != ModeLLQ || st.Polling != 0 {
+				t.Errorf("LLQ not retried: %+v", st.Queries[0])
+			}
+			if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+				t.Errorf("answer = %q", got)
+			}
+		})
+	})
+}
+
+func TestDropsForgedEvents(t *testing.T) {
+	key, _ := register.NewKey("alice.btmm.example.", "hmac-sha256", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, key)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go c.Run(ctx)
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		synctest.Wait()
+		calls := w.calls()
+		// An unsigned event with the right LLQ ID.
+		ev := new(dns.Msg)
+		ev.Id = 7
+		ev.Response = true
+		ev.Question = []dns.Question{{Name: host, Qtype: dns.TypeAAAA, Qclass: dns.ClassINET}}
+		rr, _ := dns.NewRR(host + " 60 IN AAAA fd00::666")
+		ev.Answer = []dns.RR{rr}
+		setLLQ(ev, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: opEvent, Id: 0x1001})
+		b, _ := ev.Pack()
+		f.p.out <- b
+		// Garbage.
+		f.p.out <- []byte{1, 2, 3}
+		synctest.Wait()
+		if w.calls() != calls || f.steps()[len(f.steps())-1] == "ack" {
+			t.Errorf("forged event accepted: %q", w.last())
+		}
+	})
+}
+
+func TestRefreshAfter(t *testing.T) {
+	for _, r := range []float64{0, 0.5, 0.999} {
+		got := RefreshAfter(time.Hour, func() float64 { return r })
+		if got < 24*time.Minute || got > 36*time.Minute {
+			t.Errorf("RefreshAfter(1h, %v) = %v", r, got)
+		}
+	}
+}
