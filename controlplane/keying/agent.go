@@ -402,8 +402,10 @@ func (a *Agent) tick() time.Time {
 			}
 			continue
 		}
+		// A retry after a failure waits out its backoff even when the
+		// rekey time has passed; otherwise the next rekey is due.
 		due := p.nextAttempt
-		if p.cur != nil && (due.IsZero() || p.cur.rekeyAt.Before(due)) {
+		if due.IsZero() && p.cur != nil {
 			due = p.cur.rekeyAt
 		}
 		if due.IsZero() {

@@ -590,3 +590,56 @@ func TestSetPeersMoveAndRemove(t *testing.T) {
 		}
 	})
 }
+
+// TestFailedRekeyBacksOff: when the peer refuses rekeys, the retries back
+// off (2, 4, 8, ... s) although the rekey time has passed, and the current
+// SAs stay in place meanwhile.
+func TestFailedRekeyBacksOff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		var mu sync.Mutex
+		inits := 0
+		n.tap = func(from, to netip.AddrPort, b []byte) []byte {
+			if msgType(b) == MsgInit {
+				if from == addrB {
+					return nil // a initiates
+				}
+				mu.Lock()
+				inits++
+				mu.Unlock()
+			}
+			return b
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		b.peers(t, peerA)
+		a.peers(t, peerB)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		keyed, ok := a.rec.peer(ulaB)
+		if !ok {
+			t.Fatal("not keyed")
+		}
+		b.rec.mu.Lock()
+		b.rec.fail = errors.New("kernel says no")
+		b.rec.mu.Unlock()
+		mu.Lock()
+		inits = 0
+		mu.Unlock()
+		time.Sleep(8*time.Minute + 61*time.Second) // rekey due at 8 min; then one minute of refusals
+		synctest.Wait()
+		mu.Lock()
+		got := inits
+		mu.Unlock()
+		// Attempts at +0, 2, 6, 14, 30 s (and 62 s is beyond the minute).
+		if got < 4 || got > 6 {
+			t.Errorf("%d rekey attempts in the minute after the refusal started, want 5 (backoff 2, 4, 8, 16 s)", got)
+		}
+		if now, _ := a.rec.peer(ulaB); now.Out.SPI != keyed.Out.SPI {
+			t.Errorf("a's SAs changed although every rekey was refused")
+		}
+		if err := a.status(t).LastError; !errors.Is(err, ErrInstall) {
+			t.Errorf("LastError = %v, want ErrPeerRefused + ErrInstall", err)
+		}
+	})
+}
