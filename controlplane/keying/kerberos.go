@@ -67,6 +67,15 @@ func (t *ticket) fresh(now time.Time) bool {
 // Mode reports ModeKerberos.
 func (k *Kerberos) Mode() Mode { return ModeKerberos }
 
+// String names the principal; it never prints the keytab's keys.
+func (k *Kerberos) String() string {
+	n := 0
+	if k.Keytab != nil {
+		n = len(k.Keytab.Entries)
+	}
+	return fmt.Sprintf("kerberos(%s, keytab=[%d entries redacted])", k.Principal, n)
+}
+
 func (k *Kerberos) skew() time.Duration {
 	if k.MaxClockSkew > 0 {
 		return k.MaxClockSkew

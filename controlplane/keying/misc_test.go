@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/jcmturner/gokrb5/v8/keytab"
 )
 
 func TestLoadPSK(t *testing.T) {
@@ -176,6 +177,17 @@ func TestUDPTransport(t *testing.T) {
 
 // TestStatusHidesKeys: nothing an operator can print carries key bytes.
 func TestStatusHidesKeys(t *testing.T) {
+	kt := keytab.New()
+	if err := kt.AddEntry("host/a.example", "EXAMPLE", "password", time.Now(), 1, 18); err != nil {
+		t.Fatal(err)
+	}
+	kk := &Kerberos{Principal: "host/a.example", Keytab: kt}
+	key := kt.Entries[0].Key.KeyValue
+	for _, out := range []string{fmt.Sprint(kk), fmt.Sprintf("%v %+v %s", kk, kk, kk)} {
+		if strings.Contains(out, hex.EncodeToString(key[:4])) || strings.Contains(out, fmt.Sprint(key[:4])[1:8]) {
+			t.Errorf("Kerberos prints its keytab: %s", out)
+		}
+	}
 	k := bytes.Repeat([]byte{0xab}, 36)
 	s := PeerStatus{Out: controlplane.SA{SPI: 0x100, Cipher: controlplane.CipherAESGCM, Key: k}}
 	for _, out := range []string{fmt.Sprint(s.Out), fmt.Sprintf("%v", s.Out)} {
