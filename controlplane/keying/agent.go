@@ -144,15 +144,14 @@ type cachedReply struct {
 }
 
 type keyed struct {
-	out, in    controlplane.SA
-	mat        material
-	exchange   [8]byte
-	initiator  bool
-	at         time.Time
-	ticketEnd  time.Time
-	rekeyAt    time.Time
-	confirmed  bool // responder: the initiator confirmed it installed these
-	deleteSPIs []uint32
+	out, in   controlplane.SA
+	mat       material
+	exchange  [8]byte
+	initiator bool
+	at        time.Time
+	ticketEnd time.Time
+	rekeyAt   time.Time
+	confirmed bool // responder: the initiator confirmed it installed these
 }
 
 type heldSA struct {
