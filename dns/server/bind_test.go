@@ -188,3 +188,18 @@ func freeUDPPort(t *testing.T) string {
 	defer c.Close()
 	return fmt.Sprintf("127.0.0.1#%d", c.LocalAddr().(*net.UDPAddr).Port)
 }
+
+func TestKdigDoT(t *testing.T) {
+	kdig := testenv.RequireBinary(t, "kdig", "knot-dnsutils")
+	dir := t.TempDir()
+	_, addrs := startServer(t, dir, nil)
+	host, port, _ := strings.Cut(addrs.TLS, ":")
+	out, err := exec.Command(kdig, "@"+host, "-p", port, "+tls-ca="+filepath.Join(dir, "tls", "cert.pem"),
+		"+tls-hostname=ns.btmm.example", "btmm.example.", "SOA").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kdig +tls: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "NOERROR") || !strings.Contains(string(out), "SOA") || !strings.Contains(string(out), "TLS") {
+		t.Fatalf("kdig +tls:\n%s", out)
+	}
+}

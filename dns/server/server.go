@@ -22,6 +22,9 @@
 // miekg/dns: c.TsigProvider = key.Provider() (needed for hmac-md5; the
 // others also work with c.TsigSecret = map[string]string{key.Name:
 // key.Base64()}) and m.SetTsig(key.Name, key.Algorithm, 300, time.Now().Unix()).
+// Use dns.Client.Exchange (a fresh socket per request) or dns.TsigGenerate
+// yourself: a reused dns.Conn chains the previous response's MAC into the
+// next request's TSIG, which the server rejects as BADSIG.
 //
 // Updates: a signed UPDATE for zone "btmm.example." (class IN SOA). With an
 // EDNS0 Update-Lease option (dns.EDNS0_UL) the granted lease, clamped to
@@ -44,6 +47,17 @@
 // again after twice that; with no ACK after three transmissions the LLQ is
 // deleted. Over TCP/TLS events are sent once on the connection, which the LLQ
 // lives on; acknowledgements are accepted but not needed.
+//
+// The challenge ID is bound to the client's address: send the challenge
+// response from the same socket as the request. Unsigned LLQs and LLQs on
+// another user's names are REFUSED. Events for a UDP LLQ come from the
+// server's UDP socket (addrs.DNS). UDP LLQs survive a restart of the server
+// with the same data directory and listen address.
+//
+// Other helpers: srv.Store() (inspect records), srv.LLQs() (count),
+// srv.RemoveUser, srv.ReloadKeys; server.NewUsers(dataDir, zone) manages keys
+// without a running server (the adduser/deluser commands). docs/dnsd.md has
+// the config file format.
 package server
 
 import (

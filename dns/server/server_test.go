@@ -348,3 +348,67 @@ func TestLLQOtherUserRefused(t *testing.T) {
 		t.Fatalf("rcode %s", dns.RcodeToString[r.Rcode])
 	}
 }
+
+func TestLeaseExpiryFiresLLQEvent(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) {
+		c.UpdateLease.Min = server.Duration(time.Second)
+	})
+	k := addUser(t, srv, "alice", "")
+	name := "gone.alice.btmm.example."
+	update(t, addrs.DNS, k, 1, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN A 192.0.2.1")}) })
+	c := newLLQClient(t, addrs.DNS, k)
+	id, _ := c.setup(name, dns.TypeA)
+	// The 1 s lease ends: the record is removed and a removal event sent.
+	for {
+		ev, err := c.recv(5 * time.Second)
+		if err != nil {
+			t.Fatalf("no removal event: %v", err)
+		}
+		o, ok := llq.Option(ev)
+		if !ok || o.Opcode != llq.OpEvent || o.Id != id {
+			continue
+		}
+		if len(ev.Answer) != 1 || ev.Answer[0].Header().Ttl != llq.RemovedTTL {
+			t.Fatalf("event %v", ev)
+		}
+		break
+	}
+	if q := query(t, addrs.DNS, name, dns.TypeA); len(q.Answer) != 0 {
+		t.Fatalf("expired record still served: %v", q.Answer)
+	}
+}
+
+func TestBadTime(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	k := addUser(t, srv, "alice", "")
+	m := new(dns.Msg)
+	m.SetUpdate(zoneName)
+	m.Insert([]dns.RR{rr(t, "x.alice.btmm.example. 60 IN A 192.0.2.1")})
+	m.SetTsig(k.Name, k.Algorithm, 300, time.Now().Add(-time.Hour).Unix())
+	data, _, err := dns.TsigGenerateWithProvider(m, k.Provider(), "", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := net.Dial("udp", addrs.DNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.Write(data)
+	conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := new(dns.Msg)
+	if err := r.Unpack(buf[:n]); err != nil {
+		t.Fatal(err)
+	}
+	if r.Rcode != dns.RcodeNotAuth || r.IsTsig() == nil || r.IsTsig().Error != dns.RcodeBadTime {
+		t.Fatalf("stale signature: %v", r)
+	}
+	if q := query(t, addrs.DNS, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+		t.Fatal("stale update applied")
+	}
+}
