@@ -113,7 +113,11 @@ type Client struct {
 	cfg Config
 	log *slog.Logger
 
-	cmds chan func()
+	// Commands from other goroutines, never blocking the caller (a
+	// callback may call Watch from the Run goroutine itself).
+	cmdMu     sync.Mutex
+	cmdQ      []func()
+	cmdNotify chan struct{}
 
 	mu     sync.Mutex
 	status Status
@@ -191,7 +195,7 @@ func New(cfg Config, log *slog.Logger) (*Client, error) {
 	return &Client{
 		cfg:     cfg,
 		log:     log,
-		cmds:    make(chan func(), 16),
+		cmdNotify: make(chan struct{}, 1),
 		queries: map[qkey]*query{},
 		pending: map[uint16]*query{},
 	}, nil
@@ -213,13 +217,33 @@ func (c *Client) Watch(name string, qtype uint16, fn func([]dns.RR)) (stop func(
 	watchSeq.n++
 	n := watchSeq.n
 	watchSeq.Unlock()
-	c.cmds <- func() { c.addWatch(k, n, fn) }
+	c.do(func() { c.addWatch(k, n, fn) })
 	var once sync.Once
-	return func() {
-		once.Do(func() {
-			// Never block a caller whose Run has ended.
-			go func() { c.cmds <- func() { c.removeWatch(k, n) } }()
-		})
+	return func() { once.Do(func() { c.do(func() { c.removeWatch(k, n) }) }) }
+}
+
+func (c *Client) do(f func()) {
+	c.cmdMu.Lock()
+	c.cmdQ = append(c.cmdQ, f)
+	c.cmdMu.Unlock()
+	select {
+	case c.cmdNotify <- struct{}{}:
+	default:
+	}
+}
+
+func (c *Client) runCmds() {
+	for {
+		c.cmdMu.Lock()
+		q := c.cmdQ
+		c.cmdQ = nil
+		c.cmdMu.Unlock()
+		if len(q) == 0 {
+			return
+		}
+		for _, f := range q {
+			f()
+		}
 	}
 }
 
@@ -259,8 +283,8 @@ func (c *Client) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(wait):
-		case f := <-c.cmds:
-			f()
+		case <-c.cmdNotify:
+			c.runCmds()
 		}
 	}
 	readerDone = make(chan struct{})
@@ -284,6 +308,7 @@ func (c *Client) Run(ctx context.Context) error {
 	for _, q := range c.queries {
 		c.startSetup(q)
 	}
+	c.runCmds() // watches added from now on start their own setup
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -296,8 +321,8 @@ func (c *Client) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case f := <-c.cmds:
-			f()
+		case <-c.cmdNotify:
+			c.runCmds()
 		case b := <-in:
 			c.handle(b)
 		case <-timer.C:
