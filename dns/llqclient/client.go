@@ -193,11 +193,11 @@ func New(cfg Config, log *slog.Logger) (*Client, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Client{
-		cfg:     cfg,
-		log:     log,
+		cfg:       cfg,
+		log:       log,
 		cmdNotify: make(chan struct{}, 1),
-		queries: map[qkey]*query{},
-		pending: map[uint16]*query{},
+		queries:   map[qkey]*query{},
+		pending:   map[uint16]*query{},
 	}, nil
 }
 
