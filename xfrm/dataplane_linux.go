@@ -744,11 +744,19 @@ func (a *applier) move(pp peerPlan, i int, have, want *netlink.XfrmState, kpols 
 		}
 		re.Replay = &r
 	}
+	// The steps of a move are reported as one change: "move".
+	step := func(op string, s *netlink.XfrmState, err error) bool {
+		if err != nil && !(op == "delete" && absent(err)) {
+			a.errs = append(a.errs, fmt.Errorf("move state %s: %s %s: %w", what, op, stateWhat(s), err))
+			return false
+		}
+		return true
+	}
 	switch {
 	case !fresh.Dst.Equal(want.Dst):
 		// Different (daddr, spi): add the new one first, then drop the old.
-		if a.do("add", "state", stateWhat(&re), d.h.XfrmStateAdd(&re)) {
-			a.do("delete", "state", stateWhat(fresh), d.h.XfrmStateDel(fresh))
+		if step("add", &re, d.h.XfrmStateAdd(&re)) {
+			step("delete", fresh, d.h.XfrmStateDel(fresh))
 			return a.do("move", "state", what+" (re-added with replay state)", nil)
 		}
 	case fresh.Src.Equal(want.Src):
@@ -756,10 +764,12 @@ func (a *applier) move(pp peerPlan, i int, have, want *netlink.XfrmState, kpols 
 		upd := *fresh
 		upd.Encap = want.Encap
 		upd.Replay = nil
-		return a.do("move", "state", what+" (encap updated)", d.h.XfrmStateUpdate(&upd))
+		if step("update", &upd, d.h.XfrmStateUpdate(&upd)) {
+			return a.do("move", "state", what+" (encap updated)", nil)
+		}
 	default:
-		if a.do("delete", "state", stateWhat(fresh), d.h.XfrmStateDel(fresh)) {
-			return a.do("move", "state", what+" (re-added with replay state)", d.h.XfrmStateAdd(&re))
+		if step("delete", fresh, d.h.XfrmStateDel(fresh)) && step("add", &re, d.h.XfrmStateAdd(&re)) {
+			return a.do("move", "state", what+" (re-added with replay state)", nil)
 		}
 	}
 	return false

@@ -95,9 +95,19 @@ func TestVMPing(t *testing.T) {
 // moves the SAs on both hosts; the outbound sequence number is not reset.
 func TestVMMoveKeepsTCP(t *testing.T) {
 	testenv.Require(t, testenv.ESP, testenv.XfrmIface)
+	t.Run("migrate", func(t *testing.T) { testMoveKeepsTCP(t, true) })
+	// Without XFRM_MSG_MIGRATE (kernels built without CONFIG_XFRM_MIGRATE):
+	// the SAs are re-added with their replay state.
+	t.Run("re-add", func(t *testing.T) { testMoveKeepsTCP(t, false) })
+}
+
+func testMoveKeepsTCP(t *testing.T, migrate bool) {
 	l := newLab(t, 2)
 	for i := range l.hosts {
 		l.start(t, i, Config{})
+		if !migrate {
+			l.hosts[i].dp.mig = nil
+		}
 		l.set(t, i)
 	}
 	a, b := l.hosts[0], l.hosts[1]
