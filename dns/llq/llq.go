@@ -150,15 +150,14 @@ type Table struct {
 	cfg    Config
 	secret []byte
 
-	mu      sync.Mutex
-	closed  bool
-	byID    map[uint64]*Entry
-	byName  map[string]map[uint64]*Entry
-	perKey  map[string]int
-	pq      []persistOp
-	pqCond  *sync.Cond
-	pqDone  chan struct{}
-	started bool
+	mu     sync.Mutex
+	closed bool
+	byID   map[uint64]*Entry
+	byName map[string]map[uint64]*Entry
+	perKey map[string]int
+	pq     []persistOp
+	pqCond *sync.Cond
+	pqDone chan struct{}
 }
 
 type persistOp struct {

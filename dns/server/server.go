@@ -309,7 +309,9 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 	if s.udp != nil {
 		started := make(chan struct{})
 		s.udpSrv = &dns.Server{PacketConn: s.udp, Handler: s, TsigProvider: s.keys,
-			MsgAcceptFunc: acceptMsg, UDPSize: 65535,
+			// Longer datagrams are cut at the limit and so fail to parse
+			// (FORMERR when the header is readable).
+			MsgAcceptFunc: acceptMsg, UDPSize: s.cfg.Limits.MaxMessageSize,
 			NotifyStartedFunc: func() { close(started) }}
 		s.wg.Add(1)
 		go func() {
