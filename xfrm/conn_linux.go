@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"runtime"
@@ -93,9 +92,11 @@ func ListenAt(ctx context.Context, ns netns.NsHandle, laddr netip.AddrPort) (*Co
 // ReadKeying reads the next keying message into b and returns its length
 // and sender. Datagrams without the non-ESP marker are skipped (the kernel
 // has already taken ESP packets and NAT keepalives). A message longer than b
-// is an error (io.ErrShortBuffer) and is discarded.
+// is truncated to len(b), as controlplane/keying.Transport specifies: an
+// oversized datagram from anyone must not end the caller's read loop. An
+// error means the socket is closed (or its read deadline passed).
 func (c *Conn) ReadKeying(b []byte) (int, netip.AddrPort, error) {
-	buf := make([]byte, len(b)+len(nonESPMarker)+1)
+	buf := make([]byte, len(b)+len(nonESPMarker))
 	for {
 		n, from, err := c.c.ReadFromUDPAddrPort(buf)
 		if err != nil {
@@ -104,9 +105,6 @@ func (c *Conn) ReadKeying(b []byte) (int, netip.AddrPort, error) {
 		msg, err := parseKeying(buf[:n])
 		if err != nil {
 			continue
-		}
-		if len(msg) > len(b) {
-			return 0, from, fmt.Errorf("xfrm: read keying from %v: %w", from, io.ErrShortBuffer)
 		}
 		return copy(b, msg), netip.AddrPortFrom(from.Addr().Unmap(), from.Port()), nil
 	}

@@ -3,7 +3,6 @@ package xfrm
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"testing"
@@ -66,11 +65,16 @@ func TestConnKeyingRoundTrip(t *testing.T) {
 		t.Fatalf("on the wire: %q, %v; want marker + hi", buf[:n], err)
 	}
 
-	// A message longer than the caller's buffer is an error, not a truncation.
-	if err := a.WriteKeying(make([]byte, 100), b.LocalAddr()); err != nil {
+	// A message longer than the caller's buffer is truncated (keying.Transport's contract).
+	if err := a.WriteKeying([]byte("0123456789abcdef"), b.LocalAddr()); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := b.ReadKeying(make([]byte, 10)); !errors.Is(err, io.ErrShortBuffer) {
-		t.Fatalf("short buffer: err = %v, want io.ErrShortBuffer", err)
+	if n, _, err := b.ReadKeying(buf[:10]); err != nil || string(buf[:n]) != "0123456789" {
+		t.Fatalf("short buffer: %q, %v; want the first 10 bytes", buf[:n], err)
+	}
+	// After Close, ReadKeying fails instead of blocking.
+	b.Close()
+	if _, _, err := b.ReadKeying(buf); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("after Close: err = %v, want net.ErrClosed", err)
 	}
 }
