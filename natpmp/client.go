@@ -253,6 +253,7 @@ type session struct {
 	pcp      bool
 	epoch    epochSample
 	hasEpoch bool
+	resets   int
 	external netip.Addr
 	maps     map[MappingRequest]*mapping
 }
@@ -622,6 +623,7 @@ func (c *Client) epochSeen(s *session, epoch uint32) {
 	}
 	s.epoch, s.hasEpoch = epochSample{server: epoch, at: now}, true
 	if reset {
+		s.resets++
 		c.log.Warn("natpmp: gateway lost its mappings (epoch went back); re-creating them", "gateway", s.gw, "epoch", epoch)
 		for _, m := range s.maps {
 			m.renewAt = now // ask again for the same external port
@@ -859,7 +861,8 @@ func (c *Client) lost(s *session, err error) {
 func (c *Client) refreshStatus(s *session) {
 	c.setState(func(st *Status) {
 		*st = Status{State: StateMapped, Protocol: s.protocol(), Gateway: s.gw, Local: s.local,
-			External: s.external, Epoch: s.epoch.server}
+			External: s.external, Epoch: s.epoch.server, Answered: s.epoch.at,
+			Resets: s.resets}
 		if s.external.IsValid() && behindNAT(s.external) {
 			st.State = StateDoubleNAT
 			st.External = netip.Addr{}

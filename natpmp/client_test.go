@@ -210,6 +210,9 @@ func TestEpochResetRecreates(t *testing.T) {
 				}
 				h.ann.c <- a
 				synctest.Wait()
+				if r := h.c.Status().Resets; r != 1 {
+					t.Errorf("resets %d, want 1", r)
+				}
 				if m, ok := g.mapping(UDP, 4500); !ok || m.ext != 4500 {
 					t.Errorf("mapping not restored (same port) after reboot + announcement: %v", h.c.Status())
 				}

@@ -15,12 +15,9 @@ type epochSample struct {
 // (RFC 6886 §3.6): the new seconds-since-start-of-epoch is more than 2 s
 // below the previous value plus 7/8 of the client time elapsed since.
 func NATPMPEpochReset(prev uint32, prevAt time.Time, cur uint32, now time.Time) bool {
-	elapsed := now.Sub(prevAt)
-	if elapsed < 0 {
-		elapsed = 0
-	}
-	expect := int64(prev) + int64(elapsed/time.Second)*7/8
-	return int64(cur)+2 < expect
+	elapsed := max(now.Sub(prevAt), 0)
+	expect := time.Duration(prev)*time.Second + elapsed*7/8
+	return time.Duration(cur)*time.Second+2*time.Second < expect
 }
 
 // PCPEpochReset reports whether a PCP server lost its state (RFC 6887
@@ -30,12 +27,9 @@ func PCPEpochReset(prev uint32, prevAt time.Time, cur uint32, now time.Time) boo
 	if int64(cur) < int64(prev)-1 {
 		return true
 	}
-	client := int64(now.Sub(prevAt) / time.Second)
-	if client < 0 {
-		client = 0
-	}
-	server := int64(cur) - int64(prev)
-	return client+2 < server-server/16 || server+2 < client-client/16
+	client := max(now.Sub(prevAt), 0)
+	server := time.Duration(int64(cur)-int64(prev)) * time.Second
+	return client+2*time.Second < server-server/16 || server+2*time.Second < client-client/16
 }
 
 var (

@@ -52,7 +52,9 @@ type Status struct {
 	// (StateMapped) or our own (StatePublic); invalid otherwise, notably
 	// under double NAT, where publishing it could not work.
 	External netip.Addr
-	Epoch    uint32
+	Epoch    uint32    // the gateway's epoch (seconds since its state began)
+	Answered time.Time // when the gateway last answered
+	Resets   int       // times the gateway was seen to lose its mappings (epoch went back)
 	Mappings []Mapping
 	Detail   string    // why, for the unhappy states
 	Since    time.Time // when the published part last changed

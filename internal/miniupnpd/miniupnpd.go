@@ -83,7 +83,7 @@ func Start(ns *netns.NS, opts Options) (*Daemon, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("miniupnpd: write config: %w", err)
 	}
-	if err := d.start(); err != nil {
+	if err := d.Start(); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
@@ -174,9 +174,13 @@ deny 0-65535 0.0.0.0/0 0-65535
 `, d.Opts.WAN, d.Opts.LAN, int(d.Opts.MinLifetime/time.Second), d.Opts.LANNet.Masked())
 }
 
-func (d *Daemon) start() error {
+// Start starts a stopped daemon again with the same configuration.
+func (d *Daemon) Start() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.cmd != nil {
+		return errors.New("miniupnpd: start: already running")
+	}
 	c := d.NS.Command(context.Background(), "miniupnpd", "-f", filepath.Join(d.Dir, "miniupnpd.conf"),
 		"-P", filepath.Join(d.Dir, "miniupnpd.pid"), "-d")
 	w := &lockedWriter{w: &d.log, mu: &d.logMu}
@@ -218,7 +222,7 @@ func (d *Daemon) Restart() error {
 	if err := d.Stop(); err != nil {
 		return err
 	}
-	return d.start()
+	return d.Start()
 }
 
 // Stop ends miniupnpd (SIGTERM, SIGKILL after 3 s) and flushes the chains
