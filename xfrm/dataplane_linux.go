@@ -453,7 +453,15 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if d.xfrmi {
 		l, err := d.h.LinkByName(d.cfg.Interface)
 		if err != nil {
-			return nil, fmt.Errorf("xfrm: set: interface %s: %w", d.cfg.Interface, err)
+			// Someone deleted our interface (and with it our routes and
+			// address): make it again; the diff below restores the rest.
+			d.log.Warn("xfrm interface gone, recreating it", "interface", d.cfg.Interface, "err", err)
+			if err := d.makeInterface(); err != nil {
+				return nil, fmt.Errorf("xfrm: set: %w", err)
+			}
+			if l, err = d.h.LinkByName(d.cfg.Interface); err != nil {
+				return nil, fmt.Errorf("xfrm: set: interface %s: %w", d.cfg.Interface, err)
+			}
 		}
 		link = l
 	}

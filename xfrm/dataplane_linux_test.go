@@ -525,3 +525,23 @@ func TestMoveBehindSharedNAT(t *testing.T) {
 		}
 	}
 }
+
+// TestInterfaceDeletedBehindOurBack: Set makes the xfrm interface again and
+// restores the address and routes that went with it.
+func TestInterfaceDeletedBehindOurBack(t *testing.T) {
+	k := newFakeKernel()
+	d := newFake(t, k, Config{})
+	st := stateOf(peer("b", ulaB, "10.0.0.2:4500", gcm(0x1001), gcm(0x1002)))
+	if _, err := d.Set(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	want := mustRender(t, k)
+	l, _ := k.LinkByName("btmm0")
+	k.LinkDel(l)
+	if _, err := d.Set(context.Background(), st); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, mustRender(t, k)); diff != "" {
+		t.Fatalf("not restored (-want +got):\n%s", diff)
+	}
+}
