@@ -17,7 +17,8 @@
 // always carry the full Peer. They are delivered in order on Events(), a
 // channel the control plane reads; the Tracker never drops or merges events
 // that would leave the reader with a wrong final state (consecutive changes
-// of one peer may be merged into the latest one).
+// of one peer may be merged into the latest one: the records of one DNS
+// update arrive on several LLQs and are given Config.Settle to come in).
 //
 //	t := peers.New(peers.Config{Domain: "alice.btmm.example.", Self: "laptop.alice.btmm.example."}, llqClient, logger)
 //	go t.Run(ctx)
@@ -37,6 +38,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/btmm/btmm/dns/register"
 	"github.com/miekg/dns"
@@ -99,6 +101,11 @@ type Config struct {
 	Domain string // the user's domain
 	Self   string // this host's name (host.<domain>), ignored in the browse set
 	Buffer int    // Events() buffer; default 64
+	// Settle is how long to wait after an answer changes for the other
+	// answers of the same DNS update (which arrive on other LLQs) before
+	// emitting events, so one update gives one Changed event, not one per
+	// record. Default 20 ms; negative disables it.
+	Settle time.Duration
 }
 
 // Tracker turns DNS answers into peer events. See the package comment.
@@ -131,6 +138,9 @@ func New(cfg Config, w Watcher, log *slog.Logger) *Tracker {
 	cfg.Domain = dns.CanonicalName(cfg.Domain)
 	if cfg.Self != "" {
 		cfg.Self = dns.CanonicalName(cfg.Self)
+	}
+	if cfg.Settle == 0 {
+		cfg.Settle = 20 * time.Millisecond
 	}
 	if cfg.Buffer == 0 {
 		cfg.Buffer = 64
@@ -176,6 +186,17 @@ func (t *Tracker) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.dirty:
+		}
+		if t.cfg.Settle > 0 {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(t.cfg.Settle):
+			}
+			select {
+			case <-t.dirty:
+			default:
+			}
 		}
 		t.reconcileWatches()
 		for _, ev := range t.diff() {

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"testing"
 	"testing/synctest"
+	"time"
 
 	"github.com/btmm/btmm/dns/register"
 	"github.com/miekg/dns"
@@ -102,6 +103,7 @@ func hostRecords(host, ula, target, a string, port string, txt string) []string 
 
 func next(t *testing.T, tr *Tracker) Event {
 	t.Helper()
+	time.Sleep(time.Second) // past Config.Settle
 	synctest.Wait()
 	select {
 	case ev := <-tr.Events():
@@ -121,6 +123,7 @@ func TestTrackerEvents(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error)
 		go func() { done <- tr.Run(ctx) }()
+		time.Sleep(time.Second)
 		synctest.Wait()
 		if len(tr.Events()) != 0 || z.watching() != 1 {
 			t.Fatalf("self tracked: %d events, %d watches", len(tr.Events()), z.watching())
