@@ -21,7 +21,7 @@ import (
 
 // lab is one btmm-dnsd (in-process, 127.0.0.1) and a user key file.
 type lab struct {
-	t       *testing.T
+	t       testing.TB
 	dataDir string
 	addr    string
 	srv     *server.Server
@@ -29,7 +29,7 @@ type lab struct {
 	llqMin  time.Duration
 }
 
-func startLab(t *testing.T, llqLease time.Duration) *lab {
+func startLab(t testing.TB, llqLease time.Duration) *lab {
 	if testing.Short() {
 		t.Skip("integration with btmm-dnsd on 127.0.0.1; skipped under -short")
 	}
@@ -88,7 +88,7 @@ type agent struct {
 	events  chan peers.Event
 }
 
-func startAgent(t *testing.T, l *lab, host string, n byte, llqLease time.Duration) *agent {
+func startAgent(t testing.TB, l *lab, host string, n byte, llqLease time.Duration, settle time.Duration) *agent {
 	key, err := register.LoadKeyFile(l.keyFile, "")
 	if err != nil {
 		t.Fatal(err)
@@ -110,7 +110,7 @@ func startAgent(t *testing.T, l *lab, host string, n byte, llqLease time.Duratio
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := peers.New(peers.Config{Domain: "alice.btmm.example.", Self: reg.Names().Host}, lc, log)
+	tr := peers.New(peers.Config{Domain: "alice.btmm.example.", Self: reg.Names().Host, Settle: settle}, lc, log)
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &agent{reg: reg, llq: lc, tracker: tr, cancel: cancel, regDone: make(chan error, 1), events: make(chan peers.Event, 1000)}
 	var wg sync.WaitGroup
@@ -128,7 +128,7 @@ func startAgent(t *testing.T, l *lab, host string, n byte, llqLease time.Duratio
 	return a
 }
 
-func (a *agent) next(t *testing.T, what string) peers.Event {
+func (a *agent) next(t testing.TB, what string) peers.Event {
 	t.Helper()
 	select {
 	case ev := <-a.events:
@@ -140,7 +140,7 @@ func (a *agent) next(t *testing.T, what string) peers.Event {
 }
 
 // waitPeer reads events until want(ev) holds.
-func (a *agent) waitFor(t *testing.T, what string, want func(peers.Event) bool) peers.Event {
+func (a *agent) waitFor(t testing.TB, what string, want func(peers.Event) bool) peers.Event {
 	t.Helper()
 	for {
 		if ev := a.next(t, what); want(ev) {
@@ -151,8 +151,8 @@ func (a *agent) waitFor(t *testing.T, what string, want func(peers.Event) bool) 
 
 func TestTwoHostsThroughBtmmDnsd(t *testing.T) {
 	l := startLab(t, 0)
-	a := startAgent(t, l, "laptop", 1, time.Hour)
-	b := startAgent(t, l, "desktop", 2, time.Hour)
+	a := startAgent(t, l, "laptop", 1, time.Hour, 0)
+	b := startAgent(t, l, "desktop", 2, time.Hour, 0)
 
 	ev := b.next(t, "B discovers A")
 	if ev.Kind != peers.Added || ev.Peer.Name != "laptop.alice.btmm.example." ||
@@ -205,8 +205,8 @@ func TestServerRestartReestablishesLLQs(t *testing.T) {
 	// LLQ leases of 3 s, so the restored LLQs have expired after 4 s of
 	// downtime and the client must set them up again.
 	l := startLab(t, 3*time.Second)
-	a := startAgent(t, l, "laptop", 1, 3*time.Second)
-	b := startAgent(t, l, "desktop", 2, 3*time.Second)
+	a := startAgent(t, l, "laptop", 1, 3*time.Second, 0)
+	b := startAgent(t, l, "desktop", 2, 3*time.Second, 0)
 	b.next(t, "B discovers A")
 	a.next(t, "A discovers B")
 	setups := func() int {
@@ -250,7 +250,7 @@ func TestServerRestartReestablishesLLQs(t *testing.T) {
 }
 
 type testWriter struct {
-	t    *testing.T
+	t    testing.TB
 	host string
 }
 
