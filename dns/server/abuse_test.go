@@ -103,18 +103,10 @@ func TestMalformedUDP(t *testing.T) {
 	if err := r.Unpack(buf[:n]); err != nil || r.Rcode != dns.RcodeFormatError || r.Id != 0x1234 {
 		t.Fatalf("got %v %v", r, err)
 	}
-	// An oversized datagram (over limits.max_message_size) gets FORMERR.
+	// An oversized datagram (over limits.max_message_size), a runt or a response is dropped; the server still answers afterwards.
 	big := make([]byte, 20000)
 	copy(big, []byte{0x56, 0x78, 0x28, 0x00, 0, 1, 0, 0, 0, 0, 0, 0})
 	c.Write(big)
-	n, err = c.Read(buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.Unpack(buf[:n]); err != nil || r.Rcode != dns.RcodeFormatError || r.Id != 0x5678 {
-		t.Fatalf("oversized: %v %v", r, err)
-	}
-	// A runt or a response is dropped; the server still answers afterwards.
 	c.Write([]byte{1, 2, 3})
 	c.Write([]byte{0, 1, 0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0})
 	q := new(dns.Msg)

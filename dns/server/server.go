@@ -309,9 +309,12 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 	if s.udp != nil {
 		started := make(chan struct{})
 		s.udpSrv = &dns.Server{PacketConn: s.udp, Handler: s, TsigProvider: s.keys,
-			// Longer datagrams are cut at the limit and so fail to parse
-			// (FORMERR when the header is readable).
-			MsgAcceptFunc: acceptMsg, UDPSize: s.cfg.Limits.MaxMessageSize,
+			// Datagrams longer than the limit are read one byte past it
+			// and dropped by sizeLimitReader.
+			MsgAcceptFunc: acceptMsg, UDPSize: s.cfg.Limits.MaxMessageSize + 1,
+			DecorateReader: func(r dns.Reader) dns.Reader {
+				return sizeLimitReader{Reader: r, max: s.cfg.Limits.MaxMessageSize}
+			},
 			NotifyStartedFunc: func() { close(started) }}
 		s.wg.Add(1)
 		go func() {
@@ -698,4 +701,19 @@ func (l *rateLimiter) allow(key string, now time.Time) bool {
 	}
 	b.tokens--
 	return true
+}
+
+// sizeLimitReader drops UDP messages over the size limit.
+type sizeLimitReader struct {
+	dns.Reader
+	max int
+}
+
+func (r sizeLimitReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, *dns.SessionUDP, error) {
+	for {
+		m, s, err := r.Reader.ReadUDP(conn, timeout)
+		if err != nil || len(m) <= r.max {
+			return m, s, err
+		}
+	}
 }
