@@ -8,6 +8,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 	"github.com/btmm/btmm/dns/lease"
+	"github.com/btmm/btmm/dns/tsig"
 )
 
 // Config configures a Server. The zero values of the optional fields take
@@ -40,6 +41,11 @@ type Config struct {
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`
 	Limits      Limits      `toml:"limits"`
+
+	// Keys are user keys to install at New (tests and embedding): each must
+	// be named "<user>.<zone>"; it is written to DataDir/keys (0600) unless
+	// that user already has a key file, which must then hold the same key.
+	Keys []tsig.Key `toml:"-"`
 
 	// Now is the clock (default time.Now).
 	Now func() time.Time `toml:"-"`

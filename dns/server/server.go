@@ -17,6 +17,9 @@
 //	addrs, err := srv.Start(ctx)                    // addrs.DNS, addrs.TLS: "127.0.0.1:PORT"
 //	defer srv.Close()
 //
+// Known keys can instead be passed in Config.Keys (tsig.NewKey("alice.btmm.example.",
+// "hmac-md5") makes one).
+//
 // The user's key is named "alice.btmm.example." and may update and
 // subscribe to names at or below "alice.btmm.example." only. Sign with
 // miekg/dns: c.TsigProvider = key.Provider() (needed for hmac-md5; the
@@ -132,6 +135,11 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		return nil, fmt.Errorf("server: %w", err)
 	}
 	s.zone = z
+	for _, k := range cfg.Keys {
+		if err := s.users.Install(k); err != nil {
+			return nil, err
+		}
+	}
 	if err := s.ReloadKeys(); err != nil {
 		return nil, err
 	}

@@ -412,3 +412,24 @@ func TestBadTime(t *testing.T) {
 		t.Fatal("stale update applied")
 	}
 }
+
+func TestConfigKeys(t *testing.T) {
+	k, err := tsig.NewKey("carol.btmm.example.", "hmac-md5")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	_, addrs := startServer(t, dir, func(c *server.Config) { c.Keys = []tsig.Key{k} })
+	r := update(t, addrs.DNS, k, 0, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, "h.carol.btmm.example. 60 IN A 192.0.2.1")}) })
+	if r.Rcode != dns.RcodeSuccess {
+		t.Fatalf("rcode %s", dns.RcodeToString[r.Rcode])
+	}
+	bad, _ := tsig.NewKey("carol.other.example.", "")
+	if _, err := server.New(server.Config{Zone: zoneName, DataDir: t.TempDir(), Keys: []tsig.Key{bad}}, nil); err == nil {
+		t.Fatal("key outside the zone accepted")
+	}
+	other, _ := tsig.NewKey("carol.btmm.example.", "hmac-md5")
+	if _, err := server.New(server.Config{Zone: zoneName, DataDir: dir, Keys: []tsig.Key{other}}, nil); err == nil {
+		t.Fatal("conflicting key accepted")
+	}
+}

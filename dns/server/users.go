@@ -60,6 +60,33 @@ func (u *Users) Add(user, algorithm string) (tsig.Key, error) {
 	return k, nil
 }
 
+// Install stores a given key for its user (the key name must be
+// "<user>.<zone>"). An existing different key for that user is an error.
+func (u *Users) Install(k tsig.Key) error {
+	name := strings.ToLower(dns.CanonicalName(k.Name))
+	user, ok := strings.CutSuffix(name, "."+u.Zone)
+	if !ok || !userRE.MatchString(user) {
+		return fmt.Errorf("%w: key %q is not <user>.%s", ErrBadUser, k.Name, u.Zone)
+	}
+	if _, err := tsig.ParseAlgorithm(k.Algorithm); err != nil || len(k.Secret) == 0 {
+		return fmt.Errorf("server: install key for %q: bad algorithm or empty secret", user)
+	}
+	k.Name = name
+	if old, err := u.Get(user); err == nil {
+		if old.Algorithm != dns.CanonicalName(k.Algorithm) && old.Algorithm != k.Algorithm || string(old.Secret) != string(k.Secret) {
+			return fmt.Errorf("server: install key for %q: a different key exists", user)
+		}
+		return nil
+	}
+	if err := os.MkdirAll(u.Dir, 0o700); err != nil {
+		return fmt.Errorf("server: install key: %w", err)
+	}
+	if err := tsig.WriteFile(u.path(user), k); err != nil {
+		return fmt.Errorf("server: install key for %q: %w", user, err)
+	}
+	return nil
+}
+
 // Remove deletes the user's key file.
 func (u *Users) Remove(user string) error {
 	if !userRE.MatchString(user) {

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/miekg/dns"
@@ -30,7 +31,8 @@ type Embedded struct {
 	names   map[string]map[string]Record // lower-case canonical owner name -> RR key -> record
 	meta    map[string][]byte
 	log     *os.File
-	logLen  int // records in the log since the last snapshot
+	lock    *os.File // flock on dir/LOCK: one process per store
+	logLen  int      // records in the log since the last snapshot
 	watches map[*watch]struct{}
 
 	// CompactEvery is the number of log records after which a snapshot is
@@ -119,10 +121,21 @@ func Open(dir string) (*Embedded, error) {
 	}
 	s := &Embedded{dir: dir, names: map[string]map[string]Record{}, meta: map[string][]byte{},
 		watches: map[*watch]struct{}{}, CompactEvery: 10000}
+	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("store: open: %w", err)
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("store: open %s: %w (another btmm-dnsd uses it?)", dir, ErrLocked)
+	}
+	s.lock = lock
 	if err := s.loadSnapshot(); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	if err := s.replay(); err != nil {
+		lock.Close()
 		return nil, err
 	}
 	return s, nil
@@ -622,6 +635,7 @@ func (s *Embedded) Close() error {
 		err = cerr
 	}
 	s.log = nil
+	s.lock.Close() // releases the flock
 	for w := range s.watches {
 		delete(s.watches, w)
 		w.stop()

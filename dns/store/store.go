@@ -28,6 +28,7 @@ import (
 var (
 	ErrClosed  = errors.New("store: closed")
 	ErrCorrupt = errors.New("store: corrupt data")
+	ErrLocked  = errors.New("store: locked by another process")
 )
 
 // Record is one stored resource record. Expires is the wall-clock end of its
