@@ -99,12 +99,13 @@ type Client struct {
 	wake chan struct{}
 	ran  atomic.Bool
 
-	mu        sync.Mutex
-	want      map[MappingRequest]bool
-	status    Status
-	published Status
-	subs      map[chan Status]struct{}
-	closed    bool
+	mu         sync.Mutex
+	rediscover bool
+	want       map[MappingRequest]bool
+	status     Status
+	published  Status
+	subs       map[chan Status]struct{}
+	closed     bool
 }
 
 // New checks cfg and returns a client; Run starts it.
@@ -188,7 +189,7 @@ func (c *Client) Remove(m MappingRequest) {
 // when the default route or address changes).
 func (c *Client) Rediscover() {
 	c.mu.Lock()
-	c.status.rediscover = true
+	c.rediscover = true
 	c.mu.Unlock()
 	c.poke()
 }
@@ -301,8 +302,8 @@ func (c *Client) Run(ctx context.Context) error {
 	defer timer.Stop()
 	for {
 		c.mu.Lock()
-		if c.status.rediscover {
-			c.status.rediscover = false
+		if c.rediscover {
+			c.rediscover = false
 			nextDiscover = time.Time{}
 			if s != nil {
 				s.close()
@@ -482,11 +483,7 @@ func (c *Client) discover(ctx context.Context) *session {
 		}
 	}
 	c.log.Info("natpmp: gateway found", "gateway", rt.Gateway, "protocol", s.protocol())
-	c.setState(func(st *Status) {
-		*st = Status{State: StateMapped, Protocol: s.protocol(), Gateway: rt.Gateway, Local: s.local}
-	})
-	c.refreshStatus(s)
-	return s
+	return s // the status follows once reconcile has asked for the mappings
 }
 
 func (s *session) protocol() string {
@@ -799,8 +796,8 @@ func (c *Client) mapOne(ctx context.Context, s *session, m *mapping) error {
 }
 
 func (c *Client) deleteMapping(ctx context.Context, s *session, m *mapping) error {
-	if m.extPort == 0 && m.err != nil {
-		return nil
+	if m.expires.IsZero() {
+		return nil // never granted
 	}
 	if s.pcp {
 		req := BuildPCPMapRequest(s.local, PCPMap{Nonce: m.nonce, Protocol: m.req.Protocol,
@@ -898,7 +895,6 @@ func (c *Client) setState(f func(*Status)) {
 	defer c.mu.Unlock()
 	old := c.status
 	f(&c.status)
-	c.status.rediscover = old.rediscover
 	if c.status.samePublished(old) {
 		c.status.Since = old.Since
 	} else {

@@ -66,9 +66,17 @@ func testMiniupnpd(t *testing.T, proto string) {
 		t.Fatal(err)
 	}
 	defer lanSock.Close()
+	var lanTCP net.Listener
+	if err := tp.LAN.Do(func() (err error) {
+		lanTCP, err = net.Listen("tcp4", "0.0.0.0:"+strconv.Itoa(internal))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer lanTCP.Close()
 
 	cfg := nsConfig(t, tp.LAN)
-	cfg.Mappings = []MappingRequest{{UDP, internal}}
+	cfg.Mappings = []MappingRequest{{UDP, internal}, {TCP, internal}}
 	cfg.DisablePCP = proto == "NAT-PMP"
 	c, err := New(cfg)
 	if err != nil {
@@ -116,6 +124,32 @@ func testMiniupnpd(t *testing.T, proto string) {
 		}
 	}
 	reach("first mapping")
+
+	// The TCP mapping admits a connection from the outside.
+	tcpEP, ok := c.Status().Endpoint(TCP, internal)
+	if !ok {
+		t.Fatalf("no TCP mapping: %v", c.Status())
+	}
+	accepted := make(chan error, 1)
+	go func() {
+		conn, err := lanTCP.Accept()
+		if err == nil {
+			conn.Close()
+		}
+		accepted <- err
+	}()
+	if err := tp.WAN.Do(func() error {
+		conn, err := net.DialTimeout("tcp4", tcpEP.String(), 2*time.Second)
+		if err == nil {
+			conn.Close()
+		}
+		return err
+	}); err != nil {
+		t.Fatalf("TCP to %v from the outside: %v", tcpEP, err)
+	}
+	if err := <-accepted; err != nil {
+		t.Fatal(err)
+	}
 
 	// SIGUSR1: the announcement makes the client ask again (renewal is
 	// not due for half an hour).
@@ -173,7 +207,8 @@ func testMiniupnpd(t *testing.T, proto string) {
 		t.Errorf("Run = %v", err)
 	}
 	done <- nil
-	if rules, err := gw.Rules(); err != nil || strings.Contains(rules, strconv.Itoa(int(ep.Port()))) {
+	if rules, err := gw.Rules(); err != nil || strings.Contains(rules, strconv.Itoa(int(ep.Port()))) ||
+		strings.Contains(rules, strconv.Itoa(int(tcpEP.Port()))) {
 		t.Errorf("rules after clean shutdown (%v):\n%s", err, rules)
 	}
 }
@@ -221,5 +256,46 @@ func TestSilentGateway(t *testing.T) {
 		case <-timeout:
 			t.Fatalf("still %v after 10 s", c.Status())
 		}
+	}
+}
+
+// TestMiniupnpdPrivateOutside: miniupnpd 2.3.1 will not report a private
+// external address (it refuses ext_ip=10.x outright) but answers every
+// NAT-PMP request with NETWORK_FAILURE (and PCP MAP with NO_RESOURCES)
+// when its outside address is private: the client shows the gateway's
+// refusal and publishes nothing. (The double NAT
+// status, for gateways that do report a private address, is covered by
+// TestDoubleNAT against the fake.)
+func TestMiniupnpdPrivateOutside(t *testing.T) {
+	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "miniupnpd", "miniupnpd-nftables")
+	testenv.RequireBinary(t, "nft", "nftables")
+	tp := miniupnpd.NewTopology(t)
+	tp.GW.MustRun(t, "ip", "addr", "flush", "dev", "wan0")
+	tp.GW.MustRun(t, "ip", "addr", "add", "10.0.0.1/24", "dev", "wan0")
+	gw := miniupnpd.StartT(t, tp.GW, tp.Options())
+	for proto, want := range map[string]string{"PCP": "PCP result NO_RESOURCES", "NAT-PMP": "NAT-PMP result NETWORK_FAILURE"} {
+		cfg := nsConfig(t, tp.LAN)
+		cfg.Mappings = []MappingRequest{{UDP, 4500}}
+		cfg.DisablePCP = proto == "NAT-PMP"
+		cfg.NoAnnouncements = true
+		c, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- c.Run(ctx) }()
+		ok := waitFor(5*time.Second, func() bool { return c.Status().State != StateStarting })
+		st := c.Status()
+		cancel()
+		<-done
+		if !ok || !strings.Contains(st.String(), want) {
+			t.Errorf("%s: status %q\nminiupnpd: %s", proto, st, gw.Log())
+		}
+		if ep, ok := st.Endpoint(UDP, 4500); ok {
+			t.Errorf("%s: published %v", proto, ep)
+		}
+		t.Logf("%s: %v", proto, st)
 	}
 }

@@ -58,8 +58,6 @@ type Status struct {
 	Mappings []Mapping
 	Detail   string    // why, for the unhappy states
 	Since    time.Time // when the published part last changed
-
-	rediscover bool
 }
 
 // Endpoint returns the external address and port to publish for the
@@ -83,7 +81,11 @@ func (s Status) Endpoint(p Protocol, internal uint16) (netip.AddrPort, bool) {
 
 func (s Status) String() string {
 	var b strings.Builder
-	b.WriteString(s.State.String())
+	state := s.State.String()
+	if s.State == StateMapped && !slices.ContainsFunc(s.Mappings, func(m Mapping) bool { return m.ExternalPort != 0 }) {
+		state = "not mapped"
+	}
+	b.WriteString(state)
 	if s.Protocol != "" {
 		fmt.Fprintf(&b, " via %s gateway %v", s.Protocol, s.Gateway)
 	} else if s.Gateway.IsValid() {

@@ -43,6 +43,10 @@ type Options struct {
 	// MinLifetime is miniupnpd's min_lifetime (PCP lifetimes are clamped
 	// up to it). Default 120 s.
 	MinLifetime time.Duration
+	// ExtIP, when set, is the external address miniupnpd reports instead of
+	// WAN's (its ext_ip option), e.g. a private one to play a gateway that
+	// is itself behind NAT.
+	ExtIP netip.Addr
 }
 
 // Daemon is a running miniupnpd.
@@ -154,7 +158,11 @@ func (d *Daemon) loadRuleset() error {
 }
 
 func (d *Daemon) config() string {
-	return fmt.Sprintf(`ext_ifname=%s
+	ext := ""
+	if d.Opts.ExtIP.IsValid() {
+		ext = "ext_ip=" + d.Opts.ExtIP.String() + "\n"
+	}
+	return ext + fmt.Sprintf(`ext_ifname=%s
 listening_ip=%s
 enable_natpmp=yes
 enable_upnp=no
@@ -195,6 +203,11 @@ func (d *Daemon) Start() error {
 		out, _ := d.NS.Run("ss", "-Hunl", "sport", "= :5351")
 		if strings.Contains(out, ":5351") {
 			return nil
+		}
+		if exited(c.Process.Pid) {
+			c.Wait()
+			d.cmd = nil
+			return fmt.Errorf("miniupnpd: exited at start: %s", d.Log())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -280,6 +293,16 @@ func (d *Daemon) Log() string {
 	d.logMu.Lock()
 	defer d.logMu.Unlock()
 	return d.log.String()
+}
+
+// exited reports whether pid is gone or a zombie.
+func exited(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
 }
 
 type lockedWriter struct {
