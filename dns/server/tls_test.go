@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/dns/llq"
+	"github.com/btmm/btmm/dns/server"
+	"github.com/btmm/btmm/dns/store"
 	"github.com/btmm/btmm/dns/tsig"
 	"github.com/miekg/dns"
 )
@@ -100,5 +102,41 @@ func TestLLQOverTLS(t *testing.T) {
 	}
 	if srv.LLQs() != 0 {
 		t.Fatalf("LLQ survived its connection")
+	}
+}
+
+func TestConfiguredCertificate(t *testing.T) {
+	dir := t.TempDir()
+	certPEM, keyPEM, err := server.SelfSigned("dot.example.", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf, kf := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
+	os.WriteFile(cf, certPEM, 0o644)
+	os.WriteFile(kf, keyPEM, 0o600)
+	_, addrs := startServer(t, t.TempDir(), func(c *server.Config) { c.TLSCert, c.TLSKey = cf, kf })
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(certPEM)
+	c := &dns.Client{Net: "tcp-tls", Timeout: 5 * time.Second, TLSConfig: &tls.Config{RootCAs: pool, ServerName: "dot.example"}}
+	m := new(dns.Msg)
+	m.SetQuestion(zoneName, dns.TypeSOA)
+	r, _, err := c.Exchange(m, addrs.TLS)
+	if err != nil || len(r.Answer) != 1 {
+		t.Fatalf("DoT with configured cert: %v %v", r, err)
+	}
+}
+
+func TestDefaultLeaseWithoutOption(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) { c.UpdateLease.Default = server.Duration(45 * time.Minute) })
+	k := addUser(t, srv, "alice", "")
+	before := time.Now()
+	r := update(t, addrs.DNS, k, 0, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, "d.alice.btmm.example. 60 IN A 192.0.2.1")}) })
+	if r.Rcode != 0 || findUL(r) != nil {
+		t.Fatalf("response %v (no lease option expected without one in the request)", r)
+	}
+	var exp time.Time
+	srv.Store().Read(func(v store.View) { exp = v.Name("d.alice.btmm.example.")[0].Expires })
+	if d := exp.Sub(before); d < 45*time.Minute || d > 46*time.Minute {
+		t.Fatalf("default lease %v, want 45m", d)
 	}
 }
