@@ -2,14 +2,17 @@ package llqclient
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/btmm/btmm/dns/register"
@@ -64,17 +67,22 @@ type Config struct {
 	Timeout      time.Duration // first retransmission; default DefaultTimeout
 	Tries        int           // transmissions per request; default DefaultTries
 	Rand         *rand.Rand    // jitter; nil uses the runtime's random numbers
+	// TLS, when set, prefers DNS over TLS (_dns-llq-tls._tcp, RFC 7858):
+	// the LLQs then live on one TLS connection, and are set up again on a
+	// new one when it breaks.
+	TLS *tls.Config
 
-	// Dial opens the transport; nil dials UDP. Tests use it for an
-	// in-memory responder.
+	// Dial opens the transport; nil dials UDP (or TLS). Tests use it for
+	// an in-memory responder.
 	Dial func(ctx context.Context, server string) (Transport, error)
 }
 
 // Transport carries whole DNS messages to and from one server.
 type Transport interface {
 	Send(msg []byte) error
-	// Recv blocks for the next message; after Close it returns an error
-	// wrapping net.ErrClosed.
+	// Recv blocks for the next message. Any error it returns means the
+	// transport is finished (after Close: an error wrapping net.ErrClosed);
+	// transient errors (ICMP port unreachable on UDP) are not returned.
 	Recv() ([]byte, error)
 	Close() error
 }
@@ -186,9 +194,6 @@ func New(cfg Config, log *slog.Logger) (*Client, error) {
 	if cfg.Lease < time.Second || cfg.PollInterval < time.Second || cfg.Tries < 1 {
 		return nil, fmt.Errorf("llqclient: lease %v / poll interval %v / tries %d out of range", cfg.Lease, cfg.PollInterval, cfg.Tries)
 	}
-	if cfg.Dial == nil {
-		cfg.Dial = dialUDP
-	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -260,50 +265,91 @@ func (c *Client) Status() Status {
 // cancels the LLQs (lease 0) and closes the socket. It returns nil on a
 // clean shutdown.
 func (c *Client) Run(ctx context.Context) error {
-	in := make(chan []byte, 64)
-	var readerDone chan struct{}
 	defer func() {
-		c.cancelAll()
 		if c.conn != nil {
+			c.cancelAll()
 			c.conn.Close()
-			<-readerDone
 		}
+		c.publishStatus()
 	}()
 	failures := 0
-	for c.conn == nil {
-		err := c.connect(ctx)
-		if err == nil {
-			break
+	for {
+		if err := c.connect(ctx); err != nil {
+			failures++
+			c.setError(err)
+			wait := register.Backoff(failures, time.Minute, c.rand())
+			c.log.Warn("llq: cannot reach server", "err", err, "retry_in", wait)
+			if !c.idle(ctx, wait) {
+				return nil
+			}
+			continue
 		}
-		failures++
+		failures = 0
+		err := c.serve(ctx)
+		c.conn.Close()
+		c.conn = nil
+		if ctx.Err() != nil {
+			return nil
+		}
+		// A stream transport (TLS) broke: every LLQ lived on it.
 		c.setError(err)
-		wait := register.Backoff(failures, time.Minute, c.rand())
-		c.log.Warn("llq: cannot reach server", "err", err, "retry_in", wait)
+		c.log.Warn("llq: connection lost, reconnecting", "err", err)
+		for _, q := range c.queries {
+			delete(c.pending, q.msgID)
+			q.waiting, q.due, q.st, q.id = false, time.Time{}, stSetup1, 0
+		}
+		if !c.idle(ctx, register.Backoff(1, time.Minute, c.rand())) {
+			return nil
+		}
+	}
+}
+
+// idle waits d while still taking Watch/stop commands; false when ctx ended.
+func (c *Client) idle(ctx context.Context, d time.Duration) bool {
+	c.publishStatus()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-time.After(wait):
+			return false
+		case <-t.C:
+			return true
 		case <-c.cmdNotify:
 			c.runCmds()
 		}
 	}
-	readerDone = make(chan struct{})
+}
+
+// serve runs the LLQs on c.conn until ctx ends (nil) or the transport fails.
+func (c *Client) serve(ctx context.Context) error {
+	in := make(chan []byte, 64)
+	rerr := make(chan error, 1)
+	stop := make(chan struct{})
+	readerDone := make(chan struct{})
+	conn := c.conn
 	go func() {
 		defer close(readerDone)
 		for {
-			b, err := c.conn.Recv()
+			b, err := conn.Recv()
 			if err != nil {
-				if errors.Is(err, net.ErrClosed) {
-					return
-				}
-				continue // e.g. ICMP port unreachable while the server restarts
+				rerr <- err
+				return
 			}
 			select {
 			case in <- b:
-			case <-ctx.Done():
+			case <-stop:
 				return
 			}
 		}
+	}()
+	defer func() {
+		close(stop)
+		if ctx.Err() != nil {
+			c.cancelAll() // while the socket is still open
+		}
+		conn.Close()
+		<-readerDone
 	}()
 	for _, q := range c.queries {
 		c.startSetup(q)
@@ -321,6 +367,8 @@ func (c *Client) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
+		case err := <-rerr:
+			return fmt.Errorf("llqclient: receive from %s: %w", c.server, err)
 		case <-c.cmdNotify:
 			c.runCmds()
 		case b := <-in:
@@ -332,20 +380,48 @@ func (c *Client) Run(ctx context.Context) error {
 }
 
 func (c *Client) connect(ctx context.Context) error {
-	server := c.cfg.Server
-	if server == "" {
-		s, err := register.Discover(ctx, c.cfg.Resolver, "_dns-llq._udp."+dns.Fqdn(c.cfg.Domain), c.cfg.Timeout)
-		if err != nil {
-			return fmt.Errorf("llqclient: discover server: %w", err)
-		}
-		server = s
+	server, network := c.cfg.Server, "udp"
+	if c.cfg.TLS != nil {
+		network = "tcp-tls"
 	}
-	conn, err := c.cfg.Dial(ctx, server)
+	if server == "" {
+		var services []string
+		if c.cfg.TLS != nil {
+			services = append(services, "_dns-llq-tls._tcp.")
+		}
+		services = append(services, "_dns-llq._udp.")
+		var errs []error
+		for _, svc := range services {
+			s, err := register.Discover(ctx, c.cfg.Resolver, svc+dns.Fqdn(c.cfg.Domain), c.cfg.Timeout)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			server, network = s, "udp"
+			if strings.HasPrefix(svc, "_dns-llq-tls.") {
+				network = "tcp-tls"
+			}
+			break
+		}
+		if server == "" {
+			return fmt.Errorf("llqclient: discover server: %w", errors.Join(errs...))
+		}
+	}
+	dial := c.cfg.Dial
+	if dial == nil {
+		dial = func(ctx context.Context, server string) (Transport, error) {
+			if network == "tcp-tls" {
+				return dialTLS(ctx, server, c.cfg.TLS)
+			}
+			return dialUDP(ctx, server)
+		}
+	}
+	conn, err := dial(ctx, server)
 	if err != nil {
 		return fmt.Errorf("llqclient: dial %s: %w", server, err)
 	}
 	c.conn, c.server = conn, server
-	c.log.Info("llq: using server", "server", server)
+	c.log.Info("llq: using server", "server", server, "net", network)
 	return nil
 }
 
@@ -773,12 +849,62 @@ func dialUDP(ctx context.Context, server string) (Transport, error) {
 }
 
 func (t udpTransport) Send(b []byte) error { _, err := t.c.Write(b); return err }
+
 func (t udpTransport) Recv() ([]byte, error) {
 	b := make([]byte, 65535)
-	n, err := t.c.Read(b)
+	for {
+		n, err := t.c.Read(b)
+		if err == nil {
+			return b[:n], nil
+		}
+		if errors.Is(err, net.ErrClosed) {
+			return nil, err
+		}
+		// ECONNREFUSED from an ICMP port unreachable while the server
+		// restarts, and the like: the socket is still good.
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, err
+		}
+	}
+}
+
+func (t udpTransport) Close() error { return t.c.Close() }
+
+// tlsTransport frames messages with the 2-byte length of RFC 1035 §4.2.2.
+type tlsTransport struct {
+	c  *tls.Conn
+	mu sync.Mutex
+}
+
+func dialTLS(ctx context.Context, server string, cfg *tls.Config) (Transport, error) {
+	d := tls.Dialer{Config: cfg}
+	c, err := d.DialContext(ctx, "tcp", server)
 	if err != nil {
 		return nil, err
 	}
-	return b[:n], nil
+	return &tlsTransport{c: c.(*tls.Conn)}, nil
 }
-func (t udpTransport) Close() error { return t.c.Close() }
+
+func (t *tlsTransport) Send(b []byte) error {
+	if len(b) > 0xffff {
+		return fmt.Errorf("message of %d bytes too long for TCP framing", len(b))
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	_, err := t.c.Write(append([]byte{byte(len(b) >> 8), byte(len(b))}, b...))
+	return err
+}
+
+func (t *tlsTransport) Recv() ([]byte, error) {
+	var l [2]byte
+	if _, err := io.ReadFull(t.c, l[:]); err != nil {
+		return nil, err
+	}
+	b := make([]byte, int(l[0])<<8|int(l[1]))
+	if _, err := io.ReadFull(t.c, b); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func (t *tlsTransport) Close() error { return t.c.Close() }

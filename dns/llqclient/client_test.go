@@ -511,3 +511,45 @@ func TestRefreshAfter(t *testing.T) {
 		}
 	}
 }
+
+func TestReconnectAfterTransportLoss(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, nil)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- c.Run(ctx) }()
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		synctest.Wait()
+		// The connection breaks (a TLS stream closed by a server restart)
+		// and the server forgot the LLQ; meanwhile the record changed.
+		f.mu.Lock()
+		old := f.p
+		f.mu.Unlock()
+		f.restart()
+		old.Close()
+		f.change(host+" 60 IN AAAA fd00::2", host+" 60 IN AAAA fd00::1")
+		synctest.Wait()
+		if st := c.Status(); !strings.Contains(st.LastError, "closed") {
+			t.Errorf("status after loss: %+v", st)
+		}
+		if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+			t.Errorf("answer withdrawn while disconnected: %q", got)
+		}
+		time.Sleep(2 * time.Second) // reconnect backoff (<= 1 s)
+		synctest.Wait()
+		st := c.Status()
+		if st.Queries[0].Mode != ModeLLQ || st.Queries[0].Setups != 2 {
+			t.Errorf("not re-established: %+v", st.Queries[0])
+		}
+		if got := w.last(); !slices.Equal(got, []string{"fd00::2"}) {
+			t.Errorf("change during the outage lost: %q", got)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
+}

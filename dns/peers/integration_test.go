@@ -2,6 +2,8 @@ package peers_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -27,13 +29,17 @@ type lab struct {
 	srv     *server.Server
 	keyFile string
 	llqMin  time.Duration
+	tls     bool // also listen for DNS over TLS; agents then prefer it
+	tlsAddr string
 }
 
-func startLab(t testing.TB, llqLease time.Duration) *lab {
+func startLab(t testing.TB, llqLease time.Duration) *lab { return startLabTLS(t, llqLease, false) }
+
+func startLabTLS(t testing.TB, llqLease time.Duration, withTLS bool) *lab {
 	if testing.Short() {
 		t.Skip("integration with btmm-dnsd on 127.0.0.1; skipped under -short")
 	}
-	l := &lab{t: t, dataDir: t.TempDir(), addr: "127.0.0.1:0", llqMin: llqLease}
+	l := &lab{t: t, dataDir: t.TempDir(), addr: "127.0.0.1:0", llqMin: llqLease, tls: withTLS, tlsAddr: "127.0.0.1:0"}
 	l.start()
 	t.Cleanup(func() { l.srv.Close() }) // the current server, after the agents' cleanups
 	k, err := l.srv.AddUser("alice", "hmac-sha256")
@@ -50,6 +56,9 @@ func startLab(t testing.TB, llqLease time.Duration) *lab {
 
 func (l *lab) start() {
 	cfg := server.Config{Zone: "btmm.example.", DataDir: l.dataDir, Listen: l.addr, ServerAddrs: []string{"127.0.0.1"}}
+	if l.tls {
+		cfg.ListenTLS = l.tlsAddr
+	}
 	if l.llqMin != 0 {
 		cfg.LLQ.MinLease = server.Duration(l.llqMin)
 		cfg.LLQ.MaxLease = server.Duration(l.llqMin)
@@ -68,7 +77,21 @@ func (l *lab) start() {
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	l.srv, l.addr = srv, addrs.DNS
+	l.srv, l.addr, l.tlsAddr = srv, addrs.DNS, addrs.TLS
+}
+
+// tlsConfig trusts the server's generated certificate.
+func (l *lab) tlsConfig() *tls.Config {
+	if !l.tls {
+		return nil
+	}
+	pem, err := os.ReadFile(filepath.Join(l.dataDir, "tls", "cert.pem"))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	return &tls.Config{RootCAs: pool, ServerName: "ns.btmm.example"}
 }
 
 func (l *lab) restart(down time.Duration) {
@@ -100,13 +123,13 @@ func startAgent(t testing.TB, l *lab, host string, n byte, llqLease time.Duratio
 		Label:        fmt.Sprintf("AutoTunnel-02-00-00-FF-FE-00-00-%02X", n),
 		Outer:        netip.AddrPortFrom(netip.AddrFrom4([4]byte{11, 0, 0, n}), 4500),
 		Capabilities: register.Capabilities{Version: register.ProtocolVersion, Dataplanes: []string{"xfrm"}, KeyingPort: 4500},
-		Key:          key, Resolver: l.addr, Lease: 30 * time.Minute, MaxBackoff: time.Second,
+		Key:          key, Resolver: l.addr, Lease: 30 * time.Minute, MaxBackoff: time.Second, TLS: l.tlsConfig(),
 	}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
 	lc, err := llqclient.New(llqclient.Config{Domain: "alice.btmm.example.", Resolver: l.addr, Key: key,
-		Lease: llqLease, PollInterval: time.Hour, Timeout: 300 * time.Millisecond}, log)
+		Lease: llqLease, PollInterval: time.Hour, Timeout: 300 * time.Millisecond, TLS: l.tlsConfig()}, log)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -247,6 +270,40 @@ func TestServerRestartReestablishesLLQs(t *testing.T) {
 	if st := b.llq.Status(); st.Polling != 0 {
 		t.Errorf("B fell back to polling: %+v", st)
 	}
+}
+
+func TestOverTLSAndReconnect(t *testing.T) {
+	l := startLabTLS(t, 0, true)
+	a := startAgent(t, l, "laptop", 1, time.Hour, 0)
+	b := startAgent(t, l, "desktop", 2, time.Hour, 0)
+	b.next(t, "B discovers A")
+	if st := a.reg.Status(); st.Server != l.tlsAddr {
+		t.Errorf("A updates via %s, want DNS over TLS at %s", st.Server, l.tlsAddr)
+	}
+	if st := b.llq.Status(); st.Server != l.tlsAddr || st.Polling != 0 {
+		t.Errorf("B's LLQs via %s (%d polled), want TLS at %s", st.Server, st.Polling, l.tlsAddr)
+	}
+	if err := a.reg.SetOuter(netip.MustParseAddrPort("11.0.0.50:62000")); err != nil {
+		t.Fatal(err)
+	}
+	b.waitFor(t, "A moved", func(ev peers.Event) bool {
+		return ev.Kind == peers.Changed && ev.Peer.Outer == netip.MustParseAddrPort("11.0.0.50:62000")
+	})
+	// The restart breaks the TLS connection the LLQs live on: B reconnects
+	// and sets them up again; a change made meanwhile is not lost.
+	l.restart(200 * time.Millisecond)
+	if err := a.reg.SetOuter(netip.MustParseAddrPort("11.0.0.51:62001")); err != nil {
+		t.Fatal(err)
+	}
+	b.waitFor(t, "A moved after restart", func(ev peers.Event) bool {
+		return ev.Kind == peers.Changed && ev.Peer.Outer == netip.MustParseAddrPort("11.0.0.51:62001")
+	})
+	if err := a.reg.SetOuter(netip.MustParseAddrPort("11.0.0.52:62002")); err != nil {
+		t.Fatal(err)
+	}
+	b.waitFor(t, "pushes flow on the new connection", func(ev peers.Event) bool {
+		return ev.Kind == peers.Changed && ev.Peer.Outer == netip.MustParseAddrPort("11.0.0.52:62002")
+	})
 }
 
 type testWriter struct {
