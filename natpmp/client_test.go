@@ -386,3 +386,46 @@ func TestConcurrentUse(t *testing.T) {
 		}
 	})
 }
+
+func TestRediscoverAndAnnouncementAfterNoGateway(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		g.silent = true
+		var mu sync.Mutex
+		local := netip.MustParseAddr("192.168.1.2")
+		h := start(t, g, func(c *Config) {
+			c.Schedule = []time.Duration{time.Second}
+			c.Route = func() (Route, error) {
+				mu.Lock()
+				defer mu.Unlock()
+				return Route{Gateway: netip.MustParseAddr("192.168.1.1"), Local: local}, nil
+			}
+		})
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		if st := h.c.Status(); st.State != StateNoGateway {
+			t.Fatalf("status %v", st)
+		}
+		// The gateway comes up and announces itself: looked for at once,
+		// not after RetryInterval.
+		g.mu.Lock()
+		g.silent = false
+		g.mu.Unlock()
+		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
+		h.ann.c <- a
+		synctest.Wait()
+		if _, ok := h.c.Status().Endpoint(UDP, 4500); !ok {
+			t.Fatalf("not mapped after the announcement: %v", h.c.Status())
+		}
+		// The host moves to a public address: Rediscover sees no NAT.
+		mu.Lock()
+		local = netip.MustParseAddr("11.0.0.9")
+		mu.Unlock()
+		h.c.Rediscover()
+		synctest.Wait()
+		if st := h.c.Status(); st.State != StatePublic || st.External != local {
+			t.Errorf("after Rediscover: %v", st)
+		}
+		h.stop(t)
+	})
+}

@@ -47,6 +47,11 @@ type Options struct {
 	// WAN's (its ext_ip option), e.g. a private one to play a gateway that
 	// is itself behind NAT.
 	ExtIP netip.Addr
+	// KeepRuleset uses the nftables ruleset already in the namespace (the
+	// lab loads its own, with the three chains in table inet filter)
+	// instead of replacing table inet filter with ours. Start checks the
+	// chains exist.
+	KeepRuleset bool
 }
 
 // Daemon is a running miniupnpd.
@@ -142,6 +147,14 @@ func (d *Daemon) ruleset() string {
 }
 
 func (d *Daemon) loadRuleset() error {
+	if d.Opts.KeepRuleset {
+		for _, ch := range Chains {
+			if _, err := d.NS.Run("nft", "list", "chain", "inet", "filter", ch); err != nil {
+				return fmt.Errorf("miniupnpd: KeepRuleset but no chain %s in table inet filter: %w", ch, err)
+			}
+		}
+		return nil
+	}
 	f := filepath.Join(d.Dir, "ruleset.nft")
 	if err := os.WriteFile(f, []byte(d.ruleset()), 0o600); err != nil {
 		return fmt.Errorf("miniupnpd: write ruleset: %w", err)

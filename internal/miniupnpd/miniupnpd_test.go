@@ -38,3 +38,26 @@ func TestReferenceClient(t *testing.T) {
 		t.Errorf("rules left after Stop:\n%s", rules)
 	}
 }
+
+func TestKeepRulesetNeedsChains(t *testing.T) {
+	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "miniupnpd", "miniupnpd-nftables")
+	testenv.RequireBinary(t, "natpmpc", "natpmpc")
+	testenv.RequireBinary(t, "nft", "nftables")
+	tp := NewTopology(t)
+	opts := tp.Options()
+	opts.KeepRuleset = true
+	if d, err := Start(tp.GW, opts); err == nil {
+		d.Close()
+		t.Fatal("Start with KeepRuleset and no ruleset succeeded")
+	}
+	// With the chains present (here from a first Start) it starts.
+	d := StartT(t, tp.GW, tp.Options())
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	StartT(t, tp.GW, opts)
+	if out := tp.LAN.MustRun(t, "natpmpc", "-g", "192.168.1.1"); !strings.Contains(out, "11.0.0.1") {
+		t.Errorf("natpmpc: %s", out)
+	}
+}
