@@ -252,6 +252,27 @@ func (a *Agent) SetPeers(ctx context.Context, peers []PeerConfig) error {
 	return a.do(ctx, func() { a.setPeers(peers) })
 }
 
+// Rekey starts a new exchange with the peer now (unless one is running),
+// e.g. when the dataplane reports an SA's soft byte or packet limit. The
+// current SAs stay until the new ones are in place.
+func (a *Agent) Rekey(ctx context.Context, ula netip.Addr) error {
+	var err error
+	derr := a.do(ctx, func() {
+		p := a.peers[ula]
+		switch {
+		case p == nil:
+			err = fmt.Errorf("keying: rekey %v: %w", ula, ErrUnknownPeer)
+		case p.ex == nil:
+			p.nextAttempt = a.cfg.Now()
+			p.backoff = 0
+		}
+	})
+	if derr != nil {
+		return derr
+	}
+	return err
+}
+
 // Status returns every peer's keying state.
 func (a *Agent) Status(ctx context.Context) ([]PeerStatus, error) {
 	var out []PeerStatus

@@ -643,3 +643,32 @@ func TestFailedRekeyBacksOff(t *testing.T) {
 		}
 	})
 }
+
+// TestRekeyOnDemand: Rekey replaces the SA pair at once (make-before-break
+// as for a timed rekey); an unknown ULA is an error.
+func TestRekeyOnDemand(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		b.peers(t, peerA)
+		a.peers(t, peerB)
+		time.Sleep(time.Second)
+		synctest.Wait()
+		first := a.status(t)
+		if err := a.agent.Rekey(context.Background(), ulaB); err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		second := a.status(t)
+		if second.In.SPI == first.In.SPI || !second.At.After(first.At) {
+			t.Fatalf("no rekey: %v -> %v", first.In, second.In)
+		}
+		pa, _ := a.rec.peer(ulaB)
+		pb, _ := b.rec.peer(ulaA)
+		pairOK(t, pa, pb)
+		if err := a.agent.Rekey(context.Background(), netip.MustParseAddr("fd00::99")); !errors.Is(err, ErrUnknownPeer) {
+			t.Errorf("Rekey(unknown) = %v, want ErrUnknownPeer", err)
+		}
+	})
+}
