@@ -12,9 +12,11 @@
 //
 //	Peer{Name, ULA, Outer: <target A>:<SRV port>, Capabilities: <TXT>}
 //
-// Events say Added, Changed (any field) or Removed (the browse PTR went away,
-// or the AAAA, SRV or A did, e.g. at lease expiry or clean shutdown) and
-// always carry the full Peer. They are delivered in order on Events(), a
+// Events say Added, Changed (outer address, port or capabilities) or Removed
+// (the browse PTR went away, or the AAAA, SRV or A did, e.g. at lease expiry
+// or clean shutdown) and always carry the full Peer. A host whose ULA changes
+// (it rebooted) is Removed with its old ULA and Added with the new one, so a
+// consumer may key everything by ULA. They are delivered in order on Events(), a
 // channel the control plane reads; the Tracker never drops or merges events
 // that would leave the reader with a wrong final state (consecutive changes
 // of one peer may be merged into the latest one: the records of one DNS
@@ -411,6 +413,10 @@ func (t *Tracker) diff() []Event {
 		switch {
 		case !ok:
 			evs = append(evs, Event{Added, p})
+		case old.ULA != p.ULA:
+			// A new ULA is a new identity (the peer rebooted, RFC 6281
+			// §6.3): consumers key tunnels and SAs by ULA.
+			evs = append(evs, Event{Removed, old}, Event{Added, p})
 		case !old.Equal(p):
 			evs = append(evs, Event{Changed, p})
 		}
@@ -420,7 +426,7 @@ func (t *Tracker) diff() []Event {
 			evs = append(evs, Event{Removed, p})
 		}
 	}
-	sort.Slice(evs, func(i, j int) bool { return evs[i].Peer.Name < evs[j].Peer.Name })
+	sort.SliceStable(evs, func(i, j int) bool { return evs[i].Peer.Name < evs[j].Peer.Name })
 	t.peers = now
 	for _, ev := range evs {
 		t.log.Info("peer "+ev.Kind.String(), "peer", ev.Peer.String())

@@ -170,6 +170,17 @@ func TestTrackerEvents(t *testing.T) {
 		if ev = next(t, tr); ev.Kind != Changed || len(ev.Peer.Capabilities.Dataplanes) != 0 {
 			t.Errorf("got %v %+v", ev.Kind, ev.Peer)
 		}
+		// The peer rebooted: new ULA = removed + added.
+		z.set([]string{"desktop.alice.btmm.example. 60 IN AAAA fd00::3"}, "desktop.alice.btmm.example. 60 IN AAAA fd00::2")
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if len(tr.Events()) != 2 {
+			t.Fatalf("%d events for a ULA change, want 2", len(tr.Events()))
+		}
+		if ev1, ev2 := <-tr.Events(), <-tr.Events(); ev1.Kind != Removed || ev1.Peer.ULA != netip.MustParseAddr("fd00::2") ||
+			ev2.Kind != Added || ev2.Peer.ULA != netip.MustParseAddr("fd00::3") {
+			t.Errorf("ULA change gave %v %v, %v %v", ev1.Kind, ev1.Peer, ev2.Kind, ev2.Peer)
+		}
 		// PTR gone (host shut down): removed, and its watches stopped.
 		z.set(nil, "_autotunnel._udp.alice.btmm.example. 60 IN PTR _autotunnel._udp.desktop.alice.btmm.example.")
 		if ev = next(t, tr); ev.Kind != Removed || ev.Peer.Name != "desktop.alice.btmm.example." {
