@@ -35,6 +35,11 @@ type Embedded struct {
 	logLen  int      // records in the log since the last snapshot
 	watches map[*watch]struct{}
 
+	syncMu    sync.Mutex // one fsync at a time (group commit); taken before mu
+	writeSeq  uint64     // transactions written to the log
+	syncedSeq uint64     // transactions known durable
+	unsynced  []Change   // written, not yet durable nor delivered
+
 	// CompactEvery is the number of log records after which a snapshot is
 	// written and the log truncated. Default 10000.
 	CompactEvery int
@@ -350,16 +355,31 @@ func (s *Embedded) writeLog(rec walRecord, sync bool) error {
 // Update implements Store.
 func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uint64, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	rev, seq, err := s.updateLocked(ctx, fn)
+	s.mu.Unlock()
+	if err != nil || seq == 0 {
+		return rev, err
+	}
+	// Group commit: one fsync covers every transaction written before it.
+	if err := s.syncUpTo(seq); err != nil {
+		return 0, err
+	}
+	return rev, nil
+}
+
+// updateLocked writes the transaction to the log (not yet synced) and to
+// memory; it returns the write sequence number to sync up to (0: nothing
+// written).
+func (s *Embedded) updateLocked(ctx context.Context, fn func(View) ([]Op, error)) (uint64, uint64, error) {
 	if s.closed {
-		return 0, ErrClosed
+		return 0, 0, ErrClosed
 	}
 	if err := ctx.Err(); err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	ops, err := fn(view{s})
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	// Work out the effective change without touching state.
 	var ch Change
@@ -378,7 +398,7 @@ func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uin
 	}
 	for _, op := range ops {
 		if op.Record.RR == nil {
-			return 0, fmt.Errorf("store: update: op without RR")
+			return 0, 0, fmt.Errorf("store: update: op without RR")
 		}
 		k := op.Record.Key()
 		switch op.Kind {
@@ -394,7 +414,7 @@ func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uin
 			pending[k] = nil
 			wops = append(wops, encodeOp(false, op.Record))
 		default:
-			return 0, fmt.Errorf("store: update: bad op kind %d", op.Kind)
+			return 0, 0, fmt.Errorf("store: update: bad op kind %d", op.Kind)
 		}
 	}
 	// Classify against the committed state.
@@ -430,14 +450,14 @@ func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uin
 		}
 	}
 	if len(ch.Added)+len(ch.Removed)+len(ch.Refreshed) == 0 {
-		return s.rev, nil
+		return s.rev, 0, nil
 	}
 	ch.Rev = s.rev + 1
-	if err := s.writeLog(walRecord{Rev: ch.Rev, Ops: wops}, true); err != nil {
+	if err := s.writeLog(walRecord{Rev: ch.Rev, Ops: wops}, false); err != nil {
 		// The log may now hold a partial record; refuse further writes
 		// rather than acknowledge anything on top of it.
 		s.closed = true
-		return 0, fmt.Errorf("store: update: write log: %w", err)
+		return 0, 0, fmt.Errorf("store: update: write log: %w", err)
 	}
 	for _, r := range ch.Removed {
 		s.del(r.RR)
@@ -449,13 +469,45 @@ func (s *Embedded) Update(ctx context.Context, fn func(View) ([]Op, error)) (uin
 		s.put(r)
 	}
 	s.rev = ch.Rev
-	s.notify(ch)
-	if s.logLen >= s.CompactEvery {
-		if err := s.compact(); err != nil {
-			return ch.Rev, nil //nolint:nilerr // the update itself is durable; compaction retries next time
-		}
+	s.writeSeq++
+	// Watchers see the change only once it is durable (syncUpTo).
+	s.unsynced = append(s.unsynced, ch)
+	return ch.Rev, s.writeSeq, nil
+}
+
+// syncUpTo makes the log durable at least up to write sequence seq, then
+// delivers the changes it made durable to watchers, in order.
+func (s *Embedded) syncUpTo(seq uint64) error {
+	s.syncMu.Lock()
+	defer s.syncMu.Unlock()
+	s.mu.Lock()
+	if s.syncedSeq >= seq {
+		s.mu.Unlock()
+		return nil
 	}
-	return ch.Rev, nil
+	if s.closed || s.log == nil {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	target, f := s.writeSeq, s.log
+	s.mu.Unlock()
+	err := f.Sync() // writers may append meanwhile; they sync again
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.closed = true
+		return fmt.Errorf("store: update: sync log: %w", err)
+	}
+	n := int(target - s.syncedSeq)
+	for _, ch := range s.unsynced[:n] {
+		s.notify(ch)
+	}
+	s.unsynced = s.unsynced[n:]
+	s.syncedSeq = target
+	if s.logLen >= s.CompactEvery {
+		_ = s.compact() // the updates are durable already; compaction retries next time
+	}
+	return nil
 }
 
 func (s *Embedded) notify(ch Change) {
