@@ -433,3 +433,30 @@ func TestConfigKeys(t *testing.T) {
 		t.Fatal("conflicting key accepted")
 	}
 }
+
+func TestIPv6LLQEvent(t *testing.T) {
+	if c, err := net.ListenPacket("udp6", "[::1]:0"); err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	} else {
+		c.Close()
+	}
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) { c.Listen, c.ListenTLS = "[::1]:0", "" })
+	k := addUser(t, srv, "alice", "hmac-sha512")
+	ua, _ := net.ResolveUDPAddr("udp", addrs.DNS)
+	conn, err := net.ListenUDP("udp6", &net.UDPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	c := &llqClient{t: t, conn: conn, srv: ua, key: k}
+	name := "v6.alice.btmm.example."
+	id, _ := c.setup(name, dns.TypeAAAA)
+	update(t, addrs.DNS, k, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN AAAA fd00::6")}) })
+	ev, err := c.recv(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o, ok := llq.Option(ev); !ok || o.Id != id || o.Opcode != llq.OpEvent {
+		t.Fatalf("event %v", ev)
+	}
+}
