@@ -217,6 +217,7 @@ func testMiniupnpd(t *testing.T, proto string) {
 // means "no gateway" once the (here shortened) schedule is over.
 func TestSilentGateway(t *testing.T) {
 	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "nft", "nftables")
 	lan, gwns := netns.New(t, "lan"), netns.New(t, "gw")
 	netns.MustVeth(t, lan, "eth0", gwns, "lan0")
 	lan.MustAddr(t, "eth0", "192.168.7.2/24")
@@ -297,5 +298,26 @@ func TestMiniupnpdPrivateOutside(t *testing.T) {
 			t.Errorf("%s: published %v", proto, ep)
 		}
 		t.Logf("%s: %v", proto, st)
+	}
+}
+
+func TestDefaultRoute(t *testing.T) {
+	testenv.RequireNetNS(t)
+	a, b := netns.New(t, "a"), netns.New(t, "b")
+	netns.MustVeth(t, a, "eth0", b, "eth0")
+	a.MustAddr(t, "eth0", "10.1.0.2/24")
+	if _, err := DefaultRoute(a.Handle); !errors.Is(err, ErrNoRoute) {
+		t.Errorf("without a default route: %v, want ErrNoRoute", err)
+	}
+	a.MustRoute(t, "default", "10.1.0.1", "eth0")
+	rt, err := DefaultRoute(a.Handle)
+	if err != nil || rt.Gateway != netip.MustParseAddr("10.1.0.1") || rt.Local != netip.MustParseAddr("10.1.0.2") {
+		t.Errorf("DefaultRoute = %+v, %v", rt, err)
+	}
+	// A preferred source on the route wins.
+	a.MustAddr(t, "eth0", "100.64.0.5/32")
+	a.MustRun(t, "ip", "route", "replace", "default", "via", "10.1.0.1", "dev", "eth0", "src", "100.64.0.5")
+	if rt, err := DefaultRoute(a.Handle); err != nil || rt.Local != netip.MustParseAddr("100.64.0.5") || !behindNAT(rt.Local) {
+		t.Errorf("with src: %+v, %v", rt, err)
 	}
 }
