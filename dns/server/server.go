@@ -672,7 +672,7 @@ func (e eventSender) SendEvent(p llq.Peer, key string, m *dns.Msg) error {
 		if !ok {
 			return errors.New("server: send event: no connection")
 		}
-		return sc.write(data)
+		return sc.queueEvent(data)
 	}
 	return fmt.Errorf("server: send event: unknown network %q", p.Net)
 }

@@ -21,6 +21,41 @@ type streamConn struct {
 	s      *Server
 	wmu    sync.Mutex
 	hasLLQ atomic.Bool
+	// events queues LLQ events for this connection's writer goroutine, so a
+	// slow client never stalls event delivery to others; when it is full
+	// the client is too slow and the connection is closed.
+	events chan []byte
+	done   chan struct{}
+}
+
+// queueEvent hands an event to the connection's writer without blocking.
+func (sc *streamConn) queueEvent(msg []byte) error {
+	select {
+	case <-sc.done:
+		return net.ErrClosed
+	default:
+	}
+	select {
+	case sc.events <- msg:
+		return nil
+	default:
+		sc.c.Close()
+		return errors.New("server: event queue full; closing slow connection")
+	}
+}
+
+func (sc *streamConn) eventWriter() {
+	for {
+		select {
+		case <-sc.done:
+			return
+		case m := <-sc.events:
+			if err := sc.write(m); err != nil {
+				sc.c.Close()
+				return
+			}
+		}
+	}
 }
 
 func (sc *streamConn) write(msg []byte) error {
@@ -47,7 +82,7 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		sc := &streamConn{c: c, s: s}
+		sc := &streamConn{c: c, s: s, events: make(chan []byte, 256), done: make(chan struct{})}
 		s.mu.Lock()
 		if s.closed || len(s.conns) >= s.cfg.Limits.MaxConns {
 			s.mu.Unlock()
@@ -57,6 +92,11 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
 		s.conns[sc] = struct{}{}
 		s.wg.Add(1)
 		s.mu.Unlock()
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			sc.eventWriter()
+		}()
 		go func() {
 			defer s.wg.Done()
 			s.serveStream(sc)
@@ -69,6 +109,7 @@ const streamIdle = 2 * time.Minute
 func (s *Server) serveStream(sc *streamConn) {
 	defer func() {
 		sc.c.Close()
+		close(sc.done)
 		s.llq.DropConn(sc)
 		s.mu.Lock()
 		delete(s.conns, sc)
