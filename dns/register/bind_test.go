@@ -4,107 +4,19 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/btmm/btmm/internal/testenv"
+	"github.com/btmm/btmm/dns/register/registertest"
 	"github.com/miekg/dns"
 )
 
-// startNamed runs BIND's named on 127.0.0.1:<free port> as the primary for
-// zone with update-policy granting key zonesub ANY, plus SRV records for
-// _dns-update._udp pointing at itself. It returns the server address.
 func startNamed(t *testing.T, zone string, key *Key) string {
-	t.Helper()
-	named := testenv.RequireBinary(t, "named", "bind9")
-	testenv.RequireRoot(t)
-	port := freePort(t)
-	dir := t.TempDir()
-	zone = dns.Fqdn(zone)
-	zoneFile := fmt.Sprintf(`$TTL 60
-@ IN SOA ns.%[1]s hostmaster.%[1]s 1 3600 600 86400 60
-@ IN NS ns.%[1]s
-ns IN A 127.0.0.1
-_dns-update._udp IN SRV 0 0 %[2]d ns.%[1]s
-`, zone, port)
-	conf := fmt.Sprintf(`%s
-options {
-	directory "%[2]s";
-	listen-on port %[3]d { 127.0.0.1; };
-	listen-on-v6 { none; };
-	pid-file none;
-	recursion no;
-	dnssec-validation no;
-	notify no;
-};
-controls { };
-zone "%[4]s" {
-	type primary;
-	file "%[2]s/zone.db";
-	update-policy { grant %[5]s zonesub ANY; };
-};
-`, key.MarshalBIND(), dir, port, zone, strings.TrimSuffix(key.Name, "."))
-	if err := os.WriteFile(filepath.Join(dir, "zone.db"), []byte(zoneFile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "named.conf"), []byte(conf), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := exec.CommandContext(ctx, named, "-g", "-u", "root", "-c", filepath.Join(dir, "named.conf"))
-	var log strings.Builder
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cancel()
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("named log:\n%s", log.String())
-		}
-	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		q := new(dns.Msg)
-		q.SetQuestion(zone, dns.TypeSOA)
-		c := &dns.Client{Timeout: 200 * time.Millisecond}
-		if r, _, err := c.Exchange(q, addr); err == nil && r.Rcode == dns.RcodeSuccess {
-			return addr
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("named did not answer on %s", addr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	// A port free for both UDP and TCP.
-	for range 20 {
-		l, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.LocalAddr().(*net.UDPAddr).Port
-		tl, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
-		l.Close()
-		if err == nil {
-			tl.Close()
-			return port
-		}
-	}
-	t.Fatal("no free port")
-	return 0
+	return registertest.StartNamed(t, zone, key, key.Name)
 }
 
 func query(t *testing.T, server, name string, qtype uint16) []dns.RR {
