@@ -553,3 +553,42 @@ func TestReconnectAfterTransportLoss(t *testing.T) {
 		}
 	})
 }
+
+func TestConnectBackoff(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, nil)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		var attempts []time.Duration
+		start := time.Now()
+		dial := func(ctx context.Context, server string) (Transport, error) {
+			attempts = append(attempts, time.Since(start))
+			if len(attempts) <= 8 {
+				return nil, fmt.Errorf("connection refused")
+			}
+			return f.dial(ctx, server)
+		}
+		c := newTestClient(t, f, func(c *Config) { c.Dial = dial })
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go c.Run(ctx)
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn) // accepted while disconnected
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		if len(attempts) != 9 {
+			t.Fatalf("%d dial attempts: %v", len(attempts), attempts)
+		}
+		for i := 1; i < len(attempts); i++ {
+			full := min(time.Second<<(i-1), time.Minute)
+			if gap := attempts[i] - attempts[i-1]; gap < full/2 || gap > full {
+				t.Errorf("dial %d after %v, want in [%v, %v]", i, gap, full/2, full)
+			}
+		}
+		if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+			t.Errorf("after connecting: %q", got)
+		}
+		if st := c.Status(); st.Queries[0].Mode != ModeLLQ || !strings.Contains(st.LastError, "connection refused") {
+			t.Errorf("status = %+v", st)
+		}
+	})
+}
