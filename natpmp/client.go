@@ -79,6 +79,10 @@ type Config struct {
 	Mappings []MappingRequest
 }
 
+// natpmpProbeAfter is the try of PCP discovery from which a NAT-PMP
+// request goes along (1.75 s into the default schedule).
+const natpmpProbeAfter = 3
+
 // DefaultSchedule is RFC 6886's retransmission schedule: 250 ms, doubling,
 // nine tries.
 func DefaultSchedule() []time.Duration {
@@ -459,20 +463,45 @@ func (c *Client) discover(ctx context.Context) *session {
 		return nil
 	}
 	if !c.cfg.DisablePCP {
-		r, err := c.exchangePCP(ctx, s, BuildPCPAnnounceRequest(s.local), func(r PCPResponse) bool {
-			return r.Opcode == PCPOpAnnounce || r.Result == PCPUnsuppVersion
+		// PCP ANNOUNCE first; from the natpmpProbeAfter'th try on, a NAT-PMP
+		// external address request too, for NAT-PMP gateways that drop
+		// PCP silently instead of answering UNSUPPORTED_VERSION.
+		announce, ext := BuildPCPAnnounceRequest(s.local), BuildExternalAddressRequest()
+		var epoch uint32
+		_, err := c.exchangeN(ctx, s, func(try int) [][]byte {
+			if try < natpmpProbeAfter {
+				return [][]byte{announce}
+			}
+			return [][]byte{announce, ext}
+		}, func(b []byte) bool {
+			if len(b) == 0 {
+				return false
+			}
+			switch b[0] {
+			case VersionPCP:
+				r, err := ParsePCPResponse(b)
+				if err == nil && r.Opcode == PCPOpAnnounce {
+					// Any PCP answer (even UNSUPP_OPCODE) proves PCP is spoken.
+					s.pcp, epoch = true, r.Epoch
+					return true
+				}
+			case VersionNATPMP:
+				// UNSUPPORTED_VERSION for the ANNOUNCE, or any answer to the
+				// external address request (both opcode 128).
+				r, err := ParseResponse(b)
+				return err == nil && r.Op == OpExternalAddress|opResponse
+			}
+			return false
 		})
 		switch {
 		case errors.Is(err, ErrNoGateway):
-			return fail(StateNoGateway, err)
+			return fail(StateNoGateway, fmt.Errorf("pcp: %w", err))
 		case err != nil:
-			return fail(StateFailed, err)
-		case r.Result == PCPUnsuppVersion:
-			c.log.Info("natpmp: gateway does not speak PCP; falling back to NAT-PMP", "gateway", rt.Gateway)
+			return fail(StateFailed, fmt.Errorf("pcp: %w", err))
+		case s.pcp:
+			c.epochSeen(s, epoch)
 		default:
-			// Any PCP answer (even UNSUPP_OPCODE) proves PCP is spoken.
-			s.pcp = true
-			c.epochSeen(s, r.Epoch)
+			c.log.Info("natpmp: gateway does not speak PCP; falling back to NAT-PMP", "gateway", rt.Gateway)
 		}
 	}
 	if !s.pcp {
@@ -534,6 +563,11 @@ func (s *session) nextRenewal(now time.Time) time.Time {
 
 // exchange sends req on the schedule until match accepts an answer.
 func (c *Client) exchange(ctx context.Context, s *session, req []byte, match func([]byte) bool) ([]byte, error) {
+	return c.exchangeN(ctx, s, func(int) [][]byte { return [][]byte{req} }, match)
+}
+
+// exchangeN is exchange with the datagrams of each try chosen by reqs.
+func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [][]byte, match func([]byte) bool) ([]byte, error) {
 	for {
 		select {
 		case <-s.pkts: // stale answers to earlier tries
@@ -544,9 +578,11 @@ func (c *Client) exchange(ctx context.Context, s *session, req []byte, match fun
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	for _, wait := range c.cfg.Schedule {
-		if _, err := s.conn.Write(req); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, fmt.Errorf("send to %v: %w", s.gw, err)
+	for try, wait := range c.cfg.Schedule {
+		for _, req := range reqs(try) {
+			if _, err := s.conn.Write(req); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
+				return nil, fmt.Errorf("send to %v: %w", s.gw, err)
+			}
 		}
 		timer.Reset(wait)
 	try:

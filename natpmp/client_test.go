@@ -10,6 +10,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/google/go-cmp/cmp"
 )
 
 type harness struct {
@@ -94,24 +96,37 @@ func TestRetryScheduleThenNoGateway(t *testing.T) {
 					t.Error("no update for no gateway")
 				}
 				want := []time.Duration{0, 250, 750, 1750, 3750, 7750, 15750, 31750, 63750}
-				reqs := g.requests()
-				if len(reqs) != len(want) {
-					t.Fatalf("%d tries, want %d", len(reqs), len(want))
+				var got []fakeReq
+				var alsoNATPMP []time.Duration
+				for _, r := range g.requests() {
+					if pcp && r.version == VersionNATPMP {
+						alsoNATPMP = append(alsoNATPMP, r.at.Sub(t0)/time.Millisecond)
+						continue
+					}
+					got = append(got, r)
+				}
+				if len(got) != len(want) {
+					t.Fatalf("%d tries, want %d", len(got), len(want))
 				}
 				wantV := uint8(VersionNATPMP)
 				if pcp {
 					wantV = VersionPCP
+					// From the fourth try on, a NAT-PMP request goes along.
+					if d := cmp.Diff(want[natpmpProbeAfter:], alsoNATPMP); d != "" {
+						t.Errorf("NAT-PMP probes (ms) (-want +got):\n%s", d)
+					}
 				}
-				for i, r := range reqs {
+				for i, r := range got {
 					if got := r.at.Sub(t0); got != want[i]*time.Millisecond || r.version != wantV {
 						t.Errorf("try %d at %v version %d, want %v version %d", i, got, r.version, want[i]*time.Millisecond, wantV)
 					}
 				}
+				nreq := len(g.requests())
 				// It looks again after RetryInterval (5 min by default).
 				time.Sleep(5 * time.Minute)
 				synctest.Wait()
-				if n := len(g.requests()); n != len(want)+1 {
-					t.Errorf("%d requests after the retry interval, want %d", n, len(want)+1)
+				if n := len(g.requests()); n != nreq+1 {
+					t.Errorf("%d requests after the retry interval, want %d", n, nreq+1)
 				}
 				h.stop(t)
 			})
@@ -425,6 +440,27 @@ func TestRediscoverAndAnnouncementAfterNoGateway(t *testing.T) {
 		synctest.Wait()
 		if st := h.c.Status(); st.State != StatePublic || st.External != local {
 			t.Errorf("after Rediscover: %v", st)
+		}
+		h.stop(t)
+	})
+}
+
+// A NAT-PMP gateway that drops PCP without a word is found by the NAT-PMP
+// request that goes along from the fourth try.
+func TestSilentPCPFallsBackToNATPMP(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(false)
+		g.dropPCP = true
+		t0 := time.Now()
+		h := start(t, g, nil)
+		time.Sleep(2 * time.Second)
+		synctest.Wait()
+		st := h.c.Status()
+		if _, ok := st.Endpoint(UDP, 4500); !ok || st.Protocol != "NAT-PMP" {
+			t.Fatalf("status %v", st)
+		}
+		if at := st.Answered.Sub(t0); at != 1750*time.Millisecond {
+			t.Errorf("found at %v, want 1.75 s", at)
 		}
 		h.stop(t)
 	})

@@ -15,6 +15,7 @@ type fakeGateway struct {
 	mu       sync.Mutex
 	pcp      bool // speaks PCP (else answers version 2 with UNSUPPORTED_VERSION)
 	silent   bool
+	dropPCP  bool       // a NAT-PMP gateway that ignores version 2 instead of refusing it
 	refuse   ResultCode // non-zero: refuse mappings (NAT-PMP code; PCP gets NO_RESOURCES)
 	external netip.Addr
 	start    time.Time
@@ -153,6 +154,7 @@ func (g *fakeGateway) handle(b []byte) []byte {
 			r.ExternalPort, r.Lifetime = m.ext, rq.lifetime
 		}
 		out, _ = r.MarshalBinary()
+	case b[0] == VersionPCP && g.dropPCP:
 	case b[0] == VersionPCP && !g.pcp:
 		out, _ = Response{Op: b[1] | 0x80, Result: ResultUnsupportedVersion, Epoch: g.epoch()}.MarshalBinary()
 	case b[0] == VersionPCP && b[1] == PCPOpAnnounce:
