@@ -533,14 +533,24 @@ func (s *Server) serveQuery(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	}
 	now := s.cfg.Now()
 	s.store.Read(func(v store.View) { s.zone.Answer(v, q, now, resp) })
-	if _, isUDP := w.RemoteAddr().(*net.UDPAddr); isUDP {
-		size := 512
-		if opt := r.IsEdns0(); opt != nil {
-			size = max(int(opt.UDPSize()), 512)
-		}
-		resp.Truncate(size)
-	}
+	truncateUDP(w, r, resp)
 	s.reply(w, r, resp, a)
+}
+
+// truncateUDP fits a UDP response into the requester's buffer size (TC set
+// when records had to go), leaving room for a TSIG.
+func truncateUDP(w dns.ResponseWriter, r, resp *dns.Msg) {
+	if _, isUDP := w.RemoteAddr().(*net.UDPAddr); !isUDP {
+		return
+	}
+	size := 512
+	if opt := r.IsEdns0(); opt != nil {
+		size = max(int(opt.UDPSize()), 512)
+	}
+	if r.IsTsig() != nil {
+		size -= 200
+	}
+	resp.Truncate(size)
 }
 
 func (s *Server) answerLLQ(q dns.Question) []dns.RR {
@@ -593,6 +603,7 @@ func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	if sw, ok := w.(*streamWriter); ok && o.Opcode == llq.OpSetup && o.Id != 0 {
 		sw.sc.hasLLQ.Store(true)
 	}
+	truncateUDP(w, r, resp)
 	s.reply(w, r, resp, a)
 }
 

@@ -2,9 +2,11 @@ package server_test
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -458,5 +460,26 @@ func TestIPv6LLQEvent(t *testing.T) {
 	}
 	if o, ok := llq.Option(ev); !ok || o.Id != id || o.Opcode != llq.OpEvent {
 		t.Fatalf("event %v", ev)
+	}
+}
+
+func TestLLQAckTruncatedOverUDP(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	k := addUser(t, srv, "alice", "")
+	name := "big.alice.btmm.example."
+	var rrs []dns.RR
+	for i := range 80 {
+		rrs = append(rrs, rr(t, fmt.Sprintf("%s 60 IN TXT \"%03d %s\"", name, i, strings.Repeat("x", 90))))
+	}
+	if r := update(t, addrs.DNS, k, 3600, func(m *dns.Msg) { m.Insert(rrs) }); r.Rcode != 0 {
+		t.Fatalf("update %s", dns.RcodeToString[r.Rcode])
+	}
+	c := newLLQClient(t, addrs.DNS, k)
+	_, ack := c.setup(name, dns.TypeTXT)
+	if !ack.Truncated || len(ack.Answer) >= 80 {
+		t.Fatalf("ack not truncated: tc=%v answers=%d", ack.Truncated, len(ack.Answer))
+	}
+	if _, ok := llq.Option(ack); !ok || ack.IsTsig() == nil {
+		t.Fatal("truncated ack lost its LLQ option or TSIG")
 	}
 }
