@@ -272,6 +272,25 @@ func TestServerRestartReestablishesLLQs(t *testing.T) {
 	}
 }
 
+// btmm-dnsd keeps UDP LLQs across a quick restart: pushes go on without the
+// client noticing.
+func TestServerQuickRestartKeepsLLQs(t *testing.T) {
+	l := startLab(t, 0)
+	a := startAgent(t, l, "laptop", 1, time.Hour, 0)
+	b := startAgent(t, l, "desktop", 2, time.Hour, 0)
+	b.next(t, "B discovers A")
+	l.restart(100 * time.Millisecond)
+	if err := a.reg.SetOuter(netip.MustParseAddrPort("11.0.0.60:63000")); err != nil {
+		t.Fatal(err)
+	}
+	b.waitFor(t, "A moved after restart", func(ev peers.Event) bool {
+		return ev.Kind == peers.Changed && ev.Peer.Outer == netip.MustParseAddrPort("11.0.0.60:63000")
+	})
+	if st := b.llq.Status(); st.Polling != 0 {
+		t.Errorf("B polls after a quick restart: %+v", st)
+	}
+}
+
 func TestOverTLSAndReconnect(t *testing.T) {
 	l := startLabTLS(t, 0, true)
 	a := startAgent(t, l, "laptop", 1, time.Hour, 0)
