@@ -454,6 +454,9 @@ func (c *Client) discover(ctx context.Context) *session {
 		s.close()
 		c.setState(func(st *Status) {
 			*st = Status{State: state, Gateway: rt.Gateway, Local: rt.Local, Detail: err.Error()}
+			if state == StateNoGateway {
+				st.External = rt.Local // RFC 6281 §4.1: proceed as on a public network
+			}
 		})
 		if state == StateNoGateway {
 			c.log.Info("natpmp: no gateway answered; treating the network as public", "gateway", rt.Gateway)
@@ -887,6 +890,9 @@ func (c *Client) lost(s *session, err error) {
 	c.log.Warn("natpmp: lost the gateway", "gateway", s.gw, "err", err)
 	c.setState(func(st *Status) {
 		*st = Status{State: state, Gateway: s.gw, Local: s.local, Detail: err.Error()}
+		if state == StateNoGateway {
+			st.External = s.local
+		}
 	})
 }
 

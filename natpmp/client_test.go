@@ -84,8 +84,9 @@ func TestRetryScheduleThenNoGateway(t *testing.T) {
 				if st.State != StateNoGateway || !strings.Contains(st.String(), "no gateway (treated as a public network)") {
 					t.Errorf("status %q, want no gateway", st)
 				}
-				if _, ok := st.Endpoint(UDP, 4500); ok {
-					t.Error("endpoint published without a gateway")
+				// RFC 6281 §4.1: proceed as on a public network.
+				if ep, ok := st.Endpoint(UDP, 4500); !ok || ep != netip.MustParseAddrPort("192.168.1.2:4500") {
+					t.Errorf("endpoint %v %v, want our own address", ep, ok)
 				}
 				select {
 				case u := <-updates:

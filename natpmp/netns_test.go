@@ -253,6 +253,9 @@ func TestSilentGateway(t *testing.T) {
 			if st.Gateway != netip.MustParseAddr("192.168.7.1") || !strings.Contains(st.String(), "no gateway") {
 				t.Errorf("status %v", st)
 			}
+			if ep, ok := st.Endpoint(UDP, 4500); !ok || ep != netip.MustParseAddrPort("192.168.7.2:4500") {
+				t.Errorf("endpoint %v %v, want our own address (public network)", ep, ok)
+			}
 			return
 		case <-timeout:
 			t.Fatalf("still %v after 10 s", c.Status())

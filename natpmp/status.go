@@ -11,7 +11,7 @@ import (
 // State is where the client stands with the gateway.
 type State int
 
-// States. Only StateMapped and StatePublic publish an external address.
+// States. StateMapped, StatePublic and StateNoGateway publish an address.
 const (
 	StateStarting  State = iota // looking for the gateway
 	StateMapped                 // the gateway answered; see Mappings
@@ -49,8 +49,9 @@ type Status struct {
 	Gateway  netip.Addr
 	Local    netip.Addr
 	// External is the address to publish: the gateway's external address
-	// (StateMapped) or our own (StatePublic); invalid otherwise, notably
-	// under double NAT, where publishing it could not work.
+	// (StateMapped) or our own (StatePublic, and StateNoGateway, where RFC
+	// 6281 §4.1 proceeds as on a public network); invalid otherwise,
+	// notably under double NAT, where publishing it could not work.
 	External netip.Addr
 	Epoch    uint32    // the gateway's epoch (seconds since its state began)
 	Answered time.Time // when the gateway last answered
@@ -64,7 +65,7 @@ type Status struct {
 // mapping of internal port on p, if there is a usable one.
 func (s Status) Endpoint(p Protocol, internal uint16) (netip.AddrPort, bool) {
 	switch s.State {
-	case StatePublic:
+	case StatePublic, StateNoGateway:
 		return netip.AddrPortFrom(s.External, internal), s.External.IsValid()
 	case StateMapped:
 		if !s.External.IsValid() {
