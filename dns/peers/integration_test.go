@@ -334,3 +334,5 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(w.host + ": " + strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+var _ peers.Runner = (*llqclient.Client)(nil)

@@ -26,6 +26,9 @@
 //	go t.Run(ctx)
 //	for ev := range t.Events() { ... } // closed when Run returns
 //
+// or, as one call that also runs the LLQ client, Follow(ctx, llqClient, cfg,
+// logger, func(peers.Event) { ... }).
+//
 // Records of this host (Config.Self) are ignored. Malformed records (an AAAA
 // outside fc00::/7, a TXT that does not parse) are logged; a bad TXT gives
 // empty Capabilities rather than hiding the peer.

@@ -199,3 +199,33 @@ func TestTrackerEvents(t *testing.T) {
 		}
 	})
 }
+
+type runZone struct{ *fakeZone }
+
+func (runZone) Run(ctx context.Context) error { <-ctx.Done(); return nil }
+
+func TestFollow(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		z := &fakeZone{}
+		ctx, cancel := context.WithCancel(t.Context())
+		var got []Event
+		done := make(chan error)
+		go func() {
+			done <- Follow(ctx, runZone{z}, Config{Domain: "alice.btmm.example."}, nil, func(ev Event) { got = append(got, ev) })
+		}()
+		synctest.Wait()
+		z.set(hostRecords("desktop", "fd00::2", "t2", "11.0.0.2", "4500", `"txtvers=1"`))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0].Kind != Added || got[0].Peer.Outer != netip.MustParseAddrPort("11.0.0.2:4500") {
+			t.Errorf("events = %v", got)
+		}
+		if z.watching() != 0 {
+			t.Errorf("%d watches left", z.watching())
+		}
+	})
+}
