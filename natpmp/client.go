@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	mrand "math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
@@ -73,6 +74,10 @@ type Config struct {
 	RetryInterval time.Duration
 	// ShutdownTimeout bounds deleting the mappings when Run ends. Default 3 s.
 	ShutdownTimeout time.Duration
+	// AnnounceDelay is the longest random wait before acting on a
+	// gateway's announcement, so that many hosts do not renew at once
+	// (RFC 6887 §14.1.1). Default 5 s; negative: act at once.
+	AnnounceDelay time.Duration
 	// DisablePCP speaks only NAT-PMP.
 	DisablePCP bool
 	// Mappings to keep from the start (more with Add).
@@ -143,6 +148,9 @@ func New(cfg Config) (*Client, error) {
 	}
 	if cfg.RetryInterval <= 0 {
 		cfg.RetryInterval = 5 * time.Minute
+	}
+	if cfg.AnnounceDelay == 0 {
+		cfg.AnnounceDelay = 5 * time.Second
 	}
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 3 * time.Second
@@ -302,6 +310,7 @@ func (c *Client) Run(ctx context.Context) error {
 		c.mu.Unlock()
 	}()
 	var nextDiscover time.Time // zero: now
+	var requeryAt time.Time    // zero: no announcement pending
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -315,6 +324,21 @@ func (c *Client) Run(ctx context.Context) error {
 			}
 		}
 		c.mu.Unlock()
+		if s != nil && !requeryAt.IsZero() && !c.now().Before(requeryAt) {
+			requeryAt = time.Time{}
+			if err := c.requery(ctx, s); err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				c.lost(s, err)
+				s.close()
+				s = nil
+				nextDiscover = c.now().Add(c.cfg.RetryInterval)
+			}
+		}
+		if s == nil {
+			requeryAt = time.Time{}
+		}
 		if s == nil && !c.now().Before(nextDiscover) {
 			s = c.discover(ctx)
 			if s == nil {
@@ -338,6 +362,9 @@ func (c *Client) Run(ctx context.Context) error {
 		next := nextDiscover
 		if s != nil {
 			next = s.nextRenewal(c.now())
+			if !requeryAt.IsZero() && requeryAt.Before(next) {
+				next = requeryAt
+			}
 		}
 		timer.Reset(max(next.Sub(c.now()), 0))
 		select {
@@ -355,15 +382,14 @@ func (c *Client) Run(ctx context.Context) error {
 				c.log.Debug("natpmp: announcement from a host that is not our gateway", "from", a.from, "gateway", s.gw)
 				continue
 			}
-			c.log.Info("natpmp: gateway announcement; re-querying and renewing", "version", a.version, "epoch", a.epoch)
-			if err := c.requery(ctx, s); err != nil {
-				if ctx.Err() != nil {
-					return ctx.Err()
+			if requeryAt.IsZero() {
+				wait := time.Duration(0)
+				if c.cfg.AnnounceDelay > 0 {
+					wait = mrand.N(c.cfg.AnnounceDelay + 1)
 				}
-				c.lost(s, err)
-				s.close()
-				s = nil
-				nextDiscover = c.now().Add(c.cfg.RetryInterval)
+				requeryAt = c.now().Add(wait)
+				c.log.Info("natpmp: gateway announcement; re-querying and renewing", "version", a.version,
+					"epoch", a.epoch, "in", wait)
 			}
 		}
 	}

@@ -226,6 +226,11 @@ func TestEpochResetRecreates(t *testing.T) {
 				}
 				h.ann.c <- a
 				synctest.Wait()
+				if r := h.c.Status().Resets; r != 0 {
+					t.Errorf("acted on the announcement at once, not after a random wait")
+				}
+				time.Sleep(5*time.Second + time.Nanosecond) // the default AnnounceDelay
+				synctest.Wait()
 				if r := h.c.Status().Resets; r != 1 {
 					t.Errorf("resets %d, want 1", r)
 				}

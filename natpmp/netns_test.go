@@ -77,6 +77,7 @@ func testMiniupnpd(t *testing.T, proto string) {
 
 	cfg := nsConfig(t, tp.LAN)
 	cfg.Mappings = []MappingRequest{{UDP, internal}, {TCP, internal}}
+	cfg.AnnounceDelay = 200 * time.Millisecond
 	cfg.DisablePCP = proto == "NAT-PMP"
 	c, err := New(cfg)
 	if err != nil {
