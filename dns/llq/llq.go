@@ -89,6 +89,10 @@ type Peer struct {
 	// Conn identifies the stream connection for "tcp" (nil for UDP); the
 	// LLQ lives as long as the connection (DropConn).
 	Conn any
+	// Reply is the transport's reply context for UDP (the request's
+	// session, so events leave from the address the client used); not
+	// persisted.
+	Reply any
 }
 
 // Sender delivers an event to a peer. Key is the TSIG key name the LLQ was

@@ -54,7 +54,8 @@
 // The challenge ID is bound to the client's address: send the challenge
 // response from the same socket as the request. Unsigned LLQs and LLQs on
 // another user's names are REFUSED. Events for a UDP LLQ come from the
-// server's UDP socket (addrs.DNS). UDP LLQs survive a restart of the server
+// server's UDP socket (addrs.DNS), from the address the client sent its
+// setup or last refresh to (also on a wildcard listener). UDP LLQs survive a restart of the server
 // with the same data directory and listen address.
 //
 // Other helpers: srv.Store() (inspect records), srv.LLQs() (count),
@@ -107,8 +108,7 @@ type Server struct {
 	closed  bool
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
-	udp     net.PacketConn
-	udpSrv  *dns.Server
+	udp     *net.UDPConn
 	lns     []net.Listener
 	conns   map[*streamConn]struct{}
 	ports   zone.Ports
@@ -260,7 +260,7 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 		if err != nil {
 			return fail(fmt.Errorf("server: listen %s: %w", s.cfg.Listen, err))
 		}
-		s.udp = pc
+		s.udp = pc.(*net.UDPConn)
 		s.lns = append(s.lns, ln)
 		addrs.DNS = pc.LocalAddr().String()
 		port := uint16(pc.LocalAddr().(*net.UDPAddr).Port)
@@ -315,23 +315,11 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 	}()
 
 	if s.udp != nil {
-		started := make(chan struct{})
-		s.udpSrv = &dns.Server{PacketConn: s.udp, Handler: s, TsigProvider: s.keys,
-			// Datagrams longer than the limit are read one byte past it
-			// and dropped by sizeLimitReader.
-			MsgAcceptFunc: acceptMsg, UDPSize: s.cfg.Limits.MaxMessageSize + 1,
-			DecorateReader: func(r dns.Reader) dns.Reader {
-				return sizeLimitReader{Reader: r, max: s.cfg.Limits.MaxMessageSize}
-			},
-			NotifyStartedFunc: func() { close(started) }}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			if err := s.udpSrv.ActivateAndServe(); err != nil && ctx.Err() == nil {
-				s.log.Error("udp server stopped", "err", err)
-			}
+			s.serveUDP(ctx, s.udp)
 		}()
-		<-started
 	}
 	for _, ln := range s.lns {
 		s.wg.Add(1)
@@ -394,9 +382,6 @@ func (s *Server) Close() error {
 	s.closed = true
 	if s.cancel != nil {
 		s.cancel()
-	}
-	if s.udpSrv != nil {
-		s.udpSrv.Shutdown()
 	}
 	s.closeListenersLocked()
 	for c := range s.conns {
@@ -564,7 +549,11 @@ func (s *Server) peer(w dns.ResponseWriter) llq.Peer {
 	if sw, ok := w.(*streamWriter); ok {
 		return llq.Peer{Net: "tcp", Addr: sw.sc.c.RemoteAddr().String(), Conn: sw.sc}
 	}
-	return llq.Peer{Net: "udp", Addr: w.RemoteAddr().String()}
+	p := llq.Peer{Net: "udp", Addr: w.RemoteAddr().String()}
+	if uw, ok := w.(*udpWriter); ok {
+		p.Reply = uw.sess
+	}
+	return p
 }
 
 func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
@@ -672,7 +661,11 @@ func (e eventSender) SendEvent(p llq.Peer, key string, m *dns.Msg) error {
 		if s.udp == nil {
 			return errors.New("server: send event: no UDP listener")
 		}
-		ap, err := netip.ParseAddrPort(p.Addr)
+		if sess, ok := p.Reply.(*dns.SessionUDP); ok && sess.RemoteAddr().String() == p.Addr {
+			_, err = dns.WriteToSessionUDP(s.udp, data, sess) // from the address the client used
+			return err
+		}
+		ap, err := netip.ParseAddrPort(p.Addr) // restored after a restart
 		if err != nil {
 			return fmt.Errorf("server: send event: %w", err)
 		}
@@ -720,19 +713,4 @@ func (l *rateLimiter) allow(key string, now time.Time) bool {
 	}
 	b.tokens--
 	return true
-}
-
-// sizeLimitReader drops UDP messages over the size limit.
-type sizeLimitReader struct {
-	dns.Reader
-	max int
-}
-
-func (r sizeLimitReader) ReadUDP(conn *net.UDPConn, timeout time.Duration) ([]byte, *dns.SessionUDP, error) {
-	for {
-		m, s, err := r.Reader.ReadUDP(conn, timeout)
-		if err != nil || len(m) <= r.max {
-			return m, s, err
-		}
-	}
 }

@@ -483,3 +483,32 @@ func TestLLQAckTruncatedOverUDP(t *testing.T) {
 		t.Fatal("truncated ack lost its LLQ option or TSIG")
 	}
 }
+
+// On a wildcard listener, events leave from the address the client sent
+// its LLQ to (127.0.0.2 here), not whatever the routing table prefers.
+func TestEventSourceAddressOnWildcard(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) { c.Listen, c.ListenTLS = "0.0.0.0:0", "" })
+	k := addUser(t, srv, "alice", "")
+	_, port, _ := net.SplitHostPort(addrs.DNS)
+	target := net.JoinHostPort("127.0.0.2", port)
+	c := newLLQClient(t, target, k)
+	name := "src.alice.btmm.example."
+	id, _ := c.setup(name, dns.TypeA)
+	update(t, net.JoinHostPort("127.0.0.1", port), k, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN A 192.0.2.1")}) })
+	buf := make([]byte, 65535)
+	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, from, err := c.conn.ReadFromUDP(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(buf[:n]); err != nil {
+		t.Fatal(err)
+	}
+	if o, ok := llq.Option(m); !ok || o.Id != id || o.Opcode != llq.OpEvent {
+		t.Fatalf("event %v", m)
+	}
+	if from.String() != target {
+		t.Fatalf("event came from %v, want %v", from, target)
+	}
+}

@@ -138,8 +138,17 @@ func (s *Server) serveStream(sc *streamConn) {
 	}
 }
 
-// serveRaw parses one message from a stream and dispatches it.
-func (s *Server) serveRaw(raw []byte, w *streamWriter) {
+// rawWriter is a ResponseWriter that learns the request's TSIG status.
+type rawWriter interface {
+	dns.ResponseWriter
+	setTSIG(status error, requestMAC string)
+}
+
+// serveRaw parses one message (from any transport) and dispatches it:
+// unparsable queries get FORMERR when the header is readable, responses
+// other than LLQ acknowledgements are dropped, TSIG is verified on the raw
+// bytes.
+func (s *Server) serveRaw(raw []byte, w rawWriter) {
 	var dh dns.Header
 	m := new(dns.Msg)
 	if err := m.Unpack(raw); err != nil {
@@ -172,8 +181,8 @@ func (s *Server) serveRaw(raw []byte, w *streamWriter) {
 		return
 	}
 	if t := m.IsTsig(); t != nil {
-		w.tsigStatus = dns.TsigVerifyWithProvider(raw, s.keys, "", false)
-		w.requestMAC = t.MAC
+		// Verification rewrites the buffer; raw is not used afterwards.
+		w.setTSIG(dns.TsigVerifyWithProvider(raw, s.keys, "", false), t.MAC)
 	}
 	s.ServeDNS(w, m)
 }
@@ -186,17 +195,11 @@ type streamWriter struct {
 	timersOnly bool
 }
 
-func (w *streamWriter) LocalAddr() net.Addr  { return w.sc.c.LocalAddr() }
-func (w *streamWriter) RemoteAddr() net.Addr { return w.sc.c.RemoteAddr() }
+func (w *streamWriter) setTSIG(status error, mac string) { w.tsigStatus, w.requestMAC = status, mac }
+func (w *streamWriter) LocalAddr() net.Addr              { return w.sc.c.LocalAddr() }
+func (w *streamWriter) RemoteAddr() net.Addr             { return w.sc.c.RemoteAddr() }
 func (w *streamWriter) WriteMsg(m *dns.Msg) error {
-	if m.IsTsig() != nil {
-		data, _, err := dns.TsigGenerateWithProvider(m, w.sc.s.keys, w.requestMAC, w.timersOnly)
-		if err != nil {
-			return err
-		}
-		return w.sc.write(data)
-	}
-	data, err := m.Pack()
+	data, err := packMsg(w.sc.s, m, w.requestMAC, w.timersOnly)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,89 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"net"
+
+	"github.com/miekg/dns"
+	"golang.org/x/net/ipv4"
+	"golang.org/x/net/ipv6"
+)
+
+// UDP is served here rather than by dns.Server so that LLQ events leave
+// from the address the client talked to (the request's UDP session, also on
+// a wildcard listener), and so that concurrent handlers are bounded.
+
+const maxUDPHandlers = 256
+
+func setUDPSocketOptions(conn *net.UDPConn) {
+	// Destination address and interface of each datagram, to answer from it.
+	ipv6.NewPacketConn(conn).SetControlMessage(ipv6.FlagDst|ipv6.FlagInterface, true)
+	ipv4.NewPacketConn(conn).SetControlMessage(ipv4.FlagDst|ipv4.FlagInterface, true)
+}
+
+func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
+	setUDPSocketOptions(conn)
+	sem := make(chan struct{}, maxUDPHandlers)
+	max := s.cfg.Limits.MaxMessageSize
+	for {
+		buf := make([]byte, max+1)
+		n, sess, err := dns.ReadFromSessionUDP(conn, buf)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
+			}
+			continue
+		}
+		if n < 12 || n > max {
+			continue // runt or over the size limit: drop
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer func() { <-sem }()
+			s.serveRaw(buf[:n], &udpWriter{s: s, conn: conn, sess: sess})
+		}()
+	}
+}
+
+// udpWriter is the dns.ResponseWriter for one UDP request.
+type udpWriter struct {
+	s          *Server
+	conn       *net.UDPConn
+	sess       *dns.SessionUDP
+	tsigStatus error
+	requestMAC string
+	timersOnly bool
+}
+
+func (w *udpWriter) setTSIG(status error, mac string) { w.tsigStatus, w.requestMAC = status, mac }
+func (w *udpWriter) LocalAddr() net.Addr              { return w.conn.LocalAddr() }
+func (w *udpWriter) RemoteAddr() net.Addr             { return w.sess.RemoteAddr() }
+func (w *udpWriter) WriteMsg(m *dns.Msg) error {
+	data, err := packMsg(w.s, m, w.requestMAC, w.timersOnly)
+	if err != nil {
+		return err
+	}
+	_, err = dns.WriteToSessionUDP(w.conn, data, w.sess)
+	return err
+}
+func (w *udpWriter) Write(b []byte) (int, error) { return dns.WriteToSessionUDP(w.conn, b, w.sess) }
+func (w *udpWriter) Close() error                { return nil }
+func (w *udpWriter) TsigStatus() error           { return w.tsigStatus }
+func (w *udpWriter) TsigTimersOnly(b bool)       { w.timersOnly = b }
+func (w *udpWriter) Hijack()                     {}
+
+// packMsg packs m, signing it when it carries a TSIG RR.
+func packMsg(s *Server, m *dns.Msg, requestMAC string, timersOnly bool) ([]byte, error) {
+	if m.IsTsig() != nil {
+		data, _, err := dns.TsigGenerateWithProvider(m, s.keys, requestMAC, timersOnly)
+		return data, err
+	}
+	return m.Pack()
+}
