@@ -325,3 +325,40 @@ func TestDefaultRoute(t *testing.T) {
 		t.Errorf("with src: %+v, %v", rt, err)
 	}
 }
+
+// TestMiniupnpdRenewal: with a 4 s lifetime (which miniupnpd honours for
+// NAT-PMP and removes when it runs out) the client's half-life renewals
+// keep the mapping in place well past it.
+func TestMiniupnpdRenewal(t *testing.T) {
+	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "miniupnpd", "miniupnpd-nftables")
+	testenv.RequireBinary(t, "nft", "nftables")
+	t.Parallel()
+	tp := miniupnpd.NewTopology(t)
+	gw := miniupnpd.StartT(t, tp.GW, tp.Options())
+	cfg := nsConfig(t, tp.LAN)
+	cfg.Mappings = []MappingRequest{{UDP, 4700}}
+	cfg.DisablePCP = true // PCP lifetimes are clamped up to min_lifetime
+	cfg.Lifetime = 4 * time.Second
+	cfg.NoAnnouncements = true
+	c, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	if !waitFor(5*time.Second, func() bool { _, ok := c.Status().Endpoint(UDP, 4700); return ok }) {
+		t.Fatalf("no mapping: %v", c.Status())
+	}
+	first := c.Status().Mappings[0].Expires
+	time.Sleep(6500 * time.Millisecond)
+	st := c.Status()
+	if len(st.Mappings) != 1 || !st.Mappings[0].Expires.After(first.Add(2*time.Second)) || st.Mappings[0].Lifetime != 4*time.Second {
+		t.Errorf("not renewed: first expiry %v, now %+v", first, st.Mappings)
+	}
+	if rules, _ := gw.Rules(); !strings.Contains(rules, "4700") {
+		t.Errorf("mapping gone from the gateway after 6.5 s:\n%s", rules)
+	}
+}
