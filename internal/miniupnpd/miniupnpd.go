@@ -44,8 +44,8 @@ type Options struct {
 	// up to it). Default 120 s.
 	MinLifetime time.Duration
 	// ExtIP, when set, is the external address miniupnpd reports instead of
-	// WAN's (its ext_ip option), e.g. a private one to play a gateway that
-	// is itself behind NAT.
+	// WAN's (its ext_ip option). It must look public: 2.3.1 refuses to start
+	// with a reserved or private one, so it cannot play a double NAT.
 	ExtIP netip.Addr
 	// KeepRuleset uses the nftables ruleset already in the namespace (the
 	// lab loads its own, with the three chains in table inet filter)
