@@ -29,6 +29,7 @@ type Embedded struct {
 	closed  bool
 	rev     uint64
 	names   map[string]map[string]Record // lower-case canonical owner name -> RR key -> record
+	below   map[string]int               // name -> number of names strictly below it with records
 	meta    map[string][]byte
 	log     *os.File
 	lock    *os.File // flock on dir/LOCK: one process per store
@@ -124,7 +125,7 @@ func Open(dir string) (*Embedded, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
-	s := &Embedded{dir: dir, names: map[string]map[string]Record{}, meta: map[string][]byte{},
+	s := &Embedded{dir: dir, names: map[string]map[string]Record{}, below: map[string]int{}, meta: map[string][]byte{},
 		watches: map[*watch]struct{}{}, CompactEvery: 10000}
 	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -281,6 +282,7 @@ func (s *Embedded) put(r Record) (added bool) {
 	if recs == nil {
 		recs = map[string]Record{}
 		s.names[n] = recs
+		s.countAncestors(n, 1)
 	}
 	k := r.Key()
 	_, existed := recs[k]
@@ -299,8 +301,19 @@ func (s *Embedded) del(rr dns.RR) (Record, bool) {
 	delete(recs, k)
 	if len(recs) == 0 {
 		delete(s.names, n)
+		s.countAncestors(n, -1)
 	}
 	return old, true
+}
+
+// countAncestors adds d to the descendant count of every proper ancestor of n.
+func (s *Embedded) countAncestors(n string, d int) {
+	for off, end := dns.NextLabel(n, 0); !end; off, end = dns.NextLabel(n, off) {
+		a := n[off:]
+		if s.below[a] += d; s.below[a] <= 0 {
+			delete(s.below, a)
+		}
+	}
 }
 
 func (s *Embedded) find(rr dns.RR) (Record, bool) {
@@ -332,6 +345,9 @@ func (v view) Name(name string) []Record {
 	return sortedRecords(m)
 }
 func (v view) Rev() uint64 { return v.s.rev }
+func (v view) HasDescendants(name string) bool {
+	return v.s.below[lname(name)] > 0
+}
 
 func (s *Embedded) writeLog(rec walRecord, sync bool) error {
 	payload, err := json.Marshal(rec)

@@ -79,6 +79,9 @@ type Op struct {
 type View interface {
 	// Name returns copies of all records owned by name (case-insensitive).
 	Name(name string) []Record
+	// HasDescendants reports whether any name strictly below name owns
+	// records (name is then an empty non-terminal if it owns none itself).
+	HasDescendants(name string) bool
 	// Rev is the revision the view reflects.
 	Rev() uint64
 }

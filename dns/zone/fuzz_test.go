@@ -14,6 +14,15 @@ type mapView map[string][]store.Record
 
 func (m mapView) Name(n string) []store.Record { return m[strings.ToLower(dns.CanonicalName(n))] }
 func (m mapView) Rev() uint64                  { return 7 }
+func (m mapView) HasDescendants(n string) bool {
+	n = strings.ToLower(dns.CanonicalName(n))
+	for k := range m {
+		if k != n && dns.IsSubDomain(n, k) {
+			return true
+		}
+	}
+	return false
+}
 
 // FuzzUpdate feeds arbitrary messages through UPDATE processing: parse ->
 // check -> prerequisites/ops, then marshal -> parse -> same verdict.

@@ -500,7 +500,7 @@ func (z *Zone) Records(v store.View, name string, now time.Time) []dns.RR {
 // apex, a user's subdomain, or a discovery service name.
 func (z *Zone) hasDescendant(v store.View, name string) bool {
 	name = strings.ToLower(dns.CanonicalName(name))
-	if name == z.Origin {
+	if name == z.Origin || v.HasDescendants(name) {
 		return true
 	}
 	if u := z.UserOf(name); u != "" && z.isUser(u) {

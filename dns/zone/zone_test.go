@@ -163,6 +163,18 @@ func TestAnswer(t *testing.T) {
 	if a := ask("alice.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeSuccess {
 		t.Fatalf("user domain is an empty non-terminal: %v", a)
 	}
+	if a := ask("alice.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeSuccess {
+		t.Fatalf("user domain: %v", a)
+	}
+	s.Update(context.Background(), func(store.View) ([]store.Op, error) {
+		return []store.Op{{Kind: store.Put, Record: store.Record{RR: mustRR(t, "h._ssh._tcp.bob.btmm.example. 60 IN SRV 0 0 22 h.")}}}, nil
+	})
+	if a := ask("_tcp.bob.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeSuccess || len(a.Ns) != 1 {
+		t.Fatalf("empty non-terminal: %v", a)
+	}
+	if a := ask("_sctp.bob.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeNameError {
+		t.Fatalf("absent name: %v", a)
+	}
 	if a := ask("zed.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeNameError {
 		t.Fatalf("unknown user: %v", a)
 	}
