@@ -512,3 +512,30 @@ func TestEventSourceAddressOnWildcard(t *testing.T) {
 		t.Fatalf("event came from %v, want %v", from, target)
 	}
 }
+
+// Over real UDP: an unacknowledged event is sent three times with the same
+// message ID, then the LLQ is deleted.
+func TestUnackedEventDeletesLLQ(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) { c.LLQ.Retransmit = server.Duration(100 * time.Millisecond) })
+	k := addUser(t, srv, "alice", "")
+	c := newLLQClient(t, addrs.DNS, k)
+	name := "quiet.alice.btmm.example."
+	id, _ := c.setup(name, dns.TypeA)
+	update(t, addrs.DNS, k, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN A 192.0.2.1")}) })
+	var ids []uint16
+	for {
+		ev, err := c.recv(2 * time.Second)
+		if err != nil {
+			break
+		}
+		if o, ok := llq.Option(ev); ok && o.Opcode == llq.OpEvent && o.Id == id {
+			ids = append(ids, ev.Id)
+		}
+	}
+	if len(ids) != 3 || ids[0] != ids[1] || ids[1] != ids[2] {
+		t.Fatalf("transmissions %v, want 3 with one message ID", ids)
+	}
+	if srv.LLQs() != 0 {
+		t.Fatal("LLQ kept after three unacknowledged transmissions")
+	}
+}
