@@ -8,7 +8,9 @@
 //
 // The challenge is stateless: the LLQ-ID is the issue time (high 32 bits)
 // and a keyed MAC of the time, client, question and TSIG key (low 32 bits),
-// so a request whose challenge is never answered allocates nothing.
+// so a request whose challenge is never answered allocates nothing. Over
+// TCP/TLS there is no challenge: the first response is already the ACK with
+// the answers (a following challenge response is ACKed again).
 //
 // The wire option itself is miekg/dns's EDNS0_LLQ; this package adds the
 // constants and the table. Events are driven by store changes (Table.Changed).
@@ -430,6 +432,24 @@ func (t *Table) Handle(req *dns.Msg, p Peer, key string) (*dns.Msg, error) {
 				return reply(OpSetup, ErrServFull, 0, 0), nil
 			}
 			id := t.challengeID(uint32(now.Unix()), p, q, key)
+			if p.Net == "tcp" {
+				// Over a stream the handshake already proved the client's
+				// address: no challenge, the LLQ is set up at once and
+				// the answers sent (as Apple's dnsextd does). A client
+				// that still sends the challenge response gets the ACK
+				// again (below).
+				t.mu.Lock()
+				defer t.mu.Unlock()
+				if e, ok := t.byID[id]; ok {
+					resp.Answer = t.cfg.Answer(e.Q)
+					return reply(OpSetup, ErrNoError, e.ID, e.Expires.Sub(now).Truncate(time.Second)), nil
+				}
+				e := &Entry{ID: id, Q: q, Key: key, Peer: p, Expires: now.Add(lease)}
+				t.addLocked(e)
+				t.cfg.Log.Debug("llq established over a stream", "id", e.ID, "name", q.Name, "lease", lease)
+				resp.Answer = t.cfg.Answer(q)
+				return reply(OpSetup, ErrNoError, id, lease), nil
+			}
 			return reply(OpSetup, ErrNoError, id, lease), nil
 		}
 		t.mu.Lock()

@@ -260,7 +260,22 @@ func TestPersistRestore(t *testing.T) {
 	}
 	tb := NewTable(Config{Persist: persist})
 	id := setup(t, tb, peer, "k.")
-	setup(t, tb, Peer{Net: "tcp", Addr: "192.0.2.1:9", Conn: 1}, "k.") // not persisted
+	// Over a stream: no challenge, established by the first request; not persisted.
+	tcp := Peer{Net: "tcp", Addr: "192.0.2.1:9", Conn: 1}
+	r, _ := tb.Handle(req(OpSetup, 0, 900), tcp, "k.")
+	if o, _ := Option(r); o.Error != ErrNoError || o.Id == 0 || tb.Len() != 2 {
+		t.Fatalf("stream setup %v, len %d", o, tb.Len())
+	}
+	// A four-way client's challenge response on the stream is ACKed again.
+	o, _ := Option(r)
+	r2, _ := tb.Handle(req(OpSetup, o.Id, 900), tcp, "k.")
+	if o2, _ := Option(r2); o2.Error != ErrNoError || o2.Id != o.Id || tb.Len() != 2 {
+		t.Fatalf("stream challenge response %v, len %d", o2, tb.Len())
+	}
+	tb.DropConn(1)
+	if tb.Len() != 1 {
+		t.Fatal("stream LLQ outlived its connection")
+	}
 	tb.Close()
 	mu.Lock()
 	var data [][]byte

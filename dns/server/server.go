@@ -48,8 +48,10 @@
 // the same message ID and an LLQ option opcode 3 with the id (QR either way);
 // without an ACK the event is resent after Config.LLQ.Retransmit (2s) and
 // again after twice that; with no ACK after three transmissions the LLQ is
-// deleted. Over TCP/TLS events are sent once on the connection, which the LLQ
-// lives on; acknowledgements are accepted but not needed.
+// deleted. Over TCP/TLS the setup needs no challenge (the first response is
+// the ACK with the answers and the LLQ's id; a challenge response with that
+// id gets the ACK again), events are sent once on the connection, which the
+// LLQ lives on, and acknowledgements are accepted but not needed.
 //
 // The challenge ID is bound to the client's address: send the challenge
 // response from the same socket as the request. Unsigned LLQs and LLQs on
@@ -589,7 +591,7 @@ func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	if err != nil || resp == nil {
 		return
 	}
-	if sw, ok := w.(*streamWriter); ok && o.Opcode == llq.OpSetup && o.Id != 0 {
+	if sw, ok := w.(*streamWriter); ok && o.Opcode == llq.OpSetup {
 		sw.sc.hasLLQ.Store(true)
 	}
 	truncateUDP(w, r, resp)
