@@ -112,8 +112,10 @@ type Config struct {
 	MaxPerKey          int           // LLQs per TSIG key; default 256
 	MaxTotal           int           // all LLQs; default 200000
 	MaxPending         int           // unacknowledged events per LLQ before deletion; default 32
-	// Answer returns the current answers for a question (for the ACK).
-	Answer func(q dns.Question) []dns.RR
+	// Answer returns the current answers for a question (for the ACK) and
+	// the store revision they reflect; changes up to that revision are not
+	// sent as events to an LLQ set up with them.
+	Answer func(q dns.Question) ([]dns.RR, uint64)
 	Send   Sender
 	// Persist, when set, is called in order (from one goroutine) with the
 	// LLQ's state after creation or refresh, and with nil data on deletion.
@@ -130,6 +132,7 @@ type Entry struct {
 	Peer    Peer
 	Expires time.Time
 
+	rev     uint64 // store revision of the answers in the ACK
 	timer   *time.Timer
 	pending map[uint16]*pendingEvent
 }
@@ -204,7 +207,7 @@ func NewTable(cfg Config) *Table {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Answer == nil {
-		cfg.Answer = func(dns.Question) []dns.RR { return nil }
+		cfg.Answer = func(dns.Question) ([]dns.RR, uint64) { return nil, 0 }
 	}
 	t := &Table{cfg: cfg, secret: make([]byte, 32), byID: map[uint64]*Entry{},
 		byName: map[string]map[uint64]*Entry{}, perKey: map[string]int{}, pqDone: make(chan struct{})}
@@ -441,13 +444,13 @@ func (t *Table) Handle(req *dns.Msg, p Peer, key string) (*dns.Msg, error) {
 				t.mu.Lock()
 				defer t.mu.Unlock()
 				if e, ok := t.byID[id]; ok {
-					resp.Answer = t.cfg.Answer(e.Q)
+					resp.Answer, _ = t.cfg.Answer(e.Q)
 					return reply(OpSetup, ErrNoError, e.ID, e.Expires.Sub(now).Truncate(time.Second)), nil
 				}
 				e := &Entry{ID: id, Q: q, Key: key, Peer: p, Expires: now.Add(lease)}
+				resp.Answer, e.rev = t.cfg.Answer(q)
 				t.addLocked(e)
 				t.cfg.Log.Debug("llq established over a stream", "id", e.ID, "name", q.Name, "lease", lease)
-				resp.Answer = t.cfg.Answer(q)
 				return reply(OpSetup, ErrNoError, id, lease), nil
 			}
 			return reply(OpSetup, ErrNoError, id, lease), nil
@@ -459,7 +462,7 @@ func (t *Table) Handle(req *dns.Msg, p Peer, key string) (*dns.Msg, error) {
 			if e.Key != key || lname(e.Q.Name) != lname(q.Name) || e.Q.Qtype != q.Qtype {
 				return reply(OpSetup, ErrNoSuchLLQ, o.Id, 0), nil
 			}
-			resp.Answer = t.cfg.Answer(e.Q)
+			resp.Answer, _ = t.cfg.Answer(e.Q)
 			return reply(OpSetup, ErrNoError, e.ID, e.Expires.Sub(now).Truncate(time.Second)), nil
 		}
 		issued := uint32(o.Id >> 32)
@@ -473,10 +476,10 @@ func (t *Table) Handle(req *dns.Msg, p Peer, key string) (*dns.Msg, error) {
 			return reply(OpSetup, ErrServFull, o.Id, 0), nil
 		}
 		e := &Entry{ID: o.Id, Q: q, Key: key, Peer: p, Expires: now.Add(lease)}
+		resp.Answer, e.rev = t.cfg.Answer(q)
 		t.addLocked(e)
 		t.persistLocked(e.ID, e)
 		t.cfg.Log.Debug("llq established", "id", e.ID, "name", q.Name, "type", dns.Type(q.Qtype), "lease", lease)
-		resp.Answer = t.cfg.Answer(q)
 		return reply(OpSetup, ErrNoError, e.ID, lease), nil
 	case OpRefresh:
 		t.mu.Lock()
@@ -531,6 +534,9 @@ func (t *Table) Changed(c store.Change) {
 			}
 			if e.Q.Qclass != dns.ClassANY && e.Q.Qclass != h.Class {
 				continue
+			}
+			if c.Rev != 0 && c.Rev <= e.rev {
+				continue // already in the answers the LLQ was set up with
 			}
 			m := events[e.ID]
 			if m == nil {

@@ -292,3 +292,19 @@ func TestPersistRestore(t *testing.T) {
 		t.Fatalf("restored %v", e)
 	}
 }
+
+// A change already reflected in the ACK's answers is not sent again.
+func TestNoEventForChangesInTheAck(t *testing.T) {
+	fs := &fakeSender{}
+	tb := NewTable(Config{Send: fs, Answer: func(dns.Question) ([]dns.RR, uint64) { return nil, 5 }})
+	defer tb.Close()
+	setup(t, tb, peer, "k.")
+	c := change(qname+" 60 IN AAAA fd00::1", "")
+	c.Rev = 5
+	tb.Changed(c)
+	c.Rev = 6
+	tb.Changed(c)
+	if n := len(fs.all()); n != 1 {
+		t.Fatalf("sent %d events, want 1 (for rev 6 only)", n)
+	}
+}

@@ -540,11 +540,15 @@ func truncateUDP(w dns.ResponseWriter, r, resp *dns.Msg) {
 	resp.Truncate(size)
 }
 
-func (s *Server) answerLLQ(q dns.Question) []dns.RR {
+func (s *Server) answerLLQ(q dns.Question) ([]dns.RR, uint64) {
 	resp := new(dns.Msg)
 	now := s.cfg.Now()
-	s.store.Read(func(v store.View) { s.zone.Answer(v, q, now, resp) })
-	return resp.Answer
+	var rev uint64
+	s.store.Read(func(v store.View) {
+		s.zone.Answer(v, q, now, resp)
+		rev = v.Rev()
+	})
+	return resp.Answer, rev
 }
 
 func (s *Server) peer(w dns.ResponseWriter) llq.Peer {
