@@ -100,6 +100,7 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	ps := r.peer(p.ULA)
+	saved := *ps
 	if p.Name != "" {
 		ps.name = p.Name
 	}
@@ -109,7 +110,15 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 	k := p
 	k.PrevIn = slices.Clone(p.PrevIn)
 	ps.keys, ps.keyedAt = &k, r.now()
-	return r.applyLocked(ctx)
+	if err := r.applyLocked(ctx); err != nil {
+		// Keying counts a failed install as a failed exchange: keep the
+		// keys the kernel (and the peer) still have, so a later retry
+		// cannot push keys the peer never agreed to.
+		*ps = saved
+		r.dirty = true
+		return err
+	}
+	return nil
 }
 
 // Remove implements keying's Installer: the peer's SAs go, what is known of

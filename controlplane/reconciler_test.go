@@ -117,8 +117,16 @@ func TestReconcilerRetriesFailedApply(t *testing.T) {
 		}
 		time.Sleep(2 * time.Second) // second retry after 2 s succeeds
 		synctest.Wait()
-		if !strings.Contains(fake.Render(), "spi 0x1001") {
-			t.Fatalf("not applied after retries; sets=%d", fake.Sets())
+		// The refused install was rolled back: keying will retry the
+		// exchange, so the retry applies nothing of those keys.
+		if strings.Contains(fake.Render(), "spi 0x1001") {
+			t.Fatalf("keys of a failed install were applied later:\n%s", fake.Render())
+		}
+		if err := r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1003), In: sa(0x2003)}); err != nil {
+			t.Fatalf("install after recovery: %v", err)
+		}
+		if !strings.Contains(fake.Render(), "spi 0x1003") {
+			t.Fatalf("not applied after recovery; sets=%d", fake.Sets())
 		}
 		if _, _, lastErr := r.Status(); lastErr != nil {
 			t.Fatalf("status still shows error: %v", lastErr)

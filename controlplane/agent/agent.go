@@ -71,16 +71,20 @@ type Config struct {
 	NAT      NATFunc        // nil: no NAT handling, External must be set
 	External netip.AddrPort // static external address when NAT is nil
 	Peers    PeersFunc
-	// KernelEvents are the dataplane's notifications of NAT mapping changes
-	// seen in ESP traffic (xfrm.Dataplane.Events adapted); nil if none.
-	KernelEvents <-chan KernelMapping
+	// KernelEvents are the dataplane's notifications (xfrm.Dataplane.Events
+	// adapted): NAT mapping changes seen in ESP traffic, and SAs reaching
+	// their soft lifetime; nil if the dataplane has none.
+	KernelEvents <-chan KernelEvent
 	Logger       *slog.Logger
 }
 
-// KernelMapping: the kernel saw ESP from peer at a new outer address.
-type KernelMapping struct {
-	Peer netip.Addr
-	New  netip.AddrPort
+// KernelEvent is what the kernel reports about a peer's SAs: either ESP
+// arrived from a new outer address (New is valid), or an SA reached its soft
+// lifetime (Rekey).
+type KernelEvent struct {
+	Peer  netip.Addr
+	New   netip.AddrPort
+	Rekey bool
 }
 
 // Agent is a running btmmd.
@@ -235,6 +239,12 @@ func (a *Agent) kernelEvents(ctx context.Context) error {
 		case m, ok := <-a.cfg.KernelEvents:
 			if !ok {
 				return nil
+			}
+			if m.Rekey {
+				if err := a.keyer.Rekey(ctx, m.Peer); err != nil {
+					a.log.Warn("rekey on soft expiry", "peer", m.Peer, "err", err)
+				}
+				continue
 			}
 			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, "kernel"); err != nil {
 				a.log.Warn("following NAT mapping change", "peer", m.Peer, "err", err)

@@ -1,0 +1,131 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is btmmd's configuration file (TOML). See docs/btmmd.md.
+type Config struct {
+	Host   string `toml:"host"`   // this host's label; default: the short hostname
+	Domain string `toml:"domain"` // the user's domain, e.g. "alice.btmm.example."
+
+	DNS struct {
+		KeyFile  string `toml:"key_file"` // TSIG key in BIND syntax, mode 0600 (required)
+		Zone     string `toml:"zone"`     // zone the server serves; default: domain without its first label
+		Server   string `toml:"server"`   // update/LLQ server host:port; empty = discover by SRV
+		Resolver string `toml:"resolver"` // resolver for discovery; empty = /etc/resolv.conf
+		TLS      bool   `toml:"tls"`      // DNS over TLS to the server
+		CAFile   string `toml:"ca_file"`  // CA for the server's certificate
+		Lease    string `toml:"lease"`    // requested update lease, default 90m
+	} `toml:"dns"`
+
+	Tunnel struct {
+		Port      uint16 `toml:"port"`      // UDP tunnel + keying port, default 4500
+		Dataplane string `toml:"dataplane"` // "xfrm" (default), "ebpf", "ebpf-cleartext" (INSECURE)
+		Device    string `toml:"device"`    // eBPF: interface to attach to; default the default route's
+	} `toml:"tunnel"`
+
+	NAT struct {
+		Mode     string `toml:"mode"`     // "auto" (default: PCP, then NAT-PMP) or "off"
+		External string `toml:"external"` // with mode "off": the address:port peers reach us at
+	} `toml:"nat"`
+
+	Keying struct {
+		Mode      string `toml:"mode"`      // "kerberos" (default) or "psk"
+		Keytab    string `toml:"keytab"`    // default /etc/krb5.keytab
+		Krb5Conf  string `toml:"krb5_conf"` // default /etc/krb5.conf
+		Principal string `toml:"principal"` // default host/<host>.<domain>
+		Realm     string `toml:"realm"`
+		PSKFile   string `toml:"psk_file"` // psk mode: shared secret, mode 0600
+	} `toml:"keying"`
+
+	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
+	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
+	LogLevel      string `toml:"log_level"`      // debug, info (default), warn, error
+}
+
+func loadConfig(path string) (*Config, error) {
+	var c Config
+	md, err := toml.DecodeFile(path, &c)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		return nil, fmt.Errorf("config %s: unknown keys %v", path, und)
+	}
+	return &c, c.fill()
+}
+
+func (c *Config) fill() error {
+	var errs []error
+	if c.Host == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return err
+		}
+		c.Host, _, _ = strings.Cut(h, ".")
+	}
+	if c.Domain == "" {
+		errs = append(errs, errors.New("domain is required (the user's domain, e.g. alice.btmm.example.)"))
+	}
+	if c.DNS.Zone == "" && c.Domain != "" {
+		_, parent, ok := strings.Cut(strings.TrimSuffix(c.Domain, "."), ".")
+		if !ok {
+			errs = append(errs, fmt.Errorf("domain %q has no parent zone: set dns.zone", c.Domain))
+		}
+		c.DNS.Zone = parent + "."
+	}
+	if c.DNS.KeyFile == "" {
+		errs = append(errs, errors.New("dns.key_file is required (TSIG key from `btmm-dnsd adduser`)"))
+	}
+	if c.Tunnel.Port == 0 {
+		c.Tunnel.Port = 4500
+	}
+	switch c.Tunnel.Dataplane {
+	case "":
+		c.Tunnel.Dataplane = "xfrm"
+	case "xfrm", "ebpf", "ebpf-cleartext":
+	default:
+		errs = append(errs, fmt.Errorf("tunnel.dataplane %q: want xfrm, ebpf or ebpf-cleartext", c.Tunnel.Dataplane))
+	}
+	switch c.NAT.Mode {
+	case "":
+		c.NAT.Mode = "auto"
+	case "auto":
+	case "off":
+		if _, err := netip.ParseAddrPort(c.NAT.External); err != nil {
+			errs = append(errs, fmt.Errorf("nat.mode off needs nat.external ADDRESS:PORT: %w", err))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("nat.mode %q: want auto or off", c.NAT.Mode))
+	}
+	switch c.Keying.Mode {
+	case "", "kerberos":
+		c.Keying.Mode = "kerberos"
+		if c.Keying.Keytab == "" {
+			c.Keying.Keytab = "/etc/krb5.keytab"
+		}
+		if c.Keying.Krb5Conf == "" {
+			c.Keying.Krb5Conf = "/etc/krb5.conf"
+		}
+	case "psk":
+		if c.Keying.PSKFile == "" {
+			errs = append(errs, errors.New("keying.mode psk needs keying.psk_file"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("keying.mode %q: want kerberos or psk", c.Keying.Mode))
+	}
+	if c.StateFile == "" {
+		c.StateFile = "/run/btmm/identity.json"
+	}
+	if c.ControlSocket == "" {
+		c.ControlSocket = "/run/btmm/btmmd.sock"
+	}
+	return errors.Join(errs...)
+}
