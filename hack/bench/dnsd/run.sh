@@ -8,10 +8,16 @@
 # Needs: bind9 (named), Go. Takes well under a minute.
 set -eu
 cd "$(dirname "$0")/../../.."
-go test -run '^$' -count=1 \
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+if ! go test -run '^$' -count=1 \
 	-bench 'BenchmarkUpdatesVsNamed|BenchmarkLLQFanout|BenchmarkMemoryPerHost' \
-	-benchtime "${BENCHTIME:-1000x}" ./dns/server/ | tee /tmp/btmm-dnsd-bench.$$ |
-	awk '
+	-benchtime "${BENCHTIME:-1000x}" ./dns/server/ >"$out" 2>&1; then
+	cat "$out" >&2
+	exit 1
+fi
+grep '^Benchmark' "$out"
+awk '
 	/^Benchmark/ {
 		for (i = 3; i < NF; i += 2) m[$(i+1)] = $i
 	}
@@ -19,5 +25,4 @@ go test -run '^$' -count=1 \
 		printf "updates/s: btmm-dnsd %.0f, named %.0f, ratio %.2f\n", m["btmm-updates/s"], m["named-updates/s"], m["ratio"]
 		printf "LLQ fan-out (10000 LLQs): p50 %.2f ms, p99 %.2f ms, heap %d B/LLQ\n", m["p50-ms"], m["p99-ms"], m["heap-B/llq"]
 		printf "memory: %d B/host\n", m["heap-B/host"]
-	}'
-rm -f /tmp/btmm-dnsd-bench.$$
+	}' "$out"
