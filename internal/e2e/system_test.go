@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -202,11 +203,12 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	kdc := krbtest.StartIn(t, realm, l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
 
 	say(t, "miniupnpd (NAT-PMP/PCP) on both NAT gateways")
+	var gws []*miniupnpd.Daemon
 	for _, g := range []struct {
 		gw  *netns.NS
 		lan string
 	}{{l.GW1, "192.168.1.0/24"}, {l.GW2, "192.168.2.0/24"}} {
-		miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan)})
+		gws = append(gws, miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan), KeepRuleset: true}))
 	}
 
 	hosts := []*host{{name: "host1", ns: l.Host1}, {name: "host2", ns: l.Host2}}
@@ -277,5 +279,114 @@ realm = %q
 	res, err = l.Host2.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts["host1"].ULA.String())
 	if err != nil || !strings.Contains(res, " 0% packet loss") {
 		t.Fatalf("ping host2 -> host1 ULA: %v\n%s", err, res)
+	}
+
+	// Mobility: host2's NAT gets a new public address while a TCP
+	// connection between the ULAs is open. The connection must keep going,
+	// and host1's SAs must move to the new address without rekeying.
+	say(t, "Mobility: a TCP connection host1 -> host2 (between ULAs) stays open while host2's NAT changes its public address")
+	echo := startEcho(t, l.Host2, sts["host2"].ULA)
+	conn := dialEcho(t, l.Host1, echo)
+	defer conn.Close()
+	roundTrip(t, conn, "before the move")
+	before := sts["host1"].Peers[0]
+
+	// (Deleting the primary address would take a secondary with it: swap.)
+	l.GW2.MustRun(t, "ip", "addr", "del", lab.GW2WAN+"/24", "dev", "wan")
+	l.GW2.MustRun(t, "ip", "addr", "add", "11.2.0.3/24", "dev", "wan")
+	l.GW2.MustRun(t, "ip", "route", "replace", "default", "via", "11.2.0.1", "dev", "wan")
+	show(t, "ip addr   # gw2's WAN is now 11.2.0.3 (was "+lab.GW2WAN+"); miniupnpd announces (SIGUSR1)", "")
+	if err := gws[1].Announce(); err != nil {
+		t.Fatal(err)
+	}
+	// Keep the connection busy while the move propagates: NAT-PMP
+	// re-query -> DNS update -> LLQ push -> SA move on host1.
+	want := netip.MustParseAddrPort("11.2.0.3:4500")
+	var after agent.PeerStatus
+	waitFor(t, "host1 follows host2 to 11.2.0.3", 60*time.Second, func() error {
+		roundTrip(t, conn, "during the move")
+		st, err := hosts[0].status(t, bins)
+		if err != nil {
+			return err
+		}
+		if len(st.Peers) != 1 || st.Peers[0].Outer != want {
+			return fmt.Errorf("host1's peers: %+v", st.Peers)
+		}
+		after = st.Peers[0]
+		return nil
+	})
+	for i := 0; i < 5; i++ {
+		roundTrip(t, conn, "after the move")
+	}
+	if after.OutSPI != before.OutSPI || after.InSPI != before.InSPI {
+		t.Fatalf("the move rekeyed: SPIs out %#x -> %#x, in %#x -> %#x", before.OutSPI, after.OutSPI, before.InSPI, after.InSPI)
+	}
+	out, _ = hosts[0].ns.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[0].sock, "peers")
+	show(t, "btmmctl peers   # on host1: host2 now at 11.2.0.3, same SPIs, learned from "+after.OuterBy, out)
+	say(t, "The TCP connection survived the move; SAs moved in place (no rekey)")
+}
+
+// startEcho listens on [ula]:7 inside ns and echoes every line.
+func startEcho(t *testing.T, ns *netns.NS, ula netip.Addr) netip.AddrPort {
+	t.Helper()
+	var l net.Listener
+	if err := ns.Do(func() (err error) {
+		l, err = net.Listen("tcp6", netip.AddrPortFrom(ula, 7007).String())
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				for {
+					n, err := c.Read(buf)
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(buf[:n]); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return netip.AddrPortFrom(ula, 7007)
+}
+
+func dialEcho(t *testing.T, ns *netns.NS, to netip.AddrPort) net.Conn {
+	t.Helper()
+	var c net.Conn
+	if err := ns.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp6", to.String(), 10*time.Second)
+		return
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+var rtSeq int
+
+// roundTrip sends a numbered line and expects it back within 10 s (TCP
+// retransmits across a brief gap; a reset or a timeout fails the test).
+func roundTrip(t *testing.T, c net.Conn, when string) {
+	t.Helper()
+	rtSeq++
+	msg := fmt.Sprintf("ping %d\n", rtSeq)
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte(msg)); err != nil {
+		t.Fatalf("TCP between ULAs broke %s: %v", when, err)
+	}
+	buf := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
+		t.Fatalf("TCP between ULAs broke %s: %q, %v", when, buf, err)
 	}
 }
