@@ -41,7 +41,8 @@ type peerState struct {
 	outer   netip.AddrPort
 	outerAt time.Time
 	outerBy string
-	keys    *Peer // nil until keyed
+	prev    netip.AddrPort // the outer address before the last move
+	keys    *Peer          // nil until keyed
 	keyedAt time.Time
 }
 
@@ -61,8 +62,19 @@ func (r *Reconciler) SetLocal(ctx context.Context, l Local) error {
 	return r.applyLocked(ctx)
 }
 
-// SetPeerOuter records where a peer is reachable now; source says who said so
-// ("dns", "keying", "kernel") for status.
+// Sources of a peer's outer address, for SetPeerOuter.
+const (
+	SourceDNS    = "dns"    // the peer's published SRV + A (LLQ push)
+	SourceKeying = "keying" // an authenticated keying message
+	SourceKernel = "kernel" // XFRM_MSG_MAPPING: ESP arrived from a new address
+)
+
+// StaleMappingWindow is how long after a move a kernel mapping event that
+// points back to the previous address is taken for a late packet and ignored.
+const StaleMappingWindow = 30 * time.Second
+
+// SetPeerOuter records where a peer is reachable now; source (SourceDNS,
+// SourceKeying, SourceKernel) says who said so.
 func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Addr, outer netip.AddrPort, source string) error {
 	if !outer.IsValid() {
 		return fmt.Errorf("peer %s: invalid outer address", name)
@@ -76,6 +88,14 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 	if p.outer == outer {
 		return nil
 	}
+	if source == SourceKernel && outer == p.prev && r.now().Sub(p.outerAt) < StaleMappingWindow {
+		// ESP from the address we just moved away from: a packet sent
+		// before the move, delivered late. Following it would send our
+		// traffic to an address the peer has left.
+		r.log.Info("ignoring stale NAT mapping event", "peer", p.name, "outer", outer, "current", p.outer)
+		return nil
+	}
+	p.prev = p.outer
 	p.outer, p.outerAt, p.outerBy = outer, r.now(), source
 	if p.keys == nil {
 		return nil
@@ -105,7 +125,8 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 		ps.name = p.Name
 	}
 	if p.Outer.IsValid() && p.Outer != ps.outer {
-		ps.outer, ps.outerAt, ps.outerBy = p.Outer, r.now(), "keying"
+		ps.prev = ps.outer
+		ps.outer, ps.outerAt, ps.outerBy = p.Outer, r.now(), SourceKeying
 	}
 	k := p
 	k.PrevIn = slices.Clone(p.PrevIn)

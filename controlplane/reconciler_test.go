@@ -133,3 +133,32 @@ func TestReconcilerRetriesFailedApply(t *testing.T) {
 		}
 	})
 }
+
+// A late ESP packet from the address a peer left must not pull it back.
+func TestReconcilerIgnoresStaleKernelMapping(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		fake := &dataplanetest.Fake{}
+		r := controlplane.NewReconciler(fake, local, nil)
+		oldAddr, newAddr := netip.MustParseAddrPort("11.2.0.2:4500"), netip.MustParseAddrPort("11.2.0.3:4500")
+		r.SetPeerOuter(ctx, "b", bULA, oldAddr, controlplane.SourceDNS)
+		r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)})
+		r.SetPeerOuter(ctx, "b", bULA, newAddr, controlplane.SourceDNS)
+		r.SetPeerOuter(ctx, "b", bULA, oldAddr, controlplane.SourceKernel) // late packet
+		if !strings.Contains(fake.Render(), "encap "+newAddr.String()) {
+			t.Fatalf("a stale mapping event moved the peer back:\n%s", fake.Render())
+		}
+		// A mapping to a third address is followed at once.
+		third := netip.MustParseAddrPort("11.2.0.3:61001")
+		r.SetPeerOuter(ctx, "b", bULA, third, controlplane.SourceKernel)
+		if !strings.Contains(fake.Render(), "encap "+third.String()) {
+			t.Fatalf("kernel mapping to a new address not followed:\n%s", fake.Render())
+		}
+		// After the window, going back is believed again.
+		time.Sleep(controlplane.StaleMappingWindow + time.Second)
+		r.SetPeerOuter(ctx, "b", bULA, newAddr, controlplane.SourceKernel)
+		if !strings.Contains(fake.Render(), "encap "+newAddr.String()) {
+			t.Fatalf("mapping after the window not followed:\n%s", fake.Render())
+		}
+	})
+}

@@ -222,7 +222,7 @@ func (a *Agent) onPeer(ev PeerEvent) {
 			a.log.Warn("removing peer", "peer", ev.Name, "err", err)
 		}
 	} else if ev.Outer.IsValid() {
-		if err := a.rec.SetPeerOuter(ctx, ev.Name, ev.ULA, ev.Outer, "dns"); err != nil {
+		if err := a.rec.SetPeerOuter(ctx, ev.Name, ev.ULA, ev.Outer, controlplane.SourceDNS); err != nil {
 			a.log.Warn("moving peer", "peer", ev.Name, "err", err)
 		}
 	}
@@ -246,7 +246,7 @@ func (a *Agent) kernelEvents(ctx context.Context) error {
 				}
 				continue
 			}
-			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, "kernel"); err != nil {
+			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, controlplane.SourceKernel); err != nil {
 				a.log.Warn("following NAT mapping change", "peer", m.Peer, "err", err)
 			}
 		}

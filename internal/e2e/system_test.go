@@ -295,7 +295,8 @@ realm = %q
 	l.GW2.MustRun(t, "ip", "addr", "del", lab.GW2WAN+"/24", "dev", "wan")
 	l.GW2.MustRun(t, "ip", "addr", "add", "11.2.0.3/24", "dev", "wan")
 	l.GW2.MustRun(t, "ip", "route", "replace", "default", "via", "11.2.0.1", "dev", "wan")
-	show(t, "ip addr   # gw2's WAN is now 11.2.0.3 (was "+lab.GW2WAN+"); miniupnpd announces (SIGUSR1)", "")
+	wanAddr, _ := l.GW2.Run("ip", "-br", "-4", "addr", "show", "dev", "wan")
+	show(t, "ip -br -4 addr show dev wan   # on gw2, was "+lab.GW2WAN+"; miniupnpd now announces (SIGUSR1)", wanAddr)
 	if err := gws[1].Announce(); err != nil {
 		t.Fatal(err)
 	}
@@ -315,9 +316,19 @@ realm = %q
 		after = st.Peers[0]
 		return nil
 	})
-	for i := 0; i < 5; i++ {
+	// Keep traffic flowing for a while: late packets from the old address
+	// must not pull host1 back to it.
+	for end := time.Now().Add(4 * time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
 		roundTrip(t, conn, "after the move")
 	}
+	st1, err := hosts[0].status(t, bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st1.Peers) != 1 || st1.Peers[0].Outer != want {
+		t.Fatalf("after the move host1 sends to %v (source %s), want %v", st1.Peers[0].Outer, st1.Peers[0].OuterBy, want)
+	}
+	after = st1.Peers[0]
 	if after.OutSPI != before.OutSPI || after.InSPI != before.InSPI {
 		t.Fatalf("the move rekeyed: SPIs out %#x -> %#x, in %#x -> %#x", before.OutSPI, after.OutSPI, before.InSPI, after.InSPI)
 	}
