@@ -1,0 +1,46 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestConfigDefaultsAndErrors(t *testing.T) {
+	dir := t.TempDir()
+	write := func(s string) string {
+		p := filepath.Join(dir, "c.toml")
+		if err := os.WriteFile(p, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	c, err := loadConfig(write(`host = "a"
+domain = "alice.btmm.example."
+[dns]
+key_file = "/k"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DNS.Zone != "btmm.example." || c.Tunnel.Port != 4500 || c.Tunnel.Dataplane != "xfrm" || c.NAT.Mode != "auto" ||
+		c.Keying.Mode != "kerberos" || c.Keying.Keytab != "/etc/krb5.keytab" || c.ControlSocket != "/run/btmm/btmmd.sock" {
+		t.Fatalf("defaults: %+v", c)
+	}
+
+	for _, tc := range []struct{ name, conf, want string }{
+		{"unknown key", "domain = \"a.b.\"\nbogus = 1\n[dns]\nkey_file=\"/k\"\n", "unknown keys"},
+		{"no domain", "[dns]\nkey_file=\"/k\"\n", "domain is required"},
+		{"no key", "domain = \"a.b.\"\n", "dns.key_file is required"},
+		{"bad dataplane", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[tunnel]\ndataplane=\"wg\"\n", "tunnel.dataplane"},
+		{"nat off without external", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[nat]\nmode=\"off\"\n", "nat.external"},
+		{"psk without file", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nmode=\"psk\"\n", "psk_file"},
+		{"syntax", "domain = \n", "config"},
+	} {
+		_, err := loadConfig(write(tc.conf))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want an error mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}
