@@ -104,6 +104,9 @@ type Dataplane struct {
 	closed bool
 	names  map[netip.Addr]string
 	moved  map[netip.Addr]time.Time
+	// loULA is the local ULA this dataplane put on lo (invalid if it was
+	// there already: then it is not ours to remove).
+	loULA netip.Addr
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -415,6 +418,12 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 			routed.Peers = append(routed.Peers, p)
 		}
 	}
+	// The routes carry our ULA as their source, so it must be assigned.
+	if c, err := d.setLocalULA(desired.Local.ULA); err != nil {
+		errs = append(errs, err)
+	} else {
+		changes = append(changes, c...)
+	}
 	c, err := d.setRoutes(routed)
 	changes = append(changes, c...)
 	if err != nil {
@@ -622,6 +631,9 @@ func (d *Dataplane) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	if _, err := d.setLocalULA(netip.Addr{}); err != nil {
+		errs = append(errs, err)
+	}
 	if err := d.inNS(d.detach); err != nil {
 		errs = append(errs, err)
 	}
@@ -682,4 +694,42 @@ func Pinned(root string) ([]string, error) {
 		names = append(names, e.Name())
 	}
 	return names, nil
+}
+
+// setLocalULA makes ula (if valid) an address of lo, where the kernel finds
+// it as the source of the routes to the peers, and removes the ULA this
+// dataplane added before if it differs. An address that was already there
+// is left alone, now and at Close.
+func (d *Dataplane) setLocalULA(ula netip.Addr) ([]controlplane.Change, error) {
+	var changes []controlplane.Change
+	lo, err := d.nl.LinkByName("lo")
+	if err != nil {
+		return nil, fmt.Errorf("local ULA: %w", err)
+	}
+	if d.loULA.IsValid() && d.loULA != ula {
+		a := &netlink.Addr{IPNet: &net.IPNet{IP: d.loULA.AsSlice(), Mask: net.CIDRMask(128, 128)}}
+		if err := d.nl.AddrDel(lo, a); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return nil, fmt.Errorf("remove local ULA %v: %w", d.loULA, err)
+		}
+		changes = append(changes, controlplane.Change{Op: "delete", Object: "address", What: fmt.Sprintf("%v/128 dev lo", d.loULA)})
+		d.loULA = netip.Addr{}
+	}
+	if !ula.IsValid() || d.loULA == ula {
+		return changes, nil
+	}
+	addrs, err := d.nl.AddrList(nil, netlink.FAMILY_V6)
+	if err != nil {
+		return changes, fmt.Errorf("local ULA: %w", err)
+	}
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == ula {
+			return changes, nil // assigned by someone else
+		}
+	}
+	a := &netlink.Addr{IPNet: &net.IPNet{IP: ula.AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}
+	if err := d.nl.AddrAdd(lo, a); err != nil {
+		return changes, fmt.Errorf("add local ULA %v to lo: %w", ula, err)
+	}
+	d.loULA = ula
+	return append(changes, controlplane.Change{Op: "add", Object: "address", What: fmt.Sprintf("%v/128 dev lo", ula)}), nil
 }

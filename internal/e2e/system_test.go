@@ -166,10 +166,23 @@ listen_tls = ""
 }
 
 type host struct {
-	name string
-	ns   *netns.NS
-	sock string
-	d    *daemon
+	name      string
+	ns        *netns.NS
+	dataplane string
+	sock      string
+	d         *daemon
+}
+
+// peer returns the peer named name in st, or fails.
+func peer(t *testing.T, st *agent.Status, name string) agent.PeerStatus {
+	t.Helper()
+	for _, p := range st.Peers {
+		if p.Name == name {
+			return p
+		}
+	}
+	t.Fatalf("%s does not list peer %s: %+v", st.Host, name, st.Peers)
+	return agent.PeerStatus{}
 }
 
 func (h *host) status(t *testing.T, bins string) (*agent.Status, error) {
@@ -211,7 +224,8 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 		gws = append(gws, miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan), KeepRuleset: true}))
 	}
 
-	hosts := []*host{{name: "host1", ns: l.Host1}, {name: "host2", ns: l.Host2}}
+	hosts := []*host{{name: "host1", ns: l.Host1, dataplane: "xfrm"}, {name: "host2", ns: l.Host2, dataplane: "xfrm"},
+		{name: "pub", ns: l.Pub, dataplane: "ebpf"}}
 	for _, h := range hosts {
 		principal := "host/" + h.name + "." + strings.TrimSuffix(domain, ".")
 		kdc.AddPrincipal(t, principal)
@@ -223,6 +237,9 @@ domain = %q
 state_file = %q
 control_socket = %q
 log_level = "debug"
+
+[tunnel]
+dataplane = %q
 
 [dns]
 key_file = %q
@@ -236,21 +253,26 @@ mode = "auto"
 keytab = %q
 krb5_conf = %q
 realm = %q
-`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, keyFile, lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
-		say(t, "btmmd on %s", h.name)
+`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, keyFile, lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
+		say(t, "btmmd on %s (%s dataplane)", h.name, h.dataplane)
 		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
 	}
 
-	say(t, "Waiting for each host to discover, key and program its peer")
+	say(t, "Waiting for each host to discover, key and program its peers")
 	sts := map[string]*agent.Status{}
 	for _, h := range hosts {
-		waitFor(t, h.name+" has a keyed peer in the kernel", 90*time.Second, func() error {
+		waitFor(t, h.name+" has its peers keyed and in the kernel", 90*time.Second, func() error {
 			st, err := h.status(t, bins)
 			if err != nil {
 				return err
 			}
-			if len(st.Peers) != 1 || !st.Peers[0].Keyed || !st.Peers[0].InKernel {
+			if len(st.Peers) != len(hosts)-1 {
 				return fmt.Errorf("peers: %+v", st.Peers)
+			}
+			for _, p := range st.Peers {
+				if !p.Keyed || !p.InKernel {
+					return fmt.Errorf("peer %s not ready: %+v", p.Name, p)
+				}
 			}
 			sts[h.name] = st
 			return nil
@@ -258,9 +280,18 @@ realm = %q
 		out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "status")
 		show(t, "btmmctl status   # on "+h.name, out)
 	}
-	if sts["host1"].Peers[0].ULA != sts["host2"].ULA || sts["host2"].Peers[0].ULA != sts["host1"].ULA {
-		t.Fatalf("hosts see the wrong ULAs: host1 sees %v (host2 is %v), host2 sees %v (host1 is %v)",
-			sts["host1"].Peers[0].ULA, sts["host2"].ULA, sts["host2"].Peers[0].ULA, sts["host1"].ULA)
+	for _, h := range hosts {
+		for _, o := range hosts {
+			if o != h && peer(t, sts[h.name], o.name).ULA != sts[o.name].ULA {
+				t.Fatalf("%s sees %s at ULA %v, but %s is %v", h.name, o.name, peer(t, sts[h.name], o.name).ULA, o.name, sts[o.name].ULA)
+			}
+		}
+	}
+	if ext := sts["pub"].NAT.External; ext != netip.MustParseAddrPort(lab.PubAddr+":4500") {
+		t.Fatalf("pub publishes %v, want its own public address %s:4500 (status %q)", ext, lab.PubAddr, sts["pub"].NAT.Status)
+	}
+	if ext := sts["host1"].NAT.External; ext.Addr() != netip.MustParseAddr(lab.GW1WAN) {
+		t.Fatalf("host1 publishes %v, want gw1's public address %s (status %q)", ext, lab.GW1WAN, sts["host1"].NAT.Status)
 	}
 	for _, st := range sts {
 		if out := fmt.Sprint(st); strings.Contains(out, "secret") {
@@ -276,9 +307,25 @@ realm = %q
 	if err != nil || !strings.Contains(res, " 0% packet loss") {
 		t.Fatalf("ping host1 -> host2 ULA: %v\n%s", err, res)
 	}
-	res, err = l.Host2.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts["host1"].ULA.String())
-	if err != nil || !strings.Contains(res, " 0% packet loss") {
-		t.Fatalf("ping host2 -> host1 ULA: %v\n%s", err, res)
+	say(t, "Every pair, both ways: host1/host2 (xfrm, behind NATs) and pub (eBPF dataplane, public address)")
+	for _, h := range hosts {
+		for _, o := range hosts {
+			if o == h {
+				continue
+			}
+			res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
+			if err != nil || !strings.Contains(res, " 0% packet loss") {
+				t.Fatalf("ping %s -> %s ULA: %v\n%s", h.name, o.name, err, res)
+			}
+		}
+	}
+	// pub's btmmd pinned its maps in its own mount namespace (`ip netns
+	// exec` remounts /sys), so look from there.
+	pubPID := fmt.Sprint(hosts[2].d.cmd.Process.Pid)
+	dump, err := exec.Command("nsenter", "-t", pubPID, "-m", "-n", "-r", "bpftool", "map", "dump", "pinned", "/sys/fs/bpf/btmm/peer_by_ula").CombinedOutput()
+	show(t, "bpftool map dump pinned /sys/fs/bpf/btmm/peer_by_ula   # on pub: one entry per peer ULA", string(dump))
+	if err != nil || strings.Count(string(dump), "\"key\"")+strings.Count(string(dump), "key:") != 2 {
+		t.Fatalf("pub's peer map does not hold its 2 peers: %v\n%s", err, dump)
 	}
 
 	// Mobility: host2's NAT gets a new public address while a TCP
@@ -289,7 +336,7 @@ realm = %q
 	conn := dialEcho(t, l.Host1, echo)
 	defer conn.Close()
 	roundTrip(t, conn, "before the move")
-	before := sts["host1"].Peers[0]
+	before := peer(t, sts["host1"], "host2")
 
 	// (Deleting the primary address would take a secondary with it: swap.)
 	l.GW2.MustRun(t, "ip", "addr", "del", lab.GW2WAN+"/24", "dev", "wan")
@@ -310,10 +357,10 @@ realm = %q
 		if err != nil {
 			return err
 		}
-		if len(st.Peers) != 1 || st.Peers[0].Outer != want {
-			return fmt.Errorf("host1's peers: %+v", st.Peers)
+		if p := peer(t, st, "host2"); p.Outer != want {
+			return fmt.Errorf("host1 sends to host2 at %v", p.Outer)
 		}
-		after = st.Peers[0]
+		after = peer(t, st, "host2")
 		return nil
 	})
 	// Keep traffic flowing for a while: late packets from the old address
@@ -325,10 +372,10 @@ realm = %q
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(st1.Peers) != 1 || st1.Peers[0].Outer != want {
-		t.Fatalf("after the move host1 sends to %v (source %s), want %v", st1.Peers[0].Outer, st1.Peers[0].OuterBy, want)
+	if p := peer(t, st1, "host2"); p.Outer != want {
+		t.Fatalf("after the move host1 sends to %v (source %s), want %v", p.Outer, p.OuterBy, want)
 	}
-	after = st1.Peers[0]
+	after = peer(t, st1, "host2")
 	if after.OutSPI != before.OutSPI || after.InSPI != before.InSPI {
 		t.Fatalf("the move rekeyed: SPIs out %#x -> %#x, in %#x -> %#x", before.OutSPI, after.OutSPI, before.InSPI, after.InSPI)
 	}

@@ -1,0 +1,50 @@
+package ebpf
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+)
+
+func hasULA(t *testing.T, h *host) bool {
+	t.Helper()
+	addrs, err := h.ns.Handle.AddrList(nil, netlink.FAMILY_V6)
+	must(t, err)
+	for _, a := range addrs {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip == h.ula {
+			return true
+		}
+	}
+	return false
+}
+
+// TestLocalULAOwnedNetNS: the dataplane assigns our ULA (the routes to the
+// peers use it as source) when nobody has, removes it at Close, and leaves
+// alone a ULA that was already assigned.
+func TestLocalULAOwnedNetNS(t *testing.T) {
+	a, b := topology(t)
+	lo, err := a.ns.LinkByName("lo")
+	must(t, err)
+	must(t, a.ns.Handle.AddrDel(lo, &netlink.Addr{IPNet: &net.IPNet{IP: a.ula.AsSlice(), Mask: net.CIDRMask(128, 128)}}))
+
+	a.start(t, Config{Cleartext: true})
+	a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port)))
+	if !hasULA(t, a) {
+		t.Fatal("Set did not assign the local ULA")
+	}
+	closeAndCheck(t, a)
+	if hasULA(t, a) {
+		t.Fatal("Close left the ULA it had added")
+	}
+
+	// Assigned by someone else: used, never removed.
+	a.ns.MustAddr(t, "lo", a.ula.String()+"/128")
+	a.start(t, Config{Cleartext: true})
+	a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port)))
+	closeAndCheck(t, a)
+	if !hasULA(t, a) {
+		t.Fatal("Close removed a ULA it had not added")
+	}
+}
