@@ -109,8 +109,8 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Identity: id, Host: cfg.Host, Domain: cfg.Domain, TunnelPort: cfg.Tunnel.Port,
 		Dataplane: dp, DataplaneName: cfg.Tunnel.Dataplane, Transport: conn, Auth: auth, Principal: principal,
 		Register: regCfg, KernelEvents: kernelEvents, Logger: log,
-		Peers: peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers")),
 	}
+	ac.Peers, ac.Rebind = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
 	if cfg.NAT.Mode == "off" {
 		ac.External = netip.MustParseAddrPort(cfg.NAT.External)
 	} else {

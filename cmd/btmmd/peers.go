@@ -6,6 +6,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/dns/llqclient"
@@ -14,13 +15,26 @@ import (
 )
 
 // peersFunc tracks the user's other hosts with Long-Lived Queries (package
-// llqclient, falling back to polling) through package peers.
-func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger) agent.PeersFunc {
+// llqclient, falling back to polling) through package peers. rebind sets the
+// LLQs up again after our address changed.
+func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger) (run agent.PeersFunc, rebind func()) {
+	var mu sync.Mutex
+	var current *llqclient.Client
+	rebind = func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if current != nil {
+			current.Rebind()
+		}
+	}
 	return func(ctx context.Context, report func(agent.PeerEvent)) error {
 		lc, err := llqclient.New(llqclient.Config{Server: cfg.DNS.Server, Domain: cfg.Domain, Resolver: cfg.DNS.Resolver, Key: key, TLS: tc}, log)
 		if err != nil {
 			return err
 		}
+		mu.Lock()
+		current = lc
+		mu.Unlock()
 		self := cfg.Host + "." + strings.TrimSuffix(cfg.Domain, ".") + "."
 		tr := peers.New(peers.Config{Domain: cfg.Domain, Self: self}, lc, log)
 		ctx, cancel := context.WithCancel(ctx)
@@ -35,5 +49,5 @@ func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger)
 		}
 		cancel()
 		return errors.Join(<-errc, <-errc)
-	}
+	}, rebind
 }

@@ -71,6 +71,10 @@ type Config struct {
 	NAT      NATFunc        // nil: no NAT handling, External must be set
 	External netip.AddrPort // static external address when NAT is nil
 	Peers    PeersFunc
+	// Rebind is called when our external address changes, after the new
+	// address is published: the peer tracker's LLQs must be set up again
+	// from it (the server sends events to where it last heard from us).
+	Rebind func()
 	// KernelEvents are the dataplane's notifications (xfrm.Dataplane.Events
 	// adapted): NAT mapping changes seen in ESP traffic, and SAs reaching
 	// their soft lifetime; nil if the dataplane has none.
@@ -191,6 +195,9 @@ func (a *Agent) onNAT(r NATReport) {
 	if changed && r.External.IsValid() {
 		if err := a.reg.SetOuter(r.External); err != nil {
 			a.log.Warn("publishing new external address", "err", err)
+		}
+		if a.cfg.Rebind != nil {
+			a.cfg.Rebind()
 		}
 	}
 }

@@ -227,6 +227,19 @@ func (c *Client) Watch(name string, qtype uint16, fn func([]dns.RR)) (stop func(
 	return func() { once.Do(func() { c.do(func() { c.removeWatch(k, n) }) }) }
 }
 
+// Rebind drops the transport and sets every LLQ up again on a new one. Call
+// it when this host's address or its NAT's public address changed: the
+// server sends events to the address it last heard from, so LLQs set up from
+// the old one would go silent until their next refresh.
+func (c *Client) Rebind() {
+	c.do(func() {
+		if c.conn != nil {
+			c.log.Info("llq: our address changed, setting the LLQs up again")
+			c.conn.Close()
+		}
+	})
+}
+
 func (c *Client) do(f func()) {
 	c.cmdMu.Lock()
 	c.cmdQ = append(c.cmdQ, f)

@@ -592,3 +592,37 @@ func TestConnectBackoff(t *testing.T) {
 		}
 	})
 }
+
+// After Rebind (our address changed) every LLQ is set up again from a new
+// socket, so the server learns where to send events now.
+func TestRebindSetsUpAgain(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, nil)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- c.Run(ctx) }()
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		synctest.Wait()
+		if st := c.Status(); st.Queries[0].Setups != 1 {
+			t.Fatalf("before rebind: %+v", st.Queries[0])
+		}
+		c.Rebind()
+		time.Sleep(2 * time.Second) // reconnect backoff (<= 1 s)
+		synctest.Wait()
+		if st := c.Status(); st.Queries[0].Mode != ModeLLQ || st.Queries[0].Setups != 2 {
+			t.Fatalf("not set up again after Rebind: %+v", st.Queries[0])
+		}
+		f.change(host+" 60 IN AAAA fd00::2", host+" 60 IN AAAA fd00::1")
+		synctest.Wait()
+		if got := w.last(); !slices.Equal(got, []string{"fd00::2"}) {
+			t.Errorf("event after rebind: %q", got)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
+}

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -382,6 +383,48 @@ realm = %q
 	out, _ = hosts[0].ns.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[0].sock, "peers")
 	show(t, "btmmctl peers   # on host1: host2 now at 11.2.0.3, same SPIs, learned from "+after.OuterBy, out)
 	say(t, "The TCP connection survived the move; SAs moved in place (no rekey)")
+
+	// Clean shutdown: host1's btmmd removes its kernel state, its NAT
+	// mapping and its DNS records, and the others see it leave.
+	say(t, "Clean shutdown of btmmd on host1 (SIGTERM)")
+	conn.Close()
+	h1 := hosts[0]
+	h1.d.cmd.Process.Signal(syscall.SIGTERM)
+	exited := make(chan error, 1)
+	go func() { exited <- h1.d.cmd.Wait() }()
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("btmmd on host1 exited with %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("btmmd on host1 did not stop within 20 s of SIGTERM")
+	}
+	for _, what := range [][]string{{"ip", "xfrm", "state"}, {"ip", "xfrm", "policy"}, {"ip", "-6", "route", "show", "proto", "98"}, {"ip", "link", "show", "btmm0"}} {
+		out, _ := l.Host1.Run(what[0], what[1:]...)
+		if strings.TrimSpace(out) != "" && !strings.Contains(out, "does not exist") {
+			t.Errorf("after btmmd stopped, `%s` on host1 shows:\n%s", strings.Join(what, " "), out)
+		}
+	}
+	if rules, err := gws[0].Rules(); err != nil || strings.Contains(rules, "4500") {
+		t.Errorf("gw1 still maps port 4500 after btmmd stopped (%v):\n%s", err, rules)
+	}
+	for _, o := range hosts[1:] {
+		waitFor(t, o.name+" sees host1 leave", 30*time.Second, func() error {
+			st, err := o.status(t, bins)
+			if err != nil {
+				return err
+			}
+			for _, p := range st.Peers {
+				if p.Name == "host1" {
+					return fmt.Errorf("still lists host1: %+v", p)
+				}
+			}
+			return nil
+		})
+	}
+	out, _ = hosts[1].ns.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "peers")
+	show(t, "btmmctl peers   # on host2, after host1 stopped: its records were deleted, the LLQ pushed the removal", out)
 }
 
 // startEcho listens on [ula]:7 inside ns and echoes every line.
