@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/dns/llq"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -19,28 +20,9 @@ import (
 	"github.com/miekg/dns"
 )
 
-// LLQ opcodes and errors (RFC 8764 §3.2).
-const (
-	opSetup   = 1
-	opRefresh = 2
-	opEvent   = 3
-
-	errNoError   = 0
-	errServFull  = 1
-	errStatic    = 2
-	errFormat    = 3
-	errNoSuchLLQ = 4
-	errBadVers   = 5
-	errUnknown   = 6
-
-	llqVersion = 1
-	// removedTTL marks a removal in an event (RFC 8764 §6.2).
-	removedTTL = 0xFFFFFFFF
-)
-
 var llqErrNames = map[uint16]string{
-	errServFull: "SERV-FULL", errStatic: "STATIC", errFormat: "FORMAT-ERR",
-	errNoSuchLLQ: "NO-SUCH-LLQ", errBadVers: "BAD-VERS", errUnknown: "UNKNOWN-ERR",
+	llq.ErrServFull: "SERV-FULL", llq.ErrStatic: "STATIC", llq.ErrFormat: "FORMAT-ERR",
+	llq.ErrNoSuchLLQ: "NO-SUCH-LLQ", llq.ErrBadVers: "BAD-VERS", llq.ErrUnknown: "UNKNOWN-ERR",
 }
 
 // Defaults.
@@ -482,7 +464,7 @@ func (c *Client) removeWatch(k qkey, n int) {
 		return
 	}
 	if q.st == stActive && c.conn != nil {
-		c.send(q, c.llqMsg(q, opRefresh, q.id, 0), false)
+		c.send(q, c.llqMsg(q, llq.OpRefresh, q.id, 0), false)
 	}
 	delete(c.pending, q.msgID)
 	delete(c.queries, k)
@@ -494,7 +476,7 @@ func (c *Client) cancelAll() {
 	}
 	for _, q := range c.queries {
 		if q.st == stActive {
-			c.send(q, c.llqMsg(q, opRefresh, q.id, 0), false)
+			c.send(q, c.llqMsg(q, llq.OpRefresh, q.id, 0), false)
 		}
 	}
 }
@@ -528,7 +510,7 @@ func (c *Client) fire(now time.Time) {
 			q.due = now.Add(c.pollAfter())
 		case q.st == stActive:
 			q.tries = 0
-			c.send(q, c.llqMsg(q, opRefresh, q.id, c.cfg.Lease), true)
+			c.send(q, c.llqMsg(q, llq.OpRefresh, q.id, c.cfg.Lease), true)
 		case q.st == stPolling && !now.Before(q.llqAt):
 			c.startSetup(q)
 		case q.st == stPolling:
@@ -544,7 +526,7 @@ func (c *Client) fire(now time.Time) {
 func (c *Client) startSetup(q *query) {
 	delete(c.pending, q.msgID)
 	q.st, q.id, q.tries = stSetup1, 0, 0
-	c.send(q, c.llqMsg(q, opSetup, 0, c.cfg.Lease), true)
+	c.send(q, c.llqMsg(q, llq.OpSetup, 0, c.cfg.Lease), true)
 }
 
 func (c *Client) toPolling(q *query, reason string) {
@@ -562,28 +544,8 @@ func (c *Client) llqMsg(q *query, op uint16, id uint64, lease time.Duration) *dn
 	m := new(dns.Msg)
 	m.SetQuestion(q.key.name, q.key.qtype)
 	m.RecursionDesired = false
-	setLLQ(m, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llqVersion, Opcode: op, Id: id, LeaseLife: uint32(lease / time.Second)})
+	llq.SetOption(m, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llq.Version, Opcode: op, Id: id, LeaseLife: uint32(lease / time.Second)})
 	return m
-}
-
-func setLLQ(m *dns.Msg, o *dns.EDNS0_LLQ) {
-	opt := &dns.OPT{Hdr: dns.RR_Header{Name: ".", Rrtype: dns.TypeOPT}}
-	opt.SetUDPSize(dns.DefaultMsgSize)
-	opt.Option = []dns.EDNS0{o}
-	m.Extra = append(m.Extra, opt)
-}
-
-func llqOption(m *dns.Msg) (*dns.EDNS0_LLQ, bool) {
-	opt := m.IsEdns0()
-	if opt == nil {
-		return nil, false
-	}
-	for _, o := range opt.Option {
-		if l, ok := o.(*dns.EDNS0_LLQ); ok {
-			return l, true
-		}
-	}
-	return nil, false
 }
 
 // send signs and sends m for q. With track, it is the request q waits for.
@@ -655,8 +617,8 @@ func (c *Client) handle(raw []byte) {
 	if err := m.Unpack(raw); err != nil || !m.Response || len(m.Question) != 1 {
 		return
 	}
-	o, hasLLQ := llqOption(m)
-	if hasLLQ && o.Opcode == opEvent {
+	o, hasLLQ := llq.Option(m)
+	if hasLLQ && o.Opcode == llq.OpEvent {
 		c.handleEvent(raw, m, o)
 		return
 	}
@@ -687,35 +649,35 @@ func (c *Client) handle(raw []byte) {
 		q.due = now.Add(c.pollAfter())
 		return
 	}
-	if o.Error != errNoError {
+	if o.Error != llq.ErrNoError {
 		name := llqErrNames[o.Error]
 		if name == "" {
 			name = fmt.Sprintf("error %d", o.Error)
 		}
-		if o.Error == errNoSuchLLQ && q.st == stActive {
+		if o.Error == llq.ErrNoSuchLLQ && q.st == stActive {
 			c.log.Info("llq: server lost our LLQ, setting up again", "name", q.key.name, "type", dns.TypeToString[q.key.qtype])
 			c.startSetup(q)
 			return
 		}
 		c.toPolling(q, "LLQ "+name)
-		if o.Error == errServFull && o.LeaseLife > 0 {
+		if o.Error == llq.ErrServFull && o.LeaseLife > 0 {
 			q.llqAt = now.Add(time.Duration(o.LeaseLife) * time.Second)
 		}
 		return
 	}
 	switch {
-	case q.st == stSetup1 && o.Opcode == opSetup && o.Id != 0:
+	case q.st == stSetup1 && o.Opcode == llq.OpSetup && o.Id != 0:
 		// Challenge: echo the ID (challenge response).
 		q.id = o.Id
 		q.st = stSetup2
-		c.send(q, c.llqMsg(q, opSetup, q.id, time.Duration(o.LeaseLife)*time.Second), true)
-	case q.st == stSetup2 && o.Opcode == opSetup && o.Id == q.id:
+		c.send(q, c.llqMsg(q, llq.OpSetup, q.id, time.Duration(o.LeaseLife)*time.Second), true)
+	case q.st == stSetup2 && o.Opcode == llq.OpSetup && o.Id == q.id:
 		q.st, q.reason, q.setups = stActive, "", q.setups+1
 		q.lease = time.Duration(o.LeaseLife) * time.Second
 		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
 		c.log.Debug("llq: established", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "lease", q.lease, "answers", len(m.Answer))
 		c.replace(q, m.Answer)
-	case q.st == stActive && o.Opcode == opRefresh:
+	case q.st == stActive && o.Opcode == llq.OpRefresh:
 		q.lease = time.Duration(o.LeaseLife) * time.Second
 		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
 	default:
@@ -743,7 +705,7 @@ func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
 	ack.Id = m.Id
 	ack.Response = true
 	ack.Question = []dns.Question{m.Question[0]}
-	setLLQ(ack, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llqVersion, Opcode: opEvent, Id: o.Id})
+	llq.SetOption(ack, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llq.Version, Opcode: llq.OpEvent, Id: o.Id})
 	if b, _, err := c.pack(ack, ""); err == nil {
 		if err := c.conn.Send(b); err != nil {
 			c.setError(fmt.Errorf("llqclient: ack event: %w", err))
@@ -757,7 +719,7 @@ func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
 		if !q.matches(rr) {
 			continue
 		}
-		if rr.Header().Ttl == removedTTL {
+		if rr.Header().Ttl == llq.RemovedTTL {
 			delete(next, rrKey(rr))
 		} else {
 			next[rrKey(rr)] = rr
@@ -781,7 +743,7 @@ func rrKey(rr dns.RR) string {
 func (c *Client) replace(q *query, rrs []dns.RR) {
 	next := map[string]dns.RR{}
 	for _, rr := range rrs {
-		if q.matches(rr) && rr.Header().Ttl != removedTTL {
+		if q.matches(rr) && rr.Header().Ttl != llq.RemovedTTL {
 			next[rrKey(rr)] = rr
 		}
 	}

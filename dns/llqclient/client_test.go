@@ -3,6 +3,7 @@ package llqclient
 import (
 	"context"
 	"fmt"
+	"github.com/btmm/btmm/dns/llq"
 	"math/rand/v2"
 	"net"
 	"slices"
@@ -148,9 +149,9 @@ func (f *fakeLLQ) serve(b []byte) {
 	if t := m.IsTsig(); t != nil {
 		reqMAC = t.MAC
 	}
-	o, ok := llqOption(m)
+	o, ok := llq.Option(m)
 	if m.Response {
-		if ok && o.Opcode == opEvent {
+		if ok && o.Opcode == llq.OpEvent {
 			f.record("ack")
 			f.acks[m.Id] = true
 		}
@@ -167,27 +168,27 @@ func (f *fakeLLQ) serve(b []byte) {
 	}
 	opt := &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: o.Opcode, Id: o.Id, LeaseLife: f.lease}
 	switch {
-	case o.Opcode == opSetup && o.Id == 0:
+	case o.Opcode == llq.OpSetup && o.Id == 0:
 		f.record("setup1 " + q.Name)
 		f.next++
 		opt.Id = f.next
 		f.llqs[f.next] = q
-	case o.Opcode == opSetup:
+	case o.Opcode == llq.OpSetup:
 		f.record("setup2")
 		if _, ok := f.llqs[o.Id]; !ok {
-			opt.Error = errNoSuchLLQ
+			opt.Error = llq.ErrNoSuchLLQ
 		} else {
 			resp.Answer = f.answers(q)
 		}
-	case o.Opcode == opRefresh:
+	case o.Opcode == llq.OpRefresh:
 		f.record(fmt.Sprintf("refresh %d", o.LeaseLife))
 		if _, ok := f.llqs[o.Id]; !ok {
-			opt.Error = errNoSuchLLQ
+			opt.Error = llq.ErrNoSuchLLQ
 		} else if o.LeaseLife == 0 {
 			delete(f.llqs, o.Id)
 		}
 	}
-	setLLQ(resp, opt)
+	llq.SetOption(resp, *opt)
 	f.replyTo(resp, reqMAC)
 }
 
@@ -205,7 +206,7 @@ func (f *fakeLLQ) change(add, del string) {
 		rr, _ := dns.NewRR(del)
 		f.rrs = slices.DeleteFunc(f.rrs, func(x dns.RR) bool { return dns.IsDuplicate(x, rr) })
 		gone := dns.Copy(rr)
-		gone.Header().Ttl = removedTTL
+		gone.Header().Ttl = llq.RemovedTTL
 		changed = append(changed, gone)
 	}
 	for id, q := range f.llqs {
@@ -221,7 +222,7 @@ func (f *fakeLLQ) change(add, del string) {
 		if len(ev.Answer) == 0 {
 			continue
 		}
-		setLLQ(ev, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: opEvent, Id: id})
+		llq.SetOption(ev, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: llq.OpEvent, Id: id})
 		f.reply(ev)
 	}
 }
@@ -491,7 +492,7 @@ func TestDropsForgedEvents(t *testing.T) {
 		ev.Question = []dns.Question{{Name: host, Qtype: dns.TypeAAAA, Qclass: dns.ClassINET}}
 		rr, _ := dns.NewRR(host + " 60 IN AAAA fd00::666")
 		ev.Answer = []dns.RR{rr}
-		setLLQ(ev, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: opEvent, Id: 0x1001})
+		llq.SetOption(ev, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: llq.OpEvent, Id: 0x1001})
 		b, _ := ev.Pack()
 		f.p.out <- b
 		// Garbage.

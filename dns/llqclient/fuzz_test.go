@@ -1,6 +1,7 @@
 package llqclient
 
 import (
+	"github.com/btmm/btmm/dns/llq"
 	"testing"
 	"time"
 
@@ -21,15 +22,15 @@ func FuzzHandle(f *testing.F) {
 			rr, _ := dns.NewRR(a)
 			m.Answer = append(m.Answer, rr)
 		}
-		setLLQ(m, &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: op, Id: id, LeaseLife: 60})
+		llq.SetOption(m, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: op, Id: id, LeaseLife: 60})
 		b, _ := m.Pack()
 		return b
 	}
-	f.Add(mk(opSetup, 5))
-	f.Add(mk(opSetup, 5, host+" 60 IN AAAA fd00::1"))
-	f.Add(mk(opEvent, 5, host+" 60 IN AAAA fd00::2"))
-	f.Add(mk(opEvent, 5, host+" 4294967295 IN AAAA fd00::2", "other. 60 IN A 1.2.3.4"))
-	f.Add(mk(opRefresh, 5))
+	f.Add(mk(llq.OpSetup, 5))
+	f.Add(mk(llq.OpSetup, 5, host+" 60 IN AAAA fd00::1"))
+	f.Add(mk(llq.OpEvent, 5, host+" 60 IN AAAA fd00::2"))
+	f.Add(mk(llq.OpEvent, 5, host+" 4294967295 IN AAAA fd00::2", "other. 60 IN A 1.2.3.4"))
+	f.Add(mk(llq.OpRefresh, 5))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		for _, st := range []state{stSetup1, stSetup2, stActive, stPolling} {
 			c, err := New(Config{Server: "x:53"}, nil)
@@ -44,7 +45,7 @@ func FuzzHandle(f *testing.F) {
 			c.pending[7] = q
 			c.handle(b)
 			for _, rr := range got {
-				if !q.matches(rr) || rr.Header().Ttl == removedTTL {
+				if !q.matches(rr) || rr.Header().Ttl == llq.RemovedTTL {
 					t.Fatalf("state %d: answer set holds %v", st, rr)
 				}
 			}
