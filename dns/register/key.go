@@ -1,16 +1,10 @@
 package register
 
 import (
-	"crypto/hmac"
-	"crypto/md5"
-	"crypto/sha1"
-	"crypto/sha256"
-	"crypto/sha512"
 	"encoding/base64"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
+	"github.com/btmm/btmm/dns/tsig"
 	"io"
 	"os"
 	"strings"
@@ -28,16 +22,9 @@ type Key struct {
 
 // NewKey builds a key from its parts; secret is base64.
 func NewKey(name, algorithm, secret string) (*Key, error) {
-	alg, ok := algorithms[strings.ToLower(strings.TrimSuffix(algorithm, "."))]
-	if !ok {
-		for _, a := range algorithms {
-			if strings.EqualFold(a, algorithm) {
-				alg, ok = a, true
-			}
-		}
-		if !ok {
-			return nil, fmt.Errorf("tsig key %q: unsupported algorithm %q", name, algorithm)
-		}
+	alg, err := tsig.ParseAlgorithm(algorithm)
+	if err != nil {
+		return nil, fmt.Errorf("tsig key %q: unsupported algorithm %q", name, algorithm)
 	}
 	raw, err := base64.StdEncoding.DecodeString(secret)
 	if err != nil || len(raw) == 0 {
@@ -47,17 +34,6 @@ func NewKey(name, algorithm, secret string) (*Key, error) {
 		return nil, fmt.Errorf("tsig key %q: not a domain name", name)
 	}
 	return &Key{Name: dns.CanonicalName(name), Algorithm: alg, secret: base64.StdEncoding.EncodeToString(raw)}, nil
-}
-
-// algorithms maps BIND's names to miekg/dns's.
-var algorithms = map[string]string{
-	"hmac-md5":                 dns.HmacMD5,
-	"hmac-md5.sig-alg.reg.int": dns.HmacMD5,
-	"hmac-sha1":                dns.HmacSHA1,
-	"hmac-sha224":              dns.HmacSHA224,
-	"hmac-sha256":              dns.HmacSHA256,
-	"hmac-sha384":              dns.HmacSHA384,
-	"hmac-sha512":              dns.HmacSHA512,
 }
 
 // String names the key without its secret.
@@ -302,52 +278,9 @@ func (p *parser) key() (*Key, error) {
 }
 
 // Provider returns a miekg/dns TsigProvider for k. Unlike the library's
-// built-in one it also does hmac-md5, which `btmm-dnsd adduser` can issue.
-func (k *Key) Provider() dns.TsigProvider { return keyProvider{k} }
-
-type keyProvider struct{ k *Key }
-
-func (p keyProvider) Generate(msg []byte, t *dns.TSIG) ([]byte, error) {
-	if !strings.EqualFold(dns.CanonicalName(t.Hdr.Name), p.k.Name) {
-		return nil, dns.ErrSecret
-	}
-	raw, err := base64.StdEncoding.DecodeString(p.k.secret)
-	if err != nil {
-		return nil, dns.ErrSecret
-	}
-	var h func() hash.Hash
-	switch dns.CanonicalName(t.Algorithm) {
-	case dns.HmacMD5:
-		h = md5.New
-	case dns.HmacSHA1:
-		h = sha1.New
-	case dns.HmacSHA224:
-		h = sha256.New224
-	case dns.HmacSHA256:
-		h = sha256.New
-	case dns.HmacSHA384:
-		h = sha512.New384
-	case dns.HmacSHA512:
-		h = sha512.New
-	default:
-		return nil, dns.ErrKeyAlg
-	}
-	mac := hmac.New(h, raw)
-	mac.Write(msg)
-	return mac.Sum(nil), nil
-}
-
-func (p keyProvider) Verify(msg []byte, t *dns.TSIG) error {
-	want, err := p.Generate(msg, t)
-	if err != nil {
-		return err
-	}
-	got, err := hex.DecodeString(t.MAC)
-	if err != nil {
-		return err
-	}
-	if !hmac.Equal(got, want) {
-		return dns.ErrSig
-	}
-	return nil
+// built-in one it also does hmac-md5, which `btmm-dnsd adduser` can issue;
+// the HMACs are package tsig's, the server's own.
+func (k *Key) Provider() dns.TsigProvider {
+	raw, _ := base64.StdEncoding.DecodeString(k.secret) // checked by NewKey
+	return tsig.Key{Name: k.Name, Algorithm: k.Algorithm, Secret: raw}.Provider()
 }
