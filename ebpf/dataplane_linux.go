@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/xfrm"
 	"io"
 	"log/slog"
 	"net"
@@ -151,7 +152,9 @@ func (d *Dataplane) start() error {
 	var err error
 	if d.cfg.Device == "" {
 		// controlplane.Local.Device: empty means the default route's.
-		rs, err := d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
+			return d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		})
 		if err != nil {
 			return fmt.Errorf("ebpf: find default route: %w", err)
 		}
@@ -490,8 +493,10 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 	var errs []error
 	idx := d.dev.Attrs().Index
 	have := map[netip.Addr]netlink.Route{}
-	rs, err := d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: idx, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
-		netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
+		return d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: idx, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
+			netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("list routes: %w", err)
 	}
@@ -500,7 +505,7 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 			have[a] = r
 		}
 	}
-	neighs, err := d.nl.NeighList(idx, netlink.FAMILY_V6)
+	neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(idx, netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("list neighbours: %w", err)
 	}
@@ -717,7 +722,7 @@ func (d *Dataplane) setLocalULA(ula netip.Addr) ([]controlplane.Change, error) {
 	if !ula.IsValid() || d.loULA == ula {
 		return changes, nil
 	}
-	addrs, err := d.nl.AddrList(nil, netlink.FAMILY_V6)
+	addrs, err := xfrm.RetryDump(func() ([]netlink.Addr, error) { return d.nl.AddrList(nil, netlink.FAMILY_V6) })
 	if err != nil {
 		return changes, fmt.Errorf("local ULA: %w", err)
 	}

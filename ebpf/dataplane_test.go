@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/xfrm"
 	"io"
 	"net"
 	"net/netip"
@@ -67,7 +68,7 @@ func topology(t testing.TB) (a, b *host) {
 		must(t, h.ns.Sysctl("net.ipv6.conf."+h.dev+".addr_gen_mode", "1"))
 		l, err := h.ns.LinkByName(h.dev)
 		must(t, err)
-		addrs, err := h.ns.Handle.AddrList(l, netlink.FAMILY_V6)
+		addrs, err := xfrm.RetryDump(func() ([]netlink.Addr, error) { return h.ns.Handle.AddrList(l, netlink.FAMILY_V6) })
 		must(t, err)
 		for _, ad := range addrs {
 			must(t, h.ns.Handle.AddrDel(l, &ad))

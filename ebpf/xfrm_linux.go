@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/xfrm"
 	"net"
 	"net/netip"
 	"slices"
@@ -76,7 +77,7 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			add(p.ULA, local, sa, p.Name)
 		}
 	}
-	states, err := d.nl.XfrmStateList(netlink.FAMILY_V6)
+	states, err := xfrm.RetryDump(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states: %w", err)
 	}
@@ -125,7 +126,7 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			polOrder = append(polOrder, k)
 		}
 	}
-	pols, err := d.nl.XfrmPolicyList(netlink.FAMILY_V6)
+	pols, err := xfrm.RetryDump(func() ([]netlink.XfrmPolicy, error) { return d.nl.XfrmPolicyList(netlink.FAMILY_V6) })
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list xfrm policies: %w", err))
 		return changes, errors.Join(errs...)

@@ -246,7 +246,7 @@ func (d *Dataplane) ifid() int {
 }
 
 func (d *Dataplane) states() ([]netlink.XfrmState, error) {
-	all, err := retryDump(func() ([]netlink.XfrmState, error) { return d.h.XfrmStateList(netlink.FAMILY_ALL) })
+	all, err := RetryDump(func() ([]netlink.XfrmState, error) { return d.h.XfrmStateList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states: %w", err)
 	}
@@ -260,7 +260,7 @@ func (d *Dataplane) states() ([]netlink.XfrmState, error) {
 }
 
 func (d *Dataplane) policies() ([]netlink.XfrmPolicy, error) {
-	all, err := retryDump(func() ([]netlink.XfrmPolicy, error) { return d.h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	all, err := RetryDump(func() ([]netlink.XfrmPolicy, error) { return d.h.XfrmPolicyList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm policies: %w", err)
 	}
@@ -274,7 +274,7 @@ func (d *Dataplane) policies() ([]netlink.XfrmPolicy, error) {
 }
 
 func (d *Dataplane) routes() ([]netlink.Route, error) {
-	rs, err := retryDump(func() ([]netlink.Route, error) {
+	rs, err := RetryDump(func() ([]netlink.Route, error) {
 		return d.h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: d.cfg.RouteProtocol, Table: syscall.RT_TABLE_MAIN},
 			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
@@ -284,8 +284,10 @@ func (d *Dataplane) routes() ([]netlink.Route, error) {
 	return rs, nil
 }
 
-// retryDump repeats a dump the kernel interrupted (its tables changed mid-dump).
-func retryDump[T any](f func() ([]T, error)) ([]T, error) {
+// RetryDump repeats a netlink dump the kernel interrupted because its tables
+// changed mid-dump (vishvananda/netlink's ErrDumpInterrupted), up to five
+// times. The ebpf dataplane uses it too.
+func RetryDump[T any](f func() ([]T, error)) ([]T, error) {
 	var err error
 	for range 5 {
 		var r []T
@@ -616,7 +618,7 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 			a.errs = append(a.errs, fmt.Errorf("find lo: %w", err))
 			return
 		}
-		have, err := d.h.AddrList(lo, netlink.FAMILY_V6)
+		have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(lo, netlink.FAMILY_V6) })
 		if err != nil {
 			a.errs = append(a.errs, fmt.Errorf("list addresses on lo: %w", err))
 			return
@@ -631,7 +633,7 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 		}
 		return
 	}
-	have, err := d.h.AddrList(link, netlink.FAMILY_V6)
+	have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
 	if err != nil {
 		a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", d.cfg.Interface, err))
 		return
@@ -657,7 +659,7 @@ func (a *applier) oldAddress(link netlink.Link, ula netip.Addr) {
 		}
 		return
 	}
-	have, err := d.h.AddrList(link, netlink.FAMILY_V6)
+	have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
 	if err != nil {
 		a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", d.cfg.Interface, err))
 		return

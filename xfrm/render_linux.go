@@ -53,14 +53,14 @@ func render(h handle, ifname string) (string, error) {
 			}
 		}
 	}
-	ss, err := retryDump(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
+	ss, err := RetryDump(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return "", fmt.Errorf("render: states: %w", err)
 	}
 	for _, s := range ss {
 		lines = append(lines, renderState(&s))
 	}
-	ps, err := retryDump(func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	ps, err := RetryDump(func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return "", fmt.Errorf("render: policies: %w", err)
 	}
@@ -74,7 +74,7 @@ func render(h handle, ifname string) (string, error) {
 		}
 		lines = append(lines, s)
 	}
-	rs, err := retryDump(func() ([]netlink.Route, error) {
+	rs, err := RetryDump(func() ([]netlink.Route, error) {
 		return h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {
