@@ -25,7 +25,11 @@ import (
 // (The product dataplane is package xfrm; this stand-in exists so the
 // keying package can prove make-before-break on a real kernel by itself.)
 // Order matters and is the point: inbound SAs first, then the new outbound
-// SA, and only then the old outbound SA and expired inbound SAs go.
+// SA, and only then the old outbound SA and expired inbound SAs go. The old
+// outbound SA goes outGrace after the new one is in place, not at once: a
+// packet whose route (xfrm bundle) the kernel resolved to it just before the
+// new SA appeared is encrypted with it a moment later, and the kernel drops
+// that packet (XfrmOutStateInvalid) if the SA was deleted in between.
 type xfrmInstaller struct {
 	h                    *netlink.Handle
 	localOuter, localULA net.IP
@@ -33,6 +37,15 @@ type xfrmInstaller struct {
 	states               map[uint32]*netlink.XfrmState
 	policies             bool
 	outSPIs              []uint32 // every outbound SPI used, in order
+	logf                 func(format string, args ...any)
+	outGrace             time.Duration          // how long a replaced outbound SA stays (default 1 s)
+	retiring             map[uint32]*time.Timer // replaced outbound SAs waiting out outGrace
+}
+
+func (x *xfrmInstaller) log(format string, args ...any) {
+	if x.logf != nil {
+		x.logf(format, args...)
+	}
 }
 
 func (x *xfrmInstaller) state(sa controlplane.SA, src, dst net.IP, sport, dport int, srcULA, dstULA net.IP) (*netlink.XfrmState, error) {
@@ -55,6 +68,7 @@ func (x *xfrmInstaller) Install(_ context.Context, p controlplane.Peer) error {
 	defer x.mu.Unlock()
 	if x.states == nil {
 		x.states = map[uint32]*netlink.XfrmState{}
+		x.retiring = map[uint32]*time.Timer{}
 	}
 	peerOuter, peerULA := net.IP(p.Outer.Addr().AsSlice()), net.IP(p.ULA.AsSlice())
 	port := int(p.Outer.Port())
@@ -71,23 +85,35 @@ func (x *xfrmInstaller) Install(_ context.Context, p controlplane.Peer) error {
 		return err
 	}
 	want[p.Out.SPI] = out
+	for spi, tm := range x.retiring {
+		if want[spi] != nil { // wanted again: it stays
+			tm.Stop()
+			delete(x.retiring, spi)
+		}
+	}
 	for _, spi := range append(keysExcept(want, p.Out.SPI), p.Out.SPI) { // inbound first
 		if x.states[spi] == nil {
 			if err := x.h.XfrmStateAdd(want[spi]); err != nil {
 				return fmt.Errorf("add state spi 0x%08x: %w", spi, err)
 			}
 			x.states[spi] = want[spi]
+			x.log("add state spi 0x%08x out=%v", spi, spi == p.Out.SPI)
 			if spi == p.Out.SPI {
 				x.outSPIs = append(x.outSPIs, spi)
 			}
 		}
 	}
 	for spi, s := range x.states {
+		if want[spi] == nil && s.Src.Equal(x.localOuter) {
+			x.retire(spi, s)
+			continue
+		}
 		if want[spi] == nil {
 			if err := x.h.XfrmStateDel(s); err != nil {
 				return fmt.Errorf("delete state spi 0x%08x: %w", spi, err)
 			}
 			delete(x.states, spi)
+			x.log("deleted state spi 0x%08x", spi)
 		}
 	}
 	if !x.policies {
@@ -106,6 +132,35 @@ func (x *xfrmInstaller) Install(_ context.Context, p controlplane.Peer) error {
 	return nil
 }
 
+// retire deletes the replaced outbound SA s after outGrace, unless an
+// Install wants it again or Remove takes it first. Called with x.mu held.
+func (x *xfrmInstaller) retire(spi uint32, s *netlink.XfrmState) {
+	if x.retiring[spi] != nil {
+		return
+	}
+	grace := x.outGrace
+	if grace <= 0 {
+		grace = time.Second
+	}
+	var tm *time.Timer
+	tm = time.AfterFunc(grace, func() {
+		x.mu.Lock()
+		defer x.mu.Unlock()
+		if x.retiring[spi] != tm || x.states[spi] != s {
+			return
+		}
+		delete(x.retiring, spi)
+		if err := x.h.XfrmStateDel(s); err != nil {
+			x.log("delete retired outbound state spi 0x%08x: %v", spi, err)
+			return
+		}
+		delete(x.states, spi)
+		x.log("deleted retired outbound state spi 0x%08x", spi)
+	})
+	x.retiring[spi] = tm
+	x.log("outbound state spi 0x%08x retires in %v", spi, grace)
+}
+
 func keysExcept(m map[uint32]*netlink.XfrmState, skip uint32) []uint32 {
 	var out []uint32
 	for k := range m {
@@ -119,6 +174,10 @@ func keysExcept(m map[uint32]*netlink.XfrmState, skip uint32) []uint32 {
 func (x *xfrmInstaller) Remove(context.Context, netip.Addr) error {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	for spi, tm := range x.retiring {
+		tm.Stop()
+		delete(x.retiring, spi)
+	}
 	for spi, s := range x.states {
 		x.h.XfrmStateDel(s)
 		delete(x.states, spi)
@@ -180,7 +239,11 @@ func TestVMPingFloodAcrossRekey(t *testing.T) {
 			Src: s.ula.AsSlice(), MTU: 1400}); err != nil {
 			t.Fatal(err)
 		}
-		s.inst = &xfrmInstaller{h: s.ns.Handle, localOuter: s.outer.AsSlice(), localULA: s.ula.AsSlice()}
+		name := s.ns.Name
+		s.inst = &xfrmInstaller{h: s.ns.Handle, localOuter: s.outer.AsSlice(), localULA: s.ula.AsSlice(),
+			logf: func(f string, args ...any) {
+				t.Logf("%s %s installer: %s", time.Now().Format("15:04:05.000"), name, fmt.Sprintf(f, args...))
+			}}
 	}
 	logger, _ := testLogger(t)
 	for _, s := range []*side{a, b} {
@@ -226,13 +289,20 @@ func TestVMPingFloodAcrossRekey(t *testing.T) {
 		return len(a.inst.outSPIs) > 0 && len(b.inst.outSPIs) > 0
 	})
 	const count = 800
-	out, err := a.ns.Run("ping", "-6", "-q", "-i", "0.01", "-c", fmt.Sprint(count), "-W", "2", b.ula.String())
-	t.Logf("ping:\n%s", out)
+	t.Logf("%s ping starts", time.Now().Format("15:04:05.000"))
+	out, err := a.ns.Run("ping", "-6", "-D", "-i", "0.01", "-c", fmt.Sprint(count), "-W", "2", b.ula.String())
+	t.Logf("%s ping ends", time.Now().Format("15:04:05.000"))
 	if err != nil {
 		t.Fatalf("ping: %v", err)
 	}
 	if !strings.Contains(out, fmt.Sprintf("%d packets transmitted, %d received", count, count)) {
-		t.Errorf("echoes lost across rekeys:\n%s", out)
+		t.Errorf("echoes lost across rekeys:\n%s", pingSummary(out, count))
+	} else {
+		t.Logf("ping: %s", pingSummary(out, count))
+	}
+	for _, s := range []*side{a, b} {
+		st, _ := s.ns.Run("cat", "/proc/net/xfrm_stat")
+		t.Logf("%s xfrm_stat (non-zero):\n%s", s.ns.Name, nonZero(st))
 	}
 	a.inst.mu.Lock()
 	rekeysA := len(a.inst.outSPIs) - 1
@@ -244,4 +314,39 @@ func TestVMPingFloodAcrossRekey(t *testing.T) {
 	if rekeysA < 2 || rekeysB < 2 {
 		t.Errorf("want at least 2 rekeys on each side during the flood, got a %d, b %d", rekeysA, rekeysB)
 	}
+}
+
+// pingSummary keeps ping's statistics lines and names the sequence numbers
+// that got no echo reply, with the timestamps of the replies around them.
+func pingSummary(out string, count int) string {
+	got := map[int]string{}
+	var stats []string
+	for _, l := range strings.Split(out, "\n") {
+		if i := strings.Index(l, "icmp_seq="); i >= 0 {
+			var seq int
+			fmt.Sscanf(l[i+len("icmp_seq="):], "%d", &seq)
+			got[seq] = strings.Fields(l)[0]
+			continue
+		}
+		if strings.Contains(l, "transmitted") || strings.Contains(l, "rtt") || strings.Contains(l, "---") {
+			stats = append(stats, l)
+		}
+	}
+	var missing []string
+	for seq := 1; seq <= count; seq++ {
+		if _, ok := got[seq]; !ok {
+			missing = append(missing, fmt.Sprintf("seq %d (replies around it at %s and %s)", seq, got[seq-1], got[seq+1]))
+		}
+	}
+	return strings.Join(stats, "\n") + "\nmissing: " + strings.Join(missing, ", ")
+}
+
+func nonZero(s string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if f := strings.Fields(l); len(f) == 2 && f[1] != "0" {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
