@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -11,6 +12,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/btmm/btmm/controlplane"
 )
 
 var (
@@ -670,5 +673,90 @@ func TestRekeyOnDemand(t *testing.T) {
 		if err := a.agent.Rekey(context.Background(), netip.MustParseAddr("fd00::99")); !errors.Is(err, ErrUnknownPeer) {
 			t.Errorf("Rekey(unknown) = %v, want ErrUnknownPeer", err)
 		}
+	})
+}
+
+// TestRekeyKeepsRetiredOutAccepted checks the in-flight half of
+// make-before-break, which a snapshot of the current SAs cannot: a packet
+// sent with an outbound SA just before that SA was replaced must still be
+// accepted when it arrives. So every outbound SA either side stops using
+// must stay among the other side's inbound SAs for PrevInHold after the
+// switch. Rekeys run on schedule (a initiates), on demand from b (b
+// initiates) and from both at once (simultaneous start).
+func TestRekeyKeepsRetiredOutAccepted(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const hold = 30 * time.Second // the default PrevInHold
+		n := newMemNet()
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		type retired struct {
+			sa controlplane.SA
+			at time.Time
+		}
+		var mu sync.Mutex
+		var violations []string
+		var retiredA, retiredB []retired
+		var lastOutA, lastOutB controlplane.SA
+		switches := 0
+		check := func() {
+			mu.Lock()
+			defer mu.Unlock()
+			now := time.Now()
+			pa, okA := a.rec.peer(ulaB)
+			pb, okB := b.rec.peer(ulaA)
+			if okA && lastOutA.SPI != 0 && pa.Out.SPI != lastOutA.SPI {
+				retiredA = append(retiredA, retired{lastOutA, now})
+				switches++
+			}
+			if okB && lastOutB.SPI != 0 && pb.Out.SPI != lastOutB.SPI {
+				retiredB = append(retiredB, retired{lastOutB, now})
+				switches++
+			}
+			if okA {
+				lastOutA = pa.Out
+			}
+			if okB {
+				lastOutB = pb.Out
+			}
+			if !okA || !okB {
+				return
+			}
+			for _, r := range retiredA {
+				if now.Sub(r.at) < hold && !accepts(pb, r.sa) {
+					violations = append(violations, fmt.Sprintf("%v after a retired its Out %v, b no longer accepts it", now.Sub(r.at), r.sa))
+				}
+			}
+			for _, r := range retiredB {
+				if now.Sub(r.at) < hold && !accepts(pa, r.sa) {
+					violations = append(violations, fmt.Sprintf("%v after b retired its Out %v, a no longer accepts it", now.Sub(r.at), r.sa))
+				}
+			}
+		}
+		a.rec.onChange, b.rec.onChange = check, check
+		a.peers(t, peerB)
+		b.peers(t, peerA)
+		time.Sleep(20 * time.Minute) // scheduled rekeys at 8 and 16 minutes
+		if err := b.agent.Rekey(t.Context(), ulaA); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Minute)
+		for _, nd := range []*node{a, b} {
+			if err := nd.agent.Rekey(t.Context(), map[*node]netip.Addr{a: ulaB, b: ulaA}[nd]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		if len(violations) > 0 {
+			t.Errorf("a retired outbound SA was dropped by the peer while its packets could be in flight:\n%s", strings.Join(violations, "\n"))
+		}
+		if switches < 8 {
+			t.Errorf("only %d outbound switches observed, want at least 8 (4 rekeys)", switches)
+		}
+		pa, _ := a.rec.peer(ulaB)
+		pb, _ := b.rec.peer(ulaA)
+		pairOK(t, pa, pb)
 	})
 }
