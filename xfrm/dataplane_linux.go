@@ -56,8 +56,13 @@ type Config struct {
 	// NoXfrmInterface forces the fallback: the ULA on lo and routes via the
 	// outer device, policies without if_id.
 	NoXfrmInterface bool
-	Logger          *slog.Logger
-	Now             func() time.Time
+	// OutboundGrace is how long an outbound SA replaced by a new key (a
+	// rekey) stays in the kernel. The kernel sends with the newest SA at
+	// once, but packets that already picked the old one are dropped if it
+	// goes first (XfrmOutStateInvalid). Default 2 s; negative deletes at once.
+	OutboundGrace time.Duration
+	Logger        *slog.Logger
+	Now           func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -78,6 +83,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ReplayWindow == 0 {
 		c.ReplayWindow = 32
+	}
+	if c.OutboundGrace == 0 {
+		c.OutboundGrace = 2 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -136,6 +144,17 @@ type Dataplane struct {
 	spiPeer  map[uint32]netip.Addr
 	outerOf  map[netip.Addr]netip.AddrPort
 	lastMove map[netip.Addr]time.Time
+	// prevOut maps the outbound SPIs of the last Set to their peers;
+	// retiring holds replaced outbound SAs until their deadline.
+	prevOut  map[uint32]netip.Addr
+	retiring map[uint32]retiree
+	reaper   *time.Timer
+}
+
+// retiree is an outbound SA replaced by a rekey, kept until deadline.
+type retiree struct {
+	peer     netip.Addr
+	deadline time.Time
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -182,7 +201,7 @@ func newDataplane(h handle, mig migrator, cfg Config) (*Dataplane, error) {
 		events:   make(chan Event, 64),
 		spiPeer:  map[uint32]netip.Addr{},
 		outerOf:  map[netip.Addr]netip.AddrPort{},
-		lastMove: map[netip.Addr]time.Time{}}
+		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[uint32]retiree{}}
 	if err := d.removeLeftovers(); err != nil {
 		return nil, fmt.Errorf("xfrm: remove leftovers: %w", err)
 	}
@@ -557,11 +576,43 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if kstates, err = d.states(); err != nil {
 		a.errs = append(a.errs, err)
 	}
+	stillPeer := map[netip.Addr]bool{}
+	for _, p := range desired.Peers {
+		stillPeer[p.ULA] = true
+	}
+	now := d.cfg.Now()
+	present := map[uint32]bool{}
 	for _, s := range kstates {
-		if !wantStates[uint32(s.Spi)] {
-			a.do("delete", "state", stateWhat(&s), d.h.XfrmStateDel(&s))
+		spi := uint32(s.Spi)
+		present[spi] = true
+		if wantStates[spi] {
+			delete(d.retiring, spi)
+			continue
+		}
+		// An outbound SA replaced by a rekey of a peer we keep: retire it
+		// after a grace period instead of pulling it from under packets
+		// that already picked it.
+		if ula, ok := d.prevOut[spi]; ok && stillPeer[ula] && d.cfg.OutboundGrace > 0 {
+			if _, ok := d.retiring[spi]; !ok {
+				d.retiring[spi] = retiree{peer: ula, deadline: now.Add(d.cfg.OutboundGrace)}
+			}
+		}
+		if r, ok := d.retiring[spi]; ok && stillPeer[r.peer] && now.Before(r.deadline) {
+			continue
+		}
+		delete(d.retiring, spi)
+		a.do("delete", "state", stateWhat(&s), d.h.XfrmStateDel(&s))
+	}
+	for spi := range d.retiring {
+		if !present[spi] {
+			delete(d.retiring, spi)
 		}
 	}
+	d.prevOut = map[uint32]netip.Addr{}
+	for _, p := range desired.Peers {
+		d.prevOut[p.Out.SPI] = p.ULA
+	}
+	d.scheduleReapLocked()
 	a.oldAddress(link, desired.Local.ULA)
 
 	d.spiPeer = map[uint32]netip.Addr{}
@@ -1022,6 +1073,52 @@ func (d *Dataplane) deliver(e Event) {
 // Close removes every kernel object of ours (routes, policies, states, the
 // address and the xfrm interface), stops the event monitor and closes
 // Events.
+// scheduleReapLocked arms a timer for the earliest retiring deadline.
+func (d *Dataplane) scheduleReapLocked() {
+	if d.reaper != nil {
+		d.reaper.Stop()
+		d.reaper = nil
+	}
+	var first time.Time
+	for _, r := range d.retiring {
+		if first.IsZero() || r.deadline.Before(first) {
+			first = r.deadline
+		}
+	}
+	if first.IsZero() {
+		return
+	}
+	d.reaper = time.AfterFunc(max(first.Sub(d.cfg.Now()), 0)+10*time.Millisecond, d.reap)
+}
+
+// reap deletes retired outbound SAs whose grace period is over.
+func (d *Dataplane) reap() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return
+	}
+	kstates, err := d.states()
+	if err != nil {
+		d.log.Warn("xfrm: listing states to retire old outbound SAs", "err", err)
+		d.scheduleReapLocked()
+		return
+	}
+	now := d.cfg.Now()
+	for _, s := range kstates {
+		spi := uint32(s.Spi)
+		if r, ok := d.retiring[spi]; ok && !now.Before(r.deadline) {
+			if err := d.h.XfrmStateDel(&s); err != nil && !absent(err) {
+				d.log.Warn("xfrm: deleting retired outbound SA", "spi", fmt.Sprintf("0x%08x", spi), "err", err)
+				continue
+			}
+			d.log.Info("xfrm: retired outbound SA deleted", "spi", fmt.Sprintf("0x%08x", spi))
+			delete(d.retiring, spi)
+		}
+	}
+	d.scheduleReapLocked()
+}
+
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	if d.closed {
@@ -1029,6 +1126,9 @@ func (d *Dataplane) Close() error {
 		return nil
 	}
 	d.closed = true
+	if d.reaper != nil {
+		d.reaper.Stop()
+	}
 	var errs []error
 	errs = append(errs, d.removeLeftovers())
 	if d.loAddr.IsValid() {

@@ -161,7 +161,7 @@ func TestSetTable(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			k := newFakeKernel()
 			k.noMigrate = mode.noMigrate
-			d := newFake(t, k, Config{})
+			d := newFake(t, k, Config{OutboundGrace: -1}) // the table tests the diff; TestRekeyRetiresOutboundAfterGrace the grace
 			for _, step := range setSteps {
 				if _, err := d.Set(context.Background(), step.in); err != nil {
 					t.Fatalf("%s: Set: %v", step.name, err)
@@ -188,7 +188,7 @@ func TestSetRandomOrder(t *testing.T) {
 	for round := range 20 {
 		k := newFakeKernel()
 		k.noMigrate = round%2 == 1
-		d := newFake(t, k, Config{})
+		d := newFake(t, k, Config{OutboundGrace: -1})
 		for _, i := range r.Perm(len(setSteps)) {
 			step := setSteps[i]
 			if _, err := d.Set(context.Background(), step.in); err != nil {
