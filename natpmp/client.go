@@ -632,31 +632,22 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 }
 
 func (c *Client) exchangePCP(ctx context.Context, s *session, req []byte, match func(PCPResponse) bool) (PCPResponse, error) {
-	var resp PCPResponse
-	_, err := c.exchange(ctx, s, req, func(b []byte) bool {
-		r, err := ParsePCPResponse(b)
-		if err != nil {
-			c.log.Debug("natpmp: bad PCP answer", "err", err)
-			return false
-		}
-		if match(r) {
-			resp = r
-			return true
-		}
-		return false
-	})
-	if err != nil {
-		return resp, fmt.Errorf("pcp: %w", err)
-	}
-	return resp, nil
+	return exchangeParsed(c, ctx, s, req, "pcp", ParsePCPResponse, match)
 }
 
 func (c *Client) exchangeNATPMP(ctx context.Context, s *session, req []byte, match func(Response) bool) (Response, error) {
-	var resp Response
+	return exchangeParsed(c, ctx, s, req, "natpmp", ParseResponse, match)
+}
+
+// exchangeParsed runs one request/response exchange whose answers are
+// parsed with parse; unparsable answers are logged and ignored, and the
+// first that match ends the exchange.
+func exchangeParsed[R any](c *Client, ctx context.Context, s *session, req []byte, proto string, parse func([]byte) (R, error), match func(R) bool) (R, error) {
+	var resp R
 	_, err := c.exchange(ctx, s, req, func(b []byte) bool {
-		r, err := ParseResponse(b)
+		r, err := parse(b)
 		if err != nil {
-			c.log.Debug("natpmp: bad NAT-PMP answer", "err", err)
+			c.log.Debug("natpmp: bad answer", "proto", proto, "err", err)
 			return false
 		}
 		if match(r) {
@@ -666,7 +657,7 @@ func (c *Client) exchangeNATPMP(ctx context.Context, s *session, req []byte, mat
 		return false
 	})
 	if err != nil {
-		return resp, fmt.Errorf("natpmp: %w", err)
+		return resp, fmt.Errorf("%s: %w", proto, err)
 	}
 	return resp, nil
 }
