@@ -1,0 +1,74 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/agent"
+)
+
+// serve answers GET /v1/status on a unix socket with st, as btmmd does.
+func serve(t *testing.T, st agent.Status) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "btmmd.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/status" {
+			http.NotFound(w, r)
+			return
+		}
+		json.NewEncoder(w).Encode(st)
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return path
+}
+
+func TestStatusAndPeers(t *testing.T) {
+	st := agent.Status{
+		Host: "laptop", Domain: "alice.btmm.example.", ULA: netip.MustParseAddr("fd00::1"), Label: "AutoTunnel-00-11-22-FF-FE-33-44-55",
+		Dataplane: "ebpf-cleartext", TunnelPort: 4500,
+		NAT:   agent.NATReport{External: netip.MustParseAddrPort("11.1.0.2:4500"), Status: "mapped via PCP"},
+		Peers: []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"), Outer: netip.MustParseAddrPort("11.2.0.2:4500"), OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true}}},
+	}
+	sock := serve(t, st)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"-socket", sock, "status"}, &out, &errOut); code != 0 {
+		t.Fatalf("status exit %d: %s", code, errOut.String())
+	}
+	for _, want := range []string{"laptop.alice.btmm.example", "fd00::1", "11.1.0.2:4500", "WARNING: CLEARTEXT", "desktop", "out 0x00001001 in 0x00002002"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	if code := run([]string{"-socket", sock, "--json", "peers"}, &out, &errOut); code != 0 {
+		t.Fatalf("peers --json exit %d", code)
+	}
+	var back agent.Status
+	if err := json.Unmarshal(out.Bytes(), &back); err != nil || len(back.Peers) != 1 || back.Peers[0].Name != "desktop" {
+		t.Fatalf("--json: %v %+v", err, back)
+	}
+}
+
+func TestErrors(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"-socket", filepath.Join(t.TempDir(), "none.sock"), "status"}, &out, &errOut); code != 1 ||
+		!strings.Contains(errOut.String(), "is it running?") {
+		t.Errorf("no btmmd: exit %d, %q", code, errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"frobnicate"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "unknown command") {
+		t.Errorf("unknown command: exit %d, %q", code, errOut.String())
+	}
+}
