@@ -114,167 +114,23 @@ func LoadKeyFile(path, name string) (*Key, error) {
 	return nil, fmt.Errorf("load tsig key %s: no key named %q", path, name)
 }
 
-// ParseKeys parses BIND key statements. Comments (#, //, /* */) are allowed;
-// other statements are an error. Errors never quote the secret.
+// ParseKeys parses BIND key statements with the server's parser
+// (tsig.ParseBIND): comments (#, //, /* */) are allowed, other statements are
+// an error, and errors never quote the secret.
 func ParseKeys(data []byte) ([]*Key, error) {
-	toks, err := tokenize(string(data))
+	tks, err := tsig.ParseBIND(data)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("parse tsig key: %w", err)
 	}
-	var keys []*Key
-	p := &parser{toks: toks}
-	for !p.done() {
-		k, err := p.key()
+	keys := make([]*Key, 0, len(tks))
+	for _, tk := range tks {
+		k, err := NewKey(tk.Name, tk.Algorithm, tk.Base64())
 		if err != nil {
 			return nil, err
 		}
 		keys = append(keys, k)
 	}
-	if len(keys) == 0 {
-		return nil, errors.New("parse tsig key: no key statement")
-	}
 	return keys, nil
-}
-
-type token struct {
-	s      string
-	quoted bool
-}
-
-func tokenize(s string) ([]token, error) {
-	var toks []token
-	for i := 0; i < len(s); {
-		c := s[i]
-		switch {
-		case c == ' ' || c == '\t' || c == '\n' || c == '\r':
-			i++
-		case c == '#' || strings.HasPrefix(s[i:], "//"):
-			for i < len(s) && s[i] != '\n' {
-				i++
-			}
-		case strings.HasPrefix(s[i:], "/*"):
-			end := strings.Index(s[i+2:], "*/")
-			if end < 0 {
-				return nil, errors.New("parse tsig key: unterminated /* comment")
-			}
-			i += end + 4
-		case c == '{' || c == '}' || c == ';':
-			toks = append(toks, token{s: string(c)})
-			i++
-		case c == '"':
-			end := strings.IndexByte(s[i+1:], '"')
-			if end < 0 {
-				return nil, errors.New("parse tsig key: unterminated string")
-			}
-			toks = append(toks, token{s: s[i+1 : i+1+end], quoted: true})
-			i += end + 2
-		default:
-			j := i
-			for j < len(s) && !strings.ContainsRune(" \t\r\n{};\"#", rune(s[j])) && !strings.HasPrefix(s[j:], "//") && !strings.HasPrefix(s[j:], "/*") {
-				j++
-			}
-			toks = append(toks, token{s: s[i:j]})
-			i = j
-		}
-	}
-	return toks, nil
-}
-
-type parser struct {
-	toks []token
-	i    int
-}
-
-func (p *parser) done() bool { return p.i >= len(p.toks) }
-
-func (p *parser) next() (token, error) {
-	if p.done() {
-		return token{}, errors.New("parse tsig key: unexpected end of file")
-	}
-	t := p.toks[p.i]
-	p.i++
-	return t, nil
-}
-
-func (p *parser) expect(s string) error {
-	t, err := p.next()
-	if err != nil {
-		return err
-	}
-	if t.quoted || t.s != s {
-		return fmt.Errorf("parse tsig key: want %q, got %q", s, redactTok(t))
-	}
-	return nil
-}
-
-// redactTok keeps quoted strings (possibly secrets) out of error messages.
-func redactTok(t token) string {
-	if t.quoted {
-		return `"..."`
-	}
-	if len(t.s) > 32 {
-		return t.s[:32] + "..."
-	}
-	return t.s
-}
-
-func (p *parser) key() (*Key, error) {
-	if err := p.expect("key"); err != nil {
-		return nil, err
-	}
-	nameTok, err := p.next()
-	if err != nil {
-		return nil, err
-	}
-	if nameTok.s == "{" && !nameTok.quoted {
-		return nil, errors.New("parse tsig key: key statement without a name")
-	}
-	name := nameTok.s
-	if err := p.expect("{"); err != nil {
-		return nil, err
-	}
-	var alg, secret string
-	var haveAlg, haveSecret bool
-	for {
-		t, err := p.next()
-		if err != nil {
-			return nil, err
-		}
-		if t.s == "}" && !t.quoted {
-			break
-		}
-		val, err := p.next()
-		if err != nil {
-			return nil, err
-		}
-		if !val.quoted && (val.s == ";" || val.s == "{" || val.s == "}") {
-			return nil, fmt.Errorf("parse tsig key %q: %q has no value", name, redactTok(t))
-		}
-		switch t.s {
-		case "algorithm":
-			if haveAlg {
-				return nil, fmt.Errorf("parse tsig key %q: algorithm given twice", name)
-			}
-			alg, haveAlg = val.s, true
-		case "secret":
-			if haveSecret {
-				return nil, fmt.Errorf("parse tsig key %q: secret given twice", name)
-			}
-			secret, haveSecret = val.s, true
-		default:
-			return nil, fmt.Errorf("parse tsig key %q: unknown clause %q", name, redactTok(t))
-		}
-		if err := p.expect(";"); err != nil {
-			return nil, err
-		}
-	}
-	if err := p.expect(";"); err != nil {
-		return nil, err
-	}
-	if !haveAlg || !haveSecret {
-		return nil, fmt.Errorf("parse tsig key %q: needs both algorithm and secret", name)
-	}
-	return NewKey(name, alg, secret)
 }
 
 // Provider returns a miekg/dns TsigProvider for k. Unlike the library's

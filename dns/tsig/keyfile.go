@@ -22,10 +22,13 @@ func (k Key) BINDClause() string {
 }
 
 // ParseBIND parses one or more `key "name" { algorithm A; secret "S"; };`
-// clauses (comments with #, // and /* */ allowed).
+// clauses (comments with #, // and /* */ allowed). It is strict: another
+// statement, an unknown or repeated clause, a missing algorithm or secret, or
+// no key at all is an error. Errors never quote a secret. Both btmm-dnsd and
+// the agent (dns/register) read key files with it.
 func ParseBIND(data []byte) ([]Key, error) {
 	var s scanner.Scanner
-	s.Init(bytes.NewReader(data))
+	s.Init(bytes.NewReader(stripHashComments(data)))
 	s.Mode = scanner.ScanIdents | scanner.ScanStrings | scanner.ScanComments | scanner.SkipComments
 	s.IsIdentRune = func(ch rune, i int) bool {
 		return ch == '-' || ch == '.' || ch == '_' ||
@@ -60,22 +63,30 @@ func ParseBIND(data []byte) ([]Key, error) {
 			return nil, fmt.Errorf("tsig: parse key file: %s: expected {", s.Position)
 		}
 		var alg, secret string
+		seen := map[string]bool{}
 		for {
 			f := next()
 			if f == "}" {
 				break
 			}
+			if f == "" {
+				return nil, fmt.Errorf("tsig: parse key file: unexpected end")
+			}
+			if f != "algorithm" && f != "secret" {
+				return nil, fmt.Errorf("tsig: parse key file: %s: unknown clause %q in key %q", s.Position, f, name)
+			}
+			if seen[f] {
+				return nil, fmt.Errorf("tsig: parse key file: %s: %s given twice in key %q", s.Position, f, name)
+			}
+			seen[f] = true
 			v := unq(next())
 			if next() != ";" {
 				return nil, fmt.Errorf("tsig: parse key file: %s: expected ;", s.Position)
 			}
-			switch f {
-			case "algorithm":
+			if f == "algorithm" {
 				alg = v
-			case "secret":
+			} else {
 				secret = v
-			case "":
-				return nil, fmt.Errorf("tsig: parse key file: unexpected end")
 			}
 		}
 		if t := next(); t != ";" {
@@ -93,6 +104,12 @@ func ParseBIND(data []byte) ([]Key, error) {
 			return nil, fmt.Errorf("tsig: parse key: %w %q", ErrBadKeyName, name)
 		}
 		keys = append(keys, Key{Name: dns.CanonicalName(name), Algorithm: a, Secret: raw})
+	}
+	if serr != nil {
+		return nil, fmt.Errorf("tsig: parse key file: %w", serr)
+	}
+	if len(keys) == 0 {
+		return nil, errors.New("tsig: parse key file: no key statement")
 	}
 	return keys, nil
 }
@@ -116,7 +133,7 @@ func ReadFile(path string) (Key, error) {
 	if err != nil {
 		return Key{}, fmt.Errorf("tsig: read key file: %w", err)
 	}
-	keys, err := ParseBIND(stripHashComments(data))
+	keys, err := ParseBIND(data)
 	if err != nil {
 		return Key{}, fmt.Errorf("%s: %w", path, err)
 	}
