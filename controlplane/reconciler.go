@@ -31,8 +31,7 @@ type Reconciler struct {
 	local   Local
 	peers   map[netip.Addr]*peerState
 	applied []Change
-	lastErr error
-	dirty   bool
+	lastErr error // of the last apply; non-nil means Run retries
 	kick    chan struct{}
 }
 
@@ -136,7 +135,6 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 		// keys the kernel (and the peer) still have, so a later retry
 		// cannot push keys the peer never agreed to.
 		*ps = saved
-		r.dirty = true
 		return err
 	}
 	return nil
@@ -202,7 +200,6 @@ func (r *Reconciler) applyLocked(ctx context.Context) error {
 		}
 	}
 	r.lastErr = err
-	r.dirty = err != nil
 	if err != nil {
 		r.log.Warn("dataplane set failed; will retry", "err", err)
 		select {
@@ -231,7 +228,7 @@ func (r *Reconciler) Run(ctx context.Context) error {
 			timer = nil
 			r.mu.Lock()
 			var err error
-			if r.dirty {
+			if r.lastErr != nil {
 				err = r.applyLocked(ctx)
 			}
 			r.mu.Unlock()
@@ -268,7 +265,7 @@ func (r *Reconciler) Status() (peers []PeerStatus, recent []Change, lastErr erro
 		st := PeerStatus{Name: p.name, ULA: ula, Outer: p.outer, OuterBy: p.outerBy, OuterAt: p.outerAt, KeyedAt: p.keyedAt}
 		if p.keys != nil {
 			st.Keyed, st.OutSPI, st.InSPI, st.Cipher = true, p.keys.Out.SPI, p.keys.In.SPI, p.keys.Out.Cipher
-			st.InKernel = p.outer.IsValid() && !r.dirty
+			st.InKernel = p.outer.IsValid() && r.lastErr == nil
 		}
 		peers = append(peers, st)
 	}

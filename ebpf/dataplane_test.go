@@ -667,41 +667,82 @@ func xfrmHost(t testing.TB, h, peer *host, out, in controlplane.SA) {
 	t.Cleanup(func() { unix.Close(fd) })
 }
 
-// TestInteropXfrmVM: a on this dataplane, b on plain XFRM ESP-in-UDP. Ping
-// and TCP both ways prove the bytes on the wire are the same.
+// TestInteropXfrmVM: a on this dataplane, b on XFRM ESP-in-UDP — built by
+// hand, and by btmm's own xfrm dataplane (package xfrm, with its ESP-in-UDP
+// socket). Ping and TCP both ways prove the bytes on the wire are the same
+// (RFC 6281 Figure 2).
 func TestInteropXfrmVM(t *testing.T) {
 	testenv.Require(t, testenv.ESP)
-	a, b := topology(t)
-	a.start(t, Config{})
-	st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
-	a.set(t, st)
-	xfrmHost(t, b, a, st.Peers[0].In, st.Peers[0].Out)
-	ping(t, a, b)
-	ping(t, b, a)
-	data := randomBytes(t, 1<<20)
-	s := openStream(t, a, b)
-	n, err := s.conn.Write(data)
-	s.sent.Add(int64(n))
-	must(t, err)
-	sum := sha256.Sum256(data)
-	s.finish(t, sum[:])
-	ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V4)
-	must(t, err)
-	for _, x := range ss {
-		t.Logf("xfrm host b: state spi 0x%x %s->%s packets %d bytes %d", x.Spi, x.Src, x.Dst, x.Statistics.Packets, x.Statistics.Bytes)
-		if x.Statistics.Packets == 0 {
-			t.Errorf("xfrm host's SA spi 0x%x carried nothing", x.Spi)
-		}
-	}
-	if d, _ := a.dp.Drops(); d[DropUnknownPeer]+d[DropMalformed] != 0 {
-		t.Errorf("a dropped packets from the xfrm host: %v", d)
-	}
-	if err := a.dp.Close(); err != nil {
-		t.Error(err)
-	}
-	a.dp = nil
-	if l := leftovers(t, a); len(l) > 0 {
-		t.Errorf("left behind: %q", l)
+	for _, tc := range []struct {
+		name string
+		// peer makes b an XFRM host for a's state st and returns a check
+		// that b's SAs carried traffic both ways.
+		peer func(t *testing.T, a, b *host, st *controlplane.State) func(t *testing.T)
+	}{
+		{"hand-built", func(t *testing.T, a, b *host, st *controlplane.State) func(t *testing.T) {
+			xfrmHost(t, b, a, st.Peers[0].In, st.Peers[0].Out)
+			return func(t *testing.T) {
+				ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V4)
+				must(t, err)
+				for _, x := range ss {
+					t.Logf("xfrm host b: state spi 0x%x %s->%s packets %d bytes %d", x.Spi, x.Src, x.Dst, x.Statistics.Packets, x.Statistics.Bytes)
+					if x.Statistics.Packets == 0 {
+						t.Errorf("xfrm host's SA spi 0x%x carried nothing", x.Spi)
+					}
+				}
+			}
+		}},
+		{"package xfrm", func(t *testing.T, a, b *host, st *controlplane.State) func(t *testing.T) {
+			conn, err := xfrm.ListenAt(context.Background(), b.ns.NsHandle(), netip.AddrPortFrom(netip.IPv4Unspecified(), b.port))
+			must(t, err)
+			t.Cleanup(func() { conn.Close() })
+			bdp, err := xfrm.New(b.ns.NsHandle(), xfrm.Config{})
+			must(t, err)
+			t.Cleanup(func() { must(t, bdp.Close()) })
+			bst := &controlplane.State{
+				Local: controlplane.Local{ULA: b.ula, Port: b.port},
+				Peers: []controlplane.Peer{{Name: a.name, ULA: a.ula, Outer: netip.AddrPortFrom(a.outer, a.port),
+					Out: st.Peers[0].In, In: st.Peers[0].Out}},
+			}
+			if _, err := bdp.Set(context.Background(), bst); err != nil {
+				t.Fatalf("xfrm dataplane on b: %v", err)
+			}
+			return func(t *testing.T) {
+				stats, err := bdp.Stats(context.Background())
+				must(t, err)
+				if len(stats) != 1 || stats[0].RxPackets == 0 || stats[0].TxPackets == 0 {
+					t.Errorf("xfrm dataplane on b counted %+v, want traffic both ways", stats)
+				}
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := topology(t)
+			a.start(t, Config{})
+			st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
+			a.set(t, st)
+			checkPeer := tc.peer(t, a, b, st)
+			ping(t, a, b)
+			ping(t, b, a)
+			data := randomBytes(t, 1<<20)
+			s := openStream(t, a, b)
+			n, err := s.conn.Write(data)
+			s.sent.Add(int64(n))
+			must(t, err)
+			sum := sha256.Sum256(data)
+			s.finish(t, sum[:])
+			checkPeer(t)
+			if d, _ := a.dp.Drops(); d[DropUnknownPeer]+d[DropMalformed] != 0 {
+				t.Errorf("a dropped packets from the xfrm host: %v", d)
+			}
+			if err := a.dp.Close(); err != nil {
+				t.Error(err)
+			}
+			a.dp = nil
+			if l := leftovers(t, a); len(l) > 0 {
+				t.Errorf("left behind: %q", l)
+			}
+		})
 	}
 }
 

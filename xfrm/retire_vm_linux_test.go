@@ -4,11 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
-	"net"
+	"github.com/btmm/btmm/internal/udpflood"
 	"net/netip"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,55 +44,24 @@ func TestVMOutboundSwapLosesNothing(t *testing.T) {
 	if _, err := d.Set(ctx, st); err != nil {
 		t.Fatal(err)
 	}
-	var conn *net.UDPConn
-	if err := a.Do(func() (err error) {
-		conn, err = net.DialUDP("udp6", nil, &net.UDPAddr{IP: ulaB.AsSlice(), Port: 9})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	var sent, failed atomic.Int64
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		payload := make([]byte, 64)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := conn.Write(payload); err != nil {
-				failed.Add(1)
-				continue
-			}
-			sent.Add(1)
-		}
-	}()
+	flood := udpflood.Start(t, a, netip.AddrPortFrom(ulaB, 9))
 	const swaps = 100
 	for range swaps {
 		// Let datagrams go out on the current SA before replacing it.
-		for before := sent.Load(); sent.Load() < before+20; {
-			time.Sleep(time.Millisecond)
+		if !flood.Wait(20, time.Minute) {
+			t.Fatal("the sender stalled")
 		}
 		st.Peers[0].Out = newSA()
 		if _, err := d.Set(ctx, st); err != nil {
 			t.Fatal(err)
 		}
 	}
-	close(stop)
-	wg.Wait()
-	stat, _ := a.Run("cat", "/proc/net/xfrm_stat")
-	t.Logf("%d swaps, %d datagrams sent, %d failed", swaps, sent.Load(), failed.Load())
-	for _, l := range strings.Split(stat, "\n") {
-		if f := strings.Fields(l); len(f) == 2 && f[0] == "XfrmOutStateInvalid" && f[1] != "0" {
-			t.Errorf("packets hit a deleted outbound SA: %s", l)
-		}
+	sent, failed, _ := flood.Stop()
+	t.Logf("%d swaps, %d datagrams sent, %d failed", swaps, sent, failed)
+	if n := udpflood.XfrmStat(t, a)["XfrmOutStateInvalid"]; n != 0 {
+		t.Errorf("packets hit a deleted outbound SA: XfrmOutStateInvalid %d", n)
 	}
-	if failed.Load() != 0 {
-		t.Errorf("%d sends failed across the swaps", failed.Load())
+	if failed != 0 {
+		t.Errorf("%d sends failed across the swaps", failed)
 	}
 }

@@ -5,13 +5,9 @@ package keying
 import (
 	"context"
 	"encoding/binary"
-	"errors"
+	"github.com/btmm/btmm/internal/udpflood"
 	"net"
 	"net/netip"
-	"strconv"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -55,82 +51,28 @@ func TestVMInstallerOutboundSwap(t *testing.T) {
 	}
 	t.Cleanup(func() { inst.Remove(ctx, ulaB) })
 
-	var conn *net.UDPConn
-	if err := a.Do(func() (err error) {
-		conn, err = net.DialUDP("udp6", nil, &net.UDPAddr{IP: ulaB.AsSlice(), Port: 9})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	var sent, failed atomic.Int64
-	var firstErr atomic.Value
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		payload := make([]byte, 64)
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := conn.Write(payload); err != nil {
-				failed.Add(1)
-				firstErr.CompareAndSwap(nil, err)
-				continue
-			}
-			sent.Add(1)
-		}
-	}()
+	flood := udpflood.Start(t, a, netip.AddrPortFrom(ulaB, 9))
 	const swaps = 300
 	deadline := time.Now().Add(time.Minute)
 	for range swaps {
 		// Every swap overlaps the flood: wait for a couple of datagrams.
-		for start := sent.Load() + failed.Load(); sent.Load()+failed.Load() < start+2; {
-			if time.Now().After(deadline) {
-				close(stop)
-				wg.Wait()
-				t.Fatalf("the sender stalled: %d datagrams sent", sent.Load())
-			}
-			time.Sleep(100 * time.Microsecond)
+		if !flood.Wait(2, time.Until(deadline)) {
+			sent, _, _ := flood.Stop()
+			t.Fatalf("the sender stalled: %d datagrams sent", sent)
 		}
 		p.Out = newSA()
 		if err := inst.Install(ctx, p); err != nil {
-			close(stop)
-			wg.Wait()
+			flood.Stop()
 			t.Fatal(err)
 		}
 	}
-	close(stop)
-	wg.Wait()
-	st, err := a.Run("cat", "/proc/net/xfrm_stat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	invalid := xfrmStat(t, st, "XfrmOutStateInvalid")
+	sent, failed, firstErr := flood.Stop()
+	st := udpflood.XfrmStat(t, a)
+	invalid := st["XfrmOutStateInvalid"]
 	t.Logf("%d swaps, %d datagrams sent, %d sends failed, XfrmOutStateInvalid %d; non-zero xfrm_stat:\n%s",
-		swaps, sent.Load(), failed.Load(), invalid, nonZero(st))
-	if invalid != 0 || failed.Load() != 0 {
-		err, _ := firstErr.Load().(error)
+		swaps, sent, failed, invalid, udpflood.NonZero(st))
+	if invalid != 0 || failed != 0 {
 		t.Errorf("packets lost to an outbound SA deleted under them: XfrmOutStateInvalid %d, failed sends %d (first: %v)",
-			invalid, failed.Load(), err)
+			invalid, failed, firstErr)
 	}
-}
-
-func xfrmStat(t *testing.T, st, name string) int64 {
-	t.Helper()
-	for _, l := range strings.Split(st, "\n") {
-		if f := strings.Fields(l); len(f) == 2 && f[0] == name {
-			n, err := strconv.ParseInt(f[1], 10, 64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return n
-		}
-	}
-	t.Fatal(errors.New("xfrm_stat lacks " + name))
-	return 0
 }

@@ -5,6 +5,7 @@ package keying
 import (
 	"context"
 	"fmt"
+	"github.com/btmm/btmm/internal/udpflood"
 	"net"
 	"net/netip"
 	"strings"
@@ -301,8 +302,7 @@ func TestVMPingFloodAcrossRekey(t *testing.T) {
 		t.Logf("ping: %s", pingSummary(out, count))
 	}
 	for _, s := range []*side{a, b} {
-		st, _ := s.ns.Run("cat", "/proc/net/xfrm_stat")
-		t.Logf("%s xfrm_stat (non-zero):\n%s", s.ns.Name, nonZero(st))
+		t.Logf("%s xfrm_stat (non-zero):\n%s", s.ns.Name, udpflood.NonZero(udpflood.XfrmStat(t, s.ns)))
 	}
 	a.inst.mu.Lock()
 	rekeysA := len(a.inst.outSPIs) - 1
@@ -339,14 +339,4 @@ func pingSummary(out string, count int) string {
 		}
 	}
 	return strings.Join(stats, "\n") + "\nmissing: " + strings.Join(missing, ", ")
-}
-
-func nonZero(s string) string {
-	var out []string
-	for _, l := range strings.Split(s, "\n") {
-		if f := strings.Fields(l); len(f) == 2 && f[1] != "0" {
-			out = append(out, l)
-		}
-	}
-	return strings.Join(out, "\n")
 }

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -13,7 +12,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -75,33 +73,15 @@ func binaries(t *testing.T) string {
 	return dir
 }
 
-// logBuf collects a daemon's output for failure messages.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 type daemon struct {
 	name string
 	cmd  *exec.Cmd
-	log  *logBuf
+	log  *testenv.SyncBuffer
 }
 
 func start(t *testing.T, ns *netns.NS, name string, bin string, args ...string) *daemon {
 	t.Helper()
-	d := &daemon{name: name, log: &logBuf{}}
+	d := &daemon{name: name, log: &testenv.SyncBuffer{}}
 	d.cmd = ns.Command(context.Background(), bin, args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
 	if err := ns.StartCmd(d.cmd); err != nil {

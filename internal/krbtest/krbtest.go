@@ -9,7 +9,6 @@
 package krbtest
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
@@ -18,7 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -43,24 +41,7 @@ type KDC struct {
 
 	kdcBin, kdb5Util, kadmin string
 	cmd                      *exec.Cmd
-	stderr                   *lockedBuffer
-}
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
+	stderr                   *testenv.SyncBuffer
 }
 
 // Start creates realm (e.g. "EXAMPLE.TEST") in a temporary directory and
@@ -128,7 +109,7 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 	if out, err := k.run(k.kdb5Util, "create", "-s", "-r", realm, "-P", "krbtest-master"); err != nil {
 		t.Fatalf("krbtest: kdb5_util create: %v\n%s", err, out)
 	}
-	k.stderr = &lockedBuffer{}
+	k.stderr = &testenv.SyncBuffer{}
 	k.cmd = exec.Command(k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))
 	if ns != nil {
 		k.cmd = ns.Command(context.Background(), k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))

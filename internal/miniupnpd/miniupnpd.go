@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/internal/netns"
+	"github.com/btmm/btmm/internal/testenv"
 )
 
 // Chains miniupnpd writes to, all in table inet filter.
@@ -60,10 +61,9 @@ type Daemon struct {
 	Opts Options
 	Dir  string // config, pid file and log
 
-	mu    sync.Mutex
-	cmd   *exec.Cmd
-	logMu sync.Mutex
-	log   bytes.Buffer
+	mu  sync.Mutex
+	cmd *exec.Cmd
+	log testenv.SyncBuffer
 }
 
 // Start loads the ruleset into ns and starts miniupnpd there.
@@ -204,8 +204,7 @@ func (d *Daemon) Start() error {
 	}
 	c := d.NS.Command(context.Background(), "miniupnpd", "-f", filepath.Join(d.Dir, "miniupnpd.conf"),
 		"-P", filepath.Join(d.Dir, "miniupnpd.pid"), "-d")
-	w := &lockedWriter{w: &d.log, mu: &d.logMu}
-	c.Stdout, c.Stderr = w, w
+	c.Stdout, c.Stderr = &d.log, &d.log
 	if err := d.NS.StartCmd(c); err != nil {
 		return fmt.Errorf("miniupnpd: %w", err)
 	}
@@ -303,8 +302,6 @@ func (d *Daemon) Rules() (string, error) {
 
 // Log returns what miniupnpd printed so far.
 func (d *Daemon) Log() string {
-	d.logMu.Lock()
-	defer d.logMu.Unlock()
 	return d.log.String()
 }
 
@@ -316,18 +313,6 @@ func exited(pid int) bool {
 	}
 	i := bytes.LastIndexByte(b, ')')
 	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
-}
-
-type lockedWriter struct {
-	w  *bytes.Buffer
-	mu *sync.Mutex
-}
-
-func (l *lockedWriter) Write(p []byte) (int, error) {
-	// Cmd copies output from its own goroutine.
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }
 
 // Close stops miniupnpd (as Stop) and removes its directory.

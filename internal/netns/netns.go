@@ -46,8 +46,13 @@ var seq struct {
 	n int
 }
 
-// Create makes a fresh named namespace "btmm<pid>-<short>" with lo up.
+var sweepOnce sync.Once
+
+// Create makes a fresh named namespace "btmm<pid>-<short>" with lo up. The
+// first call in a process first sweeps namespaces left by killed test
+// processes (Sweep).
 func Create(short string) (*NS, error) {
+	sweepOnce.Do(func() { Sweep() })
 	seq.Lock()
 	seq.n++
 	n := seq.n
@@ -286,8 +291,8 @@ func Sweep() []string {
 			continue
 		}
 		pid, err := strconv.Atoi(rest[:i])
-		if err != nil || syscall.Kill(pid, 0) == nil || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
-			continue
+		if err != nil || !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH) {
+			continue // not ours, or its process still runs
 		}
 		killPIDsIn(name)
 		if netns.DeleteNamed(name) == nil {

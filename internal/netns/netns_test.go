@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -114,4 +115,30 @@ func TestHelperPanics(t *testing.T) {
 	n := New(t, "p")
 	fmt.Printf("NS=%s\n", n.Name)
 	panic("deliberate panic to test cleanup")
+}
+
+// TestSweepRemovesDeadProcessesNamespaces: a namespace named for a process
+// that no longer runs is removed; one of a live process is kept.
+func TestSweepRemovesDeadProcessesNamespaces(t *testing.T) {
+	testenv.RequireNetNS(t)
+	c := exec.Command("true")
+	if err := c.Run(); err != nil {
+		t.Fatal(err)
+	}
+	dead, err := CreateNamed(fmt.Sprintf("btmm%d-swept", c.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dead.Close()
+	live := New(t, "kept")
+	removed := Sweep()
+	if !slices.Contains(removed, dead.Name) {
+		t.Errorf("Sweep removed %q, not the dead process's %s", removed, dead.Name)
+	}
+	if slices.Contains(removed, live.Name) {
+		t.Errorf("Sweep removed %s of a live process", live.Name)
+	}
+	if _, err := os.Stat("/run/netns/" + live.Name); err != nil {
+		t.Errorf("live namespace gone: %v", err)
+	}
 }
