@@ -766,6 +766,20 @@ func (c *Client) reconcile(ctx context.Context, s *session) error {
 	return nil
 }
 
+// answers reports whether r is the gateway's answer to a MAP request for m:
+// RFC 6887 §11.4 (and §8.3) has the client discard a MAP response whose
+// nonce, protocol or internal port differ from its request. Error answers
+// included: the server copies the request's opcode data into them (§7.2),
+// so an error without it (a header cut short, or an answer to someone
+// else's nonce) is not ours and cannot end the exchange; the retransmission
+// schedule decides when the gateway has stopped answering. The only answer
+// without a nonce taken is UNSUPP_VERSION (a version hint, matched by the
+// caller): it carries no mapping result.
+func (m *mapping) answers(r PCPResponse) bool {
+	return r.Opcode == PCPOpMap && r.Map.Nonce == m.nonce &&
+		r.Map.Protocol == m.req.Protocol && r.Map.InternalPort == m.req.InternalPort
+}
+
 // mapOne creates or renews m. A refusal by the gateway is recorded on m;
 // only silence is returned as an error.
 func (c *Client) mapOne(ctx context.Context, s *session, m *mapping) error {
@@ -784,8 +798,7 @@ func (c *Client) mapOne(ctx context.Context, s *session, m *mapping) error {
 		req := BuildPCPMapRequest(s.local, PCPMap{Nonce: m.nonce, Protocol: m.req.Protocol,
 			InternalPort: m.req.InternalPort, ExternalPort: suggest, External: s.external}, lifetime)
 		r, err := c.exchangePCP(ctx, s, req, func(r PCPResponse) bool {
-			return r.Result == PCPUnsuppVersion || (r.Opcode == PCPOpMap && (r.Map.Nonce == m.nonce ||
-				(r.Result != PCPSuccess && r.Map == PCPMap{})))
+			return r.Result == PCPUnsuppVersion || m.answers(r)
 		})
 		if err != nil {
 			return fmt.Errorf("map %v: %w", m.req, err)
@@ -858,9 +871,7 @@ func (c *Client) deleteMapping(ctx context.Context, s *session, m *mapping) erro
 	if s.pcp {
 		req := BuildPCPMapRequest(s.local, PCPMap{Nonce: m.nonce, Protocol: m.req.Protocol,
 			InternalPort: m.req.InternalPort}, 0)
-		_, err := c.exchangePCP(ctx, s, req, func(r PCPResponse) bool {
-			return r.Opcode == PCPOpMap && (r.Map.Nonce == m.nonce || r.Result != PCPSuccess)
-		})
+		_, err := c.exchangePCP(ctx, s, req, m.answers)
 		if err != nil {
 			return fmt.Errorf("delete %v: %w", m.req, err)
 		}

@@ -2,6 +2,7 @@ package natpmp
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"log/slog"
 	"net/netip"
@@ -302,6 +303,64 @@ func TestPCPNonceKept(t *testing.T) {
 		}
 		if _, ok := g.mapping(UDP, 4500); ok {
 			t.Error("still mapped after shutdown")
+		}
+	})
+}
+
+// TestPCPErrorAnswersNeedTheNonce: error answers that do not carry our
+// nonce, protocol and internal port (an attacker's guesses, or a header cut
+// short) arrive ahead of every real answer, for the MAP and for the delete
+// at shutdown; none is taken as the gateway's answer, so the mapping is
+// made, renewed and deleted as if they were not there.
+func TestPCPErrorAnswersNeedTheNonce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		var forged int
+		g.forge = func(b []byte) [][]byte {
+			if len(b) != 60 || b[1] != PCPOpMap {
+				return nil
+			}
+			var nonce [12]byte
+			copy(nonce[:], b[24:36])
+			internal := binary.BigEndian.Uint16(b[40:])
+			wrong := nonce
+			wrong[0] ^= 0xff
+			var out [][]byte
+			for _, r := range []PCPResponse{
+				{Opcode: PCPOpMap, Result: PCPNotAuthorized}, // header only
+				{Opcode: PCPOpMap, Result: PCPNoResources, Map: PCPMap{Nonce: wrong, Protocol: UDP, InternalPort: internal}},
+				{Opcode: PCPOpMap, Result: PCPNotAuthorized, Map: PCPMap{Nonce: nonce, Protocol: TCP, InternalPort: internal}},
+				{Opcode: PCPOpMap, Result: PCPNotAuthorized, Map: PCPMap{Nonce: nonce, Protocol: UDP, InternalPort: internal + 1}},
+				// A forged success for someone else's nonce must not be taken either.
+				{Opcode: PCPOpMap, Lifetime: 7200, Map: PCPMap{Nonce: wrong, Protocol: UDP, InternalPort: internal,
+					ExternalPort: 9999, External: netip.MustParseAddr("6.6.6.6")}},
+			} {
+				f, err := r.MarshalBinary()
+				if err != nil {
+					t.Error(err)
+				}
+				out = append(out, f)
+			}
+			forged += len(out)
+			return out
+		}
+		h := start(t, g, nil)
+		st := h.c.Status()
+		ep, ok := st.Endpoint(UDP, 4500)
+		if !ok || ep != netip.MustParseAddrPort("11.0.0.1:4500") || st.Mappings[0].Err != "" {
+			t.Fatalf("status after forged answers: %v", st)
+		}
+		time.Sleep(31 * time.Minute) // a renewal, forged answers again
+		synctest.Wait()
+		if st := h.c.Status(); len(st.Mappings) != 1 || st.Mappings[0].Err != "" {
+			t.Errorf("after renewal: %v", st)
+		}
+		h.stop(t)
+		if _, ok := g.mapping(UDP, 4500); ok {
+			t.Error("still mapped after shutdown: a forged answer ended the delete")
+		}
+		if forged < 15 {
+			t.Errorf("only %d forged answers sent; the test did not exercise MAP, renewal and delete", forged)
 		}
 	})
 }

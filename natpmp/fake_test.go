@@ -23,6 +23,9 @@ type fakeGateway struct {
 	maps     map[fakeKey]fakeMapping
 	log      []fakeReq
 	dials    int
+	// forge, if set, returns answers an on-path attacker gets in ahead of
+	// the gateway's own answer to request b.
+	forge func(b []byte) [][]byte
 }
 
 // fakeConn is one client socket to the fake gateway.
@@ -115,6 +118,14 @@ func (c *fakeConn) Write(b []byte) (int, error) {
 	case <-c.closed:
 		return 0, net.ErrClosed
 	default:
+	}
+	c.g.mu.Lock()
+	forge := c.g.forge
+	c.g.mu.Unlock()
+	if forge != nil {
+		for _, f := range forge(b) {
+			c.resp <- f
+		}
 	}
 	if out := c.g.handle(b); out != nil {
 		c.resp <- out

@@ -333,7 +333,8 @@ func ParsePCPResponse(b []byte) (PCPResponse, error) {
 	case PCPOpAnnounce:
 	case PCPOpMap:
 		// Error responses may be truncated to the header (RFC 6887 §7.2
-		// says they copy the request, but be lenient when they do not).
+		// says they copy the request): parsed, but without a nonce no
+		// client can take them as the answer to its request.
 		if len(rest) < pcpMapLen {
 			if r.Result == PCPSuccess {
 				return r, fmt.Errorf("pcp: parse MAP response: %d bytes of opcode data, want %d", len(rest), pcpMapLen)
