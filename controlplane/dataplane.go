@@ -40,12 +40,22 @@ type Local struct {
 	ULA  netip.Addr // this host's IPv6 ULA (RFC 6281 §6.3)
 	Port uint16     // local UDP tunnel port (default 4500)
 	// Outer is the local IPv4 address packets leave from. Zero means the
-	// kernel's choice for the route to each peer.
+	// kernel's choice: for each peer, the source address of the kernel's
+	// route to the peer's outer address (`ip route get <peer outer>`),
+	// looked up again at every Set.
 	Outer netip.Addr
 	// Device is the interface that carries the tunnel traffic, for
-	// dataplanes that attach to one (eBPF). Empty means "the default route's".
+	// dataplanes that attach to one (eBPF). Empty means the IPv4 default
+	// route's device, looked up again at every Set.
 	Device string
 }
+
+// A local move (new outer address, new default route or device, a NAT
+// gateway swapped for another) needs no new keys: a Set after the move,
+// with the new Local or with the same zero Outer/Device (whose lookups then
+// give the new answers), moves every SA pair, policy template, route, BPF
+// attachment and map entry to the new source. The agent says "we moved" by
+// calling Reconciler.SetLocal, which always applies.
 
 // Peer is one of the user's other hosts as the dataplane must see it.
 type Peer struct {
@@ -141,6 +151,25 @@ type PeerStats struct {
 	RxPackets, RxBytes uint64
 	Drops              uint64
 	LastOuterChange    time.Time
+}
+
+// Repair is a dataplane's record of putting back kernel state that someone
+// else removed or changed (`ip xfrm state flush`, a deleted route, a detached
+// BPF program). It holds no key material.
+type Repair struct {
+	At    time.Time `json:"at"`              // when the last repair was applied
+	What  []string  `json:"what"`            // the changes it applied (Change.String)
+	Count int       `json:"count"`           // repairs since the dataplane started
+	Err   string    `json:"error,omitempty"` // the last repair's error, if it failed
+}
+
+// Repairer is implemented by dataplanes that watch their own kernel objects
+// and re-apply the last desired State when someone else removes or changes
+// them (rate-limited, logged once per burst). Objects without the
+// dataplane's tags are never touched. LastRepair's zero value means no
+// repair so far.
+type Repairer interface {
+	LastRepair() Repair
 }
 
 // Dataplane is a kernel backend for the tunnels (package xfrm, package ebpf).

@@ -92,6 +92,13 @@ func printStatus(w io.Writer, st *agent.Status) {
 	if st.LastError != "" {
 		fmt.Fprintf(w, "error      dataplane: %s\n", st.LastError)
 	}
+	if r := st.Repair; r != nil {
+		what := strings.Join(r.What, "; ")
+		if r.Err != "" {
+			what += "; failed: " + r.Err
+		}
+		fmt.Fprintf(w, "repaired   %d times, last %s: %s\n", r.Count, r.At.Format(time.RFC3339), what)
+	}
 	fmt.Fprintf(w, "uptime     %s\n\n", st.Uptime)
 }
 

@@ -276,6 +276,9 @@ type Status struct {
 	Recent     []string                 `json:"recent_dataplane_changes"`
 	LastError  string                   `json:"dataplane_error,omitempty"`
 	Counters   []controlplane.PeerStats `json:"counters,omitempty"`
+	// Repair is the dataplane's last repair of kernel state someone else
+	// removed (nil: none yet, or a dataplane that does not repair).
+	Repair *controlplane.Repair `json:"last_repair,omitempty"`
 }
 
 // PeerStatus joins what DNS, keying and the dataplane know of one peer.
@@ -321,5 +324,10 @@ func (a *Agent) Status(ctx context.Context) Status {
 		st.LastError = lastErr.Error()
 	}
 	st.Counters, _ = a.cfg.Dataplane.Stats(ctx)
+	if r, ok := a.cfg.Dataplane.(controlplane.Repairer); ok {
+		if lr := r.LastRepair(); lr.Count > 0 {
+			st.Repair = &lr
+		}
+	}
 	return st
 }
