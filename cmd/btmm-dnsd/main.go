@@ -13,6 +13,7 @@ import (
 
 	"github.com/btmm/btmm/cmd/internal/cli"
 	"github.com/btmm/btmm/dns/server"
+	"github.com/btmm/btmm/dns/store"
 )
 
 const synopsis = `btmm-dnsd: the btmm rendezvous DNS server (RFC 2136 updates with TSIG,
@@ -23,7 +24,11 @@ Usage:
   btmm-dnsd [flags] adduser USER [ALGORITHM] create USER, print its TSIG key
                                              (BIND key clause; ALGORITHM hmac-sha256
                                              (default), hmac-sha512 or hmac-md5)
-  btmm-dnsd [flags] deluser USER             delete USER's key`
+  btmm-dnsd [flags] deluser USER             delete USER's key
+  btmm-dnsd [flags] check                    report the state of the embedded store
+                                             (exit status 1 when it is damaged)
+  btmm-dnsd [flags] repair                   keep a copy of a damaged store's files,
+                                             salvage every intact record (server stopped)`
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -58,6 +63,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 	if err := serve(ctx, cfg, log); err != nil {
 		fmt.Fprintln(stderr, "btmm-dnsd:", err)
+		if errors.Is(err, store.ErrCorrupt) {
+			fmt.Fprintln(stderr, "btmm-dnsd: nothing was changed on disk; run `btmm-dnsd check` for a report and `btmm-dnsd repair` to salvage the intact records")
+		}
 		return 1
 	}
 	return 0
@@ -82,6 +90,10 @@ func admin(cfg server.Config, args []string, stdout io.Writer) error {
 		return err
 	case args[0] == "deluser" && len(args) == 2:
 		return users.Remove(args[1])
+	case args[0] == "check" && len(args) == 1:
+		return check(cfg, stdout)
+	case args[0] == "repair" && len(args) == 1:
+		return repair(cfg, stdout)
 	}
 	return fmt.Errorf("unknown command %q (see --help)", args)
 }

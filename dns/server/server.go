@@ -155,7 +155,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		k, err := s.users.Get(u)
 		return k, err == nil
 	}
-	st, err := store.Open(filepath.Join(cfg.DataDir, "store"))
+	st, err := store.OpenOptions(filepath.Join(cfg.DataDir, "store"), store.Options{Log: log})
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}

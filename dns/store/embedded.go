@@ -1,15 +1,13 @@
 package store
 
 import (
-	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sort"
@@ -116,17 +114,79 @@ type snapshot struct {
 }
 
 const (
-	logName  = "wal.log"
-	snapName = "snapshot.json"
+	logName        = "wal.log"
+	snapName       = "snapshot"      // one frame holding the snapshot JSON
+	legacySnapName = "snapshot.json" // unframed, written before CRCs (read only)
 )
 
+// Options tune OpenOptions.
+type Options struct {
+	// Log gets the torn-tail warning (default: discarded).
+	Log *slog.Logger
+}
+
 // Open opens (creating if needed) the embedded store in dir.
-func Open(dir string) (*Embedded, error) {
+func Open(dir string) (*Embedded, error) { return OpenOptions(dir, Options{}) }
+
+// OpenOptions opens (creating if needed) the embedded store in dir. A torn
+// final log frame is discarded with a warning naming its offset and size;
+// any other damage returns a *CorruptError (naming file and offset) and
+// leaves every file as it was.
+func OpenOptions(dir string, o Options) (*Embedded, error) {
+	log := o.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
-	s := &Embedded{dir: dir, names: map[string]map[string]Record{}, below: map[string]int{}, meta: map[string][]byte{},
+	s := newMem(dir)
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	s.lock = lock
+	rep, err := s.load()
+	if err != nil {
+		lock.Close()
+		return nil, err
+	}
+	path := filepath.Join(dir, logName)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("store: open log: %w", err)
+	}
+	if rep.TornBytes > 0 {
+		log.Warn("store: discarding the torn last record of the log (an incomplete write, never acknowledged)",
+			"file", path, "offset", rep.LogBytes-rep.TornBytes, "bytes", rep.TornBytes)
+		if err := f.Truncate(rep.LogBytes - rep.TornBytes); err != nil {
+			f.Close()
+			lock.Close()
+			return nil, fmt.Errorf("store: truncate torn log tail: %w", err)
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			lock.Close()
+			return nil, fmt.Errorf("store: truncate torn log tail: %w", err)
+		}
+	}
+	if _, err := f.Seek(rep.LogBytes-rep.TornBytes, io.SeekStart); err != nil {
+		f.Close()
+		lock.Close()
+		return nil, fmt.Errorf("store: open log: %w", err)
+	}
+	s.log = f
+	return s, nil
+}
+
+func newMem(dir string) *Embedded {
+	return &Embedded{dir: dir, names: map[string]map[string]Record{}, below: map[string]int{}, meta: map[string][]byte{},
 		watches: map[*watch]struct{}{}, CompactEvery: 10000}
+}
+
+// lockDir takes the flock on dir/LOCK: one process per store.
+func lockDir(dir string) (*os.File, error) {
 	lock, err := os.OpenFile(filepath.Join(dir, "LOCK"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("store: open: %w", err)
@@ -135,22 +195,13 @@ func Open(dir string) (*Embedded, error) {
 		lock.Close()
 		return nil, fmt.Errorf("store: open %s: %w (another btmm-dnsd uses it?)", dir, ErrLocked)
 	}
-	s.lock = lock
-	if err := s.loadSnapshot(); err != nil {
-		lock.Close()
-		return nil, err
-	}
-	if err := s.replay(); err != nil {
-		lock.Close()
-		return nil, err
-	}
-	return s, nil
+	return lock, nil
 }
 
 func decodeOp(o walOp) (Record, error) {
 	rr, err := dns.NewRR(o.RR)
 	if err != nil || rr == nil {
-		return Record{}, fmt.Errorf("%w: record %q: %v", ErrCorrupt, o.RR, err)
+		return Record{}, fmt.Errorf("record %q does not parse: %v", o.RR, err)
 	}
 	r := Record{RR: rr, Owner: o.Owner}
 	if o.Expires != 0 {
@@ -167,84 +218,159 @@ func encodeOp(put bool, r Record) walOp {
 	return o
 }
 
-func (s *Embedded) loadSnapshot() error {
-	data, err := os.ReadFile(filepath.Join(s.dir, snapName))
+// readSnapshot reads the snapshot (nil when there is none) and the path it
+// came from.
+func readSnapshot(dir string) (*snapshot, string, error) {
+	path := filepath.Join(dir, snapName)
+	data, err := os.ReadFile(path)
+	legacy := false
 	if errors.Is(err, os.ErrNotExist) {
-		return nil
+		path = filepath.Join(dir, legacySnapName)
+		data, err = os.ReadFile(path)
+		legacy = true
+	}
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, "", nil
 	}
 	if err != nil {
-		return fmt.Errorf("store: read snapshot: %w", err)
+		return nil, path, fmt.Errorf("store: read snapshot: %w", err)
+	}
+	payload := data
+	if !legacy {
+		r := scanFrames(path, data)
+		switch {
+		case r.damage != nil:
+			return nil, path, r.damage
+		case len(r.frames) != 1 || r.torn != 0:
+			return nil, path, &CorruptError{File: path, Offset: r.end, Reason: "not exactly one intact frame (unreadable snapshot)"}
+		}
+		payload = r.frames[0].payload
 	}
 	var snap snapshot
-	if err := json.Unmarshal(data, &snap); err != nil {
-		return fmt.Errorf("store: read snapshot: %w: %v", ErrCorrupt, err)
+	if err := json.Unmarshal(payload, &snap); err != nil {
+		return nil, path, &CorruptError{File: path, Offset: 0, Reason: "unreadable snapshot: " + err.Error()}
 	}
-	s.rev = snap.Rev
-	for _, o := range snap.Records {
-		r, err := decodeOp(o)
-		if err != nil {
-			return fmt.Errorf("store: read snapshot: %w", err)
-		}
-		s.put(r)
-	}
-	if snap.Meta != nil {
-		s.meta = snap.Meta
-	}
-	return nil
+	return &snap, path, nil
 }
 
-// Log framing: 4-byte big-endian length, 4-byte CRC-32C of the payload, payload.
-var crcTable = crc32.MakeTable(crc32.Castagnoli)
+// Report describes a store directory (Check) or what Open found.
+type Report struct {
+	Dir             string
+	Snapshot        string // file name, "" when there is none
+	SnapshotRev     uint64
+	SnapshotRecords int
+	LogRecords      int   // intact log frames (transactions and LLQ state)
+	LogBytes        int64 // size of wal.log
+	FirstRev        uint64
+	LastRev         uint64 // 0 when the log holds no transaction
+	TornBytes       int64  // a torn last frame that Open discards
+	Records         int    // records after replay
+	Rev             uint64
+	// Damage is the first damage found (a *CorruptError); the store does
+	// not open while it is set. IntactAfter counts the intact frames after
+	// it, which Repair salvages.
+	Damage      error
+	IntactAfter int
+}
 
-func (s *Embedded) replay() error {
-	path := filepath.Join(s.dir, logName)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+// load reads the snapshot and the log into memory without changing any
+// file. Damage is returned as a *CorruptError; rep.TornBytes tells the
+// caller what to cut.
+func (s *Embedded) load() (rep Report, err error) {
+	rep.Dir = s.dir
+	snap, snapPath, err := readSnapshot(s.dir)
 	if err != nil {
-		return fmt.Errorf("store: open log: %w", err)
+		return rep, err
 	}
-	br := bufio.NewReader(f)
-	var good int64
-	for {
-		var hdr [8]byte
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			break // EOF or torn header
+	if snap != nil {
+		rep.Snapshot = filepath.Base(snapPath)
+		rep.SnapshotRev, rep.SnapshotRecords = snap.Rev, len(snap.Records)
+		s.rev = snap.Rev
+		for i, o := range snap.Records {
+			r, err := decodeOp(o)
+			if err != nil {
+				return rep, &CorruptError{File: snapPath, Offset: 0, Reason: fmt.Sprintf("snapshot record %d: %v", i, err)}
+			}
+			s.put(r)
 		}
-		n := binary.BigEndian.Uint32(hdr[:4])
-		if n > 64<<20 {
-			break
+		if snap.Meta != nil {
+			s.meta = snap.Meta
 		}
-		payload := make([]byte, n)
-		if _, err := io.ReadFull(br, payload); err != nil {
-			break
+	}
+	logPath := filepath.Join(s.dir, logName)
+	data, err := os.ReadFile(logPath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return rep, fmt.Errorf("store: read log: %w", err)
+	}
+	rep.LogBytes = int64(len(data))
+	sc := scanFrames(logPath, data)
+	rep.TornBytes = sc.torn
+	if sc.damage != nil {
+		rep.IntactAfter = sc.after
+		rep.LogRecords = len(sc.frames)
+		return rep, sc.damage
+	}
+	recs := make([]walRecord, len(sc.frames))
+	var prev uint64
+	for i, f := range sc.frames {
+		if err := json.Unmarshal(f.payload, &recs[i]); err != nil {
+			return rep, &CorruptError{File: logPath, Offset: f.off, Reason: "record does not decode: " + err.Error()}
 		}
-		if crc32.Checksum(payload, crcTable) != binary.BigEndian.Uint32(hdr[4:]) {
-			break
+		rev := recs[i].Rev
+		if rev == 0 {
+			continue
 		}
-		var rec walRecord
-		if err := json.Unmarshal(payload, &rec); err != nil {
-			break
+		if prev != 0 && rev != prev+1 {
+			return rep, &CorruptError{File: logPath, Offset: f.off,
+				Reason: fmt.Sprintf("revision %d follows revision %d (revisions are missing)", rev, prev)}
 		}
+		if rep.FirstRev == 0 {
+			rep.FirstRev = rev
+		}
+		prev, rep.LastRev = rev, rev
+	}
+	rep.LogRecords = len(sc.frames)
+	// The log continues the snapshot: it starts right after it, or (a crash
+	// between writing the snapshot and truncating the log) covers it.
+	if rep.LastRev != 0 && snap != nil {
+		switch {
+		case rep.LastRev < snap.Rev:
+			return rep, &CorruptError{File: snapPath, Offset: 0, Reason: fmt.Sprintf(
+				"snapshot revision %d is ahead of the log, which ends at revision %d (the log's records would be hidden)",
+				snap.Rev, rep.LastRev)}
+		case rep.FirstRev > snap.Rev+1:
+			return rep, &CorruptError{File: logPath, Offset: sc.frames[0].off, Reason: fmt.Sprintf(
+				"the log starts at revision %d but the snapshot ends at %d (revisions are missing)", rep.FirstRev, snap.Rev)}
+		}
+	}
+	for i, rec := range recs {
 		if err := s.applyWAL(rec); err != nil {
-			f.Close()
-			return fmt.Errorf("store: replay log: %w", err)
+			return rep, &CorruptError{File: logPath, Offset: sc.frames[i].off, Reason: err.Error()}
 		}
-		good += 8 + int64(n)
 		s.logLen++
 	}
-	// Drop a torn tail: it was never acknowledged.
-	if err := f.Truncate(good); err != nil {
-		f.Close()
-		return fmt.Errorf("store: truncate torn log tail: %w", err)
+	rep.Rev = s.rev
+	for _, m := range s.names {
+		rep.Records += len(m)
 	}
-	if _, err := f.Seek(good, io.SeekStart); err != nil {
-		f.Close()
-		return fmt.Errorf("store: open log: %w", err)
-	}
-	s.log = f
-	return nil
+	return rep, nil
 }
 
 func (s *Embedded) applyWAL(rec walRecord) error {
+	if rec.Rev != 0 && rec.Rev <= s.rev {
+		s.applyMeta(rec)
+		return nil // already in the snapshot
+	}
+	if err := s.applyRec(rec); err != nil {
+		return err
+	}
+	if rec.Rev != 0 {
+		s.rev = rec.Rev
+	}
+	return nil
+}
+
+func (s *Embedded) applyMeta(rec walRecord) {
 	for k, v := range rec.Meta {
 		if v == nil {
 			delete(s.meta, k)
@@ -252,24 +378,27 @@ func (s *Embedded) applyWAL(rec walRecord) error {
 			s.meta[k] = v
 		}
 	}
-	if rec.Rev == 0 {
-		return nil
-	}
-	if rec.Rev <= s.rev {
-		return nil // already in the snapshot
-	}
-	for _, o := range rec.Ops {
+}
+
+// applyRec applies a log record's meta and ops (not its revision). The ops
+// are decoded before any is applied.
+func (s *Embedded) applyRec(rec walRecord) error {
+	recs := make([]Record, len(rec.Ops))
+	for i, o := range rec.Ops {
 		r, err := decodeOp(o)
 		if err != nil {
-			return err
+			return fmt.Errorf("revision %d: %w", rec.Rev, err)
 		}
+		recs[i] = r
+	}
+	s.applyMeta(rec)
+	for i, o := range rec.Ops {
 		if o.Put {
-			s.put(r)
+			s.put(recs[i])
 		} else {
-			s.del(r.RR)
+			s.del(recs[i].RR)
 		}
 	}
-	s.rev = rec.Rev
 	return nil
 }
 
@@ -354,11 +483,7 @@ func (s *Embedded) writeLog(rec walRecord, sync bool) error {
 	if err != nil {
 		return err
 	}
-	buf := make([]byte, 8+len(payload))
-	binary.BigEndian.PutUint32(buf, uint32(len(payload)))
-	binary.BigEndian.PutUint32(buf[4:], crc32.Checksum(payload, crcTable))
-	copy(buf[8:], payload)
-	if _, err := s.log.Write(buf); err != nil {
+	if _, err := s.log.Write(appendFrame(nil, payload)); err != nil {
 		return err
 	}
 	s.logLen++
@@ -648,34 +773,8 @@ func (s *Embedded) Compact() error {
 }
 
 func (s *Embedded) compact() error {
-	snap := snapshot{Rev: s.rev, Meta: s.meta}
-	for _, r := range s.allLocked() {
-		snap.Records = append(snap.Records, encodeOp(true, r))
-	}
-	data, err := json.Marshal(snap)
-	if err != nil {
+	if err := writeSnapshot(s.dir, s.snapshotLocked()); err != nil {
 		return fmt.Errorf("store: compact: %w", err)
-	}
-	tmp := filepath.Join(s.dir, snapName+".tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("store: compact: %w", err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("store: compact: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("store: compact: %w", err)
-	}
-	f.Close()
-	if err := os.Rename(tmp, filepath.Join(s.dir, snapName)); err != nil {
-		return fmt.Errorf("store: compact: %w", err)
-	}
-	if d, err := os.Open(s.dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	// The snapshot now covers everything in the log; replaying the log over
 	// it is harmless (revisions are skipped, meta re-applied in order), so a
@@ -712,3 +811,52 @@ func (s *Embedded) Close() error {
 }
 
 var _ Store = (*Embedded)(nil)
+
+func (s *Embedded) snapshotLocked() snapshot {
+	snap := snapshot{Rev: s.rev, Meta: s.meta}
+	for _, r := range s.allLocked() {
+		snap.Records = append(snap.Records, encodeOp(true, r))
+	}
+	return snap
+}
+
+// writeSnapshot replaces dir's snapshot atomically (write, fsync, rename,
+// fsync the directory) and removes a legacy unframed one.
+func writeSnapshot(dir string, snap snapshot) error {
+	data, err := json.Marshal(snap)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, snapName+".tmp")
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(appendFrame(nil, data)); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, snapName)); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(dir, legacySnapName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}

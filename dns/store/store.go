@@ -11,8 +11,13 @@
 //
 // [Open] returns the embedded default store: in memory, made durable by a
 // write-ahead log that is fsynced before Update returns, with periodic
-// snapshots (compaction). A torn final log record (a crash mid-write) is
-// discarded at open; it was never acknowledged.
+// snapshots (compaction). Every log record and the snapshot carry a CRC-32C.
+// A torn final log record (a crash mid-write) is discarded at open with a
+// warning naming its offset and size; it was never acknowledged. Any other
+// damage makes Open fail with a [*CorruptError] naming the file and offset,
+// changing nothing on disk; [Check] reports a store's state and [Repair]
+// (an operator's explicit action) keeps a copy of the damaged files and
+// salvages every intact record.
 package store
 
 import (
