@@ -1,6 +1,7 @@
 package ebpf
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -71,8 +72,11 @@ func (r DropReason) String() string {
 // Config configures a Dataplane.
 type Config struct {
 	// Device is the interface carrying the tunnel traffic; the programs
-	// attach to it and the peers' ULA routes point at it. Empty means the
-	// IPv4 default route's device at New.
+	// attach to it and the peers' ULA routes point at it. A desired
+	// state's Local.Device overrides it. Both empty means the IPv4 default
+	// route's device, looked up again at every Set: when the host's
+	// default route moves to another device, the programs, routes and
+	// neighbour entries follow.
 	Device string
 	// NetNS is the path of the network namespace to work in (for example
 	// /run/netns/NAME); empty means the caller's.
@@ -92,16 +96,17 @@ type Config struct {
 
 // Dataplane implements controlplane.Dataplane with TC BPF programs and XFRM.
 type Dataplane struct {
-	cfg    Config
-	log    *slog.Logger
-	now    func() time.Time
-	ns     netns.NsHandle
-	nl     *netlink.Handle
-	objs   btmmObjects
-	dev    netlink.Link
-	attach attachment
+	cfg  Config
+	log  *slog.Logger
+	now  func() time.Time
+	ns   netns.NsHandle
+	nl   *netlink.Handle
+	objs btmmObjects
 
-	mu     sync.Mutex
+	mu sync.Mutex
+	// attach is where the programs are now (its zero value: nowhere yet,
+	// for a host that started without a default route).
+	attach attachment
 	closed bool
 	names  map[netip.Addr]string
 	moved  map[netip.Addr]time.Time
@@ -113,8 +118,9 @@ type Dataplane struct {
 var _ controlplane.Dataplane = (*Dataplane)(nil)
 
 // New loads the programs (reusing compatible pinned maps, replacing
-// incompatible ones), attaches them to cfg.Device and pins everything under
-// cfg.PinRoot. It changes no routes, SAs or peers: Set does.
+// incompatible ones), attaches them to cfg.Device (or the default route's
+// device; with neither, the first Set that finds one attaches them) and pins
+// everything under cfg.PinRoot. It changes no routes, SAs or peers: Set does.
 func New(cfg Config) (*Dataplane, error) {
 	if cfg.PinRoot == "" {
 		cfg.PinRoot = DefaultPinRoot
@@ -149,30 +155,9 @@ func New(cfg Config) (*Dataplane, error) {
 }
 
 func (d *Dataplane) start() error {
-	var err error
-	if d.cfg.Device == "" {
-		// controlplane.Local.Device: empty means the default route's.
-		rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
-			return d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
-		})
-		if err != nil {
-			return fmt.Errorf("ebpf: find default route: %w", err)
-		}
-		for _, r := range rs {
-			if (r.Dst == nil || r.Dst.IP.IsUnspecified()) && r.LinkIndex > 0 {
-				if l, err := d.nl.LinkByIndex(r.LinkIndex); err == nil {
-					d.cfg.Device = l.Attrs().Name
-					break
-				}
-			}
-		}
-		if d.cfg.Device == "" {
-			return errors.New("ebpf: new: no Config.Device and no IPv4 default route")
-		}
-	}
-	d.dev, err = d.nl.LinkByName(d.cfg.Device)
-	if err != nil {
-		return fmt.Errorf("ebpf: device %q: %w", d.cfg.Device, err)
+	dev, err := d.wantDevice("")
+	if err != nil && d.cfg.Device != "" {
+		return fmt.Errorf("ebpf: %w", err)
 	}
 	if err := checkBPFFS(d.cfg.PinRoot); err != nil {
 		return err
@@ -183,13 +168,65 @@ func (d *Dataplane) start() error {
 	if err := d.load(); err != nil {
 		return err
 	}
-	if err := d.inNS(func() error { return d.attachPrograms() }); err != nil {
+	if dev == nil {
+		// A host that starts offline: Set attaches once there is a route.
+		d.log.Warn("ebpf dataplane loaded but not attached yet", "err", err, "pins", d.cfg.PinRoot, "mode", d.modeName())
+		return nil
+	}
+	if err := d.inNS(func() (err error) { d.attach, err = d.attachTo(dev); return err }); err != nil {
 		d.objs.Close()
 		return err
 	}
-	d.log.Info("ebpf dataplane attached", "device", d.cfg.Device, "attach", d.attach.kind(), "pins", d.cfg.PinRoot,
+	d.inNS(func() error {
+		d.removeStaleLinkPins(dev.Attrs().Name)
+		d.removeStaleFilters(dev.Attrs().Index)
+		return nil
+	})
+	d.log.Info("ebpf dataplane attached", "device", dev.Attrs().Name, "attach", d.attach.kind(), "pins", d.cfg.PinRoot,
 		"mode", d.modeName())
 	return nil
+}
+
+// wantDevice is the device the programs belong on: local (a desired
+// state's Local.Device), else Config.Device, else the IPv4 default route's
+// (the one with the lowest metric).
+func (d *Dataplane) wantDevice(local string) (netlink.Link, error) {
+	name := local
+	if name == "" {
+		name = d.cfg.Device
+	}
+	if name == "" {
+		rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
+			return d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("find default route: %w", err)
+		}
+		best := -1
+		for i, r := range rs {
+			if (r.Dst == nil || r.Dst.IP.IsUnspecified() && isZeroMask(r.Dst.Mask)) && r.LinkIndex > 0 && (best < 0 || r.Priority < rs[best].Priority) {
+				best = i
+			}
+		}
+		if best < 0 {
+			return nil, errors.New("no device named and no IPv4 default route")
+		}
+		l, err := d.nl.LinkByIndex(rs[best].LinkIndex)
+		if err != nil {
+			return nil, fmt.Errorf("default route's device: %w", err)
+		}
+		return l, nil
+	}
+	l, err := d.nl.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("device %q: %w", name, err)
+	}
+	return l, nil
+}
+
+func isZeroMask(m net.IPMask) bool {
+	ones, _ := m.Size()
+	return ones == 0
 }
 
 // load loads the collection with maps pinned by name under PinRoot. A pinned
@@ -235,7 +272,13 @@ func (d *Dataplane) modeName() string {
 
 // Status is a one-line summary for btmmctl; in cleartext mode it says so loudly.
 func (d *Dataplane) Status() string {
-	s := fmt.Sprintf("ebpf dataplane on %s via %s, pinned at %s, mode %s", d.cfg.Device, d.attach.kind(), d.cfg.PinRoot, d.modeName())
+	d.mu.Lock()
+	on := "no device yet (no default route)"
+	if a := d.attach; a.dev != nil {
+		on = a.name() + " via " + a.kind()
+	}
+	d.mu.Unlock()
+	s := fmt.Sprintf("ebpf dataplane on %s, pinned at %s, mode %s", on, d.cfg.PinRoot, d.modeName())
 	if d.cfg.Cleartext {
 		s = "WARNING: TRAFFIC IS NOT ENCRYPTED. " + s
 	}
@@ -305,14 +348,15 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if err := desired.Validate(); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
-	if desired.Local.Device != "" && desired.Local.Device != d.cfg.Device {
-		return nil, fmt.Errorf("ebpf: set: state wants device %q, programs are on %q: %w", desired.Local.Device, d.cfg.Device, ErrDevice)
-	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return nil, ErrClosed
 	}
+	return d.setLocked(desired)
+}
+
+func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Change, error) {
 	// Resolve our IPv4 source towards each peer. A peer without a route
 	// keeps whatever the maps have for it (it is not deleted) and its error
 	// is reported with the others.
@@ -335,6 +379,18 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	errs := srcErrs
 	note := func(op, obj, what string) {
 		changes = append(changes, controlplane.Change{Op: op, Object: obj, What: what})
+	}
+
+	// 0. The programs on the device that carries the traffic now: attach
+	// to a new one before anything points at it; the old attachment goes
+	// at the end, once the routes have moved.
+	left, c, err := d.setDevice(desired.Local.Device)
+	changes = append(changes, c...)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if d.attach.dev == nil {
+		return changes, fmt.Errorf("ebpf: set: programs not attached: %w", errors.Join(errs...))
 	}
 
 	// 1. Program configuration (one array entry).
@@ -427,13 +483,20 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	} else {
 		changes = append(changes, c...)
 	}
-	c, err := d.setRoutes(routed)
+	c, err = d.setRoutes(routed)
 	changes = append(changes, c...)
 	if err != nil {
 		errs = append(errs, err)
 	}
 
-	// 5. Deletes: peers no longer desired.
+	// 5. Deletes: the device we left, peers no longer desired.
+	if left.dev != nil {
+		c, err := d.leave(left)
+		changes = append(changes, c...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
 	for ula, h := range have {
 		if keep[ula] {
 			continue
@@ -478,74 +541,178 @@ func (d *Dataplane) sourceFor(dst netip.Addr) (netip.Addr, error) {
 	return netip.Addr{}, fmt.Errorf("route to outer %v has no IPv4 source", dst)
 }
 
-func (d *Dataplane) routeMTU() int {
+func (d *Dataplane) routeMTU(dev netlink.Link) int {
 	if d.cfg.Cleartext {
-		return d.dev.Attrs().MTU - outerOverhead - 40
+		return dev.Attrs().MTU - outerOverhead - 40
 	}
 	// XFRM sizes ESP for an outer IPv6 header (40 bytes) that the program
 	// replaces with IPv4+UDP (28): the device MTU is the outer budget.
-	return d.dev.Attrs().MTU
+	return dev.Attrs().MTU
 }
 
-// setRoutes makes a /128 route and a permanent neighbour entry for each peer.
+// setDevice puts the programs on the device that carries the traffic now
+// (see wantDevice), or back on it when someone detached them. It returns
+// the attachment it moved away from, for leave once the routes point at
+// the new device.
+func (d *Dataplane) setDevice(local string) (attachment, []controlplane.Change, error) {
+	cur := d.attach
+	dev, err := d.wantDevice(local)
+	if err != nil {
+		if cur.dev != nil && local == "" && d.cfg.Device == "" {
+			// No default route just now (offline): stay where we are;
+			// routes and maps keep what they have.
+			d.log.Debug("no default route; programs stay", "device", cur.name(), "err", err)
+			return attachment{}, nil, nil
+		}
+		return attachment{}, nil, err
+	}
+	name := dev.Attrs().Name
+	if cur.name() == name && cur.index() == dev.Attrs().Index && d.intact(cur) {
+		d.attach.dev = dev // fresh MTU and hardware address
+		return attachment{}, nil, nil
+	}
+	var left attachment
+	what := fmt.Sprintf("programs on %s", name)
+	op := "add"
+	switch {
+	case cur.dev == nil:
+	case cur.name() == name:
+		// Someone detached a program, deleted our filter or qdisc, or
+		// the device was made again: drop our handles and attach anew
+		// (attachTCX replaces links that no longer hang on the device).
+		for _, l := range cur.tcx {
+			l.Close()
+		}
+		what += " (restored)"
+	default:
+		left = cur
+		op, what = "move", fmt.Sprintf("programs %s -> %s", cur.name(), name)
+	}
+	var a attachment
+	if err := d.inNS(func() (err error) { a, err = d.attachTo(dev); return err }); err != nil {
+		if left.dev == nil && cur.dev != nil {
+			// Handles closed above: the next Set (or repair) tries again.
+			d.attach = attachment{dev: cur.dev, clsact: cur.clsact}
+		}
+		return attachment{}, nil, err
+	}
+	d.attach = a
+	d.log.Info("ebpf programs attached", "device", name, "attach", a.kind(), "from", cur.name())
+	return left, []controlplane.Change{{Op: op, Object: "attach", What: what + " via " + a.kind()}}, nil
+}
+
+// leave detaches the programs from the device the traffic moved away from
+// and removes our neighbour entries there (the routes moved already).
+func (d *Dataplane) leave(left attachment) ([]controlplane.Change, error) {
+	var errs []error
+	var changes []controlplane.Change
+	if left.index() == d.attach.index() {
+		// The same device under a new name: the new attachment replaced
+		// the filters; only the old TCX links go.
+		left.clsact = false
+	}
+	if err := d.inNS(func() error { return d.detach(left) }); err != nil {
+		errs = append(errs, err)
+	} else {
+		changes = append(changes, controlplane.Change{Op: "delete", Object: "attach", What: "programs on " + left.name()})
+	}
+	if left.index() != d.attach.index() {
+		neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(left.index(), netlink.FAMILY_V6) })
+		if err == nil {
+			for _, n := range neighs {
+				if !d.ourNeigh(n, left.dev) {
+					continue
+				}
+				if err := d.nl.NeighDel(&n); err != nil && !errors.Is(err, unix.ENOENT) {
+					errs = append(errs, fmt.Errorf("delete neighbour %v on %s: %w", n.IP, left.name(), err))
+					continue
+				}
+				changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", n.IP, left.name())})
+			}
+		}
+	}
+	return changes, errors.Join(errs...)
+}
+
+// ourNeigh: a permanent entry for a ULA whose link-layer address is the
+// device's own, as setRoutes makes them.
+func (d *Dataplane) ourNeigh(n netlink.Neigh, dev netlink.Link) bool {
+	a, ok := netip.AddrFromSlice(n.IP)
+	return ok && n.State&netlink.NUD_PERMANENT != 0 && ulaPrefix.Contains(a) &&
+		len(n.HardwareAddr) > 0 && bytes.Equal(n.HardwareAddr, dev.Attrs().HardwareAddr)
+}
+
+var ulaPrefix = netip.MustParsePrefix("fc00::/7")
+
+// setRoutes makes a /128 route and a permanent neighbour entry for each
+// peer on the device the programs are on, moving routes from any other
+// device, and deletes our routes (and their neighbour entries) to peers no
+// longer desired.
 func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Change, error) {
 	var changes []controlplane.Change
 	var errs []error
-	idx := d.dev.Attrs().Index
 	have := map[netip.Addr]netlink.Route{}
 	rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
-		return d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{LinkIndex: idx, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
-			netlink.RT_FILTER_OIF|netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
+		return d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
+			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list routes: %w", err)
 	}
 	for _, r := range rs {
-		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok && r.Dst != nil {
+		if r.Dst == nil {
+			continue
+		}
+		if a, ok := netip.AddrFromSlice(r.Dst.IP); ok {
 			have[a] = r
 		}
 	}
-	neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(idx, netlink.FAMILY_V6) })
-	if err != nil {
-		return nil, fmt.Errorf("list neighbours: %w", err)
-	}
-	hasNeigh := map[netip.Addr]bool{}
-	for _, n := range neighs {
-		if a, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
-			hasNeigh[a] = true
-		}
-	}
-	mtu := d.routeMTU()
 	want := map[netip.Addr]bool{}
-	lladdr := d.dev.Attrs().HardwareAddr
-	for _, p := range desired.Peers {
-		want[p.ULA] = true
-		if len(lladdr) > 0 && !hasNeigh[p.ULA] {
-			// The program rewrites both MAC addresses; this entry only keeps
-			// IPv6 neighbour discovery from holding the packet back.
-			n := &netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V6, State: netlink.NUD_PERMANENT, IP: p.ULA.AsSlice(), HardwareAddr: lladdr}
-			if err := d.nl.NeighSet(n); err != nil {
-				errs = append(errs, fmt.Errorf("neighbour %v: %w", p.ULA, err))
-			} else {
-				changes = append(changes, controlplane.Change{Op: "add", Object: "neigh", What: fmt.Sprintf("%v dev %s permanent", p.ULA, d.cfg.Device)})
+	dev := d.attach.dev
+	if dev != nil && len(desired.Peers) > 0 {
+		idx := dev.Attrs().Index
+		neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(idx, netlink.FAMILY_V6) })
+		if err != nil {
+			return nil, fmt.Errorf("list neighbours: %w", err)
+		}
+		hasNeigh := map[netip.Addr]bool{}
+		for _, n := range neighs {
+			if a, ok := netip.AddrFromSlice(n.IP); ok && n.State&netlink.NUD_PERMANENT != 0 {
+				hasNeigh[a] = true
 			}
 		}
-		r := &netlink.Route{
-			LinkIndex: idx, Dst: &net.IPNet{IP: p.ULA.AsSlice(), Mask: net.CIDRMask(128, 128)},
-			Src: desired.Local.ULA.AsSlice(), MTU: mtu, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN,
+		mtu := d.routeMTU(dev)
+		lladdr := dev.Attrs().HardwareAddr
+		for _, p := range desired.Peers {
+			want[p.ULA] = true
+			if len(lladdr) > 0 && !hasNeigh[p.ULA] {
+				// The program rewrites both MAC addresses; this entry only keeps
+				// IPv6 neighbour discovery from holding the packet back.
+				n := &netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V6, State: netlink.NUD_PERMANENT, IP: p.ULA.AsSlice(), HardwareAddr: lladdr}
+				if err := d.nl.NeighSet(n); err != nil {
+					errs = append(errs, fmt.Errorf("neighbour %v: %w", p.ULA, err))
+				} else {
+					changes = append(changes, controlplane.Change{Op: "add", Object: "neigh", What: fmt.Sprintf("%v dev %s permanent", p.ULA, dev.Attrs().Name)})
+				}
+			}
+			r := &netlink.Route{
+				LinkIndex: idx, Dst: &net.IPNet{IP: p.ULA.AsSlice(), Mask: net.CIDRMask(128, 128)},
+				Src: desired.Local.ULA.AsSlice(), MTU: mtu, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN,
+			}
+			h, ok := have[p.ULA]
+			if ok && h.LinkIndex == idx && h.MTU == mtu && h.Src.Equal(r.Src) {
+				continue
+			}
+			if err := d.nl.RouteReplace(r); err != nil {
+				errs = append(errs, fmt.Errorf("route %v: %w", p.ULA, err))
+				continue
+			}
+			op := "add"
+			if ok {
+				op = "update"
+			}
+			changes = append(changes, controlplane.Change{Op: op, Object: "route", What: fmt.Sprintf("%v/128 dev %s src %v mtu %d", p.ULA, dev.Attrs().Name, desired.Local.ULA, mtu)})
 		}
-		if h, ok := have[p.ULA]; ok && h.MTU == mtu && h.Src.Equal(r.Src) {
-			continue
-		}
-		if err := d.nl.RouteReplace(r); err != nil {
-			errs = append(errs, fmt.Errorf("route %v: %w", p.ULA, err))
-			continue
-		}
-		op := "add"
-		if _, ok := have[p.ULA]; ok {
-			op = "update"
-		}
-		changes = append(changes, controlplane.Change{Op: op, Object: "route", What: fmt.Sprintf("%v/128 dev %s src %v mtu %d", p.ULA, d.cfg.Device, desired.Local.ULA, mtu)})
 	}
 	for a, r := range have {
 		if want[a] {
@@ -555,11 +722,20 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 			errs = append(errs, fmt.Errorf("delete route %v: %w", a, err))
 			continue
 		}
-		changes = append(changes, controlplane.Change{Op: "delete", Object: "route", What: fmt.Sprintf("%v/128 dev %s", a, d.cfg.Device)})
-		if hasNeigh[a] {
-			d.nl.NeighDel(&netlink.Neigh{LinkIndex: idx, Family: netlink.FAMILY_V6, IP: a.AsSlice()})
-			changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", a, d.cfg.Device)})
+		devName := fmt.Sprintf("if%d", r.LinkIndex)
+		if l, err := d.nl.LinkByIndex(r.LinkIndex); err == nil {
+			devName = l.Attrs().Name
+			if ns, err := d.nl.NeighList(r.LinkIndex, netlink.FAMILY_V6); err == nil {
+				for _, x := range ns {
+					if x.IP.Equal(a.AsSlice()) && d.ourNeigh(x, l) {
+						if d.nl.NeighDel(&x) == nil {
+							changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", a, devName)})
+						}
+					}
+				}
+			}
 		}
+		changes = append(changes, controlplane.Change{Op: "delete", Object: "route", What: fmt.Sprintf("%v/128 dev %s", a, devName)})
 	}
 	return changes, errors.Join(errs...)
 }
@@ -639,7 +815,7 @@ func (d *Dataplane) Close() error {
 	if _, err := d.setLocalULA(netip.Addr{}); err != nil {
 		errs = append(errs, err)
 	}
-	if err := d.inNS(d.detach); err != nil {
+	if err := d.inNS(func() error { return d.detach(d.attach) }); err != nil {
 		errs = append(errs, err)
 	}
 	for _, m := range []*ebpf.Map{d.objs.Config, d.objs.Drops, d.objs.PeerByOuter, d.objs.PeerByUla, d.objs.PeerStats} {

@@ -756,8 +756,8 @@ func TestDefaultDeviceNetNS(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.dp = dp
-	if dp.cfg.Device != a.dev {
-		t.Errorf("device %q, want %q", dp.cfg.Device, a.dev)
+	if got := dp.attach.name(); got != a.dev {
+		t.Errorf("device %q, want %q", got, a.dev)
 	}
 	st := a.state(b, netip.AddrPortFrom(b.outer, b.port))
 	st.Local.Device = ""
