@@ -2,7 +2,9 @@ package lease
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"runtime"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -100,4 +102,93 @@ func TestExpirer(t *testing.T) {
 		cancel()
 		<-done
 	})
+}
+
+// An endless refresh loop keeps one schedule entry per record (the old
+// scheduler kept one per refresh until the old expiry: ~217 B each).
+func TestRefreshLoopKeepsOneEntryPerRecord(t *testing.T) {
+	s, err := store.Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e := &Expirer{Store: s, Log: slog.New(slog.DiscardHandler)}
+	done := make(chan struct{})
+	go func() { e.Run(ctx); close(done) }()
+	const records, rounds = 50, 40
+	base := time.Now().Add(time.Hour)
+	var last uint64
+	for round := range rounds {
+		var ops []store.Op
+		for i := range records {
+			rr, _ := dns.NewRR(fmt.Sprintf("h%d.alice.btmm.example. 60 IN A 192.0.2.1", i))
+			ops = append(ops, store.Op{Kind: store.Put, Record: store.Record{RR: rr,
+				Expires: base.Add(time.Duration(round) * time.Second)}})
+		}
+		rev, err := s.Update(ctx, func(store.View) ([]store.Op, error) { return ops, nil })
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = rev
+	}
+	// Wait until the expirer has seen the last change, then count.
+	deadline := time.Now().Add(10 * time.Second)
+	for e.Pending() != records && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := e.Pending(); n != records {
+		t.Fatalf("%d schedule entries for %d records after %d refreshes each (rev %d)", n, records, rounds, last)
+	}
+	// A deleted record leaves the schedule.
+	rr, _ := dns.NewRR("h0.alice.btmm.example. 60 IN A 192.0.2.1")
+	s.Update(ctx, func(store.View) ([]store.Op, error) {
+		return []store.Op{{Kind: store.Delete, Record: store.Record{RR: rr}}}, nil
+	})
+	for e.Pending() != records-1 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := e.Pending(); n != records-1 {
+		t.Fatalf("%d entries after a delete", n)
+	}
+	cancel()
+	<-done
+}
+
+// BenchmarkRefreshLoop: b.N lease refreshes spread over 10,000 records (run
+// with -benchtime 1000000x for the 1M); reports the live heap after
+// the loop and its growth over the loop.
+func BenchmarkRefreshLoop(b *testing.B) {
+	const records = 10000
+	recs := make([]store.Record, records)
+	for i := range recs {
+		rr, _ := dns.NewRR(fmt.Sprintf("h%d.alice.btmm.example. 60 IN AAAA fd00::%x", i, i+1))
+		recs[i] = store.Record{RR: rr, Expires: time.Unix(1800000000, 0)}
+	}
+	s := NewSchedule()
+	for _, r := range recs {
+		s.Set(r)
+	}
+	heapNow := func() float64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return float64(m.HeapAlloc)
+	}
+	before := heapNow()
+	b.ResetTimer()
+	for i := range b.N {
+		r := recs[i%records]
+		r.Expires = r.Expires.Add(time.Duration(i) * time.Millisecond)
+		s.Changed(store.Change{Refreshed: []store.Record{r}})
+	}
+	b.StopTimer()
+	after := heapNow()
+	if s.Len() != records {
+		b.Fatalf("%d entries", s.Len())
+	}
+	b.ReportMetric(after, "heap-B")
+	b.ReportMetric(after-before, "heap-growth-B")
+	runtime.KeepAlive(recs)
 }
