@@ -38,6 +38,11 @@ type Config struct {
 	AdvertiseDNSPort uint16 `toml:"advertise_dns_port"`
 	AdvertiseTLSPort uint16 `toml:"advertise_tls_port"`
 
+	// TSIGFudge is the server's TSIG time window (RFC 8945 §5.2.3): a
+	// request signed further from the server's clock is refused with
+	// BADTIME, whatever fudge the signer claims. Default 5m.
+	TSIGFudge Duration `toml:"tsig_fudge"`
+
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`
 	Limits      Limits      `toml:"limits"`
@@ -133,6 +138,10 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.leaseBounds().Validate(); err != nil {
 		return fmt.Errorf("server: config: update_lease: %w", err)
+	}
+	def(&c.TSIGFudge, 5*time.Minute)
+	if f := time.Duration(c.TSIGFudge); f < time.Second || f > 0xffff*time.Second {
+		return fmt.Errorf("server: config: tsig_fudge %v out of range [1s, 65535s]", time.Duration(c.TSIGFudge))
 	}
 	def(&c.LLQ.MinLease, 15*time.Minute)
 	def(&c.LLQ.MaxLease, 2*time.Hour)

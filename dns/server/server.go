@@ -96,14 +96,16 @@ type Addrs struct {
 
 // Server is a running btmm-dnsd.
 type Server struct {
-	cfg   Config
-	log   *slog.Logger
-	users *Users
-	keys  *tsig.Keyring
-	zone  *zone.Zone
-	store store.Store
-	llq   *llq.Table
-	rate  *rateLimiter
+	cfg      Config
+	log      *slog.Logger
+	users    *Users
+	keys     *tsig.Keyring
+	verifier *tsig.Verifier
+	zone     *zone.Zone
+	store    store.Store
+	llq      *llq.Table
+	rate     *rateLimiter
+	refuse   refuseLimiter
 
 	mu      sync.Mutex
 	started bool
@@ -126,6 +128,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{}}
+	s.verifier = &tsig.Verifier{Keys: s.keys, Fudge: time.Duration(cfg.TSIGFudge), Now: cfg.Now}
 	s.users = NewUsers(cfg.DataDir, cfg.Zone)
 	var addrs []netip.Addr
 	for _, a := range cfg.ServerAddrs {
@@ -442,20 +445,20 @@ func (s *Server) auth(w dns.ResponseWriter, r *dns.Msg) authInfo {
 	return a
 }
 
-// tsigError answers a request whose TSIG did not verify (RFC 8945 §5.2).
+// tsigError answers a request whose TSIG was not accepted (RFC 8945 §5.2,
+// §5.3.2): NOTAUTH with the TSIG error (BADTIME and BADTRUNC signed, BADTIME
+// with the server's time in Other Data), or an unsigned FORMERR.
 func (s *Server) tsigError(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
-	resp := new(dns.Msg)
-	resp.SetRcode(r, dns.RcodeNotAuth)
-	code := uint16(dns.RcodeBadSig)
-	switch {
-	case errors.Is(a.err, dns.ErrSecret), errors.Is(a.err, dns.ErrKeyAlg):
-		code = dns.RcodeBadKey
-	case errors.Is(a.err, dns.ErrTime):
-		code = dns.RcodeBadTime
+	var ve *tsig.VerifyError
+	if !errors.As(a.err, &ve) {
+		ve = &tsig.VerifyError{Code: dns.RcodeBadSig, Rcode: dns.RcodeNotAuth, Reason: a.err.Error(), ServerTime: s.cfg.Now()}
 	}
-	resp.SetTsig(a.tsig.Hdr.Name, a.tsig.Algorithm, 300, s.cfg.Now().Unix())
-	resp.Extra[len(resp.Extra)-1].(*dns.TSIG).Error = code
-	s.log.Info("tsig verification failed", "key", a.tsig.Hdr.Name, "from", w.RemoteAddr().String(), "err", a.err)
+	resp := new(dns.Msg)
+	resp.SetRcode(r, ve.Rcode)
+	if ve.Code != 0 {
+		resp.Extra = append(resp.Extra, tsig.ErrorTSIG(a.tsig, resp.Id, ve, time.Duration(s.cfg.TSIGFudge)))
+	}
+	s.refusedLog("tsig", w, "key", a.tsig.Hdr.Name, "reason", ve.Error())
 	if err := w.WriteMsg(resp); err != nil {
 		s.log.Debug("write tsig error", "err", err)
 	}
@@ -467,7 +470,7 @@ func (s *Server) reply(w dns.ResponseWriter, r, resp *dns.Msg, a authInfo) {
 		resp.SetEdns0(4096, false)
 	}
 	if a.key != "" {
-		resp.SetTsig(a.tsig.Hdr.Name, a.tsig.Algorithm, 300, s.cfg.Now().Unix())
+		resp.SetTsig(a.tsig.Hdr.Name, a.tsig.Algorithm, s.fudge(), s.cfg.Now().Unix())
 	}
 	if err := w.WriteMsg(resp); err != nil {
 		s.log.Debug("write response", "err", err)
@@ -654,7 +657,7 @@ func (e eventSender) SendEvent(p llq.Peer, key string, m *dns.Msg) error {
 	var data []byte
 	var err error
 	if k, ok := s.keys.Get(key); ok && key != "" {
-		m.SetTsig(k.Name, k.Algorithm, 300, s.cfg.Now().Unix())
+		m.SetTsig(k.Name, k.Algorithm, s.fudge(), s.cfg.Now().Unix())
 		data, _, err = dns.TsigGenerateWithProvider(m, s.keys, "", false)
 	} else {
 		data, err = m.Pack()

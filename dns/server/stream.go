@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/btmm/btmm/dns/tsig"
 	"github.com/miekg/dns"
 )
 
@@ -182,7 +183,14 @@ func (s *Server) serveRaw(raw []byte, w rawWriter) {
 	}
 	if t := m.IsTsig(); t != nil {
 		// Verification rewrites the buffer; raw is not used afterwards.
-		w.setTSIG(dns.TsigVerifyWithProvider(raw, s.keys, "", false), t.MAC)
+		key, err := s.verifier.Verify(raw, t)
+		if errors.Is(err, tsig.ErrRetransmission) {
+			return // the first copy's answer is on its way
+		}
+		w.setTSIG(err, t.MAC)
+		if err == nil {
+			defer s.verifier.Done(key, t)
+		}
 	}
 	s.ServeDNS(w, m)
 }
