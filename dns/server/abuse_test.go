@@ -217,3 +217,23 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 		t.Fatalf("%d goroutines left (was %d):\n%s", n, before, buf[:runtime.Stack(buf, true)])
 	}
 }
+
+func TestClientKey(t *testing.T) {
+	for _, tc := range []struct{ a, b string }{
+		{"[2001:db8::1]:5", "[2001:db8::ffff:1]:7"},
+		{"[::ffff:192.0.2.1]:5", "192.0.2.1:9"},
+	} {
+		a, _ := net.ResolveTCPAddr("tcp", tc.a)
+		b, _ := net.ResolveTCPAddr("tcp", tc.b)
+		if clientKey(a) != clientKey(b) {
+			t.Errorf("%s and %s are different clients: %v %v", tc.a, tc.b, clientKey(a), clientKey(b))
+		}
+	}
+	a, _ := net.ResolveTCPAddr("tcp", "[2001:db8::1]:5")
+	b, _ := net.ResolveTCPAddr("tcp", "[2001:db8:0:1::1]:5")
+	c, _ := net.ResolveTCPAddr("tcp", "192.0.2.2:5")
+	d, _ := net.ResolveTCPAddr("tcp", "192.0.2.1:5")
+	if clientKey(a) == clientKey(b) || clientKey(c) == clientKey(d) {
+		t.Error("different /64s or IPv4 addresses share a key")
+	}
+}

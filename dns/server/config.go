@@ -82,6 +82,17 @@ type Limits struct {
 	MaxMessageSize   int     `toml:"max_message_size"`   // TCP/TLS message; default 16384
 	MaxUpdateRecords int     `toml:"max_update_records"` // prerequisite+update RRs; default 128
 	MaxConns         int     `toml:"max_conns"`          // TCP+TLS connections; default 10000
+	// MaxConnsPerClient caps the TCP+TLS connections of one client: one
+	// IPv4 address, or one IPv6 /64 (a host's privacy addresses and a
+	// site's hosts share it). Default 64.
+	MaxConnsPerClient int `toml:"max_conns_per_client"`
+	// TLSHandshakeTimeout bounds a DNS-over-TLS handshake. Default 5s.
+	TLSHandshakeTimeout Duration `toml:"tls_handshake_timeout"`
+	// IdleTimeout closes a TCP/TLS connection that holds no LLQ after this
+	// long without a message (RFC 7766 §6.2.3). Default 30s. A connection
+	// holding an LLQ may stay silent for its longest granted LLQ lease plus
+	// a minute (its client refreshes within the lease).
+	IdleTimeout Duration `toml:"idle_timeout"`
 }
 
 // Duration is a time.Duration written as "30m" in the config file.
@@ -163,6 +174,14 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Limits.MaxConns == 0 {
 		c.Limits.MaxConns = 10000
+	}
+	if c.Limits.MaxConnsPerClient == 0 {
+		c.Limits.MaxConnsPerClient = 64
+	}
+	def(&c.Limits.TLSHandshakeTimeout, 5*time.Second)
+	def(&c.Limits.IdleTimeout, 30*time.Second)
+	if c.Limits.MaxConns < 0 || c.Limits.MaxConnsPerClient < 0 || c.Limits.TLSHandshakeTimeout < 0 || c.Limits.IdleTimeout < 0 {
+		return fmt.Errorf("server: config: limits: negative value")
 	}
 	for _, a := range c.ServerAddrs {
 		if _, err := netip.ParseAddr(a); err != nil {

@@ -78,6 +78,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/btmm/btmm/dns/lease"
@@ -115,7 +116,12 @@ type Server struct {
 	udp     *net.UDPConn
 	lns     []net.Listener
 	conns   map[*streamConn]struct{}
-	ports   zone.Ports
+	// perClient counts conns by clientKey.
+	perClient    map[netip.Prefix]int
+	connsRefused atomic.Int64
+	ports        zone.Ports
+	tlsCfg       *tls.Config
+	tlsLn        net.Listener // the DoT listener among lns
 }
 
 // New opens the data directory (store and user keys) and prepares a server.
@@ -127,7 +133,8 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{}}
+	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{},
+		perClient: map[netip.Prefix]int{}}
 	s.verifier = &tsig.Verifier{Keys: s.keys, Fudge: time.Duration(cfg.TSIGFudge), Now: cfg.Now}
 	s.users = NewUsers(cfg.DataDir, cfg.Zone)
 	var addrs []netip.Addr
@@ -279,12 +286,14 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 		if err != nil {
 			return fail(err)
 		}
-		ln, err := tls.Listen("tcp", s.cfg.ListenTLS, &tls.Config{Certificates: []tls.Certificate{cert},
-			MinVersion: tls.VersionTLS12, NextProtos: []string{"dot"}})
+		s.tlsCfg = &tls.Config{Certificates: []tls.Certificate{cert},
+			MinVersion: tls.VersionTLS12, NextProtos: []string{"dot"}}
+		ln, err := net.Listen("tcp", s.cfg.ListenTLS)
 		if err != nil {
 			return fail(fmt.Errorf("server: listen tls %s: %w", s.cfg.ListenTLS, err))
 		}
 		s.lns = append(s.lns, ln)
+		s.tlsLn = ln
 		addrs.TLS = ln.Addr().String()
 		port := uint16(ln.Addr().(*net.TCPAddr).Port)
 		if s.cfg.AdvertiseTLSPort != 0 {
@@ -327,10 +336,14 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 		}()
 	}
 	for _, ln := range s.lns {
+		var tlsCfg *tls.Config
+		if ln == s.tlsLn {
+			tlsCfg = s.tlsCfg
+		}
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
-			s.acceptLoop(ctx, ln)
+			s.acceptLoop(ctx, ln, tlsCfg)
 		}()
 	}
 	go func() {
@@ -598,8 +611,18 @@ func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	if err != nil || resp == nil {
 		return
 	}
-	if sw, ok := w.(*streamWriter); ok && o.Opcode == llq.OpSetup {
-		sw.sc.hasLLQ.Store(true)
+	if sw, ok := w.(*streamWriter); ok {
+		if ro, ok := llq.Option(resp); ok && ro.Error == llq.ErrNoError && ro.LeaseLife > 0 {
+			// Silence is allowed as long as the longest lease granted here.
+			l := int64(time.Duration(ro.LeaseLife) * time.Second)
+			for {
+				old := sw.sc.llqLease.Load()
+				if l <= old || sw.sc.llqLease.CompareAndSwap(old, l) {
+					break
+				}
+			}
+			sw.sc.hasLLQ.Store(true)
+		}
 	}
 	truncateUDP(w, r, resp)
 	s.reply(w, r, resp, a)

@@ -2,10 +2,12 @@ package server
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,8 +22,12 @@ import (
 type streamConn struct {
 	c      net.Conn
 	s      *Server
+	client netip.Prefix // the per-client limit's key
 	wmu    sync.Mutex
 	hasLLQ atomic.Bool
+	// llqLease is the longest LLQ lease granted on this connection; the
+	// connection may stay silent that long (plus slack).
+	llqLease atomic.Int64
 	// events queues LLQ events for this connection's writer goroutine, so a
 	// slow client never stalls event delivery to others; when it is full
 	// the client is too slow and the connection is closed.
@@ -73,7 +79,26 @@ func (sc *streamConn) write(msg []byte) error {
 	return err
 }
 
-func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
+// clientKey is what the per-client connection cap counts by: the IPv4
+// address, or the IPv6 /64.
+func clientKey(a net.Addr) netip.Prefix {
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.Prefix{}
+	}
+	ip := ap.Addr().Unmap()
+	if ip.Is4() {
+		return netip.PrefixFrom(ip, 32)
+	}
+	p, _ := ip.Prefix(64)
+	return p
+}
+
+// acceptLoop accepts TCP connections (TLS ones when tlsCfg is set) and
+// admits them under the global and per-client caps; a connection over a
+// cap is closed at once. TLS handshakes run on the connection's goroutine
+// under Limits.TLSHandshakeTimeout.
+func (s *Server) acceptLoop(ctx context.Context, ln net.Listener, tlsCfg *tls.Config) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -83,14 +108,20 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		sc := &streamConn{c: c, s: s, events: make(chan []byte, 256), done: make(chan struct{})}
+		sc := &streamConn{c: c, s: s, client: clientKey(c.RemoteAddr()), events: make(chan []byte, 256), done: make(chan struct{})}
 		s.mu.Lock()
-		if s.closed || len(s.conns) >= s.cfg.Limits.MaxConns {
+		if s.closed || len(s.conns) >= s.cfg.Limits.MaxConns || s.perClient[sc.client] >= s.cfg.Limits.MaxConnsPerClient {
+			over := !s.closed
 			s.mu.Unlock()
 			c.Close()
+			if over {
+				s.connsRefused.Add(1)
+				s.log.Debug("connection refused: over the connection limit", "from", c.RemoteAddr().String())
+			}
 			continue
 		}
 		s.conns[sc] = struct{}{}
+		s.perClient[sc.client]++
 		s.wg.Add(1)
 		s.mu.Unlock()
 		s.wg.Add(1)
@@ -100,29 +131,45 @@ func (s *Server) acceptLoop(ctx context.Context, ln net.Listener) {
 		}()
 		go func() {
 			defer s.wg.Done()
-			s.serveStream(sc)
+			s.serveStream(ctx, sc, tlsCfg)
 		}()
 	}
 }
 
-const streamIdle = 2 * time.Minute
+// idleTimeout is how long the connection may stay silent.
+func (s *Server) idleTimeout(sc *streamConn) time.Duration {
+	if sc.hasLLQ.Load() {
+		return time.Duration(sc.llqLease.Load()) + time.Minute
+	}
+	return time.Duration(s.cfg.Limits.IdleTimeout)
+}
 
-func (s *Server) serveStream(sc *streamConn) {
+func (s *Server) serveStream(ctx context.Context, sc *streamConn, tlsCfg *tls.Config) {
 	defer func() {
 		sc.c.Close()
 		close(sc.done)
 		s.llq.DropConn(sc)
 		s.mu.Lock()
 		delete(s.conns, sc)
+		if s.perClient[sc.client]--; s.perClient[sc.client] <= 0 {
+			delete(s.perClient, sc.client)
+		}
 		s.mu.Unlock()
 	}()
+	if tlsCfg != nil {
+		tc := tls.Server(sc.c, tlsCfg)
+		sc.c = tc
+		hctx, cancel := context.WithTimeout(ctx, time.Duration(s.cfg.Limits.TLSHandshakeTimeout))
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			s.log.Debug("tls handshake failed", "from", tc.RemoteAddr().String(), "err", err)
+			return
+		}
+	}
 	var hdr [2]byte
 	for {
-		idle := streamIdle
-		if sc.hasLLQ.Load() {
-			idle = 2*time.Duration(s.cfg.LLQ.MaxLease) + time.Minute
-		}
-		sc.c.SetReadDeadline(time.Now().Add(idle))
+		sc.c.SetReadDeadline(time.Now().Add(s.idleTimeout(sc)))
 		if _, err := io.ReadFull(sc.c, hdr[:]); err != nil {
 			return
 		}
