@@ -22,10 +22,18 @@ import (
 // Every change is applied at once and synchronously: when Install returns nil
 // the new SAs are in the kernel, which keying's make-before-break relies on.
 // A failed apply is retried by Run with backoff until it succeeds.
+//
+// Locking: mu guards the reconciler's own state and is never held across a
+// kernel call, so Status, Desired and new reports never wait for a slow
+// Dataplane.Set. applyMu serializes the Set calls; each one takes a fresh
+// snapshot of the desired state after it holds applyMu, so a change made
+// while another Set runs is in the kernel when its own call returns.
 type Reconciler struct {
 	dp  Dataplane
 	log *slog.Logger
 	now func() time.Time
+
+	applyMu sync.Mutex
 
 	mu      sync.Mutex
 	local   Local
@@ -53,12 +61,21 @@ func NewReconciler(dp Dataplane, local Local, log *slog.Logger) *Reconciler {
 	return &Reconciler{dp: dp, log: log, now: time.Now, local: local, peers: map[netip.Addr]*peerState{}, kick: make(chan struct{}, 1)}
 }
 
-// SetLocal changes this host's side (for instance a new local outer address).
+// SetLocal changes this host's side and applies it. It always applies, even
+// an unchanged Local: that is how the agent says "we moved" when Outer and
+// Device are zero (looked up again by the dataplane at every Set).
 func (r *Reconciler) SetLocal(ctx context.Context, l Local) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	r.local = l
-	return r.applyLocked(ctx)
+	r.mu.Unlock()
+	return r.apply(ctx)
+}
+
+// Local returns this host's side as last set.
+func (r *Reconciler) Local() Local {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.local
 }
 
 // Sources of a peer's outer address, for SetPeerOuter.
@@ -79,12 +96,12 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 		return fmt.Errorf("peer %s: invalid outer address", name)
 	}
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	p := r.peer(ula)
 	if name != "" {
 		p.name = name
 	}
 	if p.outer == outer {
+		r.mu.Unlock()
 		return nil
 	}
 	if source == SourceKernel && outer == p.prev && r.now().Sub(p.outerAt) < StaleMappingWindow {
@@ -92,32 +109,35 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 		// before the move, delivered late. Following it would send our
 		// traffic to an address the peer has left.
 		r.log.Info("ignoring stale NAT mapping event", "peer", p.name, "outer", outer, "current", p.outer)
+		r.mu.Unlock()
 		return nil
 	}
 	p.prev = p.outer
 	p.outer, p.outerAt, p.outerBy = outer, r.now(), source
-	if p.keys == nil {
+	keyed := p.keys != nil
+	r.mu.Unlock()
+	if !keyed {
 		return nil
 	}
-	return r.applyLocked(ctx)
+	return r.apply(ctx)
 }
 
 // RemovePeer forgets a peer (it left the user's hosts): its SAs go.
 func (r *Reconciler) RemovePeer(ctx context.Context, ula netip.Addr) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if _, ok := r.peers[ula]; !ok {
+		r.mu.Unlock()
 		return nil
 	}
 	delete(r.peers, ula)
-	return r.applyLocked(ctx)
+	r.mu.Unlock()
+	return r.apply(ctx)
 }
 
 // Install implements keying's Installer: p becomes the peer's key set, and
 // its Outer counts as the freshest report of where the peer is.
 func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	ps := r.peer(p.ULA)
 	saved := *ps
 	if p.Name != "" {
@@ -130,11 +150,21 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 	k := p
 	k.PrevIn = slices.Clone(p.PrevIn)
 	ps.keys, ps.keyedAt = &k, r.now()
-	if err := r.applyLocked(ctx); err != nil {
+	movedTo := ps.outer
+	r.mu.Unlock()
+	if err := r.apply(ctx); err != nil {
 		// Keying counts a failed install as a failed exchange: keep the
 		// keys the kernel (and the peer) still have, so a later retry
-		// cannot push keys the peer never agreed to.
-		*ps = saved
+		// cannot push keys the peer never agreed to. Whatever others
+		// reported meanwhile stays.
+		r.mu.Lock()
+		if cur := r.peers[p.ULA]; cur != nil && cur.keys == &k {
+			cur.keys, cur.keyedAt = saved.keys, saved.keyedAt
+			if cur.outer == movedTo && movedTo != saved.outer {
+				cur.outer, cur.prev, cur.outerAt, cur.outerBy = saved.outer, saved.prev, saved.outerAt, saved.outerBy
+			}
+		}
+		r.mu.Unlock()
 		return err
 	}
 	return nil
@@ -144,13 +174,14 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 // its address stays.
 func (r *Reconciler) Remove(ctx context.Context, ula netip.Addr) error {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	ps, ok := r.peers[ula]
 	if !ok || ps.keys == nil {
+		r.mu.Unlock()
 		return nil
 	}
 	ps.keys = nil
-	return r.applyLocked(ctx)
+	r.mu.Unlock()
+	return r.apply(ctx)
 }
 
 func (r *Reconciler) peer(ula netip.Addr) *peerState {
@@ -187,16 +218,24 @@ func (r *Reconciler) desiredLocked() *State {
 	return s
 }
 
-func (r *Reconciler) applyLocked(ctx context.Context) error {
+// apply makes the kernel match the desired state as it is once no other
+// Set runs. mu is not held across Dataplane.Set.
+func (r *Reconciler) apply(ctx context.Context) error {
+	r.applyMu.Lock()
+	defer r.applyMu.Unlock()
+	r.mu.Lock()
 	s := r.desiredLocked()
+	r.mu.Unlock()
 	changes, err := r.dp.Set(ctx, s)
+	for _, c := range changes {
+		r.log.Info("dataplane", "change", c.String())
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if len(changes) > 0 {
 		r.applied = append(r.applied, changes...)
 		if n := len(r.applied); n > 100 {
 			r.applied = slices.Clone(r.applied[n-100:])
-		}
-		for _, c := range changes {
-			r.log.Info("dataplane", "change", c.String())
 		}
 	}
 	r.lastErr = err
@@ -227,11 +266,12 @@ func (r *Reconciler) Run(ctx context.Context) error {
 		case <-timer:
 			timer = nil
 			r.mu.Lock()
-			var err error
-			if r.lastErr != nil {
-				err = r.applyLocked(ctx)
-			}
+			failed := r.lastErr != nil
 			r.mu.Unlock()
+			var err error
+			if failed {
+				err = r.apply(ctx)
+			}
 			if err == nil {
 				backoff = time.Second
 			} else {

@@ -162,3 +162,76 @@ func TestReconcilerIgnoresStaleKernelMapping(t *testing.T) {
 		}
 	})
 }
+
+// Status, Desired and other reports must not wait for a kernel call that
+// hangs (issue 12 item 6): the reconciler's lock is not held across Set.
+func TestReconcilerStatusWhileSetStalled(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	fake := &dataplanetest.Fake{}
+	r := controlplane.NewReconciler(fake, local, nil)
+	r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+	waiting, release := fake.Stall()
+	defer release()
+	installed := make(chan error, 1)
+	go func() { installed <- r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)}) }()
+	<-waiting
+
+	answered := make(chan []controlplane.PeerStatus, 1)
+	go func() {
+		peers, _, _ := r.Status()
+		r.Desired()
+		r.Local()
+		// A report that changes nothing in the kernel returns at once too.
+		r.SetPeerOuter(ctx, "c", netip.MustParseAddr("fd33::3"), netip.MustParseAddrPort("11.3.0.2:4500"), "dns")
+		answered <- peers
+	}()
+	select {
+	case peers := <-answered:
+		if len(peers) != 1 || !peers[0].Keyed {
+			t.Fatalf("status during the stalled install: %+v", peers)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Status blocked behind a stalled Dataplane.Set")
+	}
+	select {
+	case err := <-installed:
+		t.Fatalf("install returned while its Set was stalled: %v", err)
+	default:
+	}
+	release()
+	if err := <-installed; err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(fake.Render(), "spi 0x1001") {
+		t.Fatalf("install not applied after the stall:\n%s", fake.Render())
+	}
+}
+
+// A Set stalled in the kernel ends with its context (shutdown reaches it),
+// and a refused install is rolled back without undoing what others reported
+// meanwhile.
+func TestReconcilerStalledSetCancelled(t *testing.T) {
+	fake := &dataplanetest.Fake{}
+	r := controlplane.NewReconciler(fake, local, nil)
+	bg := context.Background()
+	r.SetPeerOuter(bg, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+	if err := r.Install(bg, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)}); err != nil {
+		t.Fatal(err)
+	}
+	waiting, release := fake.Stall()
+	defer release()
+	ctx, cancel := context.WithCancel(bg)
+	installed := make(chan error, 1)
+	go func() { installed <- r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1002), In: sa(0x2002)}) }()
+	<-waiting
+	cancel()
+	if err := <-installed; !errors.Is(err, context.Canceled) {
+		t.Fatalf("stalled install after cancel: %v", err)
+	}
+	release()
+	peers, _, _ := r.Status()
+	if len(peers) != 1 || peers[0].OutSPI != 0x1001 {
+		t.Fatalf("refused install not rolled back: %+v", peers)
+	}
+}

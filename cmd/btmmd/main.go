@@ -101,7 +101,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	defer conn.Close()
 
-	dp, kernelEvents, err := dataplane(cfg, log)
+	dp, kernelEvents, err := dataplane(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -172,7 +172,10 @@ func tlsConfig(caFile string) (*tls.Config, error) {
 }
 
 // dataplane builds the configured kernel dataplane in btmmd's own namespace.
-func dataplane(cfg *Config, log *slog.Logger) (controlplane.Dataplane, <-chan agent.KernelEvent, error) {
+// The xfrm dataplane's events are forwarded until ctx ends; after that they
+// are drained (and dropped) until the dataplane closes its channel, so the
+// forwarder never blocks shutdown.
+func dataplane(ctx context.Context, cfg *Config, log *slog.Logger) (controlplane.Dataplane, <-chan agent.KernelEvent, error) {
 	switch cfg.Tunnel.Dataplane {
 	case "ebpf", "ebpf-cleartext":
 		if err := ensureBPFFS("/sys/fs/bpf"); err != nil {
@@ -198,15 +201,25 @@ func dataplane(cfg *Config, log *slog.Logger) (controlplane.Dataplane, <-chan ag
 	go func() {
 		defer close(ch)
 		for ev := range dp.Events() {
+			if ctx.Err() != nil {
+				continue // shutting down: drain until Close
+			}
 			log.Info("kernel event", "event", ev.String())
 			if !ev.Peer.IsValid() {
 				continue
 			}
+			var out agent.KernelEvent
 			switch ev.Kind {
 			case xfrm.Mapping:
-				ch <- agent.KernelEvent{Peer: ev.Peer, New: ev.New}
+				out = agent.KernelEvent{Peer: ev.Peer, New: ev.New}
 			case xfrm.SoftExpire:
-				ch <- agent.KernelEvent{Peer: ev.Peer, Rekey: true}
+				out = agent.KernelEvent{Peer: ev.Peer, Rekey: true}
+			default:
+				continue
+			}
+			select {
+			case ch <- out:
+			case <-ctx.Done():
 			}
 		}
 	}()

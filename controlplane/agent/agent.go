@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/btmm/btmm/controlplane"
@@ -99,6 +100,11 @@ type Agent struct {
 	reg   *register.Registrar
 	keyer *keying.Agent
 
+	// ctx is Run's context: work started by callbacks (peer events, network
+	// changes) ends with it. Set before any part starts.
+	ctx       context.Context
+	statsBusy atomic.Bool
+
 	mu      sync.Mutex
 	nat     NATReport
 	peers   map[netip.Addr]PeerEvent
@@ -150,6 +156,7 @@ func New(cfg Config) (*Agent, error) {
 func (a *Agent) Run(ctx context.Context) error {
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	a.ctx = runCtx
 	var wg sync.WaitGroup
 	errc := make(chan error, 8)
 	start := func(name string, f func(context.Context) error) {
@@ -203,7 +210,7 @@ func (a *Agent) onNAT(r NATReport) {
 }
 
 func (a *Agent) onPeer(ev PeerEvent) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
 	defer cancel()
 	if ev.ULA == a.cfg.Identity.ULA {
 		return // ourselves, seen through the browse PTR
@@ -279,6 +286,11 @@ type Status struct {
 	// Repair is the dataplane's last repair of kernel state someone else
 	// removed (nil: none yet, or a dataplane that does not repair).
 	Repair *controlplane.Repair `json:"last_repair,omitempty"`
+	// CountersError says why Counters is missing (e.g. the dataplane is
+	// busy in a slow kernel call).
+	CountersError string `json:"counters_error,omitempty"`
+	// KeyingError says why per-peer keying errors are missing.
+	KeyingError string `json:"keying_error,omitempty"`
 }
 
 // PeerStatus joins what DNS, keying and the dataplane know of one peer.
@@ -307,11 +319,16 @@ func (a *Agent) Status(ctx context.Context) Status {
 	st.Register = a.reg.Status()
 	peers, recent, lastErr := a.rec.Status()
 	kerr := map[netip.Addr]string{}
-	if ks, err := a.keyer.Status(ctx); err == nil {
-		for _, k := range ks {
-			if k.LastError != nil {
-				kerr[k.ULA] = k.LastError.Error()
-			}
+	// Keying's goroutine may be inside a slow install: do not wait for it.
+	kctx, kcancel := context.WithTimeout(ctx, statusWait)
+	ks, err := a.keyer.Status(kctx)
+	kcancel()
+	if err != nil {
+		st.KeyingError = "keying busy or stopped: " + err.Error()
+	}
+	for _, k := range ks {
+		if k.LastError != nil {
+			kerr[k.ULA] = k.LastError.Error()
 		}
 	}
 	for _, p := range peers {
@@ -323,11 +340,48 @@ func (a *Agent) Status(ctx context.Context) Status {
 	if lastErr != nil {
 		st.LastError = lastErr.Error()
 	}
-	st.Counters, _ = a.cfg.Dataplane.Stats(ctx)
+	if c, err := a.counters(ctx); err != nil {
+		st.CountersError = err.Error()
+	} else {
+		st.Counters = c
+	}
 	if r, ok := a.cfg.Dataplane.(controlplane.Repairer); ok {
 		if lr := r.LastRepair(); lr.Count > 0 {
 			st.Repair = &lr
 		}
 	}
 	return st
+}
+
+// statusWait bounds how long Status waits for a busy part.
+const statusWait = time.Second
+
+// errStatsBusy: an earlier Stats call has not returned yet.
+var errStatsBusy = errors.New("dataplane busy: counters unavailable")
+
+// counters reads the dataplane's counters for Status, giving up after
+// statusWait: a dataplane in a slow kernel call must not hang btmmctl. At
+// most one such read is outstanding.
+func (a *Agent) counters(ctx context.Context) ([]controlplane.PeerStats, error) {
+	if !a.statsBusy.CompareAndSwap(false, true) {
+		return nil, errStatsBusy
+	}
+	type result struct {
+		st  []controlplane.PeerStats
+		err error
+	}
+	ctx, cancel := context.WithTimeout(ctx, statusWait)
+	done := make(chan result, 1)
+	go func() {
+		defer cancel()
+		defer a.statsBusy.Store(false)
+		st, err := a.cfg.Dataplane.Stats(ctx)
+		done <- result{st, err}
+	}()
+	select {
+	case r := <-done:
+		return r.st, r.err
+	case <-ctx.Done():
+		return nil, errStatsBusy
+	}
 }

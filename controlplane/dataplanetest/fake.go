@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -16,11 +17,57 @@ import (
 
 // Fake is an in-memory Dataplane. The zero value is ready to use.
 type Fake struct {
-	mu     sync.Mutex
-	state  *controlplane.State
-	sets   int
-	failN  int
-	closed bool
+	mu      sync.Mutex
+	state   *controlplane.State
+	sets    int
+	failN   int
+	closed  bool
+	stall   chan struct{} // non-nil: Set waits for it to close
+	stalled chan struct{} // closed when a Set starts waiting on stall
+	tx      map[netip.Addr]uint64
+}
+
+// Stall makes every Set wait (before it validates or records anything)
+// until release is called or its context ends; it returns a channel that is
+// closed once a Set is waiting. Tests use it for a kernel call that hangs.
+func (f *Fake) Stall() (waiting <-chan struct{}, release func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	stall, stalled := make(chan struct{}), make(chan struct{})
+	f.stall, f.stalled = stall, stalled
+	var once sync.Once
+	return stalled, func() {
+		once.Do(func() {
+			f.mu.Lock()
+			if f.stall == stall {
+				f.stall = nil
+			}
+			f.mu.Unlock()
+			close(stall)
+		})
+	}
+}
+
+func (f *Fake) wait(ctx context.Context) error {
+	f.mu.Lock()
+	stall, stalled := f.stall, f.stalled
+	if stall != nil {
+		select {
+		case <-stalled:
+		default:
+			close(stalled)
+		}
+	}
+	f.mu.Unlock()
+	if stall == nil {
+		return nil
+	}
+	select {
+	case <-stall:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // FailNext makes the next n Set calls fail without changing anything.
@@ -35,7 +82,10 @@ var ErrInjected = errors.New("injected dataplane failure")
 
 // Set validates desired, then records it, reporting one Change per line of
 // the rendering that appeared or disappeared.
-func (f *Fake) Set(_ context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
+func (f *Fake) Set(ctx context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
+	if err := f.wait(ctx); err != nil {
+		return nil, err
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
@@ -67,14 +117,24 @@ func (f *Fake) Set(_ context.Context, desired *controlplane.State) ([]controlpla
 	return ch, nil
 }
 
-// Stats returns zero counters for every peer.
+// CountTx adds n sent packets to a peer's counters, as if ESP went out.
+func (f *Fake) CountTx(ula netip.Addr, n uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.tx == nil {
+		f.tx = map[netip.Addr]uint64{}
+	}
+	f.tx[ula] += n
+}
+
+// Stats returns the counters of every peer: zero, or what CountTx added.
 func (f *Fake) Stats(context.Context) ([]controlplane.PeerStats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var st []controlplane.PeerStats
 	if f.state != nil {
 		for _, p := range f.state.Peers {
-			st = append(st, controlplane.PeerStats{ULA: p.ULA})
+			st = append(st, controlplane.PeerStats{ULA: p.ULA, TxPackets: f.tx[p.ULA]})
 		}
 	}
 	return st, nil

@@ -108,6 +108,11 @@ type Server struct {
 	rate     *rateLimiter
 	refuse   refuseLimiter
 
+	// life ends when the server stops (Close, or the end of Start's
+	// context), so request handlers' store writes end with it.
+	life    context.Context
+	endLife context.CancelFunc
+
 	mu      sync.Mutex
 	started bool
 	closed  bool
@@ -136,6 +141,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{},
 		perClient: map[netip.Prefix]int{}}
 	s.verifier = &tsig.Verifier{Keys: s.keys, Fudge: time.Duration(cfg.TSIGFudge), Now: cfg.Now}
+	s.life, s.endLife = context.WithCancel(context.Background())
 	s.users = NewUsers(cfg.DataDir, cfg.Zone)
 	var addrs []netip.Addr
 	for _, a := range cfg.ServerAddrs {
@@ -262,6 +268,7 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 	}
 	s.started = true
 	ctx, s.cancel = context.WithCancel(ctx)
+	context.AfterFunc(ctx, s.endLife)
 	var addrs Addrs
 	fail := func(err error) (Addrs, error) {
 		s.closeListenersLocked()
@@ -401,6 +408,7 @@ func (s *Server) Close() error {
 	if s.cancel != nil {
 		s.cancel()
 	}
+	s.endLife()
 	s.closeListenersLocked()
 	for c := range s.conns {
 		c.c.Close()
@@ -655,7 +663,7 @@ func (s *Server) serveUpdate(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 		fail(err)
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(s.life, 10*time.Second)
 	defer cancel()
 	if _, err := s.store.Update(ctx, s.zone.Update(r, req)); err != nil {
 		var re *zone.RcodeError
