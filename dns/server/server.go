@@ -148,7 +148,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		addrs = append(addrs, netip.MustParseAddr(a))
 	}
 	z, err := zone.New(zone.Zone{Origin: cfg.Zone, ServerName: cfg.ServerName, ServerAddr: addrs,
-		Users: s.userNames, Ports: zone.Ports{}})
+		IsUser: s.isUser, Ports: zone.Ports{}})
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -198,15 +198,10 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	return s, nil
 }
 
-func (s *Server) userNames() []string {
-	var out []string
-	for _, n := range s.keys.Names() {
-		if u := s.zone.UserOf(n); u != "" && n == s.users.KeyName(u) {
-			out = append(out, u)
-		}
-	}
-	return out
-}
+// isUser reports whether user has a key loaded (its subdomain is then a
+// zone). A user added on disk while running is loaded at its key's first
+// use or at a reload.
+func (s *Server) isUser(user string) bool { return s.keys.Has(s.users.KeyName(user)) }
 
 // ReloadKeys re-reads the user key directory (after adduser / deluser).
 func (s *Server) ReloadKeys() error {

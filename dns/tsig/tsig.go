@@ -191,6 +191,14 @@ func (r *Keyring) Get(name string) (Key, bool) {
 	return k, ok
 }
 
+// Has reports whether the ring holds a key of this name (without asking Miss).
+func (r *Keyring) Has(name string) bool {
+	r.mu.RLock()
+	_, ok := r.keys[dns.CanonicalName(name)]
+	r.mu.RUnlock()
+	return ok
+}
+
 // Names returns the key names in the ring.
 func (r *Keyring) Names() []string {
 	r.mu.RLock()

@@ -50,7 +50,7 @@ func FuzzUpdate(f *testing.F) {
 		m.Insert([]dns.RR{rr("_x._tcp.alice.btmm.example. 60 IN SRV 0 0 22 h.alice.btmm.example.")})
 	})
 	f.Add([]byte{0, 1, 0x28, 0, 0, 1, 0, 0, 0, 1, 0, 0})
-	z, _ := New(Zone{Origin: "btmm.example.", Users: func() []string { return []string{"alice"} }})
+	z, _ := New(Zone{Origin: "btmm.example.", IsUser: func(u string) bool { return u == "alice" }})
 	view := mapView{}
 	r0 := rr("h.alice.btmm.example. 60 IN A 192.0.2.1")
 	view["h.alice.btmm.example."] = []store.Record{{RR: r0}}

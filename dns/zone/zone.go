@@ -5,10 +5,15 @@
 // §3.4) — as a pure function over a [store.View], so that one UPDATE
 // message commits atomically or not at all.
 //
-// The zone holds one subdomain per user (alice.btmm.example.). SOA, NS and
-// each user's discovery SRV records (_dns-update._udp, _dns-update-tls._tcp,
-// _dns-llq._udp, _dns-llq-tls._tcp, RFC 6281 §5.2) are synthesised from the
-// configuration and are not updatable.
+// Each user's subdomain (alice.btmm.example.) is a zone of its own, as in
+// Back to My Mac (RFC 6281 §5.2, where a client finds the zone of a name by
+// its SOA): SOA and NS at the user's apex (the parent, btmm.example., holds
+// the same NS as its delegation, and the glue of the server's name), the
+// user's SOA in the authority section of negative answers below it, and the
+// discovery SRV records (_dns-update._udp, _dns-update-tls._tcp,
+// _dns-llq._udp, _dns-llq-tls._tcp) at the user's apex. These are
+// synthesised from the configuration and are not updatable. An UPDATE may
+// name the parent zone or the user's zone.
 package zone
 
 import (
@@ -57,8 +62,10 @@ type Zone struct {
 	ServerName string          // primary name server, e.g. "ns.btmm.example."
 	ServerAddr []netip.Addr    // glue for ServerName when it is inside the zone
 	Ports      Ports           // for discovery SRV records
-	Users      func() []string // current user names (labels below Origin)
-	TTL        uint32          // TTL of synthesised records; default 300
+	// IsUser reports whether a label below Origin is a user (whose
+	// subdomain is then a zone of its own).
+	IsUser func(user string) bool
+	TTL    uint32 // TTL of synthesised records; default 300
 }
 
 // New validates and returns a zone.
@@ -74,8 +81,8 @@ func New(z Zone) (*Zone, error) {
 	if z.TTL == 0 {
 		z.TTL = 300
 	}
-	if z.Users == nil {
-		z.Users = func() []string { return nil }
+	if z.IsUser == nil {
+		z.IsUser = func(string) bool { return false }
 	}
 	return &z, nil
 }
@@ -104,13 +111,33 @@ func (z *Zone) UserOf(name string) string {
 // UserDomain returns the user's subdomain ("alice.btmm.example.").
 func (z *Zone) UserDomain(user string) string { return strings.ToLower(user) + "." + z.Origin }
 
-// SOA returns the zone's SOA with the given serial.
-func (z *Zone) SOA(serial uint32) *dns.SOA {
+// SOA returns the parent zone's SOA with the given serial.
+func (z *Zone) SOA(serial uint32) *dns.SOA { return z.soa(z.Origin, serial) }
+
+func (z *Zone) soa(apex string, serial uint32) *dns.SOA {
 	return &dns.SOA{
-		Hdr: dns.RR_Header{Name: z.Origin, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: z.TTL},
+		Hdr: dns.RR_Header{Name: apex, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: z.TTL},
 		Ns:  z.ServerName, Mbox: "hostmaster." + z.Origin,
 		Serial: serial, Refresh: 3600, Retry: 600, Expire: 86400, Minttl: 60,
 	}
+}
+
+// ZoneOf returns the apex of the zone holding name: the user's domain for
+// names at or below a user's, else the origin ("" outside).
+func (z *Zone) ZoneOf(name string) string {
+	if !z.InZone(name) {
+		return ""
+	}
+	if u := z.UserOf(name); u != "" && z.isUser(u) {
+		return z.UserDomain(u)
+	}
+	return z.Origin
+}
+
+// IsApex reports whether name is the apex of a zone we serve.
+func (z *Zone) IsApex(name string) bool {
+	name = strings.ToLower(dns.CanonicalName(name))
+	return name != "" && z.ZoneOf(name) == name
 }
 
 var discovery = []struct {
@@ -130,8 +157,10 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 	hdr := func(t uint16) dns.RR_Header {
 		return dns.RR_Header{Name: name, Rrtype: t, Class: dns.ClassINET, Ttl: z.TTL}
 	}
-	if name == z.Origin {
-		out = append(out, z.SOA(serial), &dns.NS{Hdr: hdr(dns.TypeNS), Ns: z.ServerName})
+	if z.IsApex(name) {
+		// The origin, or a user's zone: its SOA and NS (the NS at a
+		// user's apex is also the parent's delegation).
+		out = append(out, z.soa(name, serial), &dns.NS{Hdr: hdr(dns.TypeNS), Ns: z.ServerName})
 	}
 	if name == z.ServerName && z.InZone(name) {
 		for _, a := range z.ServerAddr {
@@ -153,14 +182,7 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 	return out
 }
 
-func (z *Zone) isUser(u string) bool {
-	for _, x := range z.Users() {
-		if strings.EqualFold(x, u) {
-			return true
-		}
-	}
-	return false
-}
+func (z *Zone) isUser(u string) bool { return u != "" && z.IsUser(strings.ToLower(u)) }
 
 // Protected reports whether name/type is managed by the server and so may
 // not be changed by an UPDATE.
@@ -226,16 +248,23 @@ func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
 	if q.Qclass != dns.ClassINET {
 		return rcodeErr(dns.RcodeNotAuth, "zone class %s not served", dns.Class(q.Qclass))
 	}
-	if !strings.EqualFold(dns.CanonicalName(q.Name), z.Origin) {
+	// The parent zone (btmm's own clients) or a user's zone (Apple's
+	// client, which names the zone it found by its SOA).
+	apex := strings.ToLower(dns.CanonicalName(q.Name))
+	if !z.IsApex(apex) {
 		return rcodeErr(dns.RcodeNotAuth, "not authoritative for zone %q", q.Name)
+	}
+	inZone := func(name string) bool { return dns.IsSubDomain(apex, dns.CanonicalName(name)) }
+	if apex != z.Origin && !req.Admin && !strings.EqualFold(z.UserOf(apex), req.User) {
+		return rcodeErr(dns.RcodeRefused, "key not authorized for zone %q", apex)
 	}
 	for _, rr := range m.Answer {
 		h := rr.Header()
 		if h.Ttl != 0 {
 			return rcodeErr(dns.RcodeFormatError, "prerequisite TTL must be 0")
 		}
-		if !z.InZone(h.Name) {
-			return rcodeErr(dns.RcodeNotZone, "prerequisite name %q outside zone", h.Name)
+		if !inZone(h.Name) {
+			return rcodeErr(dns.RcodeNotZone, "prerequisite name %q outside zone %s", h.Name, apex)
 		}
 		switch h.Class {
 		case dns.ClassANY, dns.ClassNONE:
@@ -252,8 +281,8 @@ func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
 	}
 	for _, rr := range m.Ns {
 		h := rr.Header()
-		if !z.InZone(h.Name) {
-			return rcodeErr(dns.RcodeNotZone, "update name %q outside zone", h.Name)
+		if !inZone(h.Name) {
+			return rcodeErr(dns.RcodeNotZone, "update name %q outside zone %s", h.Name, apex)
 		}
 		switch h.Class {
 		case dns.ClassINET:
@@ -467,11 +496,34 @@ func (z *Zone) Answer(v store.View, q dns.Question, now time.Time, resp *dns.Msg
 		}
 	}
 	if len(resp.Answer) > 0 {
+		z.glue(resp)
 		return
 	}
-	resp.Ns = append(resp.Ns, z.SOA(uint32(v.Rev())))
+	resp.Ns = append(resp.Ns, z.soa(z.ZoneOf(q.Name), uint32(v.Rev())))
 	if len(rrs) == 0 && !z.hasDescendant(v, q.Name) {
 		resp.Rcode = dns.RcodeNameError
+	}
+}
+
+// glue adds the server's addresses to the additional section when an NS or
+// SRV answer names it (the delegation's glue; what a client resolving a
+// discovery SRV needs next).
+func (z *Zone) glue(resp *dns.Msg) {
+	if !z.InZone(z.ServerName) {
+		return
+	}
+	for _, rr := range resp.Answer {
+		var target string
+		switch r := rr.(type) {
+		case *dns.NS:
+			target = r.Ns
+		case *dns.SRV:
+			target = r.Target
+		}
+		if strings.EqualFold(target, z.ServerName) {
+			resp.Extra = append(resp.Extra, z.Synth(z.ServerName, 0)...)
+			return
+		}
 	}
 }
 

@@ -2,6 +2,7 @@ package zone
 
 import (
 	"context"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -10,7 +11,7 @@ import (
 )
 
 func newZone(t testing.TB) *Zone {
-	z, err := New(Zone{Origin: "btmm.example.", Users: func() []string { return []string{"alice", "bob"} },
+	z, err := New(Zone{Origin: "btmm.example.", ServerAddr: []netip.Addr{netip.MustParseAddr("192.0.2.53")}, IsUser: func(u string) bool { return u == "alice" || u == "bob" },
 		Ports: Ports{UpdateUDP: 53, LLQUDP: 53, UpdateTLS: 853, LLQTLS: 853}})
 	if err != nil {
 		t.Fatal(err)
@@ -186,5 +187,87 @@ func TestAnswer(t *testing.T) {
 	}
 	if a := ask("example.org.", dns.TypeA); a.Rcode != dns.RcodeRefused {
 		t.Fatalf("out of zone: %v", a)
+	}
+}
+
+// TestZonePerUser: each user's domain answers as a zone of its own (issue:
+// Apple's client finds the zone of a name by its SOA, then the discovery
+// SRVs at that zone).
+func TestZonePerUser(t *testing.T) {
+	z := newZone(t)
+	s, _ := store.Open(t.TempDir())
+	defer s.Close()
+	now := time.Unix(1800000000, 0)
+	ask := func(name string, qt uint16) *dns.Msg {
+		m := new(dns.Msg)
+		m.SetQuestion(name, qt)
+		resp := new(dns.Msg)
+		resp.SetReply(m)
+		s.Read(func(v store.View) { z.Answer(v, m.Question[0], now, resp) })
+		return resp
+	}
+	soaOf := func(rrs []dns.RR) string {
+		for _, rr := range rrs {
+			if soa, ok := rr.(*dns.SOA); ok {
+				return soa.Hdr.Name
+			}
+		}
+		return ""
+	}
+	if a := ask("alice.btmm.example.", dns.TypeSOA); soaOf(a.Answer) != "alice.btmm.example." || !a.Authoritative {
+		t.Fatalf("SOA at the user's apex: %v", a)
+	}
+	a := ask("alice.btmm.example.", dns.TypeNS)
+	if len(a.Answer) != 1 || a.Answer[0].(*dns.NS).Ns != "ns.btmm.example." || len(a.Extra) != 1 {
+		t.Fatalf("NS at the user's apex with glue: %v", a)
+	}
+	// Negative answers below the user carry the user's SOA; the parent's
+	// carry the parent's.
+	if a := ask("laptop.alice.btmm.example.", dns.TypeSOA); a.Rcode != dns.RcodeNameError || soaOf(a.Ns) != "alice.btmm.example." {
+		t.Fatalf("NXDOMAIN below the user: %v", a)
+	}
+	if a := ask("_dns-update._udp.alice.btmm.example.", dns.TypeA); a.Rcode != dns.RcodeSuccess || soaOf(a.Ns) != "alice.btmm.example." {
+		t.Fatalf("NODATA at a discovery name: %v", a)
+	}
+	if a := ask("zed.btmm.example.", dns.TypeSOA); a.Rcode != dns.RcodeNameError || soaOf(a.Ns) != "btmm.example." {
+		t.Fatalf("NXDOMAIN in the parent: %v", a)
+	}
+	// The discovery SRVs at the zone found, with the server's glue.
+	a = ask("_dns-update._udp.alice.btmm.example.", dns.TypeSRV)
+	if len(a.Answer) != 1 || a.Answer[0].(*dns.SRV).Target != "ns.btmm.example." || len(a.Extra) != 1 {
+		t.Fatalf("SRV: %v", a)
+	}
+	if z.ZoneOf("x.y.alice.btmm.example.") != "alice.btmm.example." || z.ZoneOf("zed.btmm.example.") != "btmm.example." || z.ZoneOf("example.org.") != "" {
+		t.Fatal("ZoneOf")
+	}
+}
+
+func TestUpdateZoneSection(t *testing.T) {
+	z := newZone(t)
+	for _, tc := range []struct {
+		name  string
+		zone  string
+		rr    string
+		req   Request
+		rcode int
+	}{
+		{"parent zone", "btmm.example.", "h.alice.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeSuccess},
+		{"user's zone", "alice.btmm.example.", "h.alice.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeSuccess},
+		{"user's zone, case", "ALICE.btmm.example.", "h.alice.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeSuccess},
+		{"another user's zone", "bob.btmm.example.", "h.bob.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeRefused},
+		{"name outside the user's zone", "alice.btmm.example.", "h.bob.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeNotZone},
+		{"not a zone", "h.alice.btmm.example.", "h.alice.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeNotAuth},
+		{"unknown user", "zed.btmm.example.", "h.zed.btmm.example. 60 IN A 192.0.2.1", alice, dns.RcodeNotAuth},
+		{"SOA at the user's apex", "alice.btmm.example.", "alice.btmm.example. 60 IN SOA a. b. 1 2 3 4 5", alice, dns.RcodeRefused},
+		{"NS at the user's apex", "alice.btmm.example.", "alice.btmm.example. 60 IN NS evil.example.", alice, dns.RcodeRefused},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := new(dns.Msg)
+			m.SetUpdate(tc.zone)
+			m.Insert([]dns.RR{mustRR(t, tc.rr)})
+			if got := Rcode(z.CheckUpdate(wire(t, m), tc.req)); tc.rcode == dns.RcodeSuccess && z.CheckUpdate(wire(t, m), tc.req) != nil || tc.rcode != dns.RcodeSuccess && got != tc.rcode {
+				t.Fatalf("rcode %s, want %s (%v)", dns.RcodeToString[got], dns.RcodeToString[tc.rcode], z.CheckUpdate(wire(t, m), tc.req))
+			}
+		})
 	}
 }
