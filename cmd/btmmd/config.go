@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"strings"
@@ -48,6 +49,9 @@ type Config struct {
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
 	LogLevel      string `toml:"log_level"`      // debug, info (default), warn, error
+
+	path  string         // the file it was loaded from (reload reads it again)
+	level *slog.LevelVar // the running log level (reload sets it)
 }
 
 func loadConfig(path string) (*Config, error) {
@@ -59,6 +63,7 @@ func loadConfig(path string) (*Config, error) {
 	if und := md.Undecoded(); len(und) > 0 {
 		return nil, fmt.Errorf("config %s: unknown keys %v", path, und)
 	}
+	c.path = path
 	return &c, c.fill()
 }
 

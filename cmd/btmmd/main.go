@@ -24,6 +24,7 @@ import (
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 	"github.com/btmm/btmm/ebpf"
 	"github.com/btmm/btmm/xfrm"
@@ -58,17 +59,28 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "btmmd: log_level:", err)
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	cfg.level = new(slog.LevelVar)
+	cfg.level.Set(level)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: cfg.level}))
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP) // reload (systemd.go), never the default: exit leaving state behind
+	defer signal.Stop(hup)
+	unlock, err := preflight(cfg)
+	if err != nil {
+		fmt.Fprintln(stderr, "btmmd:", err)
+		return 1
+	}
+	defer unlock()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if err := serve(ctx, cfg, log); err != nil {
+	if err := serve(ctx, cfg, log, hup); err != nil {
 		log.Error("btmmd stopped", "err", err)
 		return 1
 	}
 	return 0
 }
 
-func serve(ctx context.Context, cfg *Config, log *slog.Logger) error {
+func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Signal) error {
 	id, err := identity.Load(identity.Config{StatePath: cfg.StateFile})
 	if err != nil {
 		return err
@@ -110,7 +122,8 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) error {
 		Dataplane: dp, DataplaneName: cfg.Tunnel.Dataplane, Transport: conn, Auth: auth, Principal: principal,
 		Register: regCfg, KernelEvents: kernelEvents, Logger: log,
 	}
-	ac.Peers, ac.Rebind = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
+	var llqStatus func() (llqclient.Status, bool)
+	ac.Peers, ac.Rebind, llqStatus = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
 	if cfg.NAT.Mode == "off" {
 		ac.External = netip.MustParseAddrPort(cfg.NAT.External)
 	} else {
@@ -123,6 +136,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger) error {
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go newService(cfg, a, llqStatus, &reloader{cfg: cfg, level: cfg.level, key: key, auth: auth}, log).run(ctx, hup)
 	ctlErr := make(chan error, 1)
 	go func() {
 		err := agent.ServeControl(ctx, cfg.ControlSocket, a)

@@ -16,8 +16,9 @@ import (
 
 // peersFunc tracks the user's other hosts with Long-Lived Queries (package
 // llqclient, falling back to polling) through package peers. rebind sets the
-// LLQs up again after our address changed.
-func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger) (run agent.PeersFunc, rebind func()) {
+// LLQs up again after our address changed; llq reports the LLQ client's
+// state (false before it exists).
+func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger) (run agent.PeersFunc, rebind func(), llq func() (llqclient.Status, bool)) {
 	var mu sync.Mutex
 	var current *llqclient.Client
 	rebind = func() {
@@ -26,6 +27,14 @@ func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger)
 		if current != nil {
 			current.Rebind()
 		}
+	}
+	llq = func() (llqclient.Status, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if current == nil {
+			return llqclient.Status{}, false
+		}
+		return current.Status(), true
 	}
 	return func(ctx context.Context, report func(agent.PeerEvent)) error {
 		lc, err := llqclient.New(llqclient.Config{Server: cfg.DNS.Server, Domain: cfg.Domain, Resolver: cfg.DNS.Resolver, Key: key, TLS: tc}, log)
@@ -49,5 +58,5 @@ func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger)
 		}
 		cancel()
 		return errors.Join(<-errc, <-errc)
-	}, rebind
+	}, rebind, llq
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -43,6 +44,7 @@ type acceptance struct {
 // Any holder of the secret can claim any of the user's ULAs: PSK mode trusts
 // every host that has the file.
 type PSK struct {
+	mu     sync.RWMutex // guards secret, which Rotate replaces
 	secret []byte
 	// MaxClockSkew bounds how old an INIT may be (default 5 min); INITs are
 	// remembered that long, so a replayed INIT is refused.
@@ -86,7 +88,22 @@ func NewPSK(secret []byte) (*PSK, error) {
 func (p *PSK) Mode() Mode { return ModePSK }
 
 // String never shows the secret.
-func (p *PSK) String() string { return fmt.Sprintf("psk([%d bytes redacted])", len(p.secret)) }
+func (p *PSK) String() string { return fmt.Sprintf("psk([%d bytes redacted])", len(p.get())) }
+
+func (p *PSK) get() []byte {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.secret
+}
+
+// Rotate makes p use next's secret for exchanges from now on (a PSK file
+// re-read on SIGHUP); SAs already keyed keep their keys until their rekey.
+func (p *PSK) Rotate(next *PSK) {
+	s := next.get()
+	p.mu.Lock()
+	p.secret = s
+	p.mu.Unlock()
+}
 
 func (p *PSK) skew() time.Duration {
 	if p.MaxClockSkew > 0 {
@@ -96,7 +113,7 @@ func (p *PSK) skew() time.Duration {
 }
 
 func (p *PSK) initiate(_ context.Context, _ PeerConfig, now time.Time) (*initiation, error) {
-	return &initiation{secret: p.secret, time: now.Unix(), checkReply: func(*Message) error { return nil }}, nil
+	return &initiation{secret: p.get(), time: now.Unix(), checkReply: func(*Message) error { return nil }}, nil
 }
 
 func (p *PSK) accept(m *Message, _ PeerConfig, now time.Time) (*acceptance, error) {
@@ -108,7 +125,7 @@ func (p *PSK) accept(m *Message, _ PeerConfig, now time.Time) (*acceptance, erro
 		return nil, fmt.Errorf("%w: INIT sent at %v, our clock says %v (allowed skew %v)", ErrClockSkew, sent.UTC(), now.UTC(), p.skew())
 	}
 	return &acceptance{
-		secret:      p.secret,
+		secret:      p.get(),
 		replayKey:   "psk " + hex.EncodeToString(m.Nonce),
 		replayUntil: sent.Add(p.skew() + time.Second),
 	}, nil

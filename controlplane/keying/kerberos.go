@@ -42,6 +42,8 @@ type Kerberos struct {
 	// MaxClockSkew is the accepted clock difference (default 5 min, as MIT).
 	MaxClockSkew time.Duration
 
+	ktMu sync.RWMutex // guards Keytab after the first exchange (SetKeytab)
+
 	mu      sync.Mutex
 	tgt     *ticket
 	tickets map[string]*ticket // by service principal
@@ -67,11 +69,30 @@ func (t *ticket) fresh(now time.Time) bool {
 // Mode reports ModeKerberos.
 func (k *Kerberos) Mode() Mode { return ModeKerberos }
 
+// keytab returns the keytab in use.
+func (k *Kerberos) keytab() *keytab.Keytab {
+	k.ktMu.RLock()
+	defer k.ktMu.RUnlock()
+	return k.Keytab
+}
+
+// SetKeytab makes k use kt from the next exchange on (a keytab re-read on
+// SIGHUP, e.g. after the host's key was changed with kadmin ktadd). Tickets
+// already obtained stay valid until they expire.
+func (k *Kerberos) SetKeytab(kt *keytab.Keytab) {
+	k.ktMu.Lock()
+	k.Keytab = kt
+	k.ktMu.Unlock()
+	k.mu.Lock()
+	k.tgt = nil // the next TGT comes from the new key
+	k.mu.Unlock()
+}
+
 // String names the principal; it never prints the keytab's keys.
 func (k *Kerberos) String() string {
 	n := 0
-	if k.Keytab != nil {
-		n = len(k.Keytab.Entries)
+	if kt := k.keytab(); kt != nil {
+		n = len(kt.Entries)
 	}
 	return fmt.Sprintf("kerberos(%s, keytab=[%d entries redacted])", k.Principal, n)
 }
@@ -99,7 +120,7 @@ func (k *Kerberos) principal(s string) (types.PrincipalName, string) {
 }
 
 func (k *Kerberos) check() error {
-	if k.Keytab == nil || k.Krb5Conf == nil || k.Principal == "" {
+	if k.keytab() == nil || k.Krb5Conf == nil || k.Principal == "" {
 		return errors.New("kerberos keying needs Principal, Keytab and Krb5Conf")
 	}
 	return nil
@@ -114,7 +135,7 @@ func (k *Kerberos) serviceTicket(spn string, now time.Time) (*ticket, error) {
 		return t, nil
 	}
 	cname, realm := k.principal(k.Principal)
-	cl := client.NewWithKeytab(cname.PrincipalNameString(), realm, k.Keytab, k.Krb5Conf, client.DisablePAFXFAST(true))
+	cl := client.NewWithKeytab(cname.PrincipalNameString(), realm, k.keytab(), k.Krb5Conf, client.DisablePAFXFAST(true))
 	if !k.tgt.fresh(now) {
 		asReq, err := messages.NewASReqForTGT(realm, k.Krb5Conf, cname)
 		if err != nil {
@@ -268,7 +289,7 @@ func (k *Kerberos) accept(m *Message, peer PeerConfig, now time.Time) (*acceptan
 		return nil, fmt.Errorf("%w: ticket is for %s@%s, this host is %s@%s", ErrUnknownPrincipal,
 			req.Ticket.SName.PrincipalNameString(), req.Ticket.Realm, us.PrincipalNameString(), realm)
 	}
-	if err := req.Ticket.DecryptEncPart(k.Keytab, &us); err != nil {
+	if err := req.Ticket.DecryptEncPart(k.keytab(), &us); err != nil {
 		return nil, fmt.Errorf("%w: cannot decrypt the ticket for %s (kvno %d) with our keytab: %v", ErrWrongKeytab,
 			us.PrincipalNameString(), req.Ticket.EncPart.KVNO, err)
 	}

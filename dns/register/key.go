@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"sync"
 
 	"github.com/miekg/dns"
 )
@@ -17,7 +18,9 @@ import (
 type Key struct {
 	Name      string // fully qualified key name, e.g. "alice.btmm.example."
 	Algorithm string // miekg/dns algorithm name, e.g. dns.HmacSHA256
-	secret    string // base64, as in the key file
+
+	mu     sync.RWMutex // guards secret, which Rotate replaces
+	secret string       // base64, as in the key file
 }
 
 // NewKey builds a key from its parts; secret is base64.
@@ -45,10 +48,31 @@ func (k *Key) String() string {
 }
 
 // Secrets is the map miekg/dns's Client.TsigSecret and Conn.TsigSecret want.
-func (k *Key) Secrets() map[string]string { return map[string]string{k.Name: k.secret} }
+func (k *Key) Secrets() map[string]string { return map[string]string{k.Name: k.Secret()} }
 
 // Secret returns the base64 secret, for dns.TsigGenerate / dns.TsigVerify.
-func (k *Key) Secret() string { return k.secret }
+func (k *Key) Secret() string {
+	k.mu.RLock()
+	defer k.mu.RUnlock()
+	return k.secret
+}
+
+// ErrKeyIdentity is returned by Rotate for a key with another name or
+// algorithm: those are part of the configuration, not of the secret.
+var ErrKeyIdentity = errors.New("key name or algorithm differs")
+
+// Rotate makes k sign with next's secret from now on (a key file re-read on
+// SIGHUP). next must have k's name and algorithm; k is unchanged otherwise.
+func (k *Key) Rotate(next *Key) error {
+	if next.Name != k.Name || next.Algorithm != k.Algorithm {
+		return fmt.Errorf("rotate %s to %s: %w", k, next, ErrKeyIdentity)
+	}
+	s := next.Secret()
+	k.mu.Lock()
+	k.secret = s
+	k.mu.Unlock()
+	return nil
+}
 
 // BINDAlgorithm is the algorithm's name in BIND's key syntax.
 func (k *Key) BINDAlgorithm() string {
@@ -62,7 +86,7 @@ func (k *Key) BINDAlgorithm() string {
 // MarshalBIND renders the key in BIND's syntax (it contains the secret:
 // write it only to a 0600 file).
 func (k *Key) MarshalBIND() string {
-	return fmt.Sprintf("key %q {\n\talgorithm %s;\n\tsecret %q;\n};\n", strings.TrimSuffix(k.Name, "."), k.BINDAlgorithm(), k.secret)
+	return fmt.Sprintf("key %q {\n\talgorithm %s;\n\tsecret %q;\n};\n", strings.TrimSuffix(k.Name, "."), k.BINDAlgorithm(), k.Secret())
 }
 
 // ErrKeyFileMode is returned for a key file group or others may read.
@@ -137,6 +161,6 @@ func ParseKeys(data []byte) ([]*Key, error) {
 // built-in one it also does hmac-md5, which `btmm-dnsd adduser` can issue;
 // the HMACs are package tsig's, the server's own.
 func (k *Key) Provider() dns.TsigProvider {
-	raw, _ := base64.StdEncoding.DecodeString(k.secret) // checked by NewKey
+	raw, _ := base64.StdEncoding.DecodeString(k.Secret()) // checked by NewKey
 	return tsig.Key{Name: k.Name, Algorithm: k.Algorithm, Secret: raw}.Provider()
 }

@@ -1,6 +1,7 @@
 package register
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -117,4 +118,27 @@ func FuzzParseKeys(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestKeyRotate(t *testing.T) {
+	k, _ := NewKey("alice.btmm.example.", "hmac-sha256", "c2VjcmV0LW9uZQ==")
+	next, _ := NewKey("alice.btmm.example.", "hmac-sha256", "c2VjcmV0LXR3bw==")
+	if err := k.Rotate(next); err != nil || k.Secret() != "c2VjcmV0LXR3bw==" {
+		t.Fatalf("Rotate: %v, secret now %q", err, k.Secret())
+	}
+	for _, bad := range []*Key{
+		must(NewKey("bob.btmm.example.", "hmac-sha256", "eA==")),
+		must(NewKey("alice.btmm.example.", "hmac-sha512", "eA==")),
+	} {
+		if err := k.Rotate(bad); !errors.Is(err, ErrKeyIdentity) || k.Secret() != "c2VjcmV0LXR3bw==" {
+			t.Errorf("Rotate(%s) = %v, secret %q: want ErrKeyIdentity and no change", bad, err, k.Secret())
+		}
+	}
+}
+
+func must(k *Key, err error) *Key {
+	if err != nil {
+		panic(err)
+	}
+	return k
 }

@@ -1,0 +1,39 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/btmm/btmm/controlplane/kernelprobe"
+	"github.com/btmm/btmm/internal/testenv"
+)
+
+// TestStartWithoutESP: on a kernel without ESP (this project's development
+// kernel) btmmd's default dataplane refuses to start, naming the missing
+// feature and the alternatives, before it touches anything.
+func TestStartWithoutESP(t *testing.T) {
+	testenv.RequireNetNS(t)
+	if kernelprobe.Probe(kernelprobe.ESP) == nil {
+		t.Skip("this kernel has ESP: nothing to refuse (the VM tier's e2e tests start btmmd on it)")
+	}
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "btmmd.toml")
+	os.WriteFile(conf, []byte("domain = \"alice.btmm.example.\"\ncontrol_socket = \""+dir+"/btmmd.sock\"\n[dns]\nkey_file = \"/nonexistent\"\n"), 0o644)
+	var stdout, stderr bytes.Buffer
+	code := run([]string{"-config", conf}, &stdout, &stderr)
+	msg := stderr.String()
+	if code != 1 || strings.Count(strings.TrimSpace(msg), "\n") != 0 {
+		t.Fatalf("exit %d, want 1 with a one-line message; stderr:\n%s", code, msg)
+	}
+	for _, want := range []string{"tunnel.dataplane xfrm needs ESP in the kernel", "modprobe -a esp4 esp6", "ebpf-cleartext", "WITHOUT ENCRYPTION"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("message lacks %q: %s", want, msg)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "btmmd.pid")); !os.IsNotExist(err) {
+		t.Errorf("the refused start left its pid file behind: %v", err)
+	}
+}

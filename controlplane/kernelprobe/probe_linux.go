@@ -1,0 +1,86 @@
+// Package kernelprobe asks the running Linux kernel, not its version number,
+// whether it has the facilities btmm's dataplanes need: XFRM ESP states with
+// the AEAD and the CBC+HMAC transforms (esp4/esp6, RFC 4106 GCM), xfrm
+// interfaces. Each probe creates the object in a fresh, unnamed network
+// namespace on a locked OS thread and throws the namespace away, so the
+// caller's own kernel state is never touched.
+package kernelprobe
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"runtime"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+// Feature is a kernel facility.
+type Feature string
+
+// Features probed.
+const (
+	ESP       Feature = "esp"             // ESP states (esp4/esp6) with cbc(aes)+hmac(sha256), UDP-encapsulated
+	GCM       Feature = "gcm"             // the rfc4106(gcm(aes)) AEAD for ESP
+	XfrmIface Feature = "xfrm-interfaces" // xfrm interfaces (if_id)
+)
+
+// All lists every feature, in the order netcheck shows them.
+var All = []Feature{ESP, GCM, XfrmIface}
+
+var probers = map[Feature]func(h *netlink.Handle) error{
+	ESP: func(h *netlink.Handle) error {
+		return h.XfrmStateAdd(&netlink.XfrmState{Src: net.ParseIP("10.255.0.1"), Dst: net.ParseIP("10.255.0.2"),
+			Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Spi: 0x101,
+			Crypt: &netlink.XfrmStateAlgo{Name: "cbc(aes)", Key: make([]byte, 16)},
+			Auth:  &netlink.XfrmStateAlgo{Name: "hmac(sha256)", Key: make([]byte, 32), TruncateLen: 128},
+			Encap: &netlink.XfrmStateEncap{Type: netlink.XFRM_ENCAP_ESPINUDP, SrcPort: 4500, DstPort: 4500, OriginalAddress: net.IPv4zero}})
+	},
+	GCM: func(h *netlink.Handle) error {
+		return h.XfrmStateAdd(&netlink.XfrmState{Src: net.ParseIP("10.255.0.1"), Dst: net.ParseIP("10.255.0.2"),
+			Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TUNNEL, Spi: 0x100,
+			Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: make([]byte, 20), ICVLen: 128}})
+	},
+	XfrmIface: func(h *netlink.Handle) error {
+		return h.LinkAdd(&netlink.Xfrmi{LinkAttrs: netlink.LinkAttrs{Name: "probexi"}, Ifid: 7})
+	},
+}
+
+// Probe reports whether the kernel has f (nil) or the kernel's refusal.
+// It needs CAP_SYS_ADMIN (a new namespace) and CAP_NET_ADMIN.
+func Probe(f Feature) error {
+	p, ok := probers[f]
+	if !ok {
+		return fmt.Errorf("kernelprobe: unknown feature %q", f)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // not unlocked: a thread stuck in the throwaway namespace dies with this goroutine
+		orig, err := netns.Get()
+		if err != nil {
+			errc <- fmt.Errorf("probe %s: %w", f, err)
+			return
+		}
+		defer orig.Close()
+		ns, err := netns.New()
+		if err != nil {
+			errc <- fmt.Errorf("probe %s: new network namespace: %w", f, err)
+			return
+		}
+		defer ns.Close()
+		h, err := netlink.NewHandleAt(ns)
+		if err == nil {
+			err = p(h)
+			h.Close()
+		}
+		if serr := netns.Set(orig); serr != nil {
+			err = errors.Join(err, serr)
+			errc <- err
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- err
+	}()
+	return <-errc
+}
