@@ -665,4 +665,3 @@ func (s *Server) Allocations() []AllocationStatus {
 	slices.SortFunc(out, func(a, b AllocationStatus) int { return int(a.Port) - int(b.Port) })
 	return out
 }
-
