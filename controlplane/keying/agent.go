@@ -152,6 +152,22 @@ type keyed struct {
 	ticketEnd time.Time
 	rekeyAt   time.Time
 	confirmed bool // responder: the initiator confirmed it installed these
+	// MOVED announcements under this pair: the last number we sent, and
+	// the highest we accepted from the peer (with its source address, so a
+	// retransmission is answered and a replay from elsewhere is not).
+	movedOut    uint64
+	movedIn     uint64
+	movedInFrom netip.AddrPort
+}
+
+// announcement is a MOVED being sent to one peer until it is acknowledged.
+type announcement struct {
+	exchange [8]byte // of the SA pair whose keys sign it
+	seq      uint64
+	sent     []byte // the MOVED as last sent (transcript of the MOVED_ACK)
+	tries    int
+	rto      time.Duration
+	nextTx   time.Time
 }
 
 type heldSA struct {
@@ -189,6 +205,7 @@ type peer struct {
 	installedOut controlplane.SA // the Out the dataplane has (may lag cur.out until CONFIRM)
 	held         []heldSA
 	ex           *exchange
+	moved        *announcement // our MOVED awaiting its MOVED_ACK
 	nextAttempt  time.Time
 	backoff      time.Duration
 	lastErr      error
@@ -271,6 +288,30 @@ func (a *Agent) Rekey(ctx context.Context, ula netip.Addr) error {
 		return derr
 	}
 	return err
+}
+
+// Moved tells every keyed peer that this host's outer address changed: it
+// sends each one an authenticated MOVED from the tunnel socket (so from the
+// new address and through the new NAT), retransmitted like an INIT until
+// the peer acknowledges it. The peer verifies it with the current SA pair's
+// keying material and moves its SAs to the address the MOVED came from, with
+// no rekey and no DNS round trip. Peers not keyed yet (or in backoff after a
+// failure on the old network) are keyed again at once.
+func (a *Agent) Moved(ctx context.Context) error {
+	return a.do(ctx, func() {
+		now := a.cfg.Now()
+		for _, p := range a.peers {
+			if p.cur == nil {
+				if p.ex == nil {
+					p.nextAttempt, p.backoff = now, 0
+				}
+				continue
+			}
+			p.cur.movedOut++
+			p.moved = &announcement{exchange: p.cur.exchange, seq: p.cur.movedOut}
+			a.sendMoved(p, now, true)
+		}
+	})
 }
 
 // Status returns every peer's keying state.
@@ -409,6 +450,25 @@ func (a *Agent) tick() time.Time {
 			}
 			for _, h := range p.held {
 				next = earliest(next, h.until)
+			}
+		}
+		if an := p.moved; an != nil {
+			if p.cur == nil {
+				p.moved = nil
+			} else {
+				if p.cur.exchange != an.exchange {
+					// Rekeyed meanwhile: announce under the new pair
+					// (the peer may have answered the exchange from a
+					// cache without learning our address).
+					p.cur.movedOut++
+					an.exchange, an.seq = p.cur.exchange, p.cur.movedOut
+				}
+				if !now.Before(an.nextTx) {
+					a.sendMoved(p, now, false)
+				}
+				if p.moved != nil {
+					next = earliest(next, p.moved.nextTx)
+				}
 			}
 		}
 		if ex := p.ex; ex != nil {
@@ -587,7 +647,96 @@ func (a *Agent) onDatagram(d datagram) {
 		a.onDelete(&m, d)
 	case MsgError:
 		a.onError(&m, d)
+	case MsgMoved:
+		a.onMoved(&m, d)
+	case MsgMovedAck:
+		a.onMovedAck(&m, d)
 	}
+}
+
+// sendMoved (re)transmits p's MOVED, signed with the current pair's
+// material, on the INIT schedule; after the last retransmission it gives up
+// (the peer still follows through DNS).
+func (a *Agent) sendMoved(p *peer, now time.Time, first bool) {
+	an := p.moved
+	if first {
+		an.tries, an.rto = 0, a.cfg.RetransmitBase
+	} else {
+		if an.tries >= a.cfg.Retransmits {
+			a.log().Warn("keying: peer did not acknowledge our move; it will follow our DNS records", "peer", p.cfg.Name, "outer", p.outer)
+			p.moved = nil
+			return
+		}
+		an.tries++
+		an.rto = min(2*an.rto, a.cfg.RetransmitMax)
+	}
+	an.nextTx = now.Add(an.rto)
+	m := &Message{Type: MsgMoved, Mode: a.cfg.Auth.Mode(), Exchange: an.exchange, ULA: a.cfg.ULA, Seq: an.seq}
+	b, err := sign(m, p.cur.mat.macKey(MsgMoved), nil)
+	if err != nil {
+		a.log().Warn("keying: build MOVED", "peer", p.cfg.Name, "err", err)
+		p.moved = nil
+		return
+	}
+	an.sent = b
+	if err := a.cfg.Transport.WriteKeying(b, p.outer); err != nil {
+		a.log().Debug("keying: send MOVED failed", "peer", p.cfg.Name, "err", err)
+	}
+}
+
+// onMoved follows a keyed peer to the address its MOVED came from. The MOVED
+// must verify under the current SA pair and carry a number above any
+// accepted before; the source address itself is not authenticated (a NAT
+// rewrites it), as with ESP's own NAT-T mapping updates.
+func (a *Agent) onMoved(m *Message, d datagram) {
+	p := a.peers[m.ULA]
+	if p == nil || p.cur == nil || p.cur.exchange != m.Exchange || m.Seq == 0 {
+		a.log().Debug("keying: MOVED for no current SA pair", "ula", m.ULA, "from", d.from)
+		return
+	}
+	k := p.cur
+	if err := verify(m, d.b, k.mat.macKey(MsgMoved), nil); err != nil {
+		a.log().Warn("keying: ignored bad MOVED", "peer", p.cfg.Name, "from", d.from, "err", err)
+		return
+	}
+	switch {
+	case m.Seq < k.movedIn || m.Seq == k.movedIn && d.from != k.movedInFrom:
+		a.log().Warn("keying: ignored replayed MOVED", "peer", p.cfg.Name, "from", d.from, "seq", m.Seq, "accepted", k.movedIn)
+		return
+	case m.Seq > k.movedIn:
+		if p.outer != d.from {
+			old := p.outer
+			p.outer = d.from
+			if err := a.installKeyed(p, k, p.installedOut); err != nil {
+				p.outer = old
+				a.log().Warn("keying: moving SAs to the peer's new address failed", "peer", p.cfg.Name, "outer", d.from, "err", err)
+				return // no ACK: the peer retransmits, we retry
+			}
+			a.log().Info("keying: peer moved", "peer", p.cfg.Name, "ula", p.cfg.ULA, "from", old, "to", d.from)
+		}
+		k.movedIn, k.movedInFrom = m.Seq, d.from
+	}
+	ack := &Message{Type: MsgMovedAck, Mode: a.cfg.Auth.Mode(), Exchange: m.Exchange, ULA: a.cfg.ULA, Seq: m.Seq}
+	b, err := sign(ack, k.mat.macKey(MsgMovedAck), d.b)
+	if err != nil {
+		return
+	}
+	if err := a.cfg.Transport.WriteKeying(b, d.from); err != nil {
+		a.log().Debug("keying: send MOVED_ACK failed", "peer", p.cfg.Name, "err", err)
+	}
+}
+
+func (a *Agent) onMovedAck(m *Message, d datagram) {
+	p := a.peers[m.ULA]
+	if p == nil || p.moved == nil || p.cur == nil || p.cur.exchange != m.Exchange || p.moved.exchange != m.Exchange || m.Seq != p.moved.seq {
+		return
+	}
+	if err := verify(m, d.b, p.cur.mat.macKey(MsgMovedAck), p.moved.sent); err != nil {
+		a.log().Warn("keying: ignored bad MOVED_ACK", "peer", p.cfg.Name, "from", d.from, "err", err)
+		return
+	}
+	a.log().Debug("keying: peer acknowledged our move", "peer", p.cfg.Name, "seq", m.Seq)
+	p.moved = nil
 }
 
 // answerFromCache resends the reply to a retransmitted request.
@@ -929,7 +1078,7 @@ func (a *Agent) remove(p *peer) {
 	if err := a.cfg.Installer.Remove(ctx, p.cfg.ULA); err != nil {
 		a.log().Warn("keying: remove failed", "peer", p.cfg.Name, "err", err)
 	}
-	p.cur, p.held, p.installedOut = nil, nil, controlplane.SA{}
+	p.cur, p.held, p.installedOut, p.moved = nil, nil, controlplane.SA{}, nil
 }
 
 func (a *Agent) sendDelete(p *peer) {

@@ -12,6 +12,8 @@
 //	ACK     R -> I  MAC   (I may drop its old inbound SA after a short hold)
 //	DELETE  either  SPIs; MAC (on shutdown)
 //	ERROR   R -> I  code, text (unauthenticated: ends an attempt, changes no SA)
+//	MOVED   either  ULA, seq; MAC under the current pair (the sender's address changed)
+//	MOVED_ACK       ULA, seq; MAC (over the MOVED too)
 //
 // ESP keys are HKDF-SHA-256 (RFC 5869) of the Kerberos subkey (or the
 // pre-shared key), salted with both nonces, bound to both SPIs, both ULAs and

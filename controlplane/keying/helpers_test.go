@@ -66,9 +66,10 @@ func (e *memEP) WriteKeying(b []byte, to netip.AddrPort) error {
 	e.n.mu.Lock()
 	tap := e.n.tap
 	dst := e.n.eps[to]
+	from := e.addr
 	e.n.mu.Unlock()
 	if tap != nil {
-		if b = tap(e.addr, to, b); b == nil {
+		if b = tap(from, to, b); b == nil {
 			return nil
 		}
 	}
@@ -76,10 +77,20 @@ func (e *memEP) WriteKeying(b []byte, to netip.AddrPort) error {
 		return nil // nobody there: lost, like UDP
 	}
 	select {
-	case dst.ch <- memPkt{b, e.addr}:
+	case dst.ch <- memPkt{b, from}:
 	default:
 	}
 	return nil
+}
+
+// move gives e a new address (the host moved): it sends from it and
+// receives on it from now on.
+func (n *memNet) move(e *memEP, to netip.AddrPort) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.eps, e.addr)
+	e.addr = to
+	n.eps[to] = e
 }
 
 func (e *memEP) ReadKeying(b []byte) (int, netip.AddrPort, error) {

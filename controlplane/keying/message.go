@@ -21,13 +21,19 @@ type MsgType uint8
 // that the initiator has installed them (so the responder may switch its
 // outbound SA without losing packets); DELETE tears a pair down; ERROR
 // reports why an INIT was refused (unauthenticated: a hint, never trusted).
+// MOVED tells a keyed peer that the sender's outer address changed (its
+// source address is the new one); MOVED_ACK confirms it. Both carry a MAC
+// under the current SA pair's keying material: the peer moves the SAs to
+// the new address (no rekey) only if it verifies.
 const (
-	MsgInit    MsgType = 1
-	MsgResp    MsgType = 2
-	MsgConfirm MsgType = 3
-	MsgAck     MsgType = 4
-	MsgDelete  MsgType = 5
-	MsgError   MsgType = 6
+	MsgInit     MsgType = 1
+	MsgResp     MsgType = 2
+	MsgConfirm  MsgType = 3
+	MsgAck      MsgType = 4
+	MsgDelete   MsgType = 5
+	MsgError    MsgType = 6
+	MsgMoved    MsgType = 7
+	MsgMovedAck MsgType = 8
 )
 
 func (t MsgType) String() string {
@@ -44,6 +50,10 @@ func (t MsgType) String() string {
 		return "DELETE"
 	case MsgError:
 		return "ERROR"
+	case MsgMoved:
+		return "MOVED"
+	case MsgMovedAck:
+		return "MOVED_ACK"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -107,6 +117,7 @@ const (
 	attrTicketEnd = 9
 	attrError     = 10
 	attrSPIs      = 11
+	attrSeq       = 12
 	attrMAC       = 255
 )
 
@@ -144,6 +155,7 @@ type Message struct {
 	Code      ErrorCode  // ERROR
 	Text      string     // ERROR: human-readable reason (never secrets)
 	SPIs      []uint32   // DELETE: the SPIs being deleted
+	Seq       uint64     // MOVED, MOVED_ACK: the sender's announcement number for this SA pair
 	MAC       []byte     // HMAC-SHA-256, 32 bytes
 }
 
@@ -228,6 +240,9 @@ func (m *Message) Marshal() ([]byte, error) {
 		}
 		attr(attrSPIs, v)
 	}
+	if m.Seq != 0 {
+		attr(attrSeq, binary.BigEndian.AppendUint64(nil, m.Seq))
+	}
 	if m.MAC != nil {
 		if len(m.MAC) != macLen {
 			return nil, fmt.Errorf("marshal %v: MAC is %d bytes, want %d", m.Type, len(m.MAC), macLen)
@@ -265,7 +280,7 @@ func (m *Message) unmarshal(b []byte) error {
 		return fmt.Errorf("version %d, this host speaks %d", b[0], Version)
 	}
 	m.Type = MsgType(b[1])
-	if m.Type < MsgInit || m.Type > MsgError {
+	if m.Type < MsgInit || m.Type > MsgMovedAck {
 		return fmt.Errorf("unknown message type %d", b[1])
 	}
 	m.Mode = Mode(b[2])
@@ -368,6 +383,13 @@ func (m *Message) unmarshal(b []byte) error {
 					return errors.New("SPI 0 in list")
 				}
 				m.SPIs = append(m.SPIs, s)
+			}
+		case attrSeq:
+			if err := fixed(8); err != nil {
+				return err
+			}
+			if m.Seq = binary.BigEndian.Uint64(v); m.Seq == 0 {
+				return errors.New("sequence number 0")
 			}
 		case attrMAC:
 			if err := fixed(macLen); err != nil {

@@ -67,6 +67,24 @@ var golden = []struct {
 		hex: `01 05 01 00 1111111111111111 03 0010 fd000000000000000000000000000002 0b 0008 00000100 deadbeef`,
 	},
 	{
+		name: "MOVED",
+		m: Message{Type: MsgMoved, Mode: ModeKerberos, Exchange: [8]byte{0x22, 0x22, 0x22, 0x22, 0x22, 0x22, 0x22, 0x22},
+			ULA: netip.MustParseAddr("fd00::1"), Seq: 3, MAC: bytes.Repeat([]byte{0xcc}, 32)},
+		hex: `01 07 01 00 2222222222222222
+			03 0010 fd000000000000000000000000000001
+			0c 0008 0000000000000003
+			ff 0020 cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc`,
+	},
+	{
+		name: "MOVED_ACK",
+		m: Message{Type: MsgMovedAck, Mode: ModePSK, Exchange: [8]byte{0x22, 0x22, 0x22, 0x22, 0x22, 0x22, 0x22, 0x22},
+			ULA: netip.MustParseAddr("fd00::2"), Seq: 0x0102030405060708, MAC: bytes.Repeat([]byte{0xdd}, 32)},
+		hex: `01 08 02 00 2222222222222222
+			03 0010 fd000000000000000000000000000002
+			0c 0008 0102030405060708
+			ff 0020 dddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddddd`,
+	},
+	{
 		name: "bare ACK",
 		m:    Message{Type: MsgAck, Mode: ModePSK},
 		hex:  `01 04 02 00 0000000000000000`,
@@ -104,7 +122,7 @@ func TestMessageMalformed(t *testing.T) {
 		{"short header", "01 01 02 00 01", "truncated"},
 		{"version 2", "02 01 02 00 0102030405060708", "version 2"},
 		{"type 0", "01 00 02 00 0102030405060708", "unknown message type"},
-		{"type 7", "01 07 02 00 0102030405060708", "unknown message type"},
+		{"type 9", "01 09 02 00 0102030405060708", "unknown message type"},
 		{"mode 3", "01 01 03 00 0102030405060708", "unknown mode"},
 		{"flags", "01 01 02 80 0102030405060708", "reserved flags"},
 		{"attr header cut", hdr + "02 00", "truncated"},
@@ -120,7 +138,9 @@ func TestMessageMalformed(t *testing.T) {
 		{"error code 0", hdr + "0a 0002 0000", "code 0"},
 		{"spi list ragged", hdr + "0b 0003 000001", "SPI list"},
 		{"spi list 0", hdr + "0b 0004 00000000", "SPI 0"},
-		{"unknown attr", hdr + "0c 0001 00", "unknown attribute"},
+		{"seq 0", hdr + "0c 0008 0000000000000000", "sequence number 0"},
+		{"short seq", hdr + "0c 0004 00000001", "want 8"},
+		{"unknown attr", hdr + "0d 0001 00", "unknown attribute"},
 		{"short MAC", hdr + "ff 0004 00000000", "want 32"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
