@@ -22,7 +22,7 @@ generate:
 
 # CI: regenerated files (bpf2go output) must match what is committed.
 generate-check:
-	$(GO) generate ./ebpf/
+	$(GO) generate ./ebpf/...
 	git diff --exit-code -- ebpf/ || \
 	  { echo "generated files differ from the committed ones: run make generate and commit"; exit 1; }
 

@@ -114,7 +114,10 @@ type Config struct {
 	ControlRate float64
 	// Forwarder is the kernel path; nil: Go forwards everything.
 	Forwarder Forwarder
-	Logger    *slog.Logger
+	// ListenPacket opens the UDP sockets (default net.ListenUDP; tests
+	// open them inside a network namespace).
+	ListenPacket func(addr netip.AddrPort) (*net.UDPConn, error)
+	Logger       *slog.Logger
 }
 
 // Server is a running relay.
@@ -209,10 +212,15 @@ func Listen(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.ListenPacket == nil {
+		cfg.ListenPacket = func(a netip.AddrPort) (*net.UDPConn, error) {
+			return net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
+		}
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger, allocs: map[uint16]*allocation{}, binds: map[Flow]*allocation{},
 		seen: map[[stun.TransactionIDSize]byte]time.Time{}, buckets: map[netip.Addr]*bucket{}, flows: map[Flow]Rewrite{}}
 	for _, a := range cfg.Listen {
-		c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
+		c, err := cfg.ListenPacket(a)
 		if err != nil {
 			s.closeAll()
 			return nil, fmt.Errorf("relay: listen %v: %w", a, err)
@@ -524,7 +532,7 @@ func (s *Server) allocate(m *stun.Message, cred Credential, r request, from neti
 		if s.allocs[uint16(p)] != nil {
 			continue
 		}
-		c, err := net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(s.listenAddr(), uint16(p))))
+		c, err := s.cfg.ListenPacket(netip.AddrPortFrom(s.listenAddr(), uint16(p)))
 		if err == nil {
 			conn, port = c, uint16(p)
 		}
