@@ -237,7 +237,7 @@ func testKernelForwarding(t *testing.T, clsact bool) {
 	t.Logf("forwarder attached with %s", fw.Attachment())
 	srv, err := ctlrelay.Listen(ctlrelay.Config{
 		Listen: []netip.AddrPort{netip.AddrPortFrom(relayAddr, 3478)}, PortMin: 40000, PortMax: 40099,
-		Keys: func(n string) (ctlrelay.Credential, bool) { return alice, n == alice.Name },
+		Keys:      func(n string) (ctlrelay.Credential, bool) { return alice, n == alice.Name },
 		Forwarder: fw,
 		ListenPacket: func(ap netip.AddrPort) (c *net.UDPConn, err error) {
 			err = rl.Do(func() error { c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(ap)); return err })
