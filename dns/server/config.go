@@ -43,6 +43,10 @@ type Config struct {
 	// BADTIME, whatever fudge the signer claims. Default 5m.
 	TSIGFudge Duration `toml:"tsig_fudge"`
 
+	// Relays are btmm-relay servers published as SRV
+	// _btmm-relay._udp.<zone> (and at each user's apex), docs/paths.md.
+	Relays []RelayConfig `toml:"relay"`
+
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`
 	Limits      Limits      `toml:"limits"`
@@ -54,6 +58,13 @@ type Config struct {
 
 	// Now is the clock (default time.Now).
 	Now func() time.Time `toml:"-"`
+}
+
+// RelayConfig is one [[relay]] table.
+type RelayConfig struct {
+	Name  string   `toml:"name"`  // e.g. "relay.btmm.example."
+	Port  uint16   `toml:"port"`  // STUN/control port, e.g. 3478
+	Addrs []string `toml:"addrs"` // A/AAAA for a name inside the zone
 }
 
 // LeaseConfig bounds update leases (RFC 9664).
@@ -186,6 +197,13 @@ func (c *Config) setDefaults() error {
 	for _, a := range c.ServerAddrs {
 		if _, err := netip.ParseAddr(a); err != nil {
 			return fmt.Errorf("server: config: server_addrs: %w", err)
+		}
+	}
+	for _, r := range c.Relays {
+		for _, a := range r.Addrs {
+			if _, err := netip.ParseAddr(a); err != nil {
+				return fmt.Errorf("server: config: relay %s: addrs: %w", r.Name, err)
+			}
 		}
 	}
 	if c.Now == nil {

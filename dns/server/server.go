@@ -147,8 +147,16 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	for _, a := range cfg.ServerAddrs {
 		addrs = append(addrs, netip.MustParseAddr(a))
 	}
+	var relays []zone.Relay
+	for _, r := range cfg.Relays {
+		zr := zone.Relay{Name: r.Name, Port: r.Port}
+		for _, a := range r.Addrs {
+			zr.Addrs = append(zr.Addrs, netip.MustParseAddr(a))
+		}
+		relays = append(relays, zr)
+	}
 	z, err := zone.New(zone.Zone{Origin: cfg.Zone, ServerName: cfg.ServerName, ServerAddr: addrs,
-		IsUser: s.isUser, Ports: zone.Ports{}})
+		IsUser: s.isUser, Ports: zone.Ports{}, Relays: relays})
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}

@@ -66,6 +66,20 @@ type Zone struct {
 	// subdomain is then a zone of its own).
 	IsUser func(user string) bool
 	TTL    uint32 // TTL of synthesised records; default 300
+	// Relays are btmm-relay servers, published as SRV
+	// _btmm-relay._udp at the origin and at every user's apex (with A
+	// records for a relay name inside the zone).
+	Relays []Relay
+}
+
+// RelayService is the SRV owner label of btmm-relay (docs/paths.md).
+const RelayService = "_btmm-relay._udp."
+
+// Relay is one btmm-relay: its name, STUN/control port and addresses.
+type Relay struct {
+	Name  string
+	Port  uint16
+	Addrs []netip.Addr
 }
 
 // New validates and returns a zone.
@@ -83,6 +97,12 @@ func New(z Zone) (*Zone, error) {
 	}
 	if z.IsUser == nil {
 		z.IsUser = func(string) bool { return false }
+	}
+	for i, r := range z.Relays {
+		if _, ok := dns.IsDomainName(r.Name); !ok || r.Name == "" || r.Port == 0 {
+			return nil, fmt.Errorf("zone: relay %q port %d: want a name and a port", r.Name, r.Port)
+		}
+		z.Relays[i].Name = strings.ToLower(dns.CanonicalName(r.Name))
 	}
 	return &z, nil
 }
@@ -171,6 +191,22 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 			}
 		}
 	}
+	if name == RelayService+z.Origin || z.isUser(z.UserOf(name)) && name == RelayService+z.UserDomain(z.UserOf(name)) {
+		for _, r := range z.Relays {
+			out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Port: r.Port, Target: r.Name})
+		}
+	}
+	for _, r := range z.Relays {
+		if name == r.Name && z.InZone(name) {
+			for _, a := range r.Addrs {
+				if a.Is4() {
+					out = append(out, &dns.A{Hdr: hdr(dns.TypeA), A: a.AsSlice()})
+				} else {
+					out = append(out, &dns.AAAA{Hdr: hdr(dns.TypeAAAA), AAAA: a.AsSlice()})
+				}
+			}
+		}
+	}
 	if u := z.UserOf(name); u != "" && z.isUser(u) {
 		for _, d := range discovery {
 			if name == d.prefix+z.UserDomain(u) && d.port(z.Ports) != 0 {
@@ -188,8 +224,13 @@ func (z *Zone) isUser(u string) bool { return u != "" && z.IsUser(strings.ToLowe
 // not be changed by an UPDATE.
 func (z *Zone) Protected(name string, t uint16) bool {
 	name = strings.ToLower(dns.CanonicalName(name))
-	if name == z.Origin || name == z.ServerName {
+	if name == z.Origin || name == z.ServerName || strings.HasPrefix(name, RelayService) {
 		return true
+	}
+	for _, r := range z.Relays {
+		if name == r.Name {
+			return true
+		}
 	}
 	if t == dns.TypeSOA || t == dns.TypeNS {
 		return true
@@ -509,6 +550,15 @@ func (z *Zone) Answer(v store.View, q dns.Question, now time.Time, resp *dns.Msg
 // SRV answer names it (the delegation's glue; what a client resolving a
 // discovery SRV needs next).
 func (z *Zone) glue(resp *dns.Msg) {
+	for _, rr := range resp.Answer {
+		if srv, ok := rr.(*dns.SRV); ok {
+			for _, r := range z.Relays {
+				if strings.EqualFold(srv.Target, r.Name) && z.InZone(r.Name) {
+					resp.Extra = append(resp.Extra, z.Synth(r.Name, 0)...)
+				}
+			}
+		}
+	}
 	if !z.InZone(z.ServerName) {
 		return
 	}

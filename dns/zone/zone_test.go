@@ -190,6 +190,42 @@ func TestAnswer(t *testing.T) {
 	}
 }
 
+// TestRelaySRV: configured relays are published as SRV _btmm-relay._udp
+// at the origin and at a user's apex, with their addresses as glue, and no
+// UPDATE may touch those names.
+func TestRelaySRV(t *testing.T) {
+	z, err := New(Zone{Origin: "btmm.example.", IsUser: func(u string) bool { return u == "alice" },
+		Relays: []Relay{{Name: "Relay.btmm.example", Port: 3478, Addrs: []netip.Addr{netip.MustParseAddr("11.0.0.1")}},
+			{Name: "r2.example.net.", Port: 3479}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := store.Open(t.TempDir())
+	defer s.Close()
+	for _, name := range []string{"_btmm-relay._udp.btmm.example.", "_btmm-relay._udp.alice.btmm.example."} {
+		m := new(dns.Msg)
+		m.SetQuestion(name, dns.TypeSRV)
+		resp := new(dns.Msg)
+		resp.SetReply(m)
+		s.Read(func(v store.View) { z.Answer(v, m.Question[0], time.Now(), resp) })
+		if len(resp.Answer) != 2 || resp.Answer[0].(*dns.SRV).Target != "relay.btmm.example." || resp.Answer[0].(*dns.SRV).Port != 3478 ||
+			resp.Answer[1].(*dns.SRV).Target != "r2.example.net." {
+			t.Fatalf("%s: %v", name, resp)
+		}
+		if len(resp.Extra) != 1 || resp.Extra[0].(*dns.A).A.String() != "11.0.0.1" {
+			t.Errorf("%s: glue %v", name, resp.Extra)
+		}
+	}
+	for _, n := range []string{"_btmm-relay._udp.alice.btmm.example.", "relay.btmm.example."} {
+		if !z.Protected(n, dns.TypeSRV) {
+			t.Errorf("%s not protected", n)
+		}
+	}
+	if _, err := New(Zone{Origin: "btmm.example.", Relays: []Relay{{Name: "r."}}}); err == nil {
+		t.Error("relay without a port accepted")
+	}
+}
+
 // TestZonePerUser: each user's domain answers as a zone of its own (issue:
 // Apple's client finds the zone of a name by its SOA, then the discovery
 // SRVs at that zone).
