@@ -58,10 +58,10 @@ type Ports struct {
 
 // Zone is the static part of the zone.
 type Zone struct {
-	Origin     string          // "btmm.example."
-	ServerName string          // primary name server, e.g. "ns.btmm.example."
-	ServerAddr []netip.Addr    // glue for ServerName when it is inside the zone
-	Ports      Ports           // for discovery SRV records
+	Origin     string       // "btmm.example."
+	ServerName string       // primary name server, e.g. "ns.btmm.example."
+	ServerAddr []netip.Addr // glue for ServerName when it is inside the zone
+	Ports      Ports        // for discovery SRV records
 	// IsUser reports whether a label below Origin is a user (whose
 	// subdomain is then a zone of its own).
 	IsUser func(user string) bool
