@@ -51,6 +51,11 @@ type Config struct {
 	LLQ         LLQConfig   `toml:"llq"`
 	Limits      Limits      `toml:"limits"`
 
+	// Store selects the record store: "embedded" (default: DataDir/store,
+	// one server) or "etcd" (replicas sharing an etcd cluster, see Etcd).
+	Store string     `toml:"store"`
+	Etcd  EtcdConfig `toml:"etcd"`
+
 	// Keys are user keys to install at New (tests and embedding): each must
 	// be named "<user>.<zone>"; it is written to DataDir/keys (0600) unless
 	// that user already has a key file, which must then hold the same key.
@@ -65,6 +70,24 @@ type RelayConfig struct {
 	Name  string   `toml:"name"`  // e.g. "relay.btmm.example."
 	Port  uint16   `toml:"port"`  // STUN/control port, e.g. 3478
 	Addrs []string `toml:"addrs"` // A/AAAA for a name inside the zone
+}
+
+// EtcdConfig is the etcd cluster of store = "etcd".
+type EtcdConfig struct {
+	Endpoints []string `toml:"endpoints"` // "http://10.0.0.1:2379" or "https://..."
+	Prefix    string   `toml:"prefix"`    // key prefix; default "/btmm/"
+	// TLS: the CA that signed the etcd servers' certificates, and this
+	// client's certificate and key (for client-certificate auth); all
+	// optional, https endpoints use the system roots without CAFile.
+	CAFile   string `toml:"ca_file"`
+	CertFile string `toml:"cert_file"`
+	KeyFile  string `toml:"key_file"`
+	// DialTimeout (5s) bounds connecting; RequestTimeout (5s) bounds one
+	// update's transaction; SessionTTL (5s) is how long a dead replica
+	// stays listed and how long the lease expirer election survives it.
+	DialTimeout    Duration `toml:"dial_timeout"`
+	RequestTimeout Duration `toml:"request_timeout"`
+	SessionTTL     Duration `toml:"session_ttl"`
 }
 
 // LeaseConfig bounds update leases (RFC 9664).
@@ -193,6 +216,22 @@ func (c *Config) setDefaults() error {
 	def(&c.Limits.IdleTimeout, 30*time.Second)
 	if c.Limits.MaxConns < 0 || c.Limits.MaxConnsPerClient < 0 || c.Limits.TLSHandshakeTimeout < 0 || c.Limits.IdleTimeout < 0 {
 		return fmt.Errorf("server: config: limits: negative value")
+	}
+	switch c.Store {
+	case "", "embedded":
+		c.Store = "embedded"
+	case "etcd":
+		if len(c.Etcd.Endpoints) == 0 {
+			return fmt.Errorf("server: config: store = \"etcd\" needs etcd.endpoints")
+		}
+		if (c.Etcd.CertFile == "") != (c.Etcd.KeyFile == "") {
+			return fmt.Errorf("server: config: etcd: cert_file and key_file go together")
+		}
+		if ttl := time.Duration(c.Etcd.SessionTTL); ttl != 0 && ttl < time.Second {
+			return fmt.Errorf("server: config: etcd: session_ttl below 1s")
+		}
+	default:
+		return fmt.Errorf("server: config: store %q: want \"embedded\" or \"etcd\"", c.Store)
 	}
 	for _, a := range c.ServerAddrs {
 		if _, err := netip.ParseAddr(a); err != nil {

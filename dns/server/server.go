@@ -179,9 +179,9 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		k, err := s.users.Get(u)
 		return k, err == nil
 	}
-	st, err := store.OpenOptions(filepath.Join(cfg.DataDir, "store"), store.Options{Log: log})
+	st, err := s.openStore()
 	if err != nil {
-		return nil, fmt.Errorf("server: %w", err)
+		return nil, err
 	}
 	s.store = st
 	s.rate = newRateLimiter(cfg.Limits.UpdatesPerSecond, cfg.Limits.UpdateBurst)
@@ -335,8 +335,22 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 	exp := &lease.Expirer{Store: s.store, Log: s.log, Now: s.cfg.Now}
 	go func() {
 		defer s.wg.Done()
+		if l, ok := s.store.(store.Leader); ok {
+			// Replicas: one elected expirer, fenced by its election.
+			l.Lead(ctx, func(ctx context.Context) { exp.Run(ctx) })
+			return
+		}
 		exp.Run(ctx)
 	}()
+	if r, ok := s.store.(store.Registry); ok {
+		self := store.Server{Name: s.zone.ServerName, Addrs: s.cfg.ServerAddrs, DNS: s.ports.UpdateUDP, TLS: s.ports.UpdateTLS}
+		s.zone.Replicas = r.Servers
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			r.Register(ctx, self)
+		}()
+	}
 
 	if s.udp != nil {
 		s.wg.Add(1)

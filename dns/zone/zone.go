@@ -70,6 +70,10 @@ type Zone struct {
 	// _btmm-relay._udp at the origin and at every user's apex (with A
 	// records for a relay name inside the zone).
 	Relays []Relay
+	// Replicas lists the live servers of a replicated zone (the etcd
+	// store); nil or empty: this server alone. Discovery SRVs and NS
+	// records name every replica, with glue for names inside the zone.
+	Replicas func() []store.Server
 }
 
 // RelayService is the SRV owner label of btmm-relay (docs/paths.md).
@@ -170,6 +174,46 @@ var discovery = []struct {
 	{"_dns-llq-tls._tcp.", func(p Ports) uint16 { return p.LLQTLS }},
 }
 
+// replica is one server as the zone publishes it.
+type replica struct {
+	name  string
+	addrs []netip.Addr
+	ports Ports
+}
+
+func (z *Zone) servers() []replica {
+	self := []replica{{z.ServerName, z.ServerAddr, z.Ports}}
+	if z.Replicas == nil {
+		return self
+	}
+	rs := z.Replicas()
+	if len(rs) == 0 {
+		return self
+	}
+	out := make([]replica, 0, len(rs))
+	for _, r := range rs {
+		x := replica{name: strings.ToLower(dns.CanonicalName(r.Name)),
+			ports: Ports{UpdateUDP: r.DNS, LLQUDP: r.DNS, UpdateTLS: r.TLS, LLQTLS: r.TLS}}
+		for _, a := range r.Addrs {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				x.addrs = append(x.addrs, ip)
+			}
+		}
+		out = append(out, x)
+	}
+	return out
+}
+
+// isServerName reports whether name is one of the zone's server names.
+func (z *Zone) isServerName(name string) bool {
+	for _, r := range z.servers() {
+		if r.name == name {
+			return true
+		}
+	}
+	return name == z.ServerName
+}
+
 // Synth returns the synthesised records owned by name.
 func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 	name = strings.ToLower(dns.CanonicalName(name))
@@ -177,13 +221,20 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 	hdr := func(t uint16) dns.RR_Header {
 		return dns.RR_Header{Name: name, Rrtype: t, Class: dns.ClassINET, Ttl: z.TTL}
 	}
+	servers := z.servers()
 	if z.IsApex(name) {
 		// The origin, or a user's zone: its SOA and NS (the NS at a
-		// user's apex is also the parent's delegation).
-		out = append(out, z.soa(name, serial), &dns.NS{Hdr: hdr(dns.TypeNS), Ns: z.ServerName})
+		// user's apex is also the parent's delegation), one per replica.
+		out = append(out, z.soa(name, serial))
+		for _, r := range servers {
+			out = append(out, &dns.NS{Hdr: hdr(dns.TypeNS), Ns: r.name})
+		}
 	}
-	if name == z.ServerName && z.InZone(name) {
-		for _, a := range z.ServerAddr {
+	for _, r := range servers {
+		if name != r.name || !z.InZone(name) {
+			continue
+		}
+		for _, a := range r.addrs {
 			if a.Is4() {
 				out = append(out, &dns.A{Hdr: hdr(dns.TypeA), A: a.AsSlice()})
 			} else {
@@ -209,9 +260,14 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 	}
 	if u := z.UserOf(name); u != "" && z.isUser(u) {
 		for _, d := range discovery {
-			if name == d.prefix+z.UserDomain(u) && d.port(z.Ports) != 0 {
-				out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Priority: 0, Weight: 0,
-					Port: d.port(z.Ports), Target: z.ServerName})
+			if name != d.prefix+z.UserDomain(u) {
+				continue
+			}
+			for _, r := range servers {
+				if d.port(r.ports) != 0 {
+					out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Priority: 0, Weight: 0,
+						Port: d.port(r.ports), Target: r.name})
+				}
 			}
 		}
 	}
@@ -224,7 +280,7 @@ func (z *Zone) isUser(u string) bool { return u != "" && z.IsUser(strings.ToLowe
 // not be changed by an UPDATE.
 func (z *Zone) Protected(name string, t uint16) bool {
 	name = strings.ToLower(dns.CanonicalName(name))
-	if name == z.Origin || name == z.ServerName || strings.HasPrefix(name, RelayService) {
+	if name == z.Origin || z.isServerName(name) || strings.HasPrefix(name, RelayService) {
 		return true
 	}
 	for _, r := range z.Relays {
@@ -559,9 +615,7 @@ func (z *Zone) glue(resp *dns.Msg) {
 			}
 		}
 	}
-	if !z.InZone(z.ServerName) {
-		return
-	}
+	done := map[string]bool{}
 	for _, rr := range resp.Answer {
 		var target string
 		switch r := rr.(type) {
@@ -570,10 +624,12 @@ func (z *Zone) glue(resp *dns.Msg) {
 		case *dns.SRV:
 			target = r.Target
 		}
-		if strings.EqualFold(target, z.ServerName) {
-			resp.Extra = append(resp.Extra, z.Synth(z.ServerName, 0)...)
-			return
+		target = strings.ToLower(target)
+		if target == "" || done[target] || !z.InZone(target) || !z.isServerName(target) {
+			continue
 		}
+		done[target] = true
+		resp.Extra = append(resp.Extra, z.Synth(target, 0)...)
 	}
 }
 
