@@ -7,8 +7,12 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/netmon"
 )
 
 // Config is btmmd's configuration file (TOML). See docs/btmmd.md.
@@ -30,7 +34,13 @@ type Config struct {
 		Port      uint16 `toml:"port"`      // UDP tunnel + keying port, default 4500
 		Dataplane string `toml:"dataplane"` // "xfrm" (default), "ebpf", "ebpf-cleartext" (INSECURE)
 		Device    string `toml:"device"`    // eBPF: interface to attach to; default the default route's
+		Keepalive string `toml:"keepalive"` // NAT keepalive interval (RFC 3948 §2.3), default 20s; "off" disables
 	} `toml:"tunnel"`
+
+	Network struct {
+		Follow   *bool  `toml:"follow"`   // follow the host's own network (links, addresses, routes); default true
+		Debounce string `toml:"debounce"` // collect a burst of network changes this long, default 250ms
+	} `toml:"network"`
 
 	NAT struct {
 		Mode     string `toml:"mode"`     // "auto" (default: PCP, then NAT-PMP) or "off"
@@ -49,6 +59,9 @@ type Config struct {
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
 	LogLevel      string `toml:"log_level"`      // debug, info (default), warn, error
+
+	keepalive time.Duration // parsed Tunnel.Keepalive; negative: off
+	debounce  time.Duration // parsed Network.Debounce
 
 	path  string         // the file it was loaded from (reload reads it again)
 	level *slog.LevelVar // the running log level (reload sets it)
@@ -98,6 +111,38 @@ func (c *Config) fill() error {
 	case "xfrm", "ebpf", "ebpf-cleartext":
 	default:
 		errs = append(errs, fmt.Errorf("tunnel.dataplane %q: want xfrm, ebpf or ebpf-cleartext", c.Tunnel.Dataplane))
+	}
+	switch c.Tunnel.Keepalive {
+	case "":
+		c.keepalive = agent.DefaultKeepalive
+	case "off":
+		c.keepalive = -1
+	default:
+		d, err := time.ParseDuration(c.Tunnel.Keepalive)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("tunnel.keepalive %q: want a duration like \"20s\", or \"off\"", c.Tunnel.Keepalive))
+		case d < time.Second || d > time.Hour:
+			errs = append(errs, fmt.Errorf("tunnel.keepalive %v: want between 1s and 1h (NATs drop idle UDP mappings after 30 s or more), or \"off\"", d))
+		default:
+			c.keepalive = d
+		}
+	}
+	if c.Network.Follow == nil {
+		yes := true
+		c.Network.Follow = &yes
+	}
+	c.debounce = netmon.DefaultDebounce
+	if c.Network.Debounce != "" {
+		d, err := time.ParseDuration(c.Network.Debounce)
+		switch {
+		case err != nil:
+			errs = append(errs, fmt.Errorf("network.debounce %q: want a duration like \"250ms\"", c.Network.Debounce))
+		case d < 10*time.Millisecond || d > 10*time.Second:
+			errs = append(errs, fmt.Errorf("network.debounce %v: want between 10ms and 10s", d))
+		default:
+			c.debounce = d
+		}
 	}
 	switch c.NAT.Mode {
 	case "":

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestConfigDefaultsAndErrors(t *testing.T) {
@@ -28,6 +29,24 @@ key_file = "/k"
 		c.Keying.Mode != "kerberos" || c.Keying.Keytab != "/etc/krb5.keytab" || c.ControlSocket != "/run/btmm/btmmd.sock" {
 		t.Fatalf("defaults: %+v", c)
 	}
+	if c.keepalive != 20*time.Second || c.debounce != 250*time.Millisecond || c.Network.Follow == nil || !*c.Network.Follow {
+		t.Fatalf("roaming defaults: keepalive %v, debounce %v, follow %v", c.keepalive, c.debounce, c.Network.Follow)
+	}
+	c, err = loadConfig(write(`domain = "alice.btmm.example."
+[dns]
+key_file = "/k"
+[tunnel]
+keepalive = "off"
+[network]
+follow = false
+debounce = "50ms"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.keepalive >= 0 || *c.Network.Follow || c.debounce != 50*time.Millisecond {
+		t.Fatalf("keepalive off / follow false / debounce 50ms: %v %v %v", c.keepalive, *c.Network.Follow, c.debounce)
+	}
 
 	for _, tc := range []struct{ name, conf, want string }{
 		{"unknown key", "domain = \"a.b.\"\nbogus = 1\n[dns]\nkey_file=\"/k\"\n", "unknown keys"},
@@ -37,6 +56,10 @@ key_file = "/k"
 		{"nat off without external", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[nat]\nmode=\"off\"\n", "nat.external"},
 		{"psk without file", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nmode=\"psk\"\n", "psk_file"},
 		{"syntax", "domain = \n", "config"},
+		{"bad keepalive", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[tunnel]\nkeepalive=\"often\"\n", "tunnel.keepalive \"often\""},
+		{"keepalive too long", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[tunnel]\nkeepalive=\"2h\"\n", "between 1s and 1h"},
+		{"bad debounce", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[network]\ndebounce=\"1us\"\n", "network.debounce 1µs"},
+		{"follow not a bool", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[network]\nfollow=\"yes\"\n", "config"},
 	} {
 		_, err := loadConfig(write(tc.conf))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -24,6 +24,7 @@ import (
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/controlplane/netmon"
 	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 	"github.com/btmm/btmm/ebpf"
@@ -127,7 +128,14 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	if cfg.NAT.Mode == "off" {
 		ac.External = netip.MustParseAddrPort(cfg.NAT.External)
 	} else {
-		ac.NAT = natFunc(log.With("part", "nat"))
+		ac.NAT, ac.Rediscover = natFunc(log.With("part", "nat"))
+	}
+	ac.Device, ac.Keepalive = cfg.Tunnel.Device, cfg.keepalive
+	if *cfg.Network.Follow {
+		if ac.NetMon, err = netmon.New(netmon.NewSource(netns.None()), netmon.Config{Debounce: cfg.debounce, Logger: log.With("part", "netmon")}); err != nil {
+			dp.Close()
+			return err
+		}
 	}
 	a, err := agent.New(ac)
 	if err != nil {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"sync"
 
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/natpmp"
@@ -10,13 +11,32 @@ import (
 
 // natFunc keeps the tunnel port mapped on the gateway with PCP / NAT-PMP
 // (package natpmp) and reports the external endpoint to the agent.
-func natFunc(log *slog.Logger) agent.NATFunc {
+// rediscover makes the running client look for the gateway again at once
+// (after this host's network changed).
+func natFunc(log *slog.Logger) (run agent.NATFunc, rediscover func()) {
+	var mu sync.Mutex
+	var current *natpmp.Client
+	rediscover = func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if current != nil {
+			current.Rediscover()
+		}
+	}
 	return func(ctx context.Context, port uint16, report func(agent.NATReport)) error {
 		req := natpmp.MappingRequest{Protocol: natpmp.UDP, InternalPort: port}
 		c, err := natpmp.New(natpmp.Config{Logger: log, Mappings: []natpmp.MappingRequest{req}})
 		if err != nil {
 			return err
 		}
+		mu.Lock()
+		current = c
+		mu.Unlock()
+		defer func() {
+			mu.Lock()
+			current = nil
+			mu.Unlock()
+		}()
 		updates, unsubscribe := c.Subscribe()
 		defer unsubscribe()
 		done := make(chan error, 1)
@@ -30,8 +50,20 @@ func natFunc(log *slog.Logger) agent.NATFunc {
 					return <-done
 				}
 				ext, _ := st.Endpoint(natpmp.UDP, port)
-				report(agent.NATReport{External: ext, Status: st.String()})
+				report(agent.NATReport{External: ext, Status: st.String(), BehindNAT: behindNAT(st)})
 			}
 		}
+	}, rediscover
+}
+
+// behindNAT: is our tunnel port behind a NAT (so keepalives are needed)?
+// Only a public address, or no gateway on a public address, says no.
+func behindNAT(st natpmp.Status) bool {
+	switch st.State {
+	case natpmp.StatePublic:
+		return false
+	case natpmp.StateNoGateway:
+		return natpmp.IsPrivate(st.Local) || natpmp.IsCGNAT(st.Local)
 	}
+	return true
 }

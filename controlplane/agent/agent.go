@@ -24,6 +24,7 @@ import (
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/controlplane/netmon"
 	"github.com/btmm/btmm/dns/register"
 )
 
@@ -34,6 +35,9 @@ type NATReport struct {
 	// Invalid while unknown or unusable (double NAT).
 	External netip.AddrPort
 	Status   string // human readable: "mapped by PCP", "no gateway: public network", "double NAT: ..."
+	// BehindNAT: our tunnel port is behind a NAT (mapped, or a private
+	// address with no gateway to ask), so NAT keepalives are needed.
+	BehindNAT bool `json:"behind_nat"`
 }
 
 // NATFunc runs until ctx ends, keeping the tunnel port mapped and calling
@@ -80,7 +84,22 @@ type Config struct {
 	// adapted): NAT mapping changes seen in ESP traffic, and SAs reaching
 	// their soft lifetime; nil if the dataplane has none.
 	KernelEvents <-chan KernelEvent
-	Logger       *slog.Logger
+	// NetMon follows the host's own network (package netmon); the agent
+	// runs it. nil: the agent does not follow the host (static setups,
+	// tests).
+	NetMon *netmon.Monitor
+	// Rediscover makes the NAT side look for the gateway again at once
+	// (natpmp.Client.Rediscover); called on a major network change.
+	Rediscover func()
+	// Device is the configured tunnel device (controlplane.Local.Device);
+	// empty: the default route's, looked up again at every change.
+	Device string
+	// Keepalive is the NAT keepalive interval (RFC 3948 §2.3): zero means
+	// DefaultKeepalive, negative turns keepalives off.
+	Keepalive time.Duration
+	// KeepaliveSender sends them; nil: the Transport, if it can (xfrm.Conn).
+	KeepaliveSender KeepaliveSender
+	Logger          *slog.Logger
 }
 
 // KernelEvent is what the kernel reports about a peer's SAs: either ESP
@@ -105,10 +124,17 @@ type Agent struct {
 	ctx       context.Context
 	statsBusy atomic.Bool
 
-	mu      sync.Mutex
-	nat     NATReport
-	peers   map[netip.Addr]PeerEvent
-	started time.Time
+	keepaliveSender KeepaliveSender
+	followKick      chan struct{}
+
+	mu             sync.Mutex
+	nat            NATReport
+	peers          map[netip.Addr]PeerEvent
+	started        time.Time
+	pendingNet     *netmon.Change // latest major change not yet followed
+	pendingNATMove bool           // our NAT's external address changed: tell peers
+	netStatus      NetworkStatus
+	activity       map[netip.Addr]*activity
 }
 
 // New checks cfg and builds the agent's parts; Run starts them.
@@ -122,8 +148,16 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.NAT == nil && !cfg.External.IsValid() {
 		return nil, errors.New("agent: no NAT function and no static external address")
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, peers: map[netip.Addr]PeerEvent{}, started: time.Now()}
-	a.rec = controlplane.NewReconciler(cfg.Dataplane, controlplane.Local{ULA: cfg.Identity.ULA, Port: cfg.TunnelPort}, cfg.Logger.With("part", "reconciler"))
+	if cfg.Keepalive == 0 {
+		cfg.Keepalive = DefaultKeepalive
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, peers: map[netip.Addr]PeerEvent{}, started: time.Now(),
+		followKick: make(chan struct{}, 1), activity: map[netip.Addr]*activity{}}
+	a.keepaliveSender = cfg.KeepaliveSender
+	if ks, ok := cfg.Transport.(KeepaliveSender); ok && a.keepaliveSender == nil {
+		a.keepaliveSender = ks
+	}
+	a.rec = controlplane.NewReconciler(cfg.Dataplane, a.local(), cfg.Logger.With("part", "reconciler"))
 
 	rc := cfg.Register
 	rc.Host, rc.Domain = cfg.Host, cfg.Domain
@@ -180,6 +214,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.cfg.KernelEvents != nil {
 		start("kernel-events", a.kernelEvents)
 	}
+	start("follow", a.follow)
+	if a.cfg.NetMon != nil {
+		unregister := a.cfg.NetMon.RegisterChangeCallback(a.onNetChange)
+		defer unregister()
+		start("netmon", a.cfg.NetMon.Run)
+	}
+	if a.cfg.Keepalive > 0 && a.keepaliveSender != nil {
+		start("keepalive", a.keepalives)
+	}
 	<-runCtx.Done()
 	wg.Wait()
 	close(errc)
@@ -196,9 +239,15 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) onNAT(r NATReport) {
 	a.mu.Lock()
 	changed := r.External != a.nat.External
+	// Our NAT's public side moved under us (the host itself may not have
+	// changed at all): tell the peers from the new address at once.
+	if changed && r.External.IsValid() && a.nat.External.IsValid() {
+		a.pendingNATMove = true
+	}
 	a.nat = r
 	a.mu.Unlock()
-	a.log.Info("nat", "external", r.External, "status", r.Status)
+	a.log.Info("nat", "external", r.External, "status", r.Status, "behind_nat", r.BehindNAT)
+	a.wakeFollow()
 	if changed && r.External.IsValid() {
 		if err := a.reg.SetOuter(r.External); err != nil {
 			a.log.Warn("publishing new external address", "err", err)
@@ -291,6 +340,8 @@ type Status struct {
 	CountersError string `json:"counters_error,omitempty"`
 	// KeyingError says why per-peer keying errors are missing.
 	KeyingError string `json:"keying_error,omitempty"`
+	// Network is the host's own network as followed (issue 12).
+	Network NetworkStatus `json:"network"`
 }
 
 // PeerStatus joins what DNS, keying and the dataplane know of one peer.
@@ -298,6 +349,7 @@ type PeerStatus struct {
 	controlplane.PeerStatus
 	Capabilities register.Capabilities `json:"capabilities"`
 	KeyingError  string                `json:"keying_error,omitempty"`
+	Activity     *PeerActivity         `json:"activity,omitempty"`
 }
 
 // Status gathers a snapshot from every part.
@@ -331,9 +383,18 @@ func (a *Agent) Status(ctx context.Context) Status {
 			kerr[k.ULA] = k.LastError.Error()
 		}
 	}
-	for _, p := range peers {
-		st.Peers = append(st.Peers, PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA]})
+	acts := map[netip.Addr]PeerActivity{}
+	for _, act := range a.PeerActivity() {
+		acts[act.ULA] = act
 	}
+	for _, p := range peers {
+		ps := PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA]}
+		if act, ok := acts[p.ULA]; ok {
+			ps.Activity = &act
+		}
+		st.Peers = append(st.Peers, ps)
+	}
+	st.Network = a.Network()
 	for _, c := range recent {
 		st.Recent = append(st.Recent, c.String())
 	}

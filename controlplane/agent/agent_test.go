@@ -18,12 +18,12 @@ import (
 	"github.com/btmm/btmm/controlplane/dataplanetest"
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/controlplane/netmon"
 	"github.com/btmm/btmm/dns/register"
 )
 
-// updateServer is a DNS server on 127.0.0.1 that accepts every update and
-// records the A records it was sent (it does not check TSIG: the registrar's
-// own tests do that against BIND).
+// updateServer is a DNS server on 127.0.0.1 that accepts every update
+// signed with testKey and records the A records it was sent.
 type updateServer struct {
 	addr string
 	mu   sync.Mutex
@@ -39,7 +39,7 @@ func startUpdateServer(t *testing.T) *updateServer {
 		t.Fatal(err)
 	}
 	u.addr = pc.LocalAddr().String()
-	srv := &dns.Server{PacketConn: pc, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+	srv := &dns.Server{PacketConn: pc, UDPSize: dns.MaxMsgSize, TsigSecret: testKey(t).Secrets(), MsgAcceptFunc: func(dns.Header) dns.MsgAcceptAction { return dns.MsgAccept }, Handler: dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
 		a := ""
 		for _, rr := range r.Ns {
 			if x, ok := rr.(*dns.A); ok && rr.Header().Class == dns.ClassINET {
@@ -52,6 +52,9 @@ func startUpdateServer(t *testing.T) *updateServer {
 		u.mu.Unlock()
 		m := new(dns.Msg)
 		m.SetReply(r)
+		if ts := r.IsTsig(); ts != nil && w.TsigStatus() == nil {
+			m.SetTsig(ts.Hdr.Name, ts.Algorithm, 300, time.Now().Unix())
+		}
 		w.WriteMsg(m)
 	})}
 	go srv.ActivateAndServe()
@@ -90,10 +93,7 @@ func newTestHost(t *testing.T, name string, ula string, dnsAddr string, mod func
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := register.NewKey("alice.btmm.example.", "hmac-sha256", "c2VjcmV0c2VjcmV0c2VjcmV0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	key := testKey(t)
 	h := &testHost{name: name, ula: netip.MustParseAddr(ula), dp: &dataplanetest.Fake{}, tr: tr, events: make(chan PeerEvent, 16)}
 	h.cfg = Config{
 		Identity:   identity.Identity{ULA: h.ula, EUI64: identity.EUI64{2, 0, 0, 0xff, 0xfe, 0, 0, 1}, Source: "test"},
@@ -230,4 +230,66 @@ func TestStatusAndShutdownWhileSetStalled(t *testing.T) {
 	if _, err := a.dp.Set(context.Background(), a.a.rec.Desired()); err == nil || !strings.Contains(err.Error(), "closed") {
 		t.Fatalf("dataplane not closed after Run: %v", err)
 	}
+}
+
+// A major change of the host's network re-registers at once (not at the
+// lease refresh); offline sends nothing; coming back re-registers again.
+func TestMoveRepublishes(t *testing.T) {
+	dnsSrv := startUpdateServer(t)
+	src := &netmon.Fake{}
+	home := netmon.Host("eth0", 2, netip.MustParsePrefix("192.168.1.2/24"), netip.MustParseAddr("192.168.1.1"), true)
+	src.Publish(home)
+	mon, err := netmon.New(src, netmon.Config{Debounce: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := newTestHost(t, "a", "fd00::a", dnsSrv.addr, func(c *Config) { c.NetMon = mon })
+	a.run(t)
+	eventually(t, "first registration", func() error {
+		if n, _ := dnsSrv.updates(); n < 1 {
+			return errors.New("no update yet")
+		}
+		return nil
+	})
+	n0, _ := dnsSrv.updates()
+	moved := netmon.Host("eth0", 2, netip.MustParsePrefix("192.168.2.3/24"), netip.MustParseAddr("192.168.2.1"), true)
+	src.Publish(moved, netmon.Msg{Kind: netmon.RouteAdded, Route: &moved.Routes[0]})
+	eventually(t, "re-registration after the move", func() error {
+		if n, _ := dnsSrv.updates(); n <= n0 {
+			return errors.New("no update after the move")
+		}
+		return nil
+	})
+	off := netmon.Host("eth0", 2, netip.MustParsePrefix("192.168.2.3/24"), netip.Addr{}, false)
+	src.Publish(off, netmon.Msg{Kind: netmon.LinkChanged, Link: &off.Links[1]})
+	eventually(t, "offline seen", func() error {
+		if a.a.Network().Online {
+			return errors.New("still online")
+		}
+		return nil
+	})
+	n1, _ := dnsSrv.updates()
+	time.Sleep(300 * time.Millisecond)
+	if n, _ := dnsSrv.updates(); n != n1 {
+		t.Fatalf("offline sent %d updates", n-n1)
+	}
+	src.Publish(moved, netmon.Msg{Kind: netmon.LinkChanged, Link: &moved.Links[1]})
+	eventually(t, "re-registration when back", func() error {
+		if n, _ := dnsSrv.updates(); n <= n1 {
+			return errors.New("no update after coming back")
+		}
+		return nil
+	})
+	if st := a.a.Status(context.Background()); !st.Network.Following || !st.Network.Online || st.Network.Changes != 3 {
+		t.Fatalf("status: %+v", st.Network)
+	}
+}
+
+func testKey(t *testing.T) *register.Key {
+	t.Helper()
+	key, err := register.NewKey("alice.btmm.example.", "hmac-sha256", "c2VjcmV0c2VjcmV0c2VjcmV0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key
 }

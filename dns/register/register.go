@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -79,6 +80,9 @@ type Registrar struct {
 	exchange func(ctx context.Context, m *dns.Msg, server, network string) (*dns.Msg, error)
 
 	changed chan struct{}
+	// republish: the next wake-up is a network change (Republish):
+	// forget the failure count, so a failed first try retries soon.
+	republish atomic.Bool
 
 	mu        sync.Mutex
 	outer     netip.AddrPort
@@ -186,6 +190,15 @@ func (r *Registrar) SetCapabilities(c Capabilities) error {
 	return nil
 }
 
+// Republish sends the records again at once, changed or not, and restarts
+// the retry backoff: call it when this host's network changed (RFC 6281
+// §5.2), so the records are fresh without waiting for the lease refresh or
+// a backoff that grew while the host was offline.
+func (r *Registrar) Republish() {
+	r.republish.Store(true)
+	r.poke()
+}
+
 func (r *Registrar) poke() {
 	select {
 	case r.changed <- struct{}{}:
@@ -261,6 +274,9 @@ func (r *Registrar) Run(ctx context.Context) error {
 		case <-timer.C:
 		case <-r.changed:
 			timer.Stop() // Go ≥ 1.23: no stale tick to drain
+			if r.republish.Swap(false) {
+				failures = 0
+			}
 		}
 	}
 }

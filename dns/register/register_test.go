@@ -300,3 +300,81 @@ func TestHostFromInstance(t *testing.T) {
 		}
 	}
 }
+
+// Republish (a network change) sends the records at once even when they did
+// not change, and restarts a backoff that grew while the host was offline.
+func TestRepublishAfterNetworkChange(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeServer{start: time.Now(), lease: 3600}
+		offline := true
+		f.fail = func(n int) error {
+			if n > 0 && offline {
+				return errors.New("network unreachable")
+			}
+			return nil
+		}
+		cfg := testConfig(t)
+		cfg.MaxBackoff = 5 * time.Minute
+		r, err := New(cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.exchange = f.exchange
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go r.Run(ctx)
+		time.Sleep(time.Minute)
+		r.Republish() // the host went offline: this one fails, backoff starts
+		time.Sleep(10 * time.Minute)
+		synctest.Wait()
+		before := len(f.times())
+		if st := r.Status(); st.Failures < 5 {
+			t.Fatalf("setup: %d failures while offline, want the backoff grown (%+v)", st.Failures, st)
+		}
+		f.mu.Lock()
+		offline = false
+		f.mu.Unlock()
+		back := time.Since(f.start)
+		r.Republish() // back online
+		synctest.Wait()
+		at := f.times()
+		if len(at) != before+1 || at[len(at)-1] != back {
+			t.Fatalf("no update at once on Republish: updates at %v (back at %v)", at, back)
+		}
+		if st := r.Status(); st.Failures != 0 || !st.Published {
+			t.Fatalf("after coming back: %+v", st)
+		}
+		// Unchanged records are sent again too.
+		r.Republish()
+		synctest.Wait()
+		if n := len(f.times()); n != before+2 {
+			t.Fatalf("Republish with unchanged records sent nothing (%d updates)", n)
+		}
+		// A failure right after coming back retries after ~1 s, not after
+		// the backoff reached offline.
+		f.mu.Lock()
+		offline = true
+		f.mu.Unlock()
+		for range 6 {
+			time.Sleep(2 * time.Minute)
+		}
+		f.mu.Lock()
+		offline = false
+		f.mu.Unlock()
+		n0 := len(f.times())
+		f.mu.Lock()
+		f.fail = func(n int) error {
+			if n == n0 {
+				return errors.New("first try after the move is lost")
+			}
+			return nil
+		}
+		f.mu.Unlock()
+		r.Republish()
+		time.Sleep(1500 * time.Millisecond)
+		synctest.Wait()
+		if at := f.times(); len(at) != n0+2 || at[n0+1]-at[n0] > time.Second {
+			t.Fatalf("retry after a failed republish: %v", at[n0:])
+		}
+	})
+}
