@@ -23,8 +23,15 @@ Usage:
   btmm-dnsd [flags]                          serve (config file, see docs/dnsd.md)
   btmm-dnsd [flags] adduser USER [ALGORITHM] create USER, print its TSIG key
                                              (BIND key clause; ALGORITHM hmac-sha256
-                                             (default), hmac-sha512 or hmac-md5)
-  btmm-dnsd [flags] deluser USER             delete USER's key
+                                             (default), hmac-sha512 or hmac-md5);
+                                             it may change all of USER's zone
+  btmm-dnsd [flags] addhost USER HOST [ALGORITHM]
+                                             create a key for HOST of USER, print it;
+                                             it may change only HOST's own names
+  btmm-dnsd [flags] delhost USER HOST        delete HOST's key and remove its records
+                                             at once (a running server is told)
+  btmm-dnsd [flags] deluser USER             delete USER's and its hosts' keys and
+                                             remove the user's records
   btmm-dnsd [flags] check                    report the state of the embedded store
                                              (exit status 1 when it is damaged)
   btmm-dnsd [flags] repair                   keep a copy of a damaged store's files,
@@ -75,21 +82,10 @@ func admin(cfg server.Config, args []string, stdout io.Writer) error {
 	if cfg.Zone == "" || cfg.DataDir == "" {
 		return errors.New("config: zone and data_dir are required")
 	}
-	users := server.NewUsers(cfg.DataDir, cfg.Zone)
-	switch {
-	case args[0] == "adduser" && (len(args) == 2 || len(args) == 3):
-		alg := ""
-		if len(args) == 3 {
-			alg = args[2]
-		}
-		k, err := users.Add(args[1], alg)
-		if err != nil {
-			return err
-		}
-		_, err = io.WriteString(stdout, k.BINDClause())
+	if handled, err := keyCommand(cfg, args, stdout); handled {
 		return err
-	case args[0] == "deluser" && len(args) == 2:
-		return users.Remove(args[1])
+	}
+	switch {
 	case args[0] == "check" && len(args) == 1:
 		return check(cfg, stdout)
 	case args[0] == "repair" && len(args) == 1:

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -64,6 +65,22 @@ debounce = "50ms"
 		_, err := loadConfig(write(tc.conf))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: got %v, want an error mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+func TestCheckKeyName(t *testing.T) {
+	cfg := &Config{Host: "laptop", Domain: "alice.btmm.example."}
+	log := slog.New(slog.DiscardHandler)
+	for name, ok := range map[string]bool{
+		"laptop.alice.btmm.example.":  true, // the host's own key (addhost)
+		"Laptop.Alice.btmm.example":   true,
+		"alice.btmm.example.":         true,  // the user's key: warned about
+		"desktop.alice.btmm.example.": false, // another host's
+		"bob.btmm.example.":           false,
+	} {
+		if err := checkKeyName(name, cfg, log); (err == nil) != ok {
+			t.Errorf("%s: %v", name, err)
 		}
 	}
 }

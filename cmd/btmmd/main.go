@@ -17,6 +17,7 @@ import (
 
 	"github.com/jcmturner/gokrb5/v8/config"
 	"github.com/jcmturner/gokrb5/v8/keytab"
+	"github.com/miekg/dns"
 	"github.com/vishvananda/netns"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
@@ -92,6 +93,9 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	if err != nil {
 		return err
 	}
+	if err := checkKeyName(key.Name, cfg, log); err != nil {
+		return err
+	}
 	auth, principal, err := keyingAuth(cfg)
 	if err != nil {
 		return err
@@ -156,6 +160,21 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	}()
 	err = a.Run(ctx)
 	return errors.Join(err, <-ctlErr)
+}
+
+// checkKeyName: the key should be this host's own (`btmm-dnsd addhost USER
+// HOST`, named HOST.<domain>); the user's key (named <domain>) works but may
+// change every host's records, so it is only warned about.
+func checkKeyName(name string, cfg *Config, log *slog.Logger) error {
+	domain := dns.CanonicalName(cfg.Domain)
+	switch dns.CanonicalName(name) {
+	case dns.CanonicalName(cfg.Host + "." + domain):
+		return nil
+	case domain:
+		log.Warn("dns.key_file holds the user's key, which may change every host's records; give this host its own: btmm-dnsd addhost USER HOST", "key", name)
+		return nil
+	}
+	return fmt.Errorf("dns.key_file: key %s is neither this host's (%s) nor the user's (%s)", name, cfg.Host+"."+domain, domain)
 }
 
 func keyingAuth(cfg *Config) (keying.Auth, string, error) {

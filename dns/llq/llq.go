@@ -355,6 +355,18 @@ func (t *Table) DropConn(conn any) {
 	}
 }
 
+// DropKey deletes the LLQs set up with a TSIG key (the key was removed).
+func (t *Table) DropKey(key string) {
+	key = lname(key)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, e := range t.byID {
+		if lname(e.Key) == key {
+			t.removeLocked(e, "key removed")
+		}
+	}
+}
+
 // Close stops all timers and the persistence goroutine (state stays
 // persisted for the next start).
 func (t *Table) Close() {

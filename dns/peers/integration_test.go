@@ -111,8 +111,24 @@ type agent struct {
 	events  chan peers.Event
 }
 
+// hostKeyFile returns a 0600 file with the host's own key (`btmm-dnsd
+// addhost alice HOST`), creating the key on first use.
+func (l *lab) hostKeyFile(host string) string {
+	k, err := server.NewUsers(l.dataDir, "btmm.example.").GetHost("alice", host)
+	if err != nil {
+		if k, err = l.srv.AddHost("alice", host, "hmac-sha256"); err != nil {
+			l.t.Fatal(err)
+		}
+	}
+	f := filepath.Join(l.dataDir, host+"-client.key")
+	if err := os.WriteFile(f, []byte(k.BINDClause()), 0o600); err != nil {
+		l.t.Fatal(err)
+	}
+	return f
+}
+
 func startAgent(t testing.TB, l *lab, host string, n byte, llqLease time.Duration, settle time.Duration) *agent {
-	key, err := register.LoadKeyFile(l.keyFile, "")
+	key, err := register.LoadKeyFile(l.hostKeyFile(host), "")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,11 +2,14 @@ package server_test
 
 import (
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 
+	"github.com/btmm/btmm/dns/tsig"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/miekg/dns"
 )
@@ -120,5 +123,72 @@ func TestNsupdateUserZone(t *testing.T) {
 	out, err := nsupdate(t, auth(bob, bob.Name), fmt.Sprintf("server %s %s\nzone alice.btmm.example.\nupdate add e.alice.btmm.example. 60 A 192.0.2.5\nsend\n", host, port))
 	if err == nil || !strings.Contains(out, "REFUSED") {
 		t.Fatalf("bob in alice's zone: %v\n%s", err, out)
+	}
+}
+
+// TestNsupdateMaliciousHost: issue 13's malicious host, with nsupdate as the
+// client: a third host of alice with its own valid key publishes (a) the
+// desktop's ULA under its own name, (b) its own ULA under the desktop's
+// name; both are REFUSED and change nothing, while its own registration
+// works.
+func TestNsupdateMaliciousHost(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	addUser(t, srv, "alice", "")
+	desktop := addHost(t, srv, "alice", "desktop", "")
+	mallory := addHost(t, srv, "alice", "mallory", "hmac-md5")
+	keyFile := func(k tsig.Key) []string {
+		f := filepath.Join(t.TempDir(), "k.conf")
+		os.WriteFile(f, []byte(k.BINDClause()), 0o600)
+		return []string{"-k", f}
+	}
+	host, port, _ := strings.Cut(addrs.DNS, ":")
+	head := fmt.Sprintf("server %s %s\nzone alice.btmm.example.\n", host, port)
+	d := ".alice.btmm.example."
+	out, err := nsupdate(t, keyFile(desktop), head+
+		"update add desktop"+d+" 60 AAAA fd00::b\n"+
+		"update add _autotunnel._udp.desktop"+d+" 60 SRV 0 0 4500 AutoTunnel-B"+d+"\n"+
+		"update add AutoTunnel-B"+d+" 60 A 198.51.100.2\n"+
+		"update add _autotunnel._udp"+d+" 60 PTR _autotunnel._udp.desktop"+d+"\nsend\n")
+	if err != nil {
+		t.Fatalf("desktop registers: %v\n%s", err, out)
+	}
+	snapshot := func() string {
+		recs, _ := srv.Store().All()
+		var b strings.Builder
+		for _, r := range recs {
+			b.WriteString(r.RR.String() + "\n")
+		}
+		return b.String()
+	}
+	before := snapshot()
+	for _, tc := range []struct{ name, script string }{
+		{"(a) the desktop's ULA under its own name", "update add mallory" + d + " 60 AAAA fd00::b\n"},
+		{"(b) its own ULA under the desktop's name", "update add desktop" + d + " 60 AAAA fd00::66\n"},
+		{"(b) the desktop's ULA deleted", "update delete desktop" + d + " AAAA\n"},
+		{"the desktop's SRV target taken over", "update add AutoTunnel-B" + d + " 60 A 203.0.113.66\n"},
+		{"the desktop's PTR deleted", "update delete _autotunnel._udp" + d + " PTR _autotunnel._udp.desktop" + d + "\n"},
+		{"a prerequisite on the desktop's name", "prereq yxdomain desktop" + d + "\nupdate add mallory" + d + " 60 TXT probe\n"},
+		{"a CNAME", "update add mallory" + d + " 60 CNAME desktop" + d + "\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := nsupdate(t, keyFile(mallory), head+tc.script+"send\n")
+			if err == nil || !strings.Contains(out, "REFUSED") {
+				t.Fatalf("want REFUSED: %v\n%s", err, out)
+			}
+			if after := snapshot(); after != before {
+				t.Fatalf("the zone changed:\n%s", after)
+			}
+		})
+	}
+	out, err = nsupdate(t, keyFile(mallory), head+
+		"update add mallory"+d+" 60 AAAA fd00::66\n"+
+		"update add _autotunnel._udp.mallory"+d+" 60 SRV 0 0 4500 AutoTunnel-M"+d+"\n"+
+		"update add AutoTunnel-M"+d+" 60 A 198.51.100.3\n"+
+		"update add _autotunnel._udp"+d+" 60 PTR _autotunnel._udp.mallory"+d+"\nsend\n")
+	if err != nil {
+		t.Fatalf("mallory's own registration: %v\n%s", err, out)
+	}
+	if q := signedQuery(t, addrs.DNS, desktop, "desktop"+d, dns.TypeAAAA); len(q.Answer) != 1 || q.Answer[0].(*dns.AAAA).AAAA.String() != "fd00::b" {
+		t.Fatalf("desktop's AAAA: %v", q.Answer)
 	}
 }

@@ -107,6 +107,7 @@ type Server struct {
 	llq      *llq.Table
 	rate     *rateLimiter
 	refuse   refuseLimiter
+	hosts    hostIndex // keys.go
 
 	// life ends when the server stops (Close, or the end of Start's
 	// context), so request handlers' store writes end with it.
@@ -142,7 +143,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		perClient: map[netip.Prefix]int{}}
 	s.verifier = &tsig.Verifier{Keys: s.keys, Fudge: time.Duration(cfg.TSIGFudge), Now: cfg.Now}
 	s.life, s.endLife = context.WithCancel(context.Background())
-	s.users = NewUsers(cfg.DataDir, cfg.Zone)
+	s.users = UsersOf(cfg)
 	var addrs []netip.Addr
 	for _, a := range cfg.ServerAddrs {
 		addrs = append(addrs, netip.MustParseAddr(a))
@@ -156,7 +157,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		relays = append(relays, zr)
 	}
 	z, err := zone.New(zone.Zone{Origin: cfg.Zone, ServerName: cfg.ServerName, ServerAddr: addrs,
-		IsUser: s.isUser, Ports: zone.Ports{}, Relays: relays})
+		IsUser: s.isUser, Hosts: s.hostsOf, Ports: zone.Ports{}, Relays: relays})
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}
@@ -169,16 +170,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	if err := s.ReloadKeys(); err != nil {
 		return nil, err
 	}
-	// A key added on disk by `btmm-dnsd adduser` while running is picked
-	// up on first use.
-	s.keys.Miss = func(name string) (tsig.Key, bool) {
-		u := s.zone.UserOf(name)
-		if u == "" || dns.CanonicalName(name) != s.users.KeyName(u) {
-			return tsig.Key{}, false
-		}
-		k, err := s.users.Get(u)
-		return k, err == nil
-	}
+	s.keys.Miss = s.loadKey
 	st, err := s.openStore()
 	if err != nil {
 		return nil, err
@@ -204,55 +196,6 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		},
 	})
 	return s, nil
-}
-
-// isUser reports whether user has a key loaded (its subdomain is then a
-// zone). A user added on disk while running is loaded at its key's first
-// use or at a reload.
-func (s *Server) isUser(user string) bool { return s.keys.Has(s.users.KeyName(user)) }
-
-// ReloadKeys re-reads the user key directory (after adduser / deluser).
-func (s *Server) ReloadKeys() error {
-	users, err := s.users.List()
-	if err != nil {
-		return err
-	}
-	want := map[string]bool{}
-	for _, u := range users {
-		k, err := s.users.Get(u)
-		if err != nil {
-			return err
-		}
-		s.keys.Add(k)
-		want[k.Name] = true
-	}
-	for _, n := range s.keys.Names() {
-		if !want[n] {
-			s.keys.Remove(n)
-		}
-	}
-	return nil
-}
-
-// AddUser creates a user with a fresh TSIG key (algorithm "" means
-// hmac-sha256; "hmac-md5" and "hmac-sha512" work too), stores it (0600) and
-// returns it. The key is usable at once.
-func (s *Server) AddUser(user, algorithm string) (tsig.Key, error) {
-	k, err := s.users.Add(user, algorithm)
-	if err != nil {
-		return k, err
-	}
-	s.keys.Add(k)
-	return k, nil
-}
-
-// RemoveUser deletes a user's key; its records expire with their leases.
-func (s *Server) RemoveUser(user string) error {
-	if err := s.users.Remove(user); err != nil {
-		return err
-	}
-	s.keys.Remove(s.users.KeyName(user))
-	return nil
 }
 
 // Store returns the server's store (for inspection in tests).
@@ -374,6 +317,9 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 		<-ctx.Done()
 		s.Close()
 	}()
+	if err := s.startControl(); err != nil {
+		s.log.Warn("no control socket: admin commands need SIGHUP to take effect", "err", err)
+	}
 	s.log.Info("btmm-dnsd serving", "zone", s.zone.Origin, "dns", addrs.DNS, "tls", addrs.TLS)
 	return addrs, nil
 }
@@ -461,7 +407,8 @@ func acceptMsg(dh dns.Header) dns.MsgAcceptAction {
 type authInfo struct {
 	signed bool
 	key    string // key name, when verified
-	user   string
+	user   string // the key's user
+	host   string // the key's host ("" for the user's own key)
 	tsig   *dns.TSIG
 	err    error // verification failure
 }
@@ -477,9 +424,7 @@ func (s *Server) auth(w dns.ResponseWriter, r *dns.Msg) authInfo {
 		return a
 	}
 	a.key = dns.CanonicalName(t.Hdr.Name)
-	if u := s.zone.UserOf(a.key); u != "" && a.key == s.users.KeyName(u) {
-		a.user = u
-	}
+	a.user, a.host, _ = s.users.Principal(a.key)
 	return a
 }
 
@@ -675,7 +620,7 @@ func (s *Server) serveUpdate(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 		return
 	}
 	granted, echo := s.cfg.leaseBounds().Grant(r)
-	req := zone.Request{User: a.user, KeyName: a.key, Lease: granted, Now: now}
+	req := zone.Request{User: a.user, Host: a.host, KeyName: a.key, Lease: granted, Now: now}
 	if err := s.zone.CheckUpdate(r, req); err != nil {
 		fail(err)
 		return

@@ -24,6 +24,8 @@ func (m mapView) HasDescendants(n string) bool {
 	return false
 }
 
+var verdictOf func(m *dns.Msg, req Request) int
+
 // FuzzUpdate feeds arbitrary messages through UPDATE processing: parse ->
 // check -> prerequisites/ops, then marshal -> parse -> same verdict.
 func FuzzUpdate(f *testing.F) {
@@ -50,12 +52,22 @@ func FuzzUpdate(f *testing.F) {
 		m.Insert([]dns.RR{rr("_x._tcp.alice.btmm.example. 60 IN SRV 0 0 22 h.alice.btmm.example.")})
 	})
 	f.Add([]byte{0, 1, 0x28, 0, 0, 1, 0, 0, 0, 1, 0, 0})
-	z, _ := New(Zone{Origin: "btmm.example.", IsUser: func(u string) bool { return u == "alice" }})
+	seed(func(m *dns.Msg) {
+		m.Insert([]dns.RR{rr("_autotunnel._udp.laptop.alice.btmm.example. 60 IN SRV 0 0 4500 at-1.alice.btmm.example."),
+			rr("at-1.alice.btmm.example. 60 IN A 192.0.2.1"),
+			rr("_autotunnel._udp.alice.btmm.example. 60 IN PTR _autotunnel._udp.laptop.alice.btmm.example.")})
+	})
+	z, _ := New(Zone{Origin: "btmm.example.", IsUser: func(u string) bool { return u == "alice" },
+		Hosts: func(string) []string { return []string{"laptop", "desktop"} }})
 	view := mapView{}
 	r0 := rr("h.alice.btmm.example. 60 IN A 192.0.2.1")
-	view["h.alice.btmm.example."] = []store.Record{{RR: r0}}
-	req := Request{User: "alice", KeyName: "alice.btmm.example.", Lease: time.Hour, Now: time.Unix(1800000000, 0)}
-	verdict := func(m *dns.Msg) int {
+	view["h.alice.btmm.example."] = []store.Record{{RR: r0, Owner: "alice.btmm.example."}}
+	view["desktop.alice.btmm.example."] = []store.Record{{RR: rr("desktop.alice.btmm.example. 60 IN AAAA fd00::d"), Owner: "desktop.alice.btmm.example."}}
+	user := Request{User: "alice", KeyName: "alice.btmm.example.", Lease: time.Hour, Now: time.Unix(1800000000, 0)}
+	host := user
+	host.Host, host.KeyName = "laptop", "laptop.alice.btmm.example."
+	verdict := func(m *dns.Msg) int { return verdictOf(m, user)*1000 + verdictOf(m, host) }
+	verdictOf = func(m *dns.Msg, req Request) int {
 		if err := z.CheckUpdate(m, req); err != nil {
 			return Rcode(err)
 		}
@@ -68,6 +80,12 @@ func FuzzUpdate(f *testing.F) {
 				!strings.EqualFold(z.UserOf(op.Record.RR.Header().Name), "alice") {
 				t := op.Record.RR
 				panic("op outside the user's subdomain: " + t.String())
+			}
+			// A host key never touches another host's name or a record
+			// of another key.
+			if req.Host != "" && (strings.HasSuffix(strings.ToLower(op.Record.RR.Header().Name), "desktop.alice.btmm.example.") ||
+				op.Kind == store.Delete && strings.EqualFold(op.Record.RR.Header().Name, "h.alice.btmm.example.")) {
+				panic("host key changed another's record: " + op.Record.RR.String())
 			}
 		}
 		return 0

@@ -62,6 +62,9 @@ type Zone struct {
 	ServerName string       // primary name server, e.g. "ns.btmm.example."
 	ServerAddr []netip.Addr // glue for ServerName when it is inside the zone
 	Ports      Ports        // for discovery SRV records
+	// Hosts returns the labels of a user's hosts that have keys of their
+	// own (nil: none).
+	Hosts func(user string) []string
 	// IsUser reports whether a label below Origin is a user (whose
 	// subdomain is then a zone of its own).
 	IsUser func(user string) bool
@@ -317,21 +320,6 @@ var UpdateTypes = map[uint16]bool{
 	dns.TypePTR: true, dns.TypeCNAME: true, dns.TypeKEY: true, dns.TypeHINFO: true,
 }
 
-// Request is what an UPDATE handler knows about the sender.
-type Request struct {
-	// User is the authenticated user ("" when the key is an admin key
-	// allowed everywhere but protected names). Updates may touch only
-	// names in that user's subdomain.
-	User string
-	// Admin allows any unprotected name.
-	Admin bool
-	// KeyName is recorded as the owner of added records.
-	KeyName string
-	// Lease is the granted update lease (0: no expiry).
-	Lease time.Duration
-	Now   time.Time
-}
-
 // CheckUpdate does the message-only checks of an UPDATE (RFC 2136 §3.1, §3.4.1
 // prescan, authorization); it needs no zone data. It returns an RcodeError.
 func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
@@ -386,6 +374,9 @@ func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
 			if h.Rrtype == dns.TypeSOA || h.Rrtype == dns.TypeNS {
 				return rcodeErr(dns.RcodeRefused, "%s records are managed by the server", dns.Type(h.Rrtype))
 			}
+			if h.Rrtype == dns.TypeDNAME {
+				return rcodeErr(dns.RcodeRefused, "DNAME is not allowed")
+			}
 			if !UpdateTypes[h.Rrtype] || h.Rdlength == 0 {
 				return rcodeErr(dns.RcodeFormatError, "cannot add %s record", dns.Type(h.Rrtype))
 			}
@@ -400,15 +391,13 @@ func (z *Zone) CheckUpdate(m *dns.Msg, req Request) error {
 		default:
 			return rcodeErr(dns.RcodeFormatError, "update class %s", dns.Class(h.Class))
 		}
-		// Authorization: a user's key changes only that user's subdomain.
-		if !req.Admin && (req.User == "" || !strings.EqualFold(z.UserOf(h.Name), req.User)) {
-			return rcodeErr(dns.RcodeRefused, "key not authorized for %q", h.Name)
-		}
 		if z.Protected(h.Name, h.Rrtype) {
 			return rcodeErr(dns.RcodeRefused, "%q %s is managed by the server", h.Name, dns.Type(h.Rrtype))
 		}
 	}
-	return nil
+	// Authorization: a user's key changes only that user's zone, a host's
+	// key only what is the host's own (auth.go).
+	return z.checkAuth(m, req)
 }
 
 // isMeta reports QTYPEs and meta types (RFC 6895 §3.1) that never appear as data.
@@ -419,6 +408,9 @@ func isMeta(t uint16) bool { return t == dns.TypeOPT || t >= 128 && t <= 255 }
 // failure is an RcodeError and commits nothing.
 func (z *Zone) Update(m *dns.Msg, req Request) func(store.View) ([]store.Op, error) {
 	return func(v store.View) ([]store.Op, error) {
+		if err := z.checkOwnership(v, m, req); err != nil {
+			return nil, err
+		}
 		serial := uint32(v.Rev())
 		// Prerequisites (RFC 2136 §3.2).
 		valueSets := map[string][]dns.RR{} // name+type -> required RRset
@@ -523,6 +515,9 @@ func (z *Zone) Update(m *dns.Msg, req Request) func(store.View) ([]store.Op, err
 				recs = keep
 			}
 			work[n] = recs
+		}
+		if err := z.checkULAs(m, req, get); err != nil {
+			return nil, err
 		}
 		return ops, nil
 	}

@@ -116,9 +116,10 @@ func writeFile(t *testing.T, path, content string, mode os.FileMode) {
 	}
 }
 
-// rendezvous starts btmm-dnsd for zone in the lab's inet namespace and
-// returns the path of user alice's TSIG key file.
-func rendezvous(t *testing.T, l *lab.Lab, bins, dir string) string {
+// rendezvous starts btmm-dnsd for zone in the lab's inet namespace with
+// user alice, and returns a function that makes a host's own key
+// (`btmm-dnsd addhost alice HOST`) and returns its file.
+func rendezvous(t *testing.T, l *lab.Lab, bins, dir string) func(host string) string {
 	t.Helper()
 	conf := filepath.Join(dir, "dnsd.toml")
 	writeFile(t, conf, fmt.Sprintf(`zone = %q
@@ -132,8 +133,7 @@ listen_tls = ""
 	if err != nil {
 		t.Fatalf("btmm-dnsd adduser: %v", err)
 	}
-	keyFile := filepath.Join(dir, "alice.key")
-	writeFile(t, keyFile, string(out), 0o600)
+	writeFile(t, filepath.Join(dir, "alice.key"), string(out), 0o600)
 	start(t, l.Inet, "btmm-dnsd", filepath.Join(bins, "btmm-dnsd"), "-config", conf)
 	waitFor(t, "btmm-dnsd listening", 10*time.Second, func() error {
 		return l.Inet.Do(func() error {
@@ -144,7 +144,15 @@ listen_tls = ""
 			return err
 		})
 	})
-	return keyFile
+	return func(host string) string {
+		out, err := exec.Command(filepath.Join(bins, "btmm-dnsd"), "-config", conf, "addhost", "alice", host).Output()
+		if err != nil {
+			t.Fatalf("btmm-dnsd addhost alice %s: %v", host, err)
+		}
+		keyFile := filepath.Join(dir, host+".key")
+		writeFile(t, keyFile, string(out), 0o600)
+		return keyFile
+	}
 }
 
 type host struct {
@@ -191,8 +199,8 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	say(t, "Lab: inet (rendezvous DNS + KDC at %s), gw1/gw2 NAT gateways, host1/host2 behind them", lab.InetAddr)
 	l := lab.New(t)
 
-	say(t, "btmm-dnsd: zone %s, user alice (TSIG key from `btmm-dnsd adduser alice`)", zone)
-	keyFile := rendezvous(t, l, bins, dir)
+	say(t, "btmm-dnsd: zone %s, user alice; each host gets its own key (`btmm-dnsd addhost alice HOST`)", zone)
+	hostKey := rendezvous(t, l, bins, dir)
 
 	say(t, "krb5kdc: realm %s with host principals", realm)
 	kdc := krbtest.StartIn(t, realm, l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
@@ -235,7 +243,7 @@ mode = "auto"
 keytab = %q
 krb5_conf = %q
 realm = %q
-`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, keyFile, lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
+`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
 		say(t, "btmmd on %s (%s dataplane)", h.name, h.dataplane)
 		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
 	}
@@ -278,12 +286,14 @@ realm = %q
 	// No secret in btmmctl's output or btmmd's log: neither the TSIG key
 	// nor any ESP key the kernel holds (`ip xfrm state` shows those to root).
 	var secrets []string
-	kf, err := os.ReadFile(keyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m := regexp.MustCompile(`secret "([^"]+)"`).FindSubmatch(kf); m != nil {
-		secrets = append(secrets, string(m[1]))
+	for _, h := range hosts {
+		kf, err := os.ReadFile(filepath.Join(dir, h.name+".key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m := regexp.MustCompile(`secret "([^"]+)"`).FindSubmatch(kf); m != nil {
+			secrets = append(secrets, string(m[1]))
+		}
 	}
 	for _, h := range hosts[:2] {
 		xs, _ := h.ns.Run("ip", "xfrm", "state")
@@ -291,8 +301,8 @@ realm = %q
 			secrets = append(secrets, m[1])
 		}
 	}
-	if len(secrets) < 1+2*2 {
-		t.Fatalf("found %d secrets to look for, want the TSIG key and the ESP keys of host1 and host2", len(secrets))
+	if len(secrets) < len(hosts)+2*2 {
+		t.Fatalf("found %d secrets to look for, want the hosts' TSIG keys and the ESP keys of host1 and host2", len(secrets))
 	}
 	for _, h := range hosts {
 		human, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "status")
