@@ -237,3 +237,31 @@ func TestClientKey(t *testing.T) {
 		t.Error("different /64s or IPv4 addresses share a key")
 	}
 }
+
+func TestRefuseLimiter(t *testing.T) {
+	var l refuseLimiter
+	now := time.Unix(1_700_000_000, 0)
+	logged := 0
+	for range 100 {
+		if ok, _ := l.allow(now); ok {
+			logged++
+		}
+	}
+	if logged != refuseBurst {
+		t.Fatalf("burst: %d lines logged, want %d", logged, refuseBurst)
+	}
+	// A second later, refuseRate more lines; the first says how many were left out.
+	now = now.Add(time.Second)
+	ok, dropped := l.allow(now)
+	if !ok || dropped != 100-refuseBurst {
+		t.Fatalf("after a second: %v, %d not logged", ok, dropped)
+	}
+	for range int(refuseRate) - 1 {
+		if ok, _ := l.allow(now); !ok {
+			t.Fatal("rate")
+		}
+	}
+	if ok, _ := l.allow(now); ok {
+		t.Fatal("more than the rate")
+	}
+}

@@ -67,7 +67,7 @@ func TestNsupdate(t *testing.T) {
 			if err != nil {
 				t.Fatalf("nsupdate: %v\n%s", err, out)
 			}
-			if q := query(t, addrs.DNS, name, dns.TypeANY); len(q.Answer) != 2 {
+			if q := signedQuery(t, addrs.DNS, k, name, dns.TypeANY); len(q.Answer) != 2 {
 				t.Fatalf("answers %v", q.Answer)
 			}
 			// The prerequisite now fails: YXDOMAIN, nothing changes.
@@ -81,7 +81,7 @@ func TestNsupdate(t *testing.T) {
 			if err != nil {
 				t.Fatalf("nsupdate delete: %v\n%s", err, out)
 			}
-			if q := query(t, addrs.DNS, name, dns.TypeANY); q.Rcode != dns.RcodeNameError {
+			if q := signedQuery(t, addrs.DNS, k, name, dns.TypeANY); q.Rcode != dns.RcodeNameError {
 				t.Fatalf("after delete: %v", q)
 			}
 			// Another user's subdomain is refused.

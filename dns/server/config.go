@@ -46,6 +46,16 @@ type Config struct {
 	// Relays are btmm-relay servers published as SRV
 	// _btmm-relay._udp.<zone> (and at each user's apex), docs/paths.md.
 	Relays []RelayConfig `toml:"relay"`
+	// PublicRecords turns private records off. With private records (the
+	// default) queries for names below a user's domain must be signed by a
+	// key of that user; the SOA/NS at the user's apex and the discovery
+	// SRVs stay public.
+	PublicRecords bool `toml:"public_records"`
+	// AppleCompat lists the users ("*": all) whose zones accept what
+	// Apple's client sends unsigned over UDP: queries and LLQ setup,
+	// refresh and acknowledgements. Their records are then public (private
+	// records off) and their LLQ events unsigned. Default: none.
+	AppleCompat []string `toml:"apple_compat"`
 
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`
@@ -183,6 +193,11 @@ func (c *Config) setDefaults() error {
 	}
 	if err := c.leaseBounds().Validate(); err != nil {
 		return fmt.Errorf("server: config: update_lease: %w", err)
+	}
+	for _, u := range c.AppleCompat {
+		if u != "*" && !userRE.MatchString(u) {
+			return fmt.Errorf("server: config: apple_compat: %q is not a user name or \"*\"", u)
+		}
 	}
 	def(&c.TSIGFudge, 5*time.Minute)
 	if f := time.Duration(c.TSIGFudge); f < time.Second || f > 0xffff*time.Second {

@@ -115,7 +115,7 @@ func TestNsupdateUserZone(t *testing.T) {
 		})
 	}
 	for _, n := range []string{"a", "b", "c"} {
-		if q := query(t, addrs.DNS, n+".alice.btmm.example.", dns.TypeA); len(q.Answer) != 1 {
+		if q := signedQuery(t, addrs.DNS, alice, n+".alice.btmm.example.", dns.TypeA); len(q.Answer) != 1 {
 			t.Fatalf("%s: %v", n, q)
 		}
 	}

@@ -123,6 +123,9 @@ func signedQuery(t *testing.T, addr string, k tsig.Key, name string, qtype uint1
 	if err != nil {
 		t.Fatalf("query %s: %v", name, err)
 	}
+	if r.Rcode == dns.RcodeRefused {
+		t.Fatalf("query %s with key %s refused", name, k.Name)
+	}
 	return r
 }
 

@@ -317,6 +317,7 @@ func (s *Server) Start(ctx context.Context) (Addrs, error) {
 		<-ctx.Done()
 		s.Close()
 	}()
+	s.logCompat()
 	if err := s.startControl(); err != nil {
 		s.log.Warn("no control socket: admin commands need SIGHUP to take effect", "err", err)
 	}
@@ -501,6 +502,19 @@ func (s *Server) serveQuery(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	q := r.Question[0]
 	if q.Qtype == dns.TypeAXFR || q.Qtype == dns.TypeIXFR {
 		resp.Rcode = dns.RcodeRefused
+		s.refusedLog("query", w, "name", q.Name, "reason", "zone transfer")
+		s.reply(w, r, resp, a)
+		return
+	}
+	reason, hideSOA := s.queryAccess(q, a)
+	switch {
+	case reason != "":
+		resp.Rcode = dns.RcodeRefused
+		s.refusedLog("query", w, "name", q.Name, "type", dns.Type(q.Qtype).String(), "key", a.key, "reason", reason)
+		s.reply(w, r, resp, a)
+		return
+	case hideSOA:
+		s.zoneNoData(q, resp)
 		s.reply(w, r, resp, a)
 		return
 	}
@@ -559,25 +573,18 @@ func (s *Server) serveLLQ(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 		resp.SetRcode(r, rcode)
 		s.reply(w, r, resp, a)
 	}
-	if a.key == "" {
-		deny(dns.RcodeRefused)
-		return
-	}
 	if len(r.Question) != 1 {
 		deny(dns.RcodeFormatError)
 		return
 	}
 	q := r.Question[0]
-	if !s.zone.InZone(q.Name) {
+	key, reason := s.llqAccess(w, q, a)
+	if reason != "" {
+		s.refusedLog("llq", w, "name", q.Name, "key", a.key, "reason", reason)
 		deny(dns.RcodeRefused)
 		return
 	}
-	if u := s.zone.UserOf(q.Name); u != "" && u != a.user {
-		s.log.Info("llq refused: name of another user", "key", a.key, "name", q.Name)
-		deny(dns.RcodeRefused)
-		return
-	}
-	resp, err := s.llq.Handle(r, s.peer(w), a.key)
+	resp, err := s.llq.Handle(r, s.peer(w), key)
 	if err != nil || resp == nil {
 		return
 	}
@@ -603,7 +610,7 @@ func (s *Server) serveUpdate(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 	resp.SetReply(r)
 	fail := func(err error) {
 		resp.Rcode = zone.Rcode(err)
-		s.log.Info("update refused", "key", a.key, "from", w.RemoteAddr().String(), "err", err)
+		s.refusedLog("update", w, "key", a.key, "reason", err.Error())
 		s.reply(w, r, resp, a)
 	}
 	if a.key == "" {

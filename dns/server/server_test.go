@@ -118,7 +118,7 @@ func TestUpdateWithLeaseAndQuery(t *testing.T) {
 	if ul == nil || ul.Lease != 1800 {
 		t.Fatalf("lease echo = %v, want 1800 (clamped up)", ul)
 	}
-	q := query(t, addrs.DNS, "mac.alice.btmm.example.", dns.TypeAAAA)
+	q := signedQuery(t, addrs.DNS, alice, "mac.alice.btmm.example.", dns.TypeAAAA)
 	if len(q.Answer) != 1 || !q.Authoritative {
 		t.Fatalf("answer %v", q)
 	}
@@ -128,7 +128,7 @@ func TestUpdateWithLeaseAndQuery(t *testing.T) {
 		t.Fatalf("srv answer %v", q)
 	}
 	// NXDOMAIN carries the SOA.
-	q = query(t, addrs.DNS, "nope.alice.btmm.example.", dns.TypeA)
+	q = signedQuery(t, addrs.DNS, alice, "nope.alice.btmm.example.", dns.TypeA)
 	if q.Rcode != dns.RcodeNameError || len(q.Ns) != 1 {
 		t.Fatalf("nxdomain %v", q)
 	}
@@ -162,7 +162,7 @@ func TestCrossUserUpdateRefused(t *testing.T) {
 	if r.Rcode != dns.RcodeRefused {
 		t.Fatalf("rcode %s, want REFUSED", dns.RcodeToString[r.Rcode])
 	}
-	if q := query(t, addrs.DNS, "ok.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, alice, "ok.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
 		t.Fatalf("partial update applied: %v", q.Answer)
 	}
 	// Server-managed records are refused too.
@@ -375,7 +375,7 @@ func TestLeaseExpiryFiresLLQEvent(t *testing.T) {
 		}
 		break
 	}
-	if q := query(t, addrs.DNS, name, dns.TypeA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, k, name, dns.TypeA); len(q.Answer) != 0 {
 		t.Fatalf("expired record still served: %v", q.Answer)
 	}
 }
@@ -410,7 +410,7 @@ func TestBadTime(t *testing.T) {
 	if r.Rcode != dns.RcodeNotAuth || r.IsTsig() == nil || r.IsTsig().Error != dns.RcodeBadTime {
 		t.Fatalf("stale signature: %v", r)
 	}
-	if q := query(t, addrs.DNS, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, k, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
 		t.Fatal("stale update applied")
 	}
 }

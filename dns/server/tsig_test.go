@@ -90,7 +90,7 @@ func TestBadTimeCarriesServerTime(t *testing.T) {
 			data, mac := signedUpdate(t, k, when, tc.fudge, rr(t, "x.alice.btmm.example. 60 IN A 192.0.2.1"))
 			r, raw := rawExchange(t, addrs.DNS, data)
 			checkBadTime(t, r, raw, k, mac, when)
-			if q := query(t, addrs.DNS, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+			if q := signedQuery(t, addrs.DNS, k, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
 				t.Fatal("stale update applied")
 			}
 		})
@@ -116,7 +116,7 @@ func TestReplayedUpdateRefused(t *testing.T) {
 	m := new(dns.Msg)
 	m.Unpack(add)
 	checkBadTime(t, r, raw, k, m.IsTsig().MAC, now)
-	if q := query(t, addrs.DNS, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, k, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
 		t.Fatal("replayed update applied")
 	}
 }
@@ -152,7 +152,7 @@ func TestTruncatedMAC(t *testing.T) {
 			t.Fatalf("%d-octet MAC: %v", tc.octets, r)
 		}
 	}
-	if q := query(t, addrs.DNS, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, k, "x.alice.btmm.example.", dns.TypeA); len(q.Answer) != 0 {
 		t.Fatal("update with a truncated MAC applied")
 	}
 }
@@ -250,7 +250,7 @@ func TestReplayIndependentClients(t *testing.T) {
 		r, raw := rawExchange(t, addrs.DNS, b)
 		checkBadTime(t, r, raw, k, m.IsTsig().MAC, time.Unix(int64(m.IsTsig().TimeSigned), 0))
 	}
-	if q := query(t, addrs.DNS, "r.alice.btmm.example.", dns.TypeAAAA); len(q.Answer) != 0 {
+	if q := signedQuery(t, addrs.DNS, k, "r.alice.btmm.example.", dns.TypeAAAA); len(q.Answer) != 0 {
 		t.Fatalf("replayed nsupdate applied: %v", q.Answer)
 	}
 
