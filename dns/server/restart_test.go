@@ -136,7 +136,7 @@ max = "2h"
 
 	d.start()
 	for i := range n {
-		q := query(t, addr, fmt.Sprintf("h%d.alice.btmm.example.", i), dns.TypeA)
+		q := signedQuery(t, addr, k, fmt.Sprintf("h%d.alice.btmm.example.", i), dns.TypeA)
 		if len(q.Answer) != 1 {
 			t.Fatalf("acknowledged update %d lost after kill -9", i)
 		}
@@ -144,7 +144,7 @@ max = "2h"
 	// The expired record is removed (at startup or within a moment).
 	deadline := time.Now().Add(3 * time.Second)
 	for {
-		q := query(t, addr, "short.alice.btmm.example.", dns.TypeA)
+		q := signedQuery(t, addr, k, "short.alice.btmm.example.", dns.TypeA)
 		if len(q.Answer) == 0 {
 			break
 		}
