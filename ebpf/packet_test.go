@@ -415,6 +415,23 @@ func TestIngressCleartext(t *testing.T) {
 	}
 }
 
+// refused handles BPF_PROG_TEST_RUN's EINVAL for an input too short for its
+// protocol: generated inputs are skipped, but a seed the kernel refuses tests
+// nothing, so under BTMM_REQUIRE_ALL=1 (make test) it fails. The VM's 6.1
+// kernel refuses some seeds the host's accepts: there they skip as deferred to
+// the host, and make test checks that they passed on the host.
+func refused(t *testing.T) {
+	t.Helper()
+	const msg = "BPF_PROG_TEST_RUN refuses this input (EINVAL: too short for its protocol)"
+	switch {
+	case testenv.Fuzzing():
+		t.Skip(msg)
+	case testenv.InVM():
+		t.Skip("host tier: the VM kernel's " + msg + "; runs under `make test-netns`")
+	}
+	testenv.Unavailable(t, msg+": a seed that tests nothing")
+}
+
 // FuzzIngress runs the ingress program on arbitrary UDP payloads from a
 // known peer and on arbitrary frames: it must answer OK or SHOT, leave
 // passed packets unchanged unless it decapsulated them, and produce IPv6
@@ -424,7 +441,9 @@ func FuzzIngress(f *testing.F) {
 	f.Add(udp(portB, portA, []byte{0, 0, 0, 0, 1}), false)
 	f.Add(udp(portB, portA, []byte{0xff}), false)
 	f.Add(udp(portB, portA, nil), false)
-	f.Add([]byte{0x45, 0, 0, 20}, true)
+	// A bare IPv4 header claiming UDP and 60 bytes: the UDP header is missing.
+	// (A header cut short is refused by BPF_PROG_TEST_RUN itself: EINVAL.)
+	f.Add([]byte{0x45, 0, 0, 60, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1}, true)
 	f.Add(ipv6(ulaB, ulaA, 50, nil), true)
 	e := newProgEnv(f, modeSecure)
 	f.Fuzz(func(t *testing.T, b []byte, raw bool) {
@@ -436,7 +455,7 @@ func FuzzIngress(f *testing.F) {
 		}
 		ret, out, err := e.tryRun(e.objs.BtmmIngress, pkt)
 		if errors.Is(err, unix.EINVAL) {
-			t.Skip("BPF_PROG_TEST_RUN refuses this input (too short for its protocol)")
+			refused(t)
 		}
 		if err != nil {
 			t.Fatal(err)
@@ -471,7 +490,7 @@ func FuzzEgress(f *testing.F) {
 		}
 		ret, out, err := e.tryRun(e.objs.BtmmEgress, pkt)
 		if errors.Is(err, unix.EINVAL) {
-			t.Skip("BPF_PROG_TEST_RUN refuses this input (too short for its protocol)")
+			refused(t)
 		}
 		if err != nil {
 			t.Fatal(err)

@@ -19,7 +19,7 @@ import (
 // in too.
 func TestNetNSOwnership(t *testing.T) {
 	testenv.RequireNetNS(t)
-	esp := testenv.Probe(testenv.ESP) == nil
+	esp := testenv.Has(t, testenv.ESP)
 	l := newLab(t, 2)
 	a := l.hosts[0]
 	h := a.ns.Handle

@@ -13,6 +13,7 @@ import (
 	"github.com/btmm/btmm/dns/llq"
 	"github.com/btmm/btmm/dns/server"
 	"github.com/btmm/btmm/dns/tsig"
+	"github.com/btmm/btmm/internal/testenv"
 	"github.com/miekg/dns"
 )
 
@@ -438,7 +439,7 @@ func TestConfigKeys(t *testing.T) {
 
 func TestIPv6LLQEvent(t *testing.T) {
 	if c, err := net.ListenPacket("udp6", "[::1]:0"); err != nil {
-		t.Skipf("no IPv6 loopback: %v", err)
+		testenv.Unavailable(t, fmt.Sprintf("no IPv6 loopback: %v", err))
 	} else {
 		c.Close()
 	}

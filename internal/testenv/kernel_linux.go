@@ -52,7 +52,8 @@ func Probe(f Feature) error {
 }
 
 // RequireNetNS skips t unless it runs as root, not under -short, on a kernel
-// that can make network namespaces and veth pairs.
+// that can make network namespaces and veth pairs. Inside the VM (InVM) the
+// missing capability is a failure: the VM tier exists to run these tests.
 func RequireNetNS(t testing.TB) {
 	t.Helper()
 	if testing.Short() {
@@ -60,21 +61,46 @@ func RequireNetNS(t testing.TB) {
 	}
 	RequireRoot(t)
 	if err := Probe(NetNS); err != nil {
+		if InVM() {
+			t.Fatalf("vm tier: the VM's kernel cannot make netns+veth: %v", err)
+		}
 		t.Skipf("netns tier: kernel cannot make netns+veth: %v", err)
 	}
 }
 
 // Require skips t unless the kernel has every feature listed (and the netns
 // gate passes). On this project's dev kernel ESP and tunnels are missing: the
-// test then runs in the VM tier (make test-vm) instead.
+// test then runs in the VM tier (make test-vm) instead. Inside the VM a
+// missing feature fails the test (a module that did not load, a broken
+// initramfs), except TCX, which the VM's 6.1 kernel lacks by design: such a
+// test skips there and runs on the host (make test-netns).
 func Require(t testing.TB, features ...Feature) {
 	t.Helper()
 	RequireNetNS(t)
 	for _, f := range features {
-		if err := Probe(f); err != nil {
+		err := Probe(f)
+		switch {
+		case err == nil:
+		case InVM() && f == TCX:
+			t.Skipf("host tier: the VM's 6.1 kernel has no %s (%v); runs under `make test-netns`", f, err)
+		case InVM():
+			t.Fatalf("vm tier: the VM's kernel lacks %s (%v): a module missing from hack/vmexec's list?", f, err)
+		default:
 			t.Skipf("vm tier: this kernel lacks %s (%v); runs under `make test-vm`", f, err)
 		}
 	}
+}
+
+// Has reports whether the kernel has feature f, for tests that check
+// something either way (with the feature or its clean absence). Inside the VM
+// every feature but TCX must be present: a missing one fails t there.
+func Has(t testing.TB, f Feature) bool {
+	t.Helper()
+	err := Probe(f)
+	if err != nil && InVM() && f != TCX {
+		t.Fatalf("vm tier: the VM's kernel lacks %s (%v): a module missing from hack/vmexec's list?", f, err)
+	}
+	return err == nil
 }
 
 var probers = [numFeatures]func(h *netlink.Handle) error{

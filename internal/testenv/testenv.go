@@ -13,9 +13,14 @@
 // When BTMM_REQUIRE_ALL=1 (set by `make test` and CI), a missing external
 // program is a test failure, not a skip: CI installs everything, so a missing
 // binary there is a broken install step, not a reason to hide a test.
+//
+// Inside the VM (hack/vmexec sets BTMM_IN_VM=1) a missing kernel feature is a
+// failure too, never a skip. `make test` also checks every skip that remains
+// against hack/skips.allow (hack/skipcheck).
 package testenv
 
 import (
+	"flag"
 	"os"
 	"os/exec"
 	"testing"
@@ -24,12 +29,30 @@ import (
 // RequireAll reports whether missing tools must fail tests instead of skipping.
 func RequireAll() bool { return os.Getenv("BTMM_REQUIRE_ALL") == "1" }
 
-// RequireRoot skips t unless the test runs as root.
+// InVM reports whether the test runs inside hack/vmexec's VM.
+func InVM() bool { return os.Getenv("BTMM_IN_VM") == "1" }
+
+// RequireRoot skips t unless the test runs as root (in the VM, where tests
+// always run as root, it fails).
 func RequireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
+		if InVM() {
+			t.Fatal("vm tier: not root inside the VM")
+		}
 		t.Skip("netns tier: needs root")
 	}
+}
+
+// Unavailable skips t with reason, or fails it under BTMM_REQUIRE_ALL=1 or
+// inside the VM, where the environment is ours and must provide it (an IPv6
+// loopback address, a kernel that accepts a test input).
+func Unavailable(t testing.TB, reason string) {
+	t.Helper()
+	if RequireAll() || InVM() {
+		t.Fatal(reason + "; BTMM_REQUIRE_ALL=1 (or the VM) forbids skipping")
+	}
+	t.Skip(reason)
 }
 
 // RequireBinary returns the path of the named program. If it is not
@@ -52,4 +75,11 @@ func RequireBinary(t testing.TB, name, debPackage string) string {
 	}
 	t.Skip(msg)
 	return ""
+}
+
+// Fuzzing reports whether the test binary runs with -test.fuzz (generating
+// inputs), as opposed to running the seed corpus as a plain test.
+func Fuzzing() bool {
+	f := flag.Lookup("test.fuzz")
+	return f != nil && f.Value.String() != ""
 }
