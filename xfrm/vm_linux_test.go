@@ -92,25 +92,69 @@ func TestVMPing(t *testing.T) {
 
 // TestVMMoveKeepsTCP: a TCP stream between two ULAs keeps going, without a
 // reset or a lost byte, while host a's outer IPv4 address changes and Set
-// moves the SAs on both hosts; the outbound sequence number is not reset.
+// moves the SAs on both hosts with XFRM_MSG_MIGRATE; the outbound sequence
+// number is not reset. The kernel supports MIGRATE (Debian's has
+// CONFIG_XFRM_MIGRATE), so a move that fell back to re-adding fails the test.
 func TestVMMoveKeepsTCP(t *testing.T) {
 	testenv.Require(t, testenv.ESP, testenv.XfrmIface)
-	t.Run("migrate", func(t *testing.T) { testMoveKeepsTCP(t, true) })
-	// Without XFRM_MSG_MIGRATE (kernels built without CONFIG_XFRM_MIGRATE):
-	// the SAs are re-added with their replay state.
-	t.Run("re-add", func(t *testing.T) { testMoveKeepsTCP(t, false) })
+	testMoveKeepsTCP(t, true)
+}
+
+// TestVMMoveKeepsTCPWithoutMigrate: the same move on a kernel built without
+// CONFIG_XFRM_MIGRATE (XFRM_MSG_MIGRATE answers ENOPROTOOPT, as such a kernel
+// does): every SA is re-added with its replay state and the stream survives.
+func TestVMMoveKeepsTCPWithoutMigrate(t *testing.T) {
+	testenv.Require(t, testenv.ESP, testenv.XfrmIface)
+	testMoveKeepsTCP(t, false)
+}
+
+// noMigrate answers XFRM_MSG_MIGRATE like a kernel without CONFIG_XFRM_MIGRATE.
+type noMigrate struct{ calls *atomic.Int64 }
+
+func (n noMigrate) migrate(migration) error {
+	n.calls.Add(1)
+	return fmt.Errorf("XFRM_MSG_MIGRATE: %w", syscall.ENOPROTOOPT)
+}
+
+// migrateSupported asks h's kernel to migrate a policy that does not exist:
+// a kernel with CONFIG_XFRM_MIGRATE looks for it (ENOENT), one without
+// answers ENOPROTOOPT.
+func migrateSupported(t *testing.T, h *labHost) bool {
+	t.Helper()
+	err := h.dp.mig.migrate(migration{Dir: 1, Reqid: 0x7e57,
+		SelSrc: netip.MustParsePrefix("fd00:7e57::1/128"), SelDst: netip.MustParsePrefix("fd00:7e57::2/128"),
+		OldSrc: netip.MustParseAddr("10.255.0.1"), OldDst: netip.MustParseAddr("10.255.0.2"),
+		NewSrc: netip.MustParseAddr("10.255.0.3"), NewDst: netip.MustParseAddr("10.255.0.2"),
+		EncapSport: 4500, EncapDport: 4500})
+	switch {
+	case errors.Is(err, syscall.ENOPROTOOPT):
+		return false
+	case errors.Is(err, syscall.ENOENT):
+		return true
+	}
+	t.Fatalf("XFRM_MSG_MIGRATE probe for a missing policy: %v, want ENOENT or ENOPROTOOPT", err)
+	return false
 }
 
 func testMoveKeepsTCP(t *testing.T, migrate bool) {
 	l := newLab(t, 2)
+	var refused atomic.Int64
 	for i := range l.hosts {
 		l.start(t, i, Config{})
+		if migrate && !migrateSupported(t, l.hosts[i]) {
+			t.Fatal("this kernel has no XFRM_MSG_MIGRATE (CONFIG_XFRM_MIGRATE): Debian's 6.1 has it")
+		}
 		if !migrate {
-			l.hosts[i].dp.mig = nil
+			l.hosts[i].dp.mig = noMigrate{&refused}
 		}
 		l.set(t, i)
 	}
 	a, b := l.hosts[0], l.hosts[1]
+	// How every move must have been done.
+	wantHow := "(migrate)"
+	if !migrate {
+		wantHow = "(re-added with replay state)"
+	}
 	var ln net.Listener
 	must(t, b.ns.Do(func() (err error) { ln, err = net.Listen("tcp6", "["+b.ula.String()+"]:5001"); return err }))
 	defer ln.Close()
@@ -193,6 +237,9 @@ func testMoveKeepsTCP(t *testing.T, migrate bool) {
 			if c.Op == "move" {
 				moves++
 				t.Logf("%s", c)
+				if !strings.HasSuffix(c.What, wantHow) {
+					t.Errorf("move %s: want it done %s", c, wantHow)
+				}
 			} else if c.Object == "state" {
 				t.Errorf("unexpected state change %s (want moves only)", c)
 			}
@@ -200,6 +247,9 @@ func testMoveKeepsTCP(t *testing.T, migrate bool) {
 		if moves != 2 {
 			t.Errorf("changes %q: want 2 SA moves", changeStrings(ch))
 		}
+	}
+	if !migrate && refused.Load() == 0 {
+		t.Error("the fallback was reached without trying XFRM_MSG_MIGRATE first")
 	}
 	at := received.Load()
 	waitFor(t, 30*time.Second, func() bool { return received.Load() > at+512<<10 })
