@@ -7,12 +7,14 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
 	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/dns/llqclient"
 )
 
 const synopsis = `btmmctl: inspect a running btmmd.
@@ -88,7 +90,13 @@ func printStatus(w io.Writer, st *agent.Status) {
 	if r.LastError != "" {
 		reg += fmt.Sprintf("; %d failures, last: %s", r.Failures, r.LastError)
 	}
+	if r.AcceptUnsigned {
+		reg += "; UNSIGNED answers accepted (dns.accept_unsigned)"
+	}
 	fmt.Fprintf(w, "dns        %s\n", reg)
+	if l := st.LLQ; l != nil {
+		fmt.Fprintf(w, "llq        %s\n", llqLine(l))
+	}
 	if st.LastError != "" {
 		fmt.Fprintf(w, "error      dataplane: %s\n", st.LastError)
 	}
@@ -100,6 +108,29 @@ func printStatus(w io.Writer, st *agent.Status) {
 		fmt.Fprintf(w, "repaired   %d times, last %s: %s\n", r.Count, r.At.Format(time.RFC3339), what)
 	}
 	fmt.Fprintf(w, "uptime     %s\n\n", st.Uptime)
+}
+
+// llqLine sums up the LLQ client: how many questions are pushed, how many
+// polled and why.
+func llqLine(l *llqclient.Status) string {
+	pushed := 0
+	var reasons []string
+	for _, q := range l.Queries {
+		if q.Mode == llqclient.ModeLLQ {
+			pushed++
+		}
+		if q.Reason != "" && !slices.Contains(reasons, q.Reason) {
+			reasons = append(reasons, q.Reason)
+		}
+	}
+	line := fmt.Sprintf("%d questions on %s: %d pushed, %d polling", len(l.Queries), l.Server, pushed, l.Polling)
+	if len(reasons) > 0 {
+		line += " (" + strings.Join(reasons, "; ") + ")"
+	}
+	if l.AcceptUnsigned {
+		line += "; UNSIGNED answers and events accepted (dns.accept_unsigned)"
+	}
+	return line
 }
 
 func printPeers(w io.Writer, st *agent.Status) {

@@ -13,6 +13,8 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/dns/llqclient"
+	"github.com/btmm/btmm/dns/register"
 )
 
 // serve answers GET /v1/status on a unix socket with st, as btmmd does.
@@ -73,5 +75,26 @@ func TestErrors(t *testing.T) {
 	errOut.Reset()
 	if code := run([]string{"frobnicate"}, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), "unknown command") {
 		t.Errorf("unknown command: exit %d, %q", code, errOut.String())
+	}
+}
+
+// The signing policy shows: unsigned answers accepted, and why LLQs poll.
+func TestStatusSigningPolicy(t *testing.T) {
+	st := agent.Status{Host: "laptop", Domain: "alice.btmm.example.",
+		Register: register.Status{Published: true, Server: "203.0.113.10:53", Lease: time.Hour, LeaseEchoed: true, AcceptUnsigned: true},
+		LLQ: &llqclient.Status{Server: "203.0.113.10:53", Polling: 1, Queries: []llqclient.QueryStatus{
+			{Name: "_autotunnel._udp.alice.btmm.example.", Type: "PTR", Mode: llqclient.ModeLLQ},
+			{Name: "desktop.alice.btmm.example.", Type: "AAAA", Mode: llqclient.ModePolling, Reason: "server does not sign its responses (accept_unsigned accepts them, for Apple's dnsextd)"},
+		}}}
+	sock := serve(t, st)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"-socket", sock, "status"}, &out, &errOut); code != 0 {
+		t.Fatalf("status exit %d: %s", code, errOut.String())
+	}
+	for _, want := range []string{"UNSIGNED answers accepted (dns.accept_unsigned)",
+		"llq        2 questions on 203.0.113.10:53: 1 pushed, 1 polling (server does not sign its responses"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status output lacks %q:\n%s", want, out.String())
+		}
 	}
 }

@@ -28,6 +28,10 @@ type Config struct {
 		TLS      bool   `toml:"tls"`      // DNS over TLS to the server
 		CAFile   string `toml:"ca_file"`  // CA for the server's certificate
 		Lease    string `toml:"lease"`    // requested update lease, default 90m
+		// AcceptUnsigned believes the server's unsigned answers and LLQ
+		// events (a server that never signs, such as Apple's dnsextd);
+		// default false: a response to a signed request must be signed.
+		AcceptUnsigned bool `toml:"accept_unsigned"`
 	} `toml:"dns"`
 
 	Tunnel struct {

@@ -100,7 +100,8 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	if err != nil {
 		return err
 	}
-	regCfg := register.Config{Key: key, Zone: cfg.DNS.Zone, Server: cfg.DNS.Server, Resolver: cfg.DNS.Resolver}
+	regCfg := register.Config{Key: key, Zone: cfg.DNS.Zone, Server: cfg.DNS.Server, Resolver: cfg.DNS.Resolver,
+		AcceptUnsigned: cfg.DNS.AcceptUnsigned}
 	if cfg.DNS.Lease != "" {
 		if regCfg.Lease, err = time.ParseDuration(cfg.DNS.Lease); err != nil {
 			return fmt.Errorf("dns.lease: %w", err)
@@ -129,6 +130,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	}
 	var llqStatus func() (llqclient.Status, bool)
 	ac.Peers, ac.Rebind, llqStatus = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
+	ac.LLQStatus = llqStatus
 	if cfg.NAT.Mode == "off" {
 		ac.External = netip.MustParseAddrPort(cfg.NAT.External)
 	} else {

@@ -37,7 +37,8 @@ func peersFunc(cfg *Config, key *register.Key, tc *tls.Config, log *slog.Logger)
 		return current.Status(), true
 	}
 	return func(ctx context.Context, report func(agent.PeerEvent)) error {
-		lc, err := llqclient.New(llqclient.Config{Server: cfg.DNS.Server, Domain: cfg.Domain, Resolver: cfg.DNS.Resolver, Key: key, TLS: tc}, log)
+		lc, err := llqclient.New(llqclient.Config{Server: cfg.DNS.Server, Domain: cfg.Domain, Resolver: cfg.DNS.Resolver, Key: key, TLS: tc,
+			AcceptUnsigned: cfg.DNS.AcceptUnsigned}, log)
 		if err != nil {
 			return err
 		}

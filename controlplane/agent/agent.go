@@ -25,6 +25,7 @@ import (
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
 	"github.com/btmm/btmm/controlplane/netmon"
+	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 )
 
@@ -80,6 +81,9 @@ type Config struct {
 	// address is published: the peer tracker's LLQs must be set up again
 	// from it (the server sends events to where it last heard from us).
 	Rebind func()
+	// LLQStatus reports the peer tracker's LLQ client (false before it
+	// exists), for Status; nil: not shown.
+	LLQStatus func() (llqclient.Status, bool)
 	// KernelEvents are the dataplane's notifications (xfrm.Dataplane.Events
 	// adapted): NAT mapping changes seen in ESP traffic, and SAs reaching
 	// their soft lifetime; nil if the dataplane has none.
@@ -328,6 +332,7 @@ type Status struct {
 	Uptime     string                   `json:"uptime"`
 	NAT        NATReport                `json:"nat"`
 	Register   register.Status          `json:"registration"`
+	LLQ        *llqclient.Status        `json:"llq,omitempty"`
 	Peers      []PeerStatus             `json:"peers"`
 	Recent     []string                 `json:"recent_dataplane_changes"`
 	LastError  string                   `json:"dataplane_error,omitempty"`
@@ -369,6 +374,11 @@ func (a *Agent) Status(ctx context.Context) Status {
 		st.NAT = NATReport{External: a.cfg.External, Status: "static external address (no NAT handling)"}
 	}
 	st.Register = a.reg.Status()
+	if a.cfg.LLQStatus != nil {
+		if ls, ok := a.cfg.LLQStatus(); ok {
+			st.LLQ = &ls
+		}
+	}
 	peers, recent, lastErr := a.rec.Status()
 	kerr := map[netip.Addr]string{}
 	// Keying's goroutine may be inside a slow install: do not wait for it.

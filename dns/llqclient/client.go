@@ -42,6 +42,10 @@ type Config struct {
 	Domain   string
 	Resolver string
 	Key      *register.Key // TSIG key; nil sends unsigned
+	// AcceptUnsigned believes unsigned answers and events from this server
+	// (one that never signs, such as Apple's dnsextd); the policy is
+	// dns/register's ResponsePolicy, the same as the registrar's.
+	AcceptUnsigned bool
 
 	Lease        time.Duration // requested LLQ lease; default DefaultLease
 	PollInterval time.Duration // fallback polling; default DefaultPollInterval
@@ -96,6 +100,9 @@ type Status struct {
 	Queries   []QueryStatus
 	Polling   int    // questions in polling mode
 	LastError string // transport level
+	// AcceptUnsigned: unsigned answers and events are believed
+	// (Config.AcceptUnsigned).
+	AcceptUnsigned bool `json:",omitempty"`
 }
 
 // Client keeps LLQs on a set of questions. See the package comment.
@@ -146,6 +153,7 @@ type query struct {
 	waiting bool      // a request is outstanding
 	setups  int
 	reason  string
+	dropped string // why the last answer to q was not believed
 	llqAt   time.Time // while polling: when to try LLQ again
 
 	lastReq   *dns.Msg
@@ -501,7 +509,11 @@ func (c *Client) fire(now time.Time) {
 		case q.waiting && q.tries < c.cfg.Tries:
 			c.retransmit(q)
 		case q.waiting && (q.st == stSetup1 || q.st == stSetup2):
-			c.toPolling(q, "no answer to LLQ setup")
+			reason := "no answer to LLQ setup"
+			if q.dropped != "" {
+				reason = q.dropped // answers came, but could not be believed
+			}
+			c.toPolling(q, reason)
 		case q.waiting && q.st == stActive:
 			c.log.Info("llq: refresh unanswered, setting up again", "name", q.key.name, "type", dns.TypeToString[q.key.qtype])
 			c.startSetup(q)
@@ -525,7 +537,7 @@ func (c *Client) fire(now time.Time) {
 
 func (c *Client) startSetup(q *query) {
 	delete(c.pending, q.msgID)
-	q.st, q.id, q.tries = stSetup1, 0, 0
+	q.st, q.id, q.tries, q.dropped = stSetup1, 0, 0, ""
 	c.send(q, c.llqMsg(q, llq.OpSetup, 0, c.cfg.Lease), true)
 }
 
@@ -601,14 +613,20 @@ func (c *Client) pack(m *dns.Msg, requestMAC string) ([]byte, string, error) {
 	return dns.TsigGenerateWithProvider(m, c.cfg.Key.Provider(), requestMAC, false)
 }
 
-func (c *Client) verify(raw []byte, m *dns.Msg, requestMAC string) error {
-	if c.cfg.Key == nil {
-		return nil
+// verify applies the response policy to an answer or event.
+func (c *Client) verify(raw []byte, requestMAC string) error {
+	return register.ResponsePolicy{AcceptUnsigned: c.cfg.AcceptUnsigned}.Check(c.cfg.Key, raw, requestMAC)
+}
+
+// droppedReason is what the status says when answers are not believed.
+func droppedReason(err error) string {
+	switch {
+	case errors.Is(err, register.ErrServerDoesNotSign):
+		return "server does not sign its responses (accept_unsigned accepts them, for Apple's dnsextd)"
+	case errors.Is(err, register.ErrKeyRefused):
+		return err.Error()
 	}
-	if m.IsTsig() == nil {
-		return errors.New("unsigned")
-	}
-	return dns.TsigVerifyWithProvider(raw, c.cfg.Key.Provider(), requestMAC, false)
+	return "answers fail TSIG verification"
 }
 
 // handle processes one message from the server.
@@ -626,10 +644,14 @@ func (c *Client) handle(raw []byte) {
 	if !ok || !strings.EqualFold(m.Question[0].Name, q.key.name) || m.Question[0].Qtype != q.key.qtype {
 		return
 	}
-	if err := c.verify(raw, m, q.reqMAC); err != nil {
-		c.log.Warn("llq: dropping response that fails TSIG", "name", q.key.name, "err", err)
+	if err := c.verify(raw, q.reqMAC); err != nil {
+		if q.dropped == "" {
+			c.log.Warn("llq: dropping an answer we cannot believe", "name", q.key.name, "err", err)
+		}
+		q.dropped = droppedReason(err)
 		return
 	}
+	q.dropped = ""
 	delete(c.pending, m.Id)
 	q.waiting = false
 	now := time.Now()
@@ -697,8 +719,8 @@ func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
 	if q == nil {
 		return // not ours (any more); the server gives up after its retransmissions
 	}
-	if err := c.verify(raw, m, ""); err != nil {
-		c.log.Warn("llq: dropping event that fails TSIG", "name", q.key.name, "err", err)
+	if err := c.verify(raw, ""); err != nil {
+		c.log.Warn("llq: dropping an event we cannot believe", "name", q.key.name, "err", err)
 		return
 	}
 	ack := new(dns.Msg)
@@ -807,6 +829,7 @@ func (c *Client) publishStatus() {
 	slices.SortFunc(qs, func(a, b QueryStatus) int { return strings.Compare(a.Name+"/"+a.Type, b.Name+"/"+b.Type) })
 	c.mu.Lock()
 	c.status.Server = c.server
+	c.status.AcceptUnsigned = c.cfg.AcceptUnsigned
 	c.status.Queries = qs
 	c.status.Polling = polling
 	c.mu.Unlock()

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/btmm/btmm/dns/tsig"
 	"github.com/miekg/dns"
 )
 
@@ -52,6 +53,9 @@ type Config struct {
 	TTL        time.Duration // record TTL; default DefaultTTL
 	MaxBackoff time.Duration // default DefaultMaxBackoff
 	Timeout    time.Duration // per exchange; default 3s
+	// AcceptUnsigned believes unsigned answers from this server (one that
+	// never signs, such as Apple's dnsextd); see ResponsePolicy.
+	AcceptUnsigned bool
 	// Rand is the jitter source; nil uses the runtime's random numbers.
 	Rand *rand.Rand
 }
@@ -66,6 +70,9 @@ type Status struct {
 	NextAttempt time.Time
 	Failures    int    // consecutive failed attempts
 	LastError   string // of the last failed attempt
+	// AcceptUnsigned: unsigned answers from the server are believed
+	// (Config.AcceptUnsigned).
+	AcceptUnsigned bool `json:",omitempty"`
 }
 
 // Registrar publishes and refreshes one host's records. Create it with New,
@@ -144,6 +151,7 @@ func New(cfg Config, log *slog.Logger) (*Registrar, error) {
 		changed: make(chan struct{}, 1),
 		outer:   cfg.Outer,
 		caps:    cfg.Capabilities,
+		status:  Status{AcceptUnsigned: cfg.AcceptUnsigned},
 	}
 	r.exchange = r.netExchange
 	return r, nil
@@ -508,12 +516,48 @@ func (r *Registrar) serverFor(ctx context.Context) (string, string, error) {
 	return "", "", fmt.Errorf("discover update server: %w", errors.Join(errs...))
 }
 
+// netExchange sends m signed with our key and returns the answer that the
+// response policy (policy.go) lets us believe: a server's unsigned answer
+// to our signed UPDATE is not taken for success (unless AcceptUnsigned).
 func (r *Registrar) netExchange(ctx context.Context, m *dns.Msg, server, network string) (*dns.Msg, error) {
 	m.SetTsig(r.cfg.Key.Name, r.cfg.Key.Algorithm, 300, time.Now().Unix())
-	c := &dns.Client{Net: network, TsigProvider: r.cfg.Key.Provider(), Timeout: r.cfg.Timeout, TLSConfig: r.cfg.TLS}
-	reply, _, err := c.ExchangeContext(ctx, m, server)
+	req, mac, err := dns.TsigGenerateWithProvider(m, r.cfg.Key.Provider(), "", false)
+	if err != nil {
+		return nil, fmt.Errorf("sign update: %w", err)
+	}
+	c := &dns.Client{Net: network, Timeout: r.cfg.Timeout, TLSConfig: r.cfg.TLS}
+	co, err := c.DialContext(ctx, server)
 	if err != nil {
 		return nil, err
 	}
-	return reply, nil
+	defer co.Close()
+	stop := context.AfterFunc(ctx, func() { co.Close() })
+	defer stop()
+	deadline := time.Now().Add(r.cfg.Timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	co.SetDeadline(deadline)
+	if _, err := co.Write(req); err != nil {
+		return nil, err
+	}
+	for {
+		raw, err := co.ReadMsgHeader(nil)
+		if err != nil {
+			return nil, err
+		}
+		reply := new(dns.Msg)
+		if reply.Unpack(raw) != nil || reply.Id != m.Id || !reply.Response {
+			continue // not the answer to this request (UDP: stray or forged)
+		}
+		if err := (ResponsePolicy{AcceptUnsigned: r.cfg.AcceptUnsigned}).Check(r.cfg.Key, raw, mac); err != nil {
+			return nil, err
+		}
+		if t := reply.IsTsig(); t != nil && t.Error == dns.RcodeBadTime {
+			if st, ok := tsig.OtherTime(t); ok {
+				return nil, fmt.Errorf("BADTIME: our clock is %v off the server's", time.Since(st).Round(time.Second))
+			}
+		}
+		return reply, nil
+	}
 }
