@@ -122,6 +122,10 @@ type Client struct {
 	// Owned by the Run goroutine.
 	conn    Transport
 	server  string
+	// silent is set when a discovered server stopped answering: serve
+	// returns so that Run discovers a server again (with replicas, the
+	// discovery SRVs name the live ones).
+	silent bool
 	queries map[qkey]*query
 	pending map[uint16]*query
 }
@@ -294,7 +298,8 @@ func (c *Client) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		// A stream transport (TLS) broke: every LLQ lived on it.
+		// A stream transport (TLS) broke, or a discovered server went
+		// silent: every LLQ lived there.
 		c.setError(err)
 		c.log.Warn("llq: connection lost, reconnecting", "err", err)
 		for _, q := range c.queries {
@@ -378,6 +383,10 @@ func (c *Client) serve(ctx context.Context) error {
 			c.handle(b)
 		case <-timer.C:
 			c.fire(time.Now())
+			if c.silent {
+				c.silent = false
+				return fmt.Errorf("llqclient: %s does not answer LLQ setups", c.server)
+			}
 		}
 	}
 }
@@ -508,6 +517,8 @@ func (c *Client) fire(now time.Time) {
 		switch {
 		case q.waiting && q.tries < c.cfg.Tries:
 			c.retransmit(q)
+		case q.waiting && (q.st == stSetup1 || q.st == stSetup2) && c.cfg.Server == "":
+			c.silent = true // discovered: look for another server first
 		case q.waiting && (q.st == stSetup1 || q.st == stSetup2):
 			reason := "no answer to LLQ setup"
 			if q.dropped != "" {

@@ -15,7 +15,9 @@
 // event (answers with TTL 0xFFFFFFFF are removals), and sets the LLQ up again
 // when a refresh is answered NO-SUCH-LLQ or goes unanswered (a server restart
 // or a lost LLQ). Requests are retransmitted after Timeout, doubling, Tries
-// times in all.
+// times in all. A server found by SRV that stops answering setups (it died)
+// is dropped and the SRV looked up again, so with replicated servers the
+// client moves to a live one.
 //
 // When the server does not speak LLQ (no LLQ option in its answer, as BIND),
 // reports STATIC, SERV-FULL or another LLQ error, or does not answer setups,

@@ -80,15 +80,19 @@ type Store struct {
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	mu       sync.Mutex
-	cond     *sync.Cond // broadcast when rev advances or the store closes
-	closed   bool
-	rev      int64
-	idx      *store.Index
-	guards   map[string]int64 // guard -> mod revision
+	mu      sync.Mutex
+	cond    *sync.Cond // broadcast when rev advances or the store closes
+	closed  bool
+	rev     int64
+	idx     *store.Index
+	guards  map[string]int64 // guard -> mod revision
+	watches map[*watch]struct{}
+	werr    error // the watch's last error, while it is down
+
+	// rmu guards replicas apart from mu: the zone lists the replicas
+	// while answering from a view (under mu).
+	rmu      sync.Mutex
 	replicas map[string]store.Server
-	watches  map[*watch]struct{}
-	werr     error // the watch's last error, while it is down
 }
 
 // Errors.
@@ -240,7 +244,10 @@ func (s *Store) load(ctx context.Context) error {
 			ch.Removed = append(ch.Removed, r)
 		}
 	}
-	s.idx, s.guards, s.replicas = idx, guards, replicas
+	s.idx, s.guards = idx, guards
+	s.rmu.Lock()
+	s.replicas = replicas
+	s.rmu.Unlock()
 	s.rev = resp.Header.Revision
 	ch.Rev = uint64(s.rev)
 	if s.rev != 0 && len(ch.Added)+len(ch.Removed)+len(ch.Refreshed) > 0 && len(oldAll) > 0 {
@@ -343,11 +350,13 @@ func (s *Store) apply(resp clientv3.WatchResponse) {
 			}
 		case strings.HasPrefix(k, "replicas/"):
 			var sv store.Server
+			s.rmu.Lock()
 			if del {
 				delete(s.replicas, k)
 			} else if json.Unmarshal(ev.Kv.Value, &sv) == nil {
 				s.replicas[k] = sv
 			}
+			s.rmu.Unlock()
 		}
 	}
 	flush()
@@ -401,6 +410,43 @@ func (v *trackingView) HasDescendants(name string) bool {
 
 func (v *trackingView) Rev() uint64 { return uint64(v.s.rev) }
 
+// guards are the guards of the names read (called with s.mu held).
+func (v *trackingView) guards(s *Store) map[string]bool {
+	out := map[string]bool{}
+	for n := range v.read {
+		out[s.cfg.Guard(n)] = true
+	}
+	return out
+}
+
+// stale reports whether etcd holds newer writes to the guards than the
+// cache (called without s.mu; it is taken and released inside). When it
+// does, it waits until the cache has them, so the caller can run again.
+func (s *Store) stale(ctx context.Context, guards map[string]bool) (bool, error) {
+	var newest int64
+	stale := false
+	for g := range guards {
+		r, err := s.cli.Get(clientv3.WithRequireLeader(ctx), s.guardKey(g))
+		if err != nil {
+			return false, err
+		}
+		var mod int64
+		if len(r.Kvs) > 0 {
+			mod = r.Kvs[0].ModRevision
+		}
+		s.mu.Lock()
+		if s.guards[g] != mod {
+			stale = true
+		}
+		s.mu.Unlock()
+		newest = max(newest, mod)
+	}
+	if !stale {
+		return false, nil
+	}
+	return true, s.waitRev(ctx, newest)
+}
+
 type fenceKey struct{}
 
 type fence struct {
@@ -424,8 +470,18 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 		v := &trackingView{s: s, read: map[string]bool{}}
 		ops, err := fn(v)
 		if err != nil {
+			// A refusal (a failed prerequisite) is only as good as the
+			// cache it was computed on: confirm the cache was current.
+			read := v.guards(s)
 			s.mu.Unlock()
-			return 0, err
+			stale, ferr := s.stale(ctx, read)
+			if ferr != nil {
+				return 0, fmt.Errorf("etcdstore: update: confirm %w: %w", err, ferr)
+			}
+			if !stale {
+				return 0, err
+			}
+			continue
 		}
 		// The names written, with their records after the ops.
 		next := map[string]map[string]store.Record{}
@@ -489,8 +545,17 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 		}
 		rev := s.rev
 		if !changed {
+			// A no-op commits nothing, as in the embedded store; but the
+			// cache must have been current.
 			s.mu.Unlock()
-			return uint64(rev), nil // a no-op commits nothing, as in the embedded store
+			stale, err := s.stale(ctx, guards)
+			if err != nil {
+				return 0, fmt.Errorf("etcdstore: update: %w", err)
+			}
+			if !stale {
+				return uint64(rev), nil
+			}
+			continue
 		}
 		// Each transaction writes its own id into its guards, so that after
 		// an ambiguous failure (the connection broke after sending) it can
@@ -869,8 +934,8 @@ func (s *Store) Register(ctx context.Context, self store.Server) error {
 
 // Servers implements store.Registry: the live replicas, by name.
 func (s *Store) Servers() []store.Server {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
 	out := make([]store.Server, 0, len(s.replicas))
 	for _, v := range s.replicas {
 		out = append(out, v)
