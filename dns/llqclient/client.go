@@ -120,12 +120,12 @@ type Client struct {
 	status Status
 
 	// Owned by the Run goroutine.
-	conn    Transport
-	server  string
+	conn   Transport
+	server string
 	// silent is set when a discovered server stopped answering: serve
 	// returns so that Run discovers a server again (with replicas, the
 	// discovery SRVs name the live ones).
-	silent bool
+	silent  bool
 	queries map[qkey]*query
 	pending map[uint16]*query
 }
