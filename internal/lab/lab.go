@@ -10,17 +10,29 @@
 //	192.168.1.1 |       | 192.168.2.1
 //	192.168.1.2 host1  host2 192.168.2.2
 //
+// and a spare NAT gateway gw3 (WAN 11.6.0.2, LAN 192.168.3.1) with nobody
+// behind it, for a host to roam to.
+//
 // The "public" addresses come from 11.0.0.0/8 because miniupnpd refuses to
 // serve from reserved ranges; the traffic never leaves the namespaces.
+//
+// Each gateway's LAN side is a bridge ("lan") and each host hangs off it by
+// a veth whose gateway end is "lan-<host>", so a host can move (Move): its
+// veth end goes to the other gateway's bridge or to inet (a public address),
+// and the host gets a new address and default route, as a laptop does when
+// it changes networks. Offline/Online take its link down and up.
 package lab
 
 import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/btmm/btmm/internal/netns"
 )
@@ -30,24 +42,32 @@ const (
 	InetAddr  = "11.0.0.1" // rendezvous DNS server and KDC, on inet's lo
 	GW1WAN    = "11.1.0.2"
 	GW2WAN    = "11.2.0.2"
+	GW3WAN    = "11.6.0.2"
 	PubAddr   = "11.3.0.2"
 	GW1LAN    = "192.168.1.1"
 	GW2LAN    = "192.168.2.1"
+	GW3LAN    = "192.168.3.1"
 	Host1Addr = "192.168.1.2"
 	Host2Addr = "192.168.2.2"
 )
 
 // Roles, in the order Up creates them; a namespace is named <prefix>-<role>.
-var Roles = []string{"inet", "gw1", "gw2", "host1", "host2", "pub"}
+var Roles = []string{"inet", "gw1", "gw2", "host1", "host2", "pub", "gw3"}
 
 // Lab is a running lab.
 type Lab struct {
 	Prefix                            string
 	Inet, GW1, GW2, Host1, Host2, Pub *netns.NS
+	GW3                               *netns.NS // spare NAT gateway, nobody behind it at first
+
+	mu    sync.Mutex
+	where map[*netns.NS]Place // host1/host2's place; missing: where Up put it
 }
 
 // All returns the namespaces in Roles order.
-func (l *Lab) All() []*netns.NS { return []*netns.NS{l.Inet, l.GW1, l.GW2, l.Host1, l.Host2, l.Pub} }
+func (l *Lab) All() []*netns.NS {
+	return []*netns.NS{l.Inet, l.GW1, l.GW2, l.Host1, l.Host2, l.Pub, l.GW3}
+}
 
 // Up builds the lab with namespaces named <prefix>-<role>. On error whatever
 // was made is removed again.
@@ -58,7 +78,7 @@ func Up(prefix string) (_ *Lab, err error) {
 			l.Close()
 		}
 	}()
-	slots := []**netns.NS{&l.Inet, &l.GW1, &l.GW2, &l.Host1, &l.Host2, &l.Pub}
+	slots := []**netns.NS{&l.Inet, &l.GW1, &l.GW2, &l.Host1, &l.Host2, &l.Pub, &l.GW3}
 	for i, role := range Roles {
 		n, err := netns.CreateNamed(prefix + "-" + role)
 		if err != nil {
@@ -83,6 +103,7 @@ func Up(prefix string) (_ *Lab, err error) {
 	}{
 		{l.GW1, "gw1", "11.1.0.1/24", "wan", GW1WAN + "/24"},
 		{l.GW2, "gw2", "11.2.0.1/24", "wan", GW2WAN + "/24"},
+		{l.GW3, "gw3", "11.6.0.1/24", "wan", GW3WAN + "/24"},
 		{l.Pub, "pub", "11.3.0.1/24", "eth0", PubAddr + "/24"},
 	} {
 		step(netns.Veth(l.Inet, w.ifInet, w.peer, w.peerIf))
@@ -90,16 +111,34 @@ func Up(prefix string) (_ *Lab, err error) {
 		step(w.peer.AddAddr(w.peerIf, w.peerCIDR))
 		step(w.peer.AddRoute("default", strings.TrimSuffix(w.inetCIDR, "/24"), w.peerIf))
 	}
-	// Gateways and the hosts behind them.
+	// Gateways (a bridge on the LAN side) and the hosts behind them.
 	for _, g := range []struct {
-		gw, host    *netns.NS
-		lan, hostIP string
-	}{{l.GW1, l.Host1, GW1LAN, Host1Addr}, {l.GW2, l.Host2, GW2LAN, Host2Addr}} {
-		step(netns.Veth(g.gw, "lan", g.host, "eth0"))
+		gw, host          *netns.NS
+		lan, hostIP, name string
+	}{{l.GW1, l.Host1, GW1LAN, Host1Addr, "host1"}, {l.GW2, l.Host2, GW2LAN, Host2Addr, "host2"}, {l.GW3, nil, GW3LAN, "", ""}} {
+		// A fixed MAC: a bridge otherwise takes its lowest port's, and
+		// changes it when a host moves in or out, stranding the other
+		// hosts' neighbour entries for their gateway.
+		mac := "02:00:00:00:0" + g.lan[len("192.168."):len("192.168.")+1] + ":01"
+		_, err := g.gw.Run("ip", "link", "add", "lan", "address", mac, "type", "bridge")
+		step(err)
+		_, err = g.gw.Run("ip", "link", "set", "lan", "up")
+		step(err)
 		step(g.gw.AddAddr("lan", g.lan+"/24"))
-		step(g.host.AddAddr("eth0", g.hostIP+"/24"))
-		step(g.host.AddRoute("default", g.lan, "eth0"))
+		if g.host != nil {
+			step(netns.Veth(g.gw, "lan-"+g.name, g.host, "eth0"))
+			_, err = g.gw.Run("ip", "link", "set", "lan-"+g.name, "master", "lan", "up")
+			step(err)
+			step(g.host.AddAddr("eth0", g.hostIP+"/24"))
+			step(g.host.AddRoute("default", g.lan, "eth0"))
+		}
 		step(g.gw.Sysctl("net.ipv4.ip_forward", "1"))
+		// Frames bridged between two hosts on one LAN are not routed: keep
+		// them out of the NAT's filter (kernels with br_netfilter send
+		// them through it; without it the knob does not exist).
+		if err := g.gw.Sysctl("net.bridge.bridge-nf-call-iptables", "0"); err != nil && !errors.Is(err, os.ErrNotExist) {
+			step(err)
+		}
 		step(loadNAT(g.gw, strings.TrimSuffix(g.lan, ".1")+".0/24"))
 	}
 	if err != nil {
@@ -150,7 +189,7 @@ func loadNAT(gw *netns.NS, lanCIDR string) error {
 // Attach opens a lab that Up (possibly in another process) made.
 func Attach(prefix string) (*Lab, error) {
 	l := &Lab{Prefix: prefix}
-	slots := []**netns.NS{&l.Inet, &l.GW1, &l.GW2, &l.Host1, &l.Host2, &l.Pub}
+	slots := []**netns.NS{&l.Inet, &l.GW1, &l.GW2, &l.Host1, &l.Host2, &l.Pub, &l.GW3}
 	for i, role := range Roles {
 		n, err := netns.Open(prefix + "-" + role)
 		if err != nil {
@@ -189,4 +228,156 @@ func New(t testing.TB) *Lab {
 		}
 	})
 	return l
+}
+
+// Place is where a host of the lab is attached.
+type Place string
+
+// Places a host can move to.
+const (
+	BehindGW1 Place = "gw1"    // on gw1's LAN, behind its NAT
+	BehindGW2 Place = "gw2"    // on gw2's LAN, behind its NAT
+	BehindGW3 Place = "gw3"    // on gw3's LAN, behind its NAT
+	Public    Place = "public" // on a link of its own to inet, with a public address
+)
+
+// Addresses a moving host gets: 192.168.<gw>.<n> behind a gateway, and a
+// /24 of its own on inet when public (inet is .1 there).
+var placeAddrs = map[string]map[Place][2]string{ // host -> place -> {address/24, gateway}
+	"host1": {BehindGW1: {Host1Addr, GW1LAN}, BehindGW2: {"192.168.2.3", GW2LAN}, BehindGW3: {"192.168.3.3", GW3LAN}, Public: {"11.4.0.2", "11.4.0.1"}},
+	"host2": {BehindGW2: {Host2Addr, GW2LAN}, BehindGW1: {"192.168.1.3", GW1LAN}, BehindGW3: {"192.168.3.2", GW3LAN}, Public: {"11.5.0.2", "11.5.0.1"}},
+}
+
+func (l *Lab) role(host *netns.NS) (string, error) {
+	switch host {
+	case l.Host1:
+		return "host1", nil
+	case l.Host2:
+		return "host2", nil
+	}
+	return "", fmt.Errorf("lab: only host1 and host2 move, not %s", host.Name)
+}
+
+// Where returns where a host is attached now.
+func (l *Lab) Where(host *netns.NS) Place {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if p, ok := l.where[host]; ok {
+		return p
+	}
+	if host == l.Host2 {
+		return BehindGW2
+	}
+	return BehindGW1
+}
+
+// Addr returns the IPv4 address a host has at a place.
+func (l *Lab) Addr(host *netns.NS, p Place) string {
+	r, _ := l.role(host)
+	return placeAddrs[r][p][0]
+}
+
+func (l *Lab) placeNS(p Place) *netns.NS {
+	switch p {
+	case BehindGW1:
+		return l.GW1
+	case BehindGW2:
+		return l.GW2
+	case BehindGW3:
+		return l.GW3
+	}
+	return l.Inet
+}
+
+// Move attaches host (host1 or host2) at place to: its veth's far end moves
+// to that gateway's LAN bridge (or to inet), and the host's address and
+// default route change, in one burst of commands — what a host sees when it
+// roams to another network. Its own interface (eth0) stays.
+func (l *Lab) Move(host *netns.NS, to Place) error {
+	r, err := l.role(host)
+	if err != nil {
+		return err
+	}
+	want, ok := placeAddrs[r][to]
+	if !ok {
+		return fmt.Errorf("lab: no place %q", to)
+	}
+	from := l.Where(host)
+	if from == to {
+		return nil
+	}
+	end := "lan-" + r
+	src, dst := l.placeNS(from), l.placeNS(to)
+	script := []string{fmt.Sprintf("ip -n %s link set %s netns %s", src.Name, end, dst.Name)}
+	if to == Public {
+		script = append(script, fmt.Sprintf("ip -n %s addr add %s/24 dev %s", dst.Name, want[1], end),
+			fmt.Sprintf("ip -n %s link set %s up", dst.Name, end))
+	} else {
+		script = append(script, fmt.Sprintf("ip -n %s link set %s master lan up", dst.Name, end))
+	}
+	script = append(script,
+		fmt.Sprintf("ip -n %s addr flush dev eth0 scope global", host.Name),
+		fmt.Sprintf("ip -n %s addr add %s/24 dev eth0", host.Name, want[0]),
+		fmt.Sprintf("ip -n %s route replace default via %s dev eth0", host.Name, want[1]))
+	if out, err := exec.Command("sh", "-ec", strings.Join(script, "\n")).CombinedOutput(); err != nil {
+		return fmt.Errorf("lab: move %s from %s to %s: %w: %s", r, from, to, err, out)
+	}
+	l.mu.Lock()
+	if l.where == nil {
+		l.where = map[*netns.NS]Place{}
+	}
+	l.where[host] = to
+	l.mu.Unlock()
+	return nil
+}
+
+// Offline takes the host's link down: every route through it goes, its
+// address stays (a laptop whose Wi-Fi went away).
+func (l *Lab) Offline(host *netns.NS) error {
+	_, err := host.Run("ip", "link", "set", "eth0", "down")
+	return err
+}
+
+// Online brings the host's link back at its place, with its default route.
+func (l *Lab) Online(host *netns.NS) error {
+	r, err := l.role(host)
+	if err != nil {
+		return err
+	}
+	gw := placeAddrs[r][l.Where(host)][1]
+	script := fmt.Sprintf("ip -n %[1]s link set eth0 up\nip -n %[1]s route replace default via %[2]s dev eth0", host.Name, gw)
+	if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
+		return fmt.Errorf("lab: %s online: %w: %s", r, err, out)
+	}
+	return nil
+}
+
+// SetUDPTimeout makes a gateway's NAT forget idle UDP mappings after d
+// (conntrack's unreplied and stream timeouts), like the many home routers
+// that drop them after 30 s.
+func (l *Lab) SetUDPTimeout(gw *netns.NS, d time.Duration) error {
+	secs := fmt.Sprint(int(d / time.Second))
+	for _, k := range []string{"net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream"} {
+		if err := gw.Sysctl(k, secs); err != nil {
+			return fmt.Errorf("lab: %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// Dump returns the links, addresses, routes and bridge ports of every
+// namespace, for a failing test's log.
+func (l *Lab) Dump() string {
+	var b strings.Builder
+	for i, n := range l.All() {
+		if n == nil {
+			continue
+		}
+		fmt.Fprintf(&b, "== %s\n", Roles[i])
+		for _, c := range [][]string{{"ip", "-br", "link"}, {"ip", "-br", "addr"}, {"ip", "route"}, {"ip", "neigh"}, {"bridge", "link"}} {
+			out, _ := n.Run(c[0], c[1:]...)
+			b.WriteString(out)
+		}
+	}
+	return b.String()
 }

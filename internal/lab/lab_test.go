@@ -79,3 +79,103 @@ type runner interface {
 type errSt string
 
 func (e errSt) Error() string { return string(e) }
+
+// seenFrom sends UDP datagrams from host to pub (one every 200 ms: the
+// first may meet an unresolved neighbour right after a move) and returns the
+// source address pub saw (the NAT's public address, or the host's own).
+func seenFrom(t *testing.T, l *Lab, host runnerDo) string {
+	t.Helper()
+	var pc net.PacketConn
+	if err := l.Pub.Do(func() (err error) { pc, err = net.ListenPacket("udp4", ":9998"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	var c net.Conn
+	if err := host.Do(func() (err error) { c, err = net.Dial("udp4", PubAddr+":9998"); return }); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 16)
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); {
+		c.Write([]byte("hi"))
+		pc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, from, err := pc.ReadFrom(buf); err == nil {
+			return from.(*net.UDPAddr).IP.String()
+		}
+	}
+	t.Fatalf("nothing reached pub in 15 s\n%s", l.Dump())
+	return ""
+}
+
+type runnerDo interface {
+	Do(func() error) error
+	Run(string, ...string) (string, error)
+}
+
+// TestLabMoves: host1 roams gw1 -> gw2 -> public -> offline -> online ->
+// gw1, reaching the internet after each step through the right NAT; host2
+// stays reachable behind gw2 throughout (the bridge keeps both on gw2's LAN).
+func TestLabMoves(t *testing.T) {
+	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "nft", "nftables")
+	testenv.RequireBinary(t, "ping", "iputils-ping")
+	l := New(t)
+	for _, step := range []struct {
+		to   Place
+		seen string
+		addr string
+	}{
+		{BehindGW2, GW2WAN, "192.168.2.3"},
+		{BehindGW3, GW3WAN, "192.168.3.3"},
+		{Public, "11.4.0.2", "11.4.0.2"},
+		{BehindGW1, GW1WAN, Host1Addr},
+	} {
+		if err := l.Move(l.Host1, step.to); err != nil {
+			t.Fatal(err)
+		}
+		if l.Where(l.Host1) != step.to {
+			t.Fatalf("Where = %v, want %v", l.Where(l.Host1), step.to)
+		}
+		if got := l.Addr(l.Host1, step.to); got != step.addr {
+			t.Fatalf("Addr(%v) = %v, want %v", step.to, got, step.addr)
+		}
+		if out, _ := l.Host1.Run("ip", "-4", "-br", "addr", "show", "dev", "eth0"); !strings.Contains(out, step.addr+"/24") {
+			t.Fatalf("after moving to %v host1 has %s", step.to, out)
+		}
+		if got := seenFrom(t, l, l.Host1); got != step.seen {
+			t.Fatalf("behind %v pub sees host1 as %s, want %s", step.to, got, step.seen)
+		}
+		if got := seenFrom(t, l, l.Host2); got != GW2WAN {
+			t.Fatalf("host1 at %v: pub sees host2 as %s, want %s", step.to, got, GW2WAN)
+		}
+		if step.to == BehindGW2 {
+			// Both on gw2's bridge: they reach each other directly.
+			if out, err := l.Host1.Run("ping", "-c", "1", "-i", "0.2", "-w", "10", Host2Addr); err != nil {
+				t.Fatalf("host1 -> host2 on gw2's LAN: %v\n%s", err, out)
+			}
+		}
+		if step.to == Public {
+			if err := l.Offline(l.Host1); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := l.Host1.Run("ping", "-c", "1", "-W", "1", InetAddr); err == nil {
+				t.Fatalf("offline host1 reached inet:\n%s", out)
+			}
+			if err := l.Online(l.Host1); err != nil {
+				t.Fatal(err)
+			}
+			if got := seenFrom(t, l, l.Host1); got != "11.4.0.2" {
+				t.Fatalf("back online: pub sees host1 as %s", got)
+			}
+		}
+	}
+	if err := l.Move(l.Pub, Public); err == nil {
+		t.Fatal("pub moved")
+	}
+	if err := l.SetUDPTimeout(l.GW1, 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := l.GW1.Run("sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout_stream"); strings.TrimSpace(out) != "30" {
+		t.Fatalf("udp stream timeout on gw1: %q", out)
+	}
+}
