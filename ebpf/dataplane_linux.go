@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/repair"
 )
 
 // DefaultPinRoot is where programs, maps and links are pinned.
@@ -90,8 +91,12 @@ type Config struct {
 	// ForceClsact attaches with clsact + cls_bpf even where TCX works
 	// (exercises the pre-6.6 path on a new kernel).
 	ForceClsact bool
-	Logger      *slog.Logger
-	Now         func() time.Time
+	// Repair tunes the loop that puts back our kernel objects (programs,
+	// routes, neighbours, the ULA, XFRM states and policies) when someone
+	// else removes or changes them (docs/ebpf.md).
+	Repair repair.Config
+	Logger *slog.Logger
+	Now    func() time.Time
 }
 
 // Dataplane implements controlplane.Dataplane with TC BPF programs and XFRM.
@@ -113,6 +118,20 @@ type Dataplane struct {
 	// loULA is the local ULA this dataplane put on lo (invalid if it was
 	// there already: then it is not ours to remove).
 	loULA netip.Addr
+	// desired is the last valid desired state, which a repair re-applies.
+	desired *controlplane.State
+	guard   xfrm.SeqGuard
+
+	repair   *repair.Loop
+	stopRep  func()     // stops the repair loop and watchers
+	wmu      sync.Mutex // guards watch, read by the watchers
+	watching watchInfo
+}
+
+// watchInfo is what the watchers need to tell our objects' notifications.
+type watchInfo struct {
+	ula     netip.Addr
+	ifindex int // the device the programs are on
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -150,6 +169,10 @@ func New(cfg Config) (*Dataplane, error) {
 		d.nl.Close()
 		d.ns.Close()
 		return nil, err
+	}
+	if err := d.startRepair(); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("ebpf: %w", err)
 	}
 	return d, nil
 }
@@ -353,6 +376,7 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if d.closed {
 		return nil, ErrClosed
 	}
+	d.desired = xfrm.CloneState(desired)
 	return d.setLocked(desired)
 }
 
@@ -488,6 +512,10 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	if err != nil {
 		errs = append(errs, err)
 	}
+
+	d.wmu.Lock()
+	d.watching = watchInfo{ula: desired.Local.ULA, ifindex: d.attach.index()}
+	d.wmu.Unlock()
 
 	// 5. Deletes: the device we left, peers no longer desired.
 	if left.dev != nil {
@@ -803,6 +831,12 @@ func (d *Dataplane) Close() error {
 		return nil
 	}
 	d.closed = true
+	if d.stopRep != nil {
+		// The loop's apply waits for d.mu: let it see closed and end.
+		d.mu.Unlock()
+		d.stopRep()
+		d.mu.Lock()
+	}
 	var errs []error
 	if _, err := d.setRoutes(&controlplane.State{}); err != nil {
 		errs = append(errs, err)

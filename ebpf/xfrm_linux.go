@@ -77,20 +77,28 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			add(p.ULA, local, sa, p.Name)
 		}
 	}
+	var tx map[int]uint64 // transmit counters before the dump: SeqGuard's bound
+	if links, err := d.nl.LinkList(); err == nil {
+		tx = xfrm.TxCounters(links)
+	}
 	states, err := xfrm.RetryDump(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states: %w", err)
 	}
 	have := map[stateKey]netlink.XfrmState{}
+	var ours []netlink.XfrmState
 	for _, s := range states {
 		if s.Reqid != reqid || s.Proto != netlink.XFRM_PROTO_ESP {
 			continue
 		}
 		dst, _ := netip.AddrFromSlice(s.Dst)
 		have[stateKey{dst.Unmap(), uint32(s.Spi)}] = s
+		ours = append(ours, s)
 	}
+	d.guard.Observe(tx, ours)
 	for _, k := range order {
 		w := want[k]
+		note := ""
 		if h, ok := have[k]; ok {
 			if sameKeys(&h, w) {
 				continue
@@ -98,13 +106,21 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			// Same SPI, other keys or source: replace (an SPI never changes keys
 			// in normal operation; this is repair).
 			d.nl.XfrmStateDel(&h)
+		} else if out := k.dst != local; d.guard.Restore(w, out, tx) {
+			// Someone deleted it: put it back with sequence numbers the
+			// peer's replay window accepts.
+			if out {
+				note = fmt.Sprintf(", put back: sequence numbers continue from %d", w.Replay.OSeq)
+			} else {
+				note = fmt.Sprintf(", put back: replays up to %d refused", w.Replay.Seq)
+			}
 		}
 		if err := d.nl.XfrmStateAdd(w); err != nil {
 			errs = append(errs, fmt.Errorf("add xfrm state spi 0x%08x to %v: %w", k.spi, k.dst, err))
 			continue
 		}
 		changes = append(changes, controlplane.Change{Op: "add", Object: "state",
-			What: fmt.Sprintf("esp tunnel %s -> %v spi 0x%08x (%s)", net.IP(w.Src), k.dst, k.spi, names[k])})
+			What: fmt.Sprintf("esp tunnel %s -> %v spi 0x%08x (%s%s)", net.IP(w.Src), k.dst, k.spi, names[k], note)})
 	}
 
 	// Policies: out local -> peer, in peer -> local.
@@ -161,6 +177,14 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 		}
 		changes = append(changes, controlplane.Change{Op: "delete", Object: "policy", What: fmt.Sprintf("%v %v -> %v", k.dir, k.src, k.dst)})
 	}
+	d.guard.Keep(func(spi uint32) bool {
+		for k := range want {
+			if k.spi == spi {
+				return true
+			}
+		}
+		return false
+	})
 	keys := make([]stateKey, 0, len(have))
 	for k := range have {
 		keys = append(keys, k)

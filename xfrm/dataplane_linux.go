@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/repair"
 )
 
 // DefaultTag is the default reqid and if_id marking btmm's XFRM objects.
@@ -61,8 +62,11 @@ type Config struct {
 	// once, but packets that already picked the old one are dropped if it
 	// goes first (XfrmOutStateInvalid). Default 2 s; negative deletes at once.
 	OutboundGrace time.Duration
-	Logger        *slog.Logger
-	Now           func() time.Time
+	// Repair tunes the loop that puts back our kernel objects when someone
+	// else removes or changes them (New starts it; see docs/xfrm.md).
+	Repair repair.Config
+	Logger *slog.Logger
+	Now    func() time.Time
 }
 
 func (c *Config) setDefaults() {
@@ -108,6 +112,7 @@ type handle interface {
 	XfrmPolicyDel(*netlink.XfrmPolicy) error
 	LinkByName(name string) (netlink.Link, error)
 	LinkByIndex(index int) (netlink.Link, error)
+	LinkList() ([]netlink.Link, error)
 	LinkAdd(netlink.Link) error
 	LinkDel(netlink.Link) error
 	LinkSetUp(netlink.Link) error
@@ -149,6 +154,23 @@ type Dataplane struct {
 	prevOut  map[uint32]netip.Addr
 	retiring map[uint32]retiree
 	reaper   *time.Timer
+	// desired is the last valid desired state, which a repair re-applies.
+	desired *controlplane.State
+	// guard keeps sequence numbers of SAs that are put back.
+	guard SeqGuard
+	// expired are SPIs the kernel deleted at their hard lifetime: they are
+	// not put back (new keys must replace them).
+	expired map[uint32]bool
+
+	repair *repair.Loop // nil without watchers (unit tests)
+	wmu    sync.Mutex   // guards watch, read by the watchers
+	watch  watchInfo
+}
+
+// watchInfo is what the watchers need to tell our objects' notifications.
+type watchInfo struct {
+	ula     netip.Addr
+	ifindex int // of the xfrm interface
 }
 
 // retiree is an outbound SA replaced by a rekey, kept until deadline.
@@ -191,6 +213,10 @@ func New(ns netns.NsHandle, cfg Config) (*Dataplane, error) {
 		defer d.wg.Done()
 		d.monitor(mon)
 	}()
+	if err := d.startRepair(int(ns)); err != nil {
+		d.Close()
+		return nil, fmt.Errorf("xfrm: %w", err)
+	}
 	return d, nil
 }
 
@@ -201,7 +227,8 @@ func newDataplane(h handle, mig migrator, cfg Config) (*Dataplane, error) {
 		events:   make(chan Event, 64),
 		spiPeer:  map[uint32]netip.Addr{},
 		outerOf:  map[netip.Addr]netip.AddrPort{},
-		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[uint32]retiree{}}
+		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[uint32]retiree{},
+		expired: map[uint32]bool{}}
 	if err := d.removeLeftovers(); err != nil {
 		return nil, fmt.Errorf("xfrm: remove leftovers: %w", err)
 	}
@@ -470,6 +497,12 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if d.closed {
 		return nil, errors.New("xfrm: set: dataplane closed")
 	}
+	d.desired = CloneState(desired)
+	return d.setLocked(ctx, d.desired)
+}
+
+// setLocked applies desired (valid); d.mu is held.
+func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
 	var link netlink.Link
 	if d.xfrmi {
 		l, err := d.h.LinkByName(d.cfg.Interface)
@@ -483,6 +516,12 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 			if l, err = d.h.LinkByName(d.cfg.Interface); err != nil {
 				return nil, fmt.Errorf("xfrm: set: interface %s: %w", d.cfg.Interface, err)
 			}
+		}
+		if l.Attrs().Flags&net.FlagUp == 0 && l.Attrs().RawFlags&syscall.IFF_UP == 0 {
+			if err := d.h.LinkSetUp(l); err != nil {
+				return nil, fmt.Errorf("xfrm: set: bring %s up: %w", d.cfg.Interface, err)
+			}
+			d.log.Warn("xfrm interface was down, brought it up", "interface", d.cfg.Interface)
 		}
 		link = l
 	}
@@ -499,10 +538,15 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	a.errs = append(a.errs, planErr)
 
 	a.address(link, desired.Local.ULA)
+	// Transmit counters before the state dump: SeqGuard's bound.
+	if links, err := d.h.LinkList(); err == nil {
+		a.tx = TxCounters(links)
+	}
 	kstates, err := d.states()
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: set: %w", err)
 	}
+	d.guard.Observe(a.tx, kstates)
 	kpols, err := d.policies()
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: set: %w", err)
@@ -628,6 +672,19 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 			delete(d.lastMove, ula)
 		}
 	}
+	d.guard.Keep(func(spi uint32) bool { _, ok := d.spiPeer[spi]; return ok })
+	for spi := range d.expired {
+		if _, ok := d.spiPeer[spi]; !ok {
+			delete(d.expired, spi)
+		}
+	}
+	w := watchInfo{ula: desired.Local.ULA}
+	if link != nil {
+		w.ifindex = link.Attrs().Index
+	}
+	d.wmu.Lock()
+	d.watch = w
+	d.wmu.Unlock()
 	err = errors.Join(a.errs...)
 	if err != nil {
 		err = fmt.Errorf("xfrm: set: %w", err)
@@ -637,7 +694,8 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 
 type applier struct {
 	d       *Dataplane
-	prevLo  netip.Addr // our earlier ULA on lo, replaced in this Set
+	prevLo  netip.Addr     // our earlier ULA on lo, replaced in this Set
+	tx      map[int]uint64 // links' transmit counters before the state dump
 	changes []controlplane.Change
 	errs    []error
 }
@@ -661,9 +719,6 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 	d := a.d
 	want := &netlink.Addr{IPNet: prefix128(ula), Flags: syscall.IFA_F_NODAD}
 	if link == nil {
-		if d.loAddr == ula {
-			return
-		}
 		lo, err := d.h.LinkByName("lo")
 		if err != nil {
 			a.errs = append(a.errs, fmt.Errorf("find lo: %w", err))
@@ -676,10 +731,10 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 		}
 		for _, h := range have {
 			if h.IP.Equal(want.IP) {
-				return // someone else's; not ours to add or remove
+				return // ours already, or someone else's: not ours to remove
 			}
 		}
-		if a.do("add", "address", ula.String()+"/128 dev lo", d.h.AddrAdd(lo, want)) {
+		if a.do("add", "address", ula.String()+"/128 dev lo", d.h.AddrAdd(lo, want)) && d.loAddr != ula {
 			a.prevLo, d.loAddr = d.loAddr, ula
 		}
 		return
@@ -737,8 +792,20 @@ func (a *applier) states(pp peerPlan, kstates []netlink.XfrmState, kpols []netli
 	for i, want := range pp.states {
 		have := bySPI[uint32(want.Spi)]
 		switch {
+		case have == nil && d.expired[uint32(want.Spi)]:
+			// The kernel deleted it at its hard lifetime: new keys must
+			// replace it, putting it back would defeat the lifetime.
+			d.log.Debug("not re-adding a hard-expired SA", "spi", fmt.Sprintf("0x%08x", uint32(want.Spi)))
 		case have == nil:
-			a.do("add", "state", stateWhat(&want), d.h.XfrmStateAdd(&want))
+			what := stateWhat(&want)
+			if d.guard.Restore(&want, i == 0, a.tx) {
+				if i == 0 {
+					what += fmt.Sprintf(" (put back: sequence numbers continue from %d)", want.Replay.OSeq)
+				} else {
+					what += fmt.Sprintf(" (put back: replays up to %d refused)", want.Replay.Seq)
+				}
+			}
+			a.do("add", "state", what, d.h.XfrmStateAdd(&want))
 		case sameSA(have, &want) && sameOuter(have, &want):
 			// in place
 		case sameSA(have, &want):
@@ -1023,10 +1090,15 @@ func routeWhat(r *netlink.Route) string {
 func (d *Dataplane) Stats(ctx context.Context) ([]controlplane.PeerStats, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	var tx map[int]uint64
+	if links, err := d.h.LinkList(); err == nil {
+		tx = TxCounters(links)
+	}
 	ss, err := d.states()
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: stats: %w", err)
 	}
+	d.guard.Observe(tx, ss)
 	byPeer := map[netip.Addr]*controlplane.PeerStats{}
 	for ula := range d.outerOf {
 		byPeer[ula] = &controlplane.PeerStats{ULA: ula, LastOuterChange: d.lastMove[ula]}

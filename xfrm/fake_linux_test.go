@@ -312,3 +312,5 @@ func (k *fakeKernel) migrate(m migration) error {
 	k.migrated++
 	return nil
 }
+
+func (k *fakeKernel) LinkList() ([]netlink.Link, error) { return slices.Clone(k.links), nil }

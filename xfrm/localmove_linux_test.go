@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/repair"
 	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
 )
@@ -196,7 +197,7 @@ func TestVMLocalMove(t *testing.T) {
 	l.r.MustAddr(t, "r9", "10.0.9.1/24")
 	a.ns.MustAddr(t, "eth1", "10.0.9.2/24")
 	for i := range l.hosts {
-		l.start(t, i, Config{})
+		l.start(t, i, Config{Repair: repair.Config{Off: true}}) // Set alone follows the move
 	}
 	ast := l.desired(0)
 	ast.Local.Outer = netip.Addr{} // the kernel's choice

@@ -75,6 +75,11 @@ func (d *Dataplane) monitor(c *netlink.Conn) {
 			if e.Reqid != d.cfg.Reqid {
 				continue // not ours
 			}
+			if e.Kind == HardExpire {
+				d.mu.Lock()
+				d.expired[e.SPI] = true
+				d.mu.Unlock()
+			}
 			d.deliver(e)
 		}
 	}

@@ -101,11 +101,12 @@ func printStatus(w io.Writer, st *agent.Status) {
 		fmt.Fprintf(w, "error      dataplane: %s\n", st.LastError)
 	}
 	if r := st.Repair; r != nil {
-		what := strings.Join(r.What, "; ")
-		if r.Err != "" {
-			what += "; failed: " + r.Err
+		if r.Count > 0 {
+			fmt.Fprintf(w, "repaired   %d times, last %s: %s\n", r.Count, r.At.Format(time.RFC3339), strings.Join(r.What, "; "))
 		}
-		fmt.Fprintf(w, "repaired   %d times, last %s: %s\n", r.Count, r.At.Format(time.RFC3339), what)
+		if r.Err != "" {
+			fmt.Fprintf(w, "repair     last attempt failed: %s\n", r.Err)
+		}
 	}
 	fmt.Fprintf(w, "uptime     %s\n\n", st.Uptime)
 }

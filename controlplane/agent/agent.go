@@ -417,7 +417,7 @@ func (a *Agent) Status(ctx context.Context) Status {
 		st.Counters = c
 	}
 	if r, ok := a.cfg.Dataplane.(controlplane.Repairer); ok {
-		if lr := r.LastRepair(); lr.Count > 0 {
+		if lr := r.LastRepair(); lr.Count > 0 || lr.Err != "" {
 			st.Repair = &lr
 		}
 	}

@@ -1,0 +1,155 @@
+package ebpf
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/repair"
+)
+
+// tcxCheck is how often the TCX links are checked: the kernel announces no
+// detached TCX link (a removed clsact filter or qdisc it does announce).
+const tcxCheck = 250 * time.Millisecond
+
+var _ controlplane.Repairer = (*Dataplane)(nil)
+
+// LastRepair implements controlplane.Repairer.
+func (d *Dataplane) LastRepair() controlplane.Repair {
+	if d.repair == nil {
+		return controlplane.Repair{}
+	}
+	return d.repair.Last()
+}
+
+// startRepair watches our objects — IPv6 routes, addresses and neighbours,
+// tc qdiscs and filters, links (rtnetlink), XFRM states and policies in
+// secure mode, and the TCX links by polling — and runs the loop that
+// re-applies the desired state when someone else removes or changes them.
+func (d *Dataplane) startRepair() error {
+	rc := d.cfg.Repair
+	if rc.Off {
+		return nil
+	}
+	if rc.Logger == nil {
+		rc.Logger = d.log
+	}
+	d.repair = repair.New(d.reapply, rc)
+	onErr := func(err error) {
+		d.log.Warn("ebpf: kernel watcher stopped; repairs rely on the periodic audit", "err", err)
+	}
+	var closers []func() error
+	stop := func() {
+		for _, c := range closers {
+			c()
+		}
+	}
+	wr, err := repair.Watch(int(d.ns), unix.NETLINK_ROUTE,
+		[]uint32{repair.GroupIPv6Route, repair.GroupIPv6Addr, repair.GroupNeigh, repair.GroupTC, repair.GroupLink}, d.onRoute, onErr)
+	if err != nil {
+		return err
+	}
+	closers = append(closers, wr.Close)
+	if !d.cfg.Cleartext {
+		wx, err := repair.Watch(int(d.ns), unix.NETLINK_XFRM, []uint32{repair.GroupXfrmSA, repair.GroupXfrmPolicy}, d.onXfrm, onErr)
+		if err != nil {
+			stop()
+			return err
+		}
+		closers = append(closers, wx.Close)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	go func() { d.repair.Run(ctx); done <- struct{}{} }()
+	go func() { d.pollTCX(ctx); done <- struct{}{} }()
+	// The loop and poller stop first, so nothing kicks or repairs while
+	// Close takes our objects down.
+	closers = append([]func() error{func() error { cancel(); <-done; <-done; return nil }}, closers...)
+	d.stopRep = stop
+	return nil
+}
+
+// reapply is the repair loop's Apply: Set with the last desired state.
+func (d *Dataplane) reapply(context.Context) ([]controlplane.Change, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed || d.desired == nil {
+		return nil, nil
+	}
+	return d.setLocked(d.desired)
+}
+
+// pollTCX kicks the repair when one of our TCX links no longer hangs on
+// its device (`bpftool link detach`, or the device went away).
+func (d *Dataplane) pollTCX(ctx context.Context) {
+	t := time.NewTicker(tcxCheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		a := d.attach
+		lost := len(a.tcx) > 0 && !d.intact(a)
+		d.mu.Unlock()
+		if lost {
+			d.repair.Kick("tcx program detached from " + a.name())
+		}
+	}
+}
+
+// onRoute kicks the repair when our routes (IPv6, protocol 98), our ULA,
+// neighbour entries, clsact qdisc or filters, or our device go.
+func (d *Dataplane) onRoute(typ uint16, b []byte) {
+	if typ == repair.Overrun {
+		d.repair.Kick("rtnetlink notifications lost (socket overrun)")
+		return
+	}
+	m, err := repair.ParseRoute(typ, b)
+	if err != nil {
+		d.log.Debug("rtnetlink notification", "err", err)
+		return
+	}
+	d.wmu.Lock()
+	w := d.watching
+	d.wmu.Unlock()
+	dev := w.ifindex != 0 && m.Ifindex == w.ifindex
+	switch {
+	case m.Type == repair.RTMDelRoute && m.Family == unix.AF_INET6 && m.Protocol == routeProtocol && m.Table == unix.RT_TABLE_MAIN:
+		d.repair.Kick(fmt.Sprintf("route %v deleted", m.Prefix))
+	case m.Type == repair.RTMDelAddr && m.Family == unix.AF_INET6 && w.ula.IsValid() && m.Prefix.Addr() == w.ula:
+		d.repair.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
+	case m.Type == repair.RTMDelNeigh && m.Family == unix.AF_INET6 && dev && ulaPrefix.Contains(m.Addr):
+		d.repair.Kick(fmt.Sprintf("neighbour %v deleted", m.Addr))
+	case (m.Type == repair.RTMDelQdisc || m.Type == repair.RTMDelTfilter) && dev:
+		d.repair.Kick("tc qdisc or filter deleted")
+	case m.Type == repair.RTMDelLink && dev:
+		d.repair.Kick("device deleted")
+	}
+}
+
+// onXfrm kicks the repair for notifications about our states and
+// policies (our reqid) and for flushes.
+func (d *Dataplane) onXfrm(typ uint16, b []byte) {
+	if typ == repair.Overrun {
+		d.repair.Kick("xfrm notifications lost (socket overrun)")
+		return
+	}
+	m, err := repair.ParseXfrm(typ, b)
+	if err != nil {
+		d.repair.Kick("unreadable xfrm notification")
+		return
+	}
+	switch {
+	case m.Type == repair.XfrmFlushSA || m.Type == repair.XfrmFlushPolicy:
+		d.repair.Kick("xfrm flushed")
+	case slices.Contains(m.Reqids, reqid):
+		d.repair.Kick("xfrm state or policy of ours changed")
+	}
+}
