@@ -1,8 +1,8 @@
 package keying
 
 import (
+	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -22,8 +22,10 @@ type PeerConfig struct {
 	ULA   netip.Addr     // the peer's ULA (RFC 6281 §6.3)
 	Outer netip.AddrPort // where its tunnel port is reachable (from its SRV record)
 	// Principal is the peer's host principal (Kerberos mode), e.g.
-	// "host/b.example.com" or "host/b.example.com@EXAMPLE.COM"; see
-	// DefaultPrincipal. Unused in PSK mode.
+	// "host/b.example.com" or "host/b.example.com@EXAMPLE.COM". Derive it
+	// from the name that holds the ULA (DefaultPrincipal) or from local
+	// configuration, never from anything the peer publishes: an INIT for
+	// this ULA is accepted only from this principal. Unused in PSK mode.
 	Principal string
 }
 
@@ -61,8 +63,20 @@ type Config struct {
 	Ciphers []controlplane.Cipher
 	// SALifetime is the soft lifetime of an SA pair (default 1 h). Its
 	// initiator rekeys at 80% of it, its responder at 90% (if the initiator
-	// has not), and both rekey at 80%/90% of the Kerberos ticket's life.
+	// has not), and both rekey at 80%/90% of the Kerberos ticket's life
+	// and of the time to the pair's hard end.
 	SALifetime time.Duration
+	// HardLifetime bounds every SA pair (default 2 × SALifetime). A pair's
+	// hard end is the earliest of: its keying + HardLifetime; in Kerberos
+	// mode, the initiator's last login (the ticket's authtime) +
+	// HardLifetime; the ticket's end. When it passes and no rekey has
+	// succeeded, the agent removes the peer's SAs (ErrExpired). Kerberos
+	// hosts log in again every HardLifetime/2, and an INIT whose login is
+	// older than HardLifetime is refused: a host whose principal is deleted
+	// from the KDC is cut off within one HardLifetime. Give the dataplane a
+	// hard time limit a little above it (HardLimit) as the backstop for a
+	// dead agent.
+	HardLifetime time.Duration
 	// PrevInHold is how long an old inbound SA stays after a rekey (30 s).
 	PrevInHold time.Duration
 	// RetransmitBase, RetransmitMax, Retransmits: the first retransmission
@@ -72,9 +86,37 @@ type Config struct {
 	// RetryBase, RetryMax: after a failed attempt, wait 2 s doubling up to 5 min.
 	RetryBase, RetryMax time.Duration
 	// ResponseCacheTTL: how long an answered INIT/CONFIRM is answered again
-	// from cache when retransmitted (default: the whole retransmission span).
+	// from cache when retransmitted, and how long a responder waits for the
+	// CONFIRM of an exchange (default: the whole retransmission span).
 	ResponseCacheTTL time.Duration
+	// AuthTimeout bounds the initiator's authentication of one exchange
+	// (the KDC round trips); default 20 s.
+	AuthTimeout time.Duration
+	// ReplayFile keeps the responder's replay cache across restarts (see
+	// docs/keying.md); "" keeps it in memory only.
+	ReplayFile string
+	// HandshakeRate and HandshakeBurst are the per-source token bucket for
+	// datagrams that make this host work without state (INITs, their
+	// FRAGMENTs, and the COOKIEs they get): default 20 a second, burst 20.
+	HandshakeRate  float64
+	HandshakeBurst int
+	// LoadThreshold is how many such datagrams a second put the responder
+	// under load, when it wants a cookie (MAC2) first (default 64).
+	LoadThreshold int
 }
+
+// HardLimit is the kernel hard time limit to give SAs made with cfg: a
+// margin above the hard lifetime the agent enforces itself, so the kernel
+// only acts when the agent cannot.
+func HardLimit(cfg Config) time.Duration {
+	cfg.setDefaults()
+	return cfg.HardLifetime + time.Minute
+}
+
+const (
+	maxSources  = 4096 // rate-limiter table
+	maxAnswered = 256  // cached replies
+)
 
 func (c *Config) setDefaults() {
 	def := func(d *time.Duration, v time.Duration) {
@@ -83,11 +125,13 @@ func (c *Config) setDefaults() {
 		}
 	}
 	def(&c.SALifetime, time.Hour)
+	def(&c.HardLifetime, 2*c.SALifetime)
 	def(&c.PrevInHold, 30*time.Second)
 	def(&c.RetransmitBase, 500*time.Millisecond)
 	def(&c.RetransmitMax, 8*time.Second)
 	def(&c.RetryBase, 2*time.Second)
 	def(&c.RetryMax, 5*time.Minute)
+	def(&c.AuthTimeout, 20*time.Second)
 	if c.Retransmits <= 0 {
 		c.Retransmits = 6
 	}
@@ -96,6 +140,15 @@ func (c *Config) setDefaults() {
 		span += rto
 	}
 	def(&c.ResponseCacheTTL, span+time.Second)
+	if c.HandshakeRate <= 0 {
+		c.HandshakeRate = 20
+	}
+	if c.HandshakeBurst <= 0 {
+		c.HandshakeBurst = 20
+	}
+	if c.LoadThreshold <= 0 {
+		c.LoadThreshold = 64
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -112,6 +165,7 @@ func (c *Config) setDefaults() {
 type Agent struct {
 	cfg      Config
 	proposal []CipherID
+	pol      authPolicy
 
 	cmds     chan func()
 	authDone chan authResult
@@ -120,9 +174,35 @@ type Agent struct {
 
 	// owned by Run
 	peers    map[netip.Addr]*peer
-	replay   map[string]time.Time
+	replay   *replayCache
 	answered map[[32]byte]cachedReply
+	reasm    *reassembler
+	limiter  *rateLimiter
+	load     loadMeter
+	jar      cookieJar
+	logs     logLimiter
+	stats    Stats
 	ctx      context.Context
+
+	// tamper, when set (tests), sees every whole message this agent sends
+	// (after its MAC, before MAC1 and fragmentation) and may change it:
+	// an on-path attacker who knows the peer's MAC1 key.
+	tamper func(t MsgType, msg []byte) []byte
+}
+
+// Stats counts what the agent did with what it received; it shows the
+// handshake DoS defences at work.
+type Stats struct {
+	Datagrams        uint64 // keying datagrams received
+	Malformed        uint64 // unparsable
+	OldVersion       uint64 // version 1 datagrams (INITs are refused with a version 1 ERROR)
+	BadMAC1          uint64 // INIT datagrams dropped by the cheap check
+	RateLimited      uint64 // dropped by the per-source token bucket
+	CookiesSent      uint64 // COOKIE answers (under load, no valid MAC2)
+	FragmentsBad     uint64 // FRAGMENTs refused by reassembly
+	InitsRefused     uint64 // INITs answered with ERROR (or ignored)
+	InitsAccepted    uint64 // INITs answered with RESP
+	RepliesFromCache uint64
 }
 
 type datagram struct {
@@ -138,8 +218,7 @@ type authResult struct {
 }
 
 type cachedReply struct {
-	b     []byte
-	to    netip.AddrPort
+	dgs   [][]byte
 	until time.Time
 }
 
@@ -150,8 +229,10 @@ type keyed struct {
 	initiator bool
 	at        time.Time
 	ticketEnd time.Time
+	hardEnd   time.Time
+	hardWhy   string
 	rekeyAt   time.Time
-	confirmed bool // responder: the initiator confirmed it installed these
+	until     time.Time // responder, while pending: when an unconfirmed exchange is dropped
 	// MOVED announcements under this pair: the last number we sent, and
 	// the highest we accepted from the peer (with its source address, so a
 	// retransmission is answered and a replay from elsewhere is not).
@@ -183,32 +264,40 @@ const (
 	waitAck
 )
 
+func (p phase) String() string { return [...]string{"auth", "resp", "ack"}[p] }
+
 type exchange struct {
 	id     [8]byte
 	phase  phase
 	nonce  []byte
 	spi    uint32
 	auth   *initiation
-	init   []byte // the INIT as sent (transcript for the RESP MAC)
-	sent   []byte // what is retransmitted (INIT or CONFIRM)
+	eph    *ephemeral
+	init   []byte   // the INIT message as sent (transcript of RESP and ERROR)
+	sent   [][]byte // the datagrams retransmitted (INIT or CONFIRM)
 	tries  int
 	rto    time.Duration
 	nextTx time.Time
 	result *keyed
 	bad    error // why the last answer to this exchange was ignored
+	hint   error // an unauthenticated refusal seen for this exchange
+	cancel context.CancelFunc
 }
 
 type peer struct {
-	cfg          PeerConfig
-	outer        netip.AddrPort
-	cur          *keyed
-	installedOut controlplane.SA // the Out the dataplane has (may lag cur.out until CONFIRM)
-	held         []heldSA
-	ex           *exchange
-	moved        *announcement // our MOVED awaiting its MOVED_ACK
-	nextAttempt  time.Time
-	backoff      time.Duration
-	lastErr      error
+	cfg         PeerConfig
+	outer       netip.AddrPort
+	cur         *keyed // the SA pair both sides have confirmed
+	pending     *keyed // responder: keyed by an INIT, not yet CONFIRMed
+	held        []heldSA
+	ex          *exchange
+	moved       *announcement // our MOVED awaiting its MOVED_ACK
+	nextAttempt time.Time
+	backoff     time.Duration
+	lastErr     error
+	installed   *controlplane.Peer // what the Installer last accepted for this peer
+	cookie      []byte             // from the peer's last COOKIE
+	cookieAt    time.Time
 }
 
 // New checks cfg and returns an Agent; call Run to start it.
@@ -227,13 +316,22 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{
 		cfg:      cfg,
+		pol:      authPolicy{maxAuthAge: cfg.HardLifetime},
 		cmds:     make(chan func()),
 		authDone: make(chan authResult),
 		rx:       make(chan datagram),
 		done:     make(chan struct{}),
 		peers:    map[netip.Addr]*peer{},
-		replay:   map[string]time.Time{},
 		answered: map[[32]byte]cachedReply{},
+		reasm:    newReassembler(),
+		limiter:  newRateLimiter(cfg.HandshakeRate, cfg.HandshakeBurst, maxSources),
+		load:     loadMeter{limit: cfg.LoadThreshold},
+		logs:     logLimiter{every: 10 * time.Second},
+	}
+	var err error
+	a.replay, err = loadReplayCache(cfg.ReplayFile, cfg.Now(), cfg.Auth.maxSkew())
+	if err != nil {
+		cfg.Logger.Error("keying: "+err.Error(), "file", cfg.ReplayFile)
 	}
 	for _, c := range cfg.Ciphers {
 		id, err := CipherIDFor(c)
@@ -254,17 +352,25 @@ type PeerStatus struct {
 	Out, In     controlplane.SA // keys cleared
 	Initiator   bool            // we initiated the current keying
 	At, RekeyAt time.Time
+	HardEnd     time.Time // the SAs are removed then unless a rekey succeeds
+	Pending     bool      // a responder's exchange waits for its CONFIRM
 	LastError   error
 }
 
 // SetPeers replaces the set of peers (level-triggered). New peers are keyed
-// at once; removed peers get a DELETE and their SAs are removed. It returns
-// after the agent has applied the change, or with ctx's error.
+// at once; removed peers get a DELETE and their SAs are removed; a peer
+// whose principal changed is keyed again. It returns after the agent has
+// applied the change, or with ctx's error.
 func (a *Agent) SetPeers(ctx context.Context, peers []PeerConfig) error {
+	seen := map[netip.Addr]bool{}
 	for _, p := range peers {
 		if !p.ULA.Is6() || p.ULA == a.cfg.ULA {
 			return fmt.Errorf("keying: peer %q: bad ULA %v", p.Name, p.ULA)
 		}
+		if seen[p.ULA] {
+			return fmt.Errorf("keying: ULA %v listed twice (peer %q)", p.ULA, p.Name)
+		}
+		seen[p.ULA] = true
 	}
 	return a.do(ctx, func() { a.setPeers(peers) })
 }
@@ -319,18 +425,25 @@ func (a *Agent) Status(ctx context.Context) ([]PeerStatus, error) {
 	var out []PeerStatus
 	err := a.do(ctx, func() {
 		for _, p := range a.peers {
-			s := PeerStatus{Name: p.cfg.Name, ULA: p.cfg.ULA, Outer: p.outer, LastError: p.lastErr}
+			s := PeerStatus{Name: p.cfg.Name, ULA: p.cfg.ULA, Outer: p.outer, LastError: p.lastErr, Pending: p.pending != nil}
 			if k := p.cur; k != nil {
 				s.Established = true
 				s.Out, s.In = k.out, k.in
 				s.Out.Key, s.In.Key = nil, nil
-				s.Initiator, s.At, s.RekeyAt = k.initiator, k.at, k.rekeyAt
+				s.Initiator, s.At, s.RekeyAt, s.HardEnd = k.initiator, k.at, k.rekeyAt, k.hardEnd
 			}
 			out = append(out, s)
 		}
 	})
 	slices.SortFunc(out, func(x, y PeerStatus) int { return x.ULA.Compare(y.ULA) })
 	return out, err
+}
+
+// Stats returns the agent's counters.
+func (a *Agent) Stats(ctx context.Context) (Stats, error) {
+	var s Stats
+	err := a.do(ctx, func() { s = a.stats })
+	return s, err
 }
 
 func (a *Agent) do(ctx context.Context, f func()) error {
@@ -390,7 +503,7 @@ func (a *Agent) read() {
 			return
 		}
 		select {
-		case a.rx <- datagram{b[:n], from}:
+		case a.rx <- datagram{b[:n:n], from}:
 		case <-a.done:
 			return
 		}
@@ -409,18 +522,31 @@ func (a *Agent) setPeers(cfgs []PeerConfig) {
 			a.peers[c.ULA] = &peer{cfg: c, outer: c.Outer, nextAttempt: now}
 			continue
 		}
+		if p.cfg.Principal != c.Principal {
+			// The SAs were authenticated for another principal: they go,
+			// and the peer is keyed again under the one configured now.
+			a.log().Warn("keying: peer's principal changed; keying again", "peer", c.Name, "ula", c.ULA,
+				"old", p.cfg.Principal, "new", c.Principal)
+			a.sendDelete(p)
+			a.endExchange(p)
+			a.remove(p)
+			p.cfg, p.outer, p.cookie = c, c.Outer, nil
+			p.nextAttempt, p.backoff = now, 0
+			continue
+		}
 		moved := p.outer != c.Outer && c.Outer != p.cfg.Outer
 		p.cfg = c
 		if moved {
 			p.outer = c.Outer
-			if p.cur != nil {
-				a.install(p, p.installedOut) // the dataplane moves the SAs (no rekey)
+			if p.cur != nil || p.pending != nil {
+				a.reinstall(p) // the dataplane moves the SAs (no rekey)
 			}
 		}
 	}
 	for ula, p := range a.peers {
 		if !want[ula] {
 			a.sendDelete(p)
+			a.endExchange(p)
 			a.remove(p)
 			delete(a.peers, ula)
 		}
@@ -436,17 +562,30 @@ func (a *Agent) tick() time.Time {
 			delete(a.answered, k)
 		}
 	}
-	for k, until := range a.replay {
-		if !now.Before(until) {
-			delete(a.replay, k)
-		}
-	}
+	a.replay.expire(now)
+	a.reasm.expire(now)
 	for _, p := range a.peers {
+		if k := p.pending; k != nil {
+			if !now.Before(k.until) {
+				a.log().Info("keying: no CONFIRM for our RESP; dropping the unconfirmed SAs", "peer", p.cfg.Name)
+				p.pending = nil
+				a.reinstall(p)
+			} else {
+				next = earliest(next, k.until)
+			}
+		}
+		if k := p.cur; k != nil {
+			if !now.Before(k.hardEnd) {
+				a.expire(p, now)
+			} else {
+				next = earliest(next, k.hardEnd)
+			}
+		}
 		// Old inbound SAs past their hold time.
 		if n := len(p.held); n > 0 {
 			p.held = slices.DeleteFunc(p.held, func(h heldSA) bool { return !now.Before(h.until) })
-			if len(p.held) != n && p.cur != nil {
-				a.install(p, p.installedOut)
+			if len(p.held) != n {
+				a.reinstall(p)
 			}
 			for _, h := range p.held {
 				next = earliest(next, h.until)
@@ -507,18 +646,31 @@ func earliest(a, b time.Time) time.Time {
 	return a
 }
 
-func randBytes(n int) []byte {
-	b := make([]byte, n)
-	rand.Read(b)
-	return b
+// expire removes a peer's SAs at their hard end: no rekey succeeded in time.
+func (a *Agent) expire(p *peer, now time.Time) {
+	k := p.cur
+	err := fmt.Errorf("%w: the SA pair keyed at %v reached its hard end (%s) at %v", ErrExpired,
+		k.at.UTC().Format(time.RFC3339), k.hardWhy, k.hardEnd.UTC().Format(time.RFC3339))
+	if p.lastErr != nil {
+		err = fmt.Errorf("%w; last keying error: %w", err, p.lastErr)
+	}
+	p.lastErr = err
+	a.log().Warn("keying: peer's SAs expired without a successful rekey; removed", "peer", p.cfg.Name, "ula", p.cfg.ULA, "err", err)
+	p.cur, p.held = nil, nil
+	a.reinstall(p)
+	if p.ex == nil && p.nextAttempt.IsZero() {
+		p.nextAttempt = now
+	}
 }
 
 // allocSPI picks a random inbound SPI not in use by any of our SAs.
 func (a *Agent) allocSPI() uint32 {
 	used := map[uint32]bool{}
 	for _, p := range a.peers {
-		if p.cur != nil {
-			used[p.cur.in.SPI], used[p.cur.out.SPI] = true, true
+		for _, k := range []*keyed{p.cur, p.pending} {
+			if k != nil {
+				used[k.in.SPI], used[k.out.SPI] = true, true
+			}
 		}
 		for _, h := range p.held {
 			used[h.sa.SPI] = true
@@ -535,26 +687,70 @@ func (a *Agent) allocSPI() uint32 {
 	}
 }
 
+// hardEnd is when an SA pair keyed at now must go, and why.
+func (a *Agent) hardEnd(now, authTime, ticketEnd time.Time) (time.Time, string) {
+	end, why := now.Add(a.cfg.HardLifetime), fmt.Sprintf("hard lifetime %v", a.cfg.HardLifetime)
+	if !authTime.IsZero() && authTime.Add(a.cfg.HardLifetime).Before(end) {
+		end, why = authTime.Add(a.cfg.HardLifetime), fmt.Sprintf("hard lifetime %v after the initiator's login", a.cfg.HardLifetime)
+	}
+	if !ticketEnd.IsZero() && ticketEnd.Before(end) {
+		end, why = ticketEnd, "end of the initiator's Kerberos ticket"
+	}
+	return end, why
+}
+
+// rekeyAt is when an SA pair made at now is rekeyed: tenths (8 for the
+// initiator, 9 for the responder) of the SA lifetime, of the ticket's and
+// of the time to the hard end.
+func (a *Agent) rekeyAt(now, ticketStart, ticketEnd, hardEnd time.Time, tenths int64) time.Time {
+	t := now.Add(a.cfg.SALifetime * time.Duration(tenths) / 10)
+	if !ticketEnd.IsZero() {
+		if ticketStart.IsZero() || ticketStart.After(now) {
+			ticketStart = now
+		}
+		t = earliest(t, ticketStart.Add(ticketEnd.Sub(ticketStart)*time.Duration(tenths)/10))
+	}
+	return earliest(t, now.Add(hardEnd.Sub(now)*time.Duration(tenths)/10))
+}
+
 // start begins an exchange as initiator: authentication (which may talk to
-// the KDC) runs on its own goroutine and reports to onAuth.
+// the KDC) runs on its own goroutine, bounded by AuthTimeout, and reports
+// to onAuth.
 func (a *Agent) start(p *peer, now time.Time) {
-	ex := &exchange{id: [8]byte(randBytes(8)), phase: waitAuth, nonce: randBytes(nonceLen), spi: a.allocSPI()}
+	ctx, cancel := context.WithTimeout(a.ctx, a.cfg.AuthTimeout)
+	ex := &exchange{id: [8]byte(randBytes(8)), phase: waitAuth, nonce: randBytes(nonceLen), spi: a.allocSPI(), cancel: cancel}
 	p.ex = ex
 	p.nextAttempt = time.Time{}
-	cfg, ula, id := p.cfg, p.cfg.ULA, ex.id
+	cfg, ula, id, pol := p.cfg, p.cfg.ULA, ex.id, a.pol
 	a.log().Debug("keying: starting exchange", "peer", cfg.Name, "ula", ula, "rekey", p.cur != nil)
 	go func() {
-		res, err := a.cfg.Auth.initiate(a.ctx, cfg, now)
+		res, err := a.cfg.Auth.initiate(ctx, cfg, now, pol)
 		select {
 		case a.authDone <- authResult{ula, id, res, err}:
 		case <-a.done:
+			res.erase()
 		}
 	}()
+}
+
+// endExchange abandons or finishes p's exchange: its KDC wait is cancelled
+// and its ephemeral keys and Kerberos subkey are wiped.
+func (a *Agent) endExchange(p *peer) {
+	ex := p.ex
+	if ex == nil {
+		return
+	}
+	ex.cancel()
+	ex.eph.erase()
+	ex.eph = nil
+	ex.auth.erase()
+	p.ex = nil
 }
 
 func (a *Agent) onAuth(r authResult) {
 	p := a.peers[r.ula]
 	if p == nil || p.ex == nil || p.ex.id != r.id || p.ex.phase != waitAuth {
+		r.res.erase()
 		return // abandoned meanwhile (tie-break, peer removed)
 	}
 	if r.err != nil {
@@ -563,15 +759,42 @@ func (a *Agent) onAuth(r authResult) {
 	}
 	ex := p.ex
 	ex.auth = r.res
+	eph, err := newEphemeral()
+	if err != nil {
+		a.fail(p, err)
+		return
+	}
+	ex.eph = eph
+	x, ek := eph.shares()
 	m := &Message{Type: MsgInit, Mode: a.cfg.Auth.Mode(), Exchange: ex.id, Nonce: ex.nonce, SPI: ex.spi,
-		ULA: a.cfg.ULA, Proposal: a.proposal, Time: r.res.time, APReq: r.res.token}
-	b, err := sign(m, initMACKey(r.res.secret, ex.nonce), nil)
+		ULA: a.cfg.ULA, Proposal: a.proposal, Time: r.res.time, APReq: r.res.token, X25519: x, MLKEM: ek}
+	b, err := sign(m, initKey(r.res.secret, ex.nonce, MsgInit), nil)
 	if err != nil {
 		a.fail(p, fmt.Errorf("build INIT: %w", err))
 		return
 	}
-	ex.init, ex.sent, ex.phase = b, b, waitResp
-	a.transmit(p, a.cfg.Now(), true)
+	if a.tamper != nil {
+		b = a.tamper(MsgInit, bytes.Clone(b))
+	}
+	ex.init = b
+	now := a.cfg.Now()
+	if ex.sent, err = datagrams(b, a.peerMAC1Key(p), p.validCookie(now)); err != nil {
+		a.fail(p, fmt.Errorf("build INIT: %w", err))
+		return
+	}
+	ex.phase = waitResp
+	a.transmit(p, now, true)
+}
+
+// peerMAC1Key is the MAC1 key of INITs to p (it is the responder).
+func (a *Agent) peerMAC1Key(p *peer) []byte { return mac1Key(p.cfg.ULA, a.cfg.Auth.identity(&p.cfg)) }
+
+func (p *peer) validCookie(now time.Time) []byte {
+	if p.cookie != nil && now.Sub(p.cookieAt) < cookieValidFor {
+		return p.cookie
+	}
+	p.cookie = nil
+	return nil
 }
 
 func (a *Agent) transmit(p *peer, now time.Time, first bool) {
@@ -583,8 +806,14 @@ func (a *Agent) transmit(p *peer, now time.Time, first bool) {
 		ex.rto = min(2*ex.rto, a.cfg.RetransmitMax)
 	}
 	ex.nextTx = now.Add(ex.rto)
-	if err := a.cfg.Transport.WriteKeying(ex.sent, p.outer); err != nil {
-		a.log().Debug("keying: send failed", "peer", p.cfg.Name, "err", err)
+	a.send(ex.sent, p.outer)
+}
+
+func (a *Agent) send(dgs [][]byte, to netip.AddrPort) {
+	for _, b := range dgs {
+		if err := a.cfg.Transport.WriteKeying(b, to); err != nil {
+			a.log().Debug("keying: send failed", "to", to, "err", err)
+		}
 	}
 }
 
@@ -595,18 +824,30 @@ func (a *Agent) retransmit(p *peer, now time.Time) {
 			// Our SAs are installed; the responder may still send with the
 			// old key, which PrevIn accepts until its hold ends. Rekey soon.
 			a.log().Warn("keying: no ACK for CONFIRM; rekeying soon", "peer", p.cfg.Name)
-			p.ex = nil
+			a.endExchange(p)
 			a.backoff(p, now)
 			return
 		}
-		if ex.bad != nil {
-			a.fail(p, fmt.Errorf("%w: no valid answer from %v after %d transmissions; last answer ignored: %w", ErrTimeout, p.outer, ex.tries+1, ex.bad))
-			return
+		err := fmt.Errorf("%w: no answer from %v after %d transmissions", ErrTimeout, p.outer, ex.tries+1)
+		switch {
+		case ex.hint != nil && ex.bad != nil:
+			err = fmt.Errorf("%w: no valid answer from %v after %d transmissions; last answer ignored: %w; an unauthenticated refusal said: %w",
+				ErrTimeout, p.outer, ex.tries+1, ex.bad, ex.hint)
+		case ex.hint != nil:
+			err = fmt.Errorf("%w: no valid answer from %v after %d transmissions; an unauthenticated refusal said: %w", ErrTimeout, p.outer, ex.tries+1, ex.hint)
+		case ex.bad != nil:
+			err = fmt.Errorf("%w: no valid answer from %v after %d transmissions; last answer ignored: %w", ErrTimeout, p.outer, ex.tries+1, ex.bad)
 		}
-		a.fail(p, fmt.Errorf("%w: no answer from %v after %d transmissions", ErrTimeout, p.outer, ex.tries+1))
+		a.fail(p, err)
 		return
 	}
 	a.log().Debug("keying: retransmit", "peer", p.cfg.Name, "phase", ex.phase, "try", ex.tries+1)
+	if ex.phase == waitResp {
+		// A cookie that expired meanwhile is dropped (or a new one used).
+		if dgs, err := datagrams(ex.init, a.peerMAC1Key(p), p.validCookie(now)); err == nil {
+			ex.sent = dgs
+		}
+	}
 	a.transmit(p, now, false)
 }
 
@@ -622,34 +863,81 @@ func (a *Agent) backoff(p *peer, now time.Time) {
 // fail ends the current attempt with err and schedules a retry with backoff.
 func (a *Agent) fail(p *peer, err error) {
 	now := a.cfg.Now()
-	p.ex = nil
+	a.endExchange(p)
 	p.lastErr = fmt.Errorf("keying with %s (%v): %w", p.cfg.Name, p.cfg.ULA, err)
 	a.backoff(p, now)
-	a.log().Warn("keying: exchange failed", "peer", p.cfg.Name, "ula", p.cfg.ULA, "err", err, "retry_in", p.backoff)
+	if ok, n := a.logs.allow("fail "+p.cfg.ULA.String(), now); ok {
+		a.log().Warn("keying: exchange failed", "peer", p.cfg.Name, "ula", p.cfg.ULA, "err", err, "retry_in", p.backoff, "suppressed", n)
+	}
 }
 
+// onDatagram runs the cheap checks and dispatches a datagram. Nothing
+// expensive (Kerberos, X25519, ML-KEM) happens before the checks of
+// admitInit for datagrams that would make us work without state.
 func (a *Agent) onDatagram(d datagram) {
-	var m Message
-	if err := m.Unmarshal(d.b); err != nil {
-		a.log().Debug("keying: dropped datagram", "from", d.from, "err", err)
+	now := a.cfg.Now()
+	a.stats.Datagrams++
+	if len(d.b) >= 2 && d.b[0] == 1 {
+		a.refuseOldVersion(d, now)
 		return
 	}
-	switch m.Type {
-	case MsgInit:
-		a.onInit(&m, d)
-	case MsgResp:
-		a.onResp(&m, d)
-	case MsgConfirm:
-		a.onConfirm(&m, d)
-	case MsgAck:
+	var m Message
+	if err := m.Unmarshal(d.b); err != nil {
+		a.stats.Malformed++
+		if ok, n := a.logs.allow("malformed", now); ok {
+			a.log().Debug("keying: dropped datagram", "from", d.from, "err", err, "suppressed", n)
+		}
+		return
+	}
+	switch {
+	case m.Type == MsgInit || m.Type == MsgFragment && m.Frag.Of == MsgInit:
+		if !a.admitInit(&m, d, now) {
+			return
+		}
+		msg := messagePart(&m, d.b)
+		m.MAC1, m.MAC2 = nil, nil
+		if m.Type == MsgFragment {
+			if msg = a.reassemble(&m, d.from, now); msg == nil {
+				return
+			}
+			// An INIT in pieces carries MAC1 on the pieces only.
+			if err := m.Unmarshal(msg); err != nil || m.Type != MsgInit || m.MAC1 != nil {
+				a.stats.FragmentsBad++
+				return
+			}
+		}
+		a.onInit(&m, msg, d.from, now)
+	case m.Type == MsgResp || m.Type == MsgFragment && m.Frag.Of == MsgResp:
+		p := a.exchangeFor(m.Exchange, waitResp)
+		if p == nil || m.MAC1 != nil {
+			return // not ours, or a duplicate after we moved on
+		}
+		msg := d.b
+		if m.Type == MsgFragment {
+			if msg = a.reassemble(&m, d.from, now); msg == nil {
+				return
+			}
+			if err := m.Unmarshal(msg); err != nil || m.Type != MsgResp || m.MAC1 != nil {
+				a.stats.FragmentsBad++
+				return
+			}
+		}
+		a.onResp(p, &m, msg, d.from, now)
+	case m.MAC1 != nil:
+		return // only INITs carry MAC1
+	case m.Type == MsgCookie:
+		a.onCookie(&m, now)
+	case m.Type == MsgConfirm:
+		a.onConfirm(&m, d, now)
+	case m.Type == MsgAck:
 		a.onAck(&m, d)
-	case MsgDelete:
+	case m.Type == MsgDelete:
 		a.onDelete(&m, d)
-	case MsgError:
+	case m.Type == MsgError:
 		a.onError(&m, d)
-	case MsgMoved:
+	case m.Type == MsgMoved:
 		a.onMoved(&m, d)
-	case MsgMovedAck:
+	case m.Type == MsgMovedAck:
 		a.onMovedAck(&m, d)
 	}
 }
@@ -679,15 +967,13 @@ func (a *Agent) sendMoved(p *peer, now time.Time, first bool) {
 		return
 	}
 	an.sent = b
-	if err := a.cfg.Transport.WriteKeying(b, p.outer); err != nil {
-		a.log().Debug("keying: send MOVED failed", "peer", p.cfg.Name, "err", err)
-	}
+	a.send([][]byte{b}, p.outer)
 }
 
 // onMoved follows a keyed peer to the address its MOVED came from. The MOVED
-// must verify under the current SA pair and carry a number above any
-// accepted before; the source address itself is not authenticated (a NAT
-// rewrites it), as with ESP's own NAT-T mapping updates.
+// must verify under the current (confirmed) SA pair and carry a number above
+// any accepted before; the source address itself is not authenticated (a
+// NAT rewrites it), as with ESP's own NAT-T mapping updates.
 func (a *Agent) onMoved(m *Message, d datagram) {
 	p := a.peers[m.ULA]
 	if p == nil || p.cur == nil || p.cur.exchange != m.Exchange || m.Seq == 0 {
@@ -696,7 +982,7 @@ func (a *Agent) onMoved(m *Message, d datagram) {
 	}
 	k := p.cur
 	if err := verify(m, d.b, k.mat.macKey(MsgMoved), nil); err != nil {
-		a.log().Warn("keying: ignored bad MOVED", "peer", p.cfg.Name, "from", d.from, "err", err)
+		a.log().Debug("keying: ignored bad MOVED", "peer", p.cfg.Name, "from", d.from, "err", err)
 		return
 	}
 	switch {
@@ -707,7 +993,7 @@ func (a *Agent) onMoved(m *Message, d datagram) {
 		if p.outer != d.from {
 			old := p.outer
 			p.outer = d.from
-			if err := a.installKeyed(p, k, p.installedOut); err != nil {
+			if err := a.reinstall(p); err != nil {
 				p.outer = old
 				a.log().Warn("keying: moving SAs to the peer's new address failed", "peer", p.cfg.Name, "outer", d.from, "err", err)
 				return // no ACK: the peer retransmits, we retry
@@ -721,9 +1007,7 @@ func (a *Agent) onMoved(m *Message, d datagram) {
 	if err != nil {
 		return
 	}
-	if err := a.cfg.Transport.WriteKeying(b, d.from); err != nil {
-		a.log().Debug("keying: send MOVED_ACK failed", "peer", p.cfg.Name, "err", err)
-	}
+	a.send([][]byte{b}, d.from)
 }
 
 func (a *Agent) onMovedAck(m *Message, d datagram) {
@@ -732,85 +1016,272 @@ func (a *Agent) onMovedAck(m *Message, d datagram) {
 		return
 	}
 	if err := verify(m, d.b, p.cur.mat.macKey(MsgMovedAck), p.moved.sent); err != nil {
-		a.log().Warn("keying: ignored bad MOVED_ACK", "peer", p.cfg.Name, "from", d.from, "err", err)
+		a.log().Debug("keying: ignored bad MOVED_ACK", "peer", p.cfg.Name, "from", d.from, "err", err)
 		return
 	}
 	a.log().Debug("keying: peer acknowledged our move", "peer", p.cfg.Name, "seq", m.Seq)
 	p.moved = nil
 }
 
-// answerFromCache resends the reply to a retransmitted request.
-func (a *Agent) answerFromCache(raw []byte, from netip.AddrPort) bool {
-	r, ok := a.answered[sha256.Sum256(raw)]
-	if !ok || !a.cfg.Now().Before(r.until) {
+func (a *Agent) reassemble(m *Message, from netip.AddrPort, now time.Time) []byte {
+	msg, err := a.reasm.add(m, from, now)
+	if err != nil {
+		a.stats.FragmentsBad++
+		if ok, n := a.logs.allow("fragment", now); ok {
+			a.log().Debug("keying: fragment dropped", "from", from, "err", err, "suppressed", n)
+		}
+		return nil
+	}
+	return msg
+}
+
+// exchangeFor finds the peer whose exchange id is waiting in phase ph.
+func (a *Agent) exchangeFor(id [8]byte, ph phase) *peer {
+	for _, p := range a.peers {
+		if p.ex != nil && p.ex.id == id && p.ex.phase == ph {
+			return p
+		}
+	}
+	return nil
+}
+
+// admitInit is the cheap front door for datagrams that make us work
+// without state (INIT and FRAGMENTs of INIT): MAC1 (who does not know our
+// ULA and identity is dropped after one HMAC), the per-source token bucket,
+// and, under load, MAC2 (a cookie proves the sender receives at its
+// address; without one it gets a COOKIE and nothing else).
+func (a *Agent) admitInit(m *Message, d datagram, now time.Time) bool {
+	if !mac1OK(m, d.b, mac1Key(a.cfg.ULA, a.cfg.Auth.identity(nil))) {
+		a.stats.BadMAC1++
+		for _, p := range a.peers {
+			if p.outer.Addr() == d.from.Addr() {
+				// Probably a misconfiguration rather than noise: say so.
+				if ok, n := a.logs.allow("mac1 "+p.cfg.Name, now); ok {
+					a.log().Warn("keying: dropped an INIT from a peer's address that fails the cheap check (MAC1): does it use the same PSK, this host's ULA and principal?",
+						"peer", p.cfg.Name, "from", d.from, "suppressed", n)
+				}
+				return false
+			}
+		}
+		if ok, n := a.logs.allow("mac1", now); ok {
+			a.log().Debug("keying: dropped INIT datagram without a valid MAC1", "from", d.from, "suppressed", n)
+		}
 		return false
 	}
-	if err := a.cfg.Transport.WriteKeying(r.b, from); err != nil {
-		a.log().Debug("keying: resend failed", "err", err)
+	if !a.limiter.allow(d.from.Addr(), now) {
+		a.stats.RateLimited++
+		if ok, n := a.logs.allow("ratelimit", now); ok {
+			a.log().Warn("keying: rate-limiting INIT datagrams", "from", d.from, "suppressed", n)
+		}
+		return false
 	}
+	if a.load.high(now) || a.reasm.busy() || a.limiter.full() {
+		if !a.jar.mac2OK(m, d.b, d.from, now) {
+			a.sendCookie(m, d, now)
+			return false
+		}
+	}
+	a.load.add(now)
 	return true
 }
 
-func (a *Agent) refuse(m *Message, raw []byte, from netip.AddrPort, p *peer, err error) {
+func (a *Agent) sendCookie(m *Message, d datagram, now time.Time) {
+	c := &Message{Type: MsgCookie, Mode: a.cfg.Auth.Mode(), Exchange: m.Exchange, Cookie: a.jar.seal(cookieKey(a.cfg.ULA, a.cfg.Auth.identity(nil)), d.from, m.MAC1, now)}
+	b, err := c.Marshal()
+	if err != nil || len(b) > len(d.b) {
+		return // never more bytes than we got
+	}
+	a.stats.CookiesSent++
+	if ok, n := a.logs.allow("cookie", now); ok {
+		a.log().Info("keying: under load; answering INITs without a cookie with COOKIE", "from", d.from, "suppressed", n)
+	}
+	a.send([][]byte{b}, d.from)
+}
+
+// onCookie: the responder is under load and wants our INIT again with MAC2.
+func (a *Agent) onCookie(m *Message, now time.Time) {
+	p := a.exchangeFor(m.Exchange, waitResp)
+	if p == nil {
+		return
+	}
+	ex := p.ex
+	for _, dg := range ex.sent {
+		var sent Message
+		if sent.Unmarshal(dg) != nil || sent.MAC1 == nil {
+			continue
+		}
+		c, err := openCookie(cookieKey(p.cfg.ULA, a.cfg.Auth.identity(&p.cfg)), m.Cookie, sent.MAC1)
+		if err != nil {
+			continue
+		}
+		p.cookie, p.cookieAt = c, now
+		dgs, err := datagrams(ex.init, a.peerMAC1Key(p), c)
+		if err != nil {
+			return
+		}
+		ex.sent = dgs
+		a.log().Debug("keying: got a cookie; sending the INIT again", "peer", p.cfg.Name)
+		a.send(ex.sent, p.outer) // the retransmission schedule goes on as before
+		return
+	}
+	ex.bad = fmt.Errorf("%w: a COOKIE that does not open", ErrTampered)
+}
+
+// answerFromCache resends the reply to a retransmitted request.
+func (a *Agent) answerFromCache(msg []byte, from netip.AddrPort, now time.Time) bool {
+	r, ok := a.answered[sha256.Sum256(msg)]
+	if !ok || !now.Before(r.until) {
+		return false
+	}
+	a.stats.RepliesFromCache++
+	a.send(r.dgs, from)
+	return true
+}
+
+func (a *Agent) cacheReply(msg []byte, dgs [][]byte, until time.Time) {
+	if len(a.answered) >= maxAnswered {
+		var oldest [32]byte
+		var at time.Time
+		for k, r := range a.answered {
+			if at.IsZero() || r.until.Before(at) {
+				oldest, at = k, r.until
+			}
+		}
+		delete(a.answered, oldest)
+	}
+	a.answered[sha256.Sum256(msg)] = cachedReply{dgs, until}
+}
+
+// refuse answers an INIT with ERROR. authKey is set when the INIT was
+// authenticated (its MAC verified): the ERROR then carries a MAC and ends
+// the initiator's attempt; otherwise the initiator treats it as a hint.
+func (a *Agent) refuse(m *Message, msg []byte, from netip.AddrPort, p *peer, err error, authKey []byte, now time.Time) {
+	a.stats.InitsRefused++
 	name := ""
 	if p != nil {
 		name = p.cfg.Name
-		p.lastErr = fmt.Errorf("refused INIT from %s (%v) at %v: %w", name, p.cfg.ULA, from, err)
+		if p.cur == nil || authKey != nil {
+			// A refusal of an unauthenticated INIT for a keyed peer may
+			// be anybody's: it is logged, not shown as the peer's state.
+			p.lastErr = fmt.Errorf("refused INIT from %s (%v) at %v: %w", name, p.cfg.ULA, from, err)
+		}
 	}
-	a.log().Warn("keying: refused INIT", "peer", name, "from", from, "err", err)
+	if ok, n := a.logs.allow("refuse "+name, now); ok {
+		a.log().Warn("keying: refused INIT", "peer", name, "from", from, "authenticated", authKey != nil, "err", err, "suppressed", n)
+	}
 	// The ERROR is never longer than the INIT it answers, so a spoofed
 	// INIT cannot make us an amplifier.
 	text := safeText(err.Error())
-	if room := len(raw) - headerLen - 5; len(text) > room {
+	if room := len(msg) - headerLen - attrLen(2) - attrLen(macLen); len(text) > room {
 		text = text[:max(room, 0)]
 	}
 	e := &Message{Type: MsgError, Mode: a.cfg.Auth.Mode(), Exchange: m.Exchange, Code: codeFor(err), Text: text}
-	if b, merr := e.Marshal(); merr == nil && len(b) <= len(raw) {
-		a.cfg.Transport.WriteKeying(b, from)
+	var b []byte
+	var merr error
+	if authKey != nil {
+		b, merr = sign(e, authKey, msg)
+	} else {
+		b, merr = e.Marshal()
 	}
-}
-
-func (a *Agent) onInit(m *Message, d datagram) {
-	if a.answerFromCache(d.b, d.from) {
+	if merr != nil || len(b) > len(msg) || len(b) > MaxDatagramLen {
 		return
 	}
-	now := a.cfg.Now()
+	// Not cached: a refusal may be transient (a peer not known yet), and
+	// answering a retransmission again costs no more than the first time.
+	a.send([][]byte{b}, from)
+}
+
+// refuseOldVersion answers a version 1 INIT with a version 1 ERROR its
+// sender can read (code MALFORMED, a text that says what to do), never
+// longer than the INIT, rate-limited per source.
+func (a *Agent) refuseOldVersion(d datagram, now time.Time) {
+	a.stats.OldVersion++
+	if len(d.b) < headerLen || MsgType(d.b[1]) != MsgInit || !a.limiter.allow(d.from.Addr(), now) {
+		return
+	}
+	ula := v1ULA(d.b)
+	err := fmt.Errorf("%w: %v sent a keying version 1 INIT (btmm without forward secrecy); this host speaks version %d only: upgrade btmmd on that host",
+		ErrVersion, d.from, Version)
+	name := ""
+	if p := a.peers[ula]; p != nil {
+		name = p.cfg.Name
+		p.lastErr = err
+	}
+	if ok, n := a.logs.allow("v1", now); ok {
+		a.log().Warn("keying: refused INIT of an old peer", "peer", name, "ula", ula, "from", d.from, "err", err, "suppressed", n)
+	}
+	text := fmt.Sprintf("keying protocol version 1 is no longer accepted: this host speaks version %d (forward secrecy); upgrade btmmd", Version)
+	if room := len(d.b) - headerLen - attrLen(2); len(text) > room {
+		text = text[:max(room, 0)]
+	}
+	b := append([]byte{1, byte(MsgError), d.b[2], 0}, d.b[4:headerLen]...)
+	b = append(b, attrError)
+	b = binary.BigEndian.AppendUint16(b, uint16(2+len(text)))
+	b = binary.BigEndian.AppendUint16(b, uint16(CodeMalformed))
+	b = append(b, text...)
+	a.send([][]byte{b}, d.from)
+}
+
+// v1ULA finds the ULA attribute (type 3, as in version 2) of a version 1 message.
+func v1ULA(b []byte) netip.Addr {
+	for p := b[min(len(b), headerLen):]; len(p) >= 3; {
+		t, n := p[0], int(binary.BigEndian.Uint16(p[1:3]))
+		if len(p) < 3+n {
+			break
+		}
+		if t == attrULA && n == 16 {
+			return netip.AddrFrom16([16]byte(p[3:19]))
+		}
+		p = p[3+n:]
+	}
+	return netip.Addr{}
+}
+
+func (a *Agent) onInit(m *Message, msg []byte, from netip.AddrPort, now time.Time) {
+	if a.answerFromCache(msg, from, now) {
+		return
+	}
 	p := a.peers[m.ULA]
 	if p == nil {
-		a.refuse(m, d.b, d.from, nil, fmt.Errorf("%w: no peer has ULA %v", ErrUnknownPeer, m.ULA))
+		a.refuse(m, msg, from, nil, fmt.Errorf("%w: no peer has ULA %v", ErrUnknownPeer, m.ULA), nil, now)
 		return
 	}
-	if err := a.acceptInit(p, m, d, now); err != nil {
-		a.refuse(m, d.b, d.from, p, err)
+	if authKey, err := a.acceptInit(p, m, msg, from, now); err != nil {
+		a.refuse(m, msg, from, p, err, authKey, now)
 	}
 }
 
-func (a *Agent) acceptInit(p *peer, m *Message, d datagram, now time.Time) error {
+// acceptInit runs the responder's side of an exchange. An error refuses
+// the INIT; authKey is the ERROR's MAC key once the INIT is authenticated.
+func (a *Agent) acceptInit(p *peer, m *Message, msg []byte, from netip.AddrPort, now time.Time) (authKey []byte, err error) {
 	if m.Mode != a.cfg.Auth.Mode() {
-		return fmt.Errorf("%w: peer uses %v, we use %v", ErrWrongMode, m.Mode, a.cfg.Auth.Mode())
+		return nil, fmt.Errorf("%w: peer uses %v, we use %v", ErrWrongMode, m.Mode, a.cfg.Auth.Mode())
 	}
-	if m.Nonce == nil || m.SPI < 0x100 || len(m.Proposal) == 0 {
-		return fmt.Errorf("%w: INIT lacks nonce, SPI or proposal", ErrMalformed)
+	if m.Nonce == nil || m.SPI < 0x100 || len(m.Proposal) == 0 || m.X25519 == nil || len(m.MLKEM) != mlkemEKLen || m.MAC == nil {
+		return nil, fmt.Errorf("%w: INIT lacks nonce, SPI, proposal, key shares or MAC", ErrMalformed)
 	}
 	if ex := p.ex; ex != nil && ex.phase != waitAck {
 		// Both sides started at once: the lower ULA stays initiator.
 		if a.cfg.ULA.Less(p.cfg.ULA) {
 			a.log().Debug("keying: simultaneous start, keeping our exchange", "peer", p.cfg.Name)
-			return nil
+			return nil, nil
 		}
 		a.log().Debug("keying: simultaneous start, answering the peer's", "peer", p.cfg.Name)
 	}
-	acc, err := a.cfg.Auth.accept(m, p.cfg, now)
+	// Authentication first (Kerberos: decrypting the ticket and the
+	// authenticator; the INIT's MAC): no key exchange work for strangers.
+	acc, err := a.cfg.Auth.accept(m, p.cfg, now, a.pol)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	if err := verify(m, d.b, initMACKey(acc.secret, m.Nonce), nil); err != nil {
-		return err
+	defer acc.erase()
+	if err := verify(m, msg, initKey(acc.secret, m.Nonce, MsgInit), nil); err != nil {
+		return nil, err
 	}
-	if until, ok := a.replay[acc.replayKey]; ok && now.Before(until) {
-		return fmt.Errorf("%w: this INIT was accepted before", ErrReplay)
+	authKey = initKey(acc.secret, m.Nonce, MsgError)
+	if err := a.replay.check(acc.replayKey, acc.sent, now); err != nil {
+		return authKey, err
 	}
-	a.replay[acc.replayKey] = acc.replayUntil
 	var c CipherID
 	for _, want := range a.proposal {
 		if slices.Contains(m.Proposal, want) {
@@ -819,13 +1290,36 @@ func (a *Agent) acceptInit(p *peer, m *Message, d datagram, now time.Time) error
 		}
 	}
 	if c == 0 {
-		return fmt.Errorf("%w: peer offers %v, we accept %v", ErrNoProposal, m.Proposal, a.proposal)
+		return authKey, fmt.Errorf("%w: peer offers %v, we accept %v", ErrNoProposal, m.Proposal, a.proposal)
 	}
+	xR, ct, dh, kem, err := respond(m.X25519, m.MLKEM)
+	if err != nil {
+		return authKey, err
+	}
+	respKey, session := schedule(acc.secret, dh, kem, msg)
 	nonceR, spiR := randBytes(nonceLen), a.allocSPI()
-	mat := newMaterial(acc.secret, m.Nonce, nonceR)
+	resp := &Message{Type: MsgResp, Mode: m.Mode, Exchange: m.Exchange, Nonce: nonceR, SPI: spiR, ULA: a.cfg.ULA,
+		Cipher: c, APRep: acc.reply, X25519: xR, MLKEM: ct}
+	if !acc.ticketEnd.IsZero() {
+		resp.TicketEnd = acc.ticketEnd.Unix()
+	}
+	rb, err := sign(resp, respKey, msg)
+	clear(respKey)
+	if err != nil {
+		session(nil)
+		return authKey, fmt.Errorf("build RESP: %w", err)
+	}
+	mat := session(rb)
 	i2r, r2i, err := mat.espKeys(c, m.SPI, spiR, m.ULA, a.cfg.ULA)
 	if err != nil {
-		return err
+		return authKey, err
+	}
+	if a.tamper != nil {
+		rb = a.tamper(MsgResp, bytes.Clone(rb))
+	}
+	dgs, err := datagrams(rb, nil, nil)
+	if err != nil {
+		return authKey, fmt.Errorf("build RESP: %w", err)
 	}
 	k := &keyed{
 		out:      controlplane.SA{SPI: m.SPI, Cipher: ciphers[c].name, Key: r2i},
@@ -833,89 +1327,46 @@ func (a *Agent) acceptInit(p *peer, m *Message, d datagram, now time.Time) error
 		mat:      mat,
 		exchange: m.Exchange,
 		at:       now, ticketEnd: acc.ticketEnd,
+		until: now.Add(a.cfg.ResponseCacheTTL),
 	}
-	k.rekeyAt = a.rekeyAt(now, acc.ticketStart, acc.ticketEnd, 9)
-	resp := &Message{Type: MsgResp, Mode: m.Mode, Exchange: m.Exchange, Nonce: nonceR, SPI: spiR, ULA: a.cfg.ULA,
-		Cipher: c, APRep: acc.reply}
-	if !acc.ticketEnd.IsZero() {
-		resp.TicketEnd = acc.ticketEnd.Unix()
+	k.hardEnd, k.hardWhy = a.hardEnd(now, acc.authTime, acc.ticketEnd)
+	k.rekeyAt = a.rekeyAt(now, acc.ticketStart, acc.ticketEnd, k.hardEnd, 9)
+	// Make before break: the new inbound SA goes in now, beside the
+	// current ones; our outbound SA, the peer's outer address and the
+	// current pair change only when the initiator CONFIRMs (a replayed or
+	// forged INIT can therefore not disturb a working tunnel).
+	prev := p.pending
+	p.pending = k
+	if err := a.reinstall(p); err != nil {
+		p.pending = prev
+		return authKey, fmt.Errorf("%w: %w", ErrInstall, err)
 	}
-	rb, err := sign(resp, mat.macKey(MsgResp), d.b)
-	if err != nil {
-		return fmt.Errorf("build RESP: %w", err)
+	if err := a.replay.add(acc.replayKey, acc.replayUntil, now); err != nil {
+		a.log().Error("keying: cannot record the INIT in the replay cache; refusing it", "err", err)
+		p.pending = prev
+		a.reinstall(p)
+		return authKey, fmt.Errorf("%w: replay cache: %w", ErrInstall, err)
 	}
-	// Make before break: the new inbound SA goes in now; on a rekey the
-	// outbound SA stays the old one until the initiator CONFIRMs it has the
-	// new inbound SA, so nothing we send is dropped.
-	old := p.cur
-	installedOut := k.out
-	var held []heldSA
-	if old != nil {
-		installedOut = p.installedOut
-		held = append(slices.Clone(p.held), heldSA{old.in, now.Add(a.cfg.PrevInHold + a.cfg.ResponseCacheTTL)})
-	} else {
-		k.confirmed = true
+	if ex := p.ex; ex != nil && ex.phase != waitAck {
+		a.endExchange(p) // we lost the simultaneous start
 	}
-	outer := p.outer
-	p.outer = d.from
-	prevHeld := p.held
-	p.held = held
-	if err := a.installKeyed(p, k, installedOut); err != nil {
-		p.outer, p.held = outer, prevHeld
-		delete(a.replay, acc.replayKey) // nothing happened: the initiator may retry
-		return fmt.Errorf("%w: %w", ErrInstall, err)
-	}
-	p.cur = k
-	p.ex = nil
 	p.nextAttempt = time.Time{}
-	p.backoff, p.lastErr = 0, nil
-	a.answered[sha256.Sum256(d.b)] = cachedReply{rb, d.from, now.Add(a.cfg.ResponseCacheTTL)}
-	if err := a.cfg.Transport.WriteKeying(rb, d.from); err != nil {
-		a.log().Debug("keying: send RESP failed", "err", err)
-	}
-	a.log().Info("keying: keyed as responder", "peer", p.cfg.Name, "ula", p.cfg.ULA, "out", k.out, "in", k.in, "rekey", old != nil)
-	return nil
+	p.backoff = 0
+	a.stats.InitsAccepted++
+	a.cacheReply(msg, dgs, now.Add(a.cfg.ResponseCacheTTL))
+	a.send(dgs, from)
+	a.log().Info("keying: answered INIT", "peer", p.cfg.Name, "ula", p.cfg.ULA, "from", from, "in", k.in, "rekey", p.cur != nil)
+	return nil, nil
 }
 
-// rekeyAt is when an SA pair made at now is rekeyed: tenths (8 for the
-// initiator, 9 for the responder) of the SA lifetime and of the ticket's.
-func (a *Agent) rekeyAt(now, ticketStart, ticketEnd time.Time, tenths int64) time.Time {
-	t := now.Add(a.cfg.SALifetime * time.Duration(tenths) / 10)
-	if !ticketEnd.IsZero() {
-		if ticketStart.IsZero() || ticketStart.After(now) {
-			ticketStart = now
-		}
-		t = earliest(t, ticketStart.Add(ticketEnd.Sub(ticketStart)*time.Duration(tenths)/10))
-	}
-	return t
-}
-
-func (a *Agent) onResp(m *Message, d datagram) {
-	var p *peer
-	for _, q := range a.peers {
-		if q.ex != nil && q.ex.id == m.Exchange {
-			p = q
-		}
-	}
-	if p == nil {
-		return // not ours, or a duplicate after we moved on
-	}
+func (a *Agent) onResp(p *peer, m *Message, msg []byte, from netip.AddrPort, now time.Time) {
 	ex := p.ex
-	if ex.phase == waitAck {
-		// Our CONFIRM crossed a retransmitted RESP: resend it.
-		if err := a.cfg.Transport.WriteKeying(ex.sent, p.outer); err != nil {
-			a.log().Debug("keying: resend CONFIRM failed", "err", err)
-		}
-		return
-	}
-	if ex.phase != waitResp {
-		return
-	}
-	now := a.cfg.Now()
-	if err := a.completeInitiator(p, ex, m, d, now); err != nil {
+	if err := a.completeInitiator(p, ex, m, msg, from, now); err != nil {
 		if errors.Is(err, ErrTampered) || errors.Is(err, ErrMalformed) {
 			// Could be forged: keep waiting for the genuine RESP.
-			a.log().Warn("keying: ignored bad RESP", "peer", p.cfg.Name, "from", d.from, "err", err)
+			if ok, n := a.logs.allow("resp "+p.cfg.ULA.String(), now); ok {
+				a.log().Warn("keying: ignored bad RESP", "peer", p.cfg.Name, "from", from, "err", err, "suppressed", n)
+			}
 			ex.bad = err
 			return
 		}
@@ -923,14 +1374,23 @@ func (a *Agent) onResp(m *Message, d datagram) {
 	}
 }
 
-func (a *Agent) completeInitiator(p *peer, ex *exchange, m *Message, d datagram, now time.Time) error {
-	if m.Mode != a.cfg.Auth.Mode() || m.Nonce == nil || m.SPI < 0x100 || m.Cipher == 0 || m.ULA != p.cfg.ULA {
-		return fmt.Errorf("%w: RESP lacks nonce, SPI, cipher or the peer's ULA", ErrMalformed)
+func (a *Agent) completeInitiator(p *peer, ex *exchange, m *Message, msg []byte, from netip.AddrPort, now time.Time) error {
+	if m.Mode != a.cfg.Auth.Mode() || m.Nonce == nil || m.SPI < 0x100 || m.Cipher == 0 || m.ULA != p.cfg.ULA ||
+		m.X25519 == nil || len(m.MLKEM) != mlkemCTLen {
+		return fmt.Errorf("%w: RESP lacks nonce, SPI, cipher, key shares or the peer's ULA", ErrMalformed)
 	}
-	mat := newMaterial(ex.auth.secret, ex.nonce, m.Nonce)
-	if err := verify(m, d.b, mat.macKey(MsgResp), ex.init); err != nil {
+	dh, kem, err := ex.eph.finish(m.X25519, m.MLKEM)
+	if err != nil {
 		return err
 	}
+	respKey, session := schedule(ex.auth.secret, dh, kem, ex.init)
+	err = verify(m, msg, respKey, ex.init)
+	clear(respKey)
+	if err != nil {
+		session(nil)
+		return err
+	}
+	mat := session(msg)
 	if err := ex.auth.checkReply(m); err != nil {
 		return err
 	}
@@ -941,64 +1401,86 @@ func (a *Agent) completeInitiator(p *peer, ex *exchange, m *Message, d datagram,
 	if err != nil {
 		return err
 	}
+	// The ephemeral keys and the subkey have done their work.
+	ex.eph.erase()
+	ex.eph = nil
 	name := ciphers[m.Cipher].name
 	k := &keyed{
 		out: controlplane.SA{SPI: m.SPI, Cipher: name, Key: i2r}, in: controlplane.SA{SPI: ex.spi, Cipher: name, Key: r2i},
-		mat: mat, exchange: ex.id, initiator: true, at: now, ticketEnd: ex.auth.ticketEnd, confirmed: true,
+		mat: mat, exchange: ex.id, initiator: true, at: now, ticketEnd: ex.auth.ticketEnd,
 	}
-	k.rekeyAt = a.rekeyAt(now, ex.auth.ticketStart, ex.auth.ticketEnd, 8)
-	prevHeld := p.held
+	k.hardEnd, k.hardWhy = a.hardEnd(now, ex.auth.authTime, ex.auth.ticketEnd)
+	k.rekeyAt = a.rekeyAt(now, ex.auth.ticketStart, ex.auth.ticketEnd, k.hardEnd, 8)
+	ex.auth.erase()
+	saved := *p
 	if p.cur != nil {
 		p.held = append(slices.Clone(p.held), heldSA{p.cur.in, now.Add(a.cfg.PrevInHold + a.cfg.ResponseCacheTTL)})
 	}
-	outer := p.outer
-	p.outer = d.from
-	if err := a.installKeyed(p, k, k.out); err != nil {
-		p.held, p.outer = prevHeld, outer
+	// The RESP is authenticated: its source is where the peer is now.
+	p.cur, p.pending, p.outer = k, nil, from
+	if err := a.reinstall(p); err != nil {
+		p.held, p.cur, p.pending, p.outer = saved.held, saved.cur, saved.pending, saved.outer
 		return fmt.Errorf("%w: %w", ErrInstall, err)
 	}
-	p.cur = k
 	p.lastErr, p.backoff = nil, 0
 	c := &Message{Type: MsgConfirm, Mode: m.Mode, Exchange: ex.id, SPI: ex.spi, ULA: a.cfg.ULA}
 	cb, err := sign(c, mat.macKey(MsgConfirm), nil)
 	if err != nil {
 		return fmt.Errorf("build CONFIRM: %w", err)
 	}
-	ex.result, ex.sent, ex.phase = k, cb, waitAck
+	ex.result, ex.sent, ex.phase = k, [][]byte{cb}, waitAck
 	a.transmit(p, now, true)
-	a.log().Info("keying: keyed as initiator", "peer", p.cfg.Name, "ula", p.cfg.ULA, "out", k.out, "in", k.in)
+	a.log().Info("keying: keyed as initiator", "peer", p.cfg.Name, "ula", p.cfg.ULA, "out", k.out, "in", k.in, "hard_end", k.hardEnd)
 	return nil
 }
 
-func (a *Agent) onConfirm(m *Message, d datagram) {
-	if a.answerFromCache(d.b, d.from) {
+func (a *Agent) onConfirm(m *Message, d datagram, now time.Time) {
+	if a.answerFromCache(d.b, d.from, now) {
 		return
 	}
 	p := a.peers[m.ULA]
-	if p == nil || p.cur == nil || p.cur.initiator || p.cur.exchange != m.Exchange {
+	if p == nil {
 		return
 	}
-	k := p.cur
+	k := p.pending
+	if k == nil || k.exchange != m.Exchange {
+		if p.cur != nil && !p.cur.initiator && p.cur.exchange == m.Exchange {
+			k = p.cur // a CONFIRM repeated after the cache forgot our ACK
+		} else {
+			return
+		}
+	}
 	if err := verify(m, d.b, k.mat.macKey(MsgConfirm), nil); err != nil {
-		a.log().Warn("keying: ignored bad CONFIRM", "peer", p.cfg.Name, "from", d.from, "err", err)
+		if ok, n := a.logs.allow("confirm "+p.cfg.ULA.String(), now); ok {
+			a.log().Warn("keying: ignored bad CONFIRM", "peer", p.cfg.Name, "from", d.from, "err", err, "suppressed", n)
+		}
 		return
 	}
-	now := a.cfg.Now()
-	if !k.confirmed {
-		if err := a.installKeyed(p, k, k.out); err != nil {
-			a.log().Warn("keying: switching to the new outbound SA failed", "peer", p.cfg.Name, "err", err)
+	if k == p.pending {
+		// Confirmed: the initiator has the new pair. Switch our outbound
+		// SA, keep the old inbound one for packets in flight, and follow
+		// the peer to the address this authenticated message came from.
+		saved := *p
+		if p.cur != nil {
+			p.held = append(slices.Clone(p.held), heldSA{p.cur.in, now.Add(a.cfg.PrevInHold + a.cfg.ResponseCacheTTL)})
+		}
+		p.cur, p.pending, p.outer = k, nil, d.from
+		k.until = time.Time{}
+		if err := a.reinstall(p); err != nil {
+			p.held, p.cur, p.pending, p.outer = saved.held, saved.cur, saved.pending, saved.outer
+			a.log().Warn("keying: switching to the confirmed SAs failed", "peer", p.cfg.Name, "err", err)
 			return // no ACK: the initiator retransmits, we retry
 		}
-		k.confirmed = true
-		a.log().Info("keying: switched outbound SA", "peer", p.cfg.Name, "out", k.out)
+		p.lastErr = nil
+		a.log().Info("keying: keyed as responder (confirmed)", "peer", p.cfg.Name, "ula", p.cfg.ULA, "out", k.out, "outer", p.outer, "hard_end", k.hardEnd)
 	}
 	ack := &Message{Type: MsgAck, Mode: m.Mode, Exchange: m.Exchange, ULA: a.cfg.ULA}
 	ab, err := sign(ack, k.mat.macKey(MsgAck), nil)
 	if err != nil {
 		return
 	}
-	a.answered[sha256.Sum256(d.b)] = cachedReply{ab, d.from, now.Add(a.cfg.ResponseCacheTTL)}
-	a.cfg.Transport.WriteKeying(ab, d.from)
+	a.cacheReply(d.b, [][]byte{ab}, now.Add(a.cfg.ResponseCacheTTL))
+	a.send([][]byte{ab}, d.from)
 }
 
 func (a *Agent) onAck(m *Message, d datagram) {
@@ -1007,7 +1489,7 @@ func (a *Agent) onAck(m *Message, d datagram) {
 		return
 	}
 	if err := verify(m, d.b, p.ex.result.mat.macKey(MsgAck), nil); err != nil {
-		a.log().Warn("keying: ignored bad ACK", "peer", p.cfg.Name, "err", err)
+		a.log().Debug("keying: ignored bad ACK", "peer", p.cfg.Name, "err", err)
 		return
 	}
 	// The responder now sends with the new key: the old inbound SA only
@@ -1016,89 +1498,136 @@ func (a *Agent) onAck(m *Message, d datagram) {
 	for i := range p.held {
 		p.held[i].until = earliest(p.held[i].until, now.Add(a.cfg.PrevInHold))
 	}
-	p.ex = nil
+	a.endExchange(p)
 	p.backoff = 0
 }
 
 func (a *Agent) onDelete(m *Message, d datagram) {
 	p := a.peers[m.ULA]
-	if p == nil || p.cur == nil || p.cur.exchange != m.Exchange {
+	if p == nil {
 		return
 	}
-	if err := verify(m, d.b, p.cur.mat.macKey(MsgDelete), nil); err != nil {
-		a.log().Warn("keying: ignored bad DELETE", "peer", p.cfg.Name, "from", d.from, "err", err)
+	var k *keyed
+	for _, c := range []*keyed{p.cur, p.pending} {
+		if c != nil && c.exchange == m.Exchange {
+			k = c
+		}
+	}
+	if k == nil {
+		return
+	}
+	if err := verify(m, d.b, k.mat.macKey(MsgDelete), nil); err != nil {
+		a.log().Debug("keying: ignored bad DELETE", "peer", p.cfg.Name, "from", d.from, "err", err)
 		return
 	}
 	a.log().Info("keying: peer deleted its SAs", "peer", p.cfg.Name, "ula", p.cfg.ULA)
+	a.endExchange(p)
 	a.remove(p)
-	p.ex = nil
 	p.backoff = 0
 	a.backoff(p, a.cfg.Now()) // it is going away: try again later, with backoff
 }
 
+// onError handles a refusal. Authenticated (its MAC is keyed from our INIT's
+// secret, so only the real responder could make it), it ends the attempt;
+// otherwise it is a hint kept for the error shown if the attempt times out.
 func (a *Agent) onError(m *Message, d datagram) {
-	for _, p := range a.peers {
-		if p.ex != nil && p.ex.id == m.Exchange && p.ex.phase == waitResp {
-			// Unauthenticated: it ends this attempt (a retry follows with
-			// backoff) but changes no SA.
-			a.fail(p, fmt.Errorf("%w: %w: %s says %q", ErrPeerRefused, sentinelFor(m.Code), d.from, safeText(m.Text)))
-			return
-		}
+	p := a.exchangeFor(m.Exchange, waitResp)
+	if p == nil {
+		return
 	}
+	ex := p.ex
+	refusal := fmt.Errorf("%w: %w: %s says %q", ErrPeerRefused, sentinelFor(m.Code), d.from, safeText(m.Text))
+	if m.MAC != nil && verify(m, d.b, initKey(ex.auth.secret, ex.nonce, MsgError), ex.init) == nil {
+		a.fail(p, refusal)
+		return
+	}
+	ex.hint = refusal
+	a.log().Debug("keying: unauthenticated ERROR (a hint; retransmitting)", "peer", p.cfg.Name, "from", d.from, "err", refusal)
 }
 
-// installKeyed hands the dataplane k with out as the outbound SA.
-func (a *Agent) installKeyed(p *peer, k *keyed, out controlplane.SA) error {
+// desired is the dataplane's view of p: the current pair (or, before the
+// first CONFIRM, the pending one) with every inbound SA still accepted.
+func (a *Agent) desired(p *peer) (controlplane.Peer, bool) {
+	out, in := p.cur, p.cur
+	if p.pending != nil {
+		in = p.pending
+		if out == nil {
+			out = p.pending // first keying: we may send once the initiator has it
+		}
+	}
+	if in == nil {
+		return controlplane.Peer{}, false
+	}
 	var prev []controlplane.SA
+	if p.pending != nil && p.cur != nil {
+		prev = append(prev, p.cur.in)
+	}
 	for _, h := range p.held {
-		if h.sa.SPI != k.in.SPI {
+		if h.sa.SPI != in.in.SPI && !slices.ContainsFunc(prev, func(s controlplane.SA) bool { return s.SPI == h.sa.SPI }) {
 			prev = append(prev, h.sa)
 		}
 	}
-	pe := controlplane.Peer{Name: p.cfg.Name, ULA: p.cfg.ULA, Outer: p.outer, Out: out, In: k.in, PrevIn: prev}
+	return controlplane.Peer{Name: p.cfg.Name, ULA: p.cfg.ULA, Outer: p.outer, Out: out.out, In: in.in, PrevIn: prev}, true
+}
+
+// reinstall hands the dataplane p's current desired key set (or removes it).
+func (a *Agent) reinstall(p *peer) error {
+	pe, ok := a.desired(p)
+	if !ok {
+		a.remove(p)
+		return nil
+	}
+	if p.installed != nil && samePeer(*p.installed, pe) {
+		return nil
+	}
 	if err := a.cfg.Installer.Install(a.ctx, pe); err != nil {
+		a.log().Warn("keying: install failed", "peer", p.cfg.Name, "err", err)
 		return err
 	}
-	p.installedOut = out
+	p.installed = &pe
 	return nil
 }
 
-func (a *Agent) install(p *peer, out controlplane.SA) {
-	if err := a.installKeyed(p, p.cur, out); err != nil {
-		a.log().Warn("keying: install failed", "peer", p.cfg.Name, "err", err)
+func samePeer(x, y controlplane.Peer) bool {
+	sa := func(a, b controlplane.SA) bool {
+		return a.SPI == b.SPI && a.Cipher == b.Cipher && bytes.Equal(a.Key, b.Key)
 	}
+	return x.Name == y.Name && x.ULA == y.ULA && x.Outer == y.Outer && sa(x.Out, y.Out) && sa(x.In, y.In) &&
+		slices.EqualFunc(x.PrevIn, y.PrevIn, sa)
 }
 
+// remove forgets p's SAs and has the Installer drop them.
 func (a *Agent) remove(p *peer) {
-	if p.cur == nil && len(p.held) == 0 {
+	p.cur, p.pending, p.held, p.moved = nil, nil, nil, nil
+	if p.installed == nil {
 		return
 	}
+	p.installed = nil
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(a.ctx), 5*time.Second)
 	defer cancel()
 	if err := a.cfg.Installer.Remove(ctx, p.cfg.ULA); err != nil {
 		a.log().Warn("keying: remove failed", "peer", p.cfg.Name, "err", err)
 	}
-	p.cur, p.held, p.installedOut, p.moved = nil, nil, controlplane.SA{}, nil
 }
 
 func (a *Agent) sendDelete(p *peer) {
-	if p.cur == nil {
+	k := p.cur
+	if k == nil {
 		return
 	}
-	m := &Message{Type: MsgDelete, Mode: a.cfg.Auth.Mode(), Exchange: p.cur.exchange, ULA: a.cfg.ULA,
-		SPIs: []uint32{p.cur.in.SPI, p.cur.out.SPI}}
-	b, err := sign(m, p.cur.mat.macKey(MsgDelete), nil)
+	m := &Message{Type: MsgDelete, Mode: a.cfg.Auth.Mode(), Exchange: k.exchange, ULA: a.cfg.ULA,
+		SPIs: []uint32{k.in.SPI, k.out.SPI}}
+	b, err := sign(m, k.mat.macKey(MsgDelete), nil)
 	if err != nil {
 		return
 	}
-	if err := a.cfg.Transport.WriteKeying(b, p.outer); err != nil {
-		a.log().Debug("keying: send DELETE failed", "peer", p.cfg.Name, "err", err)
-	}
+	a.send([][]byte{b}, p.outer)
 }
 
 func (a *Agent) shutdown() {
 	for _, p := range a.peers {
 		a.sendDelete(p)
+		a.endExchange(p)
 		a.remove(p)
 	}
 }
@@ -1115,4 +1644,34 @@ func safeText(s string) string {
 		}
 		return r
 	}, s)
+}
+
+// logLimiter lets one log line of a kind through every interval and counts
+// the ones it holds back (reported with the next). Kinds are fixed strings
+// or per-peer, so the map stays small.
+type logLimiter struct {
+	every      time.Duration
+	last       map[string]time.Time
+	suppressed map[string]int
+}
+
+func (l *logLimiter) allow(kind string, now time.Time) (bool, int) {
+	if l.last == nil {
+		l.last, l.suppressed = map[string]time.Time{}, map[string]int{}
+	}
+	if t, ok := l.last[kind]; ok && now.Sub(t) < l.every {
+		l.suppressed[kind]++
+		return false, 0
+	}
+	n := l.suppressed[kind]
+	l.last[kind] = now
+	delete(l.suppressed, kind)
+	if len(l.last) > 1024 {
+		for k, t := range l.last {
+			if now.Sub(t) >= l.every {
+				delete(l.last, k)
+			}
+		}
+	}
+	return true, n
 }

@@ -49,7 +49,7 @@ func TestAPRepEncoding(t *testing.T) {
 		t.Fatal(err)
 	}
 	acc, err := (&Kerberos{Principal: "host/b.example.test@" + realm, Keytab: kt, Krb5Conf: config.New()}).accept(
-		&Message{APReq: b}, PeerConfig{Name: "a", Principal: "host/a.example.test@" + realm}, now)
+		&Message{APReq: b}, PeerConfig{Name: "a", Principal: "host/a.example.test@" + realm}, now, authPolicy{})
 	if err != nil {
 		t.Fatalf("accept: %v", err)
 	}

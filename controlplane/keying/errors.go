@@ -44,6 +44,13 @@ var (
 	ErrInstall = errors.New("installing SAs failed")
 	// ErrBadSecret: the pre-shared-key file is missing, too short or readable by others.
 	ErrBadSecret = errors.New("unusable pre-shared key file")
+	// ErrVersion: the peer speaks another keying protocol version (version
+	// 1 has no forward secrecy). Fix: run the same btmmd release on both.
+	ErrVersion = errors.New("peer speaks another keying protocol version")
+	// ErrExpired: a peer's SAs reached their hard end (hard lifetime, the
+	// age of the login behind them, or the ticket's end) and no rekey
+	// succeeded, so they were removed. A revoked host ends up here.
+	ErrExpired = errors.New("SAs expired without a successful rekey")
 )
 
 // codeFor maps a refusal to the ERROR code sent back to the initiator.

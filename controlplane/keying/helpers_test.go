@@ -104,6 +104,14 @@ func (e *memEP) ReadKeying(b []byte) (int, netip.AddrPort, error) {
 
 func (e *memEP) Close() { e.once.Do(func() { close(e.closed) }) }
 
+// testMaterial is an exchange's session material made from secret and two
+// stand-ins for the ephemeral secrets (for tests that need keys, not an
+// exchange).
+func testMaterial(secret, dh, kem []byte) material {
+	_, session := schedule(secret, bytes.Clone(dh), bytes.Clone(kem), []byte("INIT"))
+	return session([]byte("RESP"))
+}
+
 // recorder is a recording Installer: it keeps what the dataplane would hold
 // and every call, and can be told to fail.
 type recorder struct {

@@ -44,26 +44,48 @@ type Kerberos struct {
 
 	ktMu sync.RWMutex // guards Keytab after the first exchange (SetKeytab)
 
-	mu      sync.Mutex
-	tgt     *ticket
-	tickets map[string]*ticket // by service principal
+	// mu guards the ticket cache and the fetches in flight; it is never
+	// held across a KDC round trip, so one slow fetch stalls only the
+	// exchanges that wait for that very ticket.
+	mu       sync.Mutex
+	tgt      *ticket
+	tickets  map[string]*ticket // by service principal
+	inflight map[string]*fetch  // by service principal; "" is the login (TGT)
+	// subkeyHook, when set (tests), replaces the authenticator's random
+	// subkey: forward secrecy must hold even when it repeats.
+	subkeyHook func() []byte
 }
 
 type ticket struct {
 	tkt        messages.Ticket
 	key        types.EncryptionKey
 	start, end time.Time
+	auth       time.Time // the initial authentication (AS exchange) behind it
 }
 
-// fresh reports whether t is usable for a new exchange at now: it is
-// replaced once 70% of its lifetime has passed, so that an SA keyed with it
-// can be rekeyed (at 80%, see Agent) with a new ticket before it expires.
-func (t *ticket) fresh(now time.Time) bool {
+// fetch is one KDC round trip in flight; whoever needs its ticket waits on
+// done (or gives up when their context ends).
+type fetch struct {
+	done chan struct{}
+	t    *ticket
+	err  error
+}
+
+// usable reports whether t may serve a new exchange at now: it is replaced
+// once 70% of its lifetime has passed (so that an SA keyed with it can be
+// rekeyed, at 80%, with a new one before it expires), and once half of
+// maxAuthAge has passed since the login behind it (so a peer never refuses
+// it as too old, and a deleted principal stops getting in: see
+// authPolicy).
+func (t *ticket) usable(now time.Time, maxAuthAge time.Duration) bool {
 	if t == nil {
 		return false
 	}
 	life := t.end.Sub(t.start)
-	return now.After(t.start.Add(-time.Minute)) && now.Before(t.start.Add(life*7/10))
+	if !now.After(t.start.Add(-time.Minute)) || !now.Before(t.start.Add(life*7/10)) {
+		return false
+	}
+	return maxAuthAge <= 0 || now.Sub(t.auth) < maxAuthAge/2
 }
 
 // Mode reports ModeKerberos.
@@ -97,7 +119,7 @@ func (k *Kerberos) String() string {
 	return fmt.Sprintf("kerberos(%s, keytab=[%d entries redacted])", k.Principal, n)
 }
 
-func (k *Kerberos) skew() time.Duration {
+func (k *Kerberos) maxSkew() time.Duration {
 	if k.MaxClockSkew > 0 {
 		return k.MaxClockSkew
 	}
@@ -119,6 +141,16 @@ func (k *Kerberos) principal(s string) (types.PrincipalName, string) {
 	return types.NewPrincipalName(nametype.KRB_NT_PRINCIPAL, name), realm
 }
 
+// identity is the responder's principal, name@REALM.
+func (k *Kerberos) identity(peer *PeerConfig) []byte {
+	s := k.Principal
+	if peer != nil {
+		s = peer.Principal
+	}
+	n, r := k.principal(s)
+	return []byte(n.PrincipalNameString() + "@" + strings.ToUpper(r))
+}
+
 func (k *Kerberos) check() error {
 	if k.keytab() == nil || k.Krb5Conf == nil || k.Principal == "" {
 		return errors.New("kerberos keying needs Principal, Keytab and Krb5Conf")
@@ -126,17 +158,59 @@ func (k *Kerberos) check() error {
 	return nil
 }
 
-// serviceTicket returns a fresh ticket for the peer's principal, logging in
-// (AS exchange with the keytab) and asking the KDC (TGS exchange) as needed.
-func (k *Kerberos) serviceTicket(spn string, now time.Time) (*ticket, error) {
+// once runs f for key unless a run for key is in flight, and waits for that
+// run or for ctx. f runs on its own goroutine: a caller whose context ends
+// returns at once (ErrKDCUnreachable wrapping the context's error), while
+// the round trip finishes within gokrb5's own timeouts (5 s per KDC and
+// transport) and its ticket is cached for the next caller.
+func (k *Kerberos) once(ctx context.Context, key string, f func() (*ticket, error)) (*ticket, error) {
 	k.mu.Lock()
-	defer k.mu.Unlock()
-	if t := k.tickets[spn]; t.fresh(now) {
-		return t, nil
+	fl := k.inflight[key]
+	if fl == nil {
+		fl = &fetch{done: make(chan struct{})}
+		if k.inflight == nil {
+			k.inflight = map[string]*fetch{}
+		}
+		k.inflight[key] = fl
+		go func() {
+			t, err := f()
+			k.mu.Lock()
+			fl.t, fl.err = t, err
+			delete(k.inflight, key)
+			k.mu.Unlock()
+			close(fl.done)
+		}()
 	}
+	k.mu.Unlock()
+	select {
+	case <-fl.done:
+		return fl.t, fl.err
+	case <-ctx.Done():
+		what := "login"
+		if key != "" {
+			what = "service ticket for " + key
+		}
+		return nil, fmt.Errorf("kerberos %s: %w: gave up waiting for the KDC: %w", what, ErrKDCUnreachable, ctx.Err())
+	}
+}
+
+func (k *Kerberos) client() (*client.Client, types.PrincipalName, string) {
 	cname, realm := k.principal(k.Principal)
 	cl := client.NewWithKeytab(cname.PrincipalNameString(), realm, k.keytab(), k.Krb5Conf, client.DisablePAFXFAST(true))
-	if !k.tgt.fresh(now) {
+	return cl, cname, realm
+}
+
+// login returns a TGT usable at now, logging in (AS exchange with the
+// keytab) when the cached one is not.
+func (k *Kerberos) login(ctx context.Context, now time.Time, maxAuthAge time.Duration) (*ticket, error) {
+	k.mu.Lock()
+	t := k.tgt
+	k.mu.Unlock()
+	if t.usable(now, maxAuthAge) {
+		return t, nil
+	}
+	return k.once(ctx, "", func() (*ticket, error) {
+		cl, cname, realm := k.client()
 		asReq, err := messages.NewASReqForTGT(realm, k.Krb5Conf, cname)
 		if err != nil {
 			return nil, fmt.Errorf("kerberos login as %s@%s: %w", cname.PrincipalNameString(), realm, err)
@@ -146,20 +220,45 @@ func (k *Kerberos) serviceTicket(spn string, now time.Time) (*ticket, error) {
 			return nil, classifyKerberos(fmt.Sprintf("kerberos login as %s@%s", cname.PrincipalNameString(), realm), err)
 		}
 		p := asRep.DecryptedEncPart
-		k.tgt = &ticket{tkt: asRep.Ticket, key: p.Key, start: startOf(p), end: p.EndTime}
+		t := &ticket{tkt: asRep.Ticket, key: p.Key, start: startOf(p), end: p.EndTime, auth: p.AuthTime}
+		k.mu.Lock()
+		k.tgt = t
+		k.mu.Unlock()
+		return t, nil
+	})
+}
+
+// serviceTicket returns a ticket for the peer's principal usable at now,
+// logging in and asking the KDC (TGS exchange) as needed. Fetches for
+// different peers run independently.
+func (k *Kerberos) serviceTicket(ctx context.Context, spn string, now time.Time, maxAuthAge time.Duration) (*ticket, error) {
+	k.mu.Lock()
+	t := k.tickets[spn]
+	k.mu.Unlock()
+	if t.usable(now, maxAuthAge) {
+		return t, nil
 	}
-	sname, srealm := k.principal(spn)
-	_, tgsRep, err := cl.TGSREQGenerateAndExchange(sname, srealm, k.tgt.tkt, k.tgt.key, false)
+	tgt, err := k.login(ctx, now, maxAuthAge)
 	if err != nil {
-		return nil, classifyKerberos(fmt.Sprintf("kerberos service ticket for %s@%s", sname.PrincipalNameString(), srealm), err)
+		return nil, err
 	}
-	p := tgsRep.DecryptedEncPart
-	t := &ticket{tkt: tgsRep.Ticket, key: p.Key, start: startOf(p), end: p.EndTime}
-	if k.tickets == nil {
-		k.tickets = map[string]*ticket{}
-	}
-	k.tickets[spn] = t
-	return t, nil
+	return k.once(ctx, spn, func() (*ticket, error) {
+		cl, _, _ := k.client()
+		sname, srealm := k.principal(spn)
+		_, tgsRep, err := cl.TGSREQGenerateAndExchange(sname, srealm, tgt.tkt, tgt.key, false)
+		if err != nil {
+			return nil, classifyKerberos(fmt.Sprintf("kerberos service ticket for %s@%s", sname.PrincipalNameString(), srealm), err)
+		}
+		p := tgsRep.DecryptedEncPart
+		t := &ticket{tkt: tgsRep.Ticket, key: p.Key, start: startOf(p), end: p.EndTime, auth: p.AuthTime}
+		k.mu.Lock()
+		if k.tickets == nil {
+			k.tickets = map[string]*ticket{}
+		}
+		k.tickets[spn] = t
+		k.mu.Unlock()
+		return t, nil
+	})
 }
 
 func startOf(p messages.EncKDCRepPart) time.Time {
@@ -169,14 +268,14 @@ func startOf(p messages.EncKDCRepPart) time.Time {
 	return p.StartTime
 }
 
-func (k *Kerberos) initiate(_ context.Context, peer PeerConfig, now time.Time) (*initiation, error) {
+func (k *Kerberos) initiate(ctx context.Context, peer PeerConfig, now time.Time, pol authPolicy) (*initiation, error) {
 	if err := k.check(); err != nil {
 		return nil, err
 	}
 	if peer.Principal == "" {
 		return nil, fmt.Errorf("peer %s: %w: no principal configured", peer.Name, ErrUnknownPrincipal)
 	}
-	t, err := k.serviceTicket(peer.Principal, now)
+	t, err := k.serviceTicket(ctx, peer.Principal, now, pol.maxAuthAge)
 	if err != nil {
 		return nil, err
 	}
@@ -196,6 +295,9 @@ func (k *Kerberos) initiate(_ context.Context, peer PeerConfig, now time.Time) (
 	if err := auth.GenerateSeqNumberAndSubKey(t.key.KeyType, et.GetKeyByteSize()); err != nil {
 		return nil, fmt.Errorf("kerberos subkey: %w", err)
 	}
+	if k.subkeyHook != nil {
+		auth.SubKey.KeyValue = k.subkeyHook()
+	}
 	apReq, err := messages.NewAPReq(t.tkt, t.key, auth)
 	if err != nil {
 		return nil, fmt.Errorf("kerberos AP-REQ: %w", err)
@@ -209,9 +311,11 @@ func (k *Kerberos) initiate(_ context.Context, peer PeerConfig, now time.Time) (
 	ctime, cusec := auth.CTime, auth.Cusec
 	return &initiation{
 		token:       b,
-		secret:      auth.SubKey.KeyValue,
+		secret:      bytes.Clone(auth.SubKey.KeyValue),
+		owned:       true,
 		ticketStart: t.start,
 		ticketEnd:   t.end,
+		authTime:    t.auth,
 		checkReply: func(m *Message) error {
 			return checkAPRep(m.APRep, sessionKey, ctime, cusec)
 		},
@@ -273,7 +377,7 @@ func buildAPRep(req *messages.APReq) ([]byte, error) {
 // authenticator must decrypt with the ticket's session key and name the
 // ticket's client, that client must be the peer's configured principal, the
 // authenticator must be within the clock skew, and the ticket valid now.
-func (k *Kerberos) accept(m *Message, peer PeerConfig, now time.Time) (*acceptance, error) {
+func (k *Kerberos) accept(m *Message, peer PeerConfig, now time.Time, pol authPolicy) (*acceptance, error) {
 	if err := k.check(); err != nil {
 		return nil, err
 	}
@@ -307,18 +411,22 @@ func (k *Kerberos) accept(m *Message, peer PeerConfig, now time.Time) (*acceptan
 			tp.CName.PrincipalNameString(), tp.CRealm, want.PrincipalNameString(), wantRealm)
 	}
 	ct := a.CTime.Add(time.Duration(a.Cusec) * time.Microsecond)
-	if d := now.Sub(ct); d > k.skew() || -d > k.skew() {
-		return nil, fmt.Errorf("%w: peer %s's clock says %v, ours %v (allowed %v)", ErrClockSkew, peer.Name, ct.UTC(), now.UTC(), k.skew())
+	if d := now.Sub(ct); d > k.maxSkew() || -d > k.maxSkew() {
+		return nil, fmt.Errorf("%w: peer %s's clock says %v, ours %v (allowed %v)", ErrClockSkew, peer.Name, ct.UTC(), now.UTC(), k.maxSkew())
 	}
 	start := tp.StartTime
 	if start.IsZero() {
 		start = tp.AuthTime
 	}
-	if start.Sub(now) > k.skew() || types.IsFlagSet(&tp.Flags, flags.Invalid) {
+	if start.Sub(now) > k.maxSkew() || types.IsFlagSet(&tp.Flags, flags.Invalid) {
 		return nil, fmt.Errorf("%w: ticket not valid before %v", ErrClockSkew, start.UTC())
 	}
-	if now.Sub(tp.EndTime) > k.skew() {
+	if now.Sub(tp.EndTime) > k.maxSkew() {
 		return nil, fmt.Errorf("%w: ticket from %s@%s ended %v (now %v)", ErrTicketExpired, tp.CName.PrincipalNameString(), tp.CRealm, tp.EndTime.UTC(), now.UTC())
+	}
+	if pol.maxAuthAge > 0 && now.Sub(tp.AuthTime) > pol.maxAuthAge+k.maxSkew() {
+		return nil, fmt.Errorf("%w: %s@%s last logged in at %v, more than the hard SA lifetime (%v) ago; a host that can still log in does so every %v",
+			ErrTicketExpired, tp.CName.PrincipalNameString(), tp.CRealm, tp.AuthTime.UTC(), pol.maxAuthAge, pol.maxAuthAge/2)
 	}
 	if a.SubKey.KeyType == 0 || len(a.SubKey.KeyValue) < 16 {
 		return nil, fmt.Errorf("%w: AP-REQ without a subkey", ErrMalformed)
@@ -329,11 +437,14 @@ func (k *Kerberos) accept(m *Message, peer PeerConfig, now time.Time) (*acceptan
 	}
 	return &acceptance{
 		secret:      bytes.Clone(a.SubKey.KeyValue),
+		owned:       true,
 		reply:       rep,
 		ticketStart: start,
 		ticketEnd:   tp.EndTime,
+		authTime:    tp.AuthTime,
+		sent:        ct,
 		replayKey: fmt.Sprintf("krb %s@%s %s %d %d", tp.CName.PrincipalNameString(), tp.CRealm,
 			req.Ticket.SName.PrincipalNameString(), ct.UnixNano(), a.SeqNumber),
-		replayUntil: now.Add(2*k.skew() + time.Second),
+		replayUntil: now.Add(2*k.maxSkew() + time.Second),
 	}, nil
 }

@@ -117,6 +117,12 @@ func (nd *krbNode) dropOwnInits() {
 	}
 }
 
+// k1 is the MAC1 key of INITs to nd (anybody can compute it in Kerberos
+// mode from nd's ULA and principal).
+func (nd *krbNode) k1() []byte {
+	return mac1Key(nd.peer.ULA, nd.agent.cfg.Auth.identity(nil))
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
@@ -201,6 +207,22 @@ func TestKerberosKeying(t *testing.T) {
 	}
 }
 
+// fastRetransmit gives up an attempt after about a second.
+func fastRetransmit(c *Config) {
+	c.RetransmitBase, c.RetransmitMax, c.Retransmits = 100*time.Millisecond, 200*time.Millisecond, 4
+}
+
+// attrOffset returns where attribute typ starts in an encoded message.
+func attrOffset(t testing.TB, msg []byte, typ byte) int {
+	for off := headerLen; off+3 <= len(msg); off += 3 + int(msg[off+1])<<8 + int(msg[off+2]) {
+		if msg[off] == typ {
+			return off
+		}
+	}
+	t.Fatalf("no attribute %d", typ)
+	return 0
+}
+
 // TestKerberosRefusals: each failure is refused with an error naming the
 // cause (errors.Is on our sentinels) and installs nothing on either host.
 // b is a pure responder here (its own INITs are dropped).
@@ -216,11 +238,13 @@ func TestKerberosRefusals(t *testing.T) {
 		{
 			name: "tampered INIT",
 			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
-				a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
-					if msgType(p) == MsgInit {
-						p[headerLen+3] ^= 1 // a nonce bit: the AP-REQ is fine, the MAC is not
+				// An on-path attacker who knows b's ULA and principal
+				// (MAC1 is re-computed over the change).
+				a.agent.tamper = func(typ MsgType, msg []byte) []byte {
+					if typ == MsgInit {
+						msg[headerLen+3] ^= 1 // a nonce bit: the AP-REQ is fine, the MAC is not
 					}
-					return p
+					return msg
 				}
 			},
 			wantA: ErrTampered, wantB: ErrTampered,
@@ -228,11 +252,11 @@ func TestKerberosRefusals(t *testing.T) {
 		{
 			name: "tampered AP-REQ",
 			setup: func(t *testing.T, k *krbtest.KDC, a, b *krbNode, _ *PeerConfig) {
-				a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
-					if msgType(p) == MsgInit {
-						p[len(p)-3-macLen-20] ^= 1 // inside the AP-REQ's authenticator ciphertext
+				a.agent.tamper = func(typ MsgType, msg []byte) []byte {
+					if typ == MsgInit {
+						msg[attrOffset(t, msg, attrX25519)-20] ^= 1 // inside the AP-REQ's authenticator ciphertext
 					}
-					return p
+					return msg
 				}
 			},
 			wantA: ErrTampered, wantB: ErrTampered,
@@ -292,7 +316,9 @@ func TestKerberosRefusals(t *testing.T) {
 			if tt.keytabB != nil {
 				ktB = tt.keytabB(t, k)
 			}
-			a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
+			// b's refusals cannot be authenticated (it could not verify
+			// the INIT): a gives up when its retransmissions run out.
+			a := startKrbNode(t, k, "a", princA, ulaA, ktA, fastRetransmit)
 			b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
 			b.dropOwnInits()
 			peerB := b.peer
@@ -322,24 +348,24 @@ func TestKerberosRefusals(t *testing.T) {
 }
 
 // TestKerberosReplay replays a captured INIT (AP-REQ) to b after the
-// retransmission cache has let it go: b refuses it as a replay and changes
-// no SA.
+// retransmission cache has let it go: b refuses it as a replay with an
+// authenticated ERROR and changes no SA.
 func TestKerberosReplay(t *testing.T) {
 	k, ktA, ktB := newRealm(t)
 	a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
 	b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
 	b.dropOwnInits()
 	var captured atomic.Pointer[[]byte]
-	a.tr.tap = func(_ netip.AddrPort, p []byte) []byte {
-		if msgType(p) == MsgInit {
-			c := bytes.Clone(p)
+	a.agent.tamper = func(typ MsgType, msg []byte) []byte {
+		if typ == MsgInit {
+			c := bytes.Clone(msg)
 			captured.CompareAndSwap(nil, &c)
 		}
-		return p
+		return msg
 	}
 	b.setPeers(t, a.peer)
 	a.setPeers(t, b.peer)
-	waitFor(t, "keying", func() bool { _, ok := b.rec.peer(ulaA); return ok })
+	waitFor(t, "keying", func() bool { return b.status(t).Established })
 	before := b.rec.Calls()
 	attacker, err := ListenUDP(netip.MustParseAddrPort("127.0.0.1:0"))
 	if err != nil {
@@ -347,8 +373,14 @@ func TestKerberosReplay(t *testing.T) {
 	}
 	defer attacker.Close()
 	b.clock.Set(time.Minute) // past the retransmission cache, inside the skew window
-	if err := attacker.WriteKeying(*captured.Load(), b.peer.Outer); err != nil {
+	dgs, err := datagrams(*captured.Load(), b.k1(), nil)
+	if err != nil {
 		t.Fatal(err)
+	}
+	for _, d := range dgs {
+		if err := attacker.WriteKeying(d, b.peer.Outer); err != nil {
+			t.Fatal(err)
+		}
 	}
 	buf := make([]byte, MaxMessageLen)
 	attacker.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -357,8 +389,8 @@ func TestKerberosReplay(t *testing.T) {
 		t.Fatalf("no answer to the replay: %v", err)
 	}
 	var m Message
-	if err := m.Unmarshal(buf[:n]); err != nil || m.Type != MsgError || m.Code != CodeReplay {
-		t.Fatalf("answer to the replay: %+v %v, want ERROR replay", m, err)
+	if err := m.Unmarshal(buf[:n]); err != nil || m.Type != MsgError || m.Code != CodeReplay || m.MAC == nil {
+		t.Fatalf("answer to the replay: %+v %v, want an authenticated ERROR replay", m, err)
 	}
 	if err := b.status(t).LastError; !errors.Is(err, ErrReplay) {
 		t.Errorf("b: LastError = %v, want ErrReplay", err)

@@ -8,7 +8,8 @@ import (
 )
 
 // Version is the keying message format version this package speaks.
-const Version = 1
+// Version 1 (no ephemeral key exchange) is refused with a clear error.
+const Version = 2
 
 // NonESPMarker is the RFC 3948 §2.2 prefix that tells the receiver of a
 // datagram on the ESP-in-UDP port that it is not ESP (an ESP SPI is never 0).
@@ -19,8 +20,11 @@ type MsgType uint8
 
 // Message types. INIT and RESP make the keys; CONFIRM/ACK tell the responder
 // that the initiator has installed them (so the responder may switch its
-// outbound SA without losing packets); DELETE tears a pair down; ERROR
-// reports why an INIT was refused (unauthenticated: a hint, never trusted).
+// outbound SA and the peer's outer address); DELETE tears a pair down; ERROR
+// reports why an INIT was refused (authenticated when the responder could
+// authenticate the INIT, else only a hint). COOKIE is the responder's
+// stateless answer under load (the initiator repeats its INIT with MAC2);
+// FRAGMENT carries one piece of a message too long for one datagram.
 // MOVED tells a keyed peer that the sender's outer address changed (its
 // source address is the new one); MOVED_ACK confirms it. Both carry a MAC
 // under the current SA pair's keying material: the peer moves the SAs to
@@ -34,6 +38,8 @@ const (
 	MsgError    MsgType = 6
 	MsgMoved    MsgType = 7
 	MsgMovedAck MsgType = 8
+	MsgCookie   MsgType = 9
+	MsgFragment MsgType = 10
 )
 
 func (t MsgType) String() string {
@@ -54,8 +60,16 @@ func (t MsgType) String() string {
 		return "MOVED"
 	case MsgMovedAck:
 		return "MOVED_ACK"
+	case MsgCookie:
+		return "COOKIE"
+	case MsgFragment:
+		return "FRAGMENT"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+func knownType(t MsgType) bool {
+	return t >= MsgInit && t <= MsgFragment
 }
 
 // Mode is how the two hosts authenticate each other.
@@ -104,7 +118,7 @@ const (
 )
 
 // Attribute types; a message lists its attributes in increasing order, each
-// at most once, and MAC (when present) last.
+// at most once. MAC, MAC1 and MAC2 come last, in that order.
 const (
 	attrNonce     = 1
 	attrSPI       = 2
@@ -117,27 +131,57 @@ const (
 	attrTicketEnd = 9
 	attrError     = 10
 	attrSPIs      = 11
-	attrSeq       = 12
-	attrMAC       = 255
+	attrSeq       = 12 // MOVED, MOVED_ACK: announcement number
+	attrX25519    = 13 // ephemeral X25519 public key (INIT, RESP)
+	attrMLKEM     = 14 // ML-KEM-768 encapsulation key (INIT) or ciphertext (RESP)
+	attrCookie    = 16 // COOKIE: sealed cookie
+	attrFragment  = 17 // FRAGMENT: type of the whole message, index, count
+	attrData      = 18 // FRAGMENT: this piece of the whole message
+	attrMAC       = 253
+	attrMAC1      = 254
+	attrMAC2      = 255
 )
 
+// Sizes of fixed attributes.
 const (
-	headerLen = 12 // version, type, mode, flags, 8-byte exchange ID
-	nonceLen  = 32
-	macLen    = 32
-	// MaxMessageLen bounds a keying datagram (an AP-REQ is well under 2 KiB).
+	headerLen    = 12 // version, type, mode, flags, 8-byte exchange ID
+	nonceLen     = 32
+	macLen       = 32
+	cookieMACLen = 16 // MAC1, MAC2 and the cookie itself
+	x25519Len    = 32
+	mlkemEKLen   = 1184 // ML-KEM-768 encapsulation key
+	mlkemCTLen   = 1088 // ML-KEM-768 ciphertext
+	sealedLen    = 12 + cookieMACLen + 16
+	// MaxMessageLen bounds a whole keying message (reassembled).
 	MaxMessageLen = 8192
+	// MaxDatagramLen bounds one keying datagram (without the 4-byte
+	// non-ESP marker). With the marker, UDP and an IPv6 header (52 bytes)
+	// it stays under the IPv6 minimum MTU of 1280, so no keying datagram
+	// is ever fragmented by IP; longer messages are sent as FRAGMENTs.
+	MaxDatagramLen = 1200
+	// maxFragments bounds the pieces of one message.
+	maxFragments = 8
 )
+
+// Fragment says which piece of which message a FRAGMENT carries.
+type Fragment struct {
+	Of           MsgType // the type of the whole message (INIT or RESP)
+	Index, Count uint8   // 0 <= Index < Count <= 8
+}
 
 // Message is one keying message. The wire format (network byte order) is
 //
-//	version(1) type(1) mode(1) flags(1)=0 exchange-id(8)
-//	{ attr-type(1) attr-len(2) value }*   (types increasing, each once, MAC last)
+//	version(1)=2 type(1) mode(1) flags(1)=0 exchange-id(8)
+//	{ attr-type(1) attr-len(2) value }*   (types increasing, each once)
 //
 // Zero fields are absent from the encoding; an attribute that decodes to the
 // zero value is malformed, so the encoding is canonical and
-// Unmarshal(Marshal(m)) == m byte for byte. The MAC, when present, covers
-// every byte before its own attribute header.
+// Unmarshal(Marshal(m)) == m byte for byte.
+//
+// MAC (253) authenticates the message (see docs/keying.md for exactly what it
+// covers). MAC1 (254) and MAC2 (255) are the datagram's cheap DoS checks
+// (INIT and the FRAGMENTs of an INIT): they are not part of the message the
+// transcript and the MAC see.
 type Message struct {
 	Type     MsgType
 	Mode     Mode
@@ -156,11 +200,22 @@ type Message struct {
 	Text      string     // ERROR: human-readable reason (never secrets)
 	SPIs      []uint32   // DELETE: the SPIs being deleted
 	Seq       uint64     // MOVED, MOVED_ACK: the sender's announcement number for this SA pair
+	X25519    []byte     // INIT, RESP: ephemeral X25519 public key (32 bytes)
+	MLKEM     []byte     // INIT: ML-KEM-768 encapsulation key; RESP: ciphertext
+	Cookie    []byte     // COOKIE: nonce(12) || AES-256-GCM(cookie(16)) with tag (16)
+	Frag      Fragment   // FRAGMENT
+	Data      []byte     // FRAGMENT: bytes [Index*n, ...) of the whole message
 	MAC       []byte     // HMAC-SHA-256, 32 bytes
+	MAC1      []byte     // 16 bytes
+	MAC2      []byte     // 16 bytes
 }
 
 // Malformed-message errors.
-var errTruncated = errors.New("truncated")
+var (
+	errTruncated = errors.New("truncated")
+	// errOldVersion: a version 1 peer (see refuseOldVersion).
+	errOldVersion = errors.New("keying protocol version 1")
+)
 
 // Marshal encodes m. It fails on values that cannot be encoded (wrong nonce
 // or MAC length, a 4-in-6 ULA, an oversized attribute).
@@ -183,9 +238,17 @@ func (m *Message) Marshal() ([]byte, error) {
 		b = binary.BigEndian.AppendUint16(b, uint16(len(v)))
 		b = append(b, v...)
 	}
+	fixed := func(name string, v []byte, want ...int) error {
+		for _, w := range want {
+			if len(v) == w {
+				return nil
+			}
+		}
+		return fmt.Errorf("marshal %v: %s is %d bytes, want %v", m.Type, name, len(v), want)
+	}
 	if m.Nonce != nil {
-		if len(m.Nonce) != nonceLen {
-			return nil, fmt.Errorf("marshal %v: nonce is %d bytes, want %d", m.Type, len(m.Nonce), nonceLen)
+		if err := fixed("nonce", m.Nonce, nonceLen); err != nil {
+			return nil, err
 		}
 		attr(attrNonce, m.Nonce)
 	}
@@ -243,11 +306,46 @@ func (m *Message) Marshal() ([]byte, error) {
 	if m.Seq != 0 {
 		attr(attrSeq, binary.BigEndian.AppendUint64(nil, m.Seq))
 	}
-	if m.MAC != nil {
-		if len(m.MAC) != macLen {
-			return nil, fmt.Errorf("marshal %v: MAC is %d bytes, want %d", m.Type, len(m.MAC), macLen)
+	if m.X25519 != nil {
+		if err := fixed("X25519 share", m.X25519, x25519Len); err != nil {
+			return nil, err
 		}
-		attr(attrMAC, m.MAC)
+		attr(attrX25519, m.X25519)
+	}
+	if m.MLKEM != nil {
+		if err := fixed("ML-KEM value", m.MLKEM, mlkemEKLen, mlkemCTLen); err != nil {
+			return nil, err
+		}
+		attr(attrMLKEM, m.MLKEM)
+	}
+	if m.Cookie != nil {
+		if err := fixed("cookie", m.Cookie, sealedLen); err != nil {
+			return nil, err
+		}
+		attr(attrCookie, m.Cookie)
+	}
+	if m.Frag != (Fragment{}) {
+		if err := m.Frag.check(); err != nil {
+			return nil, fmt.Errorf("marshal %v: %w", m.Type, err)
+		}
+		attr(attrFragment, []byte{byte(m.Frag.Of), m.Frag.Index, m.Frag.Count})
+	}
+	if len(m.Data) > 0 {
+		attr(attrData, m.Data)
+	}
+	for _, a := range []struct {
+		t    byte
+		name string
+		v    []byte
+		n    int
+	}{{attrMAC, "MAC", m.MAC, macLen}, {attrMAC1, "MAC1", m.MAC1, cookieMACLen}, {attrMAC2, "MAC2", m.MAC2, cookieMACLen}} {
+		if a.v == nil {
+			continue
+		}
+		if err := fixed(a.name, a.v, a.n); err != nil {
+			return nil, err
+		}
+		attr(a.t, a.v)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("marshal %v: %w", m.Type, err)
@@ -258,8 +356,19 @@ func (m *Message) Marshal() ([]byte, error) {
 	return b, nil
 }
 
+func (f Fragment) check() error {
+	if f.Of != MsgInit && f.Of != MsgResp {
+		return fmt.Errorf("fragment of a %v: only INIT and RESP are fragmented", f.Of)
+	}
+	if f.Count < 2 || f.Count > maxFragments || f.Index >= f.Count {
+		return fmt.Errorf("fragment %d of %d (at most %d)", f.Index, f.Count, maxFragments)
+	}
+	return nil
+}
+
 // Unmarshal decodes b (without the non-ESP marker) into m. Every error wraps
-// ErrMalformed. m does not alias b.
+// ErrMalformed; a version 1 message also wraps errOldVersion. m does not
+// alias b.
 func (m *Message) Unmarshal(b []byte) error {
 	*m = Message{}
 	if err := m.unmarshal(b); err != nil {
@@ -276,11 +385,14 @@ func (m *Message) unmarshal(b []byte) error {
 	if len(b) > MaxMessageLen {
 		return fmt.Errorf("%d bytes exceeds %d", len(b), MaxMessageLen)
 	}
+	if b[0] == 1 {
+		return fmt.Errorf("%w: this host speaks version %d", errOldVersion, Version)
+	}
 	if b[0] != Version {
 		return fmt.Errorf("version %d, this host speaks %d", b[0], Version)
 	}
 	m.Type = MsgType(b[1])
-	if m.Type < MsgInit || m.Type > MsgMovedAck {
+	if !knownType(m.Type) {
 		return fmt.Errorf("unknown message type %d", b[1])
 	}
 	m.Mode = Mode(b[2])
@@ -309,18 +421,21 @@ func (m *Message) unmarshal(b []byte) error {
 		if n == 0 {
 			return fmt.Errorf("attribute %d is empty", t)
 		}
-		fixed := func(want int) error {
-			if n != want {
-				return fmt.Errorf("attribute %d is %d bytes, want %d", t, n, want)
+		fixed := func(want ...int) error {
+			for _, w := range want {
+				if n == w {
+					return nil
+				}
 			}
-			return nil
+			return fmt.Errorf("attribute %d is %d bytes, want %v", t, n, want)
 		}
+		clone := func() []byte { return append([]byte(nil), v...) }
 		switch t {
 		case attrNonce:
 			if err := fixed(nonceLen); err != nil {
 				return err
 			}
-			m.Nonce = append([]byte(nil), v...)
+			m.Nonce = clone()
 		case attrSPI:
 			if err := fixed(4); err != nil {
 				return err
@@ -362,9 +477,9 @@ func (m *Message) unmarshal(b []byte) error {
 				m.TicketEnd = x
 			}
 		case attrAPReq:
-			m.APReq = append([]byte(nil), v...)
+			m.APReq = clone()
 		case attrAPRep:
-			m.APRep = append([]byte(nil), v...)
+			m.APRep = clone()
 		case attrError:
 			if n < 2 {
 				return errors.New("error attribute shorter than its code")
@@ -391,21 +506,72 @@ func (m *Message) unmarshal(b []byte) error {
 			if m.Seq = binary.BigEndian.Uint64(v); m.Seq == 0 {
 				return errors.New("sequence number 0")
 			}
+		case attrX25519:
+			if err := fixed(x25519Len); err != nil {
+				return err
+			}
+			m.X25519 = clone()
+		case attrMLKEM:
+			if err := fixed(mlkemEKLen, mlkemCTLen); err != nil {
+				return err
+			}
+			m.MLKEM = clone()
+		case attrCookie:
+			if err := fixed(sealedLen); err != nil {
+				return err
+			}
+			m.Cookie = clone()
+		case attrFragment:
+			if err := fixed(3); err != nil {
+				return err
+			}
+			m.Frag = Fragment{Of: MsgType(v[0]), Index: v[1], Count: v[2]}
+			if err := m.Frag.check(); err != nil {
+				return err
+			}
+		case attrData:
+			m.Data = clone()
 		case attrMAC:
 			if err := fixed(macLen); err != nil {
 				return err
 			}
-			if len(p) != 0 {
-				return errors.New("data after MAC")
+			m.MAC = clone()
+		case attrMAC1, attrMAC2:
+			if err := fixed(cookieMACLen); err != nil {
+				return err
 			}
-			m.MAC = append([]byte(nil), v...)
+			if t == attrMAC1 {
+				m.MAC1 = clone()
+			} else {
+				m.MAC2 = clone()
+			}
 		default:
 			return fmt.Errorf("unknown attribute %d", t)
 		}
 	}
+	if m.MAC2 != nil && m.MAC1 == nil {
+		return errors.New("MAC2 without MAC1")
+	}
 	return nil
 }
 
-// signedPart returns the bytes of an encoded message that its MAC covers.
-// It assumes b was accepted by Unmarshal and carries a MAC.
-func signedPart(b []byte) []byte { return b[:len(b)-3-macLen] }
+// attrLen is the encoded size of an attribute with an n-byte value.
+func attrLen(n int) int { return 3 + n }
+
+// messagePart returns the bytes of an encoded datagram that are the message
+// itself: everything before MAC1 (MAC1 and MAC2 belong to the datagram).
+// It assumes b was accepted by Unmarshal into m.
+func messagePart(m *Message, b []byte) []byte {
+	n := len(b)
+	if m.MAC2 != nil {
+		n -= attrLen(cookieMACLen)
+	}
+	if m.MAC1 != nil {
+		n -= attrLen(cookieMACLen)
+	}
+	return b[:n]
+}
+
+// signedPart returns the bytes of an encoded message (without MAC1/MAC2)
+// that its MAC covers: everything before the MAC attribute's type byte.
+func signedPart(msg []byte) []byte { return msg[:len(msg)-attrLen(macLen)] }

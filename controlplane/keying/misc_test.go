@@ -86,56 +86,67 @@ func TestHKDFVector(t *testing.T) {
 	}
 }
 
-// TestKeySchedule: both ends derive the same keys; every input changes them;
-// directions differ; lengths fit the transforms.
+// TestKeySchedule: both ends derive the same keys from the ephemeral
+// exchange; every input (secret, each shared secret, INIT, RESP, SPI, ULA)
+// changes them; directions differ; lengths fit the transforms.
 func TestKeySchedule(t *testing.T) {
 	secret := bytes.Repeat([]byte{7}, 32)
-	ni, nr := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	initMsg, respMsg := []byte("the INIT as sent"), []byte("the RESP as sent")
 	ua, ub := netip.MustParseAddr("fd00::a"), netip.MustParseAddr("fd00::b")
-	base := func() ([]byte, []byte) {
-		i2r, r2i, err := newMaterial(secret, ni, nr).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
+	eph, err := newEphemeral()
+	if err != nil {
+		t.Fatal(err)
+	}
+	xI, ek := eph.shares()
+	xR, ct, dhR, kemR, err := respond(xI, ek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dhI, kemI, err := eph.finish(xR, ct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dhI, dhR) || !bytes.Equal(kemI, kemR) || len(dhI) != 32 || len(kemI) != 32 {
+		t.Fatal("the two ends' shared secrets differ")
+	}
+	keys := func(secret, dh, kem, init, resp []byte, spi uint32, ulaI netip.Addr) (rk, i2r, r2i []byte) {
+		rk, session := schedule(secret, bytes.Clone(dh), bytes.Clone(kem), init)
+		i2r, r2i, err := session(resp).espKeys(CipherAES256GCM, spi, 0x200, ulaI, ub)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return i2r, r2i
+		return rk, i2r, r2i
 	}
-	i2r, r2i := base()
+	rk, i2r, r2i := keys(secret, dhI, kemI, initMsg, respMsg, 0x100, ua)
+	rkR, i2rR, r2iR := keys(secret, dhR, kemR, initMsg, respMsg, 0x100, ua)
+	if !bytes.Equal(rk, rkR) || !bytes.Equal(i2r, i2rR) || !bytes.Equal(r2i, r2iR) {
+		t.Fatal("initiator and responder derive different keys")
+	}
 	if len(i2r) != 36 || bytes.Equal(i2r, r2i) {
 		t.Fatalf("gcm keys: %d bytes, directions equal=%v", len(i2r), bytes.Equal(i2r, r2i))
 	}
-	again, _ := base()
-	if !bytes.Equal(i2r, again) {
-		t.Fatal("not deterministic")
-	}
-	variants := map[string]func() ([]byte, error){
-		"secret": func() ([]byte, error) {
-			k, _, err := newMaterial(bytes.Repeat([]byte{8}, 32), ni, nr).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
-			return k, err
-		},
-		"nonce_i": func() ([]byte, error) {
-			k, _, err := newMaterial(secret, nr, nr).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
-			return k, err
-		},
-		"nonce_r": func() ([]byte, error) {
-			k, _, err := newMaterial(secret, ni, ni).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
-			return k, err
-		},
-		"spi": func() ([]byte, error) {
-			k, _, err := newMaterial(secret, ni, nr).espKeys(CipherAES256GCM, 0x101, 0x200, ua, ub)
-			return k, err
-		},
-		"ula": func() ([]byte, error) {
-			k, _, err := newMaterial(secret, ni, nr).espKeys(CipherAES256GCM, 0x100, 0x200, ub, ua)
-			return k, err
-		},
-	}
-	for name, f := range variants {
-		k, err := f()
-		if err != nil || bytes.Equal(k, i2r) {
-			t.Errorf("changing %s does not change the key (err %v)", name, err)
+	flip := func(b []byte) []byte { c := bytes.Clone(b); c[0] ^= 1; return c }
+	for name, k := range map[string][]byte{
+		"secret": func() []byte { _, k, _ := keys(flip(secret), dhI, kemI, initMsg, respMsg, 0x100, ua); return k }(),
+		"dh":     func() []byte { _, k, _ := keys(secret, flip(dhI), kemI, initMsg, respMsg, 0x100, ua); return k }(),
+		"kem":    func() []byte { _, k, _ := keys(secret, dhI, flip(kemI), initMsg, respMsg, 0x100, ua); return k }(),
+		"INIT":   func() []byte { _, k, _ := keys(secret, dhI, kemI, flip(initMsg), respMsg, 0x100, ua); return k }(),
+		"RESP":   func() []byte { _, k, _ := keys(secret, dhI, kemI, initMsg, flip(respMsg), 0x100, ua); return k }(),
+		"spi":    func() []byte { _, k, _ := keys(secret, dhI, kemI, initMsg, respMsg, 0x101, ua); return k }(),
+		"ula": func() []byte {
+			_, k, _ := keys(secret, dhI, kemI, initMsg, respMsg, 0x100, netip.MustParseAddr("fd00::c"))
+			return k
+		}(),
+	} {
+		if bytes.Equal(k, i2r) {
+			t.Errorf("changing %s does not change the key", name)
 		}
 	}
-	cbc, _, err := newMaterial(secret, ni, nr).espKeys(CipherAES256CBCHMAC256, 0x100, 0x200, ua, ub)
+	if rk2, _, _ := keys(secret, dhI, kemI, flip(initMsg), respMsg, 0x100, ua); bytes.Equal(rk2, rk) {
+		t.Error("the RESP MAC key does not depend on the INIT")
+	}
+	_, session := schedule(secret, bytes.Clone(dhI), bytes.Clone(kemI), initMsg)
+	cbc, _, err := session(respMsg).espKeys(CipherAES256CBCHMAC256, 0x100, 0x200, ua, ub)
 	if err != nil || len(cbc) != 64 {
 		t.Fatalf("cbc+hmac key: %d bytes, %v", len(cbc), err)
 	}
@@ -145,6 +156,57 @@ func TestKeySchedule(t *testing.T) {
 			In: controlplane.SA{SPI: 0x200, Cipher: controlplane.CipherAESGCM, Key: i2r}}}}
 	if err := st.Validate(); err != nil {
 		t.Errorf("derived keys do not fit the dataplane: %v", err)
+	}
+	eph.erase()
+	if !eph.erased() {
+		t.Error("erase left key material")
+	}
+}
+
+// TestForwardSecrecyKeySchedule: the same authentication secret (a
+// Kerberos subkey or the PSK), the same nonces, SPIs and ULAs in two
+// exchanges give different ESP keys, because the ephemeral X25519 and
+// ML-KEM secrets differ; and whoever records INIT and RESP and knows the
+// secret cannot derive them without one of the ephemeral private keys.
+func TestForwardSecrecyKeySchedule(t *testing.T) {
+	secret := bytes.Repeat([]byte{7}, 32)
+	ua, ub := netip.MustParseAddr("fd00::a"), netip.MustParseAddr("fd00::b")
+	run := func() (init, resp, key []byte) {
+		eph, err := newEphemeral()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer eph.erase()
+		xI, ek := eph.shares()
+		xR, ct, dh, kem, err := respond(xI, ek)
+		if err != nil {
+			t.Fatal(err)
+		}
+		init = append(append([]byte("INIT"), xI...), ek...) // what a recorder sees
+		resp = append(append([]byte("RESP"), xR...), ct...)
+		_, session := schedule(secret, dh, kem, init)
+		k, _, err := session(resp).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return init, resp, k
+	}
+	i1, r1, k1 := run()
+	_, _, k2 := run()
+	if bytes.Equal(k1, k2) {
+		t.Fatal("two exchanges with the same secret derived the same ESP key")
+	}
+	// A recorder with the secret and the transcript, guessing the
+	// ephemeral secrets as anything it can compute from public values.
+	for _, guess := range [][2][]byte{
+		{make([]byte, 32), make([]byte, 32)},
+		{i1[4:36], r1[4:36]},
+	} {
+		_, session := schedule(secret, bytes.Clone(guess[0]), bytes.Clone(guess[1]), i1)
+		k, _, _ := session(r1).espKeys(CipherAES256GCM, 0x100, 0x200, ua, ub)
+		if bytes.Equal(k, k1) {
+			t.Fatal("the ESP key follows from the secret and the public transcript")
+		}
 	}
 }
 

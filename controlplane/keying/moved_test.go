@@ -203,7 +203,7 @@ func TestMovedRefusals(t *testing.T) {
 			}
 			return b
 		}
-		other := newMaterial(psk2, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32))
+		other := testMaterial(psk2, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32))
 		for _, c := range []struct {
 			name string
 			b    []byte
@@ -239,7 +239,7 @@ func TestMovedRefusals(t *testing.T) {
 // may change where it sends to a, and it never answers with more bytes than
 // it received.
 func FuzzMovedInput(f *testing.F) {
-	mat := newMaterial(psk1, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32))
+	mat := testMaterial(psk1, bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32))
 	ex := [8]byte{7, 7, 7, 7, 7, 7, 7, 7}
 	genuine, err := sign(&Message{Type: MsgMoved, Mode: ModePSK, Exchange: ex, ULA: ulaA, Seq: 1}, mat.macKey(MsgMoved), nil)
 	if err != nil {
@@ -265,8 +265,8 @@ func FuzzMovedInput(f *testing.F) {
 		a.ctx = context.Background()
 		a.setPeers([]PeerConfig{peerA})
 		p := a.peers[ulaA]
-		p.cur = &keyed{mat: mat, exchange: ex, out: sa(0x1001), in: sa(0x2001), confirmed: true}
-		p.installedOut, p.nextAttempt = p.cur.out, time.Time{}
+		p.cur = &keyed{mat: mat, exchange: ex, out: sa(0x1001), in: sa(0x2001), hardEnd: time.Now().Add(time.Hour)}
+		p.nextAttempt = time.Time{}
 		a.onDatagram(datagram{b: bytes.Clone(b), from: addrA2})
 		if bytes.Equal(b, genuine) && p.outer != addrA2 {
 			t.Errorf("a genuine MOVED did not move the peer (at %v)", p.outer)

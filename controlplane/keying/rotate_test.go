@@ -14,11 +14,11 @@ func TestPSKRotate(t *testing.T) {
 	b, _ := NewPSK(bytes.Repeat([]byte("b"), 40))
 	a.Rotate(b)
 	now := time.Now()
-	in, err := a.initiate(context.Background(), PeerConfig{}, now)
+	in, err := a.initiate(context.Background(), PeerConfig{}, now, authPolicy{})
 	if err != nil || !bytes.Equal(in.secret, b.secret) {
 		t.Fatalf("initiate after Rotate uses the old secret (err %v)", err)
 	}
-	acc, err := a.accept(&Message{Time: now.Unix(), Nonce: []byte{1}}, PeerConfig{}, now)
+	acc, err := a.accept(&Message{Time: now.Unix(), Nonce: []byte{1}}, PeerConfig{}, now, authPolicy{})
 	if err != nil || !bytes.Equal(acc.secret, b.secret) {
 		t.Fatalf("accept after Rotate uses the old secret (err %v)", err)
 	}
