@@ -1210,7 +1210,7 @@ func (a *Agent) refuseOldVersion(d datagram, now time.Time) {
 	if ok, n := a.logs.allow("v1", now); ok {
 		a.log().Warn("keying: refused INIT of an old peer", "peer", name, "ula", ula, "from", d.from, "err", err, "suppressed", n)
 	}
-	text := fmt.Sprintf("keying protocol version 1 is no longer accepted: this host speaks version %d (forward secrecy); upgrade btmmd", Version)
+	text := fmt.Sprintf("keying version 1 refused: this host speaks version %d (forward secrecy); upgrade btmmd", Version)
 	if room := len(d.b) - headerLen - attrLen(2); len(text) > room {
 		text = text[:max(room, 0)]
 	}
