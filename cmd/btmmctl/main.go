@@ -108,6 +108,14 @@ func printStatus(w io.Writer, st *agent.Status) {
 			fmt.Fprintf(w, "repair     last attempt failed: %s\n", r.Err)
 		}
 	}
+	for _, c := range st.Conflicts {
+		fmt.Fprintf(w, "conflict   ULA %s is claimed by %s: keyed with none of them (one of these hosts publishes another's address)\n",
+			c.ULA, strings.Join(c.Names, ", "))
+	}
+	if k := st.KeyingStats; k != nil && (k.BadMAC1+k.RateLimited+k.CookiesSent+k.OldVersion > 0) {
+		fmt.Fprintf(w, "handshake  %d datagrams: %d failed the cheap check, %d rate-limited, %d cookies sent, %d old-version INITs refused\n",
+			k.Datagrams, k.BadMAC1, k.RateLimited, k.CookiesSent, k.OldVersion)
+	}
 	fmt.Fprintf(w, "uptime     %s\n\n", st.Uptime)
 }
 

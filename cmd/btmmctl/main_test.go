@@ -13,6 +13,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/keying"
 	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 )
@@ -41,9 +42,11 @@ func TestStatusAndPeers(t *testing.T) {
 	st := agent.Status{
 		Host: "laptop", Domain: "alice.btmm.example.", ULA: netip.MustParseAddr("fd00::1"), Label: "AutoTunnel-00-11-22-FF-FE-33-44-55",
 		Dataplane: "ebpf-cleartext", TunnelPort: 4500,
-		NAT:    agent.NATReport{External: netip.MustParseAddrPort("11.1.0.2:4500"), Status: "mapped via PCP"},
-		Peers:  []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"), Outer: netip.MustParseAddrPort("11.2.0.2:4500"), OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true}}},
-		Repair: &controlplane.Repair{At: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Count: 2, What: []string{"add state spi 0x00001001"}},
+		NAT:         agent.NATReport{External: netip.MustParseAddrPort("11.1.0.2:4500"), Status: "mapped via PCP"},
+		Peers:       []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"), Outer: netip.MustParseAddrPort("11.2.0.2:4500"), OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true}}},
+		Repair:      &controlplane.Repair{At: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Count: 2, What: []string{"add state spi 0x00001001"}},
+		Conflicts:   []agent.Conflict{{ULA: netip.MustParseAddr("fd00::3"), Names: []string{"mallory", "nas"}}},
+		KeyingStats: &keying.Stats{Datagrams: 900, BadMAC1: 7, RateLimited: 800, CookiesSent: 12},
 	}
 	sock := serve(t, st)
 	var out, errOut bytes.Buffer
@@ -51,7 +54,9 @@ func TestStatusAndPeers(t *testing.T) {
 		t.Fatalf("status exit %d: %s", code, errOut.String())
 	}
 	for _, want := range []string{"laptop.alice.btmm.example", "fd00::1", "11.1.0.2:4500", "WARNING: CLEARTEXT", "desktop", "out 0x00001001 in 0x00002002",
-		"repaired   2 times, last 2025-03-01T12:00:00Z: add state spi 0x00001001"} {
+		"repaired   2 times, last 2025-03-01T12:00:00Z: add state spi 0x00001001",
+		"conflict   ULA fd00::3 is claimed by mallory, nas: keyed with none of them",
+		"handshake  900 datagrams: 7 failed the cheap check, 800 rate-limited, 12 cookies sent"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status output lacks %q:\n%s", want, out.String())
 		}

@@ -58,6 +58,19 @@ type Config struct {
 		Principal string `toml:"principal"` // default host/<host>.<domain>
 		Realm     string `toml:"realm"`
 		PSKFile   string `toml:"psk_file"` // psk mode: shared secret, mode 0600
+		// SALifetime / HardLifetime: rekey at 80% of the first; SAs that
+		// reach the second (default twice the first) without a rekey are
+		// removed, and a host whose principal was deleted is cut off
+		// within it (docs/keying.md). Go durations, e.g. "1h".
+		SALifetime   string `toml:"sa_lifetime"`
+		HardLifetime string `toml:"hard_lifetime"`
+		// ReplayCache keeps keying's replay cache across restarts; default
+		// keying-replay beside state_file.
+		ReplayCache string `toml:"replay_cache"`
+		// Principals overrides the principal a peer must authenticate as,
+		// by host name (default host/<host>.<domain>). Peers' TXT krb= is
+		// never used.
+		Principals map[string]string `toml:"principals"`
 	} `toml:"keying"`
 
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
@@ -178,6 +191,7 @@ func (c *Config) fill() error {
 	if c.StateFile == "" {
 		c.StateFile = "/run/btmm/identity.json"
 	}
+	errs = append(errs, c.fillKeying())
 	if c.ControlSocket == "" {
 		c.ControlSocket = "/run/btmm/btmmd.sock"
 	}

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/btmm/btmm/controlplane/keying"
 )
 
 func TestConfigDefaultsAndErrors(t *testing.T) {
@@ -49,6 +51,36 @@ debounce = "50ms"
 		t.Fatalf("keepalive off / follow false / debounce 50ms: %v %v %v", c.keepalive, *c.Network.Follow, c.debounce)
 	}
 
+	if c.Keying.ReplayCache != "/run/btmm/keying-replay" {
+		t.Errorf("replay cache default %q", c.Keying.ReplayCache)
+	}
+	if p := principalFor(c)("laptop"); p != "host/laptop.alice.btmm.example" {
+		t.Errorf("principal of laptop: %q", p)
+	}
+	c, err = loadConfig(write(`host = "a"
+domain = "alice.btmm.example."
+[dns]
+key_file = "/k"
+[keying]
+realm = "BTMM.EXAMPLE"
+sa_lifetime = "30m"
+hard_lifetime = "45m"
+[keying.principals]
+nas = "host/nas.example.org@OTHER"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := principalFor(c)("laptop"); p != "host/laptop.alice.btmm.example@BTMM.EXAMPLE" {
+		t.Errorf("principal of laptop: %q", p)
+	}
+	if p := principalFor(c)("nas"); p != "host/nas.example.org@OTHER" {
+		t.Errorf("principal of nas: %q", p)
+	}
+	if kc := keyingConfig(c); kc.SALifetime != 30*time.Minute || kc.HardLifetime != 45*time.Minute || keying.HardLimit(kc) != 46*time.Minute {
+		t.Errorf("keying config %+v", kc)
+	}
+
 	for _, tc := range []struct{ name, conf, want string }{
 		{"unknown key", "domain = \"a.b.\"\nbogus = 1\n[dns]\nkey_file=\"/k\"\n", "unknown keys"},
 		{"no domain", "[dns]\nkey_file=\"/k\"\n", "domain is required"},
@@ -57,6 +89,10 @@ debounce = "50ms"
 		{"nat off without external", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[nat]\nmode=\"off\"\n", "nat.external"},
 		{"psk without file", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nmode=\"psk\"\n", "psk_file"},
 		{"syntax", "domain = \n", "config"},
+		{"bad sa_lifetime", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nsa_lifetime=\"soon\"\n", "keying.sa_lifetime"},
+		{"tiny hard_lifetime", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nhard_lifetime=\"1s\"\n", "keying.hard_lifetime"},
+		{"hard below half soft", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying]\nsa_lifetime=\"1h\"\nhard_lifetime=\"20m\"\n", "less than half"},
+		{"bad principal override", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[keying.principals]\n\"nas.x\" = \"nas\"\n", "keying.principals"},
 		{"bad keepalive", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[tunnel]\nkeepalive=\"often\"\n", "tunnel.keepalive \"often\""},
 		{"keepalive too long", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[tunnel]\nkeepalive=\"2h\"\n", "between 1s and 1h"},
 		{"bad debounce", "domain = \"a.b.\"\n[dns]\nkey_file=\"/k\"\n[network]\ndebounce=\"1us\"\n", "network.debounce 1µs"},

@@ -127,6 +127,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 		Identity: id, Host: cfg.Host, Domain: cfg.Domain, TunnelPort: cfg.Tunnel.Port,
 		Dataplane: dp, DataplaneName: cfg.Tunnel.Dataplane, Transport: conn, Auth: auth, Principal: principal,
 		Register: regCfg, KernelEvents: kernelEvents, Logger: log,
+		Keying: keyingConfig(cfg), PrincipalFor: principalFor(cfg),
 	}
 	var llqStatus func() (llqclient.Status, bool)
 	ac.Peers, ac.Rebind, llqStatus = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
@@ -236,7 +237,9 @@ func dataplane(ctx context.Context, cfg *Config, log *slog.Logger) (controlplane
 		return nil, nil, err
 	}
 	defer self.Close()
-	dp, err := xfrm.New(self, xfrm.Config{Logger: log.With("part", "xfrm")})
+	// The kernel's hard limit is the backstop for a dead btmmd; keying
+	// removes SAs at their hard end itself (keying.go).
+	dp, err := xfrm.New(self, xfrm.Config{Logger: log.With("part", "xfrm"), Lifetime: xfrm.Lifetime{HardAdd: keying.HardLimit(keyingConfig(cfg))}})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -134,4 +134,3 @@ func TestAlreadyRunning(t *testing.T) {
 		t.Fatal(pidFile("/run/btmm/btmmd.sock"))
 	}
 }
-

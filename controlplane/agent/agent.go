@@ -70,7 +70,14 @@ type Config struct {
 	// Transport carries keying messages on the tunnel port (an xfrm.Conn).
 	Transport keying.Transport
 	Auth      keying.Auth
-	Principal string // this host's Kerberos principal, published in TXT
+	Principal string // this host's Kerberos principal, published in TXT (informational: peers ignore it)
+	// PrincipalFor is the Kerberos principal a peer named host must
+	// authenticate as; default keying.DefaultPrincipal(host, Domain, "").
+	// It must come from local configuration, never from DNS.
+	PrincipalFor func(host string) string
+	// Keying tunes the key exchange: SALifetime, HardLifetime, ReplayFile
+	// and the handshake limits are used (the rest is the agent's).
+	Keying keying.Config
 	// Register is the registrar config minus Outer/ULA/Label/Capabilities,
 	// which the agent fills in.
 	Register register.Config
@@ -133,7 +140,9 @@ type Agent struct {
 
 	mu             sync.Mutex
 	nat            NATReport
-	peers          map[netip.Addr]PeerEvent
+	peers          map[netip.Addr]PeerEvent // the peers keyed: ULAs exactly one name holds (derived from book)
+	book           peerBook                 // the user's other hosts by name (identity.go)
+	conflicts      []Conflict
 	started        time.Time
 	pendingNet     *netmon.Change // latest major change not yet followed
 	pendingNATMove bool           // our NAT's external address changed: tell peers
@@ -178,10 +187,10 @@ func New(cfg Config) (*Agent, error) {
 	if a.reg, err = register.New(rc, cfg.Logger.With("part", "register")); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
-	a.keyer, err = keying.New(keying.Config{
-		ULA: cfg.Identity.ULA, Auth: cfg.Auth, Transport: cfg.Transport, Installer: a.rec,
-		Logger: cfg.Logger.With("part", "keying"),
-	})
+	kc := cfg.Keying
+	kc.ULA, kc.Auth, kc.Transport, kc.Installer = cfg.Identity.ULA, cfg.Auth, cfg.Transport, a.rec
+	kc.Logger = cfg.Logger.With("part", "keying")
+	a.keyer, err = keying.New(kc)
 	if err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
@@ -269,28 +278,17 @@ func (a *Agent) onPeer(ev PeerEvent) {
 		return // ourselves, seen through the browse PTR
 	}
 	a.mu.Lock()
-	if ev.Removed {
-		delete(a.peers, ev.ULA)
-	} else {
-		a.peers[ev.ULA] = ev
-	}
-	var kp []keying.PeerConfig
-	for _, p := range a.peers {
-		if !p.Outer.IsValid() {
-			continue
-		}
-		kp = append(kp, keying.PeerConfig{Name: p.Name, ULA: p.ULA, Outer: p.Outer, Principal: p.Capabilities.Principal})
-	}
+	kp, holder, held := a.applyPeerEvent(ev) // identity.go: by name, conflicts keyed with neither
 	a.mu.Unlock()
-	slices.SortFunc(kp, func(x, y keying.PeerConfig) int { return x.ULA.Compare(y.ULA) })
 	a.log.Info("peer", "name", ev.Name, "ula", ev.ULA, "outer", ev.Outer, "removed", ev.Removed)
-	if ev.Removed {
+	switch {
+	case !held: // gone, or claimed by several names
 		if err := a.rec.RemovePeer(ctx, ev.ULA); err != nil {
 			a.log.Warn("removing peer", "peer", ev.Name, "err", err)
 		}
-	} else if ev.Outer.IsValid() {
-		if err := a.rec.SetPeerOuter(ctx, ev.Name, ev.ULA, ev.Outer, controlplane.SourceDNS); err != nil {
-			a.log.Warn("moving peer", "peer", ev.Name, "err", err)
+	case holder.Outer.IsValid():
+		if err := a.rec.SetPeerOuter(ctx, holder.Name, holder.ULA, holder.Outer, controlplane.SourceDNS); err != nil {
+			a.log.Warn("moving peer", "peer", holder.Name, "err", err)
 		}
 	}
 	if err := a.keyer.SetPeers(ctx, kp); err != nil {
@@ -337,6 +335,12 @@ type Status struct {
 	Recent     []string                 `json:"recent_dataplane_changes"`
 	LastError  string                   `json:"dataplane_error,omitempty"`
 	Counters   []controlplane.PeerStats `json:"counters,omitempty"`
+	// Conflicts are ULAs several of the user's host names claim: keyed
+	// with none of them until only one does.
+	Conflicts []Conflict `json:"ula_conflicts,omitempty"`
+	// KeyingStats counts what keying did with what it received (the
+	// handshake DoS defences at work).
+	KeyingStats *keying.Stats `json:"keying_stats,omitempty"`
 	// Repair is the dataplane's last repair of kernel state someone else
 	// removed (nil: none yet, or a dataplane that does not repair).
 	Repair *controlplane.Repair `json:"last_repair,omitempty"`
@@ -369,6 +373,7 @@ func (a *Agent) Status(ctx context.Context) Status {
 	for u, p := range a.peers {
 		caps[u] = p.Capabilities
 	}
+	st.Conflicts = slices.Clone(a.conflicts)
 	a.mu.Unlock()
 	if a.cfg.NAT == nil {
 		st.NAT = NATReport{External: a.cfg.External, Status: "static external address (no NAT handling)"}
@@ -392,6 +397,13 @@ func (a *Agent) Status(ctx context.Context) Status {
 		if k.LastError != nil {
 			kerr[k.ULA] = k.LastError.Error()
 		}
+	}
+	if err == nil {
+		kctx, kcancel := context.WithTimeout(ctx, statusWait)
+		if ks, err := a.keyer.Stats(kctx); err == nil {
+			st.KeyingStats = &ks
+		}
+		kcancel()
 	}
 	acts := map[netip.Addr]PeerActivity{}
 	for _, act := range a.PeerActivity() {
