@@ -491,9 +491,9 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 func (a *Agent) read() {
+	buf := make([]byte, MaxMessageLen+1)
 	for {
-		b := make([]byte, MaxMessageLen+1)
-		n, from, err := a.cfg.Transport.ReadKeying(b)
+		n, from, err := a.cfg.Transport.ReadKeying(buf)
 		if err != nil {
 			select {
 			case <-a.done:
@@ -503,7 +503,7 @@ func (a *Agent) read() {
 			return
 		}
 		select {
-		case a.rx <- datagram{b[:n:n], from}:
+		case a.rx <- datagram{bytes.Clone(buf[:n]), from}: // only what arrived is kept
 		case <-a.done:
 			return
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync"
 )
 
 // Transport carries keying messages between hosts. On a real host it is the
@@ -26,6 +27,8 @@ type Transport interface {
 // whose tunnel socket is not an ESP-in-UDP socket.
 type UDPTransport struct {
 	conn *net.UDPConn
+	mu   sync.Mutex // guards buf (one read at a time)
+	buf  []byte
 }
 
 // ListenUDP opens a UDP socket on addr (port 0 picks a free port).
@@ -57,7 +60,12 @@ func (u *UDPTransport) WriteKeying(b []byte, addr netip.AddrPort) error {
 
 // ReadKeying returns the next datagram that starts with the non-ESP marker.
 func (u *UDPTransport) ReadKeying(b []byte) (int, netip.AddrPort, error) {
-	buf := make([]byte, MaxMessageLen+len(NonESPMarker)+1)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.buf == nil {
+		u.buf = make([]byte, MaxMessageLen+len(NonESPMarker)+1)
+	}
+	buf := u.buf
 	for {
 		n, from, err := u.conn.ReadFromUDPAddrPort(buf)
 		if err != nil {

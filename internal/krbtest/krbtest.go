@@ -122,7 +122,7 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 		t.Fatalf("krbtest: start krb5kdc: %v", err)
 	}
 	t.Cleanup(k.Stop)
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(60 * time.Second) // generous: a loaded machine or TCG
 	dial := func() error {
 		c, err := net.DialTimeout("tcp", k.Addr.String(), 100*time.Millisecond)
 		if err == nil {
@@ -141,7 +141,7 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("krbtest: krb5kdc not listening on %v after 10 s: %v\n%s", k.Addr, err, k.stderr)
+			t.Fatalf("krbtest: krb5kdc not listening on %v after 60 s: %v\n%s", k.Addr, err, k.stderr)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
