@@ -262,6 +262,7 @@ func TestVMPingFloodAcrossRekey(t *testing.T) {
 			Transport: NewUDPTransport(conn), Installer: s.inst,
 			Logger:     logger.With("host", s.ns.Name),
 			SALifetime: 2500 * time.Millisecond, PrevInHold: time.Second,
+			HardLifetime: time.Minute, // rekeys are the subject here, not the hard end (TCG is slow)
 		})
 		if err != nil {
 			t.Fatal(err)

@@ -93,6 +93,7 @@ func TestVMPingFloodAcrossRekeyXfrm(t *testing.T) {
 			Transport: conn, Installer: inst,
 			Logger:     logger.With("host", h.name, "pkg", "keying"),
 			SALifetime: 2500 * time.Millisecond, PrevInHold: time.Second,
+			HardLifetime: time.Minute, // rekeys are the subject here, not the hard end (TCG is slow)
 		})
 		if err != nil {
 			t.Fatal(err)
