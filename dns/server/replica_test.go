@@ -99,7 +99,7 @@ type testCA struct {
 	pem  []byte
 }
 
-func newTestCA(t *testing.T) *testCA {
+func newTestCA(t testing.TB) *testCA {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "btmm test CA"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour), IsCA: true,
@@ -113,7 +113,7 @@ func newTestCA(t *testing.T) *testCA {
 }
 
 // issue writes a certificate for name and ip into dir; it returns the files.
-func (ca *testCA) issue(t *testing.T, dir, name, ip string) (string, string) {
+func (ca *testCA) issue(t testing.TB, dir, name, ip string) (string, string) {
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: name},
 		DNSNames: []string{strings.TrimSuffix(name, ".")}, IPAddresses: []net.IP{net.ParseIP(ip)},
@@ -132,7 +132,7 @@ func (ca *testCA) issue(t *testing.T, dir, name, ip string) (string, string) {
 
 // replica is one btmm-dnsd process in an etcd site's namespace.
 type replica struct {
-	t    *testing.T
+	t    testing.TB
 	c    *etcdtest.Cluster
 	site *etcdtest.Site
 	bin  string
@@ -142,15 +142,23 @@ type replica struct {
 	cmd  *exec.Cmd
 }
 
-func startReplicas(t *testing.T, c *etcdtest.Cluster, bin string, k tsig.Key, ca *testCA) []*replica {
+func startReplicas(t testing.TB, c *etcdtest.Cluster, bin string, k tsig.Key, ca *testCA) []*replica {
+	return startServers(t, c, bin, []tsig.Key{k}, ca, "etcd", "53", "853")
+}
+
+// startServers starts one btmm-dnsd per site with the given store (the
+// embedded one listens on the given ports too) and users.
+func startServers(t testing.TB, c *etcdtest.Cluster, bin string, keys []tsig.Key, ca *testCA, st, port, tlsPort string) []*replica {
 	var out []*replica
 	for _, s := range c.Sites {
 		dir := t.TempDir()
 		cf, kf := ca.issue(t, dir, fmt.Sprintf("ns%d.btmm.example.", s.N), s.Addr)
 		r := &replica{t: t, c: c, site: s, bin: bin, conf: filepath.Join(dir, "dnsd.toml"),
-			addr: net.JoinHostPort(s.Addr, "53"), tls: net.JoinHostPort(s.Addr, "853")}
-		if err := server.NewUsers(filepath.Join(dir, "data"), zoneName).Install(k); err != nil {
-			t.Fatal(err)
+			addr: net.JoinHostPort(s.Addr, port), tls: net.JoinHostPort(s.Addr, tlsPort)}
+		for _, k := range keys {
+			if err := server.NewUsers(filepath.Join(dir, "data"), zoneName).Install(k); err != nil {
+				t.Fatal(err)
+			}
 		}
 		os.WriteFile(r.conf, []byte(fmt.Sprintf(`zone = "btmm.example."
 server_name = "ns%d.btmm.example."
@@ -160,7 +168,7 @@ listen = %q
 listen_tls = %q
 tls_cert = %q
 tls_key = %q
-store = "etcd"
+store = %q
 [etcd]
 endpoints = ["%s"]
 request_timeout = "2s"
@@ -170,9 +178,12 @@ min = "1s"
 [limits]
 updates_per_second = 1000
 update_burst = 1000
-`, s.N, s.Addr, filepath.Join(dir, "data"), r.addr, r.tls, cf, kf, strings.Join(c.Endpoints(), `", "`))), 0o644)
+`, s.N, s.Addr, filepath.Join(dir, "data"), r.addr, r.tls, cf, kf, st, strings.Join(c.Endpoints(), `", "`))), 0o644)
 		r.start()
 		out = append(out, r)
+		if st == "embedded" {
+			return out // one embedded server is enough
+		}
 	}
 	// Every replica lists all three in the discovery SRVs.
 	deadline := time.Now().Add(20 * time.Second)

@@ -16,7 +16,7 @@ import (
 )
 
 // buildDaemon builds the real btmm-dnsd binary once per test.
-func buildDaemon(t *testing.T) string {
+func buildDaemon(t testing.TB) string {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("builds and runs the btmm-dnsd binary; skipped under -short")
