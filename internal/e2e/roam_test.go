@@ -379,6 +379,11 @@ func roam(t *testing.T, dp, others string) {
 			dp, others, st.name, lost, sent, outage.Round(time.Millisecond), first.Sub(back).Round(time.Millisecond))
 		report = append(report, line)
 		t.Log(line)
+		if outage > 5*time.Second && st.name != "offline 30 s, then back" {
+			// Not a failure (outages are reported, not asserted), but
+			// worth a look: what did each side do meanwhile?
+			t.Logf("long outage; host1's log:\n%s\npub's log:\n%s", h1.d.log, pub.d.log)
+		}
 		waitFor(t, "pub follows host1 to "+st.outer, 30*time.Second, func() error {
 			stp, err := pub.status(t, s.bins)
 			if err != nil {

@@ -209,8 +209,10 @@ func (d *Daemon) Start() error {
 		return fmt.Errorf("miniupnpd: %w", err)
 	}
 	d.cmd = c
-	// It listens within ~20 ms; wait for the PCP/NAT-PMP socket.
-	deadline := time.Now().Add(3 * time.Second)
+	// It listens within ~20 ms; wait for the PCP/NAT-PMP socket. The
+	// deadline is generous: under TCG with tests in parallel each `ss`
+	// takes a while to start.
+	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		out, _ := d.NS.Run("ss", "-Hunl", "sport", "= :5351")
 		if strings.Contains(out, ":5351") {
@@ -223,7 +225,7 @@ func (d *Daemon) Start() error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	return fmt.Errorf("miniupnpd: not listening on 5351 after 3 s: %s", d.Log())
+	return fmt.Errorf("miniupnpd: not listening on 5351 after 20 s: %s", d.Log())
 }
 
 // Announce makes miniupnpd send one NAT-PMP announcement and one PCP
