@@ -1261,8 +1261,13 @@ func (a *Agent) acceptInit(p *peer, m *Message, msg []byte, from netip.AddrPort,
 		return nil, fmt.Errorf("%w: INIT lacks nonce, SPI, proposal, key shares or MAC", ErrMalformed)
 	}
 	if ex := p.ex; ex != nil && ex.phase != waitAck {
-		// Both sides started at once: the lower ULA stays initiator.
-		if a.cfg.ULA.Less(p.cfg.ULA) {
+		// Both sides started at once: the lower ULA stays initiator,
+		// unless the peer's INIT comes from another address than the one
+		// we send to. Then the peer is behind a NAT that has no mapping
+		// for where we send: our INITs may never arrive, and waiting for
+		// ours would starve the exchange that can work (its answer goes
+		// back the way it came). Ours ends once theirs is installed.
+		if a.cfg.ULA.Less(p.cfg.ULA) && from == p.outer {
 			a.log().Debug("keying: simultaneous start, keeping our exchange", "peer", p.cfg.Name)
 			return nil, nil
 		}

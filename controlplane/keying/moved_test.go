@@ -283,3 +283,30 @@ func FuzzMovedInput(f *testing.F) {
 func sa(spi uint32) controlplane.SA {
 	return controlplane.SA{SPI: spi, Cipher: controlplane.CipherAESGCM, Key: bytes.Repeat([]byte{byte(spi)}, 36)}
 }
+
+// TestInitFromBehindNAT: b sits behind a NAT without a port mapping, so a's
+// INITs to b's published address are lost, while b's INITs reach a from the
+// NAT's address. a has the lower ULA, which normally keeps a's own exchange
+// when both start at once; here it must answer b's instead, or keying would
+// starve until one side's backoff happens to leave a gap.
+func TestInitFromBehindNAT(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		natAddr := netip.MustParseAddrPort("10.0.9.9:61000") // b as a sees it
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, natAddr, mustPSK(t, psk1), nil)
+		a.peers(t, peerB) // peerB.Outer (b's published address) is unreachable
+		b.peers(t, peerA)
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		pa, okA := a.rec.peer(ulaB)
+		pb, okB := b.rec.peer(ulaA)
+		if !okA || !okB {
+			t.Fatalf("not keyed within 3 s: a %v, b %v; a: %q", okA, okB, a.rec.Calls())
+		}
+		if pa.Outer != natAddr {
+			t.Fatalf("a sends to b at %v, want the NAT's %v", pa.Outer, natAddr)
+		}
+		pairOK(t, pa, pb)
+	})
+}
