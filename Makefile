@@ -66,6 +66,7 @@ test: test-netns test-vm
 # push latency, eBPF path vs raw veth, agent CPU during a transfer.
 bench:
 	hack/bench/dnsd/run.sh | tee bench.txt
+	hack/bench/dnsd/stores.sh | tee -a bench.txt
 	$(GO) test -run '^$$' -bench 'PushLatency' -benchtime 100x ./dns/peers/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench 'Throughput|AgentCPU' -benchtime 1x ./ebpf/ | tee -a bench.txt
 

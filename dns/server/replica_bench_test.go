@@ -1,6 +1,7 @@
 package server_test
 
 import (
+	"context"
 	"fmt"
 	"net"
 	"os"
@@ -14,10 +15,13 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/dns/llq"
+	"github.com/btmm/btmm/dns/store"
+	"github.com/btmm/btmm/dns/store/etcdstore"
 	"github.com/btmm/btmm/dns/tsig"
 	"github.com/btmm/btmm/internal/etcdtest"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/miekg/dns"
+	"google.golang.org/grpc"
 )
 
 // BenchmarkStores compares, in one run on one machine, the real daemons:
@@ -194,7 +198,10 @@ func hubUpdates(b *testing.B, c *etcdtest.Cluster, addrs []string, keys []tsig.K
 // updates of its name to updAt; it returns the sorted latencies from
 // sending an update to receiving its event.
 func pushLatency(b *testing.B, c *etcdtest.Cluster, k tsig.Key, llqAt, updAt string, n int, tag string) []time.Duration {
-	name := "push-" + tag + ".alice.btmm.example."
+	return pushLatencyOn(b, c, k, llqAt, updAt, n, "push-"+tag+".alice.btmm.example.", tag)
+}
+
+func pushLatencyOn(b *testing.B, c *etcdtest.Cluster, k tsig.Key, llqAt, updAt string, n int, name, tag string) []time.Duration {
 	var conn *net.UDPConn
 	if err := c.Hub.Do(func() error {
 		var err error
@@ -254,7 +261,7 @@ func pushLatency(b *testing.B, c *etcdtest.Cluster, k tsig.Key, llqAt, updAt str
 	var lat []time.Duration
 	for i := range n {
 		t0 := time.Now()
-		if rc, err := setAAAA(c, k, updAt, name, "", fmt.Sprintf("fd00::%x", i+1)); err != nil || rc != dns.RcodeSuccess {
+		if rc, err := setAAAA(c, k, updAt, name, "", fmt.Sprintf("fd00:ffff::%x", i+1)); err != nil || rc != dns.RcodeSuccess {
 			b.Fatalf("%s: update: %s %v", tag, dns.RcodeToString[rc], err)
 		}
 		recv(0, true)
@@ -262,4 +269,129 @@ func pushLatency(b *testing.B, c *etcdtest.Cluster, k tsig.Key, llqAt, updAt str
 	}
 	slices.Sort(lat)
 	return lat
+}
+
+// manyHosts returns the records of host i (4 records, as btmmd registers:
+// AAAA, SRV and TXT of _autotunnel._udp.<host>, the browse PTR), users of
+// 10 hosts each (u<i/10>).
+func manyHosts(i int, exp time.Time) []store.Record {
+	user := fmt.Sprintf("u%d", i/10)
+	host := fmt.Sprintf("h%d.%s.btmm.example.", i, user)
+	svc := "_autotunnel._udp." + host
+	texts := []string{
+		fmt.Sprintf("%s 60 IN AAAA fd00:%x::1", host, i),
+		fmt.Sprintf("%s 60 IN SRV 0 0 4500 %s", svc, host),
+		fmt.Sprintf(`%s 60 IN TXT "v=1" "ula=fd00:%x::1"`, svc, i),
+		fmt.Sprintf("_autotunnel._udp.%s.btmm.example. 60 IN PTR %s", user, svc),
+	}
+	out := make([]store.Record, len(texts))
+	for j, t := range texts {
+		rr, _ := dns.NewRR(t)
+		out[j] = store.Record{RR: rr, Expires: exp, Owner: "u0.btmm.example."}
+	}
+	return out
+}
+
+// fill writes hosts [0, n) into st, batch hosts per transaction.
+func fill(b *testing.B, st store.Store, n, batch int) {
+	exp := time.Now().Add(2 * time.Hour)
+	for i := 0; i < n; i += batch {
+		var ops []store.Op
+		for h := i; h < min(i+batch, n); h++ {
+			for _, r := range manyHosts(h, exp) {
+				ops = append(ops, store.Op{Kind: store.Put, Record: r})
+			}
+		}
+		if _, err := st.Update(b.Context(), func(store.View) ([]store.Op, error) { return ops, nil }); err != nil {
+			b.Fatalf("fill at host %d: %v", i, err)
+		}
+	}
+}
+
+// daemonMemory returns the process's resident set (VmRSS) in bytes.
+func daemonMemory(b *testing.B, pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			var kb float64
+			fmt.Sscan(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), &kb)
+			return kb * 1024
+		}
+	}
+	b.Fatal("no VmRSS")
+	return 0
+}
+
+// BenchmarkManyHosts: 100,000 registered hosts (BTMM_BENCH_HOSTS), 4
+// records each, on the embedded store and on the etcd store: the daemon's
+// start-up time (exec to first answer, with the records loaded), its
+// resident memory once up, and LLQ push latency p50/p99 (20 pushes; for
+// etcd: update at replica A, LLQ at replica C). Reported, never asserted;
+// run with -benchtime 1x.
+func BenchmarkManyHosts(b *testing.B) {
+	hosts := 100000
+	if v := os.Getenv("BTMM_BENCH_HOSTS"); v != "" {
+		fmt.Sscan(v, &hosts)
+	}
+	bin := buildDaemon(b)
+	c := etcdtest.Start(b, 3)
+	k, err := tsig.NewKey("u0.btmm.example.", "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	ca := newTestCA(b)
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	measure := func(sys string, r *replica, llqAt, updAt string) {
+		r.kill9() // restart with the records in place, timed
+		t0 := time.Now()
+		r.start()
+		startup := time.Since(t0)
+		rss := daemonMemory(b, r.cmd.Process.Pid)
+		// The server refuses messages signed before it started (a replay
+		// guard with one-second resolution).
+		time.Sleep(1100 * time.Millisecond)
+		lat := pushLatencyName(b, c, k, llqAt, updAt, 20, "h0.u0.btmm.example.")
+		fmt.Printf("BenchmarkManyHosts/startup/%s \t1\t%12.2f ms\n", sys, ms(startup))
+		fmt.Printf("BenchmarkManyHosts/rss/%s \t1\t%12.0f B\n", sys, rss)
+		fmt.Printf("BenchmarkManyHosts/push-p50/%s \t1\t%12.2f ms\n", sys, ms(lat[len(lat)/2]))
+		fmt.Printf("BenchmarkManyHosts/push-p99/%s \t1\t%12.2f ms\n", sys, ms(lat[len(lat)*99/100]))
+		b.ReportMetric(ms(startup), "startup-"+sys+"-ms")
+		b.ReportMetric(rss/float64(hosts), "rss-"+sys+"-B/host")
+		b.ReportMetric(ms(lat[len(lat)/2]), "push-p50-"+sys+"-ms")
+		b.ReportMetric(ms(lat[len(lat)*99/100]), "push-p99-"+sys+"-ms")
+	}
+
+	// Embedded: the records written straight into the data directory.
+	emb := startServers(b, c, bin, []tsig.Key{k}, ca, "embedded", "5353", "8853")[0]
+	emb.kill9()
+	st, err := store.Open(filepath.Join(filepath.Dir(emb.conf), "data", "store"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	fill(b, st, hosts, 500)
+	st.Close()
+	emb.start()
+	measure("embedded", emb, emb.addr, emb.addr)
+	emb.kill9()
+
+	// etcd: the records written through the etcd store, then the replicas.
+	local, _ := store.Open(b.TempDir())
+	dial := grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return c.DialHub("tcp", addr) })
+	es, err := etcdstore.Open(b.Context(), etcdstore.Config{Endpoints: c.Endpoints(), Local: local, RequestTimeout: time.Minute,
+		DialOptions: []grpc.DialOption{dial}, Guard: func(string) string { return "fill" }})
+	if err != nil {
+		b.Fatal(err)
+	}
+	fill(b, es, hosts, 25) // 25 hosts: 76 keys + a guard, under etcd's 128 operations per transaction
+	es.Close()
+	reps := startReplicas(b, c, bin, k, ca)
+	measure("etcd", reps[2], reps[2].addr, reps[0].addr)
+}
+
+// pushLatencyName is pushLatency on a given name.
+func pushLatencyName(b *testing.B, c *etcdtest.Cluster, k tsig.Key, llqAt, updAt string, n int, name string) []time.Duration {
+	return pushLatencyOn(b, c, k, llqAt, updAt, n, name, name)
 }

@@ -190,7 +190,7 @@ update_burst = 1000
 	for _, r := range out {
 		for {
 			m := new(dns.Msg)
-			m.SetQuestion("_dns-llq-tls._tcp.alice.btmm.example.", dns.TypeSRV)
+			m.SetQuestion("_dns-llq-tls._tcp."+keys[0].Name, dns.TypeSRV)
 			resp, err := hubExchange(c, m, r.addr, nil)
 			if err == nil && len(resp.Answer) == len(out) {
 				break
@@ -220,10 +220,10 @@ func (r *replica) start() {
 	for time.Now().Before(deadline) {
 		m := new(dns.Msg)
 		m.SetQuestion(zoneName, dns.TypeSOA)
-		if resp, err = hubExchange(r.c, m, r.addr, nil); err == nil && resp.Rcode == dns.RcodeSuccess {
+		if resp, err = hubExchangeTimeout(r.c, m, r.addr, nil, 250*time.Millisecond); err == nil && resp.Rcode == dns.RcodeSuccess {
 			return
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
 	dig, _ := r.c.Hub.Run("dig", "+time=2", "+tries=1", "@"+r.site.Addr, zoneName, "SOA")
 	ss, _ := r.site.NS.Run("ss", "-ulnp")
@@ -237,9 +237,13 @@ func (r *replica) kill9() {
 
 // hubExchange sends m (signed with k when given) to addr from the hub.
 func hubExchange(c *etcdtest.Cluster, m *dns.Msg, addr string, k *tsig.Key) (*dns.Msg, error) {
+	return hubExchangeTimeout(c, m, addr, k, 8*time.Second)
+}
+
+func hubExchangeTimeout(c *etcdtest.Cluster, m *dns.Msg, addr string, k *tsig.Key, timeout time.Duration) (*dns.Msg, error) {
 	var resp *dns.Msg
 	err := c.Hub.Do(func() error {
-		cl := &dns.Client{Timeout: 8 * time.Second}
+		cl := &dns.Client{Timeout: timeout}
 		if k != nil {
 			cl.TsigProvider = k.Provider()
 			m.SetTsig(k.Name, k.Algorithm, 300, time.Now().Unix())
