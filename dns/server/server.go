@@ -141,7 +141,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: log, keys: tsig.NewKeyring(), conns: map[*streamConn]struct{}{},
 		perClient: map[netip.Prefix]int{}}
-	s.verifier = &tsig.Verifier{Keys: s.keys, Fudge: time.Duration(cfg.TSIGFudge), Now: cfg.Now}
+	s.verifier = tsig.NewVerifier(s.keys, time.Duration(cfg.TSIGFudge), cfg.Now)
 	s.life, s.endLife = context.WithCancel(context.Background())
 	s.users = UsersOf(cfg)
 	var addrs []netip.Addr

@@ -81,6 +81,15 @@ type Verifier struct {
 	seen  map[string]*replay
 }
 
+// NewVerifier returns a Verifier whose start (before which messages are
+// refused as possible replays) is now. A zero Verifier starts at its first
+// Verify.
+func NewVerifier(keys *Keyring, fudge time.Duration, now func() time.Time) *Verifier {
+	v := &Verifier{Keys: keys, Fudge: fudge, Now: now}
+	v.init()
+	return v
+}
+
 type replay struct {
 	floor uint64              // Time Signed at or below it is refused
 	macs  map[string]*seenMAC // MAC (hex)
