@@ -21,7 +21,14 @@
 // "hmac-md5") makes one).
 //
 // The user's key is named "alice.btmm.example." and may update and
-// subscribe to names at or below "alice.btmm.example." only. Sign with
+// subscribe to names at or below "alice.btmm.example." only;
+// srv.AddHost("alice", "laptop", "") makes a host's key,
+// "laptop.alice.btmm.example.", which may change only the host's own names
+// (dns/zone's auth.go) and read the user's zone. Queries below a user's
+// domain need one of that user's keys (private records; Config.PublicRecords
+// turns that off, Config.AppleCompat accepts unsigned queries and UDP LLQs
+// for some users). Each user's domain is a zone of its own (SOA and NS at
+// its apex); UPDATEs may name it or the parent zone. Sign with
 // miekg/dns: c.TsigProvider = key.Provider() (needed for hmac-md5; the
 // others also work with c.TsigSecret = map[string]string{key.Name:
 // key.Base64()}) and m.SetTsig(key.Name, key.Algorithm, 300, time.Now().Unix()).
@@ -29,7 +36,8 @@
 // yourself: a reused dns.Conn chains the previous response's MAC into the
 // next request's TSIG, which the server rejects as BADSIG.
 //
-// Updates: a signed UPDATE for zone "btmm.example." (class IN SOA). With an
+// Updates: a signed UPDATE for zone "btmm.example." or "alice.btmm.example."
+// (class IN SOA). With an
 // EDNS0 Update-Lease option (dns.EDNS0_UL) the granted lease, clamped to
 // [Config.UpdateLease.Min, Max] (default [30m, 2h]), is echoed in the
 // response; without it the records get UpdateLease.Default (2h). Records
@@ -54,16 +62,19 @@
 // LLQ lives on, and acknowledgements are accepted but not needed.
 //
 // The challenge ID is bound to the client's address: send the challenge
-// response from the same socket as the request. Unsigned LLQs and LLQs on
-// another user's names are REFUSED. Events for a UDP LLQ come from the
+// response from the same socket as the request. Unsigned LLQs (unless
+// AppleCompat covers the user) and LLQs on another user's names are
+// REFUSED, and logged with the reason. Events for a UDP LLQ come from the
 // server's UDP socket (addrs.DNS), from the address the client sent its
 // setup or last refresh to (also on a wildcard listener). UDP LLQs survive a restart of the server
 // with the same data directory and listen address.
 //
 // Other helpers: srv.Store() (inspect records), srv.LLQs() (count),
-// srv.RemoveUser, srv.ReloadKeys; server.NewUsers(dataDir, zone) manages keys
-// without a running server (the adduser/deluser commands). docs/dnsd.md has
-// the config file format.
+// srv.RemoveUser, srv.RemoveHost (keys, LLQs and records at once),
+// srv.ReloadKeys; server.UsersOf(cfg) manages keys without a running server
+// and server.Control talks to a running one through DataDir/control.sock
+// (the adduser/addhost/delhost/deluser commands). docs/dnsd.md has the
+// config file format.
 package server
 
 import (
