@@ -157,7 +157,7 @@ type query struct {
 	waiting bool      // a request is outstanding
 	setups  int
 	reason  string
-	dropped string // why the last answer to q was not believed
+	dropped string    // why the last answer to q was not believed
 	llqAt   time.Time // while polling: when to try LLQ again
 
 	lastReq   *dns.Msg

@@ -112,7 +112,6 @@ func TestHostKeys(t *testing.T) {
 	}
 }
 
-
 // signedQuery asks with a key (private records need one).
 func signedQuery(t *testing.T, addr string, k tsig.Key, name string, qtype uint16) *dns.Msg {
 	t.Helper()
