@@ -26,13 +26,15 @@ package lab
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/internal/netns"
 )
@@ -291,8 +293,9 @@ func (l *Lab) placeNS(p Place) *netns.NS {
 
 // Move attaches host (host1 or host2) at place to: its veth's far end moves
 // to that gateway's LAN bridge (or to inet), and the host's address and
-// default route change, in one burst of commands — what a host sees when it
-// roams to another network. Its own interface (eth0) stays.
+// default route change — what a host sees when it roams to another network.
+// Its own interface (eth0) stays. The steps are netlink calls, not ip(8)
+// processes, so a move takes milliseconds even on a loaded machine.
 func (l *Lab) Move(host *netns.NS, to Place) error {
 	r, err := l.role(host)
 	if err != nil {
@@ -306,21 +309,39 @@ func (l *Lab) Move(host *netns.NS, to Place) error {
 	if from == to {
 		return nil
 	}
+	fail := func(step string, err error) error {
+		return fmt.Errorf("lab: move %s from %s to %s: %s: %w", r, from, to, step, err)
+	}
 	end := "lan-" + r
 	src, dst := l.placeNS(from), l.placeNS(to)
-	script := []string{fmt.Sprintf("ip -n %s link set %s netns %s", src.Name, end, dst.Name)}
-	if to == Public {
-		script = append(script, fmt.Sprintf("ip -n %s addr add %s/24 dev %s", dst.Name, want[1], end),
-			fmt.Sprintf("ip -n %s link set %s up", dst.Name, end))
-	} else {
-		script = append(script, fmt.Sprintf("ip -n %s link set %s master lan up", dst.Name, end))
+	link, err := src.Handle.LinkByName(end)
+	if err != nil {
+		return fail("find "+end, err)
 	}
-	script = append(script,
-		fmt.Sprintf("ip -n %s addr flush dev eth0 scope global", host.Name),
-		fmt.Sprintf("ip -n %s addr add %s/24 dev eth0", host.Name, want[0]),
-		fmt.Sprintf("ip -n %s route replace default via %s dev eth0", host.Name, want[1]))
-	if out, err := exec.Command("sh", "-ec", strings.Join(script, "\n")).CombinedOutput(); err != nil {
-		return fmt.Errorf("lab: move %s from %s to %s: %w: %s", r, from, to, err, out)
+	if err := src.Handle.LinkSetNsFd(link, dst.Fd()); err != nil {
+		return fail("move "+end, err)
+	}
+	if link, err = dst.Handle.LinkByName(end); err != nil {
+		return fail("find "+end+" after the move", err)
+	}
+	if to == Public {
+		if err := dst.Handle.AddrAdd(link, mustAddr(want[1]+"/24")); err != nil {
+			return fail("address inet's end", err)
+		}
+	} else {
+		br, err := dst.Handle.LinkByName("lan")
+		if err != nil {
+			return fail("find the bridge", err)
+		}
+		if err := dst.Handle.LinkSetMaster(link, br); err != nil {
+			return fail("enslave "+end, err)
+		}
+	}
+	if err := dst.Handle.LinkSetUp(link); err != nil {
+		return fail("up "+end, err)
+	}
+	if err := readdress(host, want[0], want[1]); err != nil {
+		return fail("readdress", err)
 	}
 	l.mu.Lock()
 	if l.where == nil {
@@ -331,11 +352,56 @@ func (l *Lab) Move(host *netns.NS, to Place) error {
 	return nil
 }
 
+func mustAddr(cidr string) *netlink.Addr {
+	a, err := netlink.ParseAddr(cidr)
+	if err != nil {
+		panic(err)
+	}
+	return a
+}
+
+// readdress gives ns's eth0 (or wan, for a gateway) addr/24 in place of its
+// global IPv4 addresses, and a default route via gw.
+func readdress(ns *netns.NS, addr, gw string) error { return readdressDev(ns, "eth0", addr, gw) }
+
+func readdressDev(ns *netns.NS, dev, addr, gw string) error {
+	link, err := ns.Handle.LinkByName(dev)
+	if err != nil {
+		return err
+	}
+	old, err := ns.Handle.AddrList(link, netlink.FAMILY_V4)
+	if err != nil {
+		return err
+	}
+	for _, a := range old {
+		if a.Scope == int(netlink.SCOPE_UNIVERSE) {
+			if err := ns.Handle.AddrDel(link, &a); err != nil {
+				return err
+			}
+		}
+	}
+	if err := ns.Handle.AddrAdd(link, mustAddr(addr+"/24")); err != nil {
+		return err
+	}
+	return defaultVia(ns, link, gw)
+}
+
+func defaultVia(ns *netns.NS, link netlink.Link, gw string) error {
+	return ns.Handle.RouteReplace(&netlink.Route{LinkIndex: link.Attrs().Index, Gw: net.ParseIP(gw),
+		Dst: &net.IPNet{IP: net.IPv4zero, Mask: net.CIDRMask(0, 32)}})
+}
+
 // Offline takes the host's link down: every route through it goes, its
 // address stays (a laptop whose Wi-Fi went away).
 func (l *Lab) Offline(host *netns.NS) error {
-	_, err := host.Run("ip", "link", "set", "eth0", "down")
-	return err
+	link, err := host.Handle.LinkByName("eth0")
+	if err == nil {
+		err = host.Handle.LinkSetDown(link)
+	}
+	if err != nil {
+		return fmt.Errorf("lab: %s offline: %w", host.Name, err)
+	}
+	return nil
 }
 
 // Online brings the host's link back at its place, with its default route.
@@ -344,10 +410,15 @@ func (l *Lab) Online(host *netns.NS) error {
 	if err != nil {
 		return err
 	}
-	gw := placeAddrs[r][l.Where(host)][1]
-	script := fmt.Sprintf("ip -n %[1]s link set eth0 up\nip -n %[1]s route replace default via %[2]s dev eth0", host.Name, gw)
-	if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
-		return fmt.Errorf("lab: %s online: %w: %s", r, err, out)
+	link, err := host.Handle.LinkByName("eth0")
+	if err == nil {
+		err = host.Handle.LinkSetUp(link)
+	}
+	if err == nil {
+		err = defaultVia(host, link, placeAddrs[r][l.Where(host)][1])
+	}
+	if err != nil {
+		return fmt.Errorf("lab: %s online: %w", r, err)
 	}
 	return nil
 }
@@ -380,4 +451,16 @@ func (l *Lab) Dump() string {
 		}
 	}
 	return b.String()
+}
+
+// SetWAN renumbers a gateway's WAN side (its NAT's public address changes,
+// as when an ISP hands out a new one): the old address goes, addr/24 comes,
+// and the default route is put back. The NAT forgets its mappings of the
+// old address (masquerade flushes them).
+func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
+	via := strings.Join(strings.Split(addr, ".")[:3], ".") + ".1"
+	if err := readdressDev(gw, "wan", addr, via); err != nil {
+		return fmt.Errorf("lab: renumber %s's WAN to %s: %w", gw.Name, addr, err)
+	}
+	return nil
 }

@@ -172,6 +172,12 @@ func TestLabMoves(t *testing.T) {
 	if err := l.Move(l.Pub, Public); err == nil {
 		t.Fatal("pub moved")
 	}
+	if err := l.SetWAN(l.GW1, "11.1.0.3"); err != nil {
+		t.Fatal(err)
+	}
+	if got := seenFrom(t, l, l.Host1); got != "11.1.0.3" {
+		t.Fatalf("after renumbering gw1's WAN pub sees host1 as %s", got)
+	}
 	if err := l.SetUDPTimeout(l.GW1, 30*time.Second); err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,168 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/btmm/btmm/internal/lab"
+	"github.com/btmm/btmm/internal/netns"
+	"github.com/btmm/btmm/internal/testenv"
+)
+
+// TestVMReconvergence is issue 12's re-convergence benchmark (reported,
+// never asserted; `make bench-vm`): btmmd on host1 and pub (xfrm), a
+// `ping -i 0.01` from pub to host1's ULA, and three kinds of move, each
+// repeated BTMM_BENCH_MOVES times (default 20):
+//
+//   - host changes NAT: host1 moves between gw1 and gw2;
+//   - host goes public: host1 moves from behind gw1 to a public address
+//     (and back, unmeasured);
+//   - NAT public address change: gw1's WAN address changes (miniupnpd
+//     announces it), host1 stays.
+//
+// For each move it reports the time from the move to pub's kernel SA
+// pointing at host1's new address, and to the first echo reply to a request
+// sent after the move; then p50 and p99 per kind.
+func TestVMReconvergence(t *testing.T) {
+	if os.Getenv("BTMM_BENCH") != "1" {
+		t.Skip("benchmark: set BTMM_BENCH=1 (make bench-vm)")
+	}
+	testenv.Require(t, testenv.ESP)
+	testenv.RequireBinary(t, "ping", "iputils-ping")
+	moves := 20
+	if v := os.Getenv("BTMM_BENCH_MOVES"); v != "" {
+		fmt.Sscan(v, &moves)
+	}
+	s := newSystem(t)
+	l := s.l
+	s.upnp(t, l.GW1, l.GW2)
+	h1 := s.startHost(t, "host1", l.Host1, hostConf{dataplane: "xfrm"})
+	pub := s.startHost(t, "pub", l.Pub, hostConf{dataplane: "xfrm"})
+	sts := s.keyed(t, h1, pub)
+	ula1 := sts["host1"].ULA
+	p := startPingEvery(t, l.Pub, ula1, 10*time.Millisecond)
+
+	type sample struct{ sa, echo time.Duration }
+	measure := func(kind string, want string, do func() error) sample {
+		t.Helper()
+		t0 := time.Now()
+		saAt := make(chan time.Time, 1)
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				if outTo(l.Pub, want) {
+					saAt <- time.Now()
+					return
+				}
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+			}
+		}()
+		if err := do(); err != nil {
+			t.Fatal(err)
+		}
+		var smp sample
+		select {
+		case at := <-saAt:
+			smp.sa = at.Sub(t0)
+		case <-time.After(60 * time.Second):
+			close(stop)
+			wg.Wait()
+			t.Fatalf("%s: pub's SA never pointed at %s", kind, want)
+		}
+		close(stop)
+		wg.Wait()
+		waitFor(t, kind+": an echo sent after the move comes back", 60*time.Second, func() error {
+			if at, ok := p.firstSentAfter(t0); ok {
+				smp.echo = at.Sub(t0)
+				return nil
+			}
+			return fmt.Errorf("no reply to an echo sent after the move")
+		})
+		time.Sleep(time.Second) // settle: MOVED acknowledged, NAT mapped, records published
+		return smp
+	}
+	results := map[string][]sample{}
+	kinds := []string{"host changes NAT", "host goes public", "NAT public address change"}
+	wan := []string{"11.1.0.3", lab.GW1WAN}
+	for i := range moves {
+		// host changes NAT: gw1 -> gw2, then back gw2 -> gw1 (both counted).
+		for _, to := range []lab.Place{lab.BehindGW2, lab.BehindGW1} {
+			natWAN := map[lab.Place]string{lab.BehindGW1: currentWAN(t, l.GW1), lab.BehindGW2: lab.GW2WAN}[to]
+			results[kinds[0]] = append(results[kinds[0]], measure(kinds[0], natWAN, func() error { return l.Move(l.Host1, to) }))
+		}
+		// host goes public (counted), then back behind gw1 (not counted).
+		results[kinds[1]] = append(results[kinds[1]], measure(kinds[1], "11.4.0.2", func() error { return l.Move(l.Host1, lab.Public) }))
+		measure("back behind gw1", currentWAN(t, l.GW1), func() error { return l.Move(l.Host1, lab.BehindGW1) })
+		// NAT public address change.
+		addr := wan[i%2]
+		results[kinds[2]] = append(results[kinds[2]], measure(kinds[2], addr, func() error {
+			if err := l.SetWAN(l.GW1, addr); err != nil {
+				return err
+			}
+			return s.gws[l.GW1].Announce()
+		}))
+	}
+	p.stop(t, time.Now())
+	for _, k := range kinds {
+		var sa, echo []time.Duration
+		for _, r := range results[k] {
+			sa, echo = append(sa, r.sa), append(echo, r.echo)
+		}
+		line := fmt.Sprintf("reconvergence %-26s n=%d  first echo: p50 %v p99 %v  peer SA moved: p50 %v p99 %v",
+			k+":", len(sa), pct(echo, 50), pct(echo, 99), pct(sa, 50), pct(sa, 99))
+		fmt.Println(line)
+		t.Log(line)
+	}
+}
+
+// currentWAN is a gateway's WAN address now.
+func currentWAN(t *testing.T, gw *netns.NS) string {
+	t.Helper()
+	out, err := gw.Run("ip", "-4", "-o", "addr", "show", "dev", "wan")
+	f := strings.Fields(out)
+	if err != nil || len(f) < 4 {
+		t.Fatalf("WAN address of %s: %v %q", gw.Name, err, out)
+	}
+	return strings.Split(f[3], "/")[0]
+}
+
+// outTo reports whether ns has an ESP-in-UDP state sending to addr.
+func outTo(ns *netns.NS, addr string) bool {
+	states, err := ns.Handle.XfrmStateList(netlink.FAMILY_V4)
+	if err != nil {
+		return false
+	}
+	want := netip.MustParseAddr(addr)
+	for _, s := range states {
+		if a, ok := netip.AddrFromSlice(s.Dst); ok && a.Unmap() == want && s.Encap != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// pct is the p-th percentile (nearest rank) of ds.
+func pct(ds []time.Duration, p int) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := (p*len(s) + 99) / 100
+	return s[max(i-1, 0)].Round(time.Millisecond)
+}
