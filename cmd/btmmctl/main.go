@@ -79,6 +79,20 @@ func printStatus(w io.Writer, st *agent.Status) {
 		ext = st.NAT.External.String()
 	}
 	fmt.Fprintf(w, "external   %s (%s)\n", ext, st.NAT.Status)
+	if n := st.Network; n.Following {
+		state := "offline"
+		if n.Online {
+			state = "online"
+		}
+		line := fmt.Sprintf("%s, %s; NAT keepalive %s", state, n.State, n.Keepalive)
+		if !n.Last.IsZero() {
+			line += fmt.Sprintf("; last change %s (%s)", n.Last.Format(time.RFC3339), strings.Join(n.Reasons, "; "))
+			if n.Took != "" {
+				line += ", followed in " + n.Took
+			}
+		}
+		fmt.Fprintf(w, "network    %s\n", line)
+	}
 	r := st.Register
 	reg := "not published"
 	if r.Published {

@@ -47,6 +47,8 @@ func TestStatusAndPeers(t *testing.T) {
 		Repair:      &controlplane.Repair{At: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Count: 2, What: []string{"add state spi 0x00001001"}},
 		Conflicts:   []agent.Conflict{{ULA: netip.MustParseAddr("fd00::3"), Names: []string{"mallory", "nas"}}},
 		KeyingStats: &keying.Stats{Datagrams: 900, BadMAC1: 7, RateLimited: 800, CookiesSent: 12},
+		Network: agent.NetworkStatus{Following: true, Online: true, State: "default via 192.168.2.1 dev eth0 src 192.168.2.3", Keepalive: "20s",
+			Last: time.Date(2025, 3, 1, 12, 5, 0, 0, time.UTC), Reasons: []string{"outer address changed: 192.168.1.2 -> 192.168.2.3"}, Took: "262ms"},
 	}
 	sock := serve(t, st)
 	var out, errOut bytes.Buffer
@@ -56,7 +58,8 @@ func TestStatusAndPeers(t *testing.T) {
 	for _, want := range []string{"laptop.alice.btmm.example", "fd00::1", "11.1.0.2:4500", "WARNING: CLEARTEXT", "desktop", "out 0x00001001 in 0x00002002",
 		"repaired   2 times, last 2025-03-01T12:00:00Z: add state spi 0x00001001",
 		"conflict   ULA fd00::3 is claimed by mallory, nas: keyed with none of them",
-		"handshake  900 datagrams: 7 failed the cheap check, 800 rate-limited, 12 cookies sent"} {
+		"handshake  900 datagrams: 7 failed the cheap check, 800 rate-limited, 12 cookies sent",
+		"network    online, default via 192.168.2.1 dev eth0 src 192.168.2.3; NAT keepalive 20s; last change 2025-03-01T12:05:00Z (outer address changed: 192.168.1.2 -> 192.168.2.3), followed in 262ms"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status output lacks %q:\n%s", want, out.String())
 		}
