@@ -17,10 +17,11 @@ import (
 )
 
 // outage runs brk (in h's namespace unless it starts with "bpftool") and
-// pings to's ULA, one echo at a time, until one comes back.
-func outage(t *testing.T, h, to *host, brk []string) time.Duration {
+// pings to's ULA, one echo at a time, until one comes back. It returns
+// when the command had returned and how long after that an echo came back
+// (the command's own run time, seconds under TCG, is not counted).
+func outage(t *testing.T, h, to *host, brk []string) (time.Time, time.Duration) {
 	t.Helper()
-	start := time.Now()
 	if brk[0] == "bpftool" {
 		if out, err := exec.Command(brk[0], brk[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%q: %v: %s", brk, err, out)
@@ -28,13 +29,14 @@ func outage(t *testing.T, h, to *host, brk []string) time.Duration {
 	} else {
 		h.ns.MustRun(t, brk[0], brk[1:]...)
 	}
+	start := time.Now()
 	for time.Since(start) < 60*time.Second {
 		if out, err := h.ns.Run("ping", "-6", "-c", "1", "-W", "0.3", to.ula.String()); err == nil && strings.Contains(out, " 0% packet loss") {
-			return time.Since(start)
+			return start, time.Since(start)
 		}
 	}
 	t.Fatalf("%q: %s -> %s never came back", brk, h.name, to.name)
-	return 0
+	return start, 0
 }
 
 // TestRepairNetNS: on this kernel (cleartext; TCX, and forced clsact),
@@ -97,14 +99,13 @@ func testRepair(t *testing.T, cfg Config) {
 			a.ns.MustRun(t, "tc", "filter", "add", "dev", a.dev, "ingress", "prio", "7", "bpf", "bytecode", "1,6 0 0 0,") // matches nothing
 		}
 		n := a.dp.LastRepair().Count
-		start := time.Now()
-		d := outage(t, a, b, brk)
+		start, d := outage(t, a, b, brk)
 		deadline := time.Now().Add(30 * time.Second)
 		for a.dp.LastRepair().Count <= n && time.Now().Before(deadline) {
 			time.Sleep(20 * time.Millisecond)
 		}
 		r := a.dp.LastRepair()
-		t.Logf("%q: repaired %v after, echoes back %v after; repair %d: %q", brk, r.At.Sub(start).Round(time.Millisecond), d.Round(time.Millisecond), r.Count, r.What)
+		t.Logf("%q returned; repaired %v later, echoes back %v later; repair %d: %q", brk, r.At.Sub(start).Round(time.Millisecond), d.Round(time.Millisecond), r.Count, r.What)
 		if r.Count <= n {
 			t.Errorf("%q: no repair recorded (traffic came back by itself?)", brk)
 		}
@@ -128,6 +129,27 @@ func testRepair(t *testing.T, cfg Config) {
 		a.ns.MustRun(t, "tc", "filter", "del", "dev", a.dev, "ingress", "prio", "7") // the administrator's, before the leftovers check
 	}
 	if !cfg.Cleartext {
+		// An administrator's own SA and policy (another reqid) survive a repair.
+		a.ns.MustRun(t, "ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x9999",
+			"reqid", "7", "mode", "tunnel", "aead", "rfc4106(gcm(aes))", "0x0102030405060708090a0b0c0d0e0f1011121314", "128")
+		a.ns.MustRun(t, "ip", "xfrm", "policy", "add", "src", "fd99::1/128", "dst", "fd99::2/128", "dir", "out",
+			"tmpl", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "reqid", "7", "mode", "tunnel")
+		n := a.dp.LastRepair().Count
+		outage(t, a, b, []string{"ip", "xfrm", "state", "flush"}) // takes the admin's state too
+		a.ns.MustRun(t, "ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x9999",
+			"reqid", "7", "mode", "tunnel", "aead", "rfc4106(gcm(aes))", "0x0102030405060708090a0b0c0d0e0f1011121314", "128")
+		outage(t, a, b, []string{"ip", "-6", "route", "del", b.ula.String() + "/128"})
+		if a.dp.LastRepair().Count < n+2 {
+			t.Errorf("repairs %d -> %d, want two more", n, a.dp.LastRepair().Count)
+		}
+		for _, c := range [][]string{{"ip", "xfrm", "state", "list", "spi", "0x9999"}, {"ip", "xfrm", "policy", "list", "dst", "fd99::2/128"}} {
+			if out := a.ns.MustRun(t, c[0], c[1:]...); !strings.Contains(out, "reqid 7") {
+				t.Errorf("the administrator's %s is gone: %q", c[2], out)
+			}
+		}
+		a.ns.MustRun(t, "ip", "xfrm", "state", "del", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp", "spi", "0x9999")
+		a.ns.MustRun(t, "ip", "xfrm", "policy", "del", "src", "fd99::1/128", "dst", "fd99::2/128", "dir", "out")
+
 		st, err := b.dp.Stats(t.Context())
 		must(t, err)
 		ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
@@ -156,7 +178,7 @@ func TestRepairAuditNetNS(t *testing.T) {
 	for _, x := range k {
 		key = append(key, fmt.Sprint(x))
 	}
-	d := outage(t, a, b, append([]string{bpftool, "map", "delete", "pinned", filepath.Join(a.root, "peer_by_ula")}, key...))
+	_, d := outage(t, a, b, append([]string{bpftool, "map", "delete", "pinned", filepath.Join(a.root, "peer_by_ula")}, key...))
 	r := a.dp.LastRepair()
 	t.Logf("map entry deleted: echoes back after %v; repair %q", d.Round(time.Millisecond), r.What)
 	if r.Count == 0 || !strings.Contains(strings.Join(r.What, " "), "add map peer b") {
