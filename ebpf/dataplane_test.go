@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/btmm/btmm/xfrm"
+	"hash"
 	"io"
 	"net"
 	"net/netip"
@@ -210,6 +211,62 @@ func (s *stream) finish(t testing.TB, sum []byte) {
 		t.Fatal("receiver did not finish")
 	}
 	s.conn.Close()
+}
+
+// pump writes random bytes on a stream, a little at a time, until finish.
+type pump struct {
+	s    *stream
+	h    hash.Hash
+	stop chan struct{}
+	done chan error
+}
+
+func startPump(t testing.TB, s *stream) *pump {
+	p := &pump{s: s, h: sha256.New(), stop: make(chan struct{}), done: make(chan error, 1)}
+	go func() {
+		buf := make([]byte, 16<<10)
+		for {
+			select {
+			case <-p.stop:
+				p.done <- nil
+				return
+			default:
+			}
+			rand.Read(buf)
+			s.conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
+			n, err := s.conn.Write(buf)
+			p.h.Write(buf[:n])
+			s.sent.Add(int64(n))
+			if err != nil {
+				p.done <- err
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	return p
+}
+
+// waitSent waits until n bytes went out (30 s at most).
+func (p *pump) waitSent(t testing.TB, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for p.s.sent.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("stream stalled at %d bytes", p.s.sent.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// finish stops writing and checks that every byte arrived intact.
+func (p *pump) finish(t testing.TB) {
+	t.Helper()
+	close(p.stop)
+	if err := <-p.done; err != nil {
+		t.Fatal(err)
+	}
+	p.s.finish(t, p.h.Sum(nil))
 }
 
 func randomBytes(t testing.TB, n int) []byte {
@@ -448,40 +505,8 @@ func TestMoveSecureVM(t *testing.T) {
 
 func testMove(t *testing.T, a, b *host) {
 	t.Helper()
-	s := openStream(t, a, b)
-	h := sha256.New()
-	stop := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 32<<10)
-		for i := 0; ; i++ {
-			select {
-			case <-stop:
-				done <- nil
-				return
-			default:
-			}
-			rand.Read(buf)
-			n, err := s.conn.Write(buf)
-			h.Write(buf[:n])
-			s.sent.Add(int64(n))
-			if err != nil {
-				done <- err
-				return
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}()
-	waitSent := func(n int64) {
-		deadline := time.Now().Add(10 * time.Second)
-		for s.sent.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("stream stalled at %d bytes", s.sent.Load())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	waitSent(256 << 10)
+	p := startPump(t, openStream(t, a, b))
+	p.waitSent(t, 256<<10)
 	rxBefore := peerStats(t, a).RxPackets
 
 	// b gets a new address and leaves from it; a learns it.
@@ -504,13 +529,8 @@ func testMove(t *testing.T, a, b *host) {
 	if again := a.set(t, a.state(b, netip.AddrPortFrom(moved, b.port))); len(again) != 0 {
 		t.Errorf("second identical Set changed %v", again)
 	}
-	sent := s.sent.Load()
-	waitSent(sent + 512<<10)
-	close(stop)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	s.finish(t, h.Sum(nil))
+	p.waitSent(t, p.s.sent.Load()+512<<10)
+	p.finish(t)
 
 	st := peerStats(t, a)
 	if st.RxPackets <= rxBefore || st.LastOuterChange.IsZero() {

@@ -1,14 +1,11 @@
 package ebpf
 
 import (
-	"crypto/rand"
-	"crypto/sha256"
 	"fmt"
 	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -122,42 +119,8 @@ func testLocalMove(t *testing.T, cfg Config) {
 	}
 	before := sas()
 
-	s := openStream(t, a, b)
-	h := sha256.New()
-	stop := make(chan struct{})
-	done := make(chan error, 1)
-	go func() {
-		buf := make([]byte, 16<<10)
-		for {
-			select {
-			case <-stop:
-				done <- nil
-				return
-			default:
-			}
-			rand.Read(buf)
-			s.conn.SetWriteDeadline(time.Now().Add(30 * time.Second))
-			n, err := s.conn.Write(buf)
-			h.Write(buf[:n])
-			s.sent.Add(int64(n))
-			if err != nil {
-				done <- err
-				return
-			}
-			time.Sleep(time.Millisecond)
-		}
-	}()
-	waitSent := func(n int64) {
-		t.Helper()
-		deadline := time.Now().Add(30 * time.Second)
-		for s.sent.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("stream stalled at %d bytes", s.sent.Load())
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	waitSent(256 << 10)
+	p := startPump(t, openStream(t, a, b))
+	p.waitSent(t, 256<<10)
 
 	// Two moves. 1: to gw2's network on va2 (new default route, the old
 	// address goes, va stays up: its route and neighbour entry are ours to
@@ -179,7 +142,7 @@ func testLocalMove(t *testing.T, cfg Config) {
 			{"ip", "link", "set", "va2", "down"},
 		}, "add route"},
 	} {
-		sent := s.sent.Load()
+		sent := p.s.sent.Load()
 		old := a.outer
 		for _, c := range m.cmds {
 			a.ns.MustRun(t, c[0], c[1:]...)
@@ -209,7 +172,7 @@ func testLocalMove(t *testing.T, cfg Config) {
 		if again := a.set(t, ast); len(again) != 0 {
 			t.Errorf("%s: second identical Set after the move changed %q", m.name, changeStrings(again))
 		}
-		waitSent(sent + 512<<10)
+		p.waitSent(t, sent+512<<10)
 		var v btmmPeer
 		must(t, a.dp.objs.PeerByUla.Lookup(ulaKey(b.ula), &v))
 		if got := netip.AddrFrom4(v.LocalAddr); got != a.outer {
@@ -236,12 +199,8 @@ func testLocalMove(t *testing.T, cfg Config) {
 			t.Errorf("%s: neighbour entries %v, want one on %s", m.name, ns, m.to)
 		}
 	}
-	close(stop)
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	s.finish(t, h.Sum(nil))
-	t.Logf("%d bytes intact across both moves", s.sent.Load())
+	p.finish(t)
+	t.Logf("%d bytes intact across both moves", p.s.sent.Load())
 	ping(t, b, a)
 	if !cfg.Cleartext {
 		after := sas()

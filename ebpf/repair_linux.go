@@ -3,7 +3,6 @@ package ebpf
 import (
 	"context"
 	"fmt"
-	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -55,7 +54,7 @@ func (d *Dataplane) startRepair() error {
 	}
 	closers = append(closers, wr.Close)
 	if !d.cfg.Cleartext {
-		wx, err := repair.Watch(int(d.ns), unix.NETLINK_XFRM, []uint32{repair.GroupXfrmSA, repair.GroupXfrmPolicy}, d.onXfrm, onErr)
+		wx, err := repair.Watch(int(d.ns), unix.NETLINK_XFRM, []uint32{repair.GroupXfrmSA, repair.GroupXfrmPolicy}, d.repair.KickOnXfrm(reqid), onErr)
 		if err != nil {
 			stop()
 			return err
@@ -131,25 +130,5 @@ func (d *Dataplane) onRoute(typ uint16, b []byte) {
 		d.repair.Kick("tc qdisc or filter deleted")
 	case m.Type == repair.RTMDelLink && dev:
 		d.repair.Kick("device deleted")
-	}
-}
-
-// onXfrm kicks the repair for notifications about our states and
-// policies (our reqid) and for flushes.
-func (d *Dataplane) onXfrm(typ uint16, b []byte) {
-	if typ == repair.Overrun {
-		d.repair.Kick("xfrm notifications lost (socket overrun)")
-		return
-	}
-	m, err := repair.ParseXfrm(typ, b)
-	if err != nil {
-		d.repair.Kick("unreadable xfrm notification")
-		return
-	}
-	switch {
-	case m.Type == repair.XfrmFlushSA || m.Type == repair.XfrmFlushPolicy:
-		d.repair.Kick("xfrm flushed")
-	case slices.Contains(m.Reqids, reqid):
-		d.repair.Kick("xfrm state or policy of ours changed")
 	}
 }

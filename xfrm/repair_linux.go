@@ -37,7 +37,7 @@ func (d *Dataplane) startRepair(nsFd int) error {
 	onErr := func(err error) {
 		d.log.Warn("xfrm: kernel watcher stopped; repairs rely on the periodic audit", "err", err)
 	}
-	wx, err := repair.Watch(nsFd, syscall.NETLINK_XFRM, []uint32{repair.GroupXfrmSA, repair.GroupXfrmPolicy}, d.onXfrm, onErr)
+	wx, err := repair.Watch(nsFd, syscall.NETLINK_XFRM, []uint32{repair.GroupXfrmSA, repair.GroupXfrmPolicy}, d.repair.KickOnXfrm(d.cfg.Reqid), onErr)
 	if err != nil {
 		return err
 	}
@@ -63,42 +63,6 @@ func (d *Dataplane) reapply(ctx context.Context) ([]controlplane.Change, error) 
 		return nil, nil
 	}
 	return d.setLocked(ctx, d.desired)
-}
-
-// onXfrm kicks the repair for notifications about our states and
-// policies (our reqid in the state or a template) and for flushes.
-func (d *Dataplane) onXfrm(typ uint16, b []byte) {
-	if typ == repair.Overrun {
-		d.repair.Kick("xfrm notifications lost (socket overrun)")
-		return
-	}
-	m, err := repair.ParseXfrm(typ, b)
-	if err != nil {
-		d.log.Debug("xfrm notification", "err", err)
-		d.repair.Kick("unreadable xfrm notification")
-		return
-	}
-	switch m.Type {
-	case repair.XfrmFlushSA:
-		d.repair.Kick("xfrm states flushed")
-	case repair.XfrmFlushPolicy:
-		d.repair.Kick("xfrm policies flushed")
-	case repair.XfrmNewSA, repair.XfrmUpdSA, repair.XfrmDelSA:
-		if slices.Contains(m.Reqids, d.cfg.Reqid) {
-			d.repair.Kick(fmt.Sprintf("xfrm state spi 0x%08x %s", m.SPI, verb(m)))
-		}
-	case repair.XfrmNewPolicy, repair.XfrmUpdPolicy, repair.XfrmDelPolicy:
-		if slices.Contains(m.Reqids, d.cfg.Reqid) {
-			d.repair.Kick("xfrm policy " + verb(m))
-		}
-	}
-}
-
-func verb(m repair.Msg) string {
-	if m.Deleted() {
-		return "deleted"
-	}
-	return "added or changed"
 }
 
 // onRoute kicks the repair when one of our routes (IPv6, our protocol) or

@@ -11,23 +11,22 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/internal/testenv"
+	"github.com/btmm/btmm/internal/udpecho"
 )
 
-// outage runs brk in h's namespace and pings to's ULA (one echo at a
-// time) until one comes back. It returns when the command had returned and
-// how long after that an echo came back (the command's own run time,
-// seconds under TCG, is not counted).
-func outage(t *testing.T, h, to *labHost, brk []string) (time.Time, time.Duration) {
+// outage runs brk in h's namespace and returns when it had returned and
+// how long the UDP echoes of pr stopped around it (from the last reply
+// before it to the first one after).
+func outage(t *testing.T, h *labHost, pr *udpecho.Prober, brk []string) (time.Time, time.Duration) {
 	t.Helper()
+	since := time.Now()
 	h.ns.MustRun(t, brk[0], brk[1:]...)
-	start := time.Now()
-	for time.Since(start) < 60*time.Second {
-		if out, err := h.ns.Run("ping", "-6", "-c", "1", "-W", "0.3", to.ula.String()); err == nil && strings.Contains(out, " 0% packet loss") {
-			return start, time.Since(start)
-		}
+	returned := time.Now()
+	gap, ok := pr.Outage(since, returned, 60*time.Second)
+	if !ok {
+		t.Fatalf("%q: echoes never came back", brk)
 	}
-	t.Fatalf("%q: %s -> %s never came back", brk, h.name, to.name)
-	return start, 0
+	return returned, gap
 }
 
 // waitRepair waits until h's dataplane reports more than n repairs.
@@ -55,6 +54,7 @@ func TestVMRepair(t *testing.T) {
 	}
 	a, b := l.hosts[0], l.hosts[1]
 	a.ns.MustRun(t, "ping", "-6", "-q", "-c", "300", "-i", "0.005", "-W", "2", b.ula.String())
+	pr := udpecho.Start(t, a.ns, b.ns, netip.AddrPortFrom(b.ula, 5007), 20*time.Millisecond)
 	spis := func() string {
 		ss, err := a.dp.states()
 		must(t, err)
@@ -79,15 +79,15 @@ func TestVMRepair(t *testing.T) {
 		{"xfrm interface deleted", []string{"ip", "link", "del", "btmm0"}, "add route " + b.ula.String()},
 	} {
 		n := a.dp.LastRepair().Count
-		start, d := outage(t, a, b, tc.cmd)
+		start, d := outage(t, a, pr, tc.cmd)
 		waitRepair(t, a, n)
 		r := a.dp.LastRepair()
-		t.Logf("%s: command returned; repaired %v later, echoes back %v later; repair %d: %q", tc.name, r.At.Sub(start).Round(time.Millisecond), d.Round(time.Millisecond), r.Count, r.What)
+		t.Logf("%s: repaired %v after the command returned; echoes stopped for %v; repair %d: %q", tc.name, r.At.Sub(start).Round(time.Millisecond), d.Round(time.Millisecond), r.Count, r.What)
 		if !strings.Contains(strings.Join(r.What, "\n"), tc.want) {
 			t.Errorf("%s: repair %q lacks %q", tc.name, r.What, tc.want)
 		}
-		if d > 15*time.Second {
-			t.Errorf("%s: traffic back only after %v", tc.name, d)
+		if d > 10*time.Second {
+			t.Errorf("%s: echoes stopped for %v", tc.name, d)
 		}
 		// More traffic after the repair: the peer accepts the sequence numbers.
 		if o, err := a.ns.Run("ping", "-6", "-c", "20", "-i", "0.01", "-W", "2", b.ula.String()); err != nil || !strings.Contains(o, " 0% packet loss") {
@@ -122,7 +122,7 @@ func TestVMRepair(t *testing.T) {
 		t.Fatalf("foreign objects %q, want a state, a policy and a route", want)
 	}
 	n := a.dp.LastRepair().Count
-	outage(t, a, b, []string{"ip", "-6", "route", "del", b.ula.String() + "/128"})
+	outage(t, a, pr, []string{"ip", "-6", "route", "del", b.ula.String() + "/128"})
 	waitRepair(t, a, n)
 	if got := foreign(); strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("foreign objects after a repair: %q, want %q", got, want)

@@ -9,7 +9,9 @@ package repair
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -226,5 +228,36 @@ func (l *Loop) Run(ctx context.Context) {
 		}
 		inBurst = true
 		quiet.Reset(l.cfg.Quiet)
+	}
+}
+
+// KickOnXfrm returns a Watch callback for the XFRM SA and policy groups: it
+// kicks l for flushes, lost notifications, and additions, changes and
+// deletions of states and policies that carry reqid (a dataplane's tag).
+func (l *Loop) KickOnXfrm(reqid uint32) func(typ uint16, body []byte) {
+	return func(typ uint16, b []byte) {
+		if typ == Overrun {
+			l.Kick("xfrm notifications lost (socket overrun)")
+			return
+		}
+		m, err := ParseXfrm(typ, b)
+		switch {
+		case err != nil:
+			l.Kick("unreadable xfrm notification")
+		case m.Type == XfrmFlushSA:
+			l.Kick("xfrm states flushed")
+		case m.Type == XfrmFlushPolicy:
+			l.Kick("xfrm policies flushed")
+		case slices.Contains(m.Reqids, reqid):
+			what := "policy"
+			if m.Type == XfrmNewSA || m.Type == XfrmUpdSA || m.Type == XfrmDelSA {
+				what = fmt.Sprintf("state spi 0x%08x", m.SPI)
+			}
+			verb := "added or changed"
+			if m.Deleted() {
+				verb = "deleted"
+			}
+			l.Kick("xfrm " + what + " " + verb)
+		}
 	}
 }

@@ -256,3 +256,27 @@ func TestStops(t *testing.T) {
 		}
 	})
 }
+
+// TestKickOnXfrm: only flushes, overruns and our reqid's states and
+// policies kick; a foreign IKE daemon's do not.
+func TestKickOnXfrm(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		typ  uint16
+		b    []byte
+		want string // the kick's reason; "" no kick
+	}{
+		{"our state deleted", XfrmDelSA, buildSA(XfrmDelSA, ula4, 0x1001, 0x6281, nil), "xfrm state spi 0x00001001 deleted"},
+		{"our policy changed", XfrmUpdPolicy, buildPolicy(XfrmUpdPolicy, 0x6281), "xfrm policy added or changed"},
+		{"states flushed", XfrmFlushSA, []byte{50, 0, 0, 0}, "xfrm states flushed"},
+		{"overrun", Overrun, nil, "xfrm notifications lost (socket overrun)"},
+		{"foreign state", XfrmNewSA, buildSA(XfrmNewSA, ula4, 0x9999, 7, nil), ""},
+		{"foreign policy deleted", XfrmDelPolicy, buildPolicy(XfrmDelPolicy, 7), ""},
+	} {
+		l := New(nil, Config{})
+		l.KickOnXfrm(0x6281)(tc.typ, tc.b)
+		if l.reason != tc.want {
+			t.Errorf("%s: kick %q, want %q", tc.name, l.reason, tc.want)
+		}
+	}
+}
