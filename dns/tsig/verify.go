@@ -15,8 +15,10 @@ import (
 // DefaultFudge is the server's fudge (RFC 8945 §5.2.3 recommends 300 s).
 const DefaultFudge = 300 * time.Second
 
-// DefaultMaxSeen bounds the MACs remembered per key for replay detection.
-const DefaultMaxSeen = 4096
+// DefaultMaxSeen bounds the MACs remembered per key for replay detection
+// (about 50 bytes each): a key may sign this many messages inside the time
+// window before its oldest are forgotten.
+const DefaultMaxSeen = 65536
 
 // VerifyError is why a request's TSIG was not accepted (RFC 8945 §5.2). It
 // carries what the error response needs. Code is the TSIG error (BADKEY,
@@ -90,14 +92,48 @@ func NewVerifier(keys *Keyring, fudge time.Duration, now func() time.Time) *Veri
 	return v
 }
 
+// replay is one key's memory: the MACs (their first 16 octets) it accepted
+// inside the window, in a map for lookup and a FIFO in arrival order for
+// pruning and eviction (Time Signed is nearly in arrival order), so each
+// message costs O(1).
 type replay struct {
-	floor uint64              // Time Signed at or below it is refused
-	macs  map[string]*seenMAC // MAC (hex)
+	floor uint64 // Time Signed at or below it is refused
+	macs  map[macID]seenMAC
+	order []macAt
+	head  int
+}
+
+type macID [16]byte
+
+type macAt struct {
+	ts  uint64
+	mac macID
 }
 
 type seenMAC struct {
 	ts       uint64 // Time Signed
 	inFlight bool   // accepted, Done not called yet
+}
+
+func idOf(t *dns.TSIG) macID {
+	var id macID
+	b, _ := hex.DecodeString(t.MAC) // checked by the verification
+	copy(id[:], b)
+	return id
+}
+
+// pop drops the oldest remembered MAC.
+func (r *replay) pop() macAt {
+	a := r.order[r.head]
+	r.head++
+	if s, ok := r.macs[a.mac]; ok && s.ts == a.ts {
+		delete(r.macs, a.mac)
+	}
+	if r.head > 1024 && r.head*2 > len(r.order) {
+		r.order = append(r.order[:0], r.order[r.head:]...)
+		r.head = 0
+	}
+	return a
 }
 
 // ErrRetransmission is returned by Verify for a copy of a message that is
@@ -207,8 +243,10 @@ func (v *Verifier) Done(key string, t *dns.TSIG) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if r := v.seen[dns.CanonicalName(key)]; r != nil {
-		if s := r.macs[t.MAC]; s != nil {
+		id := idOf(t)
+		if s, ok := r.macs[id]; ok {
 			s.inFlight = false
+			r.macs[id] = s
 		}
 	}
 }
@@ -223,40 +261,32 @@ func (v *Verifier) remember(key string, t *dns.TSIG, now uint64) string {
 	}
 	r := v.seen[key]
 	if r == nil {
-		r = &replay{macs: map[string]*seenMAC{}}
+		r = &replay{macs: map[macID]seenMAC{}}
 		v.seen[key] = r
 	}
+	// Forget what is out of the window: the time check refuses it anyway.
 	horizon := now - min(now, uint64(v.Fudge/time.Second))
-	for mac, s := range r.macs {
-		if s.ts < horizon && !s.inFlight {
-			delete(r.macs, mac)
-		}
+	for r.head < len(r.order) && r.order[r.head].ts < horizon {
+		r.pop()
 	}
 	if t.TimeSigned <= r.floor {
 		return "signed at or before a forgotten message of this key (possible replay)"
 	}
-	if s, dup := r.macs[t.MAC]; dup {
+	id := idOf(t)
+	if s, dup := r.macs[id]; dup {
 		if s.inFlight {
 			return inFlight
 		}
 		return "replay of an earlier message"
 	}
-	if len(r.macs) >= v.MaxSeen {
-		oldest := t.TimeSigned
-		for _, s := range r.macs {
-			oldest = min(oldest, s.ts)
-		}
-		r.floor = oldest
-		for mac, s := range r.macs {
-			if s.ts <= oldest {
-				delete(r.macs, mac)
-			}
-		}
-		if t.TimeSigned <= r.floor {
-			return "signed at or before a forgotten message of this key (possible replay)"
-		}
+	for len(r.macs) >= v.MaxSeen && r.head < len(r.order) {
+		r.floor = max(r.floor, r.pop().ts)
 	}
-	r.macs[t.MAC] = &seenMAC{ts: t.TimeSigned, inFlight: true}
+	if t.TimeSigned <= r.floor {
+		return "signed at or before a forgotten message of this key (possible replay)"
+	}
+	r.macs[id] = seenMAC{ts: t.TimeSigned, inFlight: true}
+	r.order = append(r.order, macAt{t.TimeSigned, id})
 	return ""
 }
 

@@ -235,3 +235,40 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// A key signing many messages in one window (one host's key holding
+// thousands of LLQs): all accepted, and each still refused when replayed.
+func TestVerifierManyMessages(t *testing.T) {
+	k, _ := NewKey("alice.btmm.example.", "hmac-md5")
+	ring := NewKeyring()
+	ring.Add(k)
+	now := time.Unix(1_700_000_000, 0)
+	v := NewVerifier(ring, 0, func() time.Time { return now })
+	var first []byte
+	for i := range 20000 {
+		m := new(dns.Msg)
+		m.SetQuestion("a.", dns.TypeA)
+		m.Id = uint16(i)
+		m.Extra = nil
+		m.SetTsig(k.Name, k.Algorithm, 300, now.Unix())
+		b, _, err := dns.TsigGenerateWithProvider(m, k.Provider(), "", false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = b
+		}
+		if _, err := verify(v, b); err != nil {
+			t.Fatalf("message %d: %v", i, err)
+		}
+		sent := new(dns.Msg)
+		sent.Unpack(b)
+		v.Done(k.Name, sent.IsTsig()) // answered, as the server does
+		if i%1000 == 0 {
+			now = now.Add(time.Second)
+		}
+	}
+	if c, _ := code(mustFail(t, v, first)); c != dns.RcodeBadTime {
+		t.Fatalf("replay of the first: code %d", c)
+	}
+}
