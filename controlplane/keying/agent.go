@@ -1219,6 +1219,9 @@ func (a *Agent) refuseOldVersion(d datagram, now time.Time) {
 	b = binary.BigEndian.AppendUint16(b, uint16(2+len(text)))
 	b = binary.BigEndian.AppendUint16(b, uint16(CodeMalformed))
 	b = append(b, text...)
+	if len(b) > len(d.b) {
+		return // never more bytes than we got
+	}
 	a.send([][]byte{b}, d.from)
 }
 

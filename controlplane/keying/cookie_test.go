@@ -186,3 +186,75 @@ func TestUnderLoadCookies(t *testing.T) {
 		pairOK(t, pa, pb)
 	})
 }
+
+// initiatorUnderTest is an agent a (PSK) that has sent its INIT to b and
+// waits for the RESP, with what it sent.
+func initiatorUnderTest(t testing.TB, psk []byte) (a *Agent, rec *recorder, n *memNet, init [][]byte) {
+	n = newMemNet()
+	n.tap = func(from, to netip.AddrPort, p []byte) []byte {
+		if to == addrB {
+			init = append(init, bytes.Clone(p))
+		}
+		return nil
+	}
+	rec = newRecorder("a")
+	a, err := New(Config{ULA: ulaA, Auth: &PSK{secret: psk}, Transport: n.endpoint(addrA.String()), Installer: rec,
+		Now: func() time.Time { return time.Unix(1000, 0) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.ctx = t.Context()
+	a.setPeers([]PeerConfig{peerB})
+	p := a.peers[ulaB]
+	a.start(p, time.Unix(1000, 0))
+	a.onAuth(<-a.authDone)
+	if p.ex == nil || p.ex.phase != waitResp || len(init) == 0 {
+		t.Fatalf("no INIT sent: %+v", p.ex)
+	}
+	return a, rec, n, init
+}
+
+// FuzzInitiatorInput feeds arbitrary datagrams to an initiator waiting for
+// its RESP (the side that handles RESP, its FRAGMENTs, COOKIE and ERROR):
+// it must never panic, never install anything (no input can be the
+// genuine RESP without b's secret half), never end the attempt on anything
+// unauthenticated, and never answer with more bytes than it received.
+func FuzzInitiatorInput(f *testing.F) {
+	psk := bytes.Repeat([]byte("0123456789abcdef"), 3)
+	_, _, _, init := initiatorUnderTest(f, psk)
+	var m Message
+	if err := m.Unmarshal(init[0]); err != nil {
+		f.Fatal(err)
+	}
+	ex := m.Exchange
+	for _, seed := range []*Message{
+		{Type: MsgError, Mode: ModePSK, Exchange: ex, Code: CodeUnknownPeer, Text: "x"},
+		{Type: MsgError, Mode: ModePSK, Exchange: ex, Code: CodeReplay, MAC: make([]byte, macLen)},
+		{Type: MsgCookie, Mode: ModePSK, Exchange: ex, Cookie: make([]byte, sealedLen)},
+		{Type: MsgFragment, Mode: ModePSK, Exchange: ex, Frag: Fragment{Of: MsgResp, Count: 2}, Data: []byte("piece")},
+		{Type: MsgResp, Mode: ModePSK, Exchange: ex, Nonce: make([]byte, 32), SPI: 0x999, ULA: ulaB, Cipher: CipherAES256GCM,
+			X25519: make([]byte, 32), MLKEM: make([]byte, mlkemCTLen), MAC: make([]byte, macLen)},
+	} {
+		b, err := seed.Marshal()
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		a, rec, n, _ := initiatorUnderTest(t, psk)
+		n.tap = func(_, _ netip.AddrPort, p []byte) []byte {
+			if len(p) > len(b) && msgType(p) != MsgInit { // a fresh INIT after a COOKIE is a retransmission, not an answer
+				t.Errorf("answered %d bytes to a %d-byte datagram", len(p), len(b))
+			}
+			return nil
+		}
+		a.onDatagram(datagram{b: bytes.Clone(b), from: addrB})
+		if c := rec.Calls(); len(c) > 0 {
+			t.Errorf("installed %q", c)
+		}
+		if p := a.peers[ulaB]; p.ex == nil || p.lastErr != nil {
+			t.Errorf("the attempt ended on unauthenticated input: %v", p.lastErr)
+		}
+	})
+}
