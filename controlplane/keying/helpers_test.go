@@ -83,6 +83,13 @@ func (e *memEP) WriteKeying(b []byte, to netip.AddrPort) error {
 	return nil
 }
 
+// setTap replaces the tap while the network is in use.
+func (n *memNet) setTap(f func(from, to netip.AddrPort, b []byte) []byte) {
+	n.mu.Lock()
+	n.tap = f
+	n.mu.Unlock()
+}
+
 // move gives e a new address (the host moved): it sends from it and
 // receives on it from now on.
 func (n *memNet) move(e *memEP, to netip.AddrPort) {

@@ -160,11 +160,8 @@ func TestSlowKDCStallsOnlyItsPeer(t *testing.T) {
 	if !errors.Is(errSlow, ErrKDCUnreachable) || !errors.Is(errSlow, context.DeadlineExceeded) {
 		t.Errorf("slow peer: %v, want ErrKDCUnreachable after the deadline", errSlow)
 	}
-	if keyedIn > 2*time.Second {
-		t.Errorf("keying with b took %v while the KDC stalled another peer's ticket", keyedIn)
-	}
-	if gaveUp > 10*time.Second {
-		t.Errorf("the stalled attempt took %v to give up (AuthTimeout 3 s)", gaveUp)
+	if keyedIn >= gaveUp {
+		t.Errorf("keying with b (%v) waited for the stalled fetch (ended after %v)", keyedIn, gaveUp)
 	}
 	if proxy.count() == 0 {
 		t.Error("the proxy held nothing: the test did not stall a fetch")
@@ -193,16 +190,20 @@ func TestServiceTicketCancel(t *testing.T) {
 			errc <- err
 		}()
 	}
-	time.Sleep(500 * time.Millisecond)
+	for proxy.count() == 0 {
+		time.Sleep(10 * time.Millisecond) // the request is held by the proxy
+	}
 	cancel()
-	t0 := time.Now()
 	for range 2 {
 		if err := <-errc; !errors.Is(err, context.Canceled) || !errors.Is(err, ErrKDCUnreachable) {
 			t.Errorf("cancelled fetch: %v", err)
 		}
 	}
-	if d := time.Since(t0); d > time.Second {
-		t.Errorf("cancelled callers returned after %v", d)
+	kr.mu.Lock()
+	_, inFlight := kr.inflight["host/slow.btmm.test"]
+	kr.mu.Unlock()
+	if !inFlight {
+		t.Error("the callers returned only after the KDC round trip ended, not when cancelled")
 	}
 	if n := proxy.count(); n != 1 {
 		t.Errorf("%d requests for one ticket reached the KDC, want 1 (shared)", n)

@@ -197,7 +197,7 @@ func TestReplayCacheSurvivesRestart(t *testing.T) {
 		time.Sleep(time.Minute) // past the response cache, inside the skew
 		attacker := netip.MustParseAddrPort("10.6.6.6:4500")
 		var toAttacker []Message
-		n.tap = func(from, to netip.AddrPort, p []byte) []byte {
+		n.setTap(func(from, to netip.AddrPort, p []byte) []byte {
 			var m Message
 			if to == attacker && m.Unmarshal(p) == nil {
 				toAttacker = append(toAttacker, m)
@@ -206,7 +206,7 @@ func TestReplayCacheSurvivesRestart(t *testing.T) {
 				return nil
 			}
 			return p
-		}
+		})
 		n.endpoint(attacker.String())
 		b2 := startNode(t, n, "b2", ulaB, addrB, mustPSK(t, psk1), withFile)
 		b2.peers(t, peerA)

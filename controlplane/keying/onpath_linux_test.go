@@ -148,7 +148,7 @@ func TestNetnsForgedErrorOnPath(t *testing.T) {
 	defer raw.close()
 	addrA, addrB := netip.MustParseAddrPort("10.1.0.1:4500"), netip.MustParseAddrPort("10.2.0.1:4500")
 	var mu sync.Mutex
-	seen := map[[8]byte]bool{}
+	forgedFor := map[[8]byte]chan struct{}{} // closed once the forgeries for an exchange are out
 	var forged, relayed atomic.Int32
 	forge := func(id [8]byte) {
 		send := func(m *Message) {
@@ -174,11 +174,15 @@ func TestNetnsForgedErrorOnPath(t *testing.T) {
 			return
 		}
 		mu.Lock()
-		first := !seen[m.Exchange]
-		seen[m.Exchange] = true
+		done, seen := forgedFor[m.Exchange]
+		if !seen {
+			done = make(chan struct{})
+			forgedFor[m.Exchange] = done
+		}
 		mu.Unlock()
-		if first {
+		if !seen {
 			forge(m.Exchange)
+			close(done)
 		}
 	})
 	defer stopA()
@@ -186,7 +190,21 @@ func TestNetnsForgedErrorOnPath(t *testing.T) {
 		if src != addrB || dst != addrA {
 			return
 		}
-		time.Sleep(20 * time.Millisecond) // the forgeries go first
+		// The forgeries for this exchange go first (b answers only once
+		// it got a's INIT, which the attacker saw on its way).
+		var m Message
+		if len(p) > 4 && m.Unmarshal(p[4:]) == nil {
+			mu.Lock()
+			done := forgedFor[m.Exchange]
+			mu.Unlock()
+			if done != nil {
+				select {
+				case <-done:
+				case <-time.After(10 * time.Second):
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
 		if raw.send(src, dst, p) == nil {
 			relayed.Add(1)
 		}
