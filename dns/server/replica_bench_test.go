@@ -279,14 +279,17 @@ func manyHosts(i int, exp time.Time) []store.Record {
 	host := fmt.Sprintf("h%d.%s.btmm.example.", i, user)
 	svc := "_autotunnel._udp." + host
 	texts := []string{
-		fmt.Sprintf("%s 60 IN AAAA fd00:%x::1", host, i),
+		fmt.Sprintf("%s 60 IN AAAA fd00:%x:%x::1", host, i>>16, i&0xffff),
 		fmt.Sprintf("%s 60 IN SRV 0 0 4500 %s", svc, host),
-		fmt.Sprintf(`%s 60 IN TXT "v=1" "ula=fd00:%x::1"`, svc, i),
+		fmt.Sprintf(`%s 60 IN TXT "v=1" "ula=fd00:%x:%x::1"`, svc, i>>16, i&0xffff),
 		fmt.Sprintf("_autotunnel._udp.%s.btmm.example. 60 IN PTR %s", user, svc),
 	}
 	out := make([]store.Record, len(texts))
 	for j, t := range texts {
-		rr, _ := dns.NewRR(t)
+		rr, err := dns.NewRR(t)
+		if err != nil {
+			panic(err)
+		}
 		out[j] = store.Record{RR: rr, Expires: exp, Owner: "u0.btmm.example."}
 	}
 	return out
@@ -338,6 +341,8 @@ func BenchmarkManyHosts(b *testing.B) {
 	}
 	bin := buildDaemon(b)
 	c := etcdtest.Start(b, 3)
+	replicaStartTimeout = 10 * time.Minute
+	defer func() { replicaStartTimeout = 30 * time.Second }()
 	k, err := tsig.NewKey("u0.btmm.example.", "")
 	if err != nil {
 		b.Fatal(err)

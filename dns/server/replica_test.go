@@ -204,6 +204,10 @@ update_burst = 1000
 	return out
 }
 
+// replicaStartTimeout bounds a replica's start (BenchmarkManyHosts loads
+// 400,000 records and raises it).
+var replicaStartTimeout = 30 * time.Second
+
 func (r *replica) start() {
 	r.t.Helper()
 	cmd := r.site.NS.Command(context.Background(), r.bin, "-config", r.conf)
@@ -214,7 +218,7 @@ func (r *replica) start() {
 		r.t.Fatal(err)
 	}
 	r.cmd = cmd
-	deadline := time.Now().Add(30 * time.Second)
+	deadline := time.Now().Add(replicaStartTimeout)
 	var resp *dns.Msg
 	var err error
 	for time.Now().Before(deadline) {
@@ -372,6 +376,34 @@ func TestReplicas(t *testing.T) {
 		for ag.expect(t, "answer ", 10*time.Second) != "fd00::2" {
 		}
 		a.start()
+	})
+
+	t.Run("lease expiry by the elected replica, seen everywhere", func(t *testing.T) {
+		ag := startAgent(t, c, k, caFile, "short.alice.btmm.example.", "SERVER="+b.tls)
+		ag.expect(t, "answer ", 20*time.Second)
+		m := new(dns.Msg)
+		m.SetUpdate(zoneName)
+		add, _ := dns.NewRR("short.alice.btmm.example. 60 IN AAAA fd00::5")
+		m.Insert([]dns.RR{add})
+		m.SetEdns0(1232, false)
+		m.IsEdns0().Option = append(m.IsEdns0().Option, &dns.EDNS0_UL{Code: dns.EDNS0UL, Lease: 1})
+		if resp, err := hubExchange(c, m, cc.addr, &k); err != nil || resp.Rcode != dns.RcodeSuccess {
+			t.Fatalf("update with a 1 s lease: %v %v", resp, err)
+		}
+		if got := ag.expect(t, "answer ", 10*time.Second); got != "fd00::5" {
+			t.Fatalf("answer %q", got)
+		}
+		// Removed when the lease ends, whichever replica expires it.
+		if got := ag.expect(t, "answer ", 20*time.Second); got != "" {
+			t.Fatalf("after expiry: %q", got)
+		}
+		for _, r := range reps {
+			q := new(dns.Msg)
+			q.SetQuestion("short.alice.btmm.example.", dns.TypeAAAA)
+			if resp, err := hubExchange(c, q, r.addr, &k); err != nil || len(resp.Answer) != 0 {
+				t.Fatalf("replica %s after expiry: %v %v", r.addr, resp, err)
+			}
+		}
 	})
 
 	t.Run("etcd member killed, updates continue", func(t *testing.T) {
