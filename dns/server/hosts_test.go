@@ -176,3 +176,29 @@ func TestAddHostChecks(t *testing.T) {
 		t.Fatalf("hosts left after deluser: %v", hs)
 	}
 }
+
+func TestRemoveUser(t *testing.T) {
+	srv, addrs := startServer(t, t.TempDir(), nil)
+	addUser(t, srv, "alice", "")
+	bob := addUser(t, srv, "bob", "")
+	laptop := addHost(t, srv, "alice", "laptop", "")
+	update(t, addrs.DNS, laptop, 0, func(m *dns.Msg) { m.Insert(hostRecords(t, "laptop", "fd00::1", "AutoTunnel-L")) })
+	update(t, addrs.DNS, bob, 0, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, "pc.bob.btmm.example. 60 IN AAAA fd00::2")}) })
+	newLLQClient(t, addrs.DNS, laptop).setup("laptop.alice.btmm.example.", dns.TypeAAAA)
+	n, err := srv.RemoveUser("alice")
+	if err != nil || n != 5 {
+		t.Fatalf("RemoveUser: %d, %v", n, err)
+	}
+	recs, _ := srv.Store().All()
+	if len(recs) != 1 || srv.LLQs() != 0 {
+		t.Fatalf("after deluser: %v, %d LLQs", recs, srv.LLQs())
+	}
+	// alice's zone is gone; the host's key with it.
+	if r := unsigned(t, addrs.DNS, "alice.btmm.example.", dns.TypeSOA); r.Rcode != dns.RcodeNameError {
+		t.Fatalf("alice's SOA after deluser: %v", r)
+	}
+	data, _ := signedUpdate(t, laptop, time.Now(), 300, rr(t, "laptop.alice.btmm.example. 60 IN AAAA fd00::1"))
+	if r, _ := rawExchange(t, addrs.DNS, data); r.IsTsig() == nil || r.IsTsig().Error != dns.RcodeBadKey {
+		t.Fatalf("host key after deluser: %v", r)
+	}
+}
