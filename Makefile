@@ -8,14 +8,17 @@ GOTESTSUM := $(GO) tool gotestsum --format testname --format-hide-empty-pkg
 # Packages with tests gated on kernel features this host may lack: they run
 # again inside the VM. Found by their use of testenv.Require.
 VM_PKGS = $(shell hack/vm-packages)
+# Packages whose tests need systemd as PID 1 (testenv.RequireSystemd): the
+# VM boots Debian's systemd for them (BTMM_VM_INIT=systemd hack/vmexec).
+VM_SYSTEMD_PKGS = ./internal/installtest/
 TIMEOUT ?= 15m
 
-.PHONY: all build generate generate-check lint test test-unit test-netns test-vm bench bench-vm demo deps clean
+.PHONY: install deb all build generate generate-check lint test test-unit test-netns test-vm bench bench-vm demo deps clean
 
 all: build
 
 build:
-	$(GO) build -o bin/ ./cmd/...
+	$(GO) build -ldflags "-X github.com/btmm/btmm/cmd/internal/cli.Version=$(VERSION)" -o bin/ ./cmd/...
 
 generate:
 	$(GO) generate ./...
@@ -51,9 +54,13 @@ test-netns:
 # vm tier: the same test binaries inside Debian's 6.1 kernel (hack/vmexec).
 # The binaries are built on the host first: compiling under TCG is slow.
 # Inside the VM (BTMM_IN_VM=1) a missing kernel feature fails the test.
-test-vm: build
+# VM_SYSTEMD_PKGS run in a guest that boots systemd as PID 1; their results
+# join vm.json for the cross-check.
+test-vm: build deb
 	mkdir -p $(TESTOUT)
 	BTMM_REQUIRE_ALL=1 BTMM_BIN_DIR=$(CURDIR)/bin $(GOTESTSUM) --jsonfile $(TESTOUT)/vm.json -- -count=1 -timeout $(TIMEOUT) -exec $(CURDIR)/hack/vmexec $(VM_PKGS)
+	BTMM_VM_INIT=systemd BTMM_REQUIRE_ALL=1 BTMM_BIN_DIR=$(CURDIR)/bin $(GOTESTSUM) --jsonfile $(TESTOUT)/vm-systemd.json -- -count=1 -timeout $(TIMEOUT) -exec $(CURDIR)/hack/vmexec $(VM_SYSTEMD_PKGS)
+	cat $(TESTOUT)/vm-systemd.json >> $(TESTOUT)/vm.json
 	$(SKIPCHECK) -vm $(TESTOUT)/vm.json
 
 # Every tier this machine supports (CI runs this), then the cross-check: each
@@ -79,6 +86,38 @@ bench-vm: build
 
 demo: build
 	hack/demo
+
+# Install (PREFIX, DESTDIR as usual): binaries, systemd units (ExecStart
+# pointing at PREFIX), tmpfiles, commented sample configs under /etc/btmm/.
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+install: build
+	install -d $(DESTDIR)$(PREFIX)/sbin $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) \
+	  $(DESTDIR)$(PREFIX)/lib/tmpfiles.d $(DESTDIR)$(SYSCONFDIR)/btmm \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions
+	install -m 0755 bin/btmmd bin/btmm-dnsd $(DESTDIR)$(PREFIX)/sbin/
+	install -m 0755 bin/btmmctl $(DESTDIR)$(PREFIX)/bin/
+	for u in btmmd btmm-dnsd; do \
+	  sed 's|/usr/sbin/|$(PREFIX)/sbin/|; s|/etc/btmm/|$(SYSCONFDIR)/btmm/|g' hack/systemd/$$u.service > $(DESTDIR)$(UNITDIR)/$$u.service; \
+	  chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.service; \
+	  install -m 0644 hack/systemd/$$u.tmpfiles $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/$$u.conf; \
+	done
+	install -m 0644 hack/packaging/btmmd.toml $(DESTDIR)$(SYSCONFDIR)/btmm/btmmd.toml.sample
+	install -m 0644 hack/packaging/dnsd.toml $(DESTDIR)$(SYSCONFDIR)/btmm/dnsd.toml.sample
+	install -m 0644 hack/packaging/btmmctl.bash-completion $(DESTDIR)$(PREFIX)/share/bash-completion/completions/btmmctl
+	@[ -n "$(DESTDIR)" ] || { systemd-tmpfiles --create btmmd.conf btmm-dnsd.conf 2>/dev/null; systemctl daemon-reload 2>/dev/null; true; }
+
+# Debian packages btmm (btmmd, btmmctl) and btmm-dnsd in bin/, built with
+# nfpm (a Go tool of this module). VERSION defaults to git describe.
+VERSION ?= $(shell v=$$(git describe --tags --dirty 2>/dev/null) && echo $${v#v} || echo 0.0.0~git$$(git rev-parse --short HEAD 2>/dev/null || echo unknown))
+deb: build
+	rm -f bin/*.deb
+	for p in btmm btmm-dnsd; do \
+	  VERSION="$(VERSION)" ARCH=$$($(GO) env GOARCH) $(GO) tool nfpm package -f hack/packaging/$$p.yaml -p deb -t bin/ >/dev/null; \
+	done
+	@ls bin/*.deb
 
 deps:
 	hack/install-deps

@@ -10,8 +10,10 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
+	"github.com/btmm/btmm/cmd/internal/metrics"
 	"github.com/btmm/btmm/dns/server"
 	"github.com/btmm/btmm/dns/store"
 )
@@ -32,6 +34,10 @@ Usage:
                                              at once (a running server is told)
   btmm-dnsd [flags] deluser USER             delete USER's and its hosts' keys and
                                              remove the user's records
+  btmm-dnsd [flags] enroll [-realm R | -psk-file F] USER HOST
+                                             print an enrollment bundle for a new host
+                                             (btmmctl enroll installs it; see
+                                             btmm-dnsd enroll -h)
   btmm-dnsd [flags] check                    report the state of the embedded store
                                              (exit status 1 when it is damaged)
   btmm-dnsd [flags] repair                   keep a copy of a damaged store's files,
@@ -86,6 +92,8 @@ func admin(cfg server.Config, args []string, stdout io.Writer) error {
 		return err
 	}
 	switch {
+	case args[0] == "enroll":
+		return enrollCommand(cfg, args[1:], stdout, os.Stderr)
 	case args[0] == "check" && len(args) == 1:
 		return check(cfg, stdout)
 	case args[0] == "repair" && len(args) == 1:
@@ -95,27 +103,47 @@ func admin(cfg server.Config, args []string, stdout io.Writer) error {
 }
 
 func serve(ctx context.Context, cfg server.Config, log *slog.Logger) error {
+	if err := metrics.CheckAddr(cfg.MetricsListen); err != nil {
+		return fmt.Errorf("metrics_listen: %w", err)
+	}
+	m := newDNSDMetrics()
+	if cfg.MetricsListen != "" {
+		cfg.OnUpdate = m.observe
+	}
 	srv, err := server.New(cfg, log)
 	if err != nil {
-		return err
-	}
-	if _, err := srv.Start(ctx); err != nil {
-		srv.Close()
 		return err
 	}
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	if _, err := srv.Start(ctx); err != nil {
+		srv.Close()
+		return err
+	}
+	if cfg.MetricsListen != "" {
+		if err := m.serve(ctx, cfg.MetricsListen, srv, log); err != nil {
+			srv.Close()
+			return err
+		}
+	}
+	// systemd.go: readiness, watchdog, keys picked up without a signal.
+	sdNotify(log, "READY=1\nSTATUS=serving "+cfg.Zone)
+	go watchdog(ctx, log, func() bool { srv.LLQs(); return true })
+	go watchKeys(ctx, keyDir(cfg.DataDir), time.Second, srv.ReloadKeys, log)
 	for {
 		select {
 		case <-ctx.Done():
+			sdNotify(log, "STOPPING=1")
 			return srv.Close()
 		case <-hup:
+			sdNotify(log, "RELOADING=1")
 			if err := srv.ReloadKeys(); err != nil {
 				log.Error("reload keys", "err", err)
 			} else {
 				log.Info("keys reloaded")
 			}
+			sdNotify(log, "READY=1")
 		}
 	}
 }

@@ -24,9 +24,12 @@ Usage: btmmctl [flags] <command>
 Commands:
   status   this host: identity, NAT mapping, registration, dataplane, peers
   peers    the user's other hosts: ULA, current outer address, keying, counters
+  enroll [-dir D] [-config F] [-force] BUNDLE
+           install a bundle from the server's "btmm-dnsd enroll USER HOST":
+           key files (0600), krb5.conf, CA, and a working btmmd.toml
 
 Kernel state is inspected with the kernel's own tools: ip xfrm state,
-ip xfrm policy, ip -6 route show proto 0xbb, bpftool map dump pinned /sys/fs/bpf/btmm/...`
+ip xfrm policy, ip -6 route show proto 98 (btmm's routes), bpftool map dump pinned /sys/fs/bpf/btmm/...`
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -42,6 +45,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "status"
 	if fs.NArg() > 0 {
 		cmd = fs.Arg(0)
+	}
+	if cmd == "enroll" {
+		return enrollCommand(fs.Args()[1:], os.Stdin, stdout, stderr)
 	}
 	if cmd != "status" && cmd != "peers" {
 		fmt.Fprintf(stderr, "btmmctl: unknown command %q (try --help)\n", cmd)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/btmm/btmm/cmd/internal/metrics"
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/netmon"
 )
@@ -72,6 +73,16 @@ type Config struct {
 		// never used.
 		Principals map[string]string `toml:"principals"`
 	} `toml:"keying"`
+
+	Names struct {
+		Mode      string `toml:"mode"`       // "hosts" (default): stub + hosts file block; "off"
+		Listen    string `toml:"listen"`     // the name stub's address, default 127.0.0.77:53
+		HostsFile string `toml:"hosts_file"` // default /etc/hosts
+	} `toml:"names"`
+
+	Metrics struct {
+		Listen string `toml:"listen"` // Prometheus /metrics on this local ADDRESS:PORT; "" (default) = off
+	} `toml:"metrics"`
 
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
@@ -187,6 +198,24 @@ func (c *Config) fill() error {
 		}
 	default:
 		errs = append(errs, fmt.Errorf("keying.mode %q: want kerberos or psk", c.Keying.Mode))
+	}
+	switch c.Names.Mode {
+	case "", "hosts":
+		c.Names.Mode = "hosts"
+		if c.Names.HostsFile == "" {
+			c.Names.HostsFile = defaultHostsFile
+		}
+		if c.Names.Listen == "" {
+			c.Names.Listen = defaultStubAddr
+		} else if _, err := netip.ParseAddrPort(c.Names.Listen); err != nil {
+			errs = append(errs, fmt.Errorf("names.listen: %w", err))
+		}
+	case "off":
+	default:
+		errs = append(errs, fmt.Errorf("names.mode %q: want hosts or off", c.Names.Mode))
+	}
+	if err := metrics.CheckAddr(c.Metrics.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("metrics.listen: %w", err))
 	}
 	if c.StateFile == "" {
 		c.StateFile = "/run/btmm/identity.json"

@@ -51,6 +51,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if done, code := fs.Parse(args, stdout, stderr); done {
 		return code
 	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(stderr, "btmmd:", errNotRoot)
+		return 1
+	}
 	cfg, err := loadConfig(*cfgPath)
 	if err != nil {
 		fmt.Fprintln(stderr, "btmmd:", err)
@@ -151,6 +155,10 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if err := startMetrics(ctx, cfg, a, llqStatus, log.With("part", "metrics")); err != nil {
+		dp.Close()
+		return err
+	}
 	go newService(cfg, a, llqStatus, &reloader{cfg: cfg, level: cfg.level, key: key, auth: auth}, log).run(ctx, hup)
 	ctlErr := make(chan error, 1)
 	go func() {
@@ -161,7 +169,9 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 		}
 		ctlErr <- err
 	}()
+	namesDone := runNames(ctx, cfg, a, log.With("part", "names"))
 	err = a.Run(ctx)
+	<-namesDone
 	return errors.Join(err, <-ctlErr)
 }
 

@@ -67,8 +67,9 @@ func lockPID(path string) (unlock func(), err error) {
 		}
 		return nil, fmt.Errorf("pid file %s: %w", path, err)
 	}
+	// The pid is for the "already running" message only; the lock is what counts.
 	if err := f.Truncate(0); err == nil {
-		_, err = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	}
 	return func() {
 		os.Remove(path)

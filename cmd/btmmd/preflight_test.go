@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -35,5 +36,24 @@ func TestStartWithoutESP(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "btmmd.pid")); !os.IsNotExist(err) {
 		t.Errorf("the refused start left its pid file behind: %v", err)
+	}
+}
+
+// TestNotRoot: btmmd started by another user says it must run as root,
+// before it reads anything else.
+func TestNotRoot(t *testing.T) {
+	testenv.RequireRoot(t)
+	setpriv := testenv.RequireBinary(t, "setpriv", "util-linux")
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	bin := filepath.Join(dir, "btmmd")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	conf := filepath.Join(dir, "btmmd.toml")
+	os.WriteFile(conf, []byte("domain = \"alice.btmm.example.\"\n[dns]\nkey_file = \"/nonexistent\"\n"), 0o644)
+	out, err := exec.Command(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", bin, "-config", conf).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "btmmd must run as root") {
+		t.Fatalf("as nobody: %v\n%s", err, out)
 	}
 }

@@ -57,6 +57,14 @@ type Config struct {
 	// records off) and their LLQ events unsigned. Default: none.
 	AppleCompat []string `toml:"apple_compat"`
 
+	// MetricsListen is where btmm-dnsd serves Prometheus metrics
+	// (ADDRESS:PORT, local); "" (default) = off. The server itself only
+	// calls OnUpdate.
+	MetricsListen string `toml:"metrics_listen"`
+	// OnUpdate, if set, is called after each authenticated UPDATE was
+	// answered, with the answer's rcode and the time it took (for metrics).
+	OnUpdate func(rcode int, took time.Duration) `toml:"-"`
+
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`
 	Limits      Limits      `toml:"limits"`

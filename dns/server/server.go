@@ -488,7 +488,13 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	}
 	switch r.Opcode {
 	case dns.OpcodeUpdate:
-		s.serveUpdate(w, r, a)
+		if s.cfg.OnUpdate == nil {
+			s.serveUpdate(w, r, a)
+			return
+		}
+		start, rw := time.Now(), &rcodeWriter{ResponseWriter: w, rcode: -1}
+		s.serveUpdate(rw, r, a)
+		s.cfg.OnUpdate(rw.rcode, time.Since(start))
 	case dns.OpcodeQuery:
 		if _, ok := llq.Option(r); ok {
 			s.serveLLQ(w, r, a)
@@ -733,4 +739,15 @@ func (l *rateLimiter) allow(key string, now time.Time) bool {
 	}
 	b.tokens--
 	return true
+}
+
+// rcodeWriter records the rcode of the answer written through it (-1: none).
+type rcodeWriter struct {
+	dns.ResponseWriter
+	rcode int
+}
+
+func (w *rcodeWriter) WriteMsg(m *dns.Msg) error {
+	w.rcode = m.Rcode
+	return w.ResponseWriter.WriteMsg(m)
 }

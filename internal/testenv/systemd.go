@@ -17,5 +17,5 @@ func RequireSystemd(t testing.TB) {
 	if os.Getenv("BTMM_VM_INIT") == "systemd" {
 		t.Fatal("vm tier (systemd mode): systemd is not PID 1 in this guest")
 	}
-	t.Skip("vm tier, systemd mode: needs systemd as PID 1; runs under make test-vm (BTMM_VM_INIT=systemd hack/vmexec)")
+	t.Skip("vm tier (systemd): needs systemd as PID 1; runs under `make test-vm` (BTMM_VM_INIT=systemd)")
 }

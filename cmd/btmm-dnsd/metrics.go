@@ -1,0 +1,50 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/btmm/btmm/cmd/internal/metrics"
+	"github.com/btmm/btmm/dns/server"
+)
+
+// dnsdMetrics are btmm-dnsd's Prometheus metrics (metrics_listen).
+type dnsdMetrics struct {
+	reg     *prometheus.Registry
+	updates *prometheus.CounterVec
+	latency prometheus.Histogram
+}
+
+func newDNSDMetrics() *dnsdMetrics {
+	m := &dnsdMetrics{
+		reg: prometheus.NewRegistry(),
+		updates: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "btmm_dnsd_updates_total",
+			Help: "Authenticated UPDATEs answered, by result (the answer's rcode)."}, []string{"result"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "btmm_dnsd_update_seconds",
+			Help:    "Time from an authenticated UPDATE to its answer (includes the store's fsync).",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+	}
+	m.reg.MustRegister(m.updates, m.latency)
+	return m
+}
+
+// observe is server.Config.OnUpdate.
+func (m *dnsdMetrics) observe(rcode int, took time.Duration) {
+	result := dns.RcodeToString[rcode]
+	if rcode < 0 || result == "" {
+		result = "none"
+	}
+	m.updates.WithLabelValues(result).Inc()
+	m.latency.Observe(took.Seconds())
+}
+
+// serve adds the live server's gauges and serves everything on addr.
+func (m *dnsdMetrics) serve(ctx context.Context, addr string, srv *server.Server, log *slog.Logger) error {
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "btmm_dnsd_llqs",
+		Help: "Established Long-Lived Queries."}, func() float64 { return float64(srv.LLQs()) }))
+	return metrics.Serve(ctx, addr, m.reg, log)
+}
