@@ -106,7 +106,7 @@ install: build
 	done
 	install -m 0644 hack/packaging/btmmd.toml $(DESTDIR)$(SYSCONFDIR)/btmm/btmmd.toml.sample
 	install -m 0644 hack/packaging/dnsd.toml $(DESTDIR)$(SYSCONFDIR)/btmm/dnsd.toml.sample
-	install -m 0644 hack/packaging/btmmctl.bash-completion $(DESTDIR)$(PREFIX)/share/bash-completion/completions/btmmctl
+	install -m 0644 cmd/btmmctl/btmmctl.bash-completion $(DESTDIR)$(PREFIX)/share/bash-completion/completions/btmmctl
 	@[ -n "$(DESTDIR)" ] || { systemd-tmpfiles --create btmmd.conf btmm-dnsd.conf 2>/dev/null; systemctl daemon-reload 2>/dev/null; true; }
 
 # Debian packages btmm (btmmd, btmmctl) and btmm-dnsd in bin/, built with

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -74,5 +75,47 @@ func TestEnrollInstall(t *testing.T) {
 	}
 	if _, err := os.Stat(other); !os.IsNotExist(err) {
 		t.Fatal("a refused enroll created the directory")
+	}
+}
+
+// TestNetcheck: without btmmd it says so, probes the kernel and the KDCs of
+// the given krb5.conf (here one that does not answer), and --json uses the
+// documented snake_case keys.
+func TestNetcheck(t *testing.T) {
+	dir := t.TempDir()
+	kc := filepath.Join(dir, "krb5.conf")
+	os.WriteFile(kc, []byte("[libdefaults]\n default_realm = R.EXAMPLE\n[realms]\n R.EXAMPLE = {\n  kdc = 127.0.0.1:1\n }\n"), 0o644)
+	var out, errb bytes.Buffer
+	if code := run([]string{"-socket", filepath.Join(dir, "none.sock"), "-krb5-conf", kc, "--json", "netcheck"}, &out, &errb); code != 0 {
+		t.Fatalf("exit %d: %s", code, errb.String())
+	}
+	var n map[string]any
+	if err := json.Unmarshal(out.Bytes(), &n); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"kernel", "btmmd", "kdc"} {
+		if _, ok := n[k]; !ok {
+			t.Errorf("--json lacks %q: %s", k, out.String())
+		}
+	}
+	if !strings.Contains(out.String(), `"name": "R.EXAMPLE 127.0.0.1:1"`) || !strings.Contains(out.String(), "btmmd not reachable") {
+		t.Errorf("netcheck: %s", out.String())
+	}
+	out.Reset()
+	run([]string{"-socket", filepath.Join(dir, "none.sock"), "-krb5-conf", kc, "netcheck"}, &out, &errb)
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		if len(l) > 160 {
+			t.Errorf("table line longer than 160: %q", l)
+		}
+	}
+	if !strings.Contains(out.String(), "kdc R.EXAMPLE 127.0.0.1:1") || !strings.Contains(out.String(), "NO") {
+		t.Errorf("table: %s", out.String())
+	}
+}
+
+func TestCompletion(t *testing.T) {
+	var out bytes.Buffer
+	if code := run([]string{"completion"}, &out, &out); code != 0 || !strings.Contains(out.String(), "complete -F _btmmctl btmmctl") {
+		t.Fatalf("completion: %d %s", code, out.String())
 	}
 }

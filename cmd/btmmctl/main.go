@@ -24,6 +24,10 @@ Usage: btmmctl [flags] <command>
 Commands:
   status   this host: identity, NAT mapping, registration, dataplane, peers
   peers    the user's other hosts: ULA, current outer address, keying, counters
+  netcheck kernel features (ESP, GCM, xfrm interfaces), btmmd's tunnel port
+           and NAT mapping, DNS registration, KDC reachability
+  completion
+           print the bash completion script
   enroll [-dir D] [-config F] [-force] BUNDLE
            install a bundle from the server's "btmm-dnsd enroll USER HOST":
            key files (0600), krb5.conf, CA, and a working btmmd.toml
@@ -38,7 +42,8 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := cli.NewFlagSet("btmmctl", synopsis)
 	sock := fs.String("socket", agent.DefaultControlSocket, "btmmd's control socket")
-	asJSON := fs.Bool("json", false, "print JSON")
+	asJSON := fs.Bool("json", false, "print JSON (snake_case keys, durations in seconds)")
+	krb5Conf := fs.String("krb5-conf", "/etc/btmm/krb5.conf", "netcheck: the krb5.conf whose KDCs to try")
 	if done, code := fs.Parse(args, stdout, stderr); done {
 		return code
 	}
@@ -48,6 +53,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	if cmd == "enroll" {
 		return enrollCommand(fs.Args()[1:], os.Stdin, stdout, stderr)
+	}
+	if cmd == "netcheck" {
+		printNetcheck(stdout, netcheck(*sock, *krb5Conf), *asJSON)
+		return 0
+	}
+	if cmd == "completion" {
+		io.WriteString(stdout, bashCompletion)
+		return 0
 	}
 	if cmd != "status" && cmd != "peers" {
 		fmt.Fprintf(stderr, "btmmctl: unknown command %q (try --help)\n", cmd)
