@@ -3,8 +3,10 @@ package names
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"strings"
+	"syscall"
 )
 
 // The managed block's markers. One block per btmmd instance (named by its
@@ -49,27 +51,30 @@ func RenderHosts(old []byte, self, domain string, hosts []Host) []byte {
 
 // WriteHosts rewrites path's block for self. The file is rewritten in place
 // with one write (it may be a bind mount, and btmmd's unit can write only
-// this file under /etc); its mode and owner stay.
+// this file under /etc); its mode and owner stay. An exclusive flock
+// serializes btmmd instances on one machine (each has its own block).
 func WriteHosts(path, self, domain string, hosts []Host) error {
-	old, err := os.ReadFile(path)
-	if err != nil && !os.IsNotExist(err) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
 		return fmt.Errorf("hosts file: %w", err)
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		return fmt.Errorf("hosts file %s: lock: %w", path, err)
+	}
+	old, err := io.ReadAll(f)
+	if err != nil {
+		return fmt.Errorf("hosts file %s: %w", path, err)
 	}
 	next := RenderHosts(old, self, domain, hosts)
 	if bytes.Equal(old, next) {
 		return nil
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE, 0o644)
-	if err != nil {
-		return fmt.Errorf("hosts file: %w", err)
-	}
 	if _, err := f.WriteAt(next, 0); err != nil {
-		f.Close()
 		return fmt.Errorf("hosts file %s: %w", path, err)
 	}
 	if err := f.Truncate(int64(len(next))); err != nil {
-		f.Close()
 		return fmt.Errorf("hosts file %s: %w", path, err)
 	}
-	return f.Close()
+	return nil
 }

@@ -122,3 +122,26 @@ func TestStub(t *testing.T) {
 		}
 	}
 }
+
+// TestWriteHostsConcurrent: agents writing their blocks at once keep every
+// block and the rest of the file.
+func TestWriteHostsConcurrent(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "hosts")
+	os.WriteFile(p, []byte("127.0.0.1 localhost\n"), 0o644)
+	done := make(chan error)
+	for i := range 8 {
+		go func() {
+			self := "h" + string(rune('a'+i)) + ".alice.btmm.example"
+			done <- WriteHosts(p, self, "alice.btmm.example.", []Host{{"desk", ulaDesk}})
+		}()
+	}
+	for range 8 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, _ := os.ReadFile(p)
+	if !strings.HasPrefix(string(b), "127.0.0.1 localhost\n") || strings.Count(string(b), "# BEGIN btmm ") != 8 || strings.Count(string(b), "# END btmm ") != 8 {
+		t.Fatalf("after 8 concurrent writers:\n%s", b)
+	}
+}
