@@ -83,6 +83,7 @@ const (
 	SourceDNS    = "dns"    // the peer's published SRV + A (LLQ push)
 	SourceKeying = "keying" // an authenticated keying message
 	SourceKernel = "kernel" // XFRM_MSG_MAPPING: ESP arrived from a new address
+	SourcePath   = "path"   // the path selector's choice (package path: probes answered there)
 )
 
 // StaleMappingWindow is how long after a move a kernel mapping event that

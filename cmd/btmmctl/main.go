@@ -112,6 +112,26 @@ func printStatus(w io.Writer, st *agent.Status) {
 		}
 		fmt.Fprintf(w, "network    %s\n", line)
 	}
+	if ps := st.Paths; ps != nil {
+		nat := "NAT: " + ps.NATText
+		if len(ps.Reflexive) > 0 {
+			nat += fmt.Sprintf(" (reflexive %s)", ps.Reflexive[0])
+		}
+		fmt.Fprintf(w, "paths      %s\n", nat)
+		if ps.Relay.IsValid() {
+			fmt.Fprintf(w, "relay      %s\n", ps.Relay)
+		}
+		var cs []string
+		for _, c := range ps.Candidates {
+			cs = append(cs, c.String())
+		}
+		if len(cs) > 0 {
+			fmt.Fprintf(w, "candidates %s\n", strings.Join(cs, " "))
+		}
+		if ps.LastError != "" {
+			fmt.Fprintf(w, "           last path error: %s\n", ps.LastError)
+		}
+	}
 	r := st.Register
 	reg := "not published"
 	if r.Published {
@@ -185,7 +205,7 @@ func printPeers(w io.Writer, st *agent.Status) {
 		counters[c.ULA.String()] = fmt.Sprintf("tx %d/%dB rx %d/%dB drop %d", c.TxPackets, c.TxBytes, c.RxPackets, c.RxBytes, c.Drops)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tULA\tOUTER\tFROM\tKEYS\tIN KERNEL\tCOUNTERS")
+	fmt.Fprintln(tw, "PEER\tULA\tPATH\tOUTER\tFROM\tKEYS\tIN KERNEL\tCOUNTERS")
 	for _, p := range st.Peers {
 		keys := "-"
 		if p.Keyed {
@@ -193,7 +213,11 @@ func printPeers(w io.Writer, st *agent.Status) {
 		} else if p.KeyingError != "" {
 			keys = "error: " + p.KeyingError
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%v\t%s\n", p.Name, p.ULA, p.Outer, p.OuterBy, keys, p.InKernel, counters[p.ULA.String()])
+		kind := "-" // no path selection for this peer (it publishes no probe key)
+		if p.Path.IsValid() {
+			kind = p.Path.Kind.String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%v\t%s\n", p.Name, p.ULA, kind, p.Outer, p.OuterBy, keys, p.InKernel, counters[p.ULA.String()])
 	}
 	tw.Flush()
 }

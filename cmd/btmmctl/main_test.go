@@ -14,6 +14,7 @@ import (
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 )
@@ -42,8 +43,11 @@ func TestStatusAndPeers(t *testing.T) {
 	st := agent.Status{
 		Host: "laptop", Domain: "alice.btmm.example.", ULA: netip.MustParseAddr("fd00::1"), Label: "AutoTunnel-00-11-22-FF-FE-33-44-55",
 		Dataplane: "ebpf-cleartext", TunnelPort: 4500,
-		NAT:         agent.NATReport{External: netip.MustParseAddrPort("11.1.0.2:4500"), Status: "mapped via PCP"},
-		Peers:       []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"), Outer: netip.MustParseAddrPort("11.2.0.2:4500"), OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true}}},
+		NAT: agent.NATReport{External: netip.MustParseAddrPort("11.1.0.2:4500"), Status: "mapped via PCP"},
+		Peers: []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"), Outer: netip.MustParseAddrPort("11.0.0.1:40001"), OuterBy: "path", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true},
+			Path: path.Path{Kind: path.KindRelayUDP, Remote: netip.MustParseAddrPort("11.0.0.1:40001")}}},
+		Paths: &agent.PathsStatus{NAT: "symmetric", NATText: "symmetric", Reflexive: []netip.AddrPort{netip.MustParseAddrPort("11.1.0.2:61000")},
+			Relay: netip.MustParseAddrPort("11.0.0.1:40000"), Candidates: []register.Candidate{{Kind: "lan", Addr: netip.MustParseAddrPort("192.168.1.2:4500")}}},
 		Repair:      &controlplane.Repair{At: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC), Count: 2, What: []string{"add state spi 0x00001001"}},
 		Conflicts:   []agent.Conflict{{ULA: netip.MustParseAddr("fd00::3"), Names: []string{"mallory", "nas"}}},
 		KeyingStats: &keying.Stats{Datagrams: 900, BadMAC1: 7, RateLimited: 800, CookiesSent: 12},
@@ -56,6 +60,7 @@ func TestStatusAndPeers(t *testing.T) {
 		t.Fatalf("status exit %d: %s", code, errOut.String())
 	}
 	for _, want := range []string{"laptop.alice.btmm.example", "fd00::1", "11.1.0.2:4500", "WARNING: CLEARTEXT", "desktop", "out 0x00001001 in 0x00002002",
+		"paths      NAT: symmetric (reflexive 11.1.0.2:61000)", "relay      11.0.0.1:40000", "candidates lan/192.168.1.2:4500", "relay-udp  11.0.0.1:40001",
 		"repaired   2 times, last 2025-03-01T12:00:00Z: add state spi 0x00001001",
 		"conflict   ULA fd00::3 is claimed by mallory, nas: keyed with none of them",
 		"handshake  900 datagrams: 7 failed the cheap check, 800 rate-limited, 12 cookies sent",

@@ -14,6 +14,7 @@ import (
 	"github.com/btmm/btmm/cmd/internal/metrics"
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/netmon"
+	"github.com/btmm/btmm/controlplane/path"
 )
 
 // Config is btmmd's configuration file (TOML). See docs/btmmd.md.
@@ -84,6 +85,11 @@ type Config struct {
 		Listen string `toml:"listen"` // Prometheus /metrics on this local ADDRESS:PORT; "" (default) = off
 	} `toml:"metrics"`
 
+	Paths struct {
+		Mode       string   `toml:"mode"`       // "auto" (default: candidates, probes, relays) or "off"
+		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
+		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
+	} `toml:"paths"`
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
 	LogLevel      string `toml:"log_level"`      // debug, info (default), warn, error
@@ -216,6 +222,23 @@ func (c *Config) fill() error {
 	}
 	if err := metrics.CheckAddr(c.Metrics.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("metrics.listen: %w", err))
+	}
+	switch c.Paths.Mode {
+	case "":
+		c.Paths.Mode = "auto"
+	case "auto", "off":
+	default:
+		errs = append(errs, fmt.Errorf("paths.mode %q: want auto or off", c.Paths.Mode))
+	}
+	for _, sv := range c.Paths.Servers {
+		if ap, err := netip.ParseAddrPort(sv); err != nil || !ap.Addr().Is4() {
+			errs = append(errs, fmt.Errorf("paths.servers: %q is not IPv4:port", sv))
+		}
+	}
+	for _, k := range c.Paths.Preference {
+		if _, err := path.ParseKind(k); err != nil {
+			errs = append(errs, fmt.Errorf("paths.preference: %w", err))
+		}
 	}
 	if c.StateFile == "" {
 		c.StateFile = "/run/btmm/identity.json"

@@ -148,6 +148,10 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 			return err
 		}
 	}
+	if ac.Paths, err = pathsConfig(cfg, key); err != nil {
+		dp.Close()
+		return err
+	}
 	a, err := agent.New(ac)
 	if err != nil {
 		dp.Close()

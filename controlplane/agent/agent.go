@@ -25,6 +25,7 @@ import (
 	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/keying"
 	"github.com/btmm/btmm/controlplane/netmon"
+	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/dns/llqclient"
 	"github.com/btmm/btmm/dns/register"
 )
@@ -110,7 +111,10 @@ type Config struct {
 	Keepalive time.Duration
 	// KeepaliveSender sends them; nil: the Transport, if it can (xfrm.Conn).
 	KeepaliveSender KeepaliveSender
-	Logger          *slog.Logger
+	// Paths turns on endpoint candidates, connectivity checks and the
+	// relay (issue 14, paths.go); nil: peers are reached at their SRV/A.
+	Paths  *PathsConfig
+	Logger *slog.Logger
 }
 
 // KernelEvent is what the kernel reports about a peer's SAs: either ESP
@@ -129,6 +133,7 @@ type Agent struct {
 	rec   *controlplane.Reconciler
 	reg   *register.Registrar
 	keyer *keying.Agent
+	paths *paths // nil without Config.Paths
 
 	// ctx is Run's context: work started by callbacks (peer events, network
 	// changes) ends with it. Set before any part starts.
@@ -187,8 +192,16 @@ func New(cfg Config) (*Agent, error) {
 	if a.reg, err = register.New(rc, cfg.Logger.With("part", "register")); err != nil {
 		return nil, fmt.Errorf("agent: %w", err)
 	}
+	transport := cfg.Transport
+	var installer keying.Installer = a.rec
+	if cfg.Paths != nil {
+		if a.paths, err = newPaths(a, *cfg.Paths, rc.Capabilities); err != nil {
+			return nil, fmt.Errorf("agent: %w", err)
+		}
+		transport = a.paths.transport()
+	}
 	kc := cfg.Keying
-	kc.ULA, kc.Auth, kc.Transport, kc.Installer = cfg.Identity.ULA, cfg.Auth, cfg.Transport, a.rec
+	kc.ULA, kc.Auth, kc.Transport, kc.Installer = cfg.Identity.ULA, cfg.Auth, transport, installer
 	kc.Logger = cfg.Logger.With("part", "keying")
 	a.keyer, err = keying.New(kc)
 	if err != nil {
@@ -224,6 +237,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		start("nat", func(ctx context.Context) error { return a.cfg.NAT(ctx, a.cfg.TunnelPort, a.onNAT) })
 	}
 	start("peers", func(ctx context.Context) error { return a.cfg.Peers(ctx, a.onPeer) })
+	if a.paths != nil {
+		start("paths", a.paths.run)
+	}
 	if a.cfg.KernelEvents != nil {
 		start("kernel-events", a.kernelEvents)
 	}
@@ -278,17 +294,41 @@ func (a *Agent) onPeer(ev PeerEvent) {
 		return // ourselves, seen through the browse PTR
 	}
 	a.mu.Lock()
-	kp, holder, held := a.applyPeerEvent(ev) // identity.go: by name, conflicts keyed with neither
+	_, holder, held := a.applyPeerEvent(ev) // identity.go: by name, conflicts keyed with neither
 	a.mu.Unlock()
 	a.log.Info("peer", "name", ev.Name, "ula", ev.ULA, "outer", ev.Outer, "removed", ev.Removed)
+	if a.paths != nil {
+		if held {
+			a.paths.onPeerEvent(holder)
+		} else {
+			a.paths.onPeerEvent(PeerEvent{Removed: true, Name: ev.Name, ULA: ev.ULA})
+		}
+	}
 	switch {
 	case !held: // gone, or claimed by several names
 		if err := a.rec.RemovePeer(ctx, ev.ULA); err != nil {
 			a.log.Warn("removing peer", "peer", ev.Name, "err", err)
 		}
+	case a.paths.current(holder.ULA).IsValid():
+		// The path selector decides where this peer is reached.
 	case holder.Outer.IsValid():
 		if err := a.rec.SetPeerOuter(ctx, holder.Name, holder.ULA, holder.Outer, controlplane.SourceDNS); err != nil {
 			a.log.Warn("moving peer", "peer", holder.Name, "err", err)
+		}
+	}
+	a.updateKeyingPeers(ctx)
+}
+
+// updateKeyingPeers hands keying the current peers (identity.go: by name,
+// conflicts keyed with neither), each at its chosen path's remote endpoint,
+// or its SRV/A until a path is chosen.
+func (a *Agent) updateKeyingPeers(ctx context.Context) {
+	a.mu.Lock()
+	kp, _ := a.book.keying(a.principalFor)
+	a.mu.Unlock()
+	for i := range kp {
+		if c := a.paths.current(kp[i].ULA); c.IsValid() {
+			kp[i].Outer = c.Remote
 		}
 	}
 	if err := a.keyer.SetPeers(ctx, kp); err != nil {
@@ -351,6 +391,9 @@ type Status struct {
 	KeyingError string `json:"keying_error,omitempty"`
 	// Network is the host's own network as followed (issue 12).
 	Network NetworkStatus `json:"network"`
+	// Paths: NAT behaviour, candidates, relay allocation and per-peer
+	// paths (nil without path selection).
+	Paths *PathsStatus `json:"paths,omitempty"`
 }
 
 // PeerStatus joins what DNS, keying and the dataplane know of one peer.
@@ -359,6 +402,9 @@ type PeerStatus struct {
 	Capabilities register.Capabilities `json:"capabilities"`
 	KeyingError  string                `json:"keying_error,omitempty"`
 	Activity     *PeerActivity         `json:"activity,omitempty"`
+	// Path is the path chosen by the connectivity checks (kind "none"
+	// without path selection or while none answers).
+	Path path.Path `json:"path"`
 }
 
 // Status gathers a snapshot from every part.
@@ -409,8 +455,11 @@ func (a *Agent) Status(ctx context.Context) Status {
 	for _, act := range a.PeerActivity() {
 		acts[act.ULA] = act
 	}
+	if a.paths != nil {
+		st.Paths = a.paths.status()
+	}
 	for _, p := range peers {
-		ps := PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA]}
+		ps := PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA], Path: a.paths.current(p.ULA)}
 		if act, ok := acts[p.ULA]; ok {
 			ps.Activity = &act
 		}

@@ -1,0 +1,425 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/miekg/dns"
+
+	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/keying"
+	"github.com/btmm/btmm/controlplane/path"
+	"github.com/btmm/btmm/controlplane/relay"
+	"github.com/btmm/btmm/dns/register"
+)
+
+// Connectivity everywhere (issue 14, docs/paths.md).
+//
+// With Config.Paths set the agent publishes endpoint candidates with its
+// records (TXT pk=, nat=, c-lan, c-rfx, c-relay), learns its reflexive
+// endpoint and its NAT's mapping behaviour from STUN responders (the
+// btmm-relays) through the tunnel socket, holds an allocation on the first
+// relay, and runs a path.Selector: every peer that publishes a probe key is
+// probed on all its candidates, and the best answering path becomes the
+// peer's outer address in the dataplane (no rekey) and for keying. Peers
+// that publish only today's records keep today's behaviour (their SRV/A).
+
+// PathsConfig turns on path selection.
+type PathsConfig struct {
+	// Servers returns the btmm-relay/STUN servers (static, or SRV
+	// _btmm-relay._udp.<domain>): all answer STUN, the first also
+	// allocates. Two addresses tell an endpoint-independent NAT from a
+	// symmetric one.
+	Servers func(ctx context.Context) ([]netip.AddrPort, error)
+	// Cred signs relay allocations (the user's or host's TSIG key).
+	Cred relay.Credential
+	// Preference ranks path kinds (default path.DefaultPreference).
+	Preference []path.Kind
+	// LocalAddrs lists this host's IPv4 addresses (LAN candidates);
+	// default: the addresses of the up, non-loopback interfaces.
+	LocalAddrs func() []netip.Addr
+	// Refresh is how often the NAT behaviour and reflexive endpoint are
+	// measured again and binds renewed (60 s).
+	Refresh time.Duration
+}
+
+type paths struct {
+	a    *Agent
+	cfg  PathsConfig
+	mux  *path.Mux
+	sel  *path.Selector
+	key  *path.Key
+	rc   *relay.Client
+	base register.Capabilities
+	kick chan struct{}
+
+	mu      sync.Mutex
+	nat     relay.NAT
+	seen    []netip.AddrPort
+	alloc   relay.Allocation
+	servers []netip.AddrPort
+	lastErr string
+	cands   []register.Candidate
+}
+
+func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, error) {
+	if cfg.Servers == nil {
+		return nil, fmt.Errorf("agent: paths: no relay/STUN servers")
+	}
+	if cfg.Refresh <= 0 {
+		cfg.Refresh = time.Minute
+	}
+	if cfg.LocalAddrs == nil {
+		cfg.LocalAddrs = interfaceAddrs
+	}
+	key, err := path.NewKey()
+	if err != nil {
+		return nil, err
+	}
+	p := &paths{a: a, cfg: cfg, key: key, base: base, kick: make(chan struct{}, 1), nat: relay.NATUnknown}
+	p.mux = path.NewMux(a.cfg.Transport)
+	p.rc = &relay.Client{Send: p.mux.WriteKeying, Cred: cfg.Cred,
+		Host: dns.Fqdn(a.cfg.Host + "." + strings.TrimSuffix(a.cfg.Domain, "."))}
+	p.sel, err = path.New(path.Config{Key: key, Send: p.mux.WriteKeying, OnChange: p.onPath,
+		Preference: cfg.Preference, Logger: a.log.With("part", "paths")})
+	if err != nil {
+		return nil, err
+	}
+	p.mux.HandleProbes(func(b []byte, from netip.AddrPort) { p.sel.HandleProbe(b, from) })
+	p.mux.HandleSTUN(p.rc.Handle)
+	return p, nil
+}
+
+// transport is what keying reads and writes: the keying channel minus
+// probes and STUN.
+func (p *paths) transport() keying.Transport { return p.mux }
+
+func interfaceAddrs() []netip.Addr {
+	var out []netip.Addr
+	ifs, _ := net.Interfaces()
+	for _, i := range ifs {
+		if i.Flags&net.FlagUp == 0 || i.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		addrs, _ := i.Addrs()
+		for _, a := range addrs {
+			if pn, ok := a.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(pn.IP); ok && ip.Unmap().Is4() {
+					out = append(out, ip.Unmap())
+				}
+			}
+		}
+	}
+	return out
+}
+
+// run drives the keying channel and the selector, and keeps the candidates
+// (NAT behaviour, reflexive endpoint, relay allocation) fresh.
+func (p *paths) run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	errc := make(chan error, 1)
+	go func() { defer wg.Done(); errc <- p.mux.Run(ctx) }()
+	go func() { defer wg.Done(); p.sel.Run(ctx) }()
+	defer wg.Wait()
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			p.release()
+			return nil
+		case err := <-errc:
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("keying channel: %w", err)
+		case <-p.kick:
+		case <-t.C:
+		}
+		next := p.refresh(ctx)
+		t.Reset(next)
+	}
+}
+
+// Kick re-measures and re-probes at once (our network changed).
+func (p *paths) Kick() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+	p.sel.Kick()
+}
+
+// refresh measures the NAT, keeps the allocation, publishes the candidates
+// and renews binds; it returns when to run again.
+func (p *paths) refresh(ctx context.Context) time.Duration {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	local := p.cfg.LocalAddrs()
+	servers, err := p.cfg.Servers(ctx)
+	if err != nil || len(servers) == 0 {
+		// Without a relay we still probe: LAN and published candidates.
+		p.setErr(fmt.Sprintf("no relay/STUN servers: %v", err))
+		p.mu.Lock()
+		p.servers, p.nat, p.seen = nil, relay.NATUnknown, nil
+		p.mu.Unlock()
+		p.publish(local)
+		return p.cfg.Refresh
+	}
+	nat, seen := p.rc.DetectNAT(ctx, servers, local)
+	p.mu.Lock()
+	p.servers, p.nat, p.seen = servers, nat, seen
+	alloc := p.alloc
+	p.mu.Unlock()
+	next := p.cfg.Refresh
+	switch {
+	case nat == relay.NATBlocked:
+		// No UDP: nothing to allocate over it (the TCP fallback is not built).
+		alloc = relay.Allocation{}
+	case !alloc.Relayed.IsValid() || alloc.Server != servers[0]:
+		a, err := p.rc.Allocate(ctx, servers[0], 0)
+		if err != nil {
+			p.setErr("relay allocation: " + err.Error())
+			next = 10 * time.Second
+		} else {
+			alloc = a
+			p.a.log.Info("relay allocation", "relayed", a.Relayed, "server", a.Server, "lifetime", a.Lifetime)
+		}
+	default:
+		if _, err := p.rc.Refresh(ctx, alloc, 0); err != nil {
+			p.setErr("relay refresh: " + err.Error())
+			alloc, next = relay.Allocation{}, time.Second
+		}
+	}
+	if alloc.Lifetime > 0 {
+		next = min(next, alloc.Lifetime/2)
+	}
+	p.mu.Lock()
+	p.alloc = alloc
+	p.mu.Unlock()
+	p.publish(local)
+	p.bindAll(ctx)
+	return next
+}
+
+func (p *paths) setErr(s string) {
+	p.a.log.Warn("paths", "err", s)
+	p.mu.Lock()
+	p.lastErr = s
+	p.mu.Unlock()
+}
+
+// publish puts our candidates into the TXT record, and, while the NAT side
+// has no usable external address (no PCP/NAT-PMP), the best of them into
+// SRV/A so that peers running older btmmd have something to try.
+func (p *paths) publish(local []netip.Addr) {
+	port := p.a.cfg.TunnelPort
+	p.mu.Lock()
+	var cands []register.Candidate
+	for _, l := range local {
+		if len(cands) < 4 {
+			cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindLAN), Addr: netip.AddrPortFrom(l, port)})
+		}
+	}
+	p.a.mu.Lock()
+	external := p.a.nat.External
+	p.a.mu.Unlock()
+	var rfx netip.AddrPort
+	// A reflexive endpoint equal to the PCP mapping is the mapping (direct).
+	if len(p.seen) > 0 && p.nat != relay.NATNone && p.seen[0] != external {
+		rfx = p.seen[0]
+		cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindPunched), Addr: rfx})
+	}
+	if p.alloc.Relayed.IsValid() {
+		cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindRelayUDP), Addr: p.alloc.Relayed})
+	}
+	p.cands = cands
+	caps := p.base
+	pub := p.key.Public()
+	caps.ProbeKey, caps.NAT, caps.Candidates = pub[:], string(p.nat), cands
+	alloc, nat := p.alloc, p.nat
+	p.mu.Unlock()
+	if err := p.a.reg.SetCapabilities(caps); err != nil {
+		p.a.log.Warn("publishing candidates", "err", err)
+	}
+	p.a.mu.Lock()
+	mapped := p.a.nat.External.IsValid() || p.a.cfg.NAT == nil
+	p.a.mu.Unlock()
+	if mapped {
+		return
+	}
+	var outer netip.AddrPort
+	switch {
+	case nat == relay.NATNone && len(local) > 0:
+		outer = netip.AddrPortFrom(local[0], port)
+	case nat == relay.NATIndependent && rfx.IsValid():
+		outer = rfx
+	case alloc.Relayed.IsValid():
+		outer = alloc.Relayed
+	}
+	if outer.IsValid() {
+		if err := p.a.reg.SetOuter(outer); err != nil {
+			p.a.log.Warn("publishing SRV/A", "err", err)
+		}
+	}
+}
+
+// bindAll binds our allocation at every peer's relay port, so the relay
+// forwards between us (both sides bind; each bind lasts as long as our
+// allocation).
+func (p *paths) bindAll(ctx context.Context) {
+	p.mu.Lock()
+	alloc := p.alloc
+	p.mu.Unlock()
+	if !alloc.Relayed.IsValid() {
+		return
+	}
+	p.a.mu.Lock()
+	var targets []netip.AddrPort
+	for _, ev := range p.a.peers {
+		for _, c := range path.CandidatesFrom(ev.Outer, ev.Capabilities) {
+			if c.Kind == path.KindRelayUDP {
+				targets = append(targets, c.Addr)
+			}
+		}
+	}
+	p.a.mu.Unlock()
+	for _, t := range targets {
+		if err := p.rc.Bind(ctx, t, alloc); err != nil {
+			p.a.log.Info("relay bind", "peer_relay", t, "err", err)
+		}
+	}
+}
+
+// onPeerEvent feeds the selector (peers with a probe key only).
+func (p *paths) onPeerEvent(ev PeerEvent) {
+	if ev.Removed || len(ev.Capabilities.ProbeKey) == 0 {
+		p.sel.RemovePeer(ev.ULA)
+		return
+	}
+	if err := p.sel.SetPeer(ev.ULA, ev.Name, ev.Capabilities.ProbeKey, path.CandidatesFrom(ev.Outer, ev.Capabilities)); err != nil {
+		p.a.log.Warn("paths: peer", "peer", ev.Name, "err", err)
+		return
+	}
+	// A new relay candidate wants our bind before probes through it work.
+	go func() {
+		ctx, cancel := context.WithTimeout(p.a.ctx, 10*time.Second)
+		defer cancel()
+		p.bindAll(ctx)
+	}()
+}
+
+// onPath moves the peer to its new path: dataplane and keying, no rekey.
+func (p *paths) onPath(ula netip.Addr, np path.Path) {
+	if !np.IsValid() {
+		return // keep the last outer address: a path may come back
+	}
+	ctx, cancel := context.WithTimeout(p.a.ctx, 10*time.Second)
+	defer cancel()
+	p.a.mu.Lock()
+	name := p.a.peers[ula].Name
+	p.a.mu.Unlock()
+	if err := p.a.rec.SetPeerOuter(ctx, name, ula, np.Remote, controlplane.SourcePath); err != nil {
+		p.a.log.Warn("paths: moving peer", "peer", name, "err", err)
+	}
+	p.a.updateKeyingPeers(ctx)
+}
+
+func (p *paths) release() {
+	p.mu.Lock()
+	alloc := p.alloc
+	p.mu.Unlock()
+	if !alloc.Relayed.IsValid() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	p.rc.Tries = 2
+	p.rc.Refresh(ctx, alloc, 0) // best effort: it expires anyway
+}
+
+// PathsStatus is what btmmctl shows about paths.
+type PathsStatus struct {
+	NAT        string               `json:"nat"`      // relay.NAT
+	NATText    string               `json:"nat_text"` // "endpoint-independent", ...
+	Reflexive  []netip.AddrPort     `json:"reflexive,omitempty"`
+	Relay      netip.AddrPort       `json:"relay_allocation,omitzero"`
+	Servers    []netip.AddrPort     `json:"servers,omitempty"`
+	Candidates []register.Candidate `json:"candidates,omitempty"`
+	LastError  string               `json:"last_error,omitempty"`
+	Peers      []path.PeerStatus    `json:"peers,omitempty"`
+}
+
+func (p *paths) status() *PathsStatus {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return &PathsStatus{NAT: string(p.nat), NATText: p.nat.Describe(), Reflexive: slices.Clone(p.seen),
+		Relay: p.alloc.Relayed, Servers: slices.Clone(p.servers), Candidates: slices.Clone(p.cands),
+		LastError: p.lastErr, Peers: p.sel.Status()}
+}
+
+// current is the selected path of a peer (invalid: none or not probed).
+func (p *paths) current(ula netip.Addr) path.Path {
+	if p == nil {
+		return path.Path{}
+	}
+	return p.sel.Current(ula)
+}
+
+// SRVServers looks up SRV _btmm-relay._udp.<domain> through resolver and
+// returns every address of every target, lowest priority first.
+func SRVServers(resolver, domain string) func(ctx context.Context) ([]netip.AddrPort, error) {
+	return func(ctx context.Context) ([]netip.AddrPort, error) {
+		c := &dns.Client{Timeout: 3 * time.Second}
+		m := new(dns.Msg)
+		m.SetQuestion("_btmm-relay._udp."+dns.Fqdn(domain), dns.TypeSRV)
+		r, _, err := c.ExchangeContext(ctx, m, resolver)
+		if err != nil {
+			return nil, fmt.Errorf("relay discovery: %w", err)
+		}
+		var srvs []*dns.SRV
+		for _, rr := range r.Answer {
+			if s, ok := rr.(*dns.SRV); ok {
+				srvs = append(srvs, s)
+			}
+		}
+		slices.SortStableFunc(srvs, func(a, b *dns.SRV) int { return int(a.Priority) - int(b.Priority) })
+		var out []netip.AddrPort
+		for _, s := range srvs {
+			addrs := addrsIn(r.Extra, s.Target)
+			if len(addrs) == 0 {
+				q := new(dns.Msg)
+				q.SetQuestion(s.Target, dns.TypeA)
+				if ra, _, err := c.ExchangeContext(ctx, q, resolver); err == nil {
+					addrs = addrsIn(ra.Answer, s.Target)
+				}
+			}
+			for _, a := range addrs {
+				out = append(out, netip.AddrPortFrom(a, s.Port))
+			}
+		}
+		if len(out) == 0 {
+			return nil, fmt.Errorf("relay discovery: no _btmm-relay._udp.%s", dns.Fqdn(domain))
+		}
+		return out, nil
+	}
+}
+
+func addrsIn(rrs []dns.RR, name string) []netip.Addr {
+	var out []netip.Addr
+	for _, rr := range rrs {
+		if a, ok := rr.(*dns.A); ok && strings.EqualFold(a.Hdr.Name, name) {
+			if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out
+}
