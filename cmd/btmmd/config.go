@@ -89,6 +89,7 @@ type Config struct {
 		Mode       string   `toml:"mode"`       // "auto" (default: candidates, probes, relays) or "off"
 		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
+		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
 	} `toml:"paths"`
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
@@ -233,6 +234,11 @@ func (c *Config) fill() error {
 	for _, sv := range c.Paths.Servers {
 		if ap, err := netip.ParseAddrPort(sv); err != nil || !ap.Addr().Is4() {
 			errs = append(errs, fmt.Errorf("paths.servers: %q is not IPv4:port", sv))
+		}
+	}
+	if c.Paths.Refresh != "" {
+		if d, err := time.ParseDuration(c.Paths.Refresh); err != nil || d < time.Second {
+			errs = append(errs, fmt.Errorf("paths.refresh %q: want a duration >= 1s", c.Paths.Refresh))
 		}
 	}
 	for _, k := range c.Paths.Preference {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/miekg/dns"
 
@@ -27,6 +28,7 @@ func pathsConfig(cfg *Config, key *register.Key) (*agent.PathsConfig, error) {
 		return nil, fmt.Errorf("paths: TSIG key: %w", err)
 	}
 	pc := &agent.PathsConfig{Cred: relay.Credential{Name: key.Name, Secret: secret}}
+	pc.Refresh, _ = time.ParseDuration(cfg.Paths.Refresh) // checked by fill; "" is the default
 	for _, k := range cfg.Paths.Preference {
 		kind, _ := path.ParseKind(k) // checked by fill
 		pc.Preference = append(pc.Preference, kind)

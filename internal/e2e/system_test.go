@@ -56,7 +56,7 @@ func show(t *testing.T, label, out string) {
 func binaries(t *testing.T) string {
 	t.Helper()
 	if d := os.Getenv("BTMM_BIN_DIR"); d != "" {
-		for _, b := range []string{"btmm-dnsd", "btmmd", "btmmctl"} {
+		for _, b := range []string{"btmm-dnsd", "btmmd", "btmmctl", "btmm-relay"} {
 			if _, err := os.Stat(filepath.Join(d, b)); err != nil {
 				t.Fatalf("BTMM_BIN_DIR=%s lacks %s (run make build): %v", d, b, err)
 			}
@@ -66,7 +66,7 @@ func binaries(t *testing.T) string {
 	_, file, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(file), "..", "..")
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/btmm-dnsd", "./cmd/btmmd", "./cmd/btmmctl")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "./cmd/btmm-dnsd", "./cmd/btmmd", "./cmd/btmmctl", "./cmd/btmm-relay")
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
@@ -120,6 +120,11 @@ func writeFile(t *testing.T, path, content string, mode os.FileMode) {
 // user alice, and returns a function that makes a host's own key
 // (`btmm-dnsd addhost alice HOST`) and returns its file.
 func rendezvous(t *testing.T, l *lab.Lab, bins, dir string) func(host string) string {
+	return rendezvousWith(t, l, bins, dir, "")
+}
+
+// rendezvousWith is rendezvous with extra TOML appended to btmm-dnsd's config.
+func rendezvousWith(t *testing.T, l *lab.Lab, bins, dir, extra string) func(host string) string {
 	t.Helper()
 	conf := filepath.Join(dir, "dnsd.toml")
 	writeFile(t, conf, fmt.Sprintf(`zone = %q
@@ -128,7 +133,7 @@ server_addrs = [%q]
 data_dir = %q
 listen = "%s:53"
 listen_tls = ""
-`, zone, zone, lab.InetAddr, filepath.Join(dir, "dnsd"), lab.InetAddr), 0o644)
+`, zone, zone, lab.InetAddr, filepath.Join(dir, "dnsd"), lab.InetAddr)+extra, 0o644)
 	out, err := exec.Command(filepath.Join(bins, "btmm-dnsd"), "-config", conf, "adduser", "alice").Output()
 	if err != nil {
 		t.Fatalf("btmm-dnsd adduser: %v", err)
