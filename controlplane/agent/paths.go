@@ -122,10 +122,12 @@ func interfaceAddrs() []netip.Addr {
 // run drives the keying channel and the selector, and keeps the candidates
 // (NAT behaviour, reflexive endpoint, relay allocation) fresh.
 func (p *paths) run(ctx context.Context) error {
-	var wg sync.WaitGroup
-	wg.Add(2)
+	// The mux reads the tunnel socket until btmmd closes it after Run:
+	// like keying's reader it is not waited for here.
 	errc := make(chan error, 1)
-	go func() { defer wg.Done(); errc <- p.mux.Run(ctx) }()
+	go func() { errc <- p.mux.Run(ctx) }()
+	var wg sync.WaitGroup
+	wg.Add(1)
 	go func() { defer wg.Done(); p.sel.Run(ctx) }()
 	defer wg.Wait()
 	t := time.NewTimer(0)
