@@ -211,11 +211,15 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	return next
 }
 
+// setErr records the last problem; a repeat of the same one is not logged again.
 func (p *paths) setErr(s string) {
-	p.a.log.Warn("paths", "err", s)
 	p.mu.Lock()
+	same := p.lastErr == s
 	p.lastErr = s
 	p.mu.Unlock()
+	if !same {
+		p.a.log.Warn("paths", "err", s)
+	}
 }
 
 // publish puts our candidates into the TXT record, and, while the NAT side
