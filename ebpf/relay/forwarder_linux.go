@@ -35,8 +35,9 @@ type Forwarder struct {
 	dev  netlink.Link
 	tcx  link.Link
 
-	mu    sync.Mutex
-	flows map[relayFlowKey]relayRewrite
+	mu     sync.Mutex
+	flows  map[relayFlowKey]relayRewrite
+	closed bool
 }
 
 const (
@@ -205,6 +206,12 @@ func (f *Forwarder) Verdicts() (Verdicts, error) {
 
 // Close detaches the program and releases the maps.
 func (f *Forwarder) Close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return nil
+	}
+	f.closed = true
 	var errs []error
 	if f.tcx != nil {
 		errs = append(errs, f.tcx.Close())

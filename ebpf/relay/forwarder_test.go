@@ -153,19 +153,20 @@ func must(t testing.TB, err error) {
 
 // host is a tunnel socket in a namespace with a relay client.
 type host struct {
+	ns   *netns.NS
 	conn *net.UDPConn
 	cl   *ctlrelay.Client
 	rx   chan []byte
 }
 
-func newHost(t *testing.T, ns *netns.NS, addr netip.AddrPort, name string, cred ctlrelay.Credential) *host {
+func newHost(t testing.TB, ns *netns.NS, addr netip.AddrPort, name string, cred ctlrelay.Credential) *host {
 	var c *net.UDPConn
 	must(t, ns.Do(func() (err error) {
 		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
 		return err
 	}))
 	t.Cleanup(func() { c.Close() })
-	h := &host{conn: c, rx: make(chan []byte, 4096)}
+	h := &host{ns: ns, conn: c, rx: make(chan []byte, 4096)}
 	h.cl = &ctlrelay.Client{Cred: cred, Host: name, Send: func(b []byte, to netip.AddrPort) error {
 		_, err := c.WriteToUDPAddrPort(append([]byte{0, 0, 0, 0}, b...), to)
 		return err
@@ -204,28 +205,9 @@ func TestKernelForwarding(t *testing.T) {
 
 func testKernelForwarding(t *testing.T, clsact bool) {
 	testenv.Require(t, testenv.NetNS) // also in the VM tier: Debian's 6.1 has no TCX (clsact path)
-	rl, rt := netns.New(t, "rl"), netns.New(t, "rt")
-	a, b := netns.New(t, "ra"), netns.New(t, "rb")
-	netns.MustVeth(t, rl, "r0", rt, "t0")
-	netns.MustVeth(t, a, "a0", rt, "t1")
-	netns.MustVeth(t, b, "b0", rt, "t2")
-	rl.MustAddr(t, "r0", "10.9.0.1/24")
-	rt.MustAddr(t, "t0", "10.9.0.254/24")
-	rt.MustAddr(t, "t1", "10.1.0.1/24")
-	rt.MustAddr(t, "t2", "10.2.0.1/24")
-	a.MustAddr(t, "a0", "10.1.0.2/24")
-	b.MustAddr(t, "b0", "10.2.0.2/24")
-	rl.MustRoute(t, "0.0.0.0/0", "10.9.0.254", "r0")
-	a.MustRoute(t, "0.0.0.0/0", "10.1.0.1", "a0")
-	b.MustRoute(t, "0.0.0.0/0", "10.2.0.1", "b0")
-	must(t, rt.Sysctl("net.ipv4.ip_forward", "1"))
-
-	alice := ctlrelay.Credential{Name: "alice.btmm.example.", Secret: bytes.Repeat([]byte{7}, 32)}
-	var fw *Forwarder
-	must(t, rl.Do(func() (err error) {
-		fw, err = New(Config{Device: "r0", Addr: relayAddr, PortMin: 40000, PortMax: 40099, ForceClsact: clsact})
-		return err
-	}))
+	tp := newTopo(t, "kernel", clsact)
+	fw, srv, a, b, rl := tp.fw, tp.srv, tp.a, tp.b, tp.rl
+	ctx := t.Context()
 	defer func() {
 		must(t, fw.Close())
 		l, err := rl.LinkByName("r0")
@@ -235,21 +217,7 @@ func testKernelForwarding(t *testing.T, clsact bool) {
 		}
 	}()
 	t.Logf("forwarder attached with %s", fw.Attachment())
-	srv, err := ctlrelay.Listen(ctlrelay.Config{
-		Listen: []netip.AddrPort{netip.AddrPortFrom(relayAddr, 3478)}, PortMin: 40000, PortMax: 40099,
-		Keys:      func(n string) (ctlrelay.Credential, bool) { return alice, n == alice.Name },
-		Forwarder: fw,
-		ListenPacket: func(ap netip.AddrPort) (c *net.UDPConn, err error) {
-			err = rl.Do(func() error { c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(ap)); return err })
-			return c, err
-		},
-	})
-	must(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	defer func() { cancel(); <-done }()
-
+	alice := tp.cred
 	ha := newHost(t, a, hostA, "a.alice.btmm.example.", alice)
 	hb := newHost(t, b, hostB, "b.alice.btmm.example.", alice)
 	server := netip.AddrPortFrom(relayAddr, 3478)
@@ -319,4 +287,58 @@ func testKernelForwarding(t *testing.T, clsact bool) {
 		t.Errorf("verdicts %+v", v)
 	}
 	t.Logf("verdicts %+v, relay stats %+v", v, srv.Stats())
+}
+
+// topo is the four-namespace relay setup: rl (relay), rt (router), a and b
+// (hosts); mode "kernel" attaches the forwarder, "go" runs the server
+// without it.
+type topo struct {
+	rl, rt, a, b *netns.NS
+	fw           *Forwarder
+	srv          *ctlrelay.Server
+	cred         ctlrelay.Credential
+}
+
+func newTopo(t testing.TB, mode string, clsact bool) *topo {
+	tp := &topo{}
+	rl, rt := netns.New(t, "rl"), netns.New(t, "rt")
+	a, b := netns.New(t, "ra"), netns.New(t, "rb")
+	tp.rl, tp.rt, tp.a, tp.b = rl, rt, a, b
+	netns.MustVeth(t, rl, "r0", rt, "t0")
+	netns.MustVeth(t, a, "a0", rt, "t1")
+	netns.MustVeth(t, b, "b0", rt, "t2")
+	rl.MustAddr(t, "r0", "10.9.0.1/24")
+	rt.MustAddr(t, "t0", "10.9.0.254/24")
+	rt.MustAddr(t, "t1", "10.1.0.1/24")
+	rt.MustAddr(t, "t2", "10.2.0.1/24")
+	a.MustAddr(t, "a0", "10.1.0.2/24")
+	b.MustAddr(t, "b0", "10.2.0.2/24")
+	rl.MustRoute(t, "0.0.0.0/0", "10.9.0.254", "r0")
+	a.MustRoute(t, "0.0.0.0/0", "10.1.0.1", "a0")
+	b.MustRoute(t, "0.0.0.0/0", "10.2.0.1", "b0")
+	must(t, rt.Sysctl("net.ipv4.ip_forward", "1"))
+	tp.cred = ctlrelay.Credential{Name: "alice.btmm.example.", Secret: bytes.Repeat([]byte{7}, 32)}
+	cfg := ctlrelay.Config{
+		Listen: []netip.AddrPort{netip.AddrPortFrom(relayAddr, 3478)}, PortMin: 40000, PortMax: 40099,
+		Keys: func(n string) (ctlrelay.Credential, bool) { return tp.cred, n == tp.cred.Name },
+		ListenPacket: func(ap netip.AddrPort) (c *net.UDPConn, err error) {
+			err = rl.Do(func() error { c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(ap)); return err })
+			return c, err
+		},
+	}
+	if mode == "kernel" {
+		must(t, rl.Do(func() (err error) {
+			tp.fw, err = New(Config{Device: "r0", Addr: relayAddr, PortMin: 40000, PortMax: 40099, ForceClsact: clsact})
+			return err
+		}))
+		cfg.Forwarder = tp.fw
+	}
+	srv, err := ctlrelay.Listen(cfg)
+	must(t, err)
+	tp.srv = srv
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return tp
 }
