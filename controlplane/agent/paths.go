@@ -185,7 +185,7 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	case nat == relay.NATBlocked:
 		// No UDP: nothing to allocate over it (the TCP fallback is not built).
 		alloc = relay.Allocation{}
-	case !alloc.Relayed.IsValid() || alloc.Server != servers[0]:
+	case !alloc.Relayed.IsValid() || !slices.Contains(servers, alloc.Server):
 		a, err := p.rc.Allocate(ctx, servers[0], 0)
 		if err != nil {
 			p.setErr("relay allocation: " + err.Error())
@@ -230,7 +230,9 @@ func (p *paths) publish(local []netip.Addr) {
 	p.mu.Lock()
 	var cands []register.Candidate
 	for _, l := range local {
-		if len(cands) < 4 {
+		// Only private and shared (CGNAT) addresses: a public one is the
+		// SRV/A endpoint, not a LAN path.
+		if len(cands) < 4 && (l.IsPrivate() || cgnat.Contains(l)) {
 			cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindLAN), Addr: netip.AddrPortFrom(l, port)})
 		}
 	}
@@ -297,12 +299,20 @@ func (p *paths) bindAll(ctx context.Context) {
 		}
 	}
 	p.a.mu.Unlock()
+	var wg sync.WaitGroup
 	for _, t := range targets {
-		if err := p.rc.Bind(ctx, t, alloc); err != nil {
-			p.a.log.Info("relay bind", "peer_relay", t, "err", err)
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := p.rc.Bind(ctx, t, alloc); err != nil {
+				p.a.log.Info("relay bind", "peer_relay", t, "err", err)
+			}
+		}()
 	}
+	wg.Wait()
 }
+
+var cgnat = netip.MustParsePrefix("100.64.0.0/10")
 
 // onPeerEvent feeds the selector (peers with a probe key only).
 func (p *paths) onPeerEvent(ev PeerEvent) {
@@ -400,6 +410,7 @@ func SRVServers(resolver, domain string) func(ctx context.Context) ([]netip.Addr
 		var out []netip.AddrPort
 		for _, s := range srvs {
 			addrs := addrsIn(r.Extra, s.Target)
+			slices.SortFunc(addrs, netip.Addr.Compare) // a stable first server (allocations live there)
 			if len(addrs) == 0 {
 				q := new(dns.Msg)
 				q.SetQuestion(s.Target, dns.TypeA)

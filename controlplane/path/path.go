@@ -122,6 +122,9 @@ func CandidatesFrom(published netip.AddrPort, caps register.Capabilities) []Cand
 		if !ok || !c.Addr.Addr().Is4() || seen[c.Addr] {
 			continue
 		}
+		if k == KindLAN && c.Addr == published {
+			k = KindDirect // its own address is public: reachable by anyone
+		}
 		seen[c.Addr] = true
 		out = append(out, Candidate{Kind: k, Addr: c.Addr, Source: "txt"})
 	}

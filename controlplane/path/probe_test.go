@@ -126,6 +126,12 @@ func TestCandidatesFrom(t *testing.T) {
 			t.Errorf("candidate %d = %+v, want %+v", i, got[i], want[i])
 		}
 	}
+	// A public host's own address listed as lan is its SRV/A: direct.
+	pub := CandidatesFrom(netip.MustParseAddrPort("11.3.0.2:4500"), register.Capabilities{Candidates: []register.Candidate{
+		{Kind: "lan", Addr: netip.MustParseAddrPort("11.3.0.2:4500")}}})
+	if len(pub) != 1 || pub[0].Kind != KindDirect {
+		t.Errorf("public host: %+v", pub)
+	}
 	// Today's records only: one direct candidate.
 	old := CandidatesFrom(netip.MustParseAddrPort("11.3.0.2:4500"), register.Capabilities{Version: 1})
 	if len(old) != 1 || old[0].Kind != KindDirect {

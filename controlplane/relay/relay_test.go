@@ -228,8 +228,8 @@ func TestRelayRefusals(t *testing.T) {
 	if _, err := c.cl.Allocate(ctx, srv, 0); !errors.Is(err, ErrQuota) {
 		t.Errorf("third allocation: %v, want ErrQuota", err)
 	}
-	if aa, err = a.cl.Allocate(ctx, srv, 0); err != nil {
-		t.Errorf("re-allocation by the same host: %v", err)
+	if again, err := a.cl.Allocate(ctx, srv, 0); err != nil || again.Relayed != aa.Relayed {
+		t.Errorf("re-allocation by the same host: %v, %v; want the same port %v", again.Relayed, err, aa.Relayed)
 	}
 	// Bob's host cannot bind at alice's port, nor name alice's allocation.
 	bb := newTestHost(t, "x.bob.btmm.example.", bob)

@@ -506,21 +506,26 @@ func (s *Server) allocate(m *stun.Message, cred Credential, r request, from neti
 		s.mu.Unlock()
 		return nil
 	}
-	// One allocation per host: a new Allocate from the same host replaces
-	// its old one (the host restarted or moved).
-	var old *allocation
+	// One allocation per host: a new Allocate from the same host renews
+	// its allocation in place (same port: what it published stays true;
+	// it restarted or moved, so its binds are gone).
 	n := 0
 	for _, a := range s.allocs {
 		if a.host == r.host {
-			old = a
+			for f, x := range s.binds {
+				if x == a {
+					delete(s.binds, f)
+				}
+			}
+			a.key, a.from, a.expires = cred.Name, from, now.Add(life)
+			s.mu.Unlock()
+			s.syncFlows()
+			s.log.Info("re-allocated", "host", r.host, "port", a.port, "from", from, "lifetime", life)
+			return s.allocated(m, cred, a, from, life)
 		}
 		if userOf(a.host) == userOf(r.host) {
 			n++
 		}
-	}
-	if old != nil {
-		s.dropLocked(old)
-		n--
 	}
 	if n >= s.cfg.MaxPerUser || len(s.allocs) >= s.cfg.MaxTotal {
 		s.mu.Unlock()
@@ -549,11 +554,12 @@ func (s *Server) allocate(m *stun.Message, cred Credential, r request, from neti
 		s.readLoop(conn, port)
 	}()
 	s.mu.Unlock()
-	if old != nil {
-		s.syncFlows()
-	}
 	s.log.Info("allocated", "host", r.host, "port", port, "from", from, "lifetime", life)
-	relayed := netip.AddrPortFrom(s.cfg.Public, port)
+	return s.allocated(m, cred, a, from, life)
+}
+
+func (s *Server) allocated(m *stun.Message, cred Credential, a *allocation, from netip.AddrPort, life time.Duration) []byte {
+	relayed := netip.AddrPortFrom(s.cfg.Public, a.port)
 	return s.success(m, cred, func(resp *stun.Message) {
 		addAddr(resp, stun.AttrXORRelayedAddress, relayed)
 		addAddr(resp, stun.AttrXORMappedAddress, from)
