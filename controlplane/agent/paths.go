@@ -195,7 +195,7 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 			p.a.log.Info("relay allocation", "relayed", a.Relayed, "server", a.Server, "lifetime", a.Lifetime)
 		}
 	default:
-		if _, err := p.rc.Refresh(ctx, alloc, 0); err != nil {
+		if _, err := p.rc.Refresh(ctx, alloc, max(alloc.Lifetime, time.Minute)); err != nil { // 0 would delete it
 			p.setErr("relay refresh: " + err.Error())
 			alloc, next = relay.Allocation{}, time.Second
 		}
