@@ -143,6 +143,9 @@ func (a *Agent) followNetwork(ctx context.Context, c netmon.Change) {
 	if err := a.keyer.Moved(ctx); err != nil && ctx.Err() == nil {
 		a.log.Warn("telling peers we moved", "err", err)
 	}
+	if a.paths != nil {
+		a.paths.Kick() // new NAT, new candidates: measure and probe again (issue 14)
+	}
 	took := time.Since(c.First)
 	a.mu.Lock()
 	a.netStatus.Took = took.Round(time.Millisecond).String()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -82,6 +83,7 @@ func (h *testHost) expectNothing(t *testing.T) {
 var (
 	alice = Credential{Name: "alice.btmm.example.", Secret: bytes.Repeat([]byte{1}, 32)}
 	bob   = Credential{Name: "bob.btmm.example.", Secret: bytes.Repeat([]byte{2}, 32)}
+	hostA = Credential{Name: "a.alice.btmm.example.", Secret: bytes.Repeat([]byte{4}, 32)}
 )
 
 func keys(cs ...Credential) KeyFunc {
@@ -101,7 +103,7 @@ func startServer(t *testing.T, cfg Config) *Server {
 		cfg.Listen = []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}
 	}
 	if cfg.Keys == nil {
-		cfg.Keys = keys(alice, bob)
+		cfg.Keys = keys(alice, bob, hostA)
 	}
 	if cfg.PortMin == 0 {
 		cfg.PortMin, cfg.PortMax = 41000, 41999
@@ -204,6 +206,7 @@ func TestRelayRefusals(t *testing.T) {
 		{"wrong secret", "a.alice.btmm.example.", forged, ErrUnauthorized},
 		{"another user's host", "a.alice.btmm.example.", bob, ErrForbidden},
 		{"the zone itself", "btmm.example.", alice, ErrForbidden},
+		{"a host key for another host", "b.alice.btmm.example.", hostA, ErrForbidden},
 	} {
 		h := newTestHost(t, tc.host, tc.cred)
 		if _, err := h.cl.Allocate(ctx, srv, 0); !errors.Is(err, tc.want) {
@@ -283,11 +286,19 @@ func TestDirKeys(t *testing.T) {
 	if err := tsig.WriteFile(filepath.Join(dir, "alice.key"), k); err != nil {
 		t.Fatal(err)
 	}
+	hk, _ := tsig.NewKey("laptop.alice.btmm.example.", "")
+	os.MkdirAll(filepath.Join(dir, "alice"), 0o700)
+	if err := tsig.WriteFile(filepath.Join(dir, "alice", "laptop.key"), hk); err != nil {
+		t.Fatal(err)
+	}
 	kf := DirKeys(dir, "btmm.example", time.Minute)
 	if c, ok := kf("Alice.btmm.example"); !ok || !bytes.Equal(c.Secret, k.Secret) {
 		t.Errorf("alice: %v %v", c, ok)
 	}
-	for _, n := range []string{"bob.btmm.example.", "btmm.example.", "../alice.btmm.example.", "x.alice.btmm.example."} {
+	if c, ok := kf("laptop.alice.btmm.example."); !ok || !bytes.Equal(c.Secret, hk.Secret) {
+		t.Errorf("host key: %v %v", c, ok)
+	}
+	for _, n := range []string{"bob.btmm.example.", "btmm.example.", "../alice.btmm.example.", "x.alice.btmm.example.", "a.b.alice.btmm.example."} {
 		if _, ok := kf(n); ok {
 			t.Errorf("%q found", n)
 		}

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -18,7 +17,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/pion/stun/v3"
 
-	"github.com/btmm/btmm/dns/tsig"
+	"github.com/btmm/btmm/dns/server"
 )
 
 // Flow is what a forwarder matches: a datagram arriving at relay port
@@ -56,11 +55,13 @@ type Forwarder interface {
 // KeyFunc returns the TSIG key with this canonical name.
 type KeyFunc func(name string) (Credential, bool)
 
-// DirKeys reads keys from btmm-dnsd's key directory (data_dir/keys, one BIND
-// key file per user, "<user>.key" holding key "<user>.<zone>"), cached for
-// ttl (a removed user is refused after at most ttl).
+// DirKeys reads keys from btmm-dnsd's key directory (data_dir/keys): user
+// keys ("<user>.key", named "<user>.<zone>") and host keys
+// ("<user>/<host>.key", named "<host>.<user>.<zone>"), in the layout and
+// with the parser of package dns/server. Answers are cached for ttl (a
+// removed user or host is refused after at most ttl).
 func DirKeys(dir, zone string, ttl time.Duration) KeyFunc {
-	zone = strings.ToLower(dns.CanonicalName(zone))
+	users := &server.Users{Dir: dir, Zone: strings.ToLower(dns.CanonicalName(zone))}
 	type entry struct {
 		c   Credential
 		ok  bool
@@ -79,11 +80,8 @@ func DirKeys(dir, zone string, ttl time.Duration) KeyFunc {
 			clear(cache)
 		}
 		var e entry
-		user, ok := strings.CutSuffix(name, "."+zone)
-		if ok && !strings.ContainsAny(user, "./") && user != "" {
-			if k, err := tsig.ReadFile(filepath.Join(dir, user+".key")); err == nil && dns.CanonicalName(k.Name) == name {
-				e.c, e.ok = Credential{Name: name, Secret: k.Secret}, true
-			}
+		if k, err := users.Load(name); err == nil && strings.EqualFold(dns.CanonicalName(k.Name), name) {
+			e.c, e.ok = Credential{Name: name, Secret: k.Secret}, true
 		}
 		e.exp = time.Now().Add(ttl)
 		cache[name] = e
