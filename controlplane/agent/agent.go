@@ -195,6 +195,7 @@ func New(cfg Config) (*Agent, error) {
 	transport := cfg.Transport
 	var installer keying.Installer = a.rec
 	if cfg.Paths != nil {
+		installer = pathInstaller{a}
 		if a.paths, err = newPaths(a, *cfg.Paths, rc.Capabilities); err != nil {
 			return nil, fmt.Errorf("agent: %w", err)
 		}
@@ -349,6 +350,14 @@ func (a *Agent) kernelEvents(ctx context.Context) error {
 				if err := a.keyer.Rekey(ctx, m.Peer); err != nil {
 					a.log.Warn("rekey on soft expiry", "peer", m.Peer, "err", err)
 				}
+				continue
+			}
+			if a.paths.current(m.Peer).IsValid() {
+				// The peer is on a path the probes chose: ESP from
+				// elsewhere means its side chose another one (or moved):
+				// probe again rather than follow one packet.
+				a.log.Info("ESP from a new address; probing paths again", "peer", m.Peer, "from", m.New)
+				a.paths.sel.Kick()
 				continue
 			}
 			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, controlplane.SourceKernel); err != nil {

@@ -96,6 +96,31 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 	return p, nil
 }
 
+// pathInstaller is keying's Installer when paths are selected: the outer
+// address keying learnt from a message's source (which may have come the
+// way the peer chose, e.g. through the relay) gives way to the path our
+// probes chose.
+type pathInstaller struct{ a *Agent }
+
+//
+// An address that is none of the peer's candidates is news (an
+// authenticated MOVED from a network it just joined): it is followed at
+// once, and the probes look again.
+func (pi pathInstaller) Install(ctx context.Context, p controlplane.Peer) error {
+	if c := pi.a.paths.current(p.ULA); c.IsValid() && p.Outer.IsValid() && p.Outer != c.Remote {
+		if pi.a.paths.sel.Known(p.ULA, p.Outer) {
+			p.Outer = c.Remote
+		} else {
+			pi.a.paths.sel.Kick()
+		}
+	}
+	return pi.a.rec.Install(ctx, p)
+}
+
+func (pi pathInstaller) Remove(ctx context.Context, ula netip.Addr) error {
+	return pi.a.rec.Remove(ctx, ula)
+}
+
 // transport is what keying reads and writes: the keying channel minus
 // probes and STUN.
 func (p *paths) transport() keying.Transport { return p.mux }

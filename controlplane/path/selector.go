@@ -498,6 +498,15 @@ func (s *Selector) Reflexive() []netip.AddrPort {
 	return slices.Clone(s.seen)
 }
 
+// Known reports whether addr is one of the peer's candidates (published or
+// learnt).
+func (s *Selector) Known(ula netip.Addr, addr netip.AddrPort) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.peers[ula]
+	return p != nil && p.cand(addr) != nil
+}
+
 // Current returns the path chosen for a peer (invalid if none).
 func (s *Selector) Current(ula netip.Addr) Path {
 	s.mu.Lock()
