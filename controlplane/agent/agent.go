@@ -353,12 +353,12 @@ func (a *Agent) kernelEvents(ctx context.Context) error {
 				continue
 			}
 			if a.paths.current(m.Peer).IsValid() {
-				// The peer is on a path the probes chose: ESP from
-				// elsewhere means its side chose another one (or moved):
-				// probe again rather than follow one packet.
-				a.log.Info("ESP from a new address; probing paths again", "peer", m.Peer, "from", m.New)
 				a.paths.sel.Kick()
-				continue
+				if a.paths.sel.Known(m.Peer, m.New) {
+					// The peer's side sends another known way (e.g. the
+					// relay while ours is direct): keep our choice.
+					continue
+				}
 			}
 			if err := a.rec.SetPeerOuter(ctx, "", m.Peer, m.New, controlplane.SourceKernel); err != nil {
 				a.log.Warn("following NAT mapping change", "peer", m.Peer, "err", err)
