@@ -86,7 +86,7 @@ type Config struct {
 	} `toml:"metrics"`
 
 	Paths struct {
-		Mode       string   `toml:"mode"`       // "auto" (default: candidates, probes, relays) or "off"
+		Mode       string   `toml:"mode"`       // "auto" (candidates, probes, relays) or "off" (default for now)
 		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
 		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
@@ -226,7 +226,8 @@ func (c *Config) fill() error {
 	}
 	switch c.Paths.Mode {
 	case "":
-		c.Paths.Mode = "auto"
+		// Off until the whole VM tier has run with it on (docs/paths.md).
+		c.Paths.Mode = "off"
 	case "auto", "off":
 	default:
 		errs = append(errs, fmt.Errorf("paths.mode %q: want auto or off", c.Paths.Mode))

@@ -123,6 +123,7 @@ mode = "psk"
 psk_file = %q
 
 [paths]
+mode = "auto"
 refresh = "3s"
 `, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, psk), 0o644)
 		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
