@@ -968,6 +968,12 @@ func (a *Agent) sendMoved(p *peer, now time.Time, first bool) {
 	}
 	an.sent = b
 	a.send([][]byte{b}, p.outer)
+	if pub := p.cfg.Outer; pub.IsValid() && pub != p.outer {
+		// Where we sent to may be an artifact of the network we left (a
+		// port our old NAT rewrote): the peer's published endpoint is
+		// where it can be reached from anywhere.
+		a.send([][]byte{b}, pub)
+	}
 }
 
 // onMoved follows a keyed peer to the address its MOVED came from. The MOVED
@@ -1021,6 +1027,18 @@ func (a *Agent) onMovedAck(m *Message, d datagram) {
 	}
 	a.log().Debug("keying: peer acknowledged our move", "peer", p.cfg.Name, "seq", m.Seq)
 	p.moved = nil
+	if d.from != p.outer {
+		// The peer answered, authenticated, from elsewhere than where we
+		// send to: from our new network, that is where it is.
+		old := p.outer
+		p.outer = d.from
+		if err := a.reinstall(p); err != nil {
+			p.outer = old
+			a.log().Warn("keying: following the peer's address seen from our new network failed", "peer", p.cfg.Name, "err", err)
+			return
+		}
+		a.log().Info("keying: peer answered our MOVED from another address; sending there", "peer", p.cfg.Name, "from", old, "to", d.from)
+	}
 }
 
 func (a *Agent) reassemble(m *Message, from netip.AddrPort, now time.Time) []byte {

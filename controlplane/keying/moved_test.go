@@ -310,3 +310,36 @@ func TestInitFromBehindNAT(t *testing.T) {
 		pairOK(t, pa, pb)
 	})
 }
+
+// TestMovedReachesPublishedAddress: a's view of b is stale (b moved to a
+// port that only existed on a's old network, then back, unannounced). When a
+// moves, its MOVED also goes to b's published address, b follows, and b's
+// authenticated MOVED_ACK from its real address corrects a's view.
+func TestMovedReachesPublishedAddress(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		mn := newMovedNet(t)
+		// b announces a move to addrB2, then silently returns to addrB.
+		mn.n.move(mn.b.ep, netip.MustParseAddrPort("10.0.7.7:26687"))
+		if err := mn.b.agent.Moved(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		if p, _ := mn.a.rec.peer(ulaB); p.Outer.Port() != 26687 {
+			t.Fatalf("setup: a sends to b at %v", p.Outer)
+		}
+		mn.n.move(mn.b.ep, addrB)
+		// a moves: its MOVED to the stale address is lost, the copy to
+		// b's published address (peerB.Outer) arrives.
+		mn.moveA(t, addrA2)
+		synctest.Wait()
+		if p, _ := mn.b.rec.peer(ulaA); p.Outer != addrA2 {
+			t.Fatalf("b sends to a at %v, want %v", p.Outer, addrA2)
+		}
+		if p, _ := mn.a.rec.peer(ulaB); p.Outer != addrB {
+			t.Fatalf("a still sends to b at %v after b's MOVED_ACK came from %v", p.Outer, addrB)
+		}
+		if _, _, inits := mn.counts(); inits != 0 {
+			t.Fatalf("%d INITs: a move must not rekey", inits)
+		}
+	})
+}

@@ -57,11 +57,17 @@ func TestVMReconvergence(t *testing.T) {
 		saAt := make(chan time.Time, 1)
 		stop := make(chan struct{})
 		var wg sync.WaitGroup
+		var polls, failed int
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for {
-				if outTo(l.Pub, want) {
+				ok, err := outTo(l.Pub, want)
+				polls++
+				if err != nil {
+					failed++
+				}
+				if ok {
 					saAt <- time.Now()
 					return
 				}
@@ -93,6 +99,7 @@ func TestVMReconvergence(t *testing.T) {
 			}
 			return fmt.Errorf("no reply to an echo sent after the move")
 		})
+		t.Logf("%s -> %s: SA %v (%d polls, %d failed), echo %v", kind, want, smp.sa.Round(time.Millisecond), polls, failed, smp.echo.Round(time.Millisecond))
 		time.Sleep(time.Second) // settle: MOVED acknowledged, NAT mapped, records published
 		return smp
 	}
@@ -142,18 +149,18 @@ func currentWAN(t *testing.T, gw *netns.NS) string {
 }
 
 // outTo reports whether ns has an ESP-in-UDP state sending to addr.
-func outTo(ns *netns.NS, addr string) bool {
+func outTo(ns *netns.NS, addr string) (bool, error) {
 	states, err := ns.Handle.XfrmStateList(netlink.FAMILY_V4)
 	if err != nil {
-		return false
+		return false, err
 	}
 	want := netip.MustParseAddr(addr)
 	for _, s := range states {
 		if a, ok := netip.AddrFromSlice(s.Dst); ok && a.Unmap() == want && s.Encap != nil {
-			return true
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
 // pct is the p-th percentile (nearest rank) of ds.

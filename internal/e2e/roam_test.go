@@ -4,8 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
-	"net"
 	"net/netip"
 	"os/exec"
 	"path/filepath"
@@ -39,7 +37,9 @@ type system struct {
 func newSystem(t *testing.T) *system {
 	t.Helper()
 	s := &system{bins: binaries(t), dir: t.TempDir(), l: lab.New(t), gws: map[*netns.NS]*miniupnpd.Daemon{}}
+	say(t, "btmm-dnsd: zone %s, user alice; each host gets its own key (`btmm-dnsd addhost alice HOST`)", zone)
 	s.hostKey = rendezvous(t, s.l, s.bins, s.dir)
+	say(t, "krb5kdc: realm %s with host principals", realm)
 	s.kdc = krbtest.StartIn(t, realm, s.l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
 	return s
 }
@@ -235,22 +235,6 @@ func reach(t *testing.T, from *host, ula netip.Addr, d time.Duration) {
 	out, err := from.ns.Run("ping", "-6", "-n", "-c", "1", "-i", "0.2", "-w", strconv.Itoa(int(d/time.Second)), ula.String())
 	if err != nil {
 		t.Fatalf("%s does not reach %v: %v\n%s", from.name, ula, err, out)
-	}
-}
-
-// roundTripWithin is roundTrip with a longer deadline (TCP's retransmission
-// timer has backed off after a long outage).
-func roundTripWithin(t *testing.T, c net.Conn, when string, d time.Duration) {
-	t.Helper()
-	rtSeq++
-	msg := fmt.Sprintf("ping %d\n", rtSeq)
-	c.SetDeadline(time.Now().Add(d))
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("TCP between ULAs broke %s: %v", when, err)
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != msg {
-		t.Fatalf("TCP between ULAs broke %s: %q, %v", when, buf, err)
 	}
 }
 

@@ -13,12 +13,12 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/btmm/btmm/controlplane/agent"
-	"github.com/btmm/btmm/internal/krbtest"
 	"github.com/btmm/btmm/internal/lab"
 	"github.com/btmm/btmm/internal/miniupnpd"
 	"github.com/btmm/btmm/internal/netns"
@@ -198,80 +198,28 @@ func (h *host) status(t *testing.T, bins string) (*agent.Status, error) {
 func TestTwoHostsBehindNATs(t *testing.T) {
 	testenv.Require(t, testenv.ESP)
 	testenv.RequireBinary(t, "ping", "iputils-ping")
-	bins := binaries(t)
-	dir := t.TempDir()
-
+	t.Parallel() // its own lab; overlaps the roaming tests' waits (keepalive idle, offline)
 	say(t, "Lab: inet (rendezvous DNS + KDC at %s), gw1/gw2 NAT gateways, host1/host2 behind them", lab.InetAddr)
-	l := lab.New(t)
-
-	say(t, "btmm-dnsd: zone %s, user alice; each host gets its own key (`btmm-dnsd addhost alice HOST`)", zone)
-	hostKey := rendezvous(t, l, bins, dir)
-
-	say(t, "krb5kdc: realm %s with host principals", realm)
-	kdc := krbtest.StartIn(t, realm, l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
+	s := newSystem(t)
+	l, bins, dir := s.l, s.bins, s.dir
 
 	say(t, "miniupnpd (NAT-PMP/PCP) on both NAT gateways")
-	var gws []*miniupnpd.Daemon
-	for _, g := range []struct {
-		gw  *netns.NS
-		lan string
-	}{{l.GW1, "192.168.1.0/24"}, {l.GW2, "192.168.2.0/24"}} {
-		gws = append(gws, miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan), KeepRuleset: true}))
-	}
+	s.upnp(t, l.GW1, l.GW2)
+	gws := []*miniupnpd.Daemon{s.gws[l.GW1], s.gws[l.GW2]}
 
-	hosts := []*host{{name: "host1", ns: l.Host1, dataplane: "xfrm"}, {name: "host2", ns: l.Host2, dataplane: "xfrm"},
-		{name: "pub", ns: l.Pub, dataplane: "ebpf"}}
-	for _, h := range hosts {
-		principal := "host/" + h.name + "." + strings.TrimSuffix(domain, ".")
-		kdc.AddPrincipal(t, principal)
-		ktPath, _ := kdc.Keytab(t, h.name+".keytab", principal)
-		h.sock = filepath.Join(dir, h.name+".sock")
-		conf := filepath.Join(dir, h.name+".toml")
-		writeFile(t, conf, fmt.Sprintf(`host = %q
-domain = %q
-state_file = %q
-control_socket = %q
-log_level = "debug"
-
-[tunnel]
-dataplane = %q
-
-[dns]
-key_file = %q
-server = "%s:53"
-resolver = "%s:53"
-
-[nat]
-mode = "auto"
-
-[keying]
-keytab = %q
-krb5_conf = %q
-realm = %q
-`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
-		say(t, "btmmd on %s (%s dataplane)", h.name, h.dataplane)
-		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
+	var hosts []*host
+	for _, h := range []struct {
+		name string
+		ns   *netns.NS
+		dp   string
+	}{{"host1", l.Host1, "xfrm"}, {"host2", l.Host2, "xfrm"}, {"pub", l.Pub, "ebpf"}} {
+		say(t, "btmmd on %s (%s dataplane)", h.name, h.dp)
+		hosts = append(hosts, s.startHost(t, h.name, h.ns, hostConf{dataplane: h.dp}))
 	}
 
 	say(t, "Waiting for each host to discover, key and program its peers")
-	sts := map[string]*agent.Status{}
+	sts := s.keyed(t, hosts...)
 	for _, h := range hosts {
-		waitFor(t, h.name+" has its peers keyed and in the kernel", 90*time.Second, func() error {
-			st, err := h.status(t, bins)
-			if err != nil {
-				return err
-			}
-			if len(st.Peers) != len(hosts)-1 {
-				return fmt.Errorf("peers: %+v", st.Peers)
-			}
-			for _, p := range st.Peers {
-				if !p.Keyed || !p.InKernel {
-					return fmt.Errorf("peer %s not ready: %+v", p.Name, p)
-				}
-			}
-			sts[h.name] = st
-			return nil
-		})
 		out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "status")
 		show(t, "btmmctl status   # on "+h.name, out)
 	}
@@ -495,15 +443,21 @@ func dialEcho(t *testing.T, ns *netns.NS, to netip.AddrPort) net.Conn {
 	return c
 }
 
-var rtSeq int
+var rtSeq atomic.Int64 // tests run in parallel
 
 // roundTrip sends a numbered line and expects it back within 10 s (TCP
 // retransmits across a brief gap; a reset or a timeout fails the test).
 func roundTrip(t *testing.T, c net.Conn, when string) {
 	t.Helper()
-	rtSeq++
-	msg := fmt.Sprintf("ping %d\n", rtSeq)
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	roundTripWithin(t, c, when, 10*time.Second)
+}
+
+// roundTripWithin is roundTrip with another deadline (TCP's retransmission
+// timer has backed off after a long outage).
+func roundTripWithin(t *testing.T, c net.Conn, when string, d time.Duration) {
+	t.Helper()
+	msg := fmt.Sprintf("ping %d\n", rtSeq.Add(1))
+	c.SetDeadline(time.Now().Add(d))
 	if _, err := c.Write([]byte(msg)); err != nil {
 		t.Fatalf("TCP between ULAs broke %s: %v", when, err)
 	}
