@@ -102,7 +102,6 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 // probes chose.
 type pathInstaller struct{ a *Agent }
 
-//
 // An address that is none of the peer's candidates is news (an
 // authenticated MOVED from a network it just joined): it is followed at
 // once, and the probes look again.
