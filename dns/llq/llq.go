@@ -97,10 +97,26 @@ type Peer struct {
 	Reply any
 }
 
-// Sender delivers an event to a peer. Key is the TSIG key name the LLQ was
-// set up with ("" for none); the sender signs with it.
+// Event is one event message for one LLQ, ready to sign and send.
+type Event struct {
+	Peer Peer
+	// Key is the TSIG key name the LLQ was set up with ("" for none): the
+	// sender signs with it.
+	Key string
+	// Wire is the packed, unsigned message (this event's message ID and
+	// LLQ-ID in place). It is the sender's to read, not to modify or keep:
+	// a retransmission passes the same bytes again.
+	Wire []byte
+	// LLQ is the LLQ-ID, for the sender's log.
+	LLQ uint64
+}
+
+// Sender delivers events. SendEvents gets all the events of one store
+// change (or of one retransmission round) at once, so that it can sign and
+// send them in batches; it returns the errors of the events it could not
+// send, joined. It is called from one goroutine at a time per Table.
 type Sender interface {
-	SendEvent(p Peer, key string, m *dns.Msg) error
+	SendEvents(evs []Event) error
 }
 
 // Config configures a Table.
@@ -135,12 +151,27 @@ type Entry struct {
 	rev     uint64 // store revision of the answers in the ACK
 	timer   *time.Timer
 	pending map[uint16]*pendingEvent
+	mark    uint64 // the last change that gave this LLQ an event (Changed)
 }
 
+// pendingEvent is an event sent over UDP and not yet acknowledged.
 type pendingEvent struct {
-	msg   *dns.Msg
-	sent  int
+	wire []byte
+	sent int
+}
+
+// retransmission is the events of one Changed call (or the ones still
+// unacknowledged of an earlier round): one timer retransmits them all.
+type retransmission struct {
+	evs   []retxEvent
+	delay time.Duration
 	timer *time.Timer
+}
+
+type retxEvent struct {
+	id    uint64 // LLQ-ID
+	msgID uint16
+	pe    *pendingEvent
 }
 
 // persisted form of a UDP LLQ.
@@ -167,6 +198,12 @@ type Table struct {
 	pq     []persistOp
 	pqCond *sync.Cond
 	pqDone chan struct{}
+	// Events: the changes numbered for Entry.mark, the retransmission
+	// rounds waiting for their timer, and sendMu, which keeps Sender calls
+	// from overlapping.
+	changes uint64
+	retx    map[*retransmission]struct{}
+	sendMu  sync.Mutex
 }
 
 type persistOp struct {
@@ -210,7 +247,8 @@ func NewTable(cfg Config) *Table {
 		cfg.Answer = func(dns.Question) ([]dns.RR, uint64) { return nil, 0 }
 	}
 	t := &Table{cfg: cfg, secret: make([]byte, 32), byID: map[uint64]*Entry{},
-		byName: map[string]map[uint64]*Entry{}, perKey: map[string]int{}, pqDone: make(chan struct{})}
+		byName: map[string]map[uint64]*Entry{}, perKey: map[string]int{}, pqDone: make(chan struct{}),
+		retx: map[*retransmission]struct{}{}}
 	rand.Read(t.secret)
 	t.pqCond = sync.NewCond(&t.mu)
 	go t.persistLoop()
@@ -311,9 +349,6 @@ func (t *Table) removeLocked(e *Entry, reason string) {
 		delete(t.perKey, e.Key)
 	}
 	e.timer.Stop()
-	for _, p := range e.pending {
-		p.timer.Stop()
-	}
 	t.persistLocked(e.ID, nil)
 	t.cfg.Log.Debug("llq deleted", "id", e.ID, "name", e.Q.Name, "reason", reason)
 }
@@ -378,10 +413,11 @@ func (t *Table) Close() {
 	t.closed = true
 	for _, e := range t.byID {
 		e.timer.Stop()
-		for _, p := range e.pending {
-			p.timer.Stop()
-		}
 	}
+	for r := range t.retx {
+		r.timer.Stop()
+	}
+	clear(t.retx)
 	t.pqCond.Broadcast()
 	t.mu.Unlock()
 	<-t.pqDone
@@ -522,24 +558,39 @@ func (t *Table) ack(id uint64, msgID uint16) {
 	if !ok {
 		return
 	}
-	if p, ok := e.pending[msgID]; ok {
-		p.timer.Stop()
-		delete(e.pending, msgID)
-	}
+	delete(e.pending, msgID)
 }
 
 // Changed sends the events for one store change to every matching LLQ.
+//
+// The LLQs on one question get the same message but for its ID and LLQ-ID:
+// it is built and packed once, and each LLQ's event is a copy of those bytes
+// with its two IDs written in. All the events go to the Sender in one call,
+// and the UDP ones share one retransmission timer.
 func (t *Table) Changed(c store.Change) {
-	type out struct {
-		e   *Entry
-		msg *dns.Msg
+	type group struct {
+		msg     *dns.Msg
+		rec     int // the last record added to msg (index into recs)
+		entries []*Entry
 	}
-	var sends []out
+	type rec struct {
+		r       store.Record
+		removed bool
+	}
+	recs := make([]rec, 0, len(c.Removed)+len(c.Added))
+	for _, r := range c.Removed {
+		recs = append(recs, rec{r, true})
+	}
+	for _, r := range c.Added {
+		recs = append(recs, rec{r, false})
+	}
 	t.mu.Lock()
-	events := map[uint64]*dns.Msg{}
-	var order []*Entry
-	add := func(r store.Record, removed bool) {
-		h := r.RR.Header()
+	t.changes++
+	mark := t.changes
+	groups := map[dns.Question]*group{}
+	var order []*group
+	for i, x := range recs {
+		h := x.r.RR.Header()
 		for _, e := range t.byName[lname(h.Name)] {
 			if e.Q.Qtype != dns.TypeANY && e.Q.Qtype != h.Rrtype {
 				continue
@@ -550,84 +601,134 @@ func (t *Table) Changed(c store.Change) {
 			if c.Rev != 0 && c.Rev <= e.rev {
 				continue // already in the answers the LLQ was set up with
 			}
-			m := events[e.ID]
-			if m == nil {
-				m = new(dns.Msg)
-				m.Id = dns.Id()
+			g := groups[e.Q]
+			if g == nil {
+				m := new(dns.Msg)
 				m.Response = true
 				m.Authoritative = true
 				m.Question = []dns.Question{e.Q}
-				SetOption(m, dns.EDNS0_LLQ{Version: Version, Opcode: OpEvent, Id: e.ID})
-				events[e.ID] = m
-				order = append(order, e)
+				// The LLQ option is the message's last field: eventIDs
+				// writes each LLQ's ID there.
+				SetOption(m, dns.EDNS0_LLQ{Version: Version, Opcode: OpEvent})
+				g = &group{msg: m, rec: -1}
+				groups[e.Q] = g
+				order = append(order, g)
 			}
-			rr := dns.Copy(r.RR)
-			rr.Header().Name = e.Q.Name
-			if removed {
-				rr.Header().Ttl = RemovedTTL
+			if g.rec != i {
+				g.rec = i
+				rr := dns.Copy(x.r.RR)
+				rr.Header().Name = e.Q.Name
+				if x.removed {
+					rr.Header().Ttl = RemovedTTL
+				}
+				g.msg.Answer = append(g.msg.Answer, rr)
 			}
-			m.Answer = append(m.Answer, rr)
+			if e.mark != mark {
+				e.mark = mark
+				g.entries = append(g.entries, e)
+			}
 		}
 	}
-	for _, r := range c.Removed {
-		add(r, true)
+	n := 0
+	for _, g := range order {
+		n += len(g.entries)
 	}
-	for _, r := range c.Added {
-		add(r, false)
-	}
-	for _, e := range order {
-		m := events[e.ID]
-		if e.Peer.Net == "udp" {
-			if len(e.pending) >= t.cfg.MaxPending {
+	evs := make([]Event, 0, n)
+	retx := &retransmission{delay: t.cfg.Retransmit}
+	for _, g := range order {
+		tmpl, err := g.msg.Pack()
+		if err != nil {
+			t.cfg.Log.Warn("llq event not sent: pack", "name", g.msg.Question[0].Name, "err", err)
+			continue
+		}
+		// One allocation for the group's events and one for their
+		// retransmission state (held until the last is acknowledged or
+		// its LLQ deleted: seconds).
+		size := len(tmpl)
+		slab := make([]byte, size*len(g.entries))
+		pes := make([]pendingEvent, len(g.entries))
+		for i, e := range g.entries {
+			udp := e.Peer.Net == "udp"
+			if udp && len(e.pending) >= t.cfg.MaxPending {
 				t.removeLocked(e, "too many unacknowledged events")
 				continue
 			}
-			t.trackLocked(e, m)
+			wire := slab[i*size : (i+1)*size : (i+1)*size]
+			copy(wire, tmpl)
+			msgID := dns.Id()
+			for udp && e.pending[msgID] != nil {
+				msgID = dns.Id()
+			}
+			eventIDs(wire, msgID, e.ID)
+			if udp {
+				pe := &pes[i]
+				pe.wire, pe.sent = wire, 1
+				e.pending[msgID] = pe
+				retx.evs = append(retx.evs, retxEvent{e.ID, msgID, pe})
+			}
+			evs = append(evs, Event{Peer: e.Peer, Key: e.Key, Wire: wire, LLQ: e.ID})
 		}
-		sends = append(sends, out{e, m})
 	}
+	if len(retx.evs) > 0 {
+		t.scheduleLocked(retx)
+	}
+	// The Sender is called in the order the changes came: sendMu is taken
+	// before t.mu is let go.
+	t.sendMu.Lock()
 	t.mu.Unlock()
-	for _, s := range sends {
-		t.send(s.e, s.msg)
-	}
+	t.send(evs)
+	t.sendMu.Unlock()
 }
 
-func (t *Table) trackLocked(e *Entry, m *dns.Msg) {
-	for e.pending[m.Id] != nil {
-		m.Id = dns.Id()
-	}
-	pe := &pendingEvent{msg: m, sent: 1}
-	e.pending[m.Id] = pe
-	id, msgID := e.ID, m.Id
-	delay := t.cfg.Retransmit
-	var fire func()
-	fire = func() {
+// eventIDs writes the message ID and the LLQ-ID into a packed event whose
+// last field is the LLQ option (ID, then the 4-octet lease life).
+func eventIDs(wire []byte, msgID uint16, llqID uint64) {
+	binary.BigEndian.PutUint16(wire, msgID)
+	binary.BigEndian.PutUint64(wire[len(wire)-12:], llqID)
+}
+
+// scheduleLocked arms r's timer: when it fires, the events of r not yet
+// acknowledged are sent again (or their LLQ is deleted after the last
+// transmission), and those go on in a new round with twice the delay.
+func (t *Table) scheduleLocked(r *retransmission) {
+	t.retx[r] = struct{}{}
+	r.timer = time.AfterFunc(r.delay, func() {
 		t.mu.Lock()
-		e, ok := t.byID[id]
-		if !ok || e.pending[msgID] != pe || t.closed {
+		if _, ok := t.retx[r]; !ok || t.closed {
 			t.mu.Unlock()
 			return
 		}
-		if pe.sent >= t.cfg.Transmissions {
-			t.removeLocked(e, "events not acknowledged")
-			t.mu.Unlock()
-			return
+		delete(t.retx, r)
+		next := &retransmission{delay: 2 * r.delay}
+		var evs []Event
+		for _, x := range r.evs {
+			e, ok := t.byID[x.id]
+			if !ok || e.pending[x.msgID] != x.pe {
+				continue // acknowledged, or the LLQ is gone
+			}
+			if x.pe.sent >= t.cfg.Transmissions {
+				t.removeLocked(e, "events not acknowledged")
+				continue
+			}
+			x.pe.sent++
+			next.evs = append(next.evs, x)
+			evs = append(evs, Event{Peer: e.Peer, Key: e.Key, Wire: x.pe.wire, LLQ: e.ID})
 		}
-		pe.sent++
-		delay *= 2
-		pe.timer = time.AfterFunc(delay, fire)
+		if len(next.evs) > 0 {
+			t.scheduleLocked(next)
+		}
+		t.sendMu.Lock()
 		t.mu.Unlock()
-		t.send(e, pe.msg)
-	}
-	pe.timer = time.AfterFunc(delay, fire)
+		t.send(evs)
+		t.sendMu.Unlock()
+	})
 }
 
-func (t *Table) send(e *Entry, m *dns.Msg) {
-	if t.cfg.Send == nil {
+func (t *Table) send(evs []Event) {
+	if t.cfg.Send == nil || len(evs) == 0 {
 		return
 	}
-	// Each send gets its own copy: signing appends a TSIG RR.
-	if err := t.cfg.Send.SendEvent(e.Peer, e.Key, m.Copy()); err != nil {
-		t.cfg.Log.Debug("llq event send failed", "id", e.ID, "err", err)
+	if err := t.cfg.Send.SendEvents(evs); err != nil {
+		t.cfg.Log.Debug("llq events not sent", "events", len(evs), "err", err)
 	}
 }

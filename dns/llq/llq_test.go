@@ -1,6 +1,7 @@
 package llq
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -21,10 +22,19 @@ type fakeSender struct {
 	msgs []sent
 }
 
-func (f *fakeSender) SendEvent(p Peer, key string, m *dns.Msg) error {
+func (f *fakeSender) SendEvents(evs []Event) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.msgs = append(f.msgs, sent{time.Now(), p, m})
+	for _, ev := range evs {
+		m := new(dns.Msg)
+		if err := m.Unpack(ev.Wire); err != nil {
+			return err
+		}
+		if o, ok := Option(m); !ok || o.Id != ev.LLQ {
+			return fmt.Errorf("event for LLQ %d carries %v", ev.LLQ, o)
+		}
+		f.msgs = append(f.msgs, sent{time.Now(), ev.Peer, m})
+	}
 	return nil
 }
 
@@ -307,4 +317,92 @@ func TestNoEventForChangesInTheAck(t *testing.T) {
 	if n := len(fs.all()); n != 1 {
 		t.Fatalf("sent %d events, want 1 (for rev 6 only)", n)
 	}
+}
+
+// TestFanoutSharesOneMessage: one change, many LLQs. Each LLQ gets one event
+// holding every matching record under its own question (name as it asked,
+// type), with its own LLQ-ID and message ID; the retransmission round after
+// 2 s resends only the events not yet acknowledged.
+func TestFanoutSharesOneMessage(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fs := &fakeSender{}
+		tb := NewTable(Config{Send: fs})
+		defer tb.Close()
+		type llq struct {
+			p     Peer
+			qname string
+			qtype uint16
+			id    uint64
+		}
+		var ls []*llq
+		for i := range 5 {
+			ls = append(ls, &llq{p: Peer{Net: "udp", Addr: fmt.Sprintf("192.0.2.%d:5353", i+1)}, qname: qname, qtype: dns.TypeAAAA})
+		}
+		ls = append(ls, &llq{p: Peer{Net: "udp", Addr: "192.0.2.9:1"}, qname: "MAC.Alice.btmm.example.", qtype: dns.TypeAAAA},
+			&llq{p: Peer{Net: "udp", Addr: "192.0.2.9:2"}, qname: qname, qtype: dns.TypeANY},
+			&llq{p: Peer{Net: "udp", Addr: "192.0.2.9:3"}, qname: qname, qtype: dns.TypeTXT})
+		for _, l := range ls {
+			m := new(dns.Msg)
+			m.SetQuestion(l.qname, l.qtype)
+			SetOption(m, dns.EDNS0_LLQ{Version: Version, Opcode: OpSetup, LeaseLife: 3600})
+			ch, _ := tb.Handle(m, l.p, "k.")
+			o, _ := Option(ch)
+			SetOption(m, dns.EDNS0_LLQ{Version: Version, Opcode: OpSetup, Id: o.Id, LeaseLife: 3600})
+			if ack, _ := tb.Handle(m, l.p, "k."); ack == nil {
+				t.Fatal("no ack")
+			}
+			l.id = o.Id
+		}
+		c := change(qname+" 60 IN AAAA fd00::1", qname+" 60 IN AAAA fd00::2")
+		tb.Changed(c)
+		got := fs.all()
+		if len(got) != 7 { // not the TXT LLQ
+			t.Fatalf("%d events, want 7", len(got))
+		}
+		msgIDs := map[uint16]bool{}
+		byLLQ := map[uint64]*dns.Msg{}
+		for _, s := range got {
+			o, _ := Option(s.msg)
+			byLLQ[o.Id] = s.msg
+			msgIDs[s.msg.Id] = true
+		}
+		for _, l := range ls[:7] {
+			m := byLLQ[l.id]
+			if m == nil {
+				t.Fatalf("no event for %s %s", l.p.Addr, dns.Type(l.qtype))
+			}
+			// The table keeps questions in canonical (lower) case.
+			if len(m.Question) != 1 || m.Question[0].Name != dns.CanonicalName(l.qname) || m.Question[0].Qtype != l.qtype || len(m.Answer) != 2 {
+				t.Fatalf("event for %s: %v", l.qname, m)
+			}
+			for _, rr := range m.Answer {
+				if rr.Header().Name != m.Question[0].Name {
+					t.Errorf("record owner %s in the event for %s", rr.Header().Name, l.qname)
+				}
+			}
+		}
+		if len(msgIDs) < 6 {
+			t.Errorf("message IDs %v: want them drawn per event", msgIDs)
+		}
+		// Acknowledge two; after 2 s only the other five come again.
+		// (The events of one question share one message: same answers.)
+		for _, l := range ls[:2] {
+			ack := new(dns.Msg)
+			ack.Id = byLLQ[l.id].Id
+			ack.Response = true
+			SetOption(ack, dns.EDNS0_LLQ{Version: Version, Opcode: OpEvent, Id: l.id})
+			tb.Handle(ack, l.p, "k.")
+		}
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		again := fs.all()[7:]
+		if len(again) != 5 {
+			t.Fatalf("retransmitted %d events, want 5", len(again))
+		}
+		for _, s := range again {
+			if o, _ := Option(s.msg); o.Id == ls[0].id || o.Id == ls[1].id {
+				t.Fatalf("acknowledged event for LLQ %d sent again", o.Id)
+			}
+		}
+	})
 }

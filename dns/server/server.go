@@ -192,7 +192,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		MinLease: time.Duration(cfg.LLQ.MinLease), MaxLease: time.Duration(cfg.LLQ.MaxLease),
 		Retransmit: time.Duration(cfg.LLQ.Retransmit), Transmissions: cfg.LLQ.Transmissions,
 		MaxPerKey: cfg.LLQ.MaxPerKey, MaxTotal: cfg.LLQ.MaxTotal,
-		Answer: s.answerLLQ, Send: eventSender{s}, Log: log, Now: cfg.Now,
+		Answer: s.answerLLQ, Send: newEventSender(s), Log: log, Now: cfg.Now,
 		Persist: func(id uint64, data []byte) {
 			k := "llq/" + strconv.FormatUint(id, 16)
 			var err error
@@ -665,46 +665,6 @@ func (s *Server) serveUpdate(w dns.ResponseWriter, r *dns.Msg, a authInfo) {
 		opt.Option = append(opt.Option, echo)
 	}
 	s.reply(w, r, resp, a)
-}
-
-type eventSender struct{ s *Server }
-
-func (e eventSender) SendEvent(p llq.Peer, key string, m *dns.Msg) error {
-	s := e.s
-	var data []byte
-	var err error
-	if k, ok := s.keys.Get(key); ok && key != "" {
-		m.SetTsig(k.Name, k.Algorithm, s.fudge(), s.cfg.Now().Unix())
-		data, _, err = dns.TsigGenerateWithProvider(m, s.keys, "", false)
-	} else {
-		data, err = m.Pack()
-	}
-	if err != nil {
-		return fmt.Errorf("server: pack event: %w", err)
-	}
-	switch p.Net {
-	case "udp":
-		if s.udp == nil {
-			return errors.New("server: send event: no UDP listener")
-		}
-		if sess, ok := p.Reply.(*dns.SessionUDP); ok && sess.RemoteAddr().String() == p.Addr {
-			_, err = dns.WriteToSessionUDP(s.udp, data, sess) // from the address the client used
-			return err
-		}
-		ap, err := netip.ParseAddrPort(p.Addr) // restored after a restart
-		if err != nil {
-			return fmt.Errorf("server: send event: %w", err)
-		}
-		_, err = s.udp.WriteTo(data, net.UDPAddrFromAddrPort(ap))
-		return err
-	case "tcp":
-		sc, ok := p.Conn.(*streamConn)
-		if !ok {
-			return errors.New("server: send event: no connection")
-		}
-		return sc.queueEvent(data)
-	}
-	return fmt.Errorf("server: send event: unknown network %q", p.Net)
 }
 
 // rateLimiter is a token bucket per key.

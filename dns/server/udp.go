@@ -22,13 +22,50 @@ func setUDPSocketOptions(conn *net.UDPConn) {
 	ipv4.NewPacketConn(conn).SetControlMessage(ipv4.FlagDst|ipv4.FlagInterface, true)
 }
 
+// udpSession is where a UDP request came from and the control message that
+// makes a reply (or an LLQ event) leave from the address the request was
+// sent to, also on a wildcard listener.
+type udpSession struct {
+	raddr *net.UDPAddr
+	oob   []byte // IP_PKTINFO / IPV6_PKTINFO with the request's destination as source; nil: none
+}
+
+// oobSize holds the control messages setUDPSocketOptions asks for.
+var oobSize = max(len(ipv4.NewControlMessage(ipv4.FlagDst|ipv4.FlagInterface)),
+	len(ipv6.NewControlMessage(ipv6.FlagDst|ipv6.FlagInterface)))
+
+func newUDPSession(raddr *net.UDPAddr, oob []byte) *udpSession {
+	sess := &udpSession{raddr: raddr}
+	// As miekg/dns's session does: the destination, IPv6 first.
+	var dst net.IP
+	if cm6 := new(ipv6.ControlMessage); cm6.Parse(oob) == nil && cm6.Dst != nil {
+		dst = cm6.Dst
+	} else if cm4 := new(ipv4.ControlMessage); cm4.Parse(oob) == nil && cm4.Dst != nil {
+		dst = cm4.Dst
+	}
+	switch {
+	case dst == nil:
+	case dst.To4() == nil:
+		sess.oob = (&ipv6.ControlMessage{Src: dst}).Marshal()
+	default:
+		sess.oob = (&ipv4.ControlMessage{Src: dst}).Marshal()
+	}
+	return sess
+}
+
+func (sess *udpSession) write(conn *net.UDPConn, b []byte) (int, error) {
+	n, _, err := conn.WriteMsgUDP(b, sess.oob, sess.raddr)
+	return n, err
+}
+
 func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
 	setUDPSocketOptions(conn)
 	sem := make(chan struct{}, maxUDPHandlers)
 	max := s.cfg.Limits.MaxMessageSize
 	for {
 		buf := make([]byte, max+1)
-		n, sess, err := dns.ReadFromSessionUDP(conn, buf)
+		oob := make([]byte, oobSize)
+		n, oobn, _, raddr, err := conn.ReadMsgUDP(buf, oob)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return
@@ -47,7 +84,7 @@ func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-sem }()
-			s.serveRaw(buf[:n], &udpWriter{s: s, conn: conn, sess: sess})
+			s.serveRaw(buf[:n], &udpWriter{s: s, conn: conn, sess: newUDPSession(raddr, oob[:oobn])})
 		}()
 	}
 }
@@ -56,7 +93,7 @@ func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
 type udpWriter struct {
 	s          *Server
 	conn       *net.UDPConn
-	sess       *dns.SessionUDP
+	sess       *udpSession
 	tsigStatus error
 	requestMAC string
 	timersOnly bool
@@ -64,16 +101,16 @@ type udpWriter struct {
 
 func (w *udpWriter) setTSIG(status error, mac string) { w.tsigStatus, w.requestMAC = status, mac }
 func (w *udpWriter) LocalAddr() net.Addr              { return w.conn.LocalAddr() }
-func (w *udpWriter) RemoteAddr() net.Addr             { return w.sess.RemoteAddr() }
+func (w *udpWriter) RemoteAddr() net.Addr             { return w.sess.raddr }
 func (w *udpWriter) WriteMsg(m *dns.Msg) error {
 	data, err := packMsg(w.s, m, w.requestMAC, w.timersOnly)
 	if err != nil {
 		return err
 	}
-	_, err = dns.WriteToSessionUDP(w.conn, data, w.sess)
+	_, err = w.sess.write(w.conn, data)
 	return err
 }
-func (w *udpWriter) Write(b []byte) (int, error) { return dns.WriteToSessionUDP(w.conn, b, w.sess) }
+func (w *udpWriter) Write(b []byte) (int, error) { return w.sess.write(w.conn, b) }
 func (w *udpWriter) Close() error                { return nil }
 func (w *udpWriter) TsigStatus() error           { return w.tsigStatus }
 func (w *udpWriter) TsigTimersOnly(b bool)       { w.timersOnly = b }
