@@ -62,9 +62,12 @@ func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
 	setUDPSocketOptions(conn)
 	sem := make(chan struct{}, maxUDPHandlers)
 	max := s.cfg.Limits.MaxMessageSize
+	// One read buffer, reused: each datagram is copied out at its size (an
+	// LLQ acknowledgement is ~100 octets; a fresh max-size buffer per
+	// datagram cost more than handling it).
+	buf := make([]byte, max+1)
+	oob := make([]byte, oobSize)
 	for {
-		buf := make([]byte, max+1)
-		oob := make([]byte, oobSize)
 		n, oobn, _, raddr, err := conn.ReadMsgUDP(buf, oob)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
@@ -80,11 +83,13 @@ func (s *Server) serveUDP(ctx context.Context, conn *net.UDPConn) {
 		case <-ctx.Done():
 			return
 		}
+		msg := append([]byte(nil), buf[:n]...)
+		sess := newUDPSession(raddr, oob[:oobn])
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-sem }()
-			s.serveRaw(buf[:n], &udpWriter{s: s, conn: conn, sess: newUDPSession(raddr, oob[:oobn])})
+			s.serveRaw(msg, &udpWriter{s: s, conn: conn, sess: sess})
 		}()
 	}
 }
