@@ -8,14 +8,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/btmm/btmm/dns/llq"
 	"github.com/btmm/btmm/dns/server"
 	"github.com/btmm/btmm/dns/store"
 	"github.com/btmm/btmm/dns/tsig"
@@ -170,178 +168,6 @@ func BenchmarkUpdatesVsNamed(b *testing.B) {
 	b.ReportMetric(theirs, "named-updates/s")
 	b.ReportMetric(ours/theirs, "ratio")
 }
-
-// BenchmarkLLQFanout: 10,000 live LLQs (100 client sockets x 100 names);
-// each update of a name fans out to the 100 LLQs on it. Reports the latency
-// from sending the update to each event's arrival (events are ACKed).
-func BenchmarkLLQFanout(b *testing.B) {
-	const sockets, names = 100, 100
-	srv, addrs := benchServer(b, func(c *server.Config) { c.LLQ.MaxPerKey = 1 << 20 })
-	k, _ := srv.AddUser("alice", "")
-	srvAddr, _ := net.ResolveUDPAddr("udp", addrs.DNS)
-	prov := k.Provider()
-	signed := func(m *dns.Msg) []byte {
-		m.SetTsig(k.Name, k.Algorithm, 300, time.Now().Unix())
-		d, _, err := dns.TsigGenerateWithProvider(m, prov, "", false)
-		if err != nil {
-			b.Fatal(err)
-		}
-		return d
-	}
-	var ms0 runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&ms0)
-
-	conns := make([]*net.UDPConn, sockets)
-	for i := range conns {
-		c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			b.Fatal(err)
-		}
-		c.SetReadBuffer(1 << 20)
-		b.Cleanup(func() { c.Close() })
-		conns[i] = c
-	}
-	name := func(j int) string { return fmt.Sprintf("n%d.alice.btmm.example.", j) }
-	// Setup: each socket pipelines its 100 setups, then the challenge responses.
-	var wg sync.WaitGroup
-	for _, c := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, 65535)
-			for phase := 0; phase < 2; phase++ {
-				ids := map[string]uint64{}
-				sent := map[uint16]bool{} // request IDs of this phase
-				got := 0
-				for attempt := 0; attempt < 30 && got < names; attempt++ {
-					burst := 0
-					for j := range names {
-						if _, ok := ids[name(j)]; ok || burst >= 25 {
-							continue
-						}
-						burst++
-						var id uint64
-						lease := uint32(3600)
-						if phase == 1 {
-							chMu.Lock()
-							id = challenge[c][name(j)]
-							chMu.Unlock()
-						}
-						q := llqQuery(name(j), dns.TypeAAAA, llq.OpSetup, id, lease)
-						sent[q.Id] = true
-						c.WriteToUDP(signed(q), srvAddr)
-					}
-					c.SetReadDeadline(time.Now().Add(time.Second))
-					for got < names {
-						n, _, err := c.ReadFromUDP(buf)
-						if err != nil {
-							break
-						}
-						m := new(dns.Msg)
-						if m.Unpack(buf[:n]) != nil || len(m.Question) != 1 || !sent[m.Id] {
-							continue
-						}
-						if o, ok := llq.Option(m); ok && o.Error != 0 {
-							errCount.Add(1)
-						}
-						if o, ok := llq.Option(m); ok && o.Error == 0 {
-							if _, dup := ids[m.Question[0].Name]; !dup {
-								ids[m.Question[0].Name] = o.Id
-								got++
-							}
-						}
-					}
-				}
-				if phase == 0 {
-					chMu.Lock()
-					challenge[c] = ids
-					chMu.Unlock()
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if n := srv.LLQs(); n != sockets*names {
-		b.Fatalf("established %d LLQs, want %d (%d LLQ errors)", n, sockets*names, errCount.Load())
-	}
-	var ms1 runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&ms1)
-
-	// Event receivers: record arrival times, ACK each event.
-	type arrival struct {
-		name string
-		at   time.Time
-	}
-	arrivals := make(chan arrival, sockets*names)
-	for _, c := range conns {
-		go func() {
-			buf := make([]byte, 65535)
-			for {
-				c.SetReadDeadline(time.Now().Add(30 * time.Second))
-				n, from, err := c.ReadFromUDP(buf)
-				if err != nil {
-					return
-				}
-				at := time.Now()
-				m := new(dns.Msg)
-				if m.Unpack(buf[:n]) != nil {
-					continue
-				}
-				o, ok := llq.Option(m)
-				if !ok || o.Opcode != llq.OpEvent {
-					continue
-				}
-				arrivals <- arrival{m.Question[0].Name, at}
-				ack := new(dns.Msg)
-				ack.Id = m.Id
-				ack.Response = true
-				ack.Question = m.Question
-				llq.SetOption(ack, dns.EDNS0_LLQ{Version: llq.Version, Opcode: llq.OpEvent, Id: o.Id})
-				c.WriteToUDP(signed(ack), from)
-			}
-		}()
-	}
-	rounds := max(b.N, 20)
-	var lat []time.Duration
-	b.ResetTimer()
-	for r := range rounds {
-		nm := name(r % names)
-		start := time.Now()
-		m := new(dns.Msg)
-		m.SetUpdate(zoneName)
-		rr, _ := dns.NewRR(fmt.Sprintf("%s 60 IN AAAA fd00::%x", nm, r+1))
-		m.Insert([]dns.RR{rr})
-		m.SetTsig(k.Name, k.Algorithm, 300, time.Now().Unix())
-		if resp, _, err := (&dns.Client{TsigProvider: prov}).Exchange(m, addrs.DNS); err != nil || resp.Rcode != 0 {
-			b.Fatalf("update: %v %v", resp, err)
-		}
-		timeout := time.After(10 * time.Second)
-		for got := 0; got < sockets; {
-			select {
-			case a := <-arrivals:
-				if a.name == nm {
-					lat = append(lat, a.at.Sub(start))
-					got++
-				}
-			case <-timeout:
-				b.Fatalf("round %d: %d/%d events", r, got, sockets)
-			}
-		}
-	}
-	b.StopTimer()
-	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
-	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
-	b.ReportMetric(float64(ms1.HeapAlloc-ms0.HeapAlloc)/float64(sockets*names), "heap-B/llq")
-}
-
-var (
-	errCount  atomic.Int64
-	chMu      sync.Mutex
-	challenge = map[*net.UDPConn]map[string]uint64{}
-)
 
 // BenchmarkMemoryPerHost: heap per registered host (AAAA + SRV + TXT + PTR,
 // as a btmmd registers) in the server's store, 10,000 hosts.
