@@ -15,6 +15,10 @@ import (
 // errNotRoot: btmmd programs XFRM, routes, addresses and BPF.
 var errNotRoot = errors.New("btmmd must run as root (it programs XFRM states, routes and BPF programs): run it with sudo or `systemctl start btmmd`")
 
+// probeESP asks the running kernel for an ESP state (a seam: tests give
+// the answer of a kernel without ESP on any kernel).
+var probeESP = func() error { return kernelprobe.Probe(kernelprobe.ESP) }
+
 // preflight checks what would otherwise fail late or confusingly: root, a
 // second btmmd on the same control socket (whose start would remove the
 // first one's kernel state), and, for the ESP dataplanes, ESP in the kernel.
@@ -28,7 +32,7 @@ func preflight(cfg *Config) (unlock func(), err error) {
 		return nil, err
 	}
 	if cfg.Tunnel.Dataplane != "ebpf-cleartext" {
-		if err := kernelprobe.Probe(kernelprobe.ESP); err != nil {
+		if err := probeESP(); err != nil {
 			unlock()
 			return nil, fmt.Errorf("tunnel.dataplane %s needs ESP in the kernel (esp4/esp6, xfrm_user), which refused an ESP state: %w; "+
 				"load the modules (modprobe -a esp4 esp6 xfrm_user) or use a kernel that has them; "+

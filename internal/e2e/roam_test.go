@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -97,8 +98,8 @@ resolver = "%s:53"
 keytab = %q
 krb5_conf = %q
 realm = %q
-`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
-		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm), 0o644)
+%s`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
+		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name)), 0o644)
 	h.d = start(t, ns, "btmmd "+name, filepath.Join(s.bins, "btmmd"), "-config", conf)
 	return h
 }
@@ -248,6 +249,10 @@ func noneLeft(t *testing.T, h *host) {
 		if strings.TrimSpace(out) != "" && !strings.Contains(out, "does not exist") && !strings.Contains(out, "Cannot find device") {
 			t.Errorf("after btmmd stopped, `%s` on %s shows:\n%s", strings.Join(what, " "), h.name, out)
 		}
+	}
+	// Its block in the hosts file (namesSection) is gone.
+	if b, err := os.ReadFile(filepath.Join(filepath.Dir(h.sock), h.name+".hosts")); err != nil || strings.Contains(string(b), "# BEGIN btmm") {
+		t.Errorf("after btmmd stopped, %s's hosts file (%v) still has a btmm block:\n%s", h.name, err, b)
 	}
 	// TCX links (kernels >= 6.6) are not tc filters.
 	if out, err := h.ns.Run("bpftool", "net", "show", "dev", "eth0"); err == nil && strings.Contains(out, "btmm") {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -82,6 +83,9 @@ type daemon struct {
 
 func start(t *testing.T, ns *netns.NS, name string, bin string, args ...string) *daemon {
 	t.Helper()
+	if filepath.Base(bin) == "btmmd" {
+		checkNamesConfined(t, args)
+	}
 	d := &daemon{name: name, log: &testenv.SyncBuffer{}}
 	d.cmd = ns.Command(context.Background(), bin, args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.log, d.log
@@ -94,6 +98,35 @@ func start(t *testing.T, ns *netns.NS, name string, bin string, args ...string) 
 		}
 	})
 	return d
+}
+
+// namesSection keeps a test's btmmd out of this machine's /etc/hosts: the
+// names feature is on by default, and a btmmd in a network namespace still
+// shares the file system (a killed test would leave its block behind). Each
+// host gets its own hosts file in the test's directory; its stub listens on
+// the namespace's own loopback.
+func namesSection(dir, host string) string {
+	return fmt.Sprintf("\n[names]\nhosts_file = %q\n", filepath.Join(dir, host+".hosts"))
+}
+
+// checkNamesConfined fails the test before a btmmd starts with a config
+// that would write this machine's /etc/hosts (no [names] section with a
+// hosts_file of the test's own, and names not off).
+func checkNamesConfined(t *testing.T, args []string) {
+	t.Helper()
+	i := slices.Index(args, "-config")
+	if i < 0 || i+1 >= len(args) {
+		t.Fatalf("btmmd started without -config: it would use /etc/btmm/btmmd.toml and /etc/hosts")
+	}
+	b, err := os.ReadFile(args[i+1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := string(b)
+	if !strings.Contains(conf, "[names]") || strings.Contains(conf, `hosts_file = "/etc/hosts"`) ||
+		!strings.Contains(conf, "hosts_file =") && !strings.Contains(conf, `mode = "off"`) {
+		t.Fatalf("test config %s lets btmmd write this machine's /etc/hosts: add namesSection (a hosts_file in the test's directory)", args[i+1])
+	}
 }
 
 func waitFor(t *testing.T, what string, timeout time.Duration, f func() error) {
@@ -229,6 +262,22 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 				t.Fatalf("%s sees %s at ULA %v, but %s is %v", h.name, o.name, peer(t, sts[h.name], o.name).ULA, o.name, sts[o.name].ULA)
 			}
 		}
+	}
+	// Names: each host's own hosts file (namesSection) lists the others.
+	for _, h := range hosts {
+		waitFor(t, h.name+"'s hosts file lists its peers", 10*time.Second, func() error {
+			b, err := os.ReadFile(filepath.Join(dir, h.name+".hosts"))
+			if err != nil {
+				return err
+			}
+			for _, o := range hosts {
+				line := fmt.Sprintf("%s\t%s.%s %s\n", sts[o.name].ULA, o.name, strings.TrimSuffix(domain, "."), o.name)
+				if !strings.Contains(string(b), line) {
+					return fmt.Errorf("no line %q in:\n%s", line, b)
+				}
+			}
+			return nil
+		})
 	}
 	if ext := sts["pub"].NAT.External; ext != netip.MustParseAddrPort(lab.PubAddr+":4500") {
 		t.Fatalf("pub publishes %v, want its own public address %s:4500 (status %q)", ext, lab.PubAddr, sts["pub"].NAT.Status)
