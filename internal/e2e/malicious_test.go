@@ -77,7 +77,8 @@ mode = "auto"
 keytab = %q
 krb5_conf = %q
 realm = %q
-`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm), 0o644)
+%s`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm,
+			namesSection(dir, h.name)), 0o644)
 		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
 	}
 	h1, h2, mal := hosts[0], hosts[1], hosts[2]
