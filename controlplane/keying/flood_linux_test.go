@@ -132,21 +132,9 @@ func TestNetnsInitFlood(t *testing.T) {
 		t.Fatal(err)
 	}
 	addrA, addrB := netip.MustParseAddrPort("10.1.0.1:4500"), netip.MustParseAddrPort("10.2.0.1:4500")
-	listen := func(n *netns.NS, addr netip.AddrPort) *UDPTransport {
-		var c *net.UDPConn
-		if err := n.Do(func() (err error) {
-			c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		tr := NewUDPTransport(c)
-		t.Cleanup(func() { tr.Close() })
-		return tr
-	}
 	recA, recB := newRecorder("a"), newRecorder("b")
 	authB := &Kerberos{Principal: princB, Realm: realm, Keytab: ktB, Krb5Conf: k.Config(t)}
-	agentB := runAgent(t, Config{ULA: ulaB, Auth: authB, Transport: listen(nsB, addrB), Installer: recB},
+	agentB := runAgent(t, Config{ULA: ulaB, Auth: authB, Transport: listenIn(t, nsB, addrB), Installer: recB},
 		PeerConfig{Name: "a", ULA: ulaA, Outer: addrA, Principal: princA})
 
 	exe, err := os.Executable()
@@ -182,7 +170,7 @@ func TestNetnsInitFlood(t *testing.T) {
 	sample()
 	start := time.Now()
 	agentA := runAgent(t, Config{ULA: ulaA, Auth: &Kerberos{Principal: princA, Realm: realm, Keytab: ktA, Krb5Conf: k.Config(t)},
-		Transport: listen(nsA, addrA), Installer: recA}, PeerConfig{Name: "b", ULA: ulaB, Outer: addrB, Principal: princB})
+		Transport: listenIn(t, nsA, addrA), Installer: recA}, PeerConfig{Name: "b", ULA: ulaB, Outer: addrB, Principal: princB})
 	var keyedAfter time.Duration
 	for time.Since(t0) < 60*time.Second {
 		sample()

@@ -24,42 +24,15 @@ func TestNetnsKerberosKeying(t *testing.T) {
 	netns.MustVeth(t, nsA, "va", nsB, "vb")
 	nsA.MustAddr(t, "va", "10.0.0.1/24")
 	nsB.MustAddr(t, "vb", "10.0.0.2/24")
-	listen := func(n *netns.NS, addr string) *UDPTransport {
-		var c *net.UDPConn
-		if err := n.Do(func() (err error) {
-			c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr)))
-			return err
-		}); err != nil {
-			t.Fatalf("%s: listen %s: %v", n.Name, addr, err)
-		}
-		tr := NewUDPTransport(c)
-		t.Cleanup(func() { tr.Close() })
-		return tr
-	}
-	trA, trB := listen(nsA, "10.0.0.1:4500"), listen(nsB, "10.0.0.2:4500")
+	addrA, addrB := netip.MustParseAddrPort("10.0.0.1:4500"), netip.MustParseAddrPort("10.0.0.2:4500")
 	recA, recB := newRecorder("a"), newRecorder("b")
 	logger, logs := testLogger(t)
-	run := func(ula netip.Addr, princ string, tr *UDPTransport, rec *recorder, peer PeerConfig) *Agent {
-		kt := ktA
-		if princ == princB {
-			kt = ktB
-		}
-		ag, err := New(Config{ULA: ula, Auth: &Kerberos{Principal: princ, Realm: realm, Keytab: kt, Krb5Conf: k.Config(t)},
-			Transport: tr, Installer: rec, Logger: logger.With("host", princ)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		go func() { ag.Run(ctx); close(done) }()
-		t.Cleanup(func() { cancel(); <-done })
-		if err := ag.SetPeers(ctx, []PeerConfig{peer}); err != nil {
-			t.Fatal(err)
-		}
-		return ag
-	}
-	run(ulaB, princB, trB, recB, PeerConfig{Name: "a", ULA: ulaA, Outer: netip.MustParseAddrPort("10.0.0.1:4500"), Principal: princA})
-	run(ulaA, princA, trA, recA, PeerConfig{Name: "b", ULA: ulaB, Outer: netip.MustParseAddrPort("10.0.0.2:4500"), Principal: princB})
+	runAgent(t, Config{ULA: ulaB, Auth: &Kerberos{Principal: princB, Realm: realm, Keytab: ktB, Krb5Conf: k.Config(t)},
+		Transport: listenIn(t, nsB, addrB), Installer: recB, Logger: logger.With("host", princB)},
+		PeerConfig{Name: "a", ULA: ulaA, Outer: addrA, Principal: princA})
+	runAgent(t, Config{ULA: ulaA, Auth: &Kerberos{Principal: princA, Realm: realm, Keytab: ktA, Krb5Conf: k.Config(t)},
+		Transport: listenIn(t, nsA, addrA), Installer: recA, Logger: logger.With("host", princA)},
+		PeerConfig{Name: "b", ULA: ulaB, Outer: addrB, Principal: princB})
 	waitFor(t, "keying across the veth", func() bool {
 		_, okA := recA.peer(ulaB)
 		_, okB := recB.peer(ulaA)
@@ -68,8 +41,40 @@ func TestNetnsKerberosKeying(t *testing.T) {
 	pa, _ := recA.peer(ulaB)
 	pb, _ := recB.peer(ulaA)
 	pairOK(t, pa, pb)
-	if pb.Outer != netip.MustParseAddrPort("10.0.0.1:4500") || pa.Outer != netip.MustParseAddrPort("10.0.0.2:4500") {
+	if pb.Outer != addrA || pa.Outer != addrB {
 		t.Errorf("outer addresses: a sees %v, b sees %v", pa.Outer, pb.Outer)
 	}
 	noKeysLogged(t, logs, recA, recB)
+}
+
+// listenIn opens the tunnel-port socket of an agent inside ns.
+func listenIn(t *testing.T, ns *netns.NS, addr netip.AddrPort) *UDPTransport {
+	t.Helper()
+	var c *net.UDPConn
+	if err := ns.Do(func() (err error) {
+		c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
+		return err
+	}); err != nil {
+		t.Fatalf("%s: listen %s: %v", ns.Name, addr, err)
+	}
+	tr := NewUDPTransport(c)
+	t.Cleanup(func() { tr.Close() })
+	return tr
+}
+
+// runAgent starts an agent with one peer until the test ends.
+func runAgent(t *testing.T, cfg Config, peer PeerConfig) *Agent {
+	t.Helper()
+	ag, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { ag.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if err := ag.SetPeers(ctx, []PeerConfig{peer}); err != nil {
+		t.Fatal(err)
+	}
+	return ag
 }

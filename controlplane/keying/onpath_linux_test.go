@@ -3,7 +3,6 @@
 package keying
 
 import (
-	"context"
 	"encoding/binary"
 	"net"
 	"net/netip"
@@ -211,27 +210,15 @@ func TestNetnsForgedErrorOnPath(t *testing.T) {
 	})
 	defer stopB()
 
-	listen := func(n *netns.NS, addr netip.AddrPort) *UDPTransport {
-		var c *net.UDPConn
-		if err := n.Do(func() (err error) {
-			c, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(addr))
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		tr := NewUDPTransport(c)
-		t.Cleanup(func() { tr.Close() })
-		return tr
-	}
 	// The KDC listens on the host's loopback; the agents reach it from
 	// the test process (their KDC round trips run outside the namespaces).
 	recA, recB := newRecorder("a"), newRecorder("b")
 	logger, logs := testLogger(t)
 	agentA := runAgent(t, Config{ULA: ulaA, Auth: &Kerberos{Principal: princA, Realm: realm, Keytab: ktA, Krb5Conf: k.Config(t)},
-		Transport: listen(nsA, addrA), Installer: recA, Logger: logger.With("host", "a")},
+		Transport: listenIn(t, nsA, addrA), Installer: recA, Logger: logger.With("host", "a")},
 		PeerConfig{Name: "b", ULA: ulaB, Outer: addrB, Principal: princB})
 	runAgent(t, Config{ULA: ulaB, Auth: &Kerberos{Principal: princB, Realm: realm, Keytab: ktB, Krb5Conf: k.Config(t)},
-		Transport: listen(nsB, addrB), Installer: recB, Logger: logger.With("host", "b")},
+		Transport: listenIn(t, nsB, addrB), Installer: recB, Logger: logger.With("host", "b")},
 		PeerConfig{Name: "a", ULA: ulaA, Outer: addrA, Principal: princA})
 	waitFor(t, "keying through the attacker", func() bool {
 		_, okA := recA.peer(ulaB)
@@ -259,21 +246,4 @@ func TestNetnsForgedErrorOnPath(t *testing.T) {
 		t.Error("a's log shows no forged ERROR taken as a hint: none arrived while a waited for the RESP")
 	}
 	noKeysLogged(t, logs, recA, recB)
-}
-
-// runAgent starts an agent with one peer until the test ends.
-func runAgent(t *testing.T, cfg Config, peer PeerConfig) *Agent {
-	t.Helper()
-	ag, err := New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { ag.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	if err := ag.SetPeers(ctx, []PeerConfig{peer}); err != nil {
-		t.Fatal(err)
-	}
-	return ag
 }

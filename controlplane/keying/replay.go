@@ -109,12 +109,6 @@ func (c *replayCache) add(key string, until, now time.Time) error {
 	return c.save()
 }
 
-// forget drops key (an INIT that changed nothing may be retried).
-func (c *replayCache) forget(key string) error {
-	delete(c.entries, sha256.Sum256([]byte(key)))
-	return c.save()
-}
-
 func (c *replayCache) expire(now time.Time) {
 	for k, until := range c.entries {
 		if !now.Before(until) {
