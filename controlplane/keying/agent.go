@@ -1281,18 +1281,26 @@ func (a *Agent) acceptInit(p *peer, m *Message, msg []byte, from netip.AddrPort,
 	if m.Nonce == nil || m.SPI < 0x100 || len(m.Proposal) == 0 || m.X25519 == nil || len(m.MLKEM) != mlkemEKLen || m.MAC == nil {
 		return nil, fmt.Errorf("%w: INIT lacks nonce, SPI, proposal, key shares or MAC", ErrMalformed)
 	}
+	// keepOurs: we answer the peer's INIT and keep our own exchange too.
+	keepOurs := false
 	if ex := p.ex; ex != nil && ex.phase != waitAck {
 		// Both sides started at once: the lower ULA stays initiator,
 		// unless the peer's INIT comes from another address than the one
-		// we send to. Then the peer is behind a NAT that has no mapping
-		// for where we send: our INITs may never arrive, and waiting for
-		// ours would starve the exchange that can work (its answer goes
-		// back the way it came). Ours ends once theirs is installed.
+		// we send to. Then the peer may be behind a NAT that has no
+		// mapping for where we send: our INITs may never arrive, and
+		// waiting for ours would starve the exchange that can work (its
+		// answer goes back the way it came). So we answer theirs, but
+		// keep ours: both INITs may have arrived (each side reaches the
+		// other another way, e.g. one through a relay), and the higher
+		// ULA has then dropped its own exchange, so ours is the one that
+		// completes. Whichever completes first wins (onConfirm, or
+		// completeInitiator clearing the unconfirmed answer).
 		if a.cfg.ULA.Less(p.cfg.ULA) && from == p.outer {
 			a.log().Debug("keying: simultaneous start, keeping our exchange", "peer", p.cfg.Name)
 			return nil, nil
 		}
-		a.log().Debug("keying: simultaneous start, answering the peer's", "peer", p.cfg.Name)
+		keepOurs = a.cfg.ULA.Less(p.cfg.ULA)
+		a.log().Debug("keying: simultaneous start, answering the peer's", "peer", p.cfg.Name, "keeping_ours", keepOurs)
 	}
 	// Authentication first (Kerberos: decrypting the ticket and the
 	// authenticator; the INIT's MAC): no key exchange work for strangers.
@@ -1373,7 +1381,7 @@ func (a *Agent) acceptInit(p *peer, m *Message, msg []byte, from netip.AddrPort,
 		a.reinstall(p)
 		return authKey, fmt.Errorf("%w: replay cache: %w", ErrInstall, err)
 	}
-	if ex := p.ex; ex != nil && ex.phase != waitAck {
+	if ex := p.ex; ex != nil && ex.phase != waitAck && !keepOurs {
 		a.endExchange(p) // we lost the simultaneous start
 	}
 	p.nextAttempt = time.Time{}
@@ -1496,6 +1504,9 @@ func (a *Agent) onConfirm(m *Message, d datagram, now time.Time) {
 			p.held, p.cur, p.pending, p.outer = saved.held, saved.cur, saved.pending, saved.outer
 			a.log().Warn("keying: switching to the confirmed SAs failed", "peer", p.cfg.Name, "err", err)
 			return // no ACK: the initiator retransmits, we retry
+		}
+		if ex := p.ex; ex != nil && ex.phase != waitAck {
+			a.endExchange(p) // the one we kept after a simultaneous start: the peer's won
 		}
 		p.lastErr = nil
 		a.log().Info("keying: keyed as responder (confirmed)", "peer", p.cfg.Name, "ula", p.cfg.ULA, "out", k.out, "outer", p.outer, "hard_end", k.hardEnd)

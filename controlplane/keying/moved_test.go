@@ -311,6 +311,61 @@ func TestInitFromBehindNAT(t *testing.T) {
 	})
 }
 
+// TestSimultaneousStartAsymmetricPaths: a and b start at once and each
+// reaches the other another way (path selection, issue 14: a sends to b
+// through a relay, b sends to a directly), so each one's INIT arrives from
+// an address other than the one the receiver sends to, and both INITs
+// arrive. Both answer the other's; the lower ULA's own exchange must still
+// complete (it gets b's RESP), or neither side ever CONFIRMs and both drop
+// their unconfirmed SAs.
+func TestSimultaneousStartAsymmetricPaths(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		n := newMemNet()
+		relayA := netip.MustParseAddrPort("10.0.5.1:40000") // a's allocation
+		relayB := netip.MustParseAddrPort("10.0.5.1:40001") // b's allocation
+		// The relay: what reaches b's allocation goes to b from a's, and back.
+		for _, r := range []struct{ at, from, to netip.AddrPort }{{relayB, relayA, addrB}, {relayA, relayB, addrA}} {
+			ep := n.endpoint(r.at.String())
+			go func() {
+				buf := make([]byte, 65536)
+				for {
+					k, _, err := ep.ReadKeying(buf)
+					if err != nil {
+						return
+					}
+					n.inject(r.from, r.to, buf[:k])
+				}
+			}()
+			t.Cleanup(func() { ep.Close() })
+		}
+		a := startNode(t, n, "a", ulaA, addrA, mustPSK(t, psk1), nil)
+		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), nil)
+		if !ulaA.Less(ulaB) {
+			t.Fatal("setup: a must have the lower ULA")
+		}
+		a.peers(t, PeerConfig{Name: "b", ULA: ulaB, Outer: relayB})
+		b.peers(t, peerA)
+		time.Sleep(3 * time.Second)
+		synctest.Wait()
+		pa, okA := a.rec.peer(ulaB)
+		pb, okB := b.rec.peer(ulaA)
+		if !okA || !okB {
+			t.Fatalf("not keyed within 3 s: a %v, b %v", okA, okB)
+		}
+		pairOK(t, pa, pb)
+		// Past the time an unconfirmed answer is kept: the pair in use
+		// must be a confirmed one on both sides.
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		pa, okA = a.rec.peer(ulaB)
+		pb, okB = b.rec.peer(ulaA)
+		if !okA || !okB {
+			t.Fatalf("a minute later: keyed a %v, b %v; a: %q; b: %q", okA, okB, a.rec.Calls(), b.rec.Calls())
+		}
+		pairOK(t, pa, pb)
+	})
+}
+
 // TestMovedReachesPublishedAddress: a's view of b is stale (b moved to a
 // port that only existed on a's old network, then back, unannounced). When a
 // moves, its MOVED also goes to b's published address, b follows, and b's
