@@ -92,6 +92,6 @@ func (s *Signer) Sign(dst, msg []byte, timeSigned uint64, fudge uint16) ([]byte,
 	dst = append(dst, t[:8]...)
 	dst = binary.BigEndian.AppendUint16(dst, uint16(s.size))
 	dst = s.mac.Sum(dst)
-	dst = append(dst, msg[0], msg[1]) // Original ID
+	dst = append(dst, msg[0], msg[1])   // Original ID
 	return append(dst, 0, 0, 0, 0), nil // error 0, other length 0
 }
