@@ -3,7 +3,6 @@ package store
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/crc32"
 )
@@ -160,6 +159,3 @@ func zeroTailSector(data []byte, off int) bool {
 	start = max(start, off+8)
 	return start < len(data) && allZero(data[start:])
 }
-
-// errSnapshotAhead is the "snapshot from the future" damage.
-var errSnapshotAhead = errors.New("snapshot revision is ahead of the log")
