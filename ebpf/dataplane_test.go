@@ -548,13 +548,23 @@ func testMove(t *testing.T, a, b *host) {
 // abandon drops the dataplane's file descriptors without cleaning up, as a
 // crashed agent would.
 func (d *Dataplane) abandon() {
+	// The repair loop is part of the agent: it dies with it (and would
+	// otherwise read the links closed here).
+	d.mu.Lock()
+	d.closed = true
+	stop := d.stopRep
+	d.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	for _, l := range d.attach.tcx {
 		l.Close()
 	}
 	d.objs.Close()
 	d.nl.Close()
 	d.ns.Close()
-	d.closed = true
 }
 
 // TestRestartNetNS: an agent that dies and starts again reuses the pinned
