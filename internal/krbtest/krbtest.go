@@ -41,6 +41,7 @@ type KDC struct {
 
 	kdcBin, kdb5Util, kadmin string
 	cmd                      *exec.Cmd
+	done                     chan struct{} // closed when cmd has exited
 	stderr                   *testenv.SyncBuffer
 }
 
@@ -70,16 +71,45 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 		kdb5Util: testenv.RequireBinary(t, "kdb5_util", "krb5-kdc"),
 		kadmin:   testenv.RequireBinary(t, "kadmin.local", "krb5-admin-server"),
 	}
-	if port == 0 {
-		p, err := freePort()
-		if err != nil {
-			t.Fatalf("krbtest: %v", err)
-		}
-		port = p
-	}
-	k.Addr = netip.AddrPortFrom(addr, port)
-	k.Krb5Conf = filepath.Join(k.Dir, "krb5.conf")
+	// The database does not depend on the port: created once. The KDC is
+	// then started on a free port, and on another one if that port was
+	// taken between freePort and krb5kdc's bind (parallel tests: another
+	// test's socket got it first; krb5kdc then exits "Address already in
+	// use").
 	k.KDCConf = filepath.Join(k.Dir, "kdc.conf")
+	k.Krb5Conf = filepath.Join(k.Dir, "krb5.conf")
+	k.Addr = netip.AddrPortFrom(addr, port)
+	k.writeConfigs(t)
+	if err := os.WriteFile(filepath.Join(k.Dir, "kadm5.acl"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := k.run(k.kdb5Util, "create", "-s", "-r", realm, "-P", "krbtest-master"); err != nil {
+		t.Fatalf("krbtest: kdb5_util create: %v\n%s", err, out)
+	}
+	t.Cleanup(k.Stop)
+	for attempt := 1; ; attempt++ {
+		if port == 0 || attempt > 1 {
+			p, err := pickPort()
+			if err != nil {
+				t.Fatalf("krbtest: %v", err)
+			}
+			k.Addr = netip.AddrPortFrom(addr, p)
+			k.writeConfigs(t)
+		}
+		err := k.launch(ns)
+		if err == nil {
+			return k
+		}
+		if port != 0 || attempt == 5 || !strings.Contains(k.stderr.String(), "Address already in use") {
+			t.Fatalf("krbtest: %v\n%s", err, k.stderr)
+		}
+		t.Logf("krbtest: port %d was taken, trying another (%v)", k.Addr.Port(), err)
+	}
+}
+
+// writeConfigs writes krb5.conf and kdc.conf for k.Addr.
+func (k *KDC) writeConfigs(t testing.TB) {
+	t.Helper()
 	if err := os.WriteFile(k.Krb5Conf, []byte(k.ClientConfig()), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -99,29 +129,31 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 
 [logging]
  kdc = STDERR
-`, k.Addr, realm, k.Dir)
+`, k.Addr, k.Realm, k.Dir)
 	if err := os.WriteFile(k.KDCConf, []byte(kdcConf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(k.Dir, "kadm5.acl"), nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := k.run(k.kdb5Util, "create", "-s", "-r", realm, "-P", "krbtest-master"); err != nil {
-		t.Fatalf("krbtest: kdb5_util create: %v\n%s", err, out)
-	}
+}
+
+// launch starts krb5kdc on k.Addr and waits until it serves: its log says
+// "commencing operation" (it has bound every socket) and a TCP connection
+// to k.Addr succeeds. An early exit is an error at once.
+func (k *KDC) launch(ns *netns.NS) error {
 	k.stderr = &testenv.SyncBuffer{}
-	k.cmd = exec.Command(k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))
+	args := []string{"-n", "-P", filepath.Join(k.Dir, "kdc.pid")}
+	k.cmd = exec.Command(k.kdcBin, args...)
 	if ns != nil {
-		k.cmd = ns.Command(context.Background(), k.kdcBin, "-n", "-P", filepath.Join(k.Dir, "kdc.pid"))
+		k.cmd = ns.Command(context.Background(), k.kdcBin, args...)
 	}
 	k.cmd.Env = k.env()
 	k.cmd.Stderr = k.stderr
 	k.cmd.Stdout = k.stderr
 	k.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := k.cmd.Start(); err != nil {
-		t.Fatalf("krbtest: start krb5kdc: %v", err)
+		return fmt.Errorf("start krb5kdc: %w", err)
 	}
-	t.Cleanup(k.Stop)
+	k.done = make(chan struct{})
+	go func(c *exec.Cmd, done chan struct{}) { c.Wait(); close(done) }(k.cmd, k.done)
 	deadline := time.Now().Add(60 * time.Second) // generous: a loaded machine or TCG
 	dial := func() error {
 		c, err := net.DialTimeout("tcp", k.Addr.String(), 100*time.Millisecond)
@@ -131,21 +163,27 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 		return err
 	}
 	for {
+		select {
+		case <-k.done:
+			return fmt.Errorf("krb5kdc exited (%v) before serving on %v", k.cmd.ProcessState, k.Addr)
+		default:
+		}
 		var err error
-		if ns != nil {
+		if !strings.Contains(k.stderr.String(), "commencing operation") {
+			err = fmt.Errorf("no \"commencing operation\" in its log yet")
+		} else if ns != nil {
 			err = ns.Do(dial)
 		} else {
 			err = dial()
 		}
 		if err == nil {
-			break
+			return nil
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("krbtest: krb5kdc not listening on %v after 60 s: %v\n%s", k.Addr, err, k.stderr)
+			return fmt.Errorf("krb5kdc not serving on %v after 60 s: %v", k.Addr, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	return k
 }
 
 // ClientConfig returns the text of a krb5.conf that points at this KDC.
@@ -220,17 +258,20 @@ func (k *KDC) Keytab(t testing.TB, name string, principals ...string) (string, *
 
 // Stop kills the KDC (also done at t.Cleanup). Tests use it to simulate "KDC down".
 func (k *KDC) Stop() {
-	if k.cmd == nil || k.cmd.Process == nil || k.cmd.ProcessState != nil {
+	if k.cmd == nil || k.cmd.Process == nil {
 		return
 	}
-	syscall.Kill(-k.cmd.Process.Pid, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { k.cmd.Wait(); close(done) }()
 	select {
-	case <-done:
+	case <-k.done:
+		return
+	default:
+	}
+	syscall.Kill(-k.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-k.done:
 	case <-time.After(2 * time.Second):
 		syscall.Kill(-k.cmd.Process.Pid, syscall.SIGKILL)
-		<-done
+		<-k.done
 	}
 }
 
@@ -249,6 +290,9 @@ func (k *KDC) run(bin string, args ...string) (string, error) {
 	out, err := c.CombinedOutput()
 	return string(out), err
 }
+
+// pickPort is freePort; a test makes it return a taken port.
+var pickPort = freePort
 
 // freePort finds a port free for both UDP and TCP on 127.0.0.1.
 func freePort() (uint16, error) {

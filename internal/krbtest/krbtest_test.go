@@ -1,6 +1,7 @@
 package krbtest
 
 import (
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -36,5 +37,40 @@ func TestKDCIssuesServiceTicket(t *testing.T) {
 	cl2 := client.NewWithKeytab("host/a.example", k.Realm, kt, k.Config(t), client.DisablePAFXFAST(true))
 	if err := cl2.Login(); err == nil {
 		t.Fatal("login succeeded with the KDC stopped")
+	}
+}
+
+// TestPortTakenBeforeBind: the free port found is taken by someone else
+// before krb5kdc binds it (parallel tests in one VM did that): Start tries
+// another port instead of waiting 60 s on a KDC that exited.
+func TestPortTakenBeforeBind(t *testing.T) {
+	squat, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squat.Close()
+	taken := uint16(squat.Addr().(*net.TCPAddr).Port)
+	calls := 0
+	pickPort = func() (uint16, error) {
+		calls++
+		if calls == 1 {
+			return taken, nil
+		}
+		return freePort()
+	}
+	t.Cleanup(func() { pickPort = freePort })
+	start := time.Now()
+	k := Start(t, "KRBTEST.EXAMPLE")
+	if k.Addr.Port() == taken || calls != 2 {
+		t.Fatalf("KDC on port %d (the taken one is %d) after %d picks, want a second pick", k.Addr.Port(), taken, calls)
+	}
+	if d := time.Since(start); d > 30*time.Second {
+		t.Errorf("start took %v: the exit on the taken port was not noticed", d)
+	}
+	k.AddPrincipal(t, "host/a.example")
+	_, kt := k.Keytab(t, "a.keytab", "host/a.example")
+	cl := client.NewWithKeytab("host/a.example", k.Realm, kt, k.Config(t), client.DisablePAFXFAST(true))
+	if err := cl.Login(); err != nil {
+		t.Fatalf("login against the KDC on its second port: %v\n%s", err, k.Log())
 	}
 }
