@@ -173,9 +173,9 @@ listen_tls = ""
 	}
 	writeFile(t, filepath.Join(dir, "alice.key"), string(out), 0o600)
 	start(t, l.Inet, "btmm-dnsd", filepath.Join(bins, "btmm-dnsd"), "-config", conf)
-	waitFor(t, "btmm-dnsd listening", 10*time.Second, func() error {
+	waitFor(t, "btmm-dnsd listening", 60*time.Second, func() error {
 		return l.Inet.Do(func() error {
-			c, err := net.DialTimeout("tcp", lab.InetAddr+":53", 200*time.Millisecond)
+			c, err := net.DialTimeout("tcp", lab.InetAddr+":53", time.Second)
 			if err == nil {
 				c.Close()
 			}
