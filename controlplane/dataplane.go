@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"net/netip"
 	"time"
 )
@@ -48,6 +49,13 @@ type Local struct {
 	// dataplanes that attach to one (eBPF). Empty means the IPv4 default
 	// route's device, looked up again at every Set.
 	Device string
+	// Outer6 is our global IPv6 address for PathIPv6 tunnels. Zero means
+	// the kernel's choice: the source of its route to each peer's IPv6
+	// address, looked up again at every Set.
+	Outer6 netip.Addr
+	// FOUPort is the local UDP port that receives GUE (PathFOU tunnels,
+	// `ip fou add port FOUPort gue`); 0: no FOU, and FOU tunnels are refused.
+	FOUPort uint16
 }
 
 // A local move (new outer address, new default route or device, a NAT
@@ -68,6 +76,131 @@ type Peer struct {
 	// flight during a rekey (make-before-break). They are removed when
 	// they disappear from the desired state.
 	PrevIn []SA
+	// Via is the path traffic to the peer is sent on: ESP-in-UDP to Outer
+	// (the zero value) or the kind of one of Tunnels. Changing it moves
+	// the traffic (a route) and touches no key: no rekey, no SA re-added.
+	Via PathKind
+	// Tunnels are the peer's endpoints for tunnel devices (at most one
+	// IPv6 tunnel and one IPv4 one, sit or FOU). A dataplane keeps a device
+	// for each whatever Via says, so that traffic the peer sends on any of
+	// them is received: the two sides choose their paths independently.
+	// Outer may be invalid when Via is a tunnel (an IPv6-only peer).
+	Tunnels []Tunnel
+}
+
+// PathKind is how traffic to a peer is carried. docs/tunnels.md shows each
+// kind's packet layout. ESP protects the ULA-to-ULA traffic on every kind:
+// tunnel mode inside UDP for ESP-in-UDP, transport mode between the ULAs
+// inside the tunnel devices.
+type PathKind uint8
+
+// Path kinds.
+const (
+	// PathESPInUDP is RFC 6281's format: IPv4 | UDP | ESP (tunnel mode) | IPv6, to Peer.Outer.
+	PathESPInUDP PathKind = iota
+	// PathIPv6 is IPv6 | IPv6 (ULA -> ULA) | ESP (transport mode): an
+	// ip6tnl (ip6ip6) device between the hosts' global IPv6 addresses.
+	PathIPv6
+	// PathSit is IPv4 | IPv6 (IP protocol 41) | ESP (transport mode): a sit
+	// device between public IPv4 addresses (no NAT on either side).
+	PathSit
+	// PathFOU is IPv4 | UDP | GUE | IPv6 | ESP (transport mode): the sit
+	// device with GUE encapsulation (Linux fou), which passes NATs.
+	PathFOU
+	numPathKinds
+)
+
+var pathKindNames = [...]string{"esp-udp4", "ipv6", "sit", "fou"}
+
+func (k PathKind) String() string {
+	if k < numPathKinds {
+		return pathKindNames[k]
+	}
+	return fmt.Sprintf("path(%d)", uint8(k))
+}
+
+// MarshalText implements encoding.TextMarshaler (status JSON).
+func (k PathKind) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (k *PathKind) UnmarshalText(b []byte) error {
+	for i, n := range pathKindNames {
+		if n == string(b) {
+			*k = PathKind(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown path kind %q", b)
+}
+
+// Tunnel is a peer's endpoint for one tunnel device.
+type Tunnel struct {
+	Kind PathKind `json:"kind"` // PathIPv6, PathSit or PathFOU
+	// Remote is the peer's outer endpoint: its global IPv6 address
+	// (PathIPv6, port 0), its public IPv4 address (PathSit, port 0), or
+	// its FOU port as its NAT maps it (PathFOU, IPv4:port).
+	Remote netip.AddrPort `json:"remote"`
+}
+
+func (t Tunnel) String() string {
+	if t.Remote.Port() == 0 {
+		return t.Kind.String() + " " + t.Remote.Addr().String()
+	}
+	return t.Kind.String() + " " + t.Remote.String()
+}
+
+// Tunnel returns the peer's tunnel of kind k (ok false: none).
+func (p *Peer) Tunnel(k PathKind) (Tunnel, bool) {
+	for _, t := range p.Tunnels {
+		if t.Kind == k {
+			return t, true
+		}
+	}
+	return Tunnel{}, false
+}
+
+// TunnelDevice is the name of the device a dataplane makes for a peer's
+// tunnel of kind k: "bt6-" (ip6tnl) or "bts-" (sit, with or without FOU)
+// and eight hex digits of a hash of the peer's ULA (interface names have
+// at most 15 bytes). Empty for ESP-in-UDP.
+func TunnelDevice(k PathKind, peer netip.Addr) string {
+	h := fnv.New32a()
+	b := peer.As16()
+	h.Write(b[:])
+	switch k {
+	case PathIPv6:
+		return fmt.Sprintf("bt6-%08x", h.Sum32())
+	case PathSit, PathFOU:
+		return fmt.Sprintf("bts-%08x", h.Sum32())
+	}
+	return ""
+}
+
+var ulaPrefix = netip.MustParsePrefix("fc00::/7")
+
+// checkTunnel validates one tunnel endpoint.
+func checkTunnel(t Tunnel, local Local) error {
+	a := t.Remote.Addr()
+	switch t.Kind {
+	case PathIPv6:
+		if !a.Is6() || a.Is4In6() || a.Zone() != "" || !a.IsGlobalUnicast() || ulaPrefix.Contains(a) || t.Remote.Port() != 0 {
+			return fmt.Errorf("ipv6 tunnel: remote %v is not a global IPv6 address (no port)", t.Remote)
+		}
+	case PathSit:
+		if !a.Is4() || !a.IsGlobalUnicast() || t.Remote.Port() != 0 {
+			return fmt.Errorf("sit tunnel: remote %v is not a unicast IPv4 address (no port)", t.Remote)
+		}
+	case PathFOU:
+		if !a.Is4() || !a.IsGlobalUnicast() || t.Remote.Port() == 0 {
+			return fmt.Errorf("fou tunnel: remote %v is not a unicast IPv4 address:port", t.Remote)
+		}
+		if local.FOUPort == 0 {
+			return errors.New("fou tunnel: no local FOU port (Local.FOUPort)")
+		}
+	default:
+		return fmt.Errorf("%v is not a tunnel kind", t.Kind)
+	}
+	return nil
 }
 
 // State is the whole desired dataplane: level-triggered, complete each time.
@@ -80,16 +213,25 @@ type State struct {
 // input changes nothing.
 func (s *State) Validate() error {
 	var errs []error
-	if !s.Local.ULA.Is6() || !netip.MustParsePrefix("fc00::/7").Contains(s.Local.ULA) {
+	if !s.Local.ULA.Is6() || !ulaPrefix.Contains(s.Local.ULA) {
 		errs = append(errs, fmt.Errorf("local ULA %v is not an IPv6 ULA (fc00::/7)", s.Local.ULA))
 	}
 	if s.Local.Port == 0 {
 		errs = append(errs, errors.New("local tunnel port is 0"))
 	}
+	if s.Local.FOUPort != 0 && s.Local.FOUPort == s.Local.Port {
+		errs = append(errs, fmt.Errorf("local FOU port %d is the tunnel port", s.Local.FOUPort))
+	}
+	if o := s.Local.Outer6; o.IsValid() && (!o.Is6() || o.Is4In6() || !o.IsGlobalUnicast() || ulaPrefix.Contains(o)) {
+		errs = append(errs, fmt.Errorf("local IPv6 outer address %v is not a global IPv6 address", o))
+	}
 	seen := map[netip.Addr]bool{}
 	spis := map[uint32]bool{}
+	// A tunnel device is found by its remote address (sit: IPv4, ip6tnl:
+	// IPv6), so two peers cannot share one.
+	remotes := map[netip.Addr]string{}
 	for _, p := range s.Peers {
-		if !p.ULA.Is6() || !netip.MustParsePrefix("fc00::/7").Contains(p.ULA) {
+		if !p.ULA.Is6() || !ulaPrefix.Contains(p.ULA) {
 			errs = append(errs, fmt.Errorf("peer %q: ULA %v is not an IPv6 ULA", p.Name, p.ULA))
 		}
 		if p.ULA == s.Local.ULA {
@@ -99,8 +241,35 @@ func (s *State) Validate() error {
 			errs = append(errs, fmt.Errorf("peer %q: ULA %v listed twice", p.Name, p.ULA))
 		}
 		seen[p.ULA] = true
-		if !p.Outer.Addr().Is4() || p.Outer.Port() == 0 {
-			errs = append(errs, fmt.Errorf("peer %q: outer address %v is not IPv4:port", p.Name, p.Outer))
+		switch {
+		case p.Outer.IsValid() && (!p.Outer.Addr().Is4() || p.Outer.Port() == 0):
+			errs = append(errs, fmt.Errorf("peer %q: outer address %v is not IPv4:port (ESP-in-UDP is IPv4; IPv6 goes by an ipv6 tunnel)", p.Name, p.Outer))
+		case !p.Outer.IsValid() && p.Via == PathESPInUDP:
+			errs = append(errs, fmt.Errorf("peer %q: no outer address for ESP-in-UDP", p.Name))
+		}
+		var v4, v6 int
+		for _, t := range p.Tunnels {
+			if err := checkTunnel(t, s.Local); err != nil {
+				errs = append(errs, fmt.Errorf("peer %q: %w", p.Name, err))
+				continue
+			}
+			if t.Kind == PathIPv6 {
+				v6++
+			} else {
+				v4++
+			}
+			if other, dup := remotes[t.Remote.Addr()]; dup {
+				errs = append(errs, fmt.Errorf("peer %q: tunnel remote %v is also peer %q's", p.Name, t.Remote.Addr(), other))
+			}
+			remotes[t.Remote.Addr()] = p.Name
+		}
+		if v6 > 1 || v4 > 1 {
+			errs = append(errs, fmt.Errorf("peer %q: at most one ipv6 tunnel and one sit or fou tunnel (they share the sit device)", p.Name))
+		}
+		if p.Via >= numPathKinds {
+			errs = append(errs, fmt.Errorf("peer %q: unknown path kind %v", p.Name, p.Via))
+		} else if _, ok := p.Tunnel(p.Via); p.Via != PathESPInUDP && !ok {
+			errs = append(errs, fmt.Errorf("peer %q: path %v but no %v tunnel listed", p.Name, p.Via, p.Via))
 		}
 		for _, sa := range append([]SA{p.Out, p.In}, p.PrevIn...) {
 			if sa.SPI < 0x100 {

@@ -45,6 +45,8 @@ type Reconciler struct {
 
 type peerState struct {
 	name    string
+	via     PathKind // how traffic is sent (SetPeerPath)
+	tunnels []Tunnel // the peer's tunnel endpoints (SetPeerPath)
 	outer   netip.AddrPort
 	outerAt time.Time
 	outerBy string
@@ -96,6 +98,12 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 	if !outer.IsValid() {
 		return fmt.Errorf("peer %s: invalid outer address", name)
 	}
+	if !outer.Addr().Unmap().Is4() {
+		// ESP-in-UDP runs over IPv4; a peer's IPv6 endpoints are tunnels
+		// (SetPeerPath).
+		return fmt.Errorf("peer %s: outer address %v is not IPv4", name, outer)
+	}
+	outer = netip.AddrPortFrom(outer.Addr().Unmap(), outer.Port())
 	r.mu.Lock()
 	p := r.peer(ula)
 	if name != "" {
@@ -115,6 +123,30 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 	}
 	p.prev = p.outer
 	p.outer, p.outerAt, p.outerBy = outer, r.now(), source
+	keyed := p.keys != nil
+	r.mu.Unlock()
+	if !keyed {
+		return nil
+	}
+	return r.apply(ctx)
+}
+
+// SetPeerPath records the peer's tunnel endpoints (Peer.Tunnels) and the
+// path its traffic is sent on (Peer.Via), and applies them if the peer is
+// keyed. Changing only via moves the traffic with no rekey. A via that names
+// no listed tunnel is refused.
+func (r *Reconciler) SetPeerPath(ctx context.Context, ula netip.Addr, via PathKind, tunnels []Tunnel) error {
+	probe := Peer{ULA: ula, Via: via, Tunnels: tunnels}
+	if _, ok := probe.Tunnel(via); via != PathESPInUDP && !ok {
+		return fmt.Errorf("peer %v: path %v but no %v tunnel", ula, via, via)
+	}
+	r.mu.Lock()
+	p := r.peer(ula)
+	if p.via == via && slices.Equal(p.tunnels, tunnels) {
+		r.mu.Unlock()
+		return nil
+	}
+	p.via, p.tunnels = via, slices.Clone(tunnels)
 	keyed := p.keys != nil
 	r.mu.Unlock()
 	if !keyed {
@@ -144,7 +176,9 @@ func (r *Reconciler) Install(ctx context.Context, p Peer) error {
 	if p.Name != "" {
 		ps.name = p.Name
 	}
-	if p.Outer.IsValid() && p.Outer != ps.outer {
+	// A keying message that came over IPv6 says nothing about the
+	// ESP-in-UDP (IPv4) endpoint.
+	if p.Outer.IsValid() && p.Outer.Addr().Is4() && p.Outer != ps.outer {
 		ps.prev = ps.outer
 		ps.outer, ps.outerAt, ps.outerBy = p.Outer, r.now(), SourceKeying
 	}
@@ -204,7 +238,7 @@ func (r *Reconciler) Desired() *State {
 func (r *Reconciler) desiredLocked() *State {
 	s := &State{Local: r.local}
 	for ula, p := range r.peers {
-		if p.keys == nil || !p.outer.IsValid() {
+		if p.keys == nil {
 			continue
 		}
 		dp := *p.keys
@@ -213,9 +247,34 @@ func (r *Reconciler) desiredLocked() *State {
 			dp.Name = p.name
 		}
 		dp.PrevIn = slices.Clone(p.keys.PrevIn)
+		dp.Via, dp.Tunnels = p.via, slices.Clone(p.tunnels)
 		s.Peers = append(s.Peers, dp)
 	}
 	slices.SortFunc(s.Peers, func(a, b Peer) int { return a.ULA.Compare(b.ULA) })
+	// What this host cannot carry, and tunnels two peers would share (a
+	// device is found by its remote address: two peers behind one NAT), are
+	// left out: the peer keeps its other paths.
+	remotes := map[netip.Addr]bool{}
+	out := s.Peers[:0]
+	for _, dp := range s.Peers {
+		var keep []Tunnel
+		for _, t := range dp.Tunnels {
+			if t.Kind == PathFOU && s.Local.FOUPort == 0 || remotes[t.Remote.Addr()] {
+				continue
+			}
+			remotes[t.Remote.Addr()] = true
+			keep = append(keep, t)
+		}
+		dp.Tunnels = keep
+		if _, ok := dp.Tunnel(dp.Via); !ok {
+			dp.Via = PathESPInUDP
+		}
+		if dp.Via == PathESPInUDP && !dp.Outer.IsValid() {
+			continue // nowhere to send it yet
+		}
+		out = append(out, dp)
+	}
+	s.Peers = out
 	return s
 }
 
@@ -296,17 +355,31 @@ type PeerStatus struct {
 	Cipher   Cipher         `json:"cipher,omitempty"`
 	KeyedAt  time.Time      `json:"keyed_since"`
 	InKernel bool           `json:"in_dataplane"`
+	// Via is the path traffic is sent on, Device its tunnel device (empty
+	// for ESP-in-UDP), Tunnels the peer's tunnel endpoints.
+	Via     PathKind `json:"via"`
+	Device  string   `json:"device,omitempty"`
+	Tunnels []Tunnel `json:"tunnels,omitempty"`
 }
 
 // Status reports every known peer, the last changes applied and the last error.
 func (r *Reconciler) Status() (peers []PeerStatus, recent []Change, lastErr error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	eff := map[netip.Addr]Peer{}
+	for _, p := range r.desiredLocked().Peers {
+		eff[p.ULA] = p
+	}
 	for ula, p := range r.peers {
-		st := PeerStatus{Name: p.name, ULA: ula, Outer: p.outer, OuterBy: p.outerBy, OuterAt: p.outerAt, KeyedAt: p.keyedAt}
+		if e, ok := eff[ula]; ok {
+			p = &peerState{name: p.name, via: e.Via, tunnels: e.Tunnels, outer: p.outer, outerAt: p.outerAt,
+				outerBy: p.outerBy, keys: p.keys, keyedAt: p.keyedAt}
+		}
+		st := PeerStatus{Name: p.name, ULA: ula, Outer: p.outer, OuterBy: p.outerBy, OuterAt: p.outerAt, KeyedAt: p.keyedAt,
+			Via: p.via, Device: TunnelDevice(p.via, ula), Tunnels: slices.Clone(p.tunnels)}
 		if p.keys != nil {
 			st.Keyed, st.OutSPI, st.InSPI, st.Cipher = true, p.keys.Out.SPI, p.keys.In.SPI, p.keys.Out.Cipher
-			st.InKernel = p.outer.IsValid() && r.lastErr == nil
+			st.InKernel = (p.outer.IsValid() || p.via != PathESPInUDP) && r.lastErr == nil
 		}
 		peers = append(peers, st)
 	}

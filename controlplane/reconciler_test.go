@@ -235,3 +235,82 @@ func TestReconcilerStalledSetCancelled(t *testing.T) {
 		t.Fatalf("refused install not rolled back: %+v", peers)
 	}
 }
+
+// Tunnel paths: the peer's tunnels are kept whatever the path, a path
+// change is one apply that touches no key, keying over IPv6 does not move
+// the ESP-in-UDP endpoint, and what cannot be carried falls back.
+func TestReconcilerTunnelPaths(t *testing.T) {
+	ctx := context.Background()
+	fake := &dataplanetest.Fake{}
+	r := controlplane.NewReconciler(fake, controlplane.Local{ULA: me, Port: 4500, FOUPort: 6080}, nil)
+	v6 := controlplane.Tunnel{Kind: controlplane.PathIPv6, Remote: netip.MustParseAddrPort("[2001:db8:2::2]:0")}
+	fou := controlplane.Tunnel{Kind: controlplane.PathFOU, Remote: netip.MustParseAddrPort("11.2.0.2:6080")}
+	cULA := netip.MustParseAddr("fd33::3")
+	tunnels := `tunnel fou 11.2.0.2:6080 dev ` + controlplane.TunnelDevice(controlplane.PathFOU, bULA) + `
+tunnel ipv6 2001:db8:2::2 dev ` + controlplane.TunnelDevice(controlplane.PathIPv6, bULA)
+	steps := []struct {
+		name string
+		do   func() error
+		want string
+	}{
+		{"ipv6-only peer keyed over IPv6: the keying source is not an ESP-in-UDP endpoint", func() error {
+			return r.Install(ctx, controlplane.Peer{ULA: bULA, Outer: netip.MustParseAddrPort("[2001:db8:2::2]:4500"), Out: sa(0x1001), In: sa(0x2001)})
+		}, ""},
+		{"its tunnels become known: sent by ipv6", func() error {
+			return r.SetPeerPath(ctx, bULA, controlplane.PathIPv6, []controlplane.Tunnel{v6, fou})
+		}, `route fd22::2/128 src fd11::1 via ipv6 dev ` + controlplane.TunnelDevice(controlplane.PathIPv6, bULA) + `
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap invalid AddrPort
+` + tunnels},
+		{"an IPv4 endpoint appears; still sent by ipv6", func() error {
+			return r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("11.2.0.2:4500"), "dns")
+		}, `route fd22::2/128 src fd11::1 via ipv6 dev ` + controlplane.TunnelDevice(controlplane.PathIPv6, bULA) + `
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:4500
+` + tunnels},
+		{"path changes to fou: the route moves, the SAs stay", func() error {
+			return r.SetPeerPath(ctx, bULA, controlplane.PathFOU, []controlplane.Tunnel{v6, fou})
+		}, `route fd22::2/128 src fd11::1 via fou dev ` + controlplane.TunnelDevice(controlplane.PathFOU, bULA) + `
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:4500
+` + tunnels},
+		{"back to esp-in-udp", func() error {
+			return r.SetPeerPath(ctx, bULA, controlplane.PathESPInUDP, []controlplane.Tunnel{v6, fou})
+		}, `route fd22::2/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:4500
+` + tunnels},
+		{"a second peer behind the same NAT: its fou tunnel is left out", func() error {
+			if err := r.Install(ctx, controlplane.Peer{ULA: cULA, Outer: netip.MustParseAddrPort("11.2.0.2:4501"), Out: sa(0x1002), In: sa(0x2002)}); err != nil {
+				return err
+			}
+			return r.SetPeerPath(ctx, cULA, controlplane.PathFOU, []controlplane.Tunnel{fou})
+		}, `route fd22::2/128 src fd11::1
+route fd33::3/128 src fd11::1
+state in fd22::2 -> fd11::1 spi 0x2001
+state in fd33::3 -> fd11::1 spi 0x2002
+state out fd11::1 -> fd22::2 spi 0x1001 encap 11.2.0.2:4500
+state out fd11::1 -> fd33::3 spi 0x1002 encap 11.2.0.2:4501
+` + tunnels},
+	}
+	for _, s := range steps {
+		if err := s.do(); err != nil {
+			t.Fatalf("%s: %v", s.name, err)
+		}
+		if diff := cmp.Diff(s.want, fake.Render()); diff != "" {
+			t.Fatalf("%s: kernel state (-want +got):\n%s", s.name, diff)
+		}
+	}
+	if err := r.SetPeerPath(ctx, bULA, controlplane.PathSit, []controlplane.Tunnel{v6}); err == nil {
+		t.Error("a path naming no tunnel was accepted")
+	}
+	if err := r.SetPeerOuter(ctx, "b", bULA, netip.MustParseAddrPort("[2001:db8:2::2]:4500"), "dns"); err == nil {
+		t.Error("an IPv6 ESP-in-UDP endpoint was accepted")
+	}
+	peers, _, _ := r.Status()
+	for _, p := range peers {
+		if p.ULA == cULA && (p.Via != controlplane.PathESPInUDP || len(p.Tunnels) != 0) {
+			t.Errorf("status of the peer whose tunnel was left out: via %v tunnels %v", p.Via, p.Tunnels)
+		}
+	}
+}

@@ -169,8 +169,14 @@ func lines(s *controlplane.State) []string {
 	}
 	var l []string
 	for _, p := range s.Peers {
-		l = append(l,
-			fmt.Sprintf("route %s/128 src %s", p.ULA, s.Local.ULA),
+		route := fmt.Sprintf("route %s/128 src %s", p.ULA, s.Local.ULA)
+		if p.Via != controlplane.PathESPInUDP {
+			route += fmt.Sprintf(" via %v dev %s", p.Via, controlplane.TunnelDevice(p.Via, p.ULA))
+		}
+		for _, t := range p.Tunnels {
+			l = append(l, fmt.Sprintf("tunnel %v dev %s", t, controlplane.TunnelDevice(t.Kind, p.ULA)))
+		}
+		l = append(l, route,
 			fmt.Sprintf("state out %s -> %s spi 0x%x encap %s", s.Local.ULA, p.ULA, p.Out.SPI, p.Outer),
 			fmt.Sprintf("state in %s -> %s spi 0x%x", p.ULA, s.Local.ULA, p.In.SPI))
 		for _, sa := range p.PrevIn {
