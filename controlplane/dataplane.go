@@ -176,6 +176,17 @@ func TunnelDevice(k PathKind, peer netip.Addr) string {
 	return ""
 }
 
+// TunnelLinkLocal is the link-local address a host puts on each of its
+// tunnel devices: fe80:: with the interface identifier of its ULA (the low
+// 64 bits). A peer knows it from the ULA alone, so connectivity checks can be
+// sent through a tunnel device to the host at its other end; no policy
+// covers it, so those checks carry no ULA traffic.
+func TunnelLinkLocal(ula netip.Addr) netip.Addr {
+	b := ula.As16()
+	copy(b[:8], []byte{0xfe, 0x80, 0, 0, 0, 0, 0, 0})
+	return netip.AddrFrom16(b)
+}
+
 var ulaPrefix = netip.MustParsePrefix("fc00::/7")
 
 // checkTunnel validates one tunnel endpoint.

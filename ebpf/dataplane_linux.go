@@ -363,12 +363,29 @@ func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
 	return out, nil
 }
 
+// CheckPaths refuses what this dataplane cannot carry: it swaps the outer
+// IPv6 header of ESP for IPv4 | UDP in TC, so every peer goes by ESP-in-UDP
+// over IPv4. Tunnel devices (ipv6, sit, fou paths, docs/tunnels.md) are
+// package xfrm's; a host that wants them runs the xfrm dataplane.
+func CheckPaths(s *controlplane.State) error {
+	var errs []error
+	for _, p := range s.Peers {
+		if p.Via != controlplane.PathESPInUDP || len(p.Tunnels) > 0 {
+			errs = append(errs, fmt.Errorf("peer %q: %v path and tunnels %v: the ebpf dataplane carries only ESP-in-UDP over IPv4 (tunnel paths need the xfrm dataplane)", p.Name, p.Via, p.Tunnels))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // Set implements controlplane.Dataplane.
 func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]controlplane.Change, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
 	if err := desired.Validate(); err != nil {
+		return nil, fmt.Errorf("ebpf: set: %w", err)
+	}
+	if err := CheckPaths(desired); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
 	d.mu.Lock()

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"sort"
 	"sync"
 	"syscall"
@@ -124,6 +125,12 @@ type handle interface {
 	RouteReplace(*netlink.Route) error
 	RouteDel(*netlink.Route) error
 	RouteGet(dst net.IP) ([]netlink.Route, error)
+	// Tunnel devices and the GUE listener (tunnel_linux.go).
+	LinkModify(netlink.Link) error
+	LinkSetIP6AddrGenMode(link netlink.Link, mode int) error
+	FouAdd(netlink.Fou) error
+	FouDel(netlink.Fou) error
+	FouList(family int) ([]netlink.Fou, error)
 }
 
 // migrator sends XFRM_MSG_MIGRATE.
@@ -146,13 +153,14 @@ type Dataplane struct {
 	closed   bool
 	xfrmi    bool       // the xfrm interface exists
 	loAddr   netip.Addr // ULA we added on lo (fallback mode)
+	fouPort  uint16     // the GUE listener we added (or took over); 0: none
 	spiPeer  map[uint32]netip.Addr
 	outerOf  map[netip.Addr]netip.AddrPort
 	lastMove map[netip.Addr]time.Time
 	// prevOut maps the outbound SPIs of the last Set to their peers;
 	// retiring holds replaced outbound SAs until their deadline.
 	prevOut  map[uint32]netip.Addr
-	retiring map[uint32]retiree
+	retiring map[stateKey]retiree
 	reaper   *time.Timer
 	// desired is the last valid desired state, which a repair re-applies.
 	desired *controlplane.State
@@ -170,7 +178,8 @@ type Dataplane struct {
 // watchInfo is what the watchers need to tell our objects' notifications.
 type watchInfo struct {
 	ula     netip.Addr
-	ifindex int // of the xfrm interface
+	ifindex int          // of the xfrm interface
+	tunnels map[int]bool // ifindexes of our tunnel devices
 }
 
 // retiree is an outbound SA replaced by a rekey, kept until deadline.
@@ -186,7 +195,9 @@ var _ controlplane.Dataplane = (*Dataplane)(nil)
 // tags, creates the xfrm interface (or falls back to lo) and starts the event
 // monitor. Close undoes all of it.
 func New(ns netns.NsHandle, cfg Config) (*Dataplane, error) {
-	h, err := netlink.NewHandleAt(ns, syscall.NETLINK_XFRM, syscall.NETLINK_ROUTE)
+	// NETLINK_GENERIC for fou: a request on a protocol the handle has no
+	// socket for would go to the caller's namespace.
+	h, err := netlink.NewHandleAt(ns, syscall.NETLINK_XFRM, syscall.NETLINK_ROUTE, syscall.NETLINK_GENERIC)
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: netlink handle: %w", err)
 	}
@@ -227,7 +238,7 @@ func newDataplane(h handle, mig migrator, cfg Config) (*Dataplane, error) {
 		events:   make(chan Event, 64),
 		spiPeer:  map[uint32]netip.Addr{},
 		outerOf:  map[netip.Addr]netip.AddrPort{},
-		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[uint32]retiree{},
+		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[stateKey]retiree{},
 		expired: map[uint32]bool{}}
 	if err := d.removeLeftovers(); err != nil {
 		return nil, fmt.Errorf("xfrm: remove leftovers: %w", err)
@@ -373,6 +384,7 @@ func (d *Dataplane) removeLeftovers() error {
 			errs = append(errs, fmt.Errorf("delete state spi 0x%08x: %w", uint32(s.Spi), err))
 		}
 	}
+	errs = append(errs, d.removeLinks())
 	if l, err := d.h.LinkByName(d.cfg.Interface); err == nil {
 		x, ok := l.(*netlink.Xfrmi)
 		if !ok || x.Ifid != d.cfg.IfID {
@@ -387,16 +399,40 @@ func (d *Dataplane) removeLeftovers() error {
 // --- desired objects ----------------------------------------------------------
 
 type peerPlan struct {
-	peer     controlplane.Peer
-	local    netip.Addr // local outer address
-	dev      int        // route device
+	peer  controlplane.Peer
+	local netip.Addr // local outer IPv4 address of the ESP-in-UDP SAs
+	dev   int        // route device (the xfrm interface's index is set later)
+	// ESP-in-UDP: tunnel-mode SAs (Out, In, PrevIn...) and their policies
+	// (if_id: only via the xfrm interface).
 	states   []netlink.XfrmState
 	policies []netlink.XfrmPolicy
-	route    netlink.Route
+	// Tunnel devices: transport-mode SAs between the ULAs (Out, In,
+	// PrevIn...), their policies (no if_id: what a route sends into a
+	// device), and the devices.
+	tstates   []netlink.XfrmState
+	tpolicies []netlink.XfrmPolicy
+	links     []netlink.Link
+	route     netlink.Route
+	viaDev    string // the route's tunnel device; "" for ESP-in-UDP
+	// What could not be planned just now (no route to an outer address)
+	// keeps what the kernel has: a transient lookup failure must not tear
+	// a working path down.
+	keepESP   bool
+	keepLinks []string
+	keepRoute bool
 }
 
 func prefix128(a netip.Addr) *net.IPNet {
 	return &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}
+}
+
+// transportState is an SA of the tunnel devices' transport-mode ESP between
+// the ULAs: same SPI and keys as the ESP-in-UDP one, its own counters; the
+// kernel finds it by (our ULA, SPI) on the way in.
+func (d *Dataplane) transportState(sa controlplane.SA, src, dst netip.Addr) netlink.XfrmState {
+	s := d.stateFor(sa, netip.AddrPortFrom(src, 0), netip.AddrPortFrom(dst, 0), src, dst)
+	s.Mode, s.Encap, s.Ifid = netlink.XFRM_MODE_TRANSPORT, nil, 0
+	return s
 }
 
 func (d *Dataplane) stateFor(sa controlplane.SA, src, dst netip.AddrPort, selSrc, selDst netip.Addr) netlink.XfrmState {
@@ -431,55 +467,104 @@ func (d *Dataplane) plan(ctx context.Context, st *controlplane.State) ([]peerPla
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		pp := peerPlan{peer: p, local: st.Local.Outer}
-		if !pp.local.IsValid() || st.Local.Device == "" && !d.xfrmi {
-			rs, err := d.h.RouteGet(p.Outer.Addr().AsSlice())
-			if err != nil || len(rs) == 0 {
-				errs = append(errs, fmt.Errorf("peer %q: no route to %v: %v", p.Name, p.Outer.Addr(), err))
-				continue
+		pp := peerPlan{peer: p}
+		me, them := st.Local.ULA, p.ULA
+		if p.Outer.IsValid() {
+			if err := d.planESP(st, &pp); err != nil {
+				errs = append(errs, err)
+				pp.keepESP = true
 			}
-			if !pp.local.IsValid() {
-				a, ok := netip.AddrFromSlice(rs[0].Src)
-				if !ok {
-					errs = append(errs, fmt.Errorf("peer %q: route to %v has no source address", p.Name, p.Outer.Addr()))
+		}
+		switch {
+		case len(p.Tunnels) > 0 && !d.xfrmi:
+			errs = append(errs, fmt.Errorf("peer %q: tunnel paths need xfrm interfaces, which this kernel lacks", p.Name))
+		case len(p.Tunnels) > 0:
+			pp.tstates = append(pp.tstates, d.transportState(p.Out, me, them))
+			for _, in := range append([]controlplane.SA{p.In}, p.PrevIn...) {
+				pp.tstates = append(pp.tstates, d.transportState(in, them, me))
+			}
+			tmpl := func(src, dst netip.Addr) []netlink.XfrmPolicyTmpl {
+				return []netlink.XfrmPolicyTmpl{{Src: src.AsSlice(), Dst: dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
+					Mode: netlink.XFRM_MODE_TRANSPORT, Reqid: int(d.cfg.Reqid)}}
+			}
+			// The outbound policy exists only while the peer's traffic
+			// goes by a device: every route's packets meet policies without
+			// if_id before they reach a device, so with it in place the
+			// xfrm interface's would be wrapped twice.
+			if p.Via != controlplane.PathESPInUDP {
+				pp.tpolicies = append(pp.tpolicies, netlink.XfrmPolicy{Dir: netlink.XFRM_DIR_OUT, Src: prefix128(me), Dst: prefix128(them), Tmpls: tmpl(me, them)})
+			}
+			pp.tpolicies = append(pp.tpolicies, netlink.XfrmPolicy{Dir: netlink.XFRM_DIR_IN, Src: prefix128(them), Dst: prefix128(me), Tmpls: tmpl(them, me)})
+			for _, t := range p.Tunnels {
+				l, err := d.tunnelLink(st.Local, p, t)
+				if err != nil {
+					errs = append(errs, err)
+					pp.keepLinks = append(pp.keepLinks, controlplane.TunnelDevice(t.Kind, p.ULA))
 					continue
 				}
-				pp.local = a.Unmap()
+				pp.links = append(pp.links, l)
 			}
-			pp.dev = rs[0].LinkIndex
 		}
-		if !d.xfrmi && st.Local.Device != "" {
-			l, err := d.h.LinkByName(st.Local.Device)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("local device %q: %w", st.Local.Device, err))
-				continue
-			}
-			pp.dev = l.Attrs().Index
-		}
-		if !pp.local.Is4() {
-			errs = append(errs, fmt.Errorf("peer %q: local outer address %v is not IPv4", p.Name, pp.local))
-			continue
-		}
-		local := netip.AddrPortFrom(pp.local, st.Local.Port)
-		me, them := st.Local.ULA, p.ULA
-		pp.states = append(pp.states, d.stateFor(p.Out, local, p.Outer, me, them))
-		for _, in := range append([]controlplane.SA{p.In}, p.PrevIn...) {
-			pp.states = append(pp.states, d.stateFor(in, p.Outer, local, them, me))
-		}
-		tmpl := func(src, dst netip.Addr) []netlink.XfrmPolicyTmpl {
-			return []netlink.XfrmPolicyTmpl{{Src: src.AsSlice(), Dst: dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
-				Mode: netlink.XFRM_MODE_TUNNEL, Reqid: int(d.cfg.Reqid)}}
-		}
-		pp.policies = []netlink.XfrmPolicy{
-			{Dir: netlink.XFRM_DIR_OUT, Src: prefix128(me), Dst: prefix128(them), Ifid: d.ifid(), Tmpls: tmpl(pp.local, p.Outer.Addr())},
-			{Dir: netlink.XFRM_DIR_IN, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
-			{Dir: netlink.XFRM_DIR_FWD, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
+		mtu := InnerMTU(d.cfg.LinkMTU, p.Out.Cipher)
+		if p.Via != controlplane.PathESPInUDP {
+			pp.viaDev = controlplane.TunnelDevice(p.Via, p.ULA)
+			mtu = TransportMTU(d.cfg.LinkMTU, p.Via, p.Out.Cipher)
+			pp.keepRoute = !slices.ContainsFunc(pp.links, func(l netlink.Link) bool { return l.Attrs().Name == pp.viaDev })
+		} else {
+			pp.keepRoute = pp.keepESP
 		}
 		pp.route = netlink.Route{Dst: prefix128(them), Src: me.AsSlice(), LinkIndex: pp.dev,
-			MTU: InnerMTU(d.cfg.LinkMTU, p.Out.Cipher), Protocol: d.cfg.RouteProtocol, Table: syscall.RT_TABLE_MAIN, Family: netlink.FAMILY_V6}
+			MTU: mtu, Protocol: d.cfg.RouteProtocol, Table: syscall.RT_TABLE_MAIN, Family: netlink.FAMILY_V6}
 		plans = append(plans, pp)
 	}
 	return plans, errors.Join(errs...)
+}
+
+// planESP plans the ESP-in-UDP part: the local IPv4 address (Local.Outer or
+// the route's source), tunnel-mode SAs and policies.
+func (d *Dataplane) planESP(st *controlplane.State, pp *peerPlan) error {
+	p := pp.peer
+	pp.local = st.Local.Outer
+	if !pp.local.IsValid() || st.Local.Device == "" && !d.xfrmi {
+		rs, err := d.h.RouteGet(p.Outer.Addr().AsSlice())
+		if err != nil || len(rs) == 0 {
+			return fmt.Errorf("peer %q: no route to %v: %v", p.Name, p.Outer.Addr(), err)
+		}
+		if !pp.local.IsValid() {
+			a, ok := netip.AddrFromSlice(rs[0].Src)
+			if !ok {
+				return fmt.Errorf("peer %q: route to %v has no source address", p.Name, p.Outer.Addr())
+			}
+			pp.local = a.Unmap()
+		}
+		pp.dev = rs[0].LinkIndex
+	}
+	if !d.xfrmi && st.Local.Device != "" {
+		l, err := d.h.LinkByName(st.Local.Device)
+		if err != nil {
+			return fmt.Errorf("local device %q: %w", st.Local.Device, err)
+		}
+		pp.dev = l.Attrs().Index
+	}
+	if !pp.local.Is4() {
+		return fmt.Errorf("peer %q: local outer address %v is not IPv4", p.Name, pp.local)
+	}
+	local := netip.AddrPortFrom(pp.local, st.Local.Port)
+	me, them := st.Local.ULA, p.ULA
+	pp.states = append(pp.states, d.stateFor(p.Out, local, p.Outer, me, them))
+	for _, in := range append([]controlplane.SA{p.In}, p.PrevIn...) {
+		pp.states = append(pp.states, d.stateFor(in, p.Outer, local, them, me))
+	}
+	tmpl := func(src, dst netip.Addr) []netlink.XfrmPolicyTmpl {
+		return []netlink.XfrmPolicyTmpl{{Src: src.AsSlice(), Dst: dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
+			Mode: netlink.XFRM_MODE_TUNNEL, Reqid: int(d.cfg.Reqid)}}
+	}
+	pp.policies = []netlink.XfrmPolicy{
+		{Dir: netlink.XFRM_DIR_OUT, Src: prefix128(me), Dst: prefix128(them), Ifid: d.ifid(), Tmpls: tmpl(pp.local, p.Outer.Addr())},
+		{Dir: netlink.XFRM_DIR_IN, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
+		{Dir: netlink.XFRM_DIR_FWD, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
+	}
+	return nil
 }
 
 // --- Set -------------------------------------------------------------------
@@ -529,15 +614,46 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 	if ctx.Err() != nil {
 		return nil, fmt.Errorf("xfrm: set: %w", ctx.Err())
 	}
-	if link != nil {
-		for i := range plans {
-			plans[i].route.LinkIndex = link.Attrs().Index
-		}
-	}
 	a := &applier{d: d}
 	a.errs = append(a.errs, planErr)
 
 	a.address(link, desired.Local.ULA)
+	// Tunnel devices (and the GUE listener they receive on) before any
+	// route points into them.
+	a.fou(desired.Local.FOUPort)
+	klinks, err := d.ourLinks()
+	if err != nil {
+		return nil, fmt.Errorf("xfrm: set: %w", err)
+	}
+	haveLinks := map[string]netlink.Link{}
+	for _, l := range klinks {
+		haveLinks[l.Attrs().Name] = l
+	}
+	wantLinks := map[string]bool{}
+	var links []netlink.Link
+	for _, pp := range plans {
+		for _, l := range pp.links {
+			links = append(links, l)
+			wantLinks[l.Attrs().Name] = true
+		}
+		for _, n := range pp.keepLinks {
+			wantLinks[n] = true
+		}
+	}
+	linkIdx := a.links(links, haveLinks, desired.Local.ULA)
+	for i := range plans {
+		pp := &plans[i]
+		switch {
+		case pp.viaDev != "":
+			if idx, ok := linkIdx[pp.viaDev]; ok {
+				pp.route.LinkIndex = idx
+			} else {
+				pp.keepRoute = true
+			}
+		case link != nil:
+			pp.route.LinkIndex = link.Attrs().Index
+		}
+	}
 	// Transmit counters before the state dump: SeqGuard's bound.
 	if links, err := d.h.LinkList(); err == nil {
 		a.tx = TxCounters(links)
@@ -555,39 +671,32 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: set: %w", err)
 	}
-	wantStates := map[uint32]bool{}
+	wantStates := map[stateKey]bool{}
 	wantPols := map[string]bool{}
 	wantRoutes := map[string]bool{}
-	// A peer that could not be planned (no route to its outer address just
-	// now) keeps whatever it has in the kernel: a transient lookup failure
-	// must not tear its tunnel down.
-	planned := map[netip.Addr]bool{}
 	for _, pp := range plans {
-		planned[pp.peer.ULA] = true
-	}
-	for _, p := range desired.Peers {
-		if planned[p.ULA] {
-			continue
-		}
-		for _, sa := range append([]controlplane.SA{p.Out, p.In}, p.PrevIn...) {
-			wantStates[sa.SPI] = true
-		}
-		for _, dir := range []netlink.Dir{netlink.XFRM_DIR_OUT, netlink.XFRM_DIR_IN, netlink.XFRM_DIR_FWD} {
-			src, dst := p.ULA, desired.Local.ULA
-			if dir == netlink.XFRM_DIR_OUT {
-				src, dst = dst, src
+		p := pp.peer
+		if pp.keepESP {
+			// No route to the peer's outer address just now: its
+			// ESP-in-UDP SAs and policies stay as the kernel has them.
+			for _, sa := range append([]controlplane.SA{p.Out, p.In}, p.PrevIn...) {
+				wantStates[stateKey{sa.SPI, netlink.XFRM_MODE_TUNNEL}] = true
 			}
-			wantPols[policyKey(&netlink.XfrmPolicy{Dir: dir, Src: prefix128(src), Dst: prefix128(dst), Ifid: d.ifid()})] = true
+			for _, dir := range []netlink.Dir{netlink.XFRM_DIR_OUT, netlink.XFRM_DIR_IN, netlink.XFRM_DIR_FWD} {
+				src, dst := p.ULA, desired.Local.ULA
+				if dir == netlink.XFRM_DIR_OUT {
+					src, dst = dst, src
+				}
+				wantPols[policyKey(&netlink.XfrmPolicy{Dir: dir, Src: prefix128(src), Dst: prefix128(dst), Ifid: d.ifid()})] = true
+			}
 		}
-		wantRoutes[prefix128(p.ULA).String()] = true
-	}
-	for _, pp := range plans {
-		moved := a.states(pp, kstates, kpols)
+		moved := a.states(pp, byMode(kstates, netlink.XFRM_MODE_TUNNEL), kpols)
 		if moved {
-			d.lastMove[pp.peer.ULA] = d.cfg.Now()
+			d.lastMove[p.ULA] = d.cfg.Now()
 		}
-		for _, s := range pp.states {
-			wantStates[uint32(s.Spi)] = true
+		a.tstates(pp, byMode(kstates, netlink.XFRM_MODE_TRANSPORT))
+		for _, s := range append(slices.Clone(pp.states), pp.tstates...) {
+			wantStates[keyOfState(&s)] = true
 		}
 		if moved {
 			// Migration rewrote policy templates: look again.
@@ -595,15 +704,18 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 				kpols = kp
 			}
 		}
-		polOK := a.policies(pp, kpols)
-		for _, p := range pp.policies {
-			wantPols[policyKey(&p)] = true
+		pols := append(slices.Clone(pp.policies), pp.tpolicies...)
+		polOK := a.policies(pols, kpols)
+		for _, pl := range pols {
+			wantPols[policyKey(&pl)] = true
 		}
 		wantRoutes[pp.route.Dst.String()] = true
-		if polOK {
+		switch {
+		case pp.keepRoute:
+		case polOK:
 			a.route(pp, krts)
-		} else {
-			a.errs = append(a.errs, fmt.Errorf("peer %q: route to %v withheld: its policies are not in place", pp.peer.Name, pp.peer.ULA))
+		default:
+			a.errs = append(a.errs, fmt.Errorf("peer %q: route to %v withheld: its policies are not in place", p.Name, p.ULA))
 		}
 	}
 	// Deletes, after every add.
@@ -621,35 +733,37 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 		a.errs = append(a.errs, err)
 	}
 	stillPeer := map[netip.Addr]bool{}
+	curOut := map[uint32]bool{}
 	for _, p := range desired.Peers {
 		stillPeer[p.ULA] = true
+		curOut[p.Out.SPI] = true
 	}
 	now := d.cfg.Now()
-	present := map[uint32]bool{}
+	present := map[stateKey]bool{}
 	for _, s := range kstates {
-		spi := uint32(s.Spi)
-		present[spi] = true
-		if wantStates[spi] {
-			delete(d.retiring, spi)
+		spi, k := uint32(s.Spi), keyOfState(&s)
+		present[k] = true
+		if wantStates[k] {
+			delete(d.retiring, k)
 			continue
 		}
 		// An outbound SA replaced by a rekey of a peer we keep: retire it
 		// after a grace period instead of pulling it from under packets
 		// that already picked it.
-		if ula, ok := d.prevOut[spi]; ok && stillPeer[ula] && d.cfg.OutboundGrace > 0 {
-			if _, ok := d.retiring[spi]; !ok {
-				d.retiring[spi] = retiree{peer: ula, deadline: now.Add(d.cfg.OutboundGrace)}
+		if ula, ok := d.prevOut[spi]; ok && stillPeer[ula] && !curOut[spi] && d.cfg.OutboundGrace > 0 {
+			if _, ok := d.retiring[k]; !ok {
+				d.retiring[k] = retiree{peer: ula, deadline: now.Add(d.cfg.OutboundGrace)}
 			}
 		}
-		if r, ok := d.retiring[spi]; ok && stillPeer[r.peer] && now.Before(r.deadline) {
+		if r, ok := d.retiring[k]; ok && stillPeer[r.peer] && now.Before(r.deadline) {
 			continue
 		}
-		delete(d.retiring, spi)
+		delete(d.retiring, k)
 		a.do("delete", "state", stateWhat(&s), d.h.XfrmStateDel(&s))
 	}
-	for spi := range d.retiring {
-		if !present[spi] {
-			delete(d.retiring, spi)
+	for k := range d.retiring {
+		if !present[k] {
+			delete(d.retiring, k)
 		}
 	}
 	d.prevOut = map[uint32]netip.Addr{}
@@ -657,6 +771,12 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 		d.prevOut[p.Out.SPI] = p.ULA
 	}
 	d.scheduleReapLocked()
+	for _, l := range klinks {
+		if !wantLinks[l.Attrs().Name] {
+			a.do("delete", "link", linkWhat(l), d.h.LinkDel(l))
+		}
+	}
+	a.oldFou(desired.Local.FOUPort)
 	a.oldAddress(link, desired.Local.ULA)
 
 	d.spiPeer = map[uint32]netip.Addr{}
@@ -678,9 +798,12 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 			delete(d.expired, spi)
 		}
 	}
-	w := watchInfo{ula: desired.Local.ULA}
+	w := watchInfo{ula: desired.Local.ULA, tunnels: map[int]bool{}}
 	if link != nil {
 		w.ifindex = link.Attrs().Index
+	}
+	for _, i := range linkIdx {
+		w.tunnels[i] = true
 	}
 	d.wmu.Lock()
 	d.watch = w
@@ -690,6 +813,25 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 		err = fmt.Errorf("xfrm: set: %w", err)
 	}
 	return a.changes, err
+}
+
+// stateKey tells apart our SAs of one SPI: the ESP-in-UDP one (tunnel mode)
+// and the tunnel devices' one (transport mode).
+type stateKey struct {
+	spi  uint32
+	mode netlink.Mode
+}
+
+func keyOfState(s *netlink.XfrmState) stateKey { return stateKey{uint32(s.Spi), s.Mode} }
+
+func byMode(ss []netlink.XfrmState, m netlink.Mode) []netlink.XfrmState {
+	var out []netlink.XfrmState
+	for _, s := range ss {
+		if s.Mode == m {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 type applier struct {
@@ -826,6 +968,33 @@ func (a *applier) states(pp peerPlan, kstates []netlink.XfrmState, kpols []netli
 	return moved
 }
 
+// tstates adds or replaces the peer's transport-mode SAs (they never move:
+// their addresses are the ULAs).
+func (a *applier) tstates(pp peerPlan, kstates []netlink.XfrmState) {
+	d := a.d
+	bySPI := map[uint32]*netlink.XfrmState{}
+	for i := range kstates {
+		bySPI[uint32(kstates[i].Spi)] = &kstates[i]
+	}
+	for i, want := range pp.tstates {
+		have := bySPI[uint32(want.Spi)]
+		switch {
+		case have == nil && d.expired[uint32(want.Spi)]:
+			d.log.Debug("not re-adding a hard-expired SA", "spi", fmt.Sprintf("0x%08x", uint32(want.Spi)))
+		case have == nil:
+			what := stateWhat(&want)
+			if d.guard.Restore(&want, i == 0, a.tx) {
+				what += " (put back)"
+			}
+			a.do("add", "state", what, d.h.XfrmStateAdd(&want))
+		case !sameSA(have, &want) || !have.Src.Equal(want.Src) || !have.Dst.Equal(want.Dst):
+			if a.do("delete", "state", stateWhat(have), d.h.XfrmStateDel(have)) {
+				a.do("add", "state", stateWhat(&want), d.h.XfrmStateAdd(&want))
+			}
+		}
+	}
+}
+
 func (a *applier) move(pp peerPlan, i int, have, want *netlink.XfrmState, kpols []netlink.XfrmPolicy) bool {
 	d := a.d
 	what := fmt.Sprintf("%s -> %s", stateWhat(have), outerWhat(want))
@@ -927,7 +1096,7 @@ func (d *Dataplane) findStateSPI(spi uint32) *netlink.XfrmState {
 		return nil
 	}
 	for i := range ss {
-		if uint32(ss[i].Spi) == spi {
+		if uint32(ss[i].Spi) == spi && ss[i].Mode == netlink.XFRM_MODE_TUNNEL {
 			return &ss[i]
 		}
 	}
@@ -940,7 +1109,7 @@ func (d *Dataplane) findState(want *netlink.XfrmState) *netlink.XfrmState {
 		return nil
 	}
 	for i := range ss {
-		if ss[i].Spi == want.Spi && ss[i].Dst.Equal(want.Dst) {
+		if ss[i].Spi == want.Spi && ss[i].Dst.Equal(want.Dst) && ss[i].Mode == want.Mode {
 			return &ss[i]
 		}
 	}
@@ -959,10 +1128,10 @@ func findPolicy(ps []netlink.XfrmPolicy, dir netlink.Dir, sa *netlink.XfrmState)
 
 // policies adds or updates the peer's policies; it reports whether all three
 // are in place.
-func (a *applier) policies(pp peerPlan, kpols []netlink.XfrmPolicy) bool {
+func (a *applier) policies(want []netlink.XfrmPolicy, kpols []netlink.XfrmPolicy) bool {
 	d := a.d
 	ok := true
-	for _, want := range pp.policies {
+	for _, want := range want {
 		var have *netlink.XfrmPolicy
 		for i := range kpols {
 			if policyKey(&kpols[i]) == policyKey(&want) {
@@ -1178,14 +1347,14 @@ func (d *Dataplane) reap() {
 	}
 	now := d.cfg.Now()
 	for _, s := range kstates {
-		spi := uint32(s.Spi)
-		if r, ok := d.retiring[spi]; ok && !now.Before(r.deadline) {
+		spi, k := uint32(s.Spi), keyOfState(&s)
+		if r, ok := d.retiring[k]; ok && !now.Before(r.deadline) {
 			if err := d.h.XfrmStateDel(&s); err != nil && !absent(err) {
-				d.log.Warn("xfrm: deleting retired outbound SA", "spi", fmt.Sprintf("0x%08x", spi), "err", err)
+				d.log.Warn("xfrm: deleting retired outbound SA", "spi", fmt.Sprintf("0x%08x", spi), "mode", s.Mode, "err", err)
 				continue
 			}
-			d.log.Info("xfrm: retired outbound SA deleted", "spi", fmt.Sprintf("0x%08x", spi))
-			delete(d.retiring, spi)
+			d.log.Info("xfrm: retired outbound SA deleted", "spi", fmt.Sprintf("0x%08x", spi), "mode", s.Mode)
+			delete(d.retiring, k)
 		}
 	}
 	d.scheduleReapLocked()
@@ -1203,6 +1372,12 @@ func (d *Dataplane) Close() error {
 	}
 	var errs []error
 	errs = append(errs, d.removeLeftovers())
+	if d.fouPort != 0 {
+		if err := d.delFou(d.fouPort); err != nil {
+			errs = append(errs, fmt.Errorf("delete fou port %d: %w", d.fouPort, err))
+		}
+		d.fouPort = 0
+	}
 	if d.loAddr.IsValid() {
 		if lo, err := d.h.LinkByName("lo"); err == nil {
 			if err := d.h.AddrDel(lo, &netlink.Addr{IPNet: prefix128(d.loAddr)}); err != nil && !absent(err) && !errors.Is(err, syscall.EADDRNOTAVAIL) {

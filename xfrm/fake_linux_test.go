@@ -16,6 +16,8 @@ type fakeKernel struct {
 	states   []netlink.XfrmState
 	policies []netlink.XfrmPolicy
 	links    []netlink.Link
+	fous     []netlink.Fou
+	noFou    bool // the fou module is missing
 	addrs    map[int][]netlink.Addr
 	routes   []netlink.Route
 
@@ -25,12 +27,14 @@ type fakeKernel struct {
 	migrated  int  // successful migrations
 	nextIndex int
 	routeSrc  net.IP // RouteGet's answer
+	routeSrc6 net.IP // RouteGet's answer for an IPv6 destination
 	routeErr  error  // RouteGet fails
 	routeDev  int
 }
 
 func newFakeKernel() *fakeKernel {
-	k := &fakeKernel{addrs: map[int][]netlink.Addr{}, nextIndex: 3, routeSrc: net.ParseIP("10.0.0.1").To4(), routeDev: 2}
+	k := &fakeKernel{addrs: map[int][]netlink.Addr{}, nextIndex: 3, routeSrc: net.ParseIP("10.0.0.1").To4(),
+		routeSrc6: net.ParseIP("2001:db8:1::2"), routeDev: 2}
 	k.links = []netlink.Link{
 		&netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: "lo", Index: 1, Flags: net.FlagUp}},
 		&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0", Index: 2, Flags: net.FlagUp}},
@@ -170,6 +174,18 @@ func (k *fakeKernel) LinkByIndex(i int) (netlink.Link, error) {
 	return nil, netlink.LinkNotFoundError{}
 }
 
+// tunnelKey is how the kernel finds a sit or ip6tnl device: by its
+// outer addresses; two devices with the same pair cannot exist.
+func tunnelKey(l netlink.Link) string {
+	switch t := l.(type) {
+	case *netlink.Sittun:
+		return "sit " + t.Local.String() + " " + t.Remote.String()
+	case *netlink.Ip6tnl:
+		return "ip6tnl " + t.Local.String() + " " + t.Remote.String()
+	}
+	return ""
+}
+
 func (k *fakeKernel) LinkAdd(l netlink.Link) error {
 	if _, ok := l.(*netlink.Xfrmi); ok && k.noXfrmi {
 		return syscall.EOPNOTSUPP
@@ -177,6 +193,10 @@ func (k *fakeKernel) LinkAdd(l netlink.Link) error {
 	if _, err := k.LinkByName(l.Attrs().Name); err == nil {
 		return syscall.EEXIST
 	}
+	if key := tunnelKey(l); key != "" && slices.ContainsFunc(k.links, func(x netlink.Link) bool { return tunnelKey(x) == key }) {
+		return syscall.EEXIST
+	}
+	l = cloneLink(l)
 	l.Attrs().Index = k.nextIndex
 	k.nextIndex++
 	k.links = append(k.links, l)
@@ -195,9 +215,81 @@ func (k *fakeKernel) LinkDel(l netlink.Link) error {
 	return nil
 }
 
+func cloneLink(l netlink.Link) netlink.Link {
+	switch t := l.(type) {
+	case *netlink.Sittun:
+		c := *t
+		return &c
+	case *netlink.Ip6tnl:
+		c := *t
+		return &c
+	}
+	return l
+}
+
+// LinkSetUp sets the flag on the kernel's link (found by name, as the
+// kernel finds it by index) and on l.
 func (k *fakeKernel) LinkSetUp(l netlink.Link) error {
+	if kl, err := k.LinkByName(l.Attrs().Name); err == nil {
+		kl.Attrs().Flags |= net.FlagUp
+	}
 	l.Attrs().Flags |= net.FlagUp
 	return nil
+}
+
+// LinkModify changes an existing tunnel device in place (changelink).
+func (k *fakeKernel) LinkModify(l netlink.Link) error {
+	i := slices.IndexFunc(k.links, func(x netlink.Link) bool { return x.Attrs().Index == l.Attrs().Index })
+	if i < 0 {
+		return syscall.ENODEV
+	}
+	if k.links[i].Type() != l.Type() {
+		return syscall.EOPNOTSUPP
+	}
+	if key := tunnelKey(l); slices.ContainsFunc(k.links, func(x netlink.Link) bool {
+		return x.Attrs().Index != l.Attrs().Index && tunnelKey(x) == key
+	}) {
+		return syscall.EEXIST
+	}
+	c := cloneLink(l)
+	c.Attrs().Flags = k.links[i].Attrs().Flags
+	k.links[i] = c
+	return nil
+}
+
+func (k *fakeKernel) LinkSetIP6AddrGenMode(netlink.Link, int) error { return nil }
+
+func (k *fakeKernel) FouAdd(f netlink.Fou) error {
+	if k.noFou {
+		return syscall.ENOENT
+	}
+	if slices.ContainsFunc(k.fous, func(x netlink.Fou) bool { return x.Port == f.Port && x.Family == f.Family }) {
+		return syscall.EEXIST
+	}
+	k.fous = append(k.fous, f)
+	return nil
+}
+
+func (k *fakeKernel) FouDel(f netlink.Fou) error {
+	i := slices.IndexFunc(k.fous, func(x netlink.Fou) bool { return x.Port == f.Port && x.Family == f.Family })
+	if i < 0 {
+		return syscall.ENOENT
+	}
+	k.fous = slices.Delete(k.fous, i, i+1)
+	return nil
+}
+
+func (k *fakeKernel) FouList(fam int) ([]netlink.Fou, error) {
+	if k.noFou {
+		return nil, syscall.ENOENT
+	}
+	var out []netlink.Fou
+	for _, f := range k.fous {
+		if f.Family == fam {
+			out = append(out, f)
+		}
+	}
+	return out, nil
 }
 
 func (k *fakeKernel) AddrList(l netlink.Link, _ int) ([]netlink.Addr, error) {
@@ -271,9 +363,12 @@ func (k *fakeKernel) RouteDel(r *netlink.Route) error {
 	return nil
 }
 
-func (k *fakeKernel) RouteGet(net.IP) ([]netlink.Route, error) {
+func (k *fakeKernel) RouteGet(dst net.IP) ([]netlink.Route, error) {
 	if k.routeErr != nil {
 		return nil, k.routeErr
+	}
+	if dst.To4() == nil {
+		return []netlink.Route{{Src: k.routeSrc6, LinkIndex: k.routeDev}}, nil
 	}
 	return []netlink.Route{{Src: k.routeSrc, LinkIndex: k.routeDev}}, nil
 }

@@ -40,3 +40,38 @@ func InnerMTU(linkMTU int, c controlplane.Cipher) int {
 	}
 	return mtu
 }
+
+const ipv6HeaderLen = 40
+
+// TunnelOverhead is what a tunnel device of kind k puts in front of the
+// inner IPv6 packet: an IPv6 header (ip6tnl, encaplimit none), an IPv4 header
+// (sit), or IPv4 + UDP + the 4-byte GUE header (sit over FOU).
+func TunnelOverhead(k controlplane.PathKind) int {
+	switch k {
+	case controlplane.PathIPv6:
+		return ipv6HeaderLen
+	case controlplane.PathSit:
+		return ipv4HeaderLen
+	case controlplane.PathFOU:
+		return ipv4HeaderLen + udpHeaderLen + 4
+	}
+	return ipv4HeaderLen + udpHeaderLen // ESP-in-UDP
+}
+
+// TransportMTU is the largest inner IPv6 packet that fits in one outer
+// packet of size linkMTU when ESP in transport mode (cipher c) protects it
+// inside a tunnel device of kind k: the inner IPv6 header stays in front,
+// ESP header, IV, padded payload, trailer and ICV follow. Never below 1280.
+func TransportMTU(linkMTU int, k controlplane.PathKind, c controlplane.Cipher) int {
+	if k == controlplane.PathESPInUDP {
+		return InnerMTU(linkMTU, c)
+	}
+	t := transformOf(c)
+	room := linkMTU - TunnelOverhead(k) - ipv6HeaderLen - espHeaderLen - t.ivLen - t.icvLen
+	room -= room % t.block
+	mtu := ipv6HeaderLen + room - espTrailerLen
+	if mtu < minIPv6MTU {
+		return minIPv6MTU
+	}
+	return mtu
+}

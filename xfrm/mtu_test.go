@@ -35,3 +35,38 @@ func TestInnerMTU(t *testing.T) {
 		}
 	}
 }
+
+func TestTransportMTU(t *testing.T) {
+	for _, tc := range []struct {
+		kind   controlplane.PathKind
+		cipher controlplane.Cipher
+		want   int
+	}{
+		// 1500 - 40 outer IPv6 - 40 inner - 8 ESP - 8 IV - 16 ICV = 1388, + 40 inner header - 2 trailer.
+		{controlplane.PathIPv6, controlplane.CipherAESGCM, 1426},
+		{controlplane.PathSit, controlplane.CipherAESGCM, 1446},
+		{controlplane.PathFOU, controlplane.CipherAESGCM, 1434},
+		// 1500 - 20 - 40 - 8 - 16 - 16 = 1400 -> 1392 (16s), + 40 - 2.
+		{controlplane.PathSit, controlplane.CipherAESCBCHMAC, 1430},
+		{controlplane.PathESPInUDP, controlplane.CipherAESGCM, 1438},
+	} {
+		got := TransportMTU(1500, tc.kind, tc.cipher)
+		if got != tc.want {
+			t.Errorf("TransportMTU(1500, %v, %s) = %d, want %d", tc.kind, tc.cipher, got, tc.want)
+		}
+		if tc.kind == controlplane.PathESPInUDP {
+			continue
+		}
+		tr := transformOf(tc.cipher)
+		payload := got - ipv6HeaderLen + espTrailerLen
+		if r := payload % tr.block; r != 0 {
+			payload += tr.block - r
+		}
+		if outer := TunnelOverhead(tc.kind) + ipv6HeaderLen + espHeaderLen + tr.ivLen + payload + tr.icvLen; outer > 1500 {
+			t.Errorf("%v %s: inner %d encapsulates to %d > 1500", tc.kind, tc.cipher, got, outer)
+		}
+		if TransportMTU(1300, tc.kind, tc.cipher) != minIPv6MTU {
+			t.Errorf("%v: below 1280 on a 1300-byte link", tc.kind)
+		}
+	}
+}

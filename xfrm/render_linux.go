@@ -2,6 +2,7 @@ package xfrm
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"sort"
 	"strings"
@@ -53,6 +54,52 @@ func render(h handle, ifname string) (string, error) {
 			}
 		}
 	}
+	// Tunnel devices (ours and anyone's), their link-local addresses, and
+	// the fou listeners.
+	ls, err := RetryDump(h.LinkList)
+	if err != nil {
+		return "", fmt.Errorf("render: links: %w", err)
+	}
+	for _, l := range ls {
+		var desc string
+		switch t := l.(type) {
+		case *netlink.Sittun:
+			desc = fmt.Sprintf("sit remote %v local %v ttl %d", t.Remote, orAny(t.Local), t.Ttl)
+			if t.EncapType == tunnelEncapGUE {
+				desc += fmt.Sprintf(" encap gue sport %d dport %d", t.EncapSport, t.EncapDport)
+			}
+		case *netlink.Ip6tnl:
+			desc = fmt.Sprintf("ip6tnl remote %v local %v ttl %d", t.Remote, orAny(t.Local), t.Ttl)
+			if t.Flags&ip6tnlIgnEncapLimit != 0 {
+				desc += " encaplimit none"
+			}
+		default:
+			continue
+		}
+		a := l.Attrs()
+		up := "down"
+		if a.Flags&net.FlagUp != 0 || a.RawFlags&0x1 != 0 {
+			up = "up"
+		}
+		lines = append(lines, fmt.Sprintf("link %s %s group 0x%x alias %q %s", a.Name, desc, a.Group, a.Alias, up))
+		as, err := h.AddrList(l, netlink.FAMILY_V6)
+		if err != nil {
+			return "", fmt.Errorf("render: addresses of %s: %w", a.Name, err)
+		}
+		for _, x := range as {
+			ones, _ := x.Mask.Size()
+			lines = append(lines, fmt.Sprintf("addr %v/%d dev %s", ipAddr(x.IP), ones, a.Name))
+		}
+	}
+	if fs, err := h.FouList(netlink.FAMILY_V4); err == nil {
+		for _, f := range fs {
+			if f.EncapType == netlink.FOU_ENCAP_GUE {
+				lines = append(lines, fmt.Sprintf("fou port %d gue", f.Port))
+			} else {
+				lines = append(lines, fmt.Sprintf("fou port %d ipproto %d", f.Port, f.Protocol))
+			}
+		}
+	}
 	ss, err := RetryDump(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return "", fmt.Errorf("render: states: %w", err)
@@ -99,6 +146,13 @@ func render(h handle, ifname string) (string, error) {
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n", nil
+}
+
+func orAny(ip net.IP) string {
+	if len(ip) == 0 || ip.IsUnspecified() {
+		return "any"
+	}
+	return ip.String()
 }
 
 func renderState(s *netlink.XfrmState) string {

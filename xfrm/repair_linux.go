@@ -66,7 +66,8 @@ func (d *Dataplane) reapply(ctx context.Context) ([]controlplane.Change, error) 
 }
 
 // onRoute kicks the repair when one of our routes (IPv6, our protocol) or
-// our ULA goes, or the xfrm interface is deleted or set down.
+// our ULA goes, or the xfrm interface or a tunnel device is deleted or set
+// down.
 func (d *Dataplane) onRoute(typ uint16, b []byte) {
 	if typ == repair.Overrun {
 		d.repair.Kick("rtnetlink notifications lost (socket overrun)")
@@ -87,6 +88,10 @@ func (d *Dataplane) onRoute(typ uint16, b []byte) {
 		d.repair.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
 	case (m.Type == repair.RTMDelLink || m.Type == repair.RTMNewLink && !m.Up()) && w.ifindex != 0 && m.Ifindex == w.ifindex:
 		d.repair.Kick(fmt.Sprintf("interface %s deleted or down", d.cfg.Interface))
+	case (m.Type == repair.RTMDelLink || m.Type == repair.RTMNewLink && !m.Up()) && w.tunnels[m.Ifindex]:
+		// A tunnel device (its route went with it). The GUE listener
+		// has no notification: the periodic audit puts it back.
+		d.repair.Kick(fmt.Sprintf("tunnel device %d deleted or down", m.Ifindex))
 	}
 }
 

@@ -26,8 +26,18 @@ import (
 // concurrent use.
 type SeqGuard struct {
 	mu   sync.Mutex
-	seen map[uint32]seqMark
+	seen map[seqKey]seqMark
 }
+
+// seqKey tells apart the SAs of one SPI: package xfrm keeps a tunnel-mode
+// SA (ESP-in-UDP) and a transport-mode one (tunnel devices) with the same
+// SPI and keys, each with its own counters.
+type seqKey struct {
+	spi  uint32
+	mode netlink.Mode
+}
+
+func keyOf(s *netlink.XfrmState) seqKey { return seqKey{uint32(s.Spi), s.Mode} }
 
 type seqMark struct {
 	oseq, seq uint32
@@ -56,13 +66,13 @@ func (g *SeqGuard) Observe(tx map[int]uint64, states []netlink.XfrmState) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.seen == nil {
-		g.seen = map[uint32]seqMark{}
+		g.seen = map[seqKey]seqMark{}
 	}
 	for _, s := range states {
 		if s.Replay == nil {
 			continue
 		}
-		g.seen[uint32(s.Spi)] = seqMark{oseq: s.Replay.OSeq, seq: s.Replay.Seq, tx: tx}
+		g.seen[keyOf(&s)] = seqMark{oseq: s.Replay.OSeq, seq: s.Replay.Seq, tx: tx}
 	}
 }
 
@@ -71,7 +81,7 @@ func (g *SeqGuard) Observe(tx map[int]uint64, states []netlink.XfrmState) {
 // inbound ones refuse what they had seen. It reports whether it did.
 func (g *SeqGuard) Restore(s *netlink.XfrmState, outbound bool, tx map[int]uint64) bool {
 	g.mu.Lock()
-	m, ok := g.seen[uint32(s.Spi)]
+	m, ok := g.seen[keyOf(s)]
 	g.mu.Unlock()
 	if !ok {
 		return false
@@ -113,9 +123,9 @@ func txSince(then, now map[int]uint64) uint64 {
 func (g *SeqGuard) Keep(keep func(spi uint32) bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	for spi := range g.seen {
-		if !keep(spi) {
-			delete(g.seen, spi)
+	for k := range g.seen {
+		if !keep(k.spi) {
+			delete(g.seen, k)
 		}
 	}
 }

@@ -1,0 +1,267 @@
+package xfrm
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/btmm/btmm/controlplane"
+)
+
+// Tunnel devices (issue 15, docs/tunnels.md). Per peer with tunnels: an
+// ip6tnl (ip6ip6) device for its IPv6 tunnel and a sit device for its IPv4
+// one, which sends plain protocol 41 (sit) or GUE to the peer's FOU port
+// (Linux fou, `encap gue`). The sit device receives both: fou hands the
+// packet inside GUE to the same protocol-41 handler, which finds the device
+// by the outer addresses. Transport-mode ESP between the ULAs protects
+// everything a route sends into a device (policies without if_id, see
+// setLocked); the devices carry no cleartext ULA traffic.
+//
+// Ownership: the devices carry the dataplane's tag as their link group
+// (`ip link show` prints "group 25217" for 0x6281) and a name bt6-/bts-
+// (controlplane.TunnelDevice); nothing else is touched. The fou listener
+// has no tag: the one on Local.FOUPort with GUE encapsulation is btmm's
+// (a killed btmmd's is taken over), any other is left alone.
+
+const (
+	ip6tnlIgnEncapLimit = 0x1 // IP6_TNL_F_IGN_ENCAP_LIMIT: no destination options header
+	tunnelEncapGUE      = 2   // TUNNEL_ENCAP_GUE
+	tunnelTTL           = 64
+	ipprotoIPv6         = 41
+	addrGenModeNone     = 1 // IN6_ADDR_GEN_MODE_NONE
+)
+
+// ourLink reports whether l is one of our tunnel devices.
+func (d *Dataplane) ourLink(l netlink.Link) bool {
+	switch l.(type) {
+	case *netlink.Sittun, *netlink.Ip6tnl:
+	default:
+		return false
+	}
+	a := l.Attrs()
+	return a.Group == d.cfg.IfID && (strings.HasPrefix(a.Name, "bt6-") || strings.HasPrefix(a.Name, "bts-"))
+}
+
+// ourLinks lists our tunnel devices.
+func (d *Dataplane) ourLinks() ([]netlink.Link, error) {
+	all, err := RetryDump(d.h.LinkList)
+	if err != nil {
+		return nil, fmt.Errorf("list links: %w", err)
+	}
+	var ours []netlink.Link
+	for _, l := range all {
+		if d.ourLink(l) {
+			ours = append(ours, l)
+		}
+	}
+	return ours, nil
+}
+
+// tunnelLink is the device desired for peer p's tunnel t.
+func (d *Dataplane) tunnelLink(local controlplane.Local, p controlplane.Peer, t controlplane.Tunnel) (netlink.Link, error) {
+	la := netlink.LinkAttrs{Name: controlplane.TunnelDevice(t.Kind, p.ULA), Group: d.cfg.IfID,
+		Alias: fmt.Sprintf("btmm %v to %s %v", t.Kind, p.Name, p.ULA)}
+	remote := t.Remote.Addr()
+	switch t.Kind {
+	case controlplane.PathIPv6:
+		// ip6tnl needs a local address to send (the kernel will not pick
+		// one per packet for ip6ip6): ours, or the route's source.
+		l6 := local.Outer6
+		if !l6.IsValid() {
+			rs, err := d.h.RouteGet(remote.AsSlice())
+			if err != nil || len(rs) == 0 {
+				return nil, fmt.Errorf("peer %q: no route to %v: %v", p.Name, remote, err)
+			}
+			a, ok := netip.AddrFromSlice(rs[0].Src)
+			if !ok || !a.Is6() || a.Is4In6() || !a.IsGlobalUnicast() || ulaPrefix.Contains(a) {
+				return nil, fmt.Errorf("peer %q: the route to %v has no global IPv6 source (%v)", p.Name, remote, rs[0].Src)
+			}
+			l6 = a
+		}
+		return &netlink.Ip6tnl{LinkAttrs: la, Local: l6.AsSlice(), Remote: remote.AsSlice(), Ttl: tunnelTTL,
+			Proto: ipprotoIPv6, Flags: ip6tnlIgnEncapLimit}, nil
+	case controlplane.PathSit, controlplane.PathFOU:
+		// Local "any": the kernel picks the source per packet, so the
+		// device survives our own moves, and receives what comes from
+		// the peer's address to any of ours (behind a NAT: our private one).
+		s := &netlink.Sittun{LinkAttrs: la, Remote: remote.AsSlice(), Ttl: tunnelTTL, Proto: ipprotoIPv6, PMtuDisc: 1}
+		if t.Kind == controlplane.PathFOU {
+			s.EncapType, s.EncapSport, s.EncapDport = tunnelEncapGUE, local.FOUPort, t.Remote.Port()
+		}
+		return s, nil
+	}
+	return nil, fmt.Errorf("peer %q: %v is not a tunnel kind", p.Name, t.Kind)
+}
+
+func sameIP(a, b net.IP) bool {
+	if len(a) == 0 || a.IsUnspecified() {
+		return len(b) == 0 || b.IsUnspecified()
+	}
+	return a.Equal(b)
+}
+
+// sameLink compares what tunnelLink sets.
+func sameLink(have, want netlink.Link) bool {
+	if have.Attrs().Alias != want.Attrs().Alias || have.Attrs().Group != want.Attrs().Group {
+		return false
+	}
+	switch w := want.(type) {
+	case *netlink.Ip6tnl:
+		h, ok := have.(*netlink.Ip6tnl)
+		return ok && sameIP(h.Local, w.Local) && sameIP(h.Remote, w.Remote) && h.Ttl == w.Ttl &&
+			h.Proto == w.Proto && h.Flags&ip6tnlIgnEncapLimit == w.Flags&ip6tnlIgnEncapLimit
+	case *netlink.Sittun:
+		h, ok := have.(*netlink.Sittun)
+		return ok && sameIP(h.Local, w.Local) && sameIP(h.Remote, w.Remote) && h.Ttl == w.Ttl && h.Proto == w.Proto &&
+			h.EncapType == w.EncapType && h.EncapSport == w.EncapSport && h.EncapDport == w.EncapDport
+	}
+	return false
+}
+
+func linkWhat(l netlink.Link) string {
+	switch x := l.(type) {
+	case *netlink.Ip6tnl:
+		return fmt.Sprintf("%s ip6tnl ip6ip6 local %v remote %v", x.Name, x.Local, x.Remote)
+	case *netlink.Sittun:
+		s := fmt.Sprintf("%s sit remote %v", x.Name, x.Remote)
+		if x.EncapType == tunnelEncapGUE {
+			s += fmt.Sprintf(" encap gue sport %d dport %d", x.EncapSport, x.EncapDport)
+		}
+		return s
+	}
+	return l.Attrs().Name
+}
+
+// links makes the desired tunnel devices exist, up, as desired and with
+// our link-local address; it returns their ifindexes by name.
+func (a *applier) links(want []netlink.Link, have map[string]netlink.Link, ula netip.Addr) map[string]int {
+	d := a.d
+	idx := map[string]int{}
+	for _, w := range want {
+		name := w.Attrs().Name
+		h, ok := have[name]
+		switch {
+		case !ok:
+			if other, err := d.h.LinkByName(name); err == nil {
+				a.errs = append(a.errs, fmt.Errorf("add link %s: a %s device of that name exists and is not btmm's", name, other.Type()))
+				continue
+			}
+			if !a.do("add", "link", linkWhat(w), d.h.LinkAdd(w)) {
+				continue
+			}
+			l, err := d.h.LinkByName(name)
+			if err != nil {
+				a.errs = append(a.errs, fmt.Errorf("add link %s: %w", name, err))
+				continue
+			}
+			// Only our link-local address: none made from the outer one.
+			if err := d.h.LinkSetIP6AddrGenMode(l, addrGenModeNone); err != nil {
+				d.log.Debug("addrgenmode none", "link", name, "err", err)
+			}
+			h = l
+		case !sameLink(h, w):
+			w.Attrs().Index = h.Attrs().Index
+			if !a.do("update", "link", linkWhat(w), d.h.LinkModify(w)) {
+				continue
+			}
+		}
+		if h.Attrs().Flags&net.FlagUp == 0 && h.Attrs().RawFlags&syscall.IFF_UP == 0 {
+			if err := d.h.LinkSetUp(h); err != nil {
+				a.errs = append(a.errs, fmt.Errorf("bring %s up: %w", name, err))
+				continue
+			}
+		}
+		idx[name] = h.Attrs().Index
+		ll := controlplane.TunnelLinkLocal(ula)
+		as, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(h, netlink.FAMILY_V6) })
+		if err != nil {
+			a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", name, err))
+			continue
+		}
+		found := false
+		for _, x := range as {
+			if ip := ipAddr(x.IP); ip == ll {
+				found = true
+			} else if ip.IsLinkLocalUnicast() {
+				// An old ULA's, or the kernel's before addrgenmode none.
+				a.do("delete", "address", fmt.Sprintf("%v/64 dev %s", ip, name), d.h.AddrDel(h, &x))
+			}
+		}
+		if !found {
+			addr := &netlink.Addr{IPNet: &net.IPNet{IP: ll.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: syscall.IFA_F_NODAD}
+			a.do("add", "address", fmt.Sprintf("%v/64 dev %s", ll, name), d.h.AddrAdd(h, addr))
+		}
+	}
+	return idx
+}
+
+// fou makes the GUE listener on port exist (0: none) and removes the one
+// we had on another port; it runs before the devices that send to peers.
+func (a *applier) fou(port uint16) {
+	d := a.d
+	if port == 0 {
+		return
+	}
+	fs, err := RetryDump(func() ([]netlink.Fou, error) { return d.h.FouList(netlink.FAMILY_V4) })
+	if err != nil {
+		a.errs = append(a.errs, fmt.Errorf("list fou ports (is the fou module loaded?): %w", err))
+		return
+	}
+	for _, f := range fs {
+		if f.Port != int(port) {
+			continue
+		}
+		if f.EncapType != netlink.FOU_ENCAP_GUE {
+			a.errs = append(a.errs, fmt.Errorf("fou port %d is in use by a listener that is not btmm's (ipproto %d, not gue)", port, f.Protocol))
+			return
+		}
+		if d.fouPort != port {
+			d.log.Info("taking over the GUE listener on our FOU port (a killed btmmd's)", "port", port)
+			d.fouPort = port
+		}
+		return
+	}
+	if a.do("add", "fou", fmt.Sprintf("port %d gue", port), d.h.FouAdd(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port), EncapType: netlink.FOU_ENCAP_GUE})) {
+		d.fouPort = port
+	}
+}
+
+// oldFou removes our GUE listener when it is no longer desired on its port.
+func (a *applier) oldFou(port uint16) {
+	d := a.d
+	if d.fouPort == 0 || d.fouPort == port {
+		return
+	}
+	old := d.fouPort
+	if a.do("delete", "fou", fmt.Sprintf("port %d gue", old), d.delFou(old)) {
+		d.fouPort = 0
+	}
+}
+
+func (d *Dataplane) delFou(port uint16) error {
+	err := d.h.FouDel(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port)})
+	if absent(err) {
+		return nil
+	}
+	return err
+}
+
+// removeLinks deletes our tunnel devices (leftovers, Close).
+func (d *Dataplane) removeLinks() error {
+	ls, err := d.ourLinks()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range ls {
+		if err := d.h.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
+			errs = append(errs, fmt.Errorf("delete link %s: %w", l.Attrs().Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
