@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"runtime"
+	"sync"
 	"syscall"
 	"time"
 
@@ -58,9 +59,36 @@ func Listen(ctx context.Context, laddr netip.AddrPort) (*Conn, error) {
 	return &Conn{c: pc.(*net.UDPConn)}, nil
 }
 
+// Listen6 opens the keying channel's IPv6 socket on laddr (e.g. [::]:4500,
+// IPv6 only) in the caller's network namespace: keying messages and path
+// checks to and from IPv6 endpoints, global ones (ipv6 paths) and the
+// link-local ones of tunnel devices (docs/tunnels.md), with the same
+// non-ESP marker as the IPv4 tunnel socket. No ESP arrives on it: IPv6 and
+// the tunnel devices carry ESP in IP, not in UDP.
+func Listen6(ctx context.Context, laddr netip.AddrPort) (*Conn, error) {
+	if !laddr.Addr().Is6() || laddr.Addr().Is4In6() {
+		return nil, fmt.Errorf("xfrm: listen6 %v: not an IPv6 address", laddr)
+	}
+	var lc net.ListenConfig
+	pc, err := lc.ListenPacket(ctx, "udp6", laddr.String())
+	if err != nil {
+		return nil, fmt.Errorf("xfrm: listen %v: %w", laddr, err)
+	}
+	return &Conn{c: pc.(*net.UDPConn)}, nil
+}
+
+// ListenAt6 is Listen6 inside network namespace ns.
+func ListenAt6(ctx context.Context, ns netns.NsHandle, laddr netip.AddrPort) (*Conn, error) {
+	return listenIn(ns, func() (*Conn, error) { return Listen6(ctx, laddr) })
+}
+
 // ListenAt is Listen inside network namespace ns. The socket stays in ns
 // for its lifetime.
 func ListenAt(ctx context.Context, ns netns.NsHandle, laddr netip.AddrPort) (*Conn, error) {
+	return listenIn(ns, func() (*Conn, error) { return Listen(ctx, laddr) })
+}
+
+func listenIn(ns netns.NsHandle, listen func() (*Conn, error)) (*Conn, error) {
 	type result struct {
 		c   *Conn
 		err error
@@ -79,7 +107,7 @@ func ListenAt(ctx context.Context, ns netns.NsHandle, laddr netip.AddrPort) (*Co
 			runtime.UnlockOSThread()
 			return
 		}
-		c, err := Listen(ctx, laddr)
+		c, err := listen()
 		if netns.Set(orig) == nil {
 			runtime.UnlockOSThread() // else the thread dies with the goroutine
 		}
@@ -145,4 +173,120 @@ func (c *Conn) Close() error {
 		return fmt.Errorf("xfrm: close tunnel socket: %w", err)
 	}
 	return nil
+}
+
+// Dual joins the IPv4 tunnel socket and the IPv6 keying socket into one
+// keying channel (controlplane/keying.Transport): WriteKeying and
+// SendKeepalive go out of the socket of the destination's family,
+// ReadKeying returns what either received. Either may be nil (a host
+// without IPv4, or without IPv6). Close closes both.
+type Dual struct {
+	V4, V6 *Conn
+	once   sync.Once
+	rx     chan dualMsg
+	done   chan struct{}
+	mu     sync.Mutex
+	err    error
+	open   int
+}
+
+type dualMsg struct {
+	b    []byte
+	from netip.AddrPort
+}
+
+// NewDual joins v4 and v6 (either may be nil, not both).
+func NewDual(v4, v6 *Conn) (*Dual, error) {
+	if v4 == nil && v6 == nil {
+		return nil, errors.New("xfrm: dual keying channel without sockets")
+	}
+	return &Dual{V4: v4, V6: v6, rx: make(chan dualMsg, 64), done: make(chan struct{})}, nil
+}
+
+func (d *Dual) start() {
+	d.once.Do(func() {
+		for _, c := range []*Conn{d.V4, d.V6} {
+			if c == nil {
+				continue
+			}
+			d.open++
+			go func() {
+				buf := make([]byte, maxKeyingDatagram)
+				for {
+					n, from, err := c.ReadKeying(buf)
+					if err != nil {
+						d.mu.Lock()
+						if d.err == nil {
+							d.err = err
+						}
+						d.open--
+						if d.open == 0 {
+							close(d.done)
+						}
+						d.mu.Unlock()
+						return
+					}
+					select {
+					case d.rx <- dualMsg{append([]byte(nil), buf[:n]...), from}:
+					case <-d.done:
+						return
+					}
+				}
+			}()
+		}
+	})
+}
+
+// ReadKeying returns the next keying datagram from either socket. An error
+// means both are closed.
+func (d *Dual) ReadKeying(b []byte) (int, netip.AddrPort, error) {
+	d.start()
+	select {
+	case m := <-d.rx:
+		return copy(b, m.b), m.from, nil
+	case <-d.done:
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return 0, netip.AddrPort{}, d.err
+	}
+}
+
+func (d *Dual) pick(to netip.AddrPort) (*Conn, error) {
+	c := d.V4
+	if to.Addr().Is6() && !to.Addr().Is4In6() {
+		c = d.V6
+	}
+	if c == nil {
+		return nil, fmt.Errorf("xfrm: no socket for %v", to)
+	}
+	return c, nil
+}
+
+// WriteKeying sends b from the socket of to's family.
+func (d *Dual) WriteKeying(b []byte, to netip.AddrPort) error {
+	c, err := d.pick(to)
+	if err != nil {
+		return err
+	}
+	return c.WriteKeying(b, to)
+}
+
+// SendKeepalive sends a NAT-keepalive from the socket of to's family.
+func (d *Dual) SendKeepalive(to netip.AddrPort) error {
+	c, err := d.pick(to)
+	if err != nil {
+		return err
+	}
+	return c.SendKeepalive(to)
+}
+
+// Close closes both sockets.
+func (d *Dual) Close() error {
+	var errs []error
+	for _, c := range []*Conn{d.V4, d.V6} {
+		if c != nil {
+			errs = append(errs, c.Close())
+		}
+	}
+	return errors.Join(errs...)
 }

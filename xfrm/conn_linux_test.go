@@ -3,6 +3,7 @@ package xfrm
 import (
 	"context"
 	"errors"
+	"github.com/btmm/btmm/internal/testenv"
 	"net"
 	"net/netip"
 	"testing"
@@ -76,5 +77,73 @@ func TestConnKeyingRoundTrip(t *testing.T) {
 	b.Close()
 	if _, _, err := b.ReadKeying(buf); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("after Close: err = %v, want net.ErrClosed", err)
+	}
+}
+
+// TestDualKeying: one keying channel over the IPv4 tunnel socket and the
+// IPv6 keying socket; each destination gets the socket of its family, reads
+// come from both, Close ends ReadKeying with an error.
+func TestDualKeying(t *testing.T) {
+	ctx := context.Background()
+	v6a, err := Listen6(ctx, netip.MustParseAddrPort("[::1]:0"))
+	if err != nil {
+		testenv.Unavailable(t, "no IPv6 loopback: "+err.Error())
+	}
+	v6b, err := Listen6(ctx, netip.MustParseAddrPort("[::1]:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4a, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4b, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := NewDual(v4a, v6a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := NewDual(v4b, v6b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if err := a.WriteKeying([]byte("over v6"), v6b.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WriteKeying([]byte("over v4"), v4b.LocalAddr()); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]netip.AddrPort{}
+	buf := make([]byte, 100)
+	for range 2 {
+		n, from, err := b.ReadKeying(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got[string(buf[:n])] = from
+	}
+	if got["over v6"] != v6a.LocalAddr() || got["over v4"] != v4a.LocalAddr() {
+		t.Errorf("received %v; want over v6 from %v, over v4 from %v", got, v6a.LocalAddr(), v4a.LocalAddr())
+	}
+	if _, err := NewDual(nil, nil); err == nil {
+		t.Error("NewDual without sockets accepted")
+	}
+	only4, _ := NewDual(v4a, nil)
+	if err := only4.WriteKeying([]byte("x"), v6b.LocalAddr()); err == nil {
+		t.Error("an IPv6 destination without an IPv6 socket: no error")
+	}
+	b.Close()
+	done := make(chan error, 1)
+	go func() { _, _, err := b.ReadKeying(buf); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("ReadKeying after Close: no error")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ReadKeying after Close did not return")
 	}
 }

@@ -127,11 +127,28 @@ type handle interface {
 	RouteGet(dst net.IP) ([]netlink.Route, error)
 	// Tunnel devices and the GUE listener (tunnel_linux.go).
 	LinkModify(netlink.Link) error
+	LinkSetAlias(link netlink.Link, alias string) error
 	LinkSetIP6AddrGenMode(link netlink.Link, mode int) error
 	FouAdd(netlink.Fou) error
 	FouDel(netlink.Fou) error
 	FouList(family int) ([]netlink.Fou, error)
 }
+
+// nsHandle is the namespace's netlink handle with fou changes sent by our
+// own generic netlink code (netlink_linux.go).
+type nsHandle struct {
+	*netlink.Handle
+	fou *fouConn
+}
+
+func (h nsHandle) FouAdd(f netlink.Fou) error {
+	if f.EncapType != netlink.FOU_ENCAP_GUE || f.Family != netlink.FAMILY_V4 {
+		return fmt.Errorf("fou add: only IPv4 GUE listeners are made here")
+	}
+	return h.fou.addGUE(uint16(f.Port))
+}
+
+func (h nsHandle) FouDel(f netlink.Fou) error { return h.fou.del(uint16(f.Port)) }
 
 // migrator sends XFRM_MSG_MIGRATE.
 type migrator interface {
@@ -206,13 +223,20 @@ func New(ns netns.NsHandle, cfg Config) (*Dataplane, error) {
 		h.Close()
 		return nil, fmt.Errorf("xfrm: netlink xfrm socket: %w", err)
 	}
-	d, err := newDataplane(h, mc, cfg)
+	fc, err := dialFou(int(ns))
 	if err != nil {
+		mc.Close()
+		h.Close()
+		return nil, fmt.Errorf("xfrm: generic netlink socket: %w", err)
+	}
+	d, err := newDataplane(nsHandle{h, fc}, mc, cfg)
+	if err != nil {
+		fc.Close()
 		mc.Close()
 		h.Close()
 		return nil, err
 	}
-	d.closers = append(d.closers, mc.Close, func() error { h.Close(); return nil })
+	d.closers = append(d.closers, mc.Close, fc.Close, func() error { h.Close(); return nil })
 	mon, err := dialMonitor(int(ns))
 	if err != nil {
 		d.Close()

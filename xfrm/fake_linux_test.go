@@ -197,6 +197,7 @@ func (k *fakeKernel) LinkAdd(l netlink.Link) error {
 		return syscall.EEXIST
 	}
 	l = cloneLink(l)
+	l.Attrs().Alias = "" // set by a later change only, as in the kernel
 	l.Attrs().Index = k.nextIndex
 	k.nextIndex++
 	k.links = append(k.links, l)
@@ -237,12 +238,29 @@ func (k *fakeKernel) LinkSetUp(l netlink.Link) error {
 	return nil
 }
 
-// LinkModify changes an existing tunnel device in place (changelink).
+// LinkSetAlias sets the alias, which LinkAdd ignores as the kernel does.
+func (k *fakeKernel) LinkSetAlias(l netlink.Link, alias string) error {
+	kl, err := k.LinkByName(l.Attrs().Name)
+	if err != nil {
+		return syscall.ENODEV
+	}
+	kl.Attrs().Alias = alias
+	return nil
+}
+
+// LinkModify changes an existing tunnel device in place (changelink),
+// found by name; an index with a name is a rename, which the kernel
+// refuses for an up device.
 func (k *fakeKernel) LinkModify(l netlink.Link) error {
-	i := slices.IndexFunc(k.links, func(x netlink.Link) bool { return x.Attrs().Index == l.Attrs().Index })
+	if l.Attrs().Index != 0 {
+		return syscall.EBUSY
+	}
+	i := slices.IndexFunc(k.links, func(x netlink.Link) bool { return x.Attrs().Name == l.Attrs().Name })
 	if i < 0 {
 		return syscall.ENODEV
 	}
+	l = cloneLink(l)
+	l.Attrs().Index = k.links[i].Attrs().Index
 	if k.links[i].Type() != l.Type() {
 		return syscall.EOPNOTSUPP
 	}

@@ -282,13 +282,22 @@ type byteStream struct {
 
 func startByteStream(t *testing.T, from, to *labHost) *byteStream {
 	t.Helper()
+	return startByteStreamPort(t, from, to, 5002)
+}
+
+// startByteStreamPort is startByteStream to another port of to's ULA.
+func startByteStreamPort(t *testing.T, from, to *labHost, port int) *byteStream {
+	t.Helper()
 	var ln net.Listener
-	must(t, to.ns.Do(func() (err error) { ln, err = net.Listen("tcp6", "["+to.ula.String()+"]:5002"); return err }))
+	must(t, to.ns.Do(func() (err error) {
+		ln, err = net.Listen("tcp6", fmt.Sprintf("[%s]:%d", to.ula, port))
+		return err
+	}))
 	t.Cleanup(func() { ln.Close() })
 	s := &byteStream{stop: make(chan struct{}), writeErr: make(chan error, 1), readErr: make(chan error, 1)}
 	must(t, from.ns.Do(func() (err error) {
 		d := net.Dialer{Timeout: 10 * time.Second}
-		s.c, err = d.Dial("tcp6", "["+to.ula.String()+"]:5002")
+		s.c, err = d.Dial("tcp6", fmt.Sprintf("[%s]:%d", to.ula, port))
 		return err
 	}))
 	srv, err := ln.Accept()

@@ -64,8 +64,9 @@ func (d *Dataplane) ourLinks() ([]netlink.Link, error) {
 
 // tunnelLink is the device desired for peer p's tunnel t.
 func (d *Dataplane) tunnelLink(local controlplane.Local, p controlplane.Peer, t controlplane.Tunnel) (netlink.Link, error) {
-	la := netlink.LinkAttrs{Name: controlplane.TunnelDevice(t.Kind, p.ULA), Group: d.cfg.IfID,
-		Alias: fmt.Sprintf("btmm %v to %s %v", t.Kind, p.Name, p.ULA)}
+	// NewLinkAttrs: TxQLen -1, or the request would set the queue length.
+	la := netlink.NewLinkAttrs()
+	la.Name, la.Group, la.Alias = controlplane.TunnelDevice(t.Kind, p.ULA), d.cfg.IfID, fmt.Sprintf("btmm %v to %s %v", t.Kind, p.Name, p.ULA)
 	remote := t.Remote.Addr()
 	switch t.Kind {
 	case controlplane.PathIPv6:
@@ -159,13 +160,20 @@ func (a *applier) links(want []netlink.Link, have map[string]netlink.Link, ula n
 				a.errs = append(a.errs, fmt.Errorf("add link %s: %w", name, err))
 				continue
 			}
+			// The kernel takes the group (our tag) at creation, the
+			// alias (for people) only from a change.
+			if err := d.h.LinkSetAlias(l, w.Attrs().Alias); err != nil {
+				a.errs = append(a.errs, fmt.Errorf("alias of %s: %w", name, err))
+			}
 			// Only our link-local address: none made from the outer one.
 			if err := d.h.LinkSetIP6AddrGenMode(l, addrGenModeNone); err != nil {
 				d.log.Debug("addrgenmode none", "link", name, "err", err)
 			}
 			h = l
 		case !sameLink(h, w):
-			w.Attrs().Index = h.Attrs().Index
+			// Found by name (index 0): with an index and a name the
+			// kernel tries a rename, which an up device refuses (EBUSY).
+			w.Attrs().Index = 0
 			if !a.do("update", "link", linkWhat(w), d.h.LinkModify(w)) {
 				continue
 			}

@@ -115,9 +115,9 @@ func TestCandidatesFrom(t *testing.T) {
 		{Kind: "lan", Addr: netip.MustParseAddrPort("[2001:db8::1]:4500")},
 	}}
 	got := CandidatesFrom(netip.MustParseAddrPort("11.1.0.2:4500"), caps)
-	want := []Candidate{{KindLAN, netip.MustParseAddrPort("192.168.1.2:4500"), "txt"},
-		{KindPunched, netip.MustParseAddrPort("11.1.0.2:4500"), "txt"},
-		{KindRelayUDP, netip.MustParseAddrPort("11.0.0.1:40000"), "txt"}}
+	want := []Candidate{{Kind: KindLAN, Addr: netip.MustParseAddrPort("192.168.1.2:4500"), Source: "txt"},
+		{Kind: KindPunched, Addr: netip.MustParseAddrPort("11.1.0.2:4500"), Source: "txt"},
+		{Kind: KindRelayUDP, Addr: netip.MustParseAddrPort("11.0.0.1:40000"), Source: "txt"}}
 	if len(got) != len(want) {
 		t.Fatalf("got %+v, want %+v", got, want)
 	}

@@ -160,7 +160,7 @@ func (s *Selector) SetPeer(ula netip.Addr, name string, pub []byte, cands []Cand
 		}
 		if i := slices.IndexFunc(p.cands, func(o *candState) bool { return o.Addr == c.Addr }); i >= 0 {
 			o := p.cands[i]
-			if o.Kind != c.Kind || o.Source == "prflx" {
+			if o.Kind != c.Kind || o.Probe != c.Probe || o.Source == "prflx" {
 				changed = true
 			}
 			o.Candidate = c
@@ -354,7 +354,11 @@ func (s *Selector) pingLocked(p *peerState, c *candState, now time.Time) outMsg 
 	c.lastPing = now
 	c.pings++
 	pr := Probe{Type: Ping, Sender: s.cfg.Key.Public(), TxID: id}
-	return outMsg{pr.Seal(p.pairKey), c.Addr}
+	to := c.Addr
+	if c.Probe.IsValid() {
+		to = c.Probe // through the tunnel device
+	}
+	return outMsg{pr.Seal(p.pairKey), to}
 }
 
 // HandleProbe takes a datagram of ClassProbe that arrived from 'from' on the

@@ -203,14 +203,14 @@ func (h *simHost) candidates() []Candidate {
 	var out []Candidate
 	switch {
 	case h.nat == nil:
-		out = append(out, Candidate{KindDirect, h.addr, "srv"})
+		out = append(out, Candidate{Kind: KindDirect, Addr: h.addr, Source: "srv"})
 	case h.pcp.IsValid():
-		out = append(out, Candidate{KindDirect, h.pcp, "srv"})
+		out = append(out, Candidate{Kind: KindDirect, Addr: h.pcp, Source: "srv"})
 	}
 	if h.nat != nil {
-		out = append(out, Candidate{KindLAN, h.addr, "txt"}, Candidate{KindPunched, h.rfx(), "txt"})
+		out = append(out, Candidate{Kind: KindLAN, Addr: h.addr, Source: "txt"}, Candidate{Kind: KindPunched, Addr: h.rfx(), Source: "txt"})
 	}
-	return append(out, Candidate{KindRelayUDP, h.alloc, "txt"})
+	return append(out, Candidate{Kind: KindRelayUDP, Addr: h.alloc, Source: "txt"})
 }
 
 // meet tells a and b about each other (the LLQ push).

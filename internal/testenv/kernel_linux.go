@@ -26,10 +26,11 @@ const (
 	Dummy                    // dummy links
 	TCX                      // TCX BPF attach (kernel >= 6.6)
 	Wireguard                // kernel WireGuard links
+	FOU                      // fou listeners with GUE encapsulation (ip fou add port N gue)
 	numFeatures
 )
 
-var featureNames = [...]string{"netns+veth", "esp4/esp6 with gcm and cbc+hmac", "sit", "ip6tnl", "xfrm interfaces", "dummy links", "tcx", "wireguard"}
+var featureNames = [...]string{"netns+veth", "esp4/esp6 with gcm and cbc+hmac", "sit", "ip6tnl", "xfrm interfaces", "dummy links", "tcx", "wireguard", "fou (gue)"}
 
 func (f Feature) String() string { return featureNames[f] }
 
@@ -138,6 +139,12 @@ var probers = [numFeatures]func(h *netlink.Handle) error{
 	TCX: probeTCX,
 	Wireguard: func(h *netlink.Handle) error {
 		return h.LinkAdd(&netlink.Wireguard{LinkAttrs: netlink.LinkAttrs{Name: "probewg"}})
+	},
+	FOU: func(h *netlink.Handle) error {
+		// The fou module registers this generic netlink family; it
+		// carries GUE since it exists (Linux 4.0).
+		_, err := h.GenlFamilyGet("fou")
+		return err
 	},
 }
 
