@@ -28,11 +28,28 @@ type recording struct {
 	Taken  time.Time `json:"-"`
 }
 
-// tee records what a Source delivers.
+// tee records what a Source delivers. While held it reads on (the
+// kernel socket must not overflow) but keeps the notifications back, and
+// release hands them to the Monitor at once: a scenario's burst then falls
+// in one debounce window however long the machine takes to run its `ip`
+// commands (under load, a 300 ms gap between two of them split a burst in
+// two and changed the verdict's wording). The debounce timing itself is
+// tested with synctest (monitor_test.go).
 type tee struct {
 	Source
-	mu   sync.Mutex
-	msgs []Msg
+	mu     sync.Mutex
+	msgs   []Msg // delivered by the kernel since take
+	queue  []Msg // not yet handed to the Monitor
+	held   bool
+	closed bool
+	wake   chan struct{}
+}
+
+func (t *tee) poke() {
+	select {
+	case t.wake <- struct{}{}:
+	default:
+	}
 }
 
 func (t *tee) Subscribe(ctx context.Context) (<-chan Msg, error) {
@@ -40,20 +57,67 @@ func (t *tee) Subscribe(ctx context.Context) (<-chan Msg, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make(chan Msg)
+	t.mu.Lock()
+	if t.wake == nil {
+		t.wake = make(chan struct{}, 1)
+	}
+	t.closed = false
+	t.mu.Unlock()
 	go func() {
-		defer close(out)
 		for m := range in {
 			t.mu.Lock()
 			t.msgs = append(t.msgs, m)
+			t.queue = append(t.queue, m)
 			t.mu.Unlock()
+			t.poke()
+		}
+		t.mu.Lock()
+		t.closed = true
+		t.mu.Unlock()
+		t.poke()
+	}()
+	out := make(chan Msg)
+	go func() {
+		defer close(out)
+		for {
+			t.mu.Lock()
+			if !t.held && len(t.queue) > 0 {
+				m := t.queue[0]
+				t.queue = t.queue[1:]
+				t.mu.Unlock()
+				select {
+				case out <- m:
+				case <-ctx.Done():
+					return
+				}
+				continue
+			}
+			done := t.closed && len(t.queue) == 0
+			t.mu.Unlock()
+			if done {
+				return
+			}
 			select {
-			case out <- m:
+			case <-t.wake:
 			case <-ctx.Done():
+				return
 			}
 		}
 	}()
 	return out, nil
+}
+
+func (t *tee) hold() {
+	t.mu.Lock()
+	t.held = true
+	t.mu.Unlock()
+}
+
+func (t *tee) release() {
+	t.mu.Lock()
+	t.held = false
+	t.mu.Unlock()
+	t.poke()
 }
 
 func (t *tee) take() []Msg {
@@ -108,11 +172,25 @@ func TestRecordedScenariosNetNS(t *testing.T) {
 			t.Fatal(err)
 		}
 		script := strings.NewReplacer("$H", h.Name, "$G1", g1.Name, "$G2", g2.Name).Replace(sc.script)
-		if out, err := exec.Command("sh", "-ec", script).CombinedOutput(); err != nil {
+		src.hold()
+		out, err := exec.Command("sh", "-ec", script).CombinedOutput()
+		time.Sleep(100 * time.Millisecond) // the last notifications read off the socket
+		src.release()
+		if err != nil {
 			t.Fatalf("%s: %v\n%s", sc.name, err, out)
 		}
-		// Collect until quiet: a burst split by scheduling delays may
-		// give two changes; their verdicts are merged.
+		// Wait for the verdict (generously: the machine may be busy),
+		// then collect until quiet.
+		count := func() int {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(changes)
+		}
+		if !sc.none {
+			for deadline := time.Now().Add(30 * time.Second); count() == 0 && time.Now().Before(deadline); {
+				time.Sleep(20 * time.Millisecond)
+			}
+		}
 		var got []Change
 		for quiet := time.Now(); time.Since(quiet) < 1500*time.Millisecond; time.Sleep(50 * time.Millisecond) {
 			mu.Lock()
