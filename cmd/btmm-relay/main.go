@@ -3,6 +3,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,6 +51,12 @@ type Config struct {
 	MaxTotal    int    `toml:"max_total"`
 	MaxLifetime string `toml:"max_lifetime"`
 	ByteLimit   uint64 `toml:"byte_limit"`
+	// TLSListen are the TLS stream addresses for hosts whose UDP is
+	// blocked (relay-tcp, usually port 443); TLSCert/TLSKey its PEM
+	// certificate chain and key (required with TLSListen).
+	TLSListen []string `toml:"tls_listen"`
+	TLSCert   string   `toml:"tls_cert"`
+	TLSKey    string   `toml:"tls_key"`
 	// StatusFile, when set, is rewritten every few seconds with the
 	// allocations and counters as JSON.
 	StatusFile string `toml:"status_file"`
@@ -109,6 +116,24 @@ func (c *Config) relayConfig() (ctlrelay.Config, error) {
 			errs = append(errs, fmt.Errorf("max_lifetime: %q is not a duration >= 30s", c.MaxLifetime))
 		}
 		rc.MaxLifetime = d
+	}
+	for _, l := range c.TLSListen {
+		ap, err := netip.ParseAddrPort(l)
+		if err != nil || !ap.Addr().Is4() {
+			errs = append(errs, fmt.Errorf("tls_listen: %q is not IPv4:port", l))
+			continue
+		}
+		rc.StreamListen = append(rc.StreamListen, ap)
+	}
+	switch {
+	case len(c.TLSListen) > 0 && (c.TLSCert == "" || c.TLSKey == ""):
+		errs = append(errs, errors.New("tls_listen needs tls_cert and tls_key"))
+	case len(c.TLSListen) > 0:
+		cert, err := tls.LoadX509KeyPair(c.TLSCert, c.TLSKey)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("tls_cert/tls_key: %w", err))
+		}
+		rc.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	}
 	rc.MaxPerUser, rc.MaxTotal, rc.ByteLimit = c.MaxPerUser, c.MaxTotal, c.ByteLimit
 	rc.Keys = ctlrelay.DirKeys(c.KeysDir, c.Zone, 10*time.Second)
@@ -171,7 +196,7 @@ func serve(ctx context.Context, cfg *Config, rc ctlrelay.Config, log *slog.Logge
 	if err != nil {
 		return err
 	}
-	log.Info("serving", "listen", s.Addrs(), "public", public, "ports", fmt.Sprintf("%d-%d", rc.PortMin, rc.PortMax))
+	log.Info("serving", "listen", s.Addrs(), "tls", s.StreamAddrs(), "public", public, "ports", fmt.Sprintf("%d-%d", rc.PortMin, rc.PortMax))
 	if cfg.StatusFile != "" {
 		go writeStatus(ctx, cfg.StatusFile, s, fw, log)
 	}

@@ -341,7 +341,7 @@ func FuzzControl(f *testing.F) {
 	defer s.closeAll()
 	from := netip.MustParseAddrPort("127.0.0.9:4500")
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if resp := s.control(nil, 0, b, from); resp != nil {
+		if resp := s.control(0, b, from); resp != nil {
 			if _, err := decode(resp); err != nil {
 				t.Fatalf("answer does not decode: %v", err)
 			}

@@ -3,6 +3,7 @@ package relay
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -29,10 +30,14 @@ type Flow struct {
 
 // Rewrite is what a forwarder does with a matching ESP datagram: send it
 // from relay port OutPort to To, unless Limit bytes were already forwarded.
+// With ToStack it passes the datagram up to the relay's socket instead:
+// the destination host is attached by a stream (relay-tcp), which only Go
+// writes to (To is then zero).
 type Rewrite struct {
 	OutPort uint16
 	To      netip.AddrPort
 	Limit   uint64 // 0: unlimited
+	ToStack bool
 }
 
 // Counters are what a forwarder counted for one flow.
@@ -115,7 +120,19 @@ type Config struct {
 	// ListenPacket opens the UDP sockets (default net.ListenUDP; tests
 	// open them inside a network namespace).
 	ListenPacket func(addr netip.AddrPort) (*net.UDPConn, error)
-	Logger       *slog.Logger
+	// StreamListen are the TLS stream addresses for hosts whose UDP is
+	// blocked (relay-tcp, stream.go; usually port 443). Empty: none.
+	StreamListen []netip.AddrPort
+	// TLS configures the stream ports (certificate); required with
+	// StreamListen. Its NextProtos is replaced by StreamALPN.
+	TLS *tls.Config
+	// ListenStream opens a stream listener (default net.Listen "tcp4").
+	ListenStream func(addr netip.AddrPort) (net.Listener, error)
+	// MaxStreams bounds the open streams (default MaxTotal); StreamQueue
+	// the datagrams waiting to be written to one stream (256; more are
+	// dropped, as a full socket buffer drops UDP).
+	MaxStreams, StreamQueue int
+	Logger                  *slog.Logger
 }
 
 // Server is a running relay.
@@ -123,6 +140,7 @@ type Server struct {
 	cfg  Config
 	log  *slog.Logger
 	main []*net.UDPConn
+	lns  []net.Listener
 
 	mu      sync.Mutex
 	allocs  map[uint16]*allocation
@@ -130,6 +148,8 @@ type Server struct {
 	seen    map[[stun.TransactionIDSize]byte]time.Time
 	buckets map[netip.Addr]*bucket
 	flows   map[Flow]Rewrite
+	streams map[netip.AddrPort]*stream
+	nstream uint64
 	stats   Stats
 	wg      sync.WaitGroup
 	closed  bool
@@ -155,13 +175,16 @@ type Stats struct {
 	GoForwardedESP  uint64 `json:"go_forwarded_esp"` // of those, ESP
 	OverQuota       uint64 `json:"over_quota"`
 	KernelForwarded uint64 `json:"kernel_forwarded"`
+	Streams         int    `json:"streams"`        // open relay-tcp streams
+	StreamFrames    uint64 `json:"stream_frames"`  // datagrams written to streams
+	StreamDropped   uint64 `json:"stream_dropped"` // datagrams for a stream whose queue was full
 }
 
 // Stats returns a snapshot (with the kernel forwarder's counters).
 func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	st := s.stats
-	st.Allocations, st.Flows = len(s.allocs), len(s.flows)
+	st.Allocations, st.Flows, st.Streams = len(s.allocs), len(s.flows), len(s.streams)
 	s.mu.Unlock()
 	if s.cfg.Forwarder != nil {
 		if fs, err := s.cfg.Forwarder.Stats(); err == nil {
@@ -215,8 +238,21 @@ func Listen(cfg Config) (*Server, error) {
 			return net.ListenUDP("udp4", net.UDPAddrFromAddrPort(a))
 		}
 	}
+	if len(cfg.StreamListen) > 0 && (cfg.TLS == nil || len(cfg.TLS.Certificates) == 0 && cfg.TLS.GetCertificate == nil) {
+		return nil, errors.New("relay: StreamListen needs a TLS configuration with a certificate")
+	}
+	if cfg.ListenStream == nil {
+		cfg.ListenStream = func(a netip.AddrPort) (net.Listener, error) { return net.Listen("tcp4", a.String()) }
+	}
+	if cfg.MaxStreams <= 0 {
+		cfg.MaxStreams = cfg.MaxTotal
+	}
+	if cfg.StreamQueue <= 0 {
+		cfg.StreamQueue = 256
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger, allocs: map[uint16]*allocation{}, binds: map[Flow]*allocation{},
-		seen: map[[stun.TransactionIDSize]byte]time.Time{}, buckets: map[netip.Addr]*bucket{}, flows: map[Flow]Rewrite{}}
+		seen: map[[stun.TransactionIDSize]byte]time.Time{}, buckets: map[netip.Addr]*bucket{}, flows: map[Flow]Rewrite{},
+		streams: map[netip.AddrPort]*stream{}}
 	for _, a := range cfg.Listen {
 		c, err := cfg.ListenPacket(a)
 		if err != nil {
@@ -225,7 +261,24 @@ func Listen(cfg Config) (*Server, error) {
 		}
 		s.main = append(s.main, c)
 	}
+	for _, a := range cfg.StreamListen {
+		l, err := cfg.ListenStream(a)
+		if err != nil {
+			s.closeAll()
+			return nil, fmt.Errorf("relay: listen %v (stream): %w", a, err)
+		}
+		s.lns = append(s.lns, l)
+	}
 	return s, nil
+}
+
+// StreamAddrs are the bound stream (TLS) addresses.
+func (s *Server) StreamAddrs() []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, l := range s.lns {
+		out = append(out, l.Addr().(*net.TCPAddr).AddrPort())
+	}
+	return out
 }
 
 // Addrs are the bound control addresses.
@@ -244,6 +297,13 @@ func (s *Server) Serve(ctx context.Context) error {
 		go func() {
 			defer s.wg.Done()
 			s.readLoop(c, 0)
+		}()
+	}
+	for _, l := range s.lns {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.acceptLoop(l)
 		}()
 	}
 	t := time.NewTicker(time.Second)
@@ -265,6 +325,12 @@ func (s *Server) closeAll() {
 	s.closed = true
 	for _, c := range s.main {
 		c.Close()
+	}
+	for _, l := range s.lns {
+		l.Close()
+	}
+	for _, st := range s.streams {
+		st.conn.Close()
 	}
 	for p, a := range s.allocs {
 		a.conn.Close()
@@ -293,6 +359,12 @@ func (s *Server) expire(now time.Time) {
 	for ip, b := range s.buckets {
 		if now.Sub(b.at) > time.Minute {
 			delete(s.buckets, ip)
+		}
+	}
+	for src, st := range s.streams {
+		if now.Sub(st.opened) > streamIdle && !s.streamUsedLocked(src) {
+			s.log.Info("stream closed: no allocation or bind", "remote", st.remote)
+			st.conn.Close()
 		}
 	}
 	s.mu.Unlock()
@@ -341,31 +413,38 @@ func (s *Server) readLoop(c *net.UDPConn, port uint16) {
 			return
 		}
 		from = netip.AddrPortFrom(from.Addr().Unmap(), from.Port())
-		b := buf[:n]
-		marker := len(b) >= 4 && bytes.Equal(b[:4], NonESPMarker)
-		body := b
-		if marker {
-			body = b[4:]
-		}
-		if stun.IsMessage(body) {
-			if !s.allow(from.Addr(), time.Now()) {
-				s.count(func(st *Stats) { st.Dropped++ })
-				continue
-			}
-			if resp := s.control(c, port, body, from); resp != nil {
-				if marker {
-					resp = append(append([]byte(nil), NonESPMarker...), resp...)
-				}
-				c.WriteToUDPAddrPort(resp, from)
-			}
-			continue
-		}
-		if port == 0 {
-			s.count(func(st *Stats) { st.Dropped++ })
-			continue
-		}
-		s.forward(port, b, from, !marker && n > 4)
+		s.handle(port, buf[:n], from, from.Addr(), func(resp []byte) { c.WriteToUDPAddrPort(resp, from) })
 	}
+}
+
+// handle takes one datagram that arrived at port (0: control) from a UDP
+// source or a stream: control requests are answered through reply (rate
+// limited per rateKey, the sender's IP address), everything else is
+// forwarded between bound flows.
+func (s *Server) handle(port uint16, b []byte, from netip.AddrPort, rateKey netip.Addr, reply func([]byte)) {
+	marker := len(b) >= 4 && bytes.Equal(b[:4], NonESPMarker)
+	body := b
+	if marker {
+		body = b[4:]
+	}
+	if stun.IsMessage(body) {
+		if !s.allow(rateKey, time.Now()) {
+			s.count(func(st *Stats) { st.Dropped++ })
+			return
+		}
+		if resp := s.control(port, body, from); resp != nil {
+			if marker {
+				resp = append(append([]byte(nil), NonESPMarker...), resp...)
+			}
+			reply(resp)
+		}
+		return
+	}
+	if port == 0 {
+		s.count(func(st *Stats) { st.Dropped++ })
+		return
+	}
+	s.forward(port, b, from, !marker && len(b) > 4)
 }
 
 func (s *Server) count(f func(*Stats)) {
@@ -381,11 +460,17 @@ func (s *Server) forward(port uint16, b []byte, from netip.AddrPort, esp bool) {
 	rw, ok := s.flows[Flow{port, from}]
 	var out *net.UDPConn
 	var dst *allocation
+	var st *stream
 	if ok {
 		if a := s.allocs[rw.OutPort]; a != nil {
 			out = a.conn
 		}
 		dst = s.allocs[port]
+		if isStream(rw.To) {
+			if st = s.streams[rw.To]; st == nil {
+				out = nil
+			}
+		}
 	}
 	if out == nil || dst == nil {
 		s.stats.Dropped++
@@ -403,11 +488,15 @@ func (s *Server) forward(port uint16, b []byte, from netip.AddrPort, esp bool) {
 		s.stats.GoForwardedESP++
 	}
 	s.mu.Unlock()
+	if st != nil {
+		st.send(s, rw.OutPort, b)
+		return
+	}
 	out.WriteToUDPAddrPort(b, rw.To)
 }
 
 // control answers one STUN message; nil means no answer (not a request).
-func (s *Server) control(c *net.UDPConn, port uint16, b []byte, from netip.AddrPort) []byte {
+func (s *Server) control(port uint16, b []byte, from netip.AddrPort) []byte {
 	m, err := decode(b)
 	if err != nil || m.Type.Class != stun.ClassRequest {
 		s.count(func(st *Stats) { st.Dropped++ })
@@ -419,7 +508,7 @@ func (s *Server) control(c *net.UDPConn, port uint16, b []byte, from netip.AddrP
 		resp.TransactionID = m.TransactionID
 		resp.SetType(stun.BindingSuccess)
 		resp.WriteHeader()
-		addAddr(resp, stun.AttrXORMappedAddress, from)
+		addAddr(resp, stun.AttrXORMappedAddress, s.mapped(from))
 		stun.Fingerprint.AddTo(resp)
 		return resp.Raw
 	case stun.MethodAllocate, stun.MethodRefresh, MethodBind:
@@ -560,7 +649,7 @@ func (s *Server) allocated(m *stun.Message, cred Credential, a *allocation, from
 	relayed := netip.AddrPortFrom(s.cfg.Public, a.port)
 	return s.success(m, cred, func(resp *stun.Message) {
 		addAddr(resp, stun.AttrXORRelayedAddress, relayed)
-		addAddr(resp, stun.AttrXORMappedAddress, from)
+		addAddr(resp, stun.AttrXORMappedAddress, s.mapped(from))
 		resp.Add(stun.AttrLifetime, binary.BigEndian.AppendUint32(nil, uint32(life/time.Second)))
 	})
 }
@@ -613,7 +702,7 @@ func (s *Server) bind(m *stun.Message, cred Credential, r request, port uint16, 
 	s.mu.Unlock()
 	s.syncFlows()
 	return s.success(m, cred, func(resp *stun.Message) {
-		addAddr(resp, stun.AttrXORMappedAddress, from)
+		addAddr(resp, stun.AttrXORMappedAddress, s.mapped(from))
 	})
 }
 
@@ -645,7 +734,19 @@ func (s *Server) syncFlows() {
 	if same || s.cfg.Forwarder == nil {
 		return
 	}
-	if err := s.cfg.Forwarder.Set(flows); err != nil {
+	// The kernel sees UDP only: flows from a stream are Go's, and ESP for
+	// a stream-attached host is passed up for Go to write to its stream.
+	kflows := map[Flow]Rewrite{}
+	for f, r := range flows {
+		switch {
+		case isStream(f.From):
+			continue
+		case isStream(r.To):
+			r = Rewrite{OutPort: r.OutPort, ToStack: true}
+		}
+		kflows[f] = r
+	}
+	if err := s.cfg.Forwarder.Set(kflows); err != nil {
 		s.log.Warn("kernel forwarder refused the table; Go forwards", "err", err)
 	}
 }

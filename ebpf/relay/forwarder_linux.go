@@ -127,8 +127,16 @@ func key(fl ctlrelay.Flow) relayFlowKey {
 func (f *Forwarder) Set(flows map[ctlrelay.Flow]ctlrelay.Rewrite) error {
 	want := map[relayFlowKey]relayRewrite{}
 	for fl, rw := range flows {
-		if !fl.From.Addr().Is4() || !rw.To.Addr().Is4() {
-			return fmt.Errorf("ebpf/relay: flow %v -> %v is not IPv4", fl.From, rw.To)
+		if rw.ToStack {
+			// Port 0: the program passes the datagram to the relay's socket.
+			if !fl.From.Addr().Is4() {
+				return fmt.Errorf("ebpf/relay: flow %v is not IPv4", fl.From)
+			}
+			want[key(fl)] = relayRewrite{OutPort: rw.OutPort}
+			continue
+		}
+		if !fl.From.Addr().Is4() || !rw.To.Addr().Is4() || rw.To.Port() == 0 {
+			return fmt.Errorf("ebpf/relay: flow %v -> %v is not IPv4 with a port", fl.From, rw.To)
 		}
 		want[key(fl)] = relayRewrite{ToAddr: rw.To.Addr().As4(), ToPort: rw.To.Port(), OutPort: rw.OutPort, Limit: rw.Limit}
 	}

@@ -22,6 +22,7 @@ var (
 	relayAddr = netip.MustParseAddr("10.9.0.1")
 	hostA     = netip.MustParseAddrPort("10.1.0.2:4500")
 	hostB     = netip.MustParseAddrPort("10.2.0.2:4500")
+	hostC     = netip.MustParseAddrPort("10.3.0.3:4500")
 	gwMAC     = net.HardwareAddr{0x02, 0, 0, 0, 0, 0xfe}
 )
 
@@ -85,7 +86,13 @@ func TestProgram(t *testing.T) {
 	must(t, f.Set(map[ctlrelay.Flow]ctlrelay.Rewrite{
 		{InPort: 40000, From: hostB}: {OutPort: 40001, To: hostA, Limit: 2000},
 		{InPort: 40001, From: hostA}: {OutPort: 40000, To: hostB},
+		// hostC's datagrams at A's port 40000 are for a host attached by a
+		// stream (relay-tcp): passed up for Go to frame.
+		{InPort: 40000, From: hostC}: {OutPort: 40002, ToStack: true},
 	}))
+	if err := f.Set(map[ctlrelay.Flow]ctlrelay.Rewrite{{InPort: 40000, From: hostB}: {OutPort: 40001}}); err == nil {
+		t.Error("Set accepted a rewrite without a destination")
+	}
 	run := func(pkt []byte) (uint32, []byte) {
 		t.Helper()
 		out := make([]byte, len(pkt)+64)
@@ -122,6 +129,7 @@ func TestProgram(t *testing.T) {
 		{"not an allocation port", frame(hostB, netip.AddrPortFrom(relayAddr, 3478), 64, esp), 0},
 		{"another address", frame(hostB, netip.MustParseAddrPort("10.9.0.7:40000"), 64, esp), 0},
 		{"TTL 1 to the stack", frame(hostB, netip.AddrPortFrom(relayAddr, 40000), 1, esp), 0},
+		{"ESP for a stream-attached owner to the stack", frame(hostC, netip.AddrPortFrom(relayAddr, 40000), 64, esp), 0},
 		{"over the byte limit", frame(hostB, netip.AddrPortFrom(relayAddr, 40000), 64, esp), 2},
 	} {
 		if ret, _ := run(tc.pkt); ret != tc.want {
@@ -130,7 +138,7 @@ func TestProgram(t *testing.T) {
 	}
 	v, err := f.Verdicts()
 	must(t, err)
-	if v.Forwarded != 1 || v.Unbound != 1 || v.OverQuota != 1 || v.ToStack != 2 {
+	if v.Forwarded != 1 || v.Unbound != 1 || v.OverQuota != 1 || v.ToStack != 3 {
 		t.Errorf("verdicts %+v", v)
 	}
 	st, _ := f.Stats()

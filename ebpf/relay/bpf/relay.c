@@ -9,8 +9,10 @@
 // sender's own allocation port; destination: the owner's bound source),
 // its UDP checksum zeroed (RFC 3948 §2.1 allows it) and is redirected out.
 // Datagrams starting with the non-ESP marker (control, keying, probes) and
-// NAT keepalives pass to the relay's sockets; anything else for the
-// allocation ports from an unbound source is dropped here.
+// NAT keepalives pass to the relay's sockets, as does ESP for an owner
+// attached by a TLS stream (rewrite with port 0: Go frames it onto the
+// stream); anything else for the allocation ports from an unbound source
+// is dropped here.
 
 #include "../../bpf/btmm.h"
 
@@ -139,6 +141,10 @@ int relay_ingress(struct __sk_buff *skb)
 	if (!rw) {
 		count(R_UNBOUND);
 		return TC_ACT_SHOT;
+	}
+	if (rw->to_port == 0) {
+		count(R_TO_STACK); // the owner is attached by a stream (relay-tcp): Go writes to it
+		return TC_ACT_OK;
 	}
 	if (ip->ttl <= 1) {
 		count(R_TO_STACK); // let the stack send the ICMP time exceeded
