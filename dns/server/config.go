@@ -88,6 +88,9 @@ type RelayConfig struct {
 	Name  string   `toml:"name"`  // e.g. "relay.btmm.example."
 	Port  uint16   `toml:"port"`  // STUN/control port, e.g. 3478
 	Addrs []string `toml:"addrs"` // A/AAAA for a name inside the zone
+	// TLSPort is its TLS stream port for hosts whose UDP is blocked
+	// (relay-tcp, SRV _btmm-relay._tcp), e.g. 443; 0: none.
+	TLSPort uint16 `toml:"tls_port"`
 }
 
 // EtcdConfig is the etcd cluster of store = "etcd".

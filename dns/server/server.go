@@ -161,7 +161,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	var relays []zone.Relay
 	for _, r := range cfg.Relays {
-		zr := zone.Relay{Name: r.Name, Port: r.Port}
+		zr := zone.Relay{Name: r.Name, Port: r.Port, TLSPort: r.TLSPort}
 		for _, a := range r.Addrs {
 			zr.Addrs = append(zr.Addrs, netip.MustParseAddr(a))
 		}

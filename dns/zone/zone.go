@@ -79,14 +79,21 @@ type Zone struct {
 	Replicas func() []store.Server
 }
 
-// RelayService is the SRV owner label of btmm-relay (docs/paths.md).
-const RelayService = "_btmm-relay._udp."
+// RelayService is the SRV owner label of btmm-relay (docs/paths.md);
+// RelayStreamService that of its TLS stream port (relay-tcp, for hosts
+// whose UDP is blocked).
+const (
+	RelayService       = "_btmm-relay._udp."
+	RelayStreamService = "_btmm-relay._tcp."
+)
 
-// Relay is one btmm-relay: its name, STUN/control port and addresses.
+// Relay is one btmm-relay: its name, STUN/control port, TLS stream port
+// (0: none) and addresses.
 type Relay struct {
-	Name  string
-	Port  uint16
-	Addrs []netip.Addr
+	Name    string
+	Port    uint16
+	TLSPort uint16
+	Addrs   []netip.Addr
 }
 
 // New validates and returns a zone.
@@ -250,6 +257,13 @@ func (z *Zone) Synth(name string, serial uint32) []dns.RR {
 			out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Port: r.Port, Target: r.Name})
 		}
 	}
+	if name == RelayStreamService+z.Origin || z.isUser(z.UserOf(name)) && name == RelayStreamService+z.UserDomain(z.UserOf(name)) {
+		for _, r := range z.Relays {
+			if r.TLSPort != 0 {
+				out = append(out, &dns.SRV{Hdr: hdr(dns.TypeSRV), Port: r.TLSPort, Target: r.Name})
+			}
+		}
+	}
 	for _, r := range z.Relays {
 		if name == r.Name && z.InZone(name) {
 			for _, a := range r.Addrs {
@@ -283,7 +297,7 @@ func (z *Zone) isUser(u string) bool { return u != "" && z.IsUser(strings.ToLowe
 // not be changed by an UPDATE.
 func (z *Zone) Protected(name string, t uint16) bool {
 	name = strings.ToLower(dns.CanonicalName(name))
-	if name == z.Origin || z.isServerName(name) || strings.HasPrefix(name, RelayService) {
+	if name == z.Origin || z.isServerName(name) || strings.HasPrefix(name, RelayService) || strings.HasPrefix(name, RelayStreamService) {
 		return true
 	}
 	for _, r := range z.Relays {

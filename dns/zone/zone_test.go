@@ -195,7 +195,7 @@ func TestAnswer(t *testing.T) {
 // UPDATE may touch those names.
 func TestRelaySRV(t *testing.T) {
 	z, err := New(Zone{Origin: "btmm.example.", IsUser: func(u string) bool { return u == "alice" },
-		Relays: []Relay{{Name: "Relay.btmm.example", Port: 3478, Addrs: []netip.Addr{netip.MustParseAddr("11.0.0.1")}},
+		Relays: []Relay{{Name: "Relay.btmm.example", Port: 3478, TLSPort: 443, Addrs: []netip.Addr{netip.MustParseAddr("11.0.0.1")}},
 			{Name: "r2.example.net.", Port: 3479}}})
 	if err != nil {
 		t.Fatal(err)
@@ -216,7 +216,21 @@ func TestRelaySRV(t *testing.T) {
 			t.Errorf("%s: glue %v", name, resp.Extra)
 		}
 	}
-	for _, n := range []string{"_btmm-relay._udp.alice.btmm.example.", "relay.btmm.example."} {
+	// The TLS stream port: only relays that have one.
+	for _, name := range []string{"_btmm-relay._tcp.btmm.example.", "_btmm-relay._tcp.alice.btmm.example."} {
+		m := new(dns.Msg)
+		m.SetQuestion(name, dns.TypeSRV)
+		resp := new(dns.Msg)
+		resp.SetReply(m)
+		s.Read(func(v store.View) { z.Answer(v, m.Question[0], time.Now(), resp) })
+		if len(resp.Answer) != 1 || resp.Answer[0].(*dns.SRV).Target != "relay.btmm.example." || resp.Answer[0].(*dns.SRV).Port != 443 {
+			t.Fatalf("%s: %v", name, resp)
+		}
+		if len(resp.Extra) != 1 || resp.Extra[0].(*dns.A).A.String() != "11.0.0.1" {
+			t.Errorf("%s: glue %v", name, resp.Extra)
+		}
+	}
+	for _, n := range []string{"_btmm-relay._udp.alice.btmm.example.", "_btmm-relay._tcp.alice.btmm.example.", "relay.btmm.example."} {
 		if !z.Protected(n, dns.TypeSRV) {
 			t.Errorf("%s not protected", n)
 		}
