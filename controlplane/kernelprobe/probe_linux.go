@@ -12,6 +12,9 @@ import (
 	"net"
 	"runtime"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -24,10 +27,11 @@ const (
 	ESP       Feature = "esp"             // ESP states (esp4/esp6) with cbc(aes)+hmac(sha256), UDP-encapsulated
 	GCM       Feature = "gcm"             // the rfc4106(gcm(aes)) AEAD for ESP
 	XfrmIface Feature = "xfrm-interfaces" // xfrm interfaces (if_id)
+	TCX       Feature = "tcx"             // TCX BPF attachment (6.6+; the eBPF dataplane uses clsact without it)
 )
 
 // All lists every feature, in the order netcheck shows them.
-var All = []Feature{ESP, GCM, XfrmIface}
+var All = []Feature{ESP, GCM, XfrmIface, TCX}
 
 var probers = map[Feature]func(h *netlink.Handle) error{
 	ESP: func(h *netlink.Handle) error {
@@ -45,6 +49,37 @@ var probers = map[Feature]func(h *netlink.Handle) error{
 	XfrmIface: func(h *netlink.Handle) error {
 		return h.LinkAdd(&netlink.Xfrmi{LinkAttrs: netlink.LinkAttrs{Name: "probexi"}, Ifid: 7})
 	},
+	TCX: ProbeTCX,
+}
+
+// ProbeTCX attaches a trivial SCHED_CLS program with TCX to a veth made
+// with h (the calling thread must be in h's namespace): the only honest
+// test of TCX support.
+func ProbeTCX(h *netlink.Handle) error {
+	if err := h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "probe0"}, PeerName: "probe1"}); err != nil {
+		return err
+	}
+	l, err := h.LinkByName("probe0")
+	if err != nil {
+		return err
+	}
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.SchedCLS,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.Mov.Imm(asm.R0, -1), // TC_ACT_UNSPEC / TCX_NEXT
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	tl, err := link.AttachTCX(link.TCXOptions{Interface: l.Attrs().Index, Program: prog, Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		return err
+	}
+	return tl.Close()
 }
 
 // Probe reports whether the kernel has f (nil) or the kernel's refusal.
