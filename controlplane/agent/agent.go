@@ -142,6 +142,9 @@ type Agent struct {
 
 	keepaliveSender KeepaliveSender
 	followKick      chan struct{}
+	// echo sends one ICMPv6 echo request to a peer's ULA through the
+	// tunnel (ping.go; tests replace it).
+	echo func(ula netip.Addr)
 
 	mu             sync.Mutex
 	nat            NATReport
@@ -153,6 +156,8 @@ type Agent struct {
 	pendingNATMove bool           // our NAT's external address changed: tell peers
 	netStatus      NetworkStatus
 	activity       map[netip.Addr]*activity
+	health         map[netip.Addr]*healthTrack // health.go
+	keyingErrs     map[netip.Addr]string       // health.go: the last keying errors read
 }
 
 // New checks cfg and builds the agent's parts; Run starts them.
@@ -170,7 +175,9 @@ func New(cfg Config) (*Agent, error) {
 		cfg.Keepalive = DefaultKeepalive
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, peers: map[netip.Addr]PeerEvent{}, started: time.Now(),
-		followKick: make(chan struct{}, 1), activity: map[netip.Addr]*activity{}}
+		followKick: make(chan struct{}, 1), activity: map[netip.Addr]*activity{},
+		health: map[netip.Addr]*healthTrack{}, keyingErrs: map[netip.Addr]string{}}
+	a.echo = a.sendEcho
 	a.keepaliveSender = cfg.KeepaliveSender
 	if ks, ok := cfg.Transport.(KeepaliveSender); ok && a.keepaliveSender == nil {
 		a.keepaliveSender = ks
@@ -250,9 +257,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer unregister()
 		start("netmon", a.cfg.NetMon.Run)
 	}
-	if a.cfg.Keepalive > 0 && a.keepaliveSender != nil {
-		start("keepalive", a.keepalives)
-	}
+	start("keepalive", a.keepalives) // and the peers' liveness (health.go)
 	<-runCtx.Done()
 	wg.Wait()
 	close(errc)
@@ -377,6 +382,7 @@ type Status struct {
 	Dataplane  string                   `json:"dataplane"`
 	TunnelPort uint16                   `json:"tunnel_port"`
 	Uptime     string                   `json:"uptime"`
+	Started    time.Time                `json:"started"`
 	NAT        NATReport                `json:"nat"`
 	Register   register.Status          `json:"registration"`
 	LLQ        *llqclient.Status        `json:"llq,omitempty"`
@@ -414,6 +420,9 @@ type PeerStatus struct {
 	// Path is the path chosen by the connectivity checks (kind "none"
 	// without path selection or while none answers).
 	Path path.Path `json:"path"`
+	// Health is the peer's liveness: ok, stale or unreachable with the
+	// reason, the last handshake and the last packet received (health.go).
+	Health PeerHealth `json:"health"`
 }
 
 // Status gathers a snapshot from every part.
@@ -422,7 +431,7 @@ func (a *Agent) Status(ctx context.Context) Status {
 	st := Status{
 		Host: a.cfg.Host, Domain: a.cfg.Domain, ULA: a.cfg.Identity.ULA, Label: a.cfg.Identity.Label(),
 		IdentityBy: a.cfg.Identity.Source, Dataplane: a.cfg.DataplaneName, TunnelPort: a.cfg.TunnelPort,
-		Uptime: time.Since(a.started).Round(time.Second).String(), NAT: a.nat,
+		Uptime: time.Since(a.started).Round(time.Second).String(), Started: a.started, NAT: a.nat,
 	}
 	caps := map[netip.Addr]register.Capabilities{}
 	for u, p := range a.peers {
@@ -454,6 +463,11 @@ func (a *Agent) Status(ctx context.Context) Status {
 		}
 	}
 	if err == nil {
+		a.mu.Lock()
+		a.keyingErrs = kerr
+		a.mu.Unlock()
+	}
+	if err == nil {
 		kctx, kcancel := context.WithTimeout(ctx, statusWait)
 		if ks, err := a.keyer.Stats(kctx); err == nil {
 			st.KeyingStats = &ks
@@ -467,11 +481,15 @@ func (a *Agent) Status(ctx context.Context) Status {
 	if a.paths != nil {
 		st.Paths = a.paths.status()
 	}
+	now := time.Now()
 	for _, p := range peers {
 		ps := PeerStatus{PeerStatus: p, Capabilities: caps[p.ULA], KeyingError: kerr[p.ULA], Path: a.paths.current(p.ULA)}
 		if act, ok := acts[p.ULA]; ok {
 			ps.Activity = &act
 		}
+		a.mu.Lock()
+		ps.Health = a.peerHealthLocked(p, lastErr, now)
+		a.mu.Unlock()
 		st.Peers = append(st.Peers, ps)
 	}
 	st.Network = a.Network()

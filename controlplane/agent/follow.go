@@ -74,6 +74,10 @@ type activity struct {
 	PeerActivity
 	tx, rx uint64
 	seen   bool
+	// Liveness (health.go): since when we send with nothing received,
+	// and the echoes sent since then.
+	sendingSince, lastProbe time.Time
+	probes                  int
 }
 
 // onNetChange is the network monitor's callback: it hands major changes to
@@ -181,8 +185,13 @@ func (a *Agent) behindNAT() bool {
 // it for a whole interval. It polls the dataplane's counters four times per
 // interval, so a keepalive follows the last ESP packet within 1.25
 // intervals (25 s by default: inside the common 30 s UDP NAT timeout).
+// With keepalives off it still polls (at the default interval) for the
+// peers' liveness (health.go), and sends nothing.
 func (a *Agent) keepalives(ctx context.Context) error {
 	every := a.cfg.Keepalive
+	if !a.keepalivesOn() {
+		every = DefaultKeepalive
+	}
 	t := time.NewTicker(max(every/4, 10*time.Millisecond))
 	defer t.Stop()
 	for {
@@ -230,8 +239,14 @@ func (a *Agent) keepaliveTick(ctx context.Context, every time.Duration) {
 		}
 		if act.seen && s.RxPackets != act.rx {
 			act.LastRx = now
+			act.sendingSince, act.probes = time.Time{}, 0
+		} else if act.seen && s.TxPackets != act.tx && act.sendingSince.IsZero() {
+			act.sendingSince = now
 		}
 		act.tx, act.rx, act.seen = s.TxPackets, s.RxPackets, true
+		if !a.keepalivesOn() {
+			continue
+		}
 		// Only where we or they are behind a NAT. A peer that says it
 		// has none (TXT nat=none) has none; one that says nothing is
 		// assumed to have one, as most do.
@@ -259,10 +274,13 @@ func (a *Agent) keepaliveTick(ctx context.Context, every time.Duration) {
 			a.log.Debug("keepalive", "peer", s.ula, "to", s.to, "err", err)
 		}
 	}
+	a.updateHealth(ctx, now)
 }
 
+func (a *Agent) keepalivesOn() bool { return a.cfg.Keepalive > 0 && a.keepaliveSender != nil }
+
 // PeerActivity returns when each peer's tunnel last carried traffic, in
-// ULA order (empty while keepalives are off).
+// ULA order.
 func (a *Agent) PeerActivity() []PeerActivity {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -281,7 +299,7 @@ func (a *Agent) Network() NetworkStatus {
 	st.Reasons = slices.Clone(st.Reasons)
 	a.mu.Unlock()
 	st.Keepalive = "off"
-	if a.cfg.Keepalive > 0 && a.keepaliveSender != nil {
+	if a.keepalivesOn() {
 		st.Keepalive = a.cfg.Keepalive.String()
 	}
 	if a.cfg.NetMon != nil {

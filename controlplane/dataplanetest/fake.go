@@ -24,7 +24,7 @@ type Fake struct {
 	closed  bool
 	stall   chan struct{} // non-nil: Set waits for it to close
 	stalled chan struct{} // closed when a Set starts waiting on stall
-	tx      map[netip.Addr]uint64
+	tx, rx  map[netip.Addr]uint64
 }
 
 // Stall makes every Set wait (before it validates or records anything)
@@ -127,14 +127,25 @@ func (f *Fake) CountTx(ula netip.Addr, n uint64) {
 	f.tx[ula] += n
 }
 
-// Stats returns the counters of every peer: zero, or what CountTx added.
+// CountRx adds n received packets to a peer's counters, as if ESP came in.
+func (f *Fake) CountRx(ula netip.Addr, n uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.rx == nil {
+		f.rx = map[netip.Addr]uint64{}
+	}
+	f.rx[ula] += n
+}
+
+// Stats returns the counters of every peer: zero, or what CountTx and
+// CountRx added.
 func (f *Fake) Stats(context.Context) ([]controlplane.PeerStats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var st []controlplane.PeerStats
 	if f.state != nil {
 		for _, p := range f.state.Peers {
-			st = append(st, controlplane.PeerStats{ULA: p.ULA, TxPackets: f.tx[p.ULA]})
+			st = append(st, controlplane.PeerStats{ULA: p.ULA, TxPackets: f.tx[p.ULA], RxPackets: f.rx[p.ULA]})
 		}
 	}
 	return st, nil
