@@ -19,11 +19,24 @@ import (
 
 // Netcheck is `btmmctl netcheck --json` (schema: docs/btmmd.md).
 type Netcheck struct {
+	Schema int      `json:"schema"`
 	Kernel []Check  `json:"kernel"`
 	Btmmd  Check    `json:"btmmd"`
 	NAT    *NATInfo `json:"nat,omitempty"`
 	DNS    *DNSInfo `json:"dns,omitempty"`
+	LLQ    *LLQInfo `json:"llq,omitempty"`
 	KDC    []Check  `json:"kdc"`
+}
+
+// LLQInfo is how btmmd follows the user's other hosts: Long-Lived Queries
+// the server pushes, or polling, and why.
+type LLQInfo struct {
+	Mode      string `json:"mode"` // llq, polling, mixed, setup, none
+	Reason    string `json:"reason,omitempty"`
+	Server    string `json:"server,omitempty"`
+	Questions int    `json:"questions"`
+	Pushed    int    `json:"pushed"`
+	Polling   int    `json:"polling"`
 }
 
 // Check is one probe's result.
@@ -51,7 +64,7 @@ type DNSInfo struct {
 // netcheck probes the kernel (in throwaway namespaces), asks btmmd for its
 // NAT and DNS state, and tries the KDCs of krb5Conf over TCP.
 func netcheck(sock, krb5Conf string) *Netcheck {
-	var n Netcheck
+	n := Netcheck{Schema: schemaVersion}
 	for _, f := range kernelprobe.All {
 		err := kernelprobe.Probe(f)
 		c := Check{Name: string(f), OK: err == nil}
@@ -74,6 +87,8 @@ func netcheck(sock, krb5Conf string) *Netcheck {
 		}
 		r := st.Register
 		n.DNS = &DNSInfo{Server: r.Server, Registered: r.Published, LeaseS: r.Lease.Seconds(), LastError: r.LastError}
+		m := agent.LLQMode(st)
+		n.LLQ = &LLQInfo{Mode: m.Mode, Reason: m.Reason, Server: m.Server, Questions: m.Questions, Pushed: m.Pushed, Polling: m.Polling}
 	}
 	n.KDC = kdcChecks(krb5Conf)
 	return &n
@@ -124,7 +139,12 @@ func printNetcheck(w io.Writer, n *Netcheck, asJSON bool) {
 		return "NO"
 	}
 	for _, c := range n.Kernel {
-		fmt.Fprintf(tw, "kernel %s\t%s\t%s\n", c.Name, mark(c.OK), shorten(c.Detail, 90))
+		m := mark(c.OK)
+		if c.Name == string(kernelprobe.TCX) && !c.OK {
+			m = "no" // not needed: the eBPF dataplane attaches with clsact
+			c.Detail = "the eBPF dataplane attaches with clsact instead; " + c.Detail
+		}
+		fmt.Fprintf(tw, "kernel %s\t%s\t%s\n", c.Name, m, shorten(c.Detail, 90))
 	}
 	fmt.Fprintf(tw, "btmmd\t%s\t%s\n", mark(n.Btmmd.OK), shorten(n.Btmmd.Detail, 90))
 	if n.NAT != nil {
@@ -140,6 +160,13 @@ func printNetcheck(w io.Writer, n *Netcheck, asJSON bool) {
 			d += "; last error: " + n.DNS.LastError
 		}
 		fmt.Fprintf(tw, "dns registration\t%s\t%s\n", mark(n.DNS.Registered), shorten(d, 90))
+	}
+	if l := n.LLQ; l != nil {
+		d := fmt.Sprintf("%s: %d of %d questions pushed, %d polling", l.Mode, l.Pushed, l.Questions, l.Polling)
+		if l.Reason != "" {
+			d += " (" + l.Reason + ")"
+		}
+		fmt.Fprintf(tw, "llq\t%s\t%s\n", mark(l.Mode == "llq"), shorten(d, 90))
 	}
 	for _, c := range n.KDC {
 		fmt.Fprintf(tw, "kdc %s\t%s\t%s\n", c.Name, mark(c.OK), shorten(c.Detail, 90))

@@ -214,15 +214,12 @@ func peer(t *testing.T, st *agent.Status, name string) agent.PeerStatus {
 }
 
 func (h *host) status(t *testing.T, bins string) (*agent.Status, error) {
-	out, err := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "--json", "status")
-	if err != nil {
-		return nil, err
-	}
-	var st agent.Status
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		return nil, fmt.Errorf("btmmctl --json: %w: %s", err, out)
-	}
-	return &st, nil
+	// btmmd's own status type over its control socket (a file: reachable
+	// from any namespace); `btmmctl --json` prints the documented schema,
+	// which TestTwoHostsBehindNATs checks separately.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return agent.FetchStatus(ctx, h.sock)
 }
 
 // TestTwoHostsBehindNATs is the system test: host1 and host2, each behind
@@ -338,6 +335,56 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 			}
 		}
 	}
+	// btmmctl ping by name through the tunnel (xfrm to host2 behind gw2,
+	// eBPF to pub), btmmctl peers shows every peer healthy, and --json is
+	// the documented schema.
+	ctl := func(h *host, args ...string) (string, error) {
+		return h.ns.Run(filepath.Join(bins, "btmmctl"), append([]string{"-socket", h.sock}, args...)...)
+	}
+	for _, o := range []string{"host2", "pub"} {
+		out, err := ctl(hosts[0], "ping", "-c", "2", "-i", "0.2", o)
+		show(t, "btmmctl ping -c 2 "+o+"   # on host1: ICMPv6 from host1's ULA through the tunnel", out)
+		if err != nil || !strings.Contains(out, "pong from "+o) || !strings.Contains(out, "via direct") || strings.Contains(out, "did not move") {
+			t.Fatalf("btmmctl ping %s: %v\n%s", o, err, out)
+		}
+	}
+	out, err = ctl(hosts[0], "--json", "ping", "-c", "1", "host2.alice.btmm.example")
+	var pj struct {
+		OK       bool    `json:"ok"`
+		RTT      float64 `json:"rtt_seconds"`
+		InTunnel bool    `json:"in_tunnel"`
+		External string  `json:"external"`
+		Path     struct {
+			Kind, Local, Remote string
+		} `json:"path"`
+	}
+	if err != nil || json.Unmarshal([]byte(out), &pj) != nil || !pj.OK || pj.RTT <= 0 || !pj.InTunnel || pj.Path.Kind != "direct" ||
+		pj.Path.Remote != peer(t, sts["host1"], "host2").Outer.String() || !strings.HasPrefix(pj.External, lab.GW1WAN+":") {
+		t.Fatalf("btmmctl --json ping host2: %v %+v\n%s", err, pj, out)
+	}
+	for _, h := range hosts {
+		out, err := ctl(h, "--json", "peers")
+		var ps struct {
+			Schema int `json:"schema"`
+			Peers  []struct {
+				Name     string `json:"name"`
+				InKernel bool   `json:"in_kernel"`
+				Health   struct {
+					State         string `json:"state"`
+					Reason        string `json:"reason"`
+					LastHandshake string `json:"last_handshake"`
+				} `json:"health"`
+			} `json:"peers"`
+		}
+		if err != nil || json.Unmarshal([]byte(out), &ps) != nil || ps.Schema != 1 || len(ps.Peers) != 2 {
+			t.Fatalf("btmmctl --json peers on %s: %v\n%s", h.name, err, out)
+		}
+		for _, p := range ps.Peers {
+			if p.Health.State != "ok" || !p.InKernel || p.Health.LastHandshake == "" {
+				t.Errorf("%s sees %s as %+v", h.name, p.Name, p)
+			}
+		}
+	}
 	// pub's btmmd pinned its maps in its own mount namespace (`ip netns
 	// exec` remounts /sys), so look from there.
 	pubPID := fmt.Sprint(hosts[2].d.cmd.Process.Pid)
@@ -404,7 +451,20 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 
 	// Clean shutdown: host1's btmmd removes its kernel state, its NAT
 	// mapping and its DNS records, and the others see it leave.
-	say(t, "Clean shutdown of btmmd on host1 (SIGTERM)")
+	say(t, "Clean shutdown of btmmd on host1 (SIGTERM); `btmmctl watch` on host2 follows")
+	watch := &testenv.SyncBuffer{}
+	wcmd := l.Host2.Command(context.Background(), filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "watch", "--json")
+	wcmd.Stdout, wcmd.Stderr = watch, watch
+	if err := l.Host2.StartCmd(wcmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wcmd.Process.Kill(); wcmd.Wait() })
+	waitFor(t, "btmmctl watch is connected", 10*time.Second, func() error {
+		if !strings.Contains(watch.String(), `"type":"watching"`) {
+			return fmt.Errorf("watch printed %q", watch.String())
+		}
+		return nil
+	})
 	conn.Close()
 	h1 := hosts[0]
 	h1.d.cmd.Process.Signal(syscall.SIGTERM)
@@ -443,6 +503,13 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	}
 	out, _ = hosts[1].ns.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "peers")
 	show(t, "btmmctl peers   # on host2, after host1 stopped: its records were deleted, the LLQ pushed the removal", out)
+	waitFor(t, "btmmctl watch on host2 reports host1 gone", 10*time.Second, func() error {
+		if !strings.Contains(watch.String(), `"type":"peer_removed","peer":"host1"`) {
+			return fmt.Errorf("watch printed:\n%s", watch.String())
+		}
+		return nil
+	})
+	show(t, "btmmctl watch --json   # on host2, while host1 stopped", watch.String())
 }
 
 // startEcho listens on [ula]:7 inside ns and echoes every line.

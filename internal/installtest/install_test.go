@@ -84,16 +84,12 @@ func debs(t *testing.T) (btmm, dnsd, bins string) {
 	return find("btmm_*.deb"), find("btmm-dnsd_*.deb"), bins
 }
 
+// status is btmmd's own status type, over its control socket (btmmctl
+// --json prints the documented schema, checked on its own below).
 func status(sock string) (*agent.Status, error) {
-	out, err := run("btmmctl", "-socket", sock, "--json", "status")
-	if err != nil {
-		return nil, err
-	}
-	var st agent.Status
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		return nil, fmt.Errorf("btmmctl --json: %w: %s", err, out)
-	}
-	return &st, nil
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return agent.FetchStatus(ctx, sock)
 }
 
 func journal(unit string) string {
@@ -107,7 +103,7 @@ func journal(unit string) string {
 func TestInstallAndLiveWithIt(t *testing.T) {
 	testenv.RequireSystemd(t)
 	testenv.RequireNetNS(t)
-	btmmDeb, dnsdDeb, bins := debs(t)
+	btmmDeb, dnsdDeb, _ := debs(t)
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, u := range []string{"btmm-dnsd", "btmmd"} {
@@ -223,23 +219,12 @@ psk_file = "/root/alice.psk"
 	var peerULA string
 	waitFor(t, "laptop and desk keyed with each other", 2*time.Minute, func() error {
 		for _, sock := range []string{"/run/btmm/btmmd.sock", peerDir + "/btmmd.sock"} {
-			var st *agent.Status
-			var err error
-			if sock == "/run/btmm/btmmd.sock" {
-				st, err = status(sock)
-			} else {
-				var out string
-				out, err = peer.Run(filepath.Join(bins, "btmmctl"), "-socket", sock, "--json", "status")
-				if err == nil {
-					st = &agent.Status{}
-					err = json.Unmarshal([]byte(out), st)
-				}
-				if err == nil {
-					peerULA = st.ULA.String()
-				}
-			}
+			st, err := status(sock)
 			if err != nil {
 				return err
+			}
+			if sock != "/run/btmm/btmmd.sock" {
+				peerULA = st.ULA.String()
 			}
 			if len(st.Peers) != 1 || !st.Peers[0].Keyed || !st.Peers[0].InKernel {
 				return fmt.Errorf("%s: peers %+v", st.Host, st.Peers)
@@ -249,6 +234,23 @@ psk_file = "/root/alice.psk"
 	})
 	if out, err := run("ping", "-6", "-c", "2", "-W", "5", peerULA); err != nil {
 		t.Fatalf("ping laptop -> desk ULA %s: %v\n%s", peerULA, err, out)
+	}
+	// btmmctl ping: through the tunnel, with the path; peers are healthy.
+	if out, err := run("btmmctl", "ping", "-c", "2", "-i", "0.2", "desk"); err != nil || !strings.Contains(out, "pong from desk ("+peerULA+")") ||
+		!strings.Contains(out, "via direct") || strings.Contains(out, "did not move") {
+		t.Fatalf("btmmctl ping desk: %v\n%s", err, out)
+	}
+	var peers struct {
+		Peers []struct {
+			Name   string `json:"name"`
+			Health struct {
+				State string `json:"state"`
+			} `json:"health"`
+		} `json:"peers"`
+	}
+	if out, err := run("btmmctl", "peers", "--json"); err != nil || json.Unmarshal([]byte(out), &peers) != nil ||
+		len(peers.Peers) != 1 || peers.Peers[0].Name != "desk" || peers.Peers[0].Health.State != "ok" {
+		t.Fatalf("btmmctl peers --json: %v\n%s", err, out)
 	}
 
 	// Names: the peer by its short and full name (hosts block), the stub,
