@@ -125,9 +125,12 @@ type Client struct {
 	// silent is set when a discovered server stopped answering: serve
 	// returns so that Run discovers a server again (with replicas, the
 	// discovery SRVs name the live ones).
-	silent  bool
-	queries map[qkey]*query
-	pending map[uint16]*query
+	silent bool
+	// rebinding is set by Rebind: the transport was closed on purpose, so
+	// its end is no failure (logged as info, set up again at once).
+	rebinding bool
+	queries   map[qkey]*query
+	pending   map[uint16]*query
 }
 
 type qkey struct {
@@ -229,6 +232,7 @@ func (c *Client) Rebind() {
 	c.do(func() {
 		if c.conn != nil {
 			c.log.Info("llq: our address changed, setting the LLQs up again")
+			c.rebinding = true
 			c.conn.Close()
 		}
 	})
@@ -299,13 +303,19 @@ func (c *Client) Run(ctx context.Context) error {
 			return nil
 		}
 		// A stream transport (TLS) broke, or a discovered server went
-		// silent: every LLQ lived there.
-		c.setError(err)
-		c.log.Warn("llq: connection lost, reconnecting", "err", err)
+		// silent: every LLQ lived there. After Rebind that is the plan,
+		// not a failure: no warning, no error in the status, no backoff.
 		for _, q := range c.queries {
 			delete(c.pending, q.msgID)
 			q.waiting, q.due, q.st, q.id = false, time.Time{}, stSetup1, 0
 		}
+		if c.rebinding {
+			c.rebinding = false
+			c.log.Debug("llq: transport closed for the rebind", "err", err)
+			continue
+		}
+		c.setError(err)
+		c.log.Warn("llq: connection lost, reconnecting", "err", err)
 		if !c.idle(ctx, register.Backoff(1, time.Minute, c.rand())) {
 			return nil
 		}

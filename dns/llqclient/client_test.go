@@ -1,9 +1,11 @@
 package llqclient
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"github.com/btmm/btmm/dns/llq"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"slices"
@@ -595,12 +597,18 @@ func TestConnectBackoff(t *testing.T) {
 }
 
 // After Rebind (our address changed) every LLQ is set up again from a new
-// socket, so the server learns where to send events now.
+// socket, so the server learns where to send events now. The planned
+// reconnect is no warning and no error in the status (issue 17).
 func TestRebindSetsUpAgain(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake(t, nil)
 		f.change(host+" 60 IN AAAA fd00::1", "")
-		c := newTestClient(t, f, nil)
+		var logged bytes.Buffer
+		c, err := New(Config{Server: "fake:53", Dial: f.dial, Key: f.key, Lease: time.Hour, Rand: rand.New(rand.NewPCG(3, 4))},
+			slog.New(slog.NewTextHandler(&logged, &slog.HandlerOptions{Level: slog.LevelInfo})))
+		if err != nil {
+			t.Fatal(err)
+		}
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error)
 		go func() { done <- c.Run(ctx) }()
@@ -611,10 +619,12 @@ func TestRebindSetsUpAgain(t *testing.T) {
 			t.Fatalf("before rebind: %+v", st.Queries[0])
 		}
 		c.Rebind()
-		time.Sleep(2 * time.Second) // reconnect backoff (<= 1 s)
-		synctest.Wait()
-		if st := c.Status(); st.Queries[0].Mode != ModeLLQ || st.Queries[0].Setups != 2 {
-			t.Fatalf("not set up again after Rebind: %+v", st.Queries[0])
+		synctest.Wait() // no backoff: set up again at once
+		if st := c.Status(); st.Queries[0].Mode != ModeLLQ || st.Queries[0].Setups != 2 || st.LastError != "" {
+			t.Fatalf("not set up again after Rebind: %+v (last error %q)", st.Queries[0], st.LastError)
+		}
+		if strings.Contains(logged.String(), "level=WARN") || !strings.Contains(logged.String(), "setting the LLQs up again") {
+			t.Errorf("a planned rebind logged:\n%s", logged.String())
 		}
 		f.change(host+" 60 IN AAAA fd00::2", host+" 60 IN AAAA fd00::1")
 		synctest.Wait()
