@@ -829,6 +829,12 @@ func (a *Agent) retransmit(p *peer, now time.Time) {
 			return
 		}
 		err := fmt.Errorf("%w: no answer from %v after %d transmissions", ErrTimeout, p.outer, ex.tries+1)
+		if _, psk := a.cfg.Auth.(*PSK); psk {
+			// A peer whose PSK differs drops our INITs at the cheap check
+			// (MAC1) and cannot tell us: say what is most likely.
+			err = fmt.Errorf("%w: no answer from %v after %d transmissions: do the PSK files differ? (a peer with another PSK drops our INITs unanswered; compare them with sha256sum)",
+				ErrTimeout, p.outer, ex.tries+1)
+		}
 		switch {
 		case ex.hint != nil && ex.bad != nil:
 			err = fmt.Errorf("%w: no valid answer from %v after %d transmissions; last answer ignored: %w; an unauthenticated refusal said: %w",
@@ -1075,7 +1081,7 @@ func (a *Agent) admitInit(m *Message, d datagram, now time.Time) bool {
 			if p.outer.Addr() == d.from.Addr() {
 				// Probably a misconfiguration rather than noise: say so.
 				if ok, n := a.logs.allow("mac1 "+p.cfg.Name, now); ok {
-					a.log().Warn("keying: dropped an INIT from a peer's address that fails the cheap check (MAC1): does it use the same PSK, this host's ULA and principal?",
+					a.log().Warn("keying: dropped an INIT from a peer's address that fails the cheap check (MAC1): do the PSK files differ? (or the peer has another ULA or principal for this host)",
 						"peer", p.cfg.Name, "from", d.from, "suppressed", n)
 				}
 				return false

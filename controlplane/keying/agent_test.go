@@ -297,9 +297,10 @@ func TestRefusalsInstallNothing(t *testing.T) {
 		tamper   func(t MsgType, msg []byte) []byte // on a
 		tamperB  func(t MsgType, msg []byte) []byte
 		wantA    []error
-		wantB    error // nil: b saw nothing it could blame on a
-		wantMAC1 bool  // b dropped a's INIT at the cheap check
-		wantBRec bool  // b (responder) legitimately installed
+		wantB    error  // nil: b saw nothing it could blame on a
+		wantMAC1 bool   // b dropped a's INIT at the cheap check
+		wantText string // in a's error
+		wantBRec bool   // b (responder) legitimately installed
 	}{
 		{
 			name: "INIT changed without the MAC1 key",
@@ -323,7 +324,7 @@ func TestRefusalsInstallNothing(t *testing.T) {
 			},
 			wantA: []error{ErrTimeout, ErrPeerRefused, ErrTampered}, wantB: ErrTampered,
 		},
-		{name: "wrong PSK", pskB: psk2, wantA: []error{ErrTimeout}, wantMAC1: true},
+		{name: "wrong PSK", pskB: psk2, wantA: []error{ErrTimeout}, wantMAC1: true, wantText: "do the PSK files differ?"},
 		{
 			name: "RESP changed",
 			pskB: psk1,
@@ -379,6 +380,9 @@ func TestRefusalsInstallNothing(t *testing.T) {
 					}
 				}
 				t.Logf("a: %v", err)
+				if err == nil || !strings.Contains(err.Error(), tt.wantText) {
+					t.Errorf("a: LastError = %v, want it to say %q", err, tt.wantText)
+				}
 				st, _ := b.agent.Stats(t.Context())
 				if tt.wantMAC1 && st.BadMAC1 == 0 {
 					t.Errorf("b's cheap check dropped nothing: %+v", st)
