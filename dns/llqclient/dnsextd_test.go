@@ -2,6 +2,7 @@ package llqclient_test
 
 import (
 	"context"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -158,5 +159,53 @@ func TestAcceptUnsigned(t *testing.T) {
 	time.Sleep(5 * time.Second) // past the server's retransmissions (2 s, 4 s)
 	if srv.LLQs() != 1 {
 		t.Fatalf("LLQ gone after the event: acknowledgement lost (%d LLQs)", srv.LLQs())
+	}
+}
+
+// TestWrongSecret: a host whose key file holds another secret than the
+// server's (same key name). btmm-dnsd answers BADSIG (unsigned, RFC 8945
+// §5.2.2): the registrar and the LLQ client both say the secret differs,
+// not "no answer to LLQ setup" (issue 17 rough edge), and btmmctl status
+// shows their LastError.
+func TestWrongSecret(t *testing.T) {
+	l := dnsextdLab(t)
+	wrong, err := register.NewKey(l.key.Name, l.key.Algorithm, "d3JvbmctZDNKdmJtY3RkM0p2Ym1jdA==")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := register.New(register.Config{Domain: "alice.btmm.example.", Zone: "btmm.example.", Host: "laptop",
+		ULA: netip.MustParseAddr("fd00::1"), Label: "AutoTunnel-L", Key: wrong, Server: l.addr,
+		Timeout: time.Second, MaxBackoff: time.Second}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := llqclient.New(llqclient.Config{Server: l.addr, Key: wrong, Lease: time.Hour, Timeout: 500 * time.Millisecond}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.Run(ctx)
+	go c.Run(ctx)
+	watch(t, c)
+	const want = "BADSIG: the secret of key laptop.alice.btmm.example. differs from the server's"
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		rs, ls := r.Status(), c.Status()
+		var reason string
+		if len(ls.Queries) == 1 {
+			reason = ls.Queries[0].Reason
+		}
+		if strings.Contains(rs.LastError, want) && strings.Contains(reason, want) {
+			if rs.Published || strings.Contains(reason, "no answer") {
+				t.Fatalf("registrar %+v, llq %+v", rs, ls)
+			}
+			t.Logf("registration: %s; llq: %s", rs.LastError, reason)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("registrar: %q; llq: %+v", rs.LastError, ls)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

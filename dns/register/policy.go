@@ -48,7 +48,10 @@ func (p ResponsePolicy) Check(k *Key, raw []byte, requestMAC string) error {
 	switch {
 	case err == nil:
 	case errors.Is(err, tsig.ErrUnsigned) && ts != nil && (ts.Error == dns.RcodeBadKey || ts.Error == dns.RcodeBadSig):
-		return fmt.Errorf("%w: %s", ErrKeyRefused, dns.RcodeToString[int(ts.Error)])
+		if ts.Error == dns.RcodeBadSig {
+			return fmt.Errorf("%w: BADSIG: the secret of key %s differs from the server's (is the key file the one btmm-dnsd printed for this host?)", ErrKeyRefused, k.Name)
+		}
+		return fmt.Errorf("%w: BADKEY: the server does not know key %s (was the host added with btmm-dnsd addhost or enroll?)", ErrKeyRefused, k.Name)
 	case errors.Is(err, tsig.ErrUnsigned):
 		if p.AcceptUnsigned {
 			return nil
