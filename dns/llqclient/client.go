@@ -403,6 +403,7 @@ func (c *Client) serve(ctx context.Context) error {
 
 func (c *Client) connect(ctx context.Context) error {
 	server, network := c.cfg.Server, "udp"
+	tlsName := "" // a discovered server's SRV target: what its certificate must name
 	if c.cfg.TLS != nil {
 		network = "tcp-tls"
 	}
@@ -414,12 +415,12 @@ func (c *Client) connect(ctx context.Context) error {
 		services = append(services, "_dns-llq._udp.")
 		var errs []error
 		for _, svc := range services {
-			s, err := register.Discover(ctx, c.cfg.Resolver, svc+dns.Fqdn(c.cfg.Domain), c.cfg.Timeout)
+			s, target, err := register.DiscoverSRV(ctx, c.cfg.Resolver, svc+dns.Fqdn(c.cfg.Domain), c.cfg.Timeout)
 			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			server, network = s, "udp"
+			server, network, tlsName = s, "udp", target
 			if strings.HasPrefix(svc, "_dns-llq-tls.") {
 				network = "tcp-tls"
 			}
@@ -433,7 +434,7 @@ func (c *Client) connect(ctx context.Context) error {
 	if dial == nil {
 		dial = func(ctx context.Context, server string) (Transport, error) {
 			if network == "tcp-tls" {
-				return dialTLS(ctx, server, c.cfg.TLS)
+				return dialTLS(ctx, server, register.TLSFor(c.cfg.TLS, tlsName))
 			}
 			return dialUDP(ctx, server)
 		}

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/miekg/dns"
@@ -18,15 +19,24 @@ import (
 // the SRV with the lowest priority (then highest weight), its target's
 // address from the additional section or an A, then AAAA query.
 func Discover(ctx context.Context, resolver, service string, timeout time.Duration) (string, error) {
+	addr, _, err := DiscoverSRV(ctx, resolver, service, timeout)
+	return addr, err
+}
+
+// DiscoverSRV is Discover that also returns the chosen SRV record's target
+// (without the final dot): the name a TLS connection to addr verifies the
+// server's certificate against (RFC 7858 §4.2 with RFC 2782: the SRV target
+// is the authenticated name; the address is only where it lives).
+func DiscoverSRV(ctx context.Context, resolver, service string, timeout time.Duration) (addr, target string, err error) {
 	c := &dns.Client{Timeout: timeout}
 	q := new(dns.Msg)
 	q.SetQuestion(dns.CanonicalName(service), dns.TypeSRV)
 	reply, _, err := c.ExchangeContext(ctx, q, resolver)
 	if err != nil {
-		return "", fmt.Errorf("srv %s: %w", service, err)
+		return "", "", fmt.Errorf("srv %s: %w", service, err)
 	}
 	if reply.Rcode != dns.RcodeSuccess {
-		return "", fmt.Errorf("srv %s: %s", service, dns.RcodeToString[reply.Rcode])
+		return "", "", fmt.Errorf("srv %s: %s", service, dns.RcodeToString[reply.Rcode])
 	}
 	var srvs []*dns.SRV
 	for _, rr := range reply.Answer {
@@ -35,7 +45,7 @@ func Discover(ctx context.Context, resolver, service string, timeout time.Durati
 		}
 	}
 	if len(srvs) == 0 {
-		return "", fmt.Errorf("srv %s: no usable SRV record", service)
+		return "", "", fmt.Errorf("srv %s: no usable SRV record", service)
 	}
 	slices.SortStableFunc(srvs, func(a, b *dns.SRV) int {
 		return cmp.Or(cmp.Compare(a.Priority, b.Priority), cmp.Compare(b.Weight, a.Weight))
@@ -43,20 +53,20 @@ func Discover(ctx context.Context, resolver, service string, timeout time.Durati
 	srv := srvs[0]
 	port := strconv.Itoa(int(srv.Port))
 	if a, ok := addrIn(reply.Extra, srv.Target); ok {
-		return net.JoinHostPort(a.String(), port), nil
+		return net.JoinHostPort(a.String(), port), strings.TrimSuffix(srv.Target, "."), nil
 	}
 	for _, t := range []uint16{dns.TypeA, dns.TypeAAAA} {
 		q := new(dns.Msg)
 		q.SetQuestion(srv.Target, t)
 		r, _, err := c.ExchangeContext(ctx, q, resolver)
 		if err != nil {
-			return "", fmt.Errorf("srv %s: resolve target %s: %w", service, srv.Target, err)
+			return "", "", fmt.Errorf("srv %s: resolve target %s: %w", service, srv.Target, err)
 		}
 		if a, ok := addrIn(r.Answer, srv.Target); ok {
-			return net.JoinHostPort(a.String(), port), nil
+			return net.JoinHostPort(a.String(), port), strings.TrimSuffix(srv.Target, "."), nil
 		}
 	}
-	return "", fmt.Errorf("srv %s: target %s has no address", service, srv.Target)
+	return "", "", fmt.Errorf("srv %s: target %s has no address", service, srv.Target)
 }
 
 func addrIn(rrs []dns.RR, name string) (netip.Addr, bool) {

@@ -98,6 +98,9 @@ type Registrar struct {
 	published []dns.RR // what the server has from us, for deletion
 	server    string
 	network   string
+	// tlsName is the discovered server's SRV target: the name its TLS
+	// certificate is verified against ("" for a configured server).
+	tlsName string
 }
 
 // New checks cfg and returns a Registrar. It does no I/O.
@@ -498,7 +501,7 @@ func (r *Registrar) serverFor(ctx context.Context) (string, string, error) {
 	services = append(services, "_dns-update._udp.")
 	var errs []error
 	for _, svc := range services {
-		addr, err := Discover(ctx, resolver, svc+r.cfg.Domain, r.cfg.Timeout)
+		addr, target, err := DiscoverSRV(ctx, resolver, svc+r.cfg.Domain, r.cfg.Timeout)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -508,12 +511,36 @@ func (r *Registrar) serverFor(ctx context.Context) (string, string, error) {
 			n = "tcp-tls"
 		}
 		r.mu.Lock()
-		r.server, r.network = addr, n
+		r.server, r.network, r.tlsName = addr, n, target
 		r.mu.Unlock()
 		r.log.Info("discovered update server", "service", svc+r.cfg.Domain, "server", addr)
 		return addr, n, nil
 	}
 	return "", "", fmt.Errorf("discover update server: %w", errors.Join(errs...))
+}
+
+// tlsFor is the TLS configuration for server: a discovered server's
+// certificate is verified against its SRV target's name (the address alone
+// would need an IP SAN, which btmm-dnsd's certificate does not have).
+func (r *Registrar) tlsFor(server string) *tls.Config {
+	r.mu.Lock()
+	name := r.tlsName
+	if r.server != server {
+		name = ""
+	}
+	r.mu.Unlock()
+	return TLSFor(r.cfg.TLS, name)
+}
+
+// TLSFor returns base with ServerName set to name when base names none
+// (base itself when name is empty or base is nil).
+func TLSFor(base *tls.Config, name string) *tls.Config {
+	if base == nil || name == "" || base.ServerName != "" {
+		return base
+	}
+	c := base.Clone()
+	c.ServerName = name
+	return c
 }
 
 // netExchange sends m signed with our key and returns the answer that the
@@ -525,7 +552,7 @@ func (r *Registrar) netExchange(ctx context.Context, m *dns.Msg, server, network
 	if err != nil {
 		return nil, fmt.Errorf("sign update: %w", err)
 	}
-	c := &dns.Client{Net: network, Timeout: r.cfg.Timeout, TLSConfig: r.cfg.TLS}
+	c := &dns.Client{Net: network, Timeout: r.cfg.Timeout, TLSConfig: r.tlsFor(server)}
 	co, err := c.DialContext(ctx, server)
 	if err != nil {
 		return nil, err
