@@ -77,6 +77,7 @@ bench:
 	$(GO) test -run '^$$' -bench 'PushLatency' -benchtime 100x ./dns/peers/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench 'Throughput|AgentCPU' -benchtime 1x ./ebpf/ | tee -a bench.txt
 	$(GO) test -run '^$$' -bench 'RelayThroughput' -benchtime 1x ./ebpf/relay/ | tee -a bench.txt
+	BTMM_BENCH=1 $(GO) test -count=1 -timeout 30m -run TestReconvergenceCleartext -v ./internal/e2e/ | tee -a bench.txt
 
 # VM benchmarks (TCG: only ratios inside one VM run mean anything): ESP-in-UDP
 # vs veth vs WireGuard, eBPF secure mode vs the xfrm dataplane.

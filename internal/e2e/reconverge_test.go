@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	ciliumebpf "github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/internal/lab"
@@ -36,18 +38,51 @@ func TestVMReconvergence(t *testing.T) {
 		t.Skip("benchmark: set BTMM_BENCH=1 (make bench-vm)")
 	}
 	testenv.Require(t, testenv.ESP)
+	reconverge(t, "xfrm")
+}
+
+// TestReconvergenceCleartext is the same benchmark on the host kernel
+// (`make bench`) with the ebpf-cleartext dataplane: no TCG, so its times
+// are those of a real kernel; "pub's kernel points at the new address" is
+// its BPF map (peer_by_outer) holding host1's new outer address.
+func TestReconvergenceCleartext(t *testing.T) {
+	if os.Getenv("BTMM_BENCH") != "1" {
+		t.Skip("benchmark: set BTMM_BENCH=1 (make bench)")
+	}
+	testenv.RequireNetNS(t)
+	if testenv.InVM() {
+		t.Skip("host tier: the cleartext re-convergence benchmark runs on the host kernel (make bench); runs under `make test-netns`")
+	}
+	reconverge(t, "ebpf-cleartext")
+}
+
+func reconverge(t *testing.T, dp string) {
 	testenv.RequireBinary(t, "ping", "iputils-ping")
 	moves := 20
 	if v := os.Getenv("BTMM_BENCH_MOVES"); v != "" {
 		fmt.Sscan(v, &moves)
 	}
+	// BTMM_BENCH_DEBOUNCE sets network.debounce (default 250 ms), to
+	// see what of a host's own move is the debounce.
+	debounce := os.Getenv("BTMM_BENCH_DEBOUNCE")
 	s := newSystem(t)
 	l := s.l
 	s.upnp(t, l.GW1, l.GW2)
-	h1 := s.startHost(t, "host1", l.Host1, hostConf{dataplane: "xfrm"})
-	pub := s.startHost(t, "pub", l.Pub, hostConf{dataplane: "xfrm"})
+	h1 := s.startHost(t, "host1", l.Host1, hostConf{dataplane: dp, debounce: debounce})
+	pub := s.startHost(t, "pub", l.Pub, hostConf{dataplane: dp, debounce: debounce})
 	sts := s.keyed(t, h1, pub)
 	ula1 := sts["host1"].ULA
+	outTo := func(addr string) (bool, error) { return xfrmOutTo(l.Pub, addr) }
+	if dp != "xfrm" {
+		// btmmd pinned its maps in its own bpffs (`ip netns exec` gives
+		// it a mount namespace of its own): reach them through /proc.
+		m, err := ciliumebpf.LoadPinnedMap(fmt.Sprintf("/proc/%d/root/sys/fs/bpf/btmm/peer_by_outer", pub.d.cmd.Process.Pid), nil)
+		if err != nil {
+			t.Fatalf("pub's peer_by_outer map: %v", err)
+		}
+		t.Cleanup(func() { m.Close() })
+		outTo = func(addr string) (bool, error) { return mapOutTo(m, addr) }
+	}
 	p := startPingEvery(t, l.Pub, ula1, 10*time.Millisecond)
 
 	type sample struct{ sa, echo time.Duration }
@@ -62,7 +97,7 @@ func TestVMReconvergence(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for {
-				ok, err := outTo(l.Pub, want)
+				ok, err := outTo(want)
 				polls++
 				if err != nil {
 					failed++
@@ -133,8 +168,8 @@ func TestVMReconvergence(t *testing.T) {
 		for _, r := range results[k] {
 			sa, echo = append(sa, r.sa), append(echo, r.echo)
 		}
-		line := fmt.Sprintf("reconvergence %-26s n=%d  first echo: p50 %v p99 %v  peer SA moved: p50 %v p99 %v",
-			k+":", len(sa), pct(echo, 50), pct(echo, 99), pct(sa, 50), pct(sa, 99))
+		line := fmt.Sprintf("reconvergence (%s, debounce %s) %-26s n=%d  first echo: p50 %v p99 %v (min %v max %v)  peer SA moved: p50 %v p99 %v (min %v max %v)",
+			dp, cmp.Or(debounce, "250ms"), k+":", len(sa), pct(echo, 50), pct(echo, 99), pct(echo, 0), pct(echo, 100), pct(sa, 50), pct(sa, 99), pct(sa, 0), pct(sa, 100))
 		fmt.Println(line)
 		t.Log(line)
 	}
@@ -151,8 +186,8 @@ func currentWAN(t *testing.T, gw *netns.NS) string {
 	return strings.Split(f[3], "/")[0]
 }
 
-// outTo reports whether ns has an ESP-in-UDP state sending to addr.
-func outTo(ns *netns.NS, addr string) (bool, error) {
+// xfrmOutTo reports whether ns has an ESP-in-UDP state sending to addr.
+func xfrmOutTo(ns *netns.NS, addr string) (bool, error) {
 	states, err := ns.Handle.XfrmStateList(netlink.FAMILY_V4)
 	if err != nil {
 		return false, err
@@ -166,7 +201,22 @@ func outTo(ns *netns.NS, addr string) (bool, error) {
 	return false, nil
 }
 
-// pct is the p-th percentile (nearest rank) of ds.
+// mapOutTo reports whether the eBPF dataplane's peer_by_outer map (key:
+// struct outer, IPv4 address first) has an entry for addr.
+func mapOutTo(m *ciliumebpf.Map, addr string) (bool, error) {
+	want := netip.MustParseAddr(addr).As4()
+	key := make([]byte, m.KeySize())
+	val := make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		if [4]byte(key[:4]) == want {
+			return true, nil
+		}
+	}
+	return false, it.Err()
+}
+
+// pct is the p-th percentile (nearest rank) of ds; 0 is the minimum.
 func pct(ds []time.Duration, p int) time.Duration {
 	if len(ds) == 0 {
 		return 0

@@ -59,6 +59,7 @@ type hostConf struct {
 	dataplane string
 	nat       string // "" = auto (PCP / NAT-PMP); else nat.mode off with this external address
 	keepalive string // "" = default
+	debounce  string // network.debounce; "" = default
 }
 
 func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf) *host {
@@ -74,6 +75,10 @@ func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf)
 	keepalive := ""
 	if hc.keepalive != "" {
 		keepalive = fmt.Sprintf("keepalive = %q", hc.keepalive)
+	}
+	network := ""
+	if hc.debounce != "" {
+		network = fmt.Sprintf("\n[network]\ndebounce = %q\n", hc.debounce)
 	}
 	conf := filepath.Join(s.dir, name+".toml")
 	writeFile(t, conf, fmt.Sprintf(`host = %q
@@ -98,8 +103,8 @@ resolver = "%s:53"
 keytab = %q
 krb5_conf = %q
 realm = %q
-%s`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
-		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name)), 0o644)
+%s%s`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
+		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name), network), 0o644)
 	h.d = start(t, ns, "btmmd "+name, filepath.Join(s.bins, "btmmd"), "-config", conf)
 	return h
 }
