@@ -29,9 +29,9 @@ func (s *Server) openStore() (store.Store, error) {
 		local.Close()
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	st, err := etcdstore.Open(ctx, etcdstore.Config{Endpoints: e.Endpoints, TLS: tlsCfg, Prefix: e.Prefix,
+	// No overall deadline: the initial read goes in pages, each bounded by
+	// request_timeout, so a large store loads as long as etcd answers.
+	st, err := etcdstore.Open(context.Background(), etcdstore.Config{Endpoints: e.Endpoints, TLS: tlsCfg, Prefix: e.Prefix,
 		DialTimeout: time.Duration(e.DialTimeout), RequestTimeout: time.Duration(e.RequestTimeout),
 		SessionTTL: time.Duration(e.SessionTTL), Guard: s.zone.UserOf, Local: local, Log: s.log})
 	if err != nil {

@@ -43,6 +43,7 @@ import (
 
 	"github.com/btmm/btmm/dns/store"
 	"github.com/miekg/dns"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
@@ -135,10 +136,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 	s := &Store{cfg: cfg, cli: cli, log: log, done: make(chan struct{}), guards: map[string]int64{},
 		replicas: map[string]store.Server{}, watches: map[*watch]struct{}{}, idx: store.NewIndex()}
 	s.cond = sync.NewCond(&s.mu)
-	rctx, cancel := context.WithTimeout(ctx, cfg.RequestTimeout+cfg.DialTimeout)
-	err = s.load(rctx)
-	cancel()
-	if err != nil {
+	if err := s.load(ctx); err != nil {
 		cli.Close()
 		return nil, err
 	}
@@ -192,36 +190,77 @@ func lname(n string) string { return strings.ToLower(dns.CanonicalName(n)) }
 func (s *Store) nameKey(name string) string   { return s.cfg.Prefix + "n/" + lname(name) }
 func (s *Store) guardKey(guard string) string { return s.cfg.Prefix + "g/" + guard }
 
+// loadPage is how many keys one read of load returns (a name key holds a
+// few hundred bytes: a page is well under a megabyte).
+var loadPage int64 = 2000
+
+// loadPageHook, when set (tests), runs after each page load read.
+var loadPageHook func(page int)
+
 // load reads the whole prefix into a fresh cache and emits the difference
 // to the old one as a change (used at start and after the watch fell
-// behind a compaction).
+// behind a compaction). It reads in pages of loadPage keys, every page at
+// the revision of the first, so the cache is the prefix exactly as of one
+// revision and the watch resumes from the next; each page has its own
+// RequestTimeout, so a large store loads as long as reads make progress.
+// A compaction past that revision during the load starts it again.
 func (s *Store) load(ctx context.Context) error {
-	resp, err := s.cli.Get(clientv3.WithRequireLeader(ctx), s.cfg.Prefix, clientv3.WithPrefix())
-	if err != nil {
-		return fmt.Errorf("etcdstore: read %s: %w", s.cfg.Prefix, err)
+	for attempt := 1; ; attempt++ {
+		err := s.loadAt(ctx)
+		if err == nil || !errors.Is(err, rpctypes.ErrCompacted) || attempt == 3 {
+			return err
+		}
+		s.log.Warn("etcd: compacted during the initial read; reading again", "err", err)
 	}
+}
+
+func (s *Store) loadAt(ctx context.Context) error {
 	idx := store.NewIndex()
 	guards := map[string]int64{}
 	replicas := map[string]store.Server{}
-	for _, kv := range resp.Kvs {
-		k := strings.TrimPrefix(string(kv.Key), s.cfg.Prefix)
-		switch {
-		case strings.HasPrefix(k, "n/"):
-			recs, err := decodeRecords(kv.Value)
-			if err != nil {
-				return fmt.Errorf("etcdstore: key %s: %w", kv.Key, err)
-			}
-			for _, r := range recs {
-				idx.Put(r)
-			}
-		case strings.HasPrefix(k, "g/"):
-			guards[k[2:]] = kv.ModRevision
-		case strings.HasPrefix(k, "replicas/"):
-			var sv store.Server
-			if json.Unmarshal(kv.Value, &sv) == nil {
-				replicas[k] = sv
+	var rev int64
+	key, end := s.cfg.Prefix, clientv3.GetPrefixRangeEnd(s.cfg.Prefix)
+	for page := 0; ; page++ {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(loadPage)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		pctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
+		resp, err := s.cli.Get(clientv3.WithRequireLeader(pctx), key, opts...)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("etcdstore: read %s (page %d, at revision %d): %w", s.cfg.Prefix, page, rev, err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			k := strings.TrimPrefix(string(kv.Key), s.cfg.Prefix)
+			switch {
+			case strings.HasPrefix(k, "n/"):
+				recs, err := decodeRecords(kv.Value)
+				if err != nil {
+					return fmt.Errorf("etcdstore: key %s: %w", kv.Key, err)
+				}
+				for _, r := range recs {
+					idx.Put(r)
+				}
+			case strings.HasPrefix(k, "g/"):
+				guards[k[2:]] = kv.ModRevision
+			case strings.HasPrefix(k, "replicas/"):
+				var sv store.Server
+				if json.Unmarshal(kv.Value, &sv) == nil {
+					replicas[k] = sv
+				}
 			}
 		}
+		if loadPageHook != nil {
+			loadPageHook(page)
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			break
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -248,7 +287,7 @@ func (s *Store) load(ctx context.Context) error {
 	s.rmu.Lock()
 	s.replicas = replicas
 	s.rmu.Unlock()
-	s.rev = resp.Header.Revision
+	s.rev = rev
 	ch.Rev = uint64(s.rev)
 	if s.rev != 0 && len(ch.Added)+len(ch.Removed)+len(ch.Refreshed) > 0 && len(oldAll) > 0 {
 		s.notify(ch)
@@ -277,11 +316,9 @@ func (s *Store) follow(ctx context.Context) {
 				s.setWatchErr(err)
 				if resp.CompactRevision != 0 {
 					s.log.Warn("etcd watch overtaken by compaction; reloading", "rev", from, "compacted", resp.CompactRevision)
-					lctx, cancel := context.WithTimeout(ctx, s.cfg.RequestTimeout)
-					if err := s.load(lctx); err != nil {
+					if err := s.load(ctx); err != nil {
 						s.log.Warn("etcd reload failed", "err", err)
 					}
-					cancel()
 				}
 				break
 			}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -174,4 +176,102 @@ func TestReplicas(t *testing.T) {
 func mustRev(s *Store) uint64 {
 	_, rev := s.All()
 	return rev
+}
+
+// snapshot is a store's records as sorted "key ttl expiry" lines.
+func snapshot(s *Store) ([]string, uint64) {
+	all, rev := s.All()
+	out := make([]string, 0, len(all))
+	for _, r := range all {
+		out = append(out, fmt.Sprintf("%s %d %d", r.Key(), r.RR.Header().Ttl, r.Expires.UnixNano()))
+	}
+	slices.Sort(out)
+	return out, rev
+}
+
+// TestLoadPaged: Open reads the prefix in pages, all at the revision of
+// the first page, so the cache is the store exactly as of that revision
+// (writes committed between pages, before and after the read's cursor, are
+// not half in it) and the watch delivers them from the next revision; a
+// compaction past that revision in the middle of the read starts it again.
+func TestLoadPaged(t *testing.T) {
+	c := etcdtest.Start(t, 1)
+	a := open(t, c)
+	ctx := t.Context()
+	put := func(names ...string) uint64 {
+		t.Helper()
+		rev, err := a.Update(ctx, func(v store.View) ([]store.Op, error) {
+			var ops []store.Op
+			for _, n := range names {
+				if strings.HasPrefix(n, "-") {
+					for _, r := range v.Name(n[1:]) {
+						ops = append(ops, store.Op{Kind: store.Delete, Record: r})
+					}
+					continue
+				}
+				ops = append(ops, store.Op{Kind: store.Put, Record: store.Record{
+					RR: rrOf(t, n+" 60 IN AAAA fd00::1"), Expires: time.Now().Add(time.Hour)}})
+			}
+			return ops, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rev
+	}
+	var names []string
+	for i := range 50 {
+		names = append(names, fmt.Sprintf("h%02d.alice.btmm.example.", i))
+	}
+	put(names...)
+	want, wantRev := snapshot(a)
+
+	loadPage = 7
+	defer func() { loadPage, loadPageHook = 2000, nil }()
+	pages := 0
+	loadPageHook = func(page int) {
+		pages++
+		if page == 2 {
+			// One write behind the cursor, one ahead of it.
+			put("-h00.alice.btmm.example.", "h49.alice.btmm.example.", "zz.alice.btmm.example.")
+		}
+	}
+	b := open(t, c)
+	loadPageHook = nil
+	got, gotRev := snapshot(b)
+	if gotRev != wantRev || !slices.Equal(got, want) {
+		t.Fatalf("after a paged load at revision %d (want %d): %d records, want %d as of the first page\n got %q\nwant %q",
+			gotRev, wantRev, len(got), len(want), got, want)
+	}
+	if pages < 8 {
+		t.Fatalf("%d pages for 50 names and a guard at 7 keys a page", pages)
+	}
+	// The watch carries on from there: b catches up with a.
+	if err := b.waitRev(ctx, int64(mustRev(a))); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = snapshot(b)
+	want, _ = snapshot(a)
+	if !slices.Equal(got, want) {
+		t.Fatalf("after the watch: got %q want %q", got, want)
+	}
+
+	// Compacted past the read's revision after its first page: read again.
+	compacted := false
+	loadPageHook = func(page int) {
+		if page == 0 && !compacted {
+			compacted = true
+			rev := put("h10.alice.btmm.example.", "-h11.alice.btmm.example.")
+			if _, err := a.cli.Compact(ctx, int64(rev)); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	d := open(t, c)
+	loadPageHook = nil
+	got, gotRev = snapshot(d)
+	want, wantRev = snapshot(a)
+	if !compacted || gotRev != wantRev || !slices.Equal(got, want) {
+		t.Fatalf("load across a compaction (compacted %v): revision %d want %d\n got %q\nwant %q", compacted, gotRev, wantRev, got, want)
+	}
 }
