@@ -8,7 +8,7 @@
 //
 //	c := etcdtest.Start(t, 3)
 //	c.Endpoints()        // "http://10.77.1.2:2379", ...
-//	c.Kill(2); c.Restart(2)
+//	c.Kill(c.Leader(10 * time.Second)); c.Restart(2)
 //	c.Partition(2); c.Heal(2)
 //	c.Hub.Do(func() error { ... })   // sockets made here live in the hub
 //
@@ -18,6 +18,7 @@ package etcdtest
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -122,6 +123,48 @@ func (c *Cluster) Kill(i int) {
 	syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
 	s.cmd.Wait()
 	s.cmd = nil
+}
+
+// Leader returns the site (1-based) whose member the running members
+// report as their leader, waiting up to timeout for them to have one.
+func (c *Cluster) Leader(timeout time.Duration) int {
+	c.t.Helper()
+	var eps []string
+	for _, s := range c.Sites {
+		if s.cmd != nil {
+			eps = append(eps, s.Endpoint())
+		}
+	}
+	deadline := time.Now().Add(timeout)
+	var out string
+	var err error
+	for time.Now().Before(deadline) {
+		out, err = c.Hub.Run("etcdctl", "--endpoints", strings.Join(eps, ","), "--dial-timeout", "1s",
+			"--command-timeout", "2s", "endpoint", "status", "-w", "json")
+		var st []struct {
+			Endpoint string
+			Status   struct {
+				Header struct {
+					MemberID uint64 `json:"member_id"`
+				}
+				Leader uint64
+			}
+		}
+		if err == nil && json.Unmarshal([]byte(out), &st) == nil {
+			for _, e := range st {
+				if e.Status.Leader != 0 && e.Status.Header.MemberID == e.Status.Leader {
+					for _, s := range c.Sites {
+						if s.Endpoint() == e.Endpoint {
+							return s.N
+						}
+					}
+				}
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	c.t.Fatalf("etcd cluster: no leader after %v: %v\n%s", timeout, err, out)
+	return 0
 }
 
 // Restart starts a killed member again on its data directory.

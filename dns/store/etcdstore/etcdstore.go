@@ -48,6 +48,8 @@ import (
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Config configures Open.
@@ -463,13 +465,9 @@ func (s *Store) stale(ctx context.Context, guards map[string]bool) (bool, error)
 	var newest int64
 	stale := false
 	for g := range guards {
-		r, err := s.cli.Get(clientv3.WithRequireLeader(ctx), s.guardKey(g))
+		mod, err := s.guardRev(ctx, g)
 		if err != nil {
 			return false, err
-		}
-		var mod int64
-		if len(r.Kvs) > 0 {
-			mod = r.Kvs[0].ModRevision
 		}
 		s.mu.Lock()
 		if s.guards[g] != mod {
@@ -513,7 +511,9 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 			s.mu.Unlock()
 			stale, ferr := s.stale(ctx, read)
 			if ferr != nil {
-				return 0, fmt.Errorf("etcdstore: update: confirm %w: %w", err, ferr)
+				// Unconfirmed, the refusal may be wrong: not its rcode
+				// (err is not wrapped) but a failure.
+				return 0, fmt.Errorf("etcdstore: update: could not confirm the refusal %q: %w", err.Error(), ferr)
 			}
 			if !stale {
 				return 0, err
@@ -612,17 +612,37 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 		}
 		s.mu.Unlock()
 
+		// Commit. A try that gets no answer may still commit (its
+		// proposal was in flight when the connection or the leader
+		// died), so after one the transaction's id in the probe guard
+		// tells whether it did before anything is tried again.
 		var resp *clientv3.TxnResponse
-		for {
-			resp, err = s.cli.Txn(clientv3.WithRequireLeader(ctx)).If(cmps...).Then(then...).Commit()
-			if err == nil || ctx.Err() != nil {
+		ambiguous, conflict := false, false
+		for d := firstTry; ; d = min(2*d, s.cfg.RequestTimeout) {
+			tctx, tcancel := context.WithTimeout(ctx, d)
+			resp, err = s.cli.Txn(clientv3.WithRequireLeader(tctx)).If(cmps...).Then(then...).Commit()
+			tcancel()
+			if err == nil && (resp.Succeeded || !ambiguous) {
+				conflict = !resp.Succeeded
 				break
 			}
-			// Did it commit? Unknown after a broken connection: look.
-			rev, done, moved, cerr := s.committed(ctx, probe, probeRev, id)
-			if cerr != nil {
-				err = errors.Join(err, cerr)
-				break
+			if err != nil && ctx.Err() != nil {
+				return 0, fmt.Errorf("etcdstore: update: not committed: %w", errors.Join(err, ctx.Err()))
+			}
+			if err != nil && !transient(err) {
+				return 0, fmt.Errorf("etcdstore: update: %w", err)
+			}
+			if err != nil {
+				ambiguous = true
+				s.log.Debug("etcd transaction unanswered; looking whether it committed", "err", err, "try", d)
+			}
+			var rev int64
+			var done, moved bool
+			if cerr := s.try(ctx, func(ctx context.Context) (err error) {
+				rev, done, moved, err = s.committed(ctx, probe, probeRev, id)
+				return err
+			}); cerr != nil {
+				return 0, fmt.Errorf("etcdstore: update: not committed: %w", errors.Join(err, cerr))
 			}
 			if done {
 				if err := s.waitRev(ctx, rev); err != nil {
@@ -630,18 +650,17 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 				}
 				return uint64(rev), nil
 			}
-			if moved {
-				break // someone else committed first: run fn again
-			}
-			s.log.Debug("etcd transaction failed before commit; retrying", "err", err)
-			if !sleep(ctx, 50*time.Millisecond) {
+			if moved || err == nil {
+				// Another transaction wrote the guard first, or (guard
+				// unmoved, condition failed) the fence.
+				conflict = true
 				break
 			}
+			if !sleep(ctx, 50*time.Millisecond) {
+				return 0, fmt.Errorf("etcdstore: update: not committed: %w", errors.Join(err, ctx.Err()))
+			}
 		}
-		if err != nil && ctx.Err() != nil {
-			return 0, fmt.Errorf("etcdstore: update: not committed: %w", errors.Join(err, ctx.Err()))
-		}
-		if err == nil && resp.Succeeded {
+		if !conflict {
 			if err := s.waitRev(ctx, resp.Header.Revision); err != nil {
 				return 0, err
 			}
@@ -650,8 +669,11 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 		// A condition failed: a newer write to one of our guards (wait for
 		// the cache to have it, then run fn again), or our fence.
 		if fenced {
-			g, err := s.cli.Get(clientv3.WithRequireLeader(ctx), f.key)
-			if err != nil {
+			var g *clientv3.GetResponse
+			if err := s.try(ctx, func(ctx context.Context) (err error) {
+				g, err = s.cli.Get(ctx, f.key)
+				return err
+			}); err != nil {
 				return 0, fmt.Errorf("etcdstore: update: %w", err)
 			}
 			if len(g.Kvs) == 0 || g.Kvs[0].CreateRevision != f.rev {
@@ -660,18 +682,76 @@ func (s *Store) Update(ctx context.Context, fn func(store.View) ([]store.Op, err
 		}
 		var newest int64
 		for g := range guards {
-			gr, err := s.cli.Get(clientv3.WithRequireLeader(ctx), s.guardKey(g))
+			mod, err := s.guardRev(ctx, g)
 			if err != nil {
 				return 0, fmt.Errorf("etcdstore: update: %w", err)
 			}
-			if len(gr.Kvs) > 0 {
-				newest = max(newest, gr.Kvs[0].ModRevision)
-			}
+			newest = max(newest, mod)
 		}
 		if err := s.waitRev(ctx, newest); err != nil {
 			return 0, err
 		}
 	}
+}
+
+// firstTry bounds the first try of one etcd request of an update; every
+// further try gets twice as long, all within the update's RequestTimeout.
+// A request a member took while its leader died is never answered (the
+// proposal or read went to the dead leader, and the member stays its
+// follower until the election timeout): only asking again, once the
+// members elected another leader, gets through.
+const firstTry = time.Second
+
+// try runs op, each try with WithRequireLeader and its own deadline, until
+// it succeeds, fails for another reason than etcd being unavailable or
+// slow, or ctx ends.
+func (s *Store) try(ctx context.Context, op func(ctx context.Context) error) error {
+	for d := firstTry; ; d = min(2*d, s.cfg.RequestTimeout) {
+		tctx, cancel := context.WithTimeout(ctx, d)
+		err := op(clientv3.WithRequireLeader(tctx))
+		cancel()
+		if err == nil || !transient(err) {
+			return err
+		}
+		if ctx.Err() != nil {
+			return errors.Join(err, ctx.Err())
+		}
+		s.log.Debug("etcd request failed; trying again", "err", err, "try", d)
+		if !sleep(ctx, 50*time.Millisecond) {
+			return errors.Join(err, ctx.Err())
+		}
+	}
+}
+
+// transient reports whether err may go away by asking again: no answer in
+// time, no connection, no leader (an election), too many requests.
+func transient(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return true
+	}
+	code := status.Code(err)
+	var ee rpctypes.EtcdError
+	if errors.As(err, &ee) {
+		code = ee.Code()
+	}
+	switch code {
+	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted:
+		return true
+	}
+	return false
+}
+
+// guardRev is the mod revision of guard g in etcd (0: never written).
+func (s *Store) guardRev(ctx context.Context, g string) (int64, error) {
+	var mod int64
+	err := s.try(ctx, func(ctx context.Context) error {
+		r, err := s.cli.Get(ctx, s.guardKey(g))
+		if err == nil && len(r.Kvs) > 0 {
+			mod = r.Kvs[0].ModRevision
+		}
+		return err
+	})
+	return mod, err
 }
 
 // txnID returns a fresh transaction id.
@@ -685,7 +765,7 @@ func txnID() string {
 // (expecting its mod revision to be from) committed: done with its
 // revision, or not (moved: another transaction wrote the guard since).
 func (s *Store) committed(ctx context.Context, key string, from int64, id string) (rev int64, done, moved bool, err error) {
-	g, err := s.cli.Get(clientv3.WithRequireLeader(ctx), key)
+	g, err := s.cli.Get(ctx, key)
 	if err != nil {
 		return 0, false, false, err
 	}
