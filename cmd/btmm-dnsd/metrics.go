@@ -17,6 +17,8 @@ type dnsdMetrics struct {
 	reg     *prometheus.Registry
 	updates *prometheus.CounterVec
 	latency prometheus.Histogram
+	events  prometheus.Counter
+	fanout  prometheus.Histogram
 }
 
 func newDNSDMetrics() *dnsdMetrics {
@@ -27,8 +29,13 @@ func newDNSDMetrics() *dnsdMetrics {
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "btmm_dnsd_update_seconds",
 			Help:    "Time from an authenticated UPDATE to its answer (includes the store's fsync).",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
+		events: prometheus.NewCounter(prometheus.CounterOpts{Name: "btmm_dnsd_llq_events_total",
+			Help: "LLQ events sent (retransmissions included)."}),
+		fanout: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "btmm_dnsd_llq_fanout_seconds",
+			Help:    "Time to sign and send the LLQ events of one change (or retransmission round) to all its LLQs.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}),
 	}
-	m.reg.MustRegister(m.updates, m.latency)
+	m.reg.MustRegister(m.updates, m.latency, m.events, m.fanout)
 	return m
 }
 
@@ -40,6 +47,12 @@ func (m *dnsdMetrics) observe(rcode int, took time.Duration) {
 	}
 	m.updates.WithLabelValues(result).Inc()
 	m.latency.Observe(took.Seconds())
+}
+
+// observeEvents is server.Config.OnEvents.
+func (m *dnsdMetrics) observeEvents(n int, took time.Duration) {
+	m.events.Add(float64(n))
+	m.fanout.Observe(took.Seconds())
 }
 
 // serve adds the live server's gauges and serves everything on addr.

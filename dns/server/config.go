@@ -64,6 +64,11 @@ type Config struct {
 	// OnUpdate, if set, is called after each authenticated UPDATE was
 	// answered, with the answer's rcode and the time it took (for metrics).
 	OnUpdate func(rcode int, took time.Duration) `toml:"-"`
+	// OnEvents, if set, is called after the LLQ events of one change (or of
+	// one retransmission round) were signed and handed to the kernel or to
+	// their connections, with their number and the time that took (for
+	// metrics: the server's own share of an event's latency).
+	OnEvents func(events int, took time.Duration) `toml:"-"`
 
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`

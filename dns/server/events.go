@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/btmm/btmm/dns/llq"
 	"github.com/btmm/btmm/dns/tsig"
@@ -45,6 +46,10 @@ const (
 )
 
 func (e *eventSender) SendEvents(evs []llq.Event) error {
+	if f := e.s.cfg.OnEvents; f != nil {
+		start := time.Now()
+		defer func() { f(len(evs), time.Since(start)) }()
+	}
 	n := min(len(e.workers), (len(evs)+perWorker-1)/perWorker)
 	if n <= 1 {
 		return e.workers[0].send(evs)
@@ -67,10 +72,13 @@ func (e *eventSender) SendEvents(evs []llq.Event) error {
 	return errors.Join(errs...)
 }
 
-// signerFor is a cached Signer and the secret it was made with: a key
-// replaced on disk (same name, new secret) gets a new Signer.
+// signerFor is a cached Signer, the secret it was made with and the
+// keyring's generation when it was last found current: while the keyring
+// has not changed it is used without a look-up; after a change it is
+// checked once against the key (same name, new secret: a new Signer).
 type signerFor struct {
 	secret, alg string
+	gen         uint64
 	sg          *tsig.Signer
 }
 
@@ -92,12 +100,19 @@ func (w *eventWorker) fail(ev llq.Event, err error) {
 // gone (the event then goes unsigned, as before the key was removed the
 // client could not have told).
 func (w *eventWorker) signer(name string) (*tsig.Signer, error) {
+	gen := w.s.keys.Generation() // before the look-up: a change after it is seen next time
+	c, cached := w.signers[name]
+	if cached && c.gen == gen {
+		return c.sg, nil
+	}
 	k, ok := w.s.keys.Get(name)
 	if !ok {
+		delete(w.signers, name)
 		return nil, nil
 	}
-	c, ok := w.signers[name]
-	if ok && c.alg == k.Algorithm && c.secret == string(k.Secret) {
+	if cached && c.alg == k.Algorithm && c.secret == string(k.Secret) {
+		c.gen = gen
+		w.signers[name] = c
 		return c.sg, nil
 	}
 	sg, err := k.Signer()
@@ -107,7 +122,7 @@ func (w *eventWorker) signer(name string) (*tsig.Signer, error) {
 	if len(w.signers) >= maxSigners {
 		clear(w.signers)
 	}
-	w.signers[name] = signerFor{secret: string(k.Secret), alg: k.Algorithm, sg: sg}
+	w.signers[name] = signerFor{secret: string(k.Secret), alg: k.Algorithm, gen: gen, sg: sg}
 	return sg, nil
 }
 

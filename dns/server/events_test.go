@@ -17,7 +17,10 @@ import (
 // its LLQ's key; after a key is replaced its events verify with the new
 // secret only; an event whose key is gone goes unsigned.
 func TestSendEventsSignsAndBatches(t *testing.T) {
-	s, err := New(Config{Zone: "btmm.example.", DataDir: t.TempDir(), Listen: "127.0.0.1:0"}, nil)
+	var calls []int // OnEvents: the events of each SendEvents
+	var took time.Duration
+	s, err := New(Config{Zone: "btmm.example.", DataDir: t.TempDir(), Listen: "127.0.0.1:0",
+		OnEvents: func(n int, d time.Duration) { calls = append(calls, n); took += d }}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,5 +115,8 @@ func TestSendEventsSignsAndBatches(t *testing.T) {
 	}
 	if _, err := keys[2].VerifyResponse(got[2], ""); err != nil {
 		t.Errorf("unchanged key: %v", err)
+	}
+	if fmt.Sprint(calls) != "[1200 3]" || took <= 0 {
+		t.Errorf("OnEvents: calls %v, took %v; want [1200 3], > 0", calls, took)
 	}
 }

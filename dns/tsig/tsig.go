@@ -21,6 +21,7 @@ import (
 	"hash"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/dns"
 )
@@ -153,6 +154,7 @@ func (k Key) Provider() dns.TsigProvider {
 type Keyring struct {
 	mu   sync.RWMutex
 	keys map[string]Key
+	gen  atomic.Uint64 // changes with every Add and Remove
 	// Miss, when set, is called (without the lock held) for a key name not in
 	// the ring; it may return the key (e.g. just added on disk by an admin).
 	Miss func(name string) (Key, bool)
@@ -166,6 +168,7 @@ func (r *Keyring) Add(k Key) {
 	k.Name = dns.CanonicalName(k.Name)
 	r.mu.Lock()
 	r.keys[k.Name] = k
+	r.gen.Add(1)
 	r.mu.Unlock()
 }
 
@@ -173,8 +176,14 @@ func (r *Keyring) Add(k Key) {
 func (r *Keyring) Remove(name string) {
 	r.mu.Lock()
 	delete(r.keys, dns.CanonicalName(name))
+	r.gen.Add(1)
 	r.mu.Unlock()
 }
+
+// Generation changes whenever a key is added, replaced or removed: what
+// was derived from the ring's keys at one generation (a Signer) is still
+// current while it is the same.
+func (r *Keyring) Generation() uint64 { return r.gen.Load() }
 
 // Get returns the key with this name.
 func (r *Keyring) Get(name string) (Key, bool) {

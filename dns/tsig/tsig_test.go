@@ -115,3 +115,35 @@ func TestBINDClauseMatchesTsigKeygen(t *testing.T) {
 		t.Fatalf("got %q", k.BINDClause())
 	}
 }
+
+// Generation changes with every Add (also a replacement) and Remove, and
+// not with look-ups (what caches of derived state rely on).
+func TestKeyringGeneration(t *testing.T) {
+	r := NewKeyring()
+	k, err := NewKey("h.u.btmm.example.", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint64]bool{r.Generation(): true}
+	step := func(what string) {
+		t.Helper()
+		g := r.Generation()
+		if seen[g] {
+			t.Fatalf("%s: generation %d seen before", what, g)
+		}
+		seen[g] = true
+	}
+	r.Add(k)
+	step("add")
+	r.Get(k.Name)
+	r.Has(k.Name)
+	r.Get("other.btmm.example.")
+	if !seen[r.Generation()] || len(seen) != 2 {
+		t.Fatal("a look-up changed the generation")
+	}
+	k2, _ := NewKey(k.Name, "")
+	r.Add(k2)
+	step("replace")
+	r.Remove(k.Name)
+	step("remove")
+}
