@@ -1,77 +1,81 @@
 package xfrm
 
 import (
-	"encoding/json"
 	"fmt"
+	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/btmm/btmm/internal/benchrun"
+	"github.com/btmm/btmm/internal/tcpbench"
 	"github.com/btmm/btmm/internal/testenv"
 )
 
-// TestVMThroughputRatios measures TCP throughput (iperf3, 3 s each) between
-// two hosts behind a router over plain IPv4, over ESP-in-UDP between ULAs
-// (this package's dataplane) and over kernel WireGuard, in the same VM run,
-// and logs ESP and WireGuard as ratios of plain. Nothing is asserted but
-// that each path carries data. Run it with
+// BenchmarkVMThroughput: TCP between two hosts behind a router in one VM,
+// alternated over benchrun.Rounds() rounds: plain IPv4 between the outer
+// addresses (the baseline), ESP-in-UDP between the ULAs (this package's
+// dataplane, rfc4106(gcm(aes))) and kernel WireGuard between fd01::a/b.
+// Under qemu TCG only the ratios within the run mean something; with
+// BTMM_VM_CPU=max (make bench-vm) the guest CPU emulates AES-NI and PCLMUL
+// and the kernel's AES-NI GCM driver is the one used.
 //
-//	BTMM_BENCH=1 CGO_ENABLED=0 go test -exec "$PWD/hack/vmexec" -run TestVMThroughputRatios -v ./xfrm/
-//
-// Under the VM's TCG emulation (no AES-NI) the ratios say how much each
-// encapsulation costs relative to the others on that CPU, not real speeds.
-func TestVMThroughputRatios(t *testing.T) {
-	if os.Getenv("BTMM_BENCH") != "1" {
-		t.Skip("benchmark: set BTMM_BENCH=1")
-	}
-	testenv.Require(t, testenv.ESP, testenv.XfrmIface, testenv.Wireguard)
-	testenv.RequireBinary(t, "iperf3", "iperf3")
-	testenv.RequireBinary(t, "wg", "wireguard-tools")
-	l := newLab(t, 2)
+//	BTMM_VM_CPU=max go test -exec "$PWD/hack/vmexec" -run '^$' -bench VMThroughput -benchtime 1x ./xfrm/
+func BenchmarkVMThroughput(b *testing.B) {
+	testenv.Require(b, testenv.ESP, testenv.XfrmIface, testenv.Wireguard)
+	testenv.RequireBinary(b, "wg", "wireguard-tools")
+	l := newLab(b, 2)
 	for i := range l.hosts {
-		l.start(t, i, Config{})
-		l.set(t, i)
+		l.start(b, i, Config{Logger: slog.New(slog.DiscardHandler)})
+		l.set(b, i)
 	}
-	a, b := l.hosts[0], l.hosts[1]
-	setupWireguard(t, l)
-	if _, err := b.ns.Start("iperf3", "-s"); err != nil {
-		t.Fatal(err)
+	a, c := l.hosts[0], l.hosts[1]
+	setupWireguard(b, l)
+	drv, _ := os.ReadFile("/proc/crypto")
+	gcm := "unknown"
+	if m := regexp.MustCompile(`(?m)^name\s*: rfc4106\(gcm\(aes\)\)\ndriver\s*: (\S+)`).FindSubmatch(drv); m != nil {
+		gcm = string(m[1]) // instantiated by the dataplane's SAs
 	}
-	measure := func(dst string) float64 {
-		var out string
-		var err error
-		for range 20 { // until the server listens
-			if out, err = a.ns.Run("iperf3", "-c", dst, "-t", "3", "-J"); err == nil {
-				break
+	model := "unknown"
+	if m := regexp.MustCompile(`(?m)^model name\s*: (.+)$`).FindSubmatch(must2(os.ReadFile("/proc/cpuinfo"))); m != nil {
+		model = string(m[1])
+	}
+	run := func(dst netip.Addr) func(testing.TB) []benchrun.Metric {
+		return func(testing.TB) []benchrun.Metric {
+			r, err := tcpbench.Run(b.Context(), a.ns, c.ns, dst, 3*time.Second)
+			if err != nil {
+				b.Fatal(err)
 			}
-			time.Sleep(200 * time.Millisecond)
+			return []benchrun.Metric{{Value: r.Mbps(), Unit: "Mbit/s"}}
 		}
-		if err != nil {
-			t.Fatalf("iperf3 -c %s: %v", dst, err)
-		}
-		var r struct {
-			End struct {
-				SumReceived struct {
-					BitsPerSecond float64 `json:"bits_per_second"`
-				} `json:"sum_received"`
-			} `json:"end"`
-		}
-		if err := json.Unmarshal([]byte(out), &r); err != nil || r.End.SumReceived.BitsPerSecond == 0 {
-			t.Fatalf("iperf3 -c %s: no result (%v)", dst, err)
-		}
-		return r.End.SumReceived.BitsPerSecond
 	}
-	plain := measure(b.outer.String())
-	esp := measure(b.ula.String())
-	wg := measure("fd01::b")
-	t.Logf("TCP throughput, same VM run: plain IPv4 %.0f Mb/s; ESP-in-UDP (rfc4106 gcm) %.0f Mb/s = %.3f x plain; WireGuard %.0f Mb/s = %.3f x plain; ESP/WireGuard = %.2f",
-		plain/1e6, esp/1e6, esp/plain, wg/1e6, wg/plain, esp/wg)
+	benchrun.Alternate(b, fmt.Sprintf("TCP (3 s a round) between two hosts behind a router in one VM (Debian %s under qemu TCG, "+
+		"CPU %q, ESP driver %s): plain IPv4 vs ESP-in-UDP between the ULAs (package xfrm) vs kernel WireGuard",
+		kernelRelease(), model, gcm), "plain-ipv4",
+		benchrun.Case{Name: "plain-ipv4", Run: run(c.outer)},
+		benchrun.Case{Name: "esp-in-udp", Run: run(c.ula)},
+		benchrun.Case{Name: "wireguard", Run: run(netip.MustParseAddr("fd01::b"))},
+	)
 }
 
-func setupWireguard(t *testing.T, l *lab) {
+func must2[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
+
+func kernelRelease() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/osrelease")
+	return strings.TrimSpace(string(b))
+}
+
+func setupWireguard(t testing.TB, l *lab) {
 	t.Helper()
 	dir := t.TempDir()
 	pub := make([]string, len(l.hosts))

@@ -35,11 +35,11 @@ type lab struct {
 	keys  map[[2]int][]byte
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-func newLab(t *testing.T, n int) *lab {
+func newLab(t testing.TB, n int) *lab {
 	t.Helper()
 	l := &lab{r: netns.New(t, "r"), keys: map[[2]int][]byte{}}
 	must(t, l.r.Sysctl("net.ipv4.ip_forward", "1"))
@@ -71,7 +71,7 @@ func newLab(t *testing.T, n int) *lab {
 	return l
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
@@ -82,7 +82,7 @@ func must(t *testing.T, err error) {
 func spi(i, j int) uint32 { return uint32(0x1000 + i<<8 + j) }
 
 // start opens host i's tunnel socket and Dataplane.
-func (l *lab) start(t *testing.T, i int, cfg Config) {
+func (l *lab) start(t testing.TB, i int, cfg Config) {
 	t.Helper()
 	h := l.hosts[i]
 	c, err := ListenAt(context.Background(), h.ns.NsHandle(), netip.MustParseAddrPort("0.0.0.0:4500"))
@@ -114,7 +114,7 @@ func (l *lab) desired(i int) *controlplane.State {
 	return st
 }
 
-func (l *lab) set(t *testing.T, i int) []controlplane.Change {
+func (l *lab) set(t testing.TB, i int) []controlplane.Change {
 	t.Helper()
 	ch, err := l.hosts[i].dp.Set(context.Background(), l.desired(i))
 	if err != nil {
