@@ -269,6 +269,11 @@ func (r *Reconciler) desiredLocked() *State {
 		if _, ok := dp.Tunnel(dp.Via); !ok {
 			dp.Via = PathESPInUDP
 		}
+		if dp.Via == PathESPInUDP && !dp.Outer.IsValid() && len(dp.Tunnels) > 0 {
+			// No IPv4 endpoint (an IPv6-only peer keyed over IPv6): its
+			// first tunnel is the only way, until the checks choose.
+			dp.Via = dp.Tunnels[0].Kind
+		}
 		if dp.Via == PathESPInUDP && !dp.Outer.IsValid() {
 			continue // nowhere to send it yet
 		}

@@ -256,7 +256,13 @@ tunnel ipv6 2001:db8:2::2 dev ` + controlplane.TunnelDevice(controlplane.PathIPv
 		{"ipv6-only peer keyed over IPv6: the keying source is not an ESP-in-UDP endpoint", func() error {
 			return r.Install(ctx, controlplane.Peer{ULA: bULA, Outer: netip.MustParseAddrPort("[2001:db8:2::2]:4500"), Out: sa(0x1001), In: sa(0x2001)})
 		}, ""},
-		{"its tunnels become known: sent by ipv6", func() error {
+		{"its tunnels become known, no path chosen yet: with no IPv4 endpoint its first tunnel carries it", func() error {
+			return r.SetPeerPath(ctx, bULA, controlplane.PathESPInUDP, []controlplane.Tunnel{v6, fou})
+		}, `route fd22::2/128 src fd11::1 via ipv6 dev ` + controlplane.TunnelDevice(controlplane.PathIPv6, bULA) + `
+state in fd22::2 -> fd11::1 spi 0x2001
+state out fd11::1 -> fd22::2 spi 0x1001 encap invalid AddrPort
+` + tunnels},
+		{"the checks choose ipv6", func() error {
 			return r.SetPeerPath(ctx, bULA, controlplane.PathIPv6, []controlplane.Tunnel{v6, fou})
 		}, `route fd22::2/128 src fd11::1 via ipv6 dev ` + controlplane.TunnelDevice(controlplane.PathIPv6, bULA) + `
 state in fd22::2 -> fd11::1 spi 0x2001

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/cmd/internal/cli"
+	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/dns/llqclient"
 )
@@ -346,7 +347,15 @@ func printPeers(w io.Writer, st *agent.Status, now time.Time) {
 		} else if p.Outer.IsValid() {
 			kind = "direct" // no path selection: the peer's outer endpoint
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.ULA, health, kind, p.Outer, p.OuterBy, keys,
+		outer, from := p.Outer.String(), p.OuterBy
+		if t, ok := (&controlplane.Peer{Tunnels: p.Tunnels}).Tunnel(p.Via); ok && p.Via != controlplane.PathESPInUDP {
+			// A tunnel path (issue 15): its device and remote endpoint.
+			kind, outer, from = fmt.Sprintf("%v dev %s", p.Via, p.Device), t.Remote.String(), "path"
+			if t.Remote.Port() == 0 {
+				outer = t.Remote.Addr().String()
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.ULA, health, kind, outer, from, keys,
 			agoText(now, p.Health.LastHandshake), agoText(now, p.Health.LastReceived), counters[p.ULA.String()])
 	}
 	tw.Flush()

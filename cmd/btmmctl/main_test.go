@@ -304,3 +304,23 @@ func TestStatusSigningPolicy(t *testing.T) {
 		}
 	}
 }
+
+// btmmctl peers shows a tunnel path's kind, device and remote (issue 15).
+func TestPeersTunnelPath(t *testing.T) {
+	ula := netip.MustParseAddr("fd00::2")
+	dev := controlplane.TunnelDevice(controlplane.PathIPv6, ula)
+	st := agent.Status{Host: "laptop", Domain: "alice.btmm.example.", ULA: netip.MustParseAddr("fd00::1"), TunnelPort: 4500,
+		Peers: []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: ula, Outer: netip.MustParseAddrPort("11.2.0.2:4500"),
+			OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true, Via: controlplane.PathIPv6, Device: dev,
+			Tunnels: []controlplane.Tunnel{{Kind: controlplane.PathIPv6, Remote: netip.MustParseAddrPort("[2001:db8:2::2]:0")}}},
+			Path: path.Path{Kind: path.KindIPv6, Remote: netip.MustParseAddrPort("[2001:db8:2::2]:4500")}}},
+	}
+	sock := serve(t, st)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"-socket", sock, "peers"}, &out, &errOut); code != 0 {
+		t.Fatalf("peers exit %d: %s", code, errOut.String())
+	}
+	if want := "ipv6 dev " + dev + "  2001:db8:2::2"; !strings.Contains(out.String(), want) {
+		t.Errorf("peers output lacks %q:\n%s", want, out.String())
+	}
+}

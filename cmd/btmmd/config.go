@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -91,6 +92,15 @@ type Config struct {
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
 		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
 	} `toml:"paths"`
+
+	// Tunnels are the tunnel path kinds (issue 15, docs/tunnels.md).
+	Tunnels struct {
+		// Mode: "auto" (default with paths.mode auto and the xfrm
+		// dataplane) or "off" (ESP-in-UDP only).
+		Mode    string   `toml:"mode"`
+		Kinds   []string `toml:"kinds"`    // of "ipv6", "sit", "fou" (default all three)
+		FOUPort uint16   `toml:"fou_port"` // GUE port for fou, mapped like the tunnel port (default tunnel.port + 1)
+	} `toml:"tunnels"`
 	StateFile     string `toml:"state_file"`     // identity state, default /run/btmm/identity.json
 	ControlSocket string `toml:"control_socket"` // default /run/btmm/btmmd.sock
 	LogLevel      string `toml:"log_level"`      // debug, info (default), warn, error
@@ -247,12 +257,55 @@ func (c *Config) fill() error {
 			errs = append(errs, fmt.Errorf("paths.preference: %w", err))
 		}
 	}
+	errs = append(errs, c.fillTunnels())
 	if c.StateFile == "" {
 		c.StateFile = "/run/btmm/identity.json"
 	}
 	errs = append(errs, c.fillKeying())
 	if c.ControlSocket == "" {
 		c.ControlSocket = "/run/btmm/btmmd.sock"
+	}
+	return errors.Join(errs...)
+}
+
+// fillTunnels checks [tunnels] and fills in its defaults.
+func (c *Config) fillTunnels() error {
+	t := &c.Tunnels
+	switch t.Mode {
+	case "":
+		t.Mode = "off"
+		if c.Paths.Mode == "auto" && c.Tunnel.Dataplane == "xfrm" {
+			t.Mode = "auto"
+		}
+	case "off":
+	case "auto":
+		if c.Paths.Mode != "auto" {
+			return errors.New(`tunnels.mode auto needs paths.mode = "auto" (the path checks choose among the kinds)`)
+		}
+		if c.Tunnel.Dataplane != "xfrm" {
+			return fmt.Errorf("tunnels.mode auto: the %s dataplane carries ESP-in-UDP only (docs/tunnels.md); use tunnel.dataplane = \"xfrm\" or tunnels.mode = \"off\"", c.Tunnel.Dataplane)
+		}
+	default:
+		return fmt.Errorf("tunnels.mode %q: want auto or off", t.Mode)
+	}
+	if t.Kinds == nil {
+		t.Kinds = []string{"ipv6", "sit", "fou"}
+	}
+	var errs []error
+	for _, k := range t.Kinds {
+		if kind, err := path.ParseKind(k); err != nil || !kind.Tunnel() {
+			errs = append(errs, fmt.Errorf("tunnels.kinds: %q is not a tunnel kind (want ipv6, sit or fou)", k))
+		}
+	}
+	if slices.Contains(t.Kinds, "fou") {
+		if t.FOUPort == 0 && t.Mode == "auto" {
+			t.FOUPort = c.Tunnel.Port + 1
+		}
+		if t.FOUPort != 0 && t.FOUPort == c.Tunnel.Port {
+			errs = append(errs, fmt.Errorf("tunnels.fou_port %d is tunnel.port: GUE needs a port of its own", t.FOUPort))
+		}
+	} else {
+		t.FOUPort = 0
 	}
 	return errors.Join(errs...)
 }

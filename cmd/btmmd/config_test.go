@@ -120,3 +120,43 @@ func TestCheckKeyName(t *testing.T) {
 		}
 	}
 }
+
+// [tunnels] (issue 15): on by default only with path selection and the
+// xfrm dataplane; kinds and the FOU port checked.
+func TestConfigTunnels(t *testing.T) {
+	dir := t.TempDir()
+	load := func(s string) (*Config, error) {
+		p := filepath.Join(dir, "c.toml")
+		if err := os.WriteFile(p, []byte("domain = \"alice.btmm.example.\"\n[dns]\nkey_file = \"/k\"\n"+s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return loadConfig(p)
+	}
+	c, err := load("")
+	if err != nil || c.Tunnels.Mode != "off" || c.Tunnels.FOUPort != 0 {
+		t.Fatalf("paths off: tunnels %+v, %v (want off)", c.Tunnels, err)
+	}
+	c, err = load("[paths]\nmode = \"auto\"\n")
+	if err != nil || c.Tunnels.Mode != "auto" || len(c.Tunnels.Kinds) != 3 || c.Tunnels.FOUPort != 4501 {
+		t.Fatalf("paths auto: tunnels %+v, %v (want auto, ipv6 sit fou, fou_port 4501)", c.Tunnels, err)
+	}
+	c, err = load("[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf\"\n")
+	if err != nil || c.Tunnels.Mode != "off" {
+		t.Fatalf("ebpf: tunnels %+v, %v (want off by default)", c.Tunnels, err)
+	}
+	c, err = load("[paths]\nmode = \"auto\"\n[tunnels]\nkinds = [\"ipv6\"]\n")
+	if err != nil || c.Tunnels.FOUPort != 0 || len(c.Tunnels.Kinds) != 1 {
+		t.Fatalf("ipv6 only: tunnels %+v, %v (want no FOU port)", c.Tunnels, err)
+	}
+	for _, tc := range []struct{ name, conf, want string }{
+		{"auto without paths", "[tunnels]\nmode = \"auto\"\n", "needs paths.mode"},
+		{"auto with ebpf", "[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf\"\n[tunnels]\nmode = \"auto\"\n", "carries ESP-in-UDP only"},
+		{"bad mode", "[tunnels]\nmode = \"on\"\n", "tunnels.mode"},
+		{"not a tunnel kind", "[paths]\nmode = \"auto\"\n[tunnels]\nkinds = [\"relay-udp\"]\n", "not a tunnel kind"},
+		{"fou on the tunnel port", "[paths]\nmode = \"auto\"\n[tunnels]\nfou_port = 4500\n", "tunnels.fou_port 4500 is tunnel.port"},
+	} {
+		if _, err := load(tc.conf); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: got %v, want an error mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}

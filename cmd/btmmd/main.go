@@ -136,10 +136,15 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	var llqStatus func() (llqclient.Status, bool)
 	ac.Peers, ac.Rebind, llqStatus = peersFunc(cfg, key, regCfg.TLS, log.With("part", "peers"))
 	ac.LLQStatus = llqStatus
+	ac.Tunnels = tunnelsConfig(cfg, log.With("part", "tunnels"))
 	if cfg.NAT.Mode == "off" {
 		ac.External = netip.MustParseAddrPort(cfg.NAT.External)
 	} else {
-		ac.NAT, ac.Rediscover = natFunc(log.With("part", "nat"))
+		var fouPort uint16
+		if ac.Tunnels != nil {
+			fouPort = ac.Tunnels.FOUPort
+		}
+		ac.NAT, ac.Rediscover = natFunc(log.With("part", "nat"), fouPort)
 	}
 	ac.Device, ac.Keepalive = cfg.Tunnel.Device, cfg.keepalive
 	if *cfg.Network.Follow {
@@ -151,6 +156,22 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 	if ac.Paths, err = pathsConfig(cfg, key); err != nil {
 		dp.Close()
 		return err
+	}
+	if ac.Tunnels != nil && ac.Tunnels.IPv6 {
+		// The keying channel over IPv6 too (c-v6 peers, IPv6-only hosts).
+		conn6, err := xfrm.Listen6(ctx, netip.AddrPortFrom(netip.IPv6Unspecified(), cfg.Tunnel.Port))
+		if err != nil {
+			log.Warn("tunnels: no IPv6 keying socket; ipv6 tunnels off", "err", err)
+			ac.Tunnels.IPv6 = false
+		} else {
+			defer conn6.Close()
+			dual, err := xfrm.NewDual(conn, conn6)
+			if err != nil {
+				dp.Close()
+				return err
+			}
+			ac.Transport = dual
+		}
 	}
 	a, err := agent.New(ac)
 	if err != nil {

@@ -13,7 +13,10 @@ import (
 // (package natpmp) and reports the external endpoint to the agent.
 // rediscover makes the running client look for the gateway again at once
 // (after this host's network changed).
-func natFunc(log *slog.Logger) (run agent.NATFunc, rediscover func()) {
+//
+// fouPort (0: none) is mapped beside it (issue 15: the GUE port of fou
+// tunnels) and reported as NATReport.FOU.
+func natFunc(log *slog.Logger, fouPort uint16) (run agent.NATFunc, rediscover func()) {
 	var mu sync.Mutex
 	var current *natpmp.Client
 	rediscover = func() {
@@ -24,8 +27,11 @@ func natFunc(log *slog.Logger) (run agent.NATFunc, rediscover func()) {
 		}
 	}
 	return func(ctx context.Context, port uint16, report func(agent.NATReport)) error {
-		req := natpmp.MappingRequest{Protocol: natpmp.UDP, InternalPort: port}
-		c, err := natpmp.New(natpmp.Config{Logger: log, Mappings: []natpmp.MappingRequest{req}})
+		reqs := []natpmp.MappingRequest{{Protocol: natpmp.UDP, InternalPort: port}}
+		if fouPort != 0 {
+			reqs = append(reqs, natpmp.MappingRequest{Protocol: natpmp.UDP, InternalPort: fouPort})
+		}
+		c, err := natpmp.New(natpmp.Config{Logger: log, Mappings: reqs})
 		if err != nil {
 			return err
 		}
@@ -50,7 +56,11 @@ func natFunc(log *slog.Logger) (run agent.NATFunc, rediscover func()) {
 					return <-done
 				}
 				ext, _ := st.Endpoint(natpmp.UDP, port)
-				report(agent.NATReport{External: ext, Status: st.String(), BehindNAT: behindNAT(st)})
+				r := agent.NATReport{External: ext, Status: st.String(), BehindNAT: behindNAT(st)}
+				if fouPort != 0 {
+					r.FOU, _ = st.Endpoint(natpmp.UDP, fouPort)
+				}
+				report(r)
 			}
 		}
 	}, rediscover

@@ -40,6 +40,9 @@ type NATReport struct {
 	// BehindNAT: our tunnel port is behind a NAT (mapped, or a private
 	// address with no gateway to ask), so NAT keepalives are needed.
 	BehindNAT bool `json:"behind_nat"`
+	// FOU is where peers reach our GUE port (TunnelsConfig.FOUPort) when
+	// the gateway maps it too; invalid otherwise.
+	FOU netip.AddrPort `json:"fou,omitzero"`
 }
 
 // NATFunc runs until ctx ends, keeping the tunnel port mapped and calling
@@ -113,8 +116,11 @@ type Config struct {
 	KeepaliveSender KeepaliveSender
 	// Paths turns on endpoint candidates, connectivity checks and the
 	// relay (issue 14, paths.go); nil: peers are reached at their SRV/A.
-	Paths  *PathsConfig
-	Logger *slog.Logger
+	Paths *PathsConfig
+	// Tunnels turns on tunnel paths (ipv6, sit, fou; issue 15, tunnels.go);
+	// it needs Paths. nil: ESP-in-UDP only.
+	Tunnels *TunnelsConfig
+	Logger  *slog.Logger
 }
 
 // KernelEvent is what the kernel reports about a peer's SAs: either ESP
@@ -170,6 +176,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.NAT == nil && !cfg.External.IsValid() {
 		return nil, errors.New("agent: no NAT function and no static external address")
+	}
+	if cfg.Tunnels != nil && cfg.Paths == nil {
+		return nil, errors.New("agent: tunnel paths need path selection (Config.Paths)")
 	}
 	if cfg.Keepalive == 0 {
 		cfg.Keepalive = DefaultKeepalive
@@ -274,6 +283,7 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) onNAT(r NATReport) {
 	a.mu.Lock()
 	changed := r.External != a.nat.External
+	fouChanged := r.FOU != a.nat.FOU
 	// Our NAT's public side moved under us (the host itself may not have
 	// changed at all): tell the peers from the new address at once.
 	if changed && r.External.IsValid() && a.nat.External.IsValid() {
@@ -281,8 +291,11 @@ func (a *Agent) onNAT(r NATReport) {
 	}
 	a.nat = r
 	a.mu.Unlock()
-	a.log.Info("nat", "external", r.External, "status", r.Status, "behind_nat", r.BehindNAT)
+	a.log.Info("nat", "external", r.External, "status", r.Status, "behind_nat", r.BehindNAT, "fou", r.FOU)
 	a.wakeFollow()
+	if fouChanged && a.paths != nil {
+		a.paths.republish() // c-fou
+	}
 	if changed && r.External.IsValid() {
 		if err := a.reg.SetOuter(r.External); err != nil {
 			a.log.Warn("publishing new external address", "err", err)
@@ -315,7 +328,7 @@ func (a *Agent) onPeer(ev PeerEvent) {
 		if err := a.rec.RemovePeer(ctx, ev.ULA); err != nil {
 			a.log.Warn("removing peer", "peer", ev.Name, "err", err)
 		}
-	case a.paths.current(holder.ULA).IsValid():
+	case a.paths.current(holder.ULA).IsValid() && !a.paths.current(holder.ULA).Kind.Tunnel():
 		// The path selector decides where this peer is reached.
 	case holder.Outer.IsValid():
 		if err := a.rec.SetPeerOuter(ctx, holder.Name, holder.ULA, holder.Outer, controlplane.SourceDNS); err != nil {
@@ -331,10 +344,20 @@ func (a *Agent) onPeer(ev PeerEvent) {
 func (a *Agent) updateKeyingPeers(ctx context.Context) {
 	a.mu.Lock()
 	kp, _ := a.book.keying(a.principalFor)
+	evs := map[netip.Addr]PeerEvent{}
+	for i := range kp {
+		evs[kp[i].ULA] = a.peers[kp[i].ULA]
+	}
 	a.mu.Unlock()
 	for i := range kp {
-		if c := a.paths.current(kp[i].ULA); c.IsValid() {
-			kp[i].Outer = c.Remote
+		ev := evs[kp[i].ULA]
+		port := ev.Capabilities.KeyingPort
+		if port == 0 {
+			port = a.cfg.TunnelPort
+		}
+		kp[i].Outer = keyingOuter(a.paths.current(kp[i].ULA), port, kp[i].Outer)
+		if !kp[i].Outer.IsValid() {
+			kp[i].Outer = a.paths.keyingFallback(ev) // an IPv6-only peer
 		}
 	}
 	if err := a.keyer.SetPeers(ctx, kp); err != nil {

@@ -161,7 +161,11 @@ func (a *Agent) followNetwork(ctx context.Context, c netmon.Change) {
 // per peer, looked up again at every Set) and the configured device or none
 // (the default route's).
 func (a *Agent) local() controlplane.Local {
-	return controlplane.Local{ULA: a.cfg.Identity.ULA, Port: a.cfg.TunnelPort, Device: a.cfg.Device}
+	l := controlplane.Local{ULA: a.cfg.Identity.ULA, Port: a.cfg.TunnelPort, Device: a.cfg.Device}
+	if a.cfg.Tunnels != nil {
+		l.FOUPort = a.cfg.Tunnels.FOUPort // issue 15: the GUE listener
+	}
+	return l
 }
 
 // behindNAT reports whether this host's tunnel port is behind a NAT.

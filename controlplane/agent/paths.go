@@ -66,6 +66,9 @@ type paths struct {
 	servers []netip.AddrPort
 	lastErr string
 	cands   []register.Candidate
+	// peerTunnels are each peer's tunnel endpoints as given to the
+	// dataplane (tunnels.go).
+	peerTunnels map[netip.Addr][]controlplane.Tunnel
 }
 
 func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, error) {
@@ -106,7 +109,7 @@ type pathInstaller struct{ a *Agent }
 // authenticated MOVED from a network it just joined): it is followed at
 // once, and the probes look again.
 func (pi pathInstaller) Install(ctx context.Context, p controlplane.Peer) error {
-	if c := pi.a.paths.current(p.ULA); c.IsValid() && p.Outer.IsValid() && p.Outer != c.Remote {
+	if c := pi.a.paths.current(p.ULA); c.IsValid() && !c.Kind.Tunnel() && p.Outer.IsValid() && p.Outer != c.Remote {
 		if pi.a.paths.sel.Known(p.ULA, p.Outer) {
 			p.Outer = c.Remote
 		} else {
@@ -272,6 +275,7 @@ func (p *paths) publish(local []netip.Addr) {
 	if p.alloc.Relayed.IsValid() {
 		cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindRelayUDP), Addr: p.alloc.Relayed})
 	}
+	cands = append(cands, p.tunnelCandidates(local)...) // issue 15 (tunnels.go)
 	p.cands = cands
 	caps := p.base
 	pub := p.key.Public()
@@ -342,11 +346,20 @@ var cgnat = netip.MustParsePrefix("100.64.0.0/10")
 func (p *paths) onPeerEvent(ev PeerEvent) {
 	if ev.Removed || len(ev.Capabilities.ProbeKey) == 0 {
 		p.sel.RemovePeer(ev.ULA)
+		p.mu.Lock()
+		delete(p.peerTunnels, ev.ULA)
+		p.mu.Unlock()
 		return
 	}
-	if err := p.sel.SetPeer(ev.ULA, ev.Name, ev.Capabilities.ProbeKey, path.CandidatesFrom(ev.Outer, ev.Capabilities)); err != nil {
+	cands := p.peerCandidates(ev)
+	if err := p.sel.SetPeer(ev.ULA, ev.Name, ev.Capabilities.ProbeKey, cands); err != nil {
 		p.a.log.Warn("paths: peer", "peer", ev.Name, "err", err)
 		return
+	}
+	if p.tunnels() != nil {
+		ctx, cancel := context.WithTimeout(p.a.ctx, 10*time.Second)
+		p.setTunnels(ctx, ev.ULA, cands)
+		cancel()
 	}
 	// A new relay candidate wants our bind before probes through it work.
 	go func() {
@@ -366,8 +379,17 @@ func (p *paths) onPath(ula netip.Addr, np path.Path) {
 	p.a.mu.Lock()
 	name := p.a.peers[ula].Name
 	p.a.mu.Unlock()
-	if err := p.a.rec.SetPeerOuter(ctx, name, ula, np.Remote, controlplane.SourcePath); err != nil {
-		p.a.log.Warn("paths: moving peer", "peer", name, "err", err)
+	// A tunnel kind moves the route only (its outer endpoint is the
+	// device's); the ESP-in-UDP endpoint stays what DNS and keying say.
+	if !np.Kind.Tunnel() {
+		if err := p.a.rec.SetPeerOuter(ctx, name, ula, np.Remote, controlplane.SourcePath); err != nil {
+			p.a.log.Warn("paths: moving peer", "peer", name, "err", err)
+		}
+	}
+	if p.tunnels() != nil {
+		if err := p.setVia(ctx, ula, np); err != nil {
+			p.a.log.Warn("paths: path kind", "peer", name, "path", np, "err", err)
+		}
 	}
 	p.a.updateKeyingPeers(ctx)
 }

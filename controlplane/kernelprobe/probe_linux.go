@@ -28,6 +28,11 @@ const (
 	GCM       Feature = "gcm"             // the rfc4106(gcm(aes)) AEAD for ESP
 	XfrmIface Feature = "xfrm-interfaces" // xfrm interfaces (if_id)
 	TCX       Feature = "tcx"             // TCX BPF attachment (6.6+; the eBPF dataplane uses clsact without it)
+	// Tunnel devices (issue 15): btmmd uses a tunnel kind only when the
+	// kernel has its device.
+	Sit    Feature = "sit"    // sit (6in4, IP protocol 41)
+	IP6Tnl Feature = "ip6tnl" // ip6tnl (ip6ip6)
+	FOU    Feature = "fou"    // fou listeners with GUE (generic netlink family fou)
 )
 
 // All lists every feature, in the order netcheck shows them.
@@ -48,6 +53,19 @@ var probers = map[Feature]func(h *netlink.Handle) error{
 	},
 	XfrmIface: func(h *netlink.Handle) error {
 		return h.LinkAdd(&netlink.Xfrmi{LinkAttrs: netlink.LinkAttrs{Name: "probexi"}, Ifid: 7})
+	},
+	Sit: func(h *netlink.Handle) error {
+		return h.LinkAdd(&netlink.Sittun{LinkAttrs: netlink.LinkAttrs{Name: "probesit"}, Remote: net.ParseIP("192.0.2.1"), Ttl: 64})
+	},
+	IP6Tnl: func(h *netlink.Handle) error {
+		return h.LinkAdd(&netlink.Ip6tnl{LinkAttrs: netlink.LinkAttrs{Name: "probe6tnl"}, Local: net.ParseIP("2001:db8::1"),
+			Remote: net.ParseIP("2001:db8::2"), Ttl: 64, Proto: 41})
+	},
+	FOU: func(h *netlink.Handle) error {
+		// Listing resolves the generic netlink family (the kernel loads
+		// the module on that request where it can).
+		_, err := h.FouList(netlink.FAMILY_V4)
+		return err
 	},
 	TCX: ProbeTCX,
 }

@@ -130,8 +130,8 @@ var txtKinds = map[string]Kind{
 	"relay": KindRelayUDP,
 	// Tunnel endpoints (issue 15): c-v6=[global IPv6]:<keying port>
 	// (ip6tnl there, keying over IPv6 to it), c-sit=<public IPv4>:<keying
-	// port> (protocol 41 accepted there, no NAT), c-fou=<IPv4>:<port> (the
-	// host's GUE port as its NAT maps it).
+	// port> (protocol 41 accepted there, no NAT; the candidate's port is 0),
+	// c-fou=<IPv4>:<port> (the host's GUE port as its NAT maps it).
 	"v6":  KindIPv6,
 	"sit": KindSit,
 	"fou": KindFOU,
@@ -165,8 +165,17 @@ func CandidatesFrom(published netip.AddrPort, caps register.Capabilities) []Cand
 		if k == KindLAN && c.Addr == published {
 			k = KindDirect // its own address is public: reachable by anyone
 		}
-		seen[c.Addr] = true
-		out = append(out, Candidate{Kind: k, Addr: c.Addr, Source: "txt"})
+		addr := c.Addr
+		if k == KindSit {
+			// sit has no port: port 0 keeps it apart from the ESP-in-UDP
+			// candidate at the same address (c-sit's port is the keying port).
+			addr = netip.AddrPortFrom(addr.Addr(), 0)
+			if seen[addr] {
+				continue
+			}
+		}
+		seen[addr] = true
+		out = append(out, Candidate{Kind: k, Addr: addr, Source: "txt"})
 	}
 	if published.IsValid() && published.Addr().Is4() && !seen[published] {
 		out = append(out, Candidate{Kind: KindDirect, Addr: published, Source: "srv"})

@@ -27,8 +27,10 @@ func TestTunnelCandidates(t *testing.T) {
 	got := CandidatesFrom(ap("11.2.0.2:4500"), caps)
 	want := []Candidate{
 		{Kind: KindIPv6, Addr: ap("[2001:db8:2::2]:4500"), Source: "txt"},
-		{Kind: KindSit, Addr: ap("11.2.0.2:4500"), Source: "txt"},
+		{Kind: KindSit, Addr: ap("11.2.0.2:0"), Source: "txt"},
 		{Kind: KindFOU, Addr: ap("11.2.0.2:16080"), Source: "txt"},
+		// The ESP-in-UDP endpoint at the sit address stays a candidate of its own.
+		{Kind: KindDirect, Addr: ap("11.2.0.2:4500"), Source: "srv"},
 	}
 	if !slices.Equal(want, got) {
 		t.Fatalf("CandidatesFrom = %+v\nwant %+v", got, want)
@@ -41,16 +43,17 @@ func TestTunnelCandidates(t *testing.T) {
 	}
 	want = []Candidate{
 		{Kind: KindIPv6, Addr: ap("[2001:db8:2::2]:4500"), Source: "txt", Probe: ll(controlplane.PathIPv6)},
-		{Kind: KindSit, Addr: ap("11.2.0.2:4500"), Source: "txt", Probe: ll(controlplane.PathSit)},
+		{Kind: KindSit, Addr: ap("11.2.0.2:0"), Source: "txt", Probe: ll(controlplane.PathSit)},
+		{Kind: KindDirect, Addr: ap("11.2.0.2:4500"), Source: "srv"},
 	}
 	if !slices.Equal(want, probes) {
 		t.Fatalf("WithTunnelProbes, sit ranked above fou = %+v\nwant %+v", probes, want)
 	}
-	if p := WithTunnelProbes(peer, 4500, got, all, func(k Kind) int { return map[Kind]int{KindFOU: 0, KindSit: 1}[k] }); len(p) != 2 || p[1].Kind != KindFOU {
+	if p := WithTunnelProbes(peer, 4500, got, all, func(k Kind) int { return map[Kind]int{KindFOU: 0, KindSit: 1}[k] }); len(p) != 3 || p[1].Kind != KindFOU {
 		t.Errorf("fou ranked above sit: %+v", p)
 	}
-	// Behind a NAT (no sit) with no IPv6 of ours: only fou.
-	if p := WithTunnelProbes(peer, 4500, got, func(k Kind) bool { return k == KindFOU }, rank); len(p) != 1 || p[0].Kind != KindFOU {
+	// Behind a NAT (no sit) with no IPv6 of ours: only fou (and ESP-in-UDP).
+	if p := WithTunnelProbes(peer, 4500, got, func(k Kind) bool { return k == KindFOU }, rank); len(p) != 2 || p[0].Kind != KindFOU || p[1].Kind != KindDirect {
 		t.Errorf("usable fou only: %+v", p)
 	}
 	wantT := []controlplane.Tunnel{{Kind: controlplane.PathIPv6, Remote: ap("[2001:db8:2::2]:0")}, {Kind: controlplane.PathSit, Remote: ap("11.2.0.2:0")}}
