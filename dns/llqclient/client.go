@@ -32,6 +32,7 @@ const (
 	DefaultRetryLLQ     = 10 * time.Minute
 	DefaultTimeout      = 2 * time.Second
 	DefaultTries        = 3
+	DefaultKeepAlive    = 25 * time.Second
 )
 
 // Config configures a Client.
@@ -57,6 +58,17 @@ type Config struct {
 	// the LLQs then live on one TLS connection, and are set up again on a
 	// new one when it breaks.
 	TLS *tls.Config
+
+	// KeepAlive bounds the silence on a UDP transport: when nothing was
+	// sent for this long, the established LLQ due for refresh first is
+	// refreshed now, so that a NAT in front of this host keeps the
+	// mapping the server's events come back through (a Linux NAT forgets
+	// a quiet UDP flow after 30 s, 120 s once it has lasted a while; Apple's
+	// mDNSResponder maps its LLQ port with NAT-PMP for the same reason).
+	// Default DefaultKeepAlive with the built-in UDP transport; none over
+	// TLS (a TCP mapping lives for days) or with a caller's Dial unless
+	// set; negative disables it.
+	KeepAlive time.Duration
 
 	// Dial opens the transport; nil dials UDP (or TLS). Tests use it for
 	// an in-memory responder.
@@ -131,6 +143,10 @@ type Client struct {
 	rebinding bool
 	queries   map[qkey]*query
 	pending   map[uint16]*query
+	// keepAlive is the KeepAlive in force on conn; lastSend is when
+	// anything was last sent on it.
+	keepAlive time.Duration
+	lastSend  time.Time
 }
 
 type qkey struct {
@@ -375,9 +391,14 @@ func (c *Client) serve(ctx context.Context) error {
 	c.runCmds() // watches added from now on start their own setup
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	c.lastSend = time.Now()
 	for {
 		c.publishStatus()
-		if d, ok := c.nextDue(); ok {
+		d, ok := c.nextDue()
+		if ka, kok := c.keepAliveDue(); kok && (!ok || ka.Before(d)) {
+			d, ok = ka, true
+		}
+		if ok {
 			timer.Reset(max(time.Until(d), 0))
 		} else {
 			timer.Stop()
@@ -392,7 +413,9 @@ func (c *Client) serve(ctx context.Context) error {
 		case b := <-in:
 			c.handle(b)
 		case <-timer.C:
-			c.fire(time.Now())
+			now := time.Now()
+			c.keepAliveNow(now)
+			c.fire(now)
 			if c.silent {
 				c.silent = false
 				return fmt.Errorf("llqclient: %s does not answer LLQ setups", c.server)
@@ -444,6 +467,10 @@ func (c *Client) connect(ctx context.Context) error {
 		return fmt.Errorf("llqclient: dial %s: %w", server, err)
 	}
 	c.conn, c.server = conn, server
+	c.keepAlive = c.cfg.KeepAlive
+	if c.keepAlive == 0 && c.cfg.Dial == nil && network == "udp" {
+		c.keepAlive = DefaultKeepAlive
+	}
 	c.log.Info("llq: using server", "server", server, "net", network)
 	return nil
 }
@@ -517,6 +544,34 @@ func (c *Client) nextDue() (time.Time, bool) {
 		}
 	}
 	return d, !d.IsZero()
+}
+
+// keepAliveDue is when the transport has been quiet for KeepAlive, if
+// there is an established LLQ to refresh then.
+func (c *Client) keepAliveDue() (time.Time, bool) {
+	if c.keepAlive <= 0 || c.earliestActive() == nil {
+		return time.Time{}, false
+	}
+	return c.lastSend.Add(c.keepAlive), true
+}
+
+// keepAliveNow brings the next refresh forward to now when the transport
+// has been quiet for KeepAlive.
+func (c *Client) keepAliveNow(now time.Time) {
+	if t, ok := c.keepAliveDue(); ok && !now.Before(t) {
+		c.earliestActive().due = now
+	}
+}
+
+// earliestActive is the established, idle LLQ whose refresh is due first.
+func (c *Client) earliestActive() *query {
+	var e *query
+	for _, q := range c.queries {
+		if q.st == stActive && !q.waiting && (e == nil || q.due.Before(e.due)) {
+			e = q
+		}
+	}
+	return e
 }
 
 // fire runs every action that is due.
@@ -601,6 +656,7 @@ func (c *Client) send(q *query, m *dns.Msg, track bool) {
 		q.reqMAC = mac
 		q.lastReq = m
 	}
+	c.lastSend = time.Now()
 	if err := c.conn.Send(b); err != nil {
 		c.setError(fmt.Errorf("llqclient: send to %s: %w", c.server, err))
 	}
@@ -618,6 +674,7 @@ func (c *Client) retransmit(q *query) {
 		return
 	}
 	q.reqMAC = mac
+	c.lastSend = time.Now()
 	if err := c.conn.Send(b); err != nil {
 		c.setError(fmt.Errorf("llqclient: send to %s: %w", c.server, err))
 	}
@@ -751,6 +808,7 @@ func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
 	ack.Question = []dns.Question{m.Question[0]}
 	llq.SetOption(ack, dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: llq.Version, Opcode: llq.OpEvent, Id: o.Id})
 	if b, _, err := c.pack(ack, ""); err == nil {
+		c.lastSend = time.Now()
 		if err := c.conn.Send(b); err != nil {
 			c.setError(fmt.Errorf("llqclient: ack event: %w", err))
 		}

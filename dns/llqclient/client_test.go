@@ -637,3 +637,51 @@ func TestRebindSetsUpAgain(t *testing.T) {
 		}
 	})
 }
+
+// TestKeepAlive: with KeepAlive set, an idle transport carries a refresh
+// at least every KeepAlive (the NAT mapping the server's events come back
+// through stays), rotating over the established LLQs; without it (a
+// caller's Dial, KeepAlive unset) refreshes follow the lease alone
+// (TestRefreshScheduleAndReestablish).
+func TestKeepAlive(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, nil)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		c := newTestClient(t, f, func(cfg *Config) { cfg.KeepAlive = 25 * time.Second })
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go c.Run(ctx)
+		var w1, w2 watcher
+		c.Watch(host, dns.TypeAAAA, w1.fn)
+		c.Watch(host, dns.TypeTXT, w2.fn)
+		synctest.Wait()
+		start := time.Now()
+		var at []time.Duration
+		count := func() int {
+			n := 0
+			for _, s := range f.steps() {
+				if s == "refresh 3600" {
+					n++
+				}
+			}
+			return n
+		}
+		for range 130 {
+			time.Sleep(time.Second)
+			synctest.Wait()
+			if count() > len(at) {
+				at = append(at, time.Since(start))
+			}
+		}
+		if len(at) < 4 || len(at) > 6 {
+			t.Fatalf("refreshes at %v in 130 s, want one every 25 s", at)
+		}
+		prev := time.Duration(0)
+		for _, r := range at {
+			if gap := r - prev; gap > 26*time.Second {
+				t.Errorf("refreshes at %v: a gap of %v, want at most 25 s", at, gap)
+			}
+			prev = r
+		}
+	})
+}
