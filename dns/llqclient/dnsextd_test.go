@@ -146,8 +146,15 @@ func TestAcceptUnsigned(t *testing.T) {
 		}
 	}
 	wait("fd00::1")
-	if st := c.Status(); st.Queries[0].Mode != llqclient.ModeLLQ || !st.AcceptUnsigned {
-		t.Fatalf("status: %+v", st)
+	// The status is published after the answers are delivered.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		st := c.Status()
+		if len(st.Queries) == 1 && st.Queries[0].Mode == llqclient.ModeLLQ && st.AcceptUnsigned {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status: %+v", st)
+		}
 	}
 	// A change arrives as an unsigned event through the double, and our
 	// acknowledgement goes back (no retransmission deletes the LLQ).
