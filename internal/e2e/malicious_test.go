@@ -37,73 +37,11 @@ func TestMaliciousHost(t *testing.T) {
 	testenv.RequireBinary(t, "ping", "iputils-ping")
 	nsupdate := testenv.RequireBinary(t, "nsupdate", "bind9-dnsutils")
 	tcpdump := testenv.RequireBinary(t, "tcpdump", "tcpdump")
-	bins := binaries(t)
-	dir := t.TempDir()
-	l := lab.New(t)
-	hostKey := rendezvous(t, l, bins, dir)
-	kdc := krbtest.StartIn(t, realm, l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
-	for _, g := range []struct {
-		gw  *netns.NS
-		lan string
-	}{{l.GW1, "192.168.1.0/24"}, {l.GW2, "192.168.2.0/24"}} {
-		miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan), KeepRuleset: true})
-	}
-	hosts := []*host{{name: "host1", ns: l.Host1, dataplane: "xfrm"}, {name: "host2", ns: l.Host2, dataplane: "xfrm"},
-		{name: "mallory", ns: l.Pub, dataplane: "xfrm"}}
-	for _, h := range hosts {
-		principal := "host/" + h.name + "." + strings.TrimSuffix(domain, ".")
-		kdc.AddPrincipal(t, principal)
-		ktPath, _ := kdc.Keytab(t, h.name+".keytab", principal)
-		h.sock = filepath.Join(dir, h.name+".sock")
-		conf := filepath.Join(dir, h.name+".toml")
-		writeFile(t, conf, fmt.Sprintf(`host = %q
-domain = %q
-state_file = %q
-control_socket = %q
-log_level = "debug"
-
-[tunnel]
-dataplane = %q
-
-[dns]
-key_file = %q
-server = "%s:53"
-resolver = "%s:53"
-
-[nat]
-mode = "auto"
-
-[keying]
-keytab = %q
-krb5_conf = %q
-realm = %q
-%s`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm,
-			namesSection(dir, h.name)), 0o644)
-		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
-	}
+	al := startAlice(t, "mallory", "")
+	l, bins, dir, hosts := al.l, al.bins, al.dir, al.hosts
 	h1, h2, mal := hosts[0], hosts[1], hosts[2]
-	sts := map[string]*agent.Status{}
-	allKeyed := func(want int) {
-		for _, h := range hosts {
-			waitFor(t, h.name+" has its peers keyed", 6*time.Minute, func() error { // generous: discovery may fall back to polling (5 min)
-				st, err := h.status(t, bins)
-				if err != nil {
-					return err
-				}
-				n := 0
-				for _, p := range st.Peers {
-					if p.Keyed && p.InKernel {
-						n++
-					}
-				}
-				if n != want {
-					return fmt.Errorf("%d peers keyed: %+v", n, st.Peers)
-				}
-				sts[h.name] = st
-				return nil
-			})
-		}
-	}
+	sts := al.sts
+	allKeyed := al.allKeyed
 	allKeyed(2) // mallory is a genuine host of alice: keyed as itself
 	ulaOf := func(h *host) netip.Addr { return sts[h.name].ULA }
 	spis := pairSPIs(t, l)
@@ -252,6 +190,97 @@ realm = %q
 	}
 	t.Logf("capture on mallory's eth0: %d ESP packets (mallory's own pairs), none of the %d host1-host2 SAs %v; e.g.\n%s",
 		strings.Count(text, "ESP("), len(spis), spis, strings.Join(sample, "\n"))
+}
+
+// alice is three hosts of alice in the lab, each with its own btmm-dnsd
+// host key and keytab, running btmmd: host1 and host2 behind the two
+// miniupnpd NATs, the third (named as asked) on the public host.
+type alice struct {
+	l         *lab.Lab
+	bins, dir string
+	kdc       *krbtest.KDC
+	hosts     []*host
+	sts       map[string]*agent.Status
+	t         *testing.T
+}
+
+// startAlice starts btmm-dnsd, the KDC, both NATs and the three btmmd;
+// keyingExtra is added to each btmmd's [keying] section.
+func startAlice(t *testing.T, third, keyingExtra string) *alice {
+	t.Helper()
+	al := &alice{bins: binaries(t), dir: t.TempDir(), sts: map[string]*agent.Status{}, t: t}
+	bins, dir := al.bins, al.dir
+	l := lab.New(t)
+	al.l = l
+	hostKey := rendezvous(t, l, bins, dir)
+	kdc := krbtest.StartIn(t, realm, l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
+	al.kdc = kdc
+	for _, g := range []struct {
+		gw  *netns.NS
+		lan string
+	}{{l.GW1, "192.168.1.0/24"}, {l.GW2, "192.168.2.0/24"}} {
+		miniupnpd.StartT(t, g.gw, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(g.lan), KeepRuleset: true})
+	}
+	al.hosts = []*host{{name: "host1", ns: l.Host1, dataplane: "xfrm"}, {name: "host2", ns: l.Host2, dataplane: "xfrm"},
+		{name: third, ns: l.Pub, dataplane: "xfrm"}}
+	for _, h := range al.hosts {
+		principal := "host/" + h.name + "." + strings.TrimSuffix(domain, ".")
+		kdc.AddPrincipal(t, principal)
+		ktPath, _ := kdc.Keytab(t, h.name+".keytab", principal)
+		h.sock = filepath.Join(dir, h.name+".sock")
+		conf := filepath.Join(dir, h.name+".toml")
+		writeFile(t, conf, fmt.Sprintf(`host = %q
+domain = %q
+state_file = %q
+control_socket = %q
+log_level = "debug"
+
+[tunnel]
+dataplane = %q
+
+[dns]
+key_file = %q
+server = "%s:53"
+resolver = "%s:53"
+
+[nat]
+mode = "auto"
+
+[keying]
+keytab = %q
+krb5_conf = %q
+realm = %q
+%s
+%s`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm,
+			keyingExtra, namesSection(dir, h.name)), 0o644)
+		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
+	}
+	return al
+}
+
+// allKeyed waits until every host has want peers keyed and in its kernel.
+func (al *alice) allKeyed(want int) {
+	t := al.t
+	t.Helper()
+	for _, h := range al.hosts {
+		waitFor(t, h.name+" has its peers keyed", 6*time.Minute, func() error { // generous: discovery may fall back to polling (5 min)
+			st, err := h.status(t, al.bins)
+			if err != nil {
+				return err
+			}
+			n := 0
+			for _, p := range st.Peers {
+				if p.Keyed && p.InKernel {
+					n++
+				}
+			}
+			if n != want {
+				return fmt.Errorf("%d peers keyed: %+v", n, st.Peers)
+			}
+			al.sts[h.name] = st
+			return nil
+		})
+	}
 }
 
 // pairSPIs returns the SPIs of the SAs between host1 and host2, read from
