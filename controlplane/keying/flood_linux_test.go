@@ -324,8 +324,10 @@ func TestNetnsInitFlood(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	pa, _ := recA.peer(ulaB) // before b stops (its DELETE removes a's SAs)
-	floodEnded := start.Add(keyedAfter).After(t0.Add(seconds * time.Second)) // the flooder stops itself then
+	// Read before b stops (its DELETE removes a's SAs); the flooder stops
+	// itself at t0 + seconds.
+	pa, _ := recA.peer(ulaB)
+	floodEnded := start.Add(keyedAfter).After(t0.Add(seconds * time.Second))
 	cmd.Wait()
 	bIn.Close()
 	<-bDone
