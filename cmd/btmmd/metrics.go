@@ -16,9 +16,9 @@ import (
 // scrape from the agent (kernel counters through the dataplane) and the
 // LLQ client. It holds no key material.
 type collector struct {
-	agent *agent.Agent
-	llq   func() (llqclient.Status, bool)
-	now   func() time.Time
+	status func(context.Context) agent.Status // the agent's Status
+	llq    func() (llqclient.Status, bool)
+	now    func() time.Time
 }
 
 var (
@@ -34,11 +34,15 @@ var (
 	descRegFail     = prometheus.NewDesc("btmm_registration_failures", "Consecutive failed registration attempts.", nil, nil)
 	descLLQ         = prometheus.NewDesc("btmm_llq_questions", "Watched questions by LLQ state (llq: pushed; setup; polling: LLQ unavailable).", []string{"state"}, nil)
 	descNAT         = prometheus.NewDesc("btmm_nat_external_known", "1 while the external (mapped or static) tunnel endpoint is known.", []string{"status"}, nil)
+	descPeerHealth  = prometheus.NewDesc("btmm_peer_health", "1 for the peer's current health state (ok, stale, unreachable), 0 for the others.", []string{"peer", "state"}, nil)
+	descKeyAttempts = prometheus.NewDesc("btmm_keying_attempts_total", "Key exchanges this host started as initiator.", nil, nil)
+	descKeyFailures = prometheus.NewDesc("btmm_keying_failures_total", "Key exchanges this host started that failed, by reason (timeout, clock_skew, unknown_principal, ...).", []string{"reason"}, nil)
+	descKeyRefused  = prometheus.NewDesc("btmm_keying_inits_refused_total", "Peers' INITs this host refused (answered with ERROR or ignored).", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descPeerBytes, descPeerPackets, descPeerDrops, descPeerKeyed, descPeerKernel, descPeerKeyErr,
-		descPeers, descRegistered, descRegAge, descRegFail, descLLQ, descNAT} {
+		descPeers, descRegistered, descRegAge, descRegFail, descLLQ, descNAT, descPeerHealth, descKeyAttempts, descKeyFailures, descKeyRefused} {
 		ch <- d
 	}
 }
@@ -53,7 +57,7 @@ func b2f(b bool) float64 {
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	st := c.agent.Status(ctx)
+	st := c.status(ctx)
 	names := map[string]string{}
 	ch <- prometheus.MustNewConstMetric(descPeers, prometheus.GaugeValue, float64(len(st.Peers)))
 	for _, p := range st.Peers {
@@ -61,6 +65,16 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descPeerKeyed, prometheus.GaugeValue, b2f(p.Keyed), p.Name)
 		ch <- prometheus.MustNewConstMetric(descPeerKernel, prometheus.GaugeValue, b2f(p.InKernel), p.Name)
 		ch <- prometheus.MustNewConstMetric(descPeerKeyErr, prometheus.GaugeValue, b2f(p.KeyingError != ""), p.Name)
+		for _, state := range []string{agent.HealthOK, agent.HealthStale, agent.HealthUnreachable} {
+			ch <- prometheus.MustNewConstMetric(descPeerHealth, prometheus.GaugeValue, b2f(p.Health.State == state), p.Name, state)
+		}
+	}
+	if k := st.KeyingStats; k != nil {
+		ch <- prometheus.MustNewConstMetric(descKeyAttempts, prometheus.CounterValue, float64(k.Attempts))
+		ch <- prometheus.MustNewConstMetric(descKeyRefused, prometheus.CounterValue, float64(k.InitsRefused))
+		for reason, n := range k.Failures {
+			ch <- prometheus.MustNewConstMetric(descKeyFailures, prometheus.CounterValue, float64(n), reason)
+		}
 	}
 	for _, s := range st.Counters {
 		name := names[s.ULA.String()]
@@ -98,6 +112,6 @@ func startMetrics(ctx context.Context, cfg *Config, a *agent.Agent, llq func() (
 		return nil
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{agent: a, llq: llq, now: time.Now})
+	reg.MustRegister(&collector{status: a.Status, llq: llq, now: time.Now})
 	return metrics.Serve(ctx, cfg.Metrics.Listen, reg, log)
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -203,6 +204,10 @@ type Stats struct {
 	InitsRefused     uint64 // INITs answered with ERROR (or ignored)
 	InitsAccepted    uint64 // INITs answered with RESP
 	RepliesFromCache uint64
+	// Attempts counts the exchanges we started as initiator; Failures
+	// counts the failed ones by Reason (timeout, clock_skew, ...).
+	Attempts uint64
+	Failures map[string]uint64
 }
 
 type datagram struct {
@@ -442,7 +447,7 @@ func (a *Agent) Status(ctx context.Context) ([]PeerStatus, error) {
 // Stats returns the agent's counters.
 func (a *Agent) Stats(ctx context.Context) (Stats, error) {
 	var s Stats
-	err := a.do(ctx, func() { s = a.stats })
+	err := a.do(ctx, func() { s = a.stats; s.Failures = maps.Clone(a.stats.Failures) })
 	return s, err
 }
 
@@ -721,6 +726,7 @@ func (a *Agent) start(p *peer, now time.Time) {
 	ex := &exchange{id: [8]byte(randBytes(8)), phase: waitAuth, nonce: randBytes(nonceLen), spi: a.allocSPI(), cancel: cancel}
 	p.ex = ex
 	p.nextAttempt = time.Time{}
+	a.stats.Attempts++
 	cfg, ula, id, pol := p.cfg, p.cfg.ULA, ex.id, a.pol
 	a.log().Debug("keying: starting exchange", "peer", cfg.Name, "ula", ula, "rekey", p.cur != nil)
 	go func() {
@@ -871,6 +877,10 @@ func (a *Agent) fail(p *peer, err error) {
 	now := a.cfg.Now()
 	a.endExchange(p)
 	p.lastErr = fmt.Errorf("keying with %s (%v): %w", p.cfg.Name, p.cfg.ULA, err)
+	if a.stats.Failures == nil {
+		a.stats.Failures = map[string]uint64{}
+	}
+	a.stats.Failures[Reason(err)]++
 	a.backoff(p, now)
 	if ok, n := a.logs.allow("fail "+p.cfg.ULA.String(), now); ok {
 		a.log().Warn("keying: exchange failed", "peer", p.cfg.Name, "ula", p.cfg.ULA, "err", err, "retry_in", p.backoff, "suppressed", n)

@@ -300,6 +300,7 @@ func TestRefusalsInstallNothing(t *testing.T) {
 		wantB    error  // nil: b saw nothing it could blame on a
 		wantMAC1 bool   // b dropped a's INIT at the cheap check
 		wantText string // in a's error
+		reason   string // a's failures metric (Stats.Failures)
 		wantBRec bool   // b (responder) legitimately installed
 	}{
 		{
@@ -311,7 +312,7 @@ func TestRefusalsInstallNothing(t *testing.T) {
 				}
 				return b
 			},
-			wantA: []error{ErrTimeout}, wantMAC1: true,
+			wantA: []error{ErrTimeout}, wantMAC1: true, reason: "timeout",
 		},
 		{
 			name: "INIT changed and re-tagged",
@@ -322,9 +323,9 @@ func TestRefusalsInstallNothing(t *testing.T) {
 				}
 				return msg
 			},
-			wantA: []error{ErrTimeout, ErrPeerRefused, ErrTampered}, wantB: ErrTampered,
+			wantA: []error{ErrTimeout, ErrPeerRefused, ErrTampered}, wantB: ErrTampered, reason: "tampered",
 		},
-		{name: "wrong PSK", pskB: psk2, wantA: []error{ErrTimeout}, wantMAC1: true, wantText: "do the PSK files differ?"},
+		{name: "wrong PSK", pskB: psk2, wantA: []error{ErrTimeout}, wantMAC1: true, wantText: "do the PSK files differ?", reason: "timeout"},
 		{
 			name: "RESP changed",
 			pskB: psk1,
@@ -334,7 +335,7 @@ func TestRefusalsInstallNothing(t *testing.T) {
 				}
 				return msg
 			},
-			wantA:    []error{ErrTimeout, ErrTampered},
+			wantA: []error{ErrTimeout, ErrTampered}, reason: "tampered",
 			wantBRec: true, // unconfirmed, and dropped once the CONFIRM never comes
 		},
 	} {
@@ -382,6 +383,9 @@ func TestRefusalsInstallNothing(t *testing.T) {
 				t.Logf("a: %v", err)
 				if err == nil || !strings.Contains(err.Error(), tt.wantText) {
 					t.Errorf("a: LastError = %v, want it to say %q", err, tt.wantText)
+				}
+				if as, _ := a.agent.Stats(t.Context()); as.Attempts == 0 || as.Failures[tt.reason] == 0 {
+					t.Errorf("a's stats: %d attempts, failures %v, want one by %q", as.Attempts, as.Failures, tt.reason)
 				}
 				st, _ := b.agent.Stats(t.Context())
 				if tt.wantMAC1 && st.BadMAC1 == 0 {

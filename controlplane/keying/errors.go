@@ -53,6 +53,30 @@ var (
 	ErrExpired = errors.New("SAs expired without a successful rekey")
 )
 
+// reasons names the sentinels for metrics (Stats.Failures), most specific
+// first: a timeout that carries a peer's refusal counts as the refusal.
+var reasons = []struct {
+	err  error
+	name string
+}{
+	{ErrUnknownPrincipal, "unknown_principal"}, {ErrClockSkew, "clock_skew"}, {ErrWrongKeytab, "wrong_keytab"},
+	{ErrTicketExpired, "ticket_expired"}, {ErrKDCUnreachable, "kdc_unreachable"}, {ErrReplay, "replay"},
+	{ErrWrongMode, "wrong_mode"}, {ErrVersion, "version"}, {ErrNoProposal, "no_proposal"}, {ErrBadSecret, "bad_secret"},
+	{ErrInstall, "install"}, {ErrExpired, "expired"}, {ErrTampered, "tampered"}, {ErrMalformed, "malformed"},
+	{ErrUnknownPeer, "unknown_peer"}, {ErrPeerRefused, "peer_refused"}, {ErrTimeout, "timeout"},
+}
+
+// Reason is a failed exchange's reason as a metric label: the name of the
+// sentinel err wraps (snake_case), "other" for none.
+func Reason(err error) string {
+	for _, r := range reasons {
+		if errors.Is(err, r.err) {
+			return r.name
+		}
+	}
+	return "other"
+}
+
 // codeFor maps a refusal to the ERROR code sent back to the initiator.
 func codeFor(err error) ErrorCode {
 	switch {
