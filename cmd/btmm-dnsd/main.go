@@ -108,8 +108,7 @@ func serve(ctx context.Context, cfg server.Config, log *slog.Logger) error {
 	}
 	m := newDNSDMetrics()
 	if cfg.MetricsListen != "" {
-		cfg.OnUpdate = m.observe
-		cfg.OnEvents = m.observeEvents
+		m.hook(&cfg)
 	}
 	srv, err := server.New(cfg, log)
 	if err != nil {

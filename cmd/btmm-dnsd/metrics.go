@@ -19,6 +19,8 @@ type dnsdMetrics struct {
 	latency prometheus.Histogram
 	events  prometheus.Counter
 	fanout  prometheus.Histogram
+	change  prometheus.Histogram // committed change to its last LLQ event sent
+	fsync   prometheus.Histogram // store fsync latency
 }
 
 func newDNSDMetrics() *dnsdMetrics {
@@ -35,8 +37,22 @@ func newDNSDMetrics() *dnsdMetrics {
 			Help:    "Time to sign and send the LLQ events of one change (or retransmission round) to all its LLQs.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)}),
 	}
-	m.reg.MustRegister(m.updates, m.latency, m.events, m.fanout)
+	m.change = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "btmm_dnsd_llq_event_seconds",
+		Help:    "Time from a committed change to the last of its LLQ events sent (first transmissions; one observation per change).",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)})
+	m.fsync = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "btmm_dnsd_store_fsync_seconds",
+		Help:    "Duration of each fsync of the embedded store's log (a group commit).",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16)})
+	m.reg.MustRegister(m.updates, m.latency, m.events, m.fanout, m.change, m.fsync)
 	return m
+}
+
+// hook sets the server's metrics callbacks.
+func (m *dnsdMetrics) hook(cfg *server.Config) {
+	cfg.OnUpdate = m.observe
+	cfg.OnEvents = m.observeEvents
+	cfg.OnLLQChange = func(_ int, took time.Duration) { m.change.Observe(took.Seconds()) }
+	cfg.OnStoreSync = func(took time.Duration) { m.fsync.Observe(took.Seconds()) }
 }
 
 // observe is server.Config.OnUpdate.

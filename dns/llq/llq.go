@@ -136,8 +136,12 @@ type Config struct {
 	// Persist, when set, is called in order (from one goroutine) with the
 	// LLQ's state after creation or refresh, and with nil data on deletion.
 	Persist func(id uint64, data []byte)
-	Log     *slog.Logger
-	Now     func() time.Time
+	// OnChangeSent, if set, is called after the events of one store
+	// change were handed to Send, with their number and the time from
+	// Changed (the change committed) to the last one sent (for metrics).
+	OnChangeSent func(events int, took time.Duration)
+	Log          *slog.Logger
+	Now          func() time.Time
 }
 
 // Entry is one established LLQ.
@@ -568,6 +572,7 @@ func (t *Table) ack(id uint64, msgID uint16) {
 // with its two IDs written in. All the events go to the Sender in one call,
 // and the UDP ones share one retransmission timer.
 func (t *Table) Changed(c store.Change) {
+	start := time.Now()
 	type group struct {
 		msg     *dns.Msg
 		rec     int // the last record added to msg (index into recs)
@@ -678,6 +683,9 @@ func (t *Table) Changed(c store.Change) {
 	t.mu.Unlock()
 	t.send(evs)
 	t.sendMu.Unlock()
+	if t.cfg.OnChangeSent != nil && len(evs) > 0 {
+		t.cfg.OnChangeSent(len(evs), time.Since(start))
+	}
 }
 
 // eventIDs writes the message ID and the LLQ-ID into a packed event whose

@@ -16,7 +16,7 @@ import (
 // openStore opens the configured store: the embedded one in DataDir/store,
 // or the etcd one (whose replica-local LLQ state still lives there).
 func (s *Server) openStore() (store.Store, error) {
-	local, err := store.OpenOptions(filepath.Join(s.cfg.DataDir, "store"), store.Options{Log: s.log})
+	local, err := store.OpenOptions(filepath.Join(s.cfg.DataDir, "store"), store.Options{Log: s.log, OnSync: s.cfg.OnStoreSync})
 	if err != nil {
 		return nil, fmt.Errorf("server: %w", err)
 	}

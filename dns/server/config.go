@@ -69,6 +69,12 @@ type Config struct {
 	// their connections, with their number and the time that took (for
 	// metrics: the server's own share of an event's latency).
 	OnEvents func(events int, took time.Duration) `toml:"-"`
+	// OnLLQChange, if set, is called after the LLQ events of one committed
+	// change were sent, with the time from the commit to the last one sent
+	// (first transmissions). OnStoreSync gets each fsync of the embedded
+	// store's log (not called with etcd).
+	OnLLQChange func(events int, took time.Duration) `toml:"-"`
+	OnStoreSync func(took time.Duration)             `toml:"-"`
 
 	UpdateLease LeaseConfig `toml:"update_lease"`
 	LLQ         LLQConfig   `toml:"llq"`

@@ -192,7 +192,7 @@ func New(cfg Config, log *slog.Logger) (*Server, error) {
 		MinLease: time.Duration(cfg.LLQ.MinLease), MaxLease: time.Duration(cfg.LLQ.MaxLease),
 		Retransmit: time.Duration(cfg.LLQ.Retransmit), Transmissions: cfg.LLQ.Transmissions,
 		MaxPerKey: cfg.LLQ.MaxPerKey, MaxTotal: cfg.LLQ.MaxTotal,
-		Answer: s.answerLLQ, Send: newEventSender(s), Log: log, Now: cfg.Now,
+		Answer: s.answerLLQ, Send: newEventSender(s), Log: log, Now: cfg.Now, OnChangeSent: cfg.OnLLQChange,
 		Persist: func(id uint64, data []byte) {
 			k := "llq/" + strconv.FormatUint(id, 16)
 			var err error

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -538,5 +539,56 @@ func TestUnackedEventDeletesLLQ(t *testing.T) {
 	}
 	if srv.LLQs() != 0 {
 		t.Fatal("LLQ kept after three unacknowledged transmissions")
+	}
+}
+
+// TestMetricsHooks: OnStoreSync sees each fsync that commits an UPDATE,
+// and OnLLQEvents each change's events with their latency (btmm-dnsd's
+// btmm_dnsd_store_fsync_seconds and btmm_dnsd_llq_event_seconds).
+func TestMetricsHooks(t *testing.T) {
+	var mu sync.Mutex
+	var syncs, events, changes int
+	var worst time.Duration
+	srv, addrs := startServer(t, t.TempDir(), func(c *server.Config) {
+		c.OnStoreSync = func(took time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			syncs++
+		}
+		c.OnLLQChange = func(n int, took time.Duration) {
+			mu.Lock()
+			defer mu.Unlock()
+			events += n
+			changes++
+			worst = max(worst, took)
+		}
+	})
+	alice := addUser(t, srv, "alice", "hmac-md5")
+	name := "mac.alice.btmm.example."
+	update(t, addrs.DNS, alice, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN AAAA fd00::1")}) })
+	mu.Lock()
+	if syncs == 0 || events != 0 {
+		t.Errorf("after an UPDATE and no LLQ: %d fsyncs, %d events", syncs, events)
+	}
+	mu.Unlock()
+	c := newLLQClient(t, addrs.DNS, alice)
+	c.setup(name, dns.TypeAAAA)
+	update(t, addrs.DNS, alice, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN AAAA fd00::2")}) })
+	if _, err := c.recv(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	// The hook runs after the last event left: it may lag the client.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		mu.Lock()
+		done := changes > 0
+		mu.Unlock()
+		if done || time.Now().After(deadline) {
+			break
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if events != 1 || changes != 1 || worst <= 0 || syncs < 2 {
+		t.Errorf("after an UPDATE with one LLQ: %d events in %d changes (latency %v), %d fsyncs", events, changes, worst, syncs)
 	}
 }

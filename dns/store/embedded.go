@@ -21,7 +21,8 @@ import (
 
 // Embedded is the default Store: in memory with a write-ahead log.
 type Embedded struct {
-	dir string
+	dir    string
+	onSync func(time.Duration) // Options.OnSync
 
 	mu      sync.Mutex // serialises writers and guards everything below
 	closed  bool
@@ -123,6 +124,9 @@ const (
 type Options struct {
 	// Log gets the torn-tail warning (default: discarded).
 	Log *slog.Logger
+	// OnSync, if set, is called with the duration of each fsync of the
+	// log that commits updates (for metrics).
+	OnSync func(took time.Duration)
 }
 
 // Open opens (creating if needed) the embedded store in dir.
@@ -141,6 +145,7 @@ func OpenOptions(dir string, o Options) (*Embedded, error) {
 		return nil, fmt.Errorf("store: open: %w", err)
 	}
 	s := newMem(dir)
+	s.onSync = o.OnSync
 	lock, err := lockDir(dir)
 	if err != nil {
 		return nil, err
@@ -632,7 +637,11 @@ func (s *Embedded) syncUpTo(seq uint64) error {
 	}
 	target, f := s.writeSeq, s.log
 	s.mu.Unlock()
+	began := time.Now()
 	err := f.Sync() // writers may append meanwhile; they sync again
+	if s.onSync != nil {
+		s.onSync(time.Since(began))
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err != nil {

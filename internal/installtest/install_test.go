@@ -288,8 +288,12 @@ psk_file = "/root/alice.psk"
 		{"http://127.0.0.1:9477/metrics", `btmm_peer_packets_total{direction="tx",peer="desk"}`},
 		{"http://127.0.0.1:9477/metrics", "btmm_registration_published 1"},
 		{"http://127.0.0.1:9477/metrics", `btmm_llq_questions{state="llq"}`},
+		{"http://127.0.0.1:9477/metrics", `btmm_peer_health{peer="desk",state="ok"} 1`},
+		{"http://127.0.0.1:9477/metrics", "btmm_keying_attempts_total "},
 		{"http://127.0.0.1:9478/metrics", `btmm_dnsd_updates_total{result="NOERROR"}`},
 		{"http://127.0.0.1:9478/metrics", "btmm_dnsd_llqs "},
+		{"http://127.0.0.1:9478/metrics", "btmm_dnsd_store_fsync_seconds_count "},
+		{"http://127.0.0.1:9478/metrics", "btmm_dnsd_llq_event_seconds_count "},
 	} {
 		waitFor(t, m.url+" shows "+m.want, 20*time.Second, func() error {
 			resp, err := http.Get(m.url)
