@@ -324,3 +324,44 @@ func TestPeersTunnelPath(t *testing.T) {
 		t.Errorf("peers output lacks %q:\n%s", want, out.String())
 	}
 }
+
+// TestNetcheckWithBtmmd: with btmmd running, netcheck shows the tunnel
+// port's mapping, the NAT kind and UDP reachability found by STUN, the
+// registration and the LLQ mode with its reason, in the table and --json.
+func TestNetcheckWithBtmmd(t *testing.T) {
+	st := agent.Status{Host: "laptop", Domain: "alice.btmm.example.", Dataplane: "xfrm", TunnelPort: 4500,
+		NAT:      agent.NATReport{External: netip.MustParseAddrPort("203.0.113.5:4500"), Status: "mapped by PCP", BehindNAT: true},
+		Register: register.Status{Published: true, Server: "203.0.113.10:53", Lease: time.Hour},
+		LLQ: &llqclient.Status{Server: "203.0.113.10:53", Queries: []llqclient.QueryStatus{
+			{Name: "desk.alice.btmm.example.", Type: "AAAA", Mode: llqclient.ModePolling, Reason: "no answer to LLQ setup"}}},
+		Paths: &agent.PathsStatus{NAT: "address-dependent", NATText: "address-dependent mapping (symmetric): direct paths need the peer's help or a relay",
+			Reflexive: []netip.AddrPort{netip.MustParseAddrPort("203.0.113.5:40001")}}}
+	sock := serve(t, st)
+	kc := filepath.Join(t.TempDir(), "krb5.conf") // none: PSK
+	var out, errOut bytes.Buffer
+	if code := run([]string{"-socket", sock, "-krb5-conf", kc, "netcheck"}, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	for _, want := range []string{"tunnel 4500/udp", "external 203.0.113.5:4500 (mapped by PCP)", "nat kind", "address-dependent",
+		"STUN answered: seen from 203.0.113.5:40001", "llq", "polling: 0 of 1 questions pushed, 1 polling (no answer to LLQ setup)"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("netcheck lacks %q:\n%s", want, out.String())
+		}
+	}
+	out.Reset()
+	run([]string{"-socket", sock, "-krb5-conf", kc, "netcheck", "--json"}, &out, &errOut)
+	snakeKeys(t, "netcheck --json", out.Bytes())
+	var n Netcheck
+	if err := json.Unmarshal(out.Bytes(), &n); err != nil || n.Schema != 1 || n.NAT == nil || !n.NAT.UDP || n.NAT.Kind != "address-dependent" ||
+		!n.NAT.BehindNAT || n.LLQ == nil || n.LLQ.Mode != "polling" || n.DNS == nil || !n.DNS.Registered {
+		t.Errorf("netcheck --json: %v\n%s", err, out.String())
+	}
+	// Without path selection the NAT kind is unknown, and says why.
+	st.Paths = nil
+	sock = serve(t, st)
+	out.Reset()
+	run([]string{"-socket", sock, "-krb5-conf", kc, "netcheck"}, &out, &errOut)
+	if !strings.Contains(out.String(), "no path selection (no STUN servers configured)") {
+		t.Errorf("netcheck without paths:\n%s", out.String())
+	}
+}

@@ -50,7 +50,18 @@ type Check struct {
 type NATInfo struct {
 	TunnelPort uint16 `json:"tunnel_port"`
 	External   string `json:"external,omitempty"`
-	Status     string `json:"status"`
+	Status     string `json:"status"` // the mapping: PCP, NAT-PMP, static, none
+	BehindNAT  bool   `json:"behind_nat"`
+	// Kind is the NAT's behaviour found by STUN (path selection:
+	// endpoint-independent, address-dependent, ...; "unknown" without it),
+	// KindText the same in words.
+	Kind     string `json:"kind"`
+	KindText string `json:"kind_text,omitempty"`
+	// UDP: a STUN server answered over UDP (Reflexive lists the addresses
+	// it saw us from); false while none answered or without path selection.
+	UDP       bool     `json:"udp"`
+	Reflexive []string `json:"reflexive,omitempty"`
+	UDPDetail string   `json:"udp_detail,omitempty"`
 }
 
 // DNSInfo is btmmd's registration.
@@ -81,9 +92,29 @@ func netcheck(sock, krb5Conf string) *Netcheck {
 		n.Btmmd.Detail = err.Error()
 	} else {
 		n.Btmmd.Detail = fmt.Sprintf("%s.%s, dataplane %s", st.Host, strings.TrimSuffix(st.Domain, "."), st.Dataplane)
-		n.NAT = &NATInfo{TunnelPort: st.TunnelPort, Status: st.NAT.Status}
+		n.NAT = &NATInfo{TunnelPort: st.TunnelPort, Status: st.NAT.Status, BehindNAT: st.NAT.BehindNAT, Kind: "unknown"}
 		if st.NAT.External.IsValid() {
 			n.NAT.External = st.NAT.External.String()
+		}
+		switch p := st.Paths; {
+		case p == nil:
+			n.NAT.UDPDetail = "no path selection (no STUN servers configured): NAT kind and UDP reachability unknown"
+		default:
+			if p.NAT != "" {
+				n.NAT.Kind, n.NAT.KindText = p.NAT, p.NATText
+			}
+			for _, r := range p.Reflexive {
+				n.NAT.Reflexive = append(n.NAT.Reflexive, r.String())
+			}
+			n.NAT.UDP = len(p.Reflexive) > 0
+			switch {
+			case n.NAT.UDP:
+				n.NAT.UDPDetail = "STUN answered: seen from " + strings.Join(n.NAT.Reflexive, ", ")
+			case p.LastError != "":
+				n.NAT.UDPDetail = "no STUN answer: " + p.LastError
+			default:
+				n.NAT.UDPDetail = "no STUN answer yet"
+			}
 		}
 		r := st.Register
 		n.DNS = &DNSInfo{Server: r.Server, Registered: r.Published, LeaseS: r.Lease.Seconds(), LastError: r.LastError}
@@ -153,6 +184,15 @@ func printNetcheck(w io.Writer, n *Netcheck, asJSON bool) {
 			ext = "unknown"
 		}
 		fmt.Fprintf(tw, "tunnel %d/udp\t%s\texternal %s (%s)\n", n.NAT.TunnelPort, mark(n.NAT.External != ""), ext, n.NAT.Status)
+		kind := n.NAT.Kind
+		if n.NAT.KindText != "" && n.NAT.KindText != kind {
+			kind += ": " + n.NAT.KindText
+		}
+		if !n.NAT.BehindNAT {
+			kind = "none (public address); " + kind
+		}
+		fmt.Fprintf(tw, "nat kind\t%s\t%s\n", mark(n.NAT.Kind != "unknown"), shorten(kind, 90))
+		fmt.Fprintf(tw, "udp\t%s\t%s\n", mark(n.NAT.UDP), shorten(n.NAT.UDPDetail, 90))
 	}
 	if n.DNS != nil {
 		d := fmt.Sprintf("server %s, lease %gs", n.DNS.Server, n.DNS.LeaseS)
