@@ -43,7 +43,8 @@ func TestMain(m *testing.M) {
 }
 
 // agentMain watches $NAME AAAA with llqclient (discovering the server by
-// SRV through $RESOLVER, or at $SERVER) over TLS, and prints "server ADDR"
+// SRV through $RESOLVER, or at $SERVER) over TLS ($CAFILE), or over UDP
+// without it (LLQ lease $LEASE), and prints "server ADDR"
 // when it (re)connects and "answer V1,V2" after every change.
 func agentMain() int {
 	key, err := register.NewKey(os.Getenv("KEYNAME"), os.Getenv("KEYALG"), os.Getenv("KEYSECRET"))
@@ -51,17 +52,22 @@ func agentMain() int {
 		fmt.Println("error", err)
 		return 1
 	}
-	pemData, err := os.ReadFile(os.Getenv("CAFILE"))
-	if err != nil {
-		fmt.Println("error", err)
-		return 1
+	var tlsCfg *tls.Config // no CAFILE: LLQs over UDP
+	if f := os.Getenv("CAFILE"); f != "" {
+		pemData, err := os.ReadFile(f)
+		if err != nil {
+			fmt.Println("error", err)
+			return 1
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pemData)
+		tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pemData)
+	lease, _ := time.ParseDuration(os.Getenv("LEASE")) // 0: the default
 	var mu sync.Mutex
 	say := func(s string) { mu.Lock(); fmt.Println(s); mu.Unlock() }
 	c, err := llqclient.New(llqclient.Config{Server: os.Getenv("SERVER"), Domain: "alice.btmm.example.",
-		Resolver: os.Getenv("RESOLVER"), Key: key, TLS: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12},
+		Resolver: os.Getenv("RESOLVER"), Key: key, TLS: tlsCfg, Lease: lease,
 		Timeout: 500 * time.Millisecond}, nil)
 	if err != nil {
 		say("error " + err.Error())
@@ -175,6 +181,8 @@ request_timeout = "5s"
 session_ttl = "2s"
 [update_lease]
 min = "1s"
+[llq]
+min_lease = "2s"
 [limits]
 updates_per_second = 1000
 update_burst = 1000
@@ -358,22 +366,35 @@ func TestReplicas(t *testing.T) {
 		}
 	})
 
-	t.Run("replica killed, agent moves on", func(t *testing.T) {
-		// Discovery through C finds A first (SRVs in name order).
+	t.Run("replica killed, agents move on", func(t *testing.T) {
+		// Discovery through C finds A first (SRVs in name order). The TLS
+		// agent notices A's death when its connection breaks; the UDP
+		// agent (8 s LLQ lease) when its next refresh (at about half the
+		// lease) goes unanswered.
 		ag := startAgent(t, c, k, caFile, "y.alice.btmm.example.", "RESOLVER="+cc.addr)
+		ug := startAgent(t, c, k, "", "y.alice.btmm.example.", "RESOLVER="+cc.addr, "LEASE=8s")
 		if s := ag.expect(t, "server ", 20*time.Second); s != a.tls {
-			t.Fatalf("agent on %s, want A (%s)", s, a.tls)
+			t.Fatalf("TLS agent on %s, want A (%s)", s, a.tls)
+		}
+		if s := ug.expect(t, "server ", 20*time.Second); s != a.addr {
+			t.Fatalf("UDP agent on %s, want A (%s)", s, a.addr)
 		}
 		put(b, "y.alice.btmm.example.", "fd00::1")
 		for ag.expect(t, "answer ", 10*time.Second) != "fd00::1" {
 		}
+		for ug.expect(t, "answer ", 10*time.Second) != "fd00::1" {
+		}
 		a.kill9()
-		s := ag.expect(t, "server ", 30*time.Second)
-		if s == a.tls {
-			t.Fatalf("agent back on the killed replica")
+		if s := ag.expect(t, "server ", 30*time.Second); s == a.tls {
+			t.Fatalf("TLS agent back on the killed replica")
+		}
+		if s := ug.expect(t, "server ", 30*time.Second); s == a.addr {
+			t.Fatalf("UDP agent back on the killed replica")
 		}
 		put(b, "y.alice.btmm.example.", "fd00::2")
 		for ag.expect(t, "answer ", 10*time.Second) != "fd00::2" {
+		}
+		for ug.expect(t, "answer ", 10*time.Second) != "fd00::2" {
 		}
 		a.start()
 	})
