@@ -30,7 +30,10 @@ import (
 // namespace) and BIND 9 named. Clients run in the hub namespace.
 //
 //   - signed updates/s: 4 workers, one user each (hmac-sha256), each update
-//     adding one AAAA; the replicas' workers spread over the three replicas;
+//     adding one AAAA; the replicas' workers spread over the three replicas.
+//     Each worker waits for its answer, so this is 4 / the latency of one
+//     update; "updates16" runs 16 workers (16 users) to show how far each
+//     system goes with more clients at once;
 //   - LLQ push latency: an LLQ held at one server (replica C for etcd), an
 //     update sent to another (replica A), time from sending the update to
 //     the event's arrival; p50 and p99 over 40 pushes (named has no LLQ).
@@ -44,7 +47,11 @@ func BenchmarkStores(b *testing.B) {
 	bin := buildDaemon(b)
 	c := etcdtest.Start(b, 3)
 	var keys []tsig.Key
-	for _, u := range []string{"alice", "bob", "carol", "dave"} {
+	for i := range 16 {
+		u := []string{"alice", "bob", "carol", "dave"}[i%4]
+		if i >= 4 {
+			u = fmt.Sprintf("user%d", i)
+		}
 		k, err := tsig.NewKey(u+".btmm.example.", "")
 		if err != nil {
 			b.Fatal(err)
@@ -80,7 +87,8 @@ func BenchmarkStores(b *testing.B) {
 		for i := range systems {
 			s := systems[(i+round)%len(systems)]
 			tag := fmt.Sprintf("%s-r%d", s.name, round)
-			report("updates", s.name, hubUpdates(b, c, s.updates, keys, 400, tag), "updates/s")
+			report("updates", s.name, hubUpdates(b, c, s.updates, keys[:4], 400, tag), "updates/s")
+			report("updates16", s.name, hubUpdates(b, c, s.updates, keys, 800, tag+"x16"), "updates/s")
 			if s.llqAt != "" {
 				lat := pushLatency(b, c, keys[0], s.llqAt, s.updates[0], 40, tag)
 				report("push-p50", s.name, float64(lat[len(lat)/2].Microseconds())/1000, "ms")
@@ -156,14 +164,15 @@ zone "btmm.example." {
 	return ""
 }
 
-// hubUpdates sends n signed updates from 4 workers (worker i signs with
-// keys[i] and sends to addrs[i%len(addrs)]) and returns updates/s.
+// hubUpdates sends n signed updates from one worker per key (worker i
+// signs with keys[i] and sends to addrs[i%len(addrs)]) and returns
+// updates/s.
 func hubUpdates(b *testing.B, c *etcdtest.Cluster, addrs []string, keys []tsig.Key, n int, tag string) float64 {
 	var next, failed atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
-	for w := range 4 {
-		k := keys[w%len(keys)]
+	for w := range keys {
+		k := keys[w]
 		addr := addrs[w%len(addrs)]
 		user := strings.TrimSuffix(k.Name, ".btmm.example.")
 		wg.Add(1)
@@ -329,15 +338,22 @@ func daemonMemory(b *testing.B, pid int) float64 {
 }
 
 // BenchmarkManyHosts: 100,000 registered hosts (BTMM_BENCH_HOSTS), 4
-// records each, on the embedded store and on the etcd store: the daemon's
-// start-up time (exec to first answer, with the records loaded), its
-// resident memory once up, and LLQ push latency p50/p99 (20 pushes; for
-// etcd: update at replica A, LLQ at replica C). Reported, never asserted;
-// run with -benchtime 1x.
+// records each, on the embedded store and on the etcd store (three
+// replicas on a three-member cluster): the daemon's start-up time (kill -9,
+// then exec to first answer, with the records loaded), its resident memory
+// once up, and LLQ push latency p50/p99 (20 pushes; for etcd: update at
+// replica A, LLQ at replica C). BTMM_BENCH_ROUNDS (default 5) rounds
+// alternate the two, rotating their order; per-round lines are
+// benchstat-compatible, the summary gives median, min and max. Reported,
+// never asserted; run with -benchtime 1x.
 func BenchmarkManyHosts(b *testing.B) {
 	hosts := 100000
 	if v := os.Getenv("BTMM_BENCH_HOSTS"); v != "" {
 		fmt.Sscan(v, &hosts)
+	}
+	rounds := 5
+	if v := os.Getenv("BTMM_BENCH_ROUNDS"); v != "" {
+		fmt.Sscan(v, &rounds)
 	}
 	bin := buildDaemon(b)
 	c := etcdtest.Start(b, 3)
@@ -349,6 +365,11 @@ func BenchmarkManyHosts(b *testing.B) {
 	}
 	ca := newTestCA(b)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	results := map[string][]float64{}
+	report := func(metric, sys string, v float64, unit string) {
+		fmt.Printf("BenchmarkManyHosts/%s/%s \t1\t%12.2f %s\n", metric, sys, v, unit)
+		results[metric+"/"+sys+" "+unit] = append(results[metric+"/"+sys+" "+unit], v)
+	}
 	measure := func(sys string, r *replica, llqAt, updAt string) {
 		r.kill9() // restart with the records in place, timed
 		t0 := time.Now()
@@ -359,14 +380,10 @@ func BenchmarkManyHosts(b *testing.B) {
 		// guard with one-second resolution).
 		time.Sleep(1100 * time.Millisecond)
 		lat := pushLatencyName(b, c, k, llqAt, updAt, 20, "h0.u0.btmm.example.")
-		fmt.Printf("BenchmarkManyHosts/startup/%s \t1\t%12.2f ms\n", sys, ms(startup))
-		fmt.Printf("BenchmarkManyHosts/rss/%s \t1\t%12.0f B\n", sys, rss)
-		fmt.Printf("BenchmarkManyHosts/push-p50/%s \t1\t%12.2f ms\n", sys, ms(lat[len(lat)/2]))
-		fmt.Printf("BenchmarkManyHosts/push-p99/%s \t1\t%12.2f ms\n", sys, ms(lat[len(lat)*99/100]))
-		b.ReportMetric(ms(startup), "startup-"+sys+"-ms")
-		b.ReportMetric(rss/float64(hosts), "rss-"+sys+"-B/host")
-		b.ReportMetric(ms(lat[len(lat)/2]), "push-p50-"+sys+"-ms")
-		b.ReportMetric(ms(lat[len(lat)*99/100]), "push-p99-"+sys+"-ms")
+		report("startup", sys, ms(startup), "ms")
+		report("rss", sys, rss/float64(hosts), "B/host")
+		report("push-p50", sys, ms(lat[len(lat)/2]), "ms")
+		report("push-p99", sys, ms(lat[len(lat)*99/100]), "ms")
 	}
 
 	// Embedded: the records written straight into the data directory.
@@ -379,8 +396,6 @@ func BenchmarkManyHosts(b *testing.B) {
 	fill(b, st, hosts, 500)
 	st.Close()
 	emb.start()
-	measure("embedded", emb, emb.addr, emb.addr)
-	emb.kill9()
 
 	// etcd: the records written through the etcd store, then the replicas.
 	local, _ := store.Open(b.TempDir())
@@ -390,10 +405,35 @@ func BenchmarkManyHosts(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	t0 := time.Now()
 	fill(b, es, hosts, 25) // 25 hosts: 76 keys + a guard, under etcd's 128 operations per transaction
+	b.Logf("etcd: %d hosts written in %v", hosts, time.Since(t0))
 	es.Close()
 	reps := startReplicas(b, c, bin, k, ca)
-	measure("etcd", reps[2], reps[2].addr, reps[0].addr)
+
+	systems := []func(){
+		func() { measure("embedded", emb, emb.addr, emb.addr) },
+		func() { measure("etcd", reps[2], reps[2].addr, reps[0].addr) },
+	}
+	b.ResetTimer()
+	for round := range rounds {
+		for i := range systems {
+			systems[(i+round)%len(systems)]()
+		}
+	}
+	b.StopTimer()
+	names := make([]string, 0, len(results))
+	for k := range results {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	for _, k := range names {
+		v := slices.Clone(results[k])
+		slices.Sort(v)
+		metric, unit, _ := strings.Cut(k, " ")
+		b.Logf("%-24s median %10.2f %s (min %.2f, max %.2f, n=%d)", metric, v[len(v)/2], unit, v[0], v[len(v)-1], len(v))
+		b.ReportMetric(v[len(v)/2], strings.ReplaceAll(metric, "/", "-")+"-"+unit)
+	}
 }
 
 // pushLatencyName is pushLatency on a given name.
