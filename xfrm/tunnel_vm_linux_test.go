@@ -37,7 +37,7 @@ const (
 	tlFOUMappedC = 16080 // c's FOU port as n maps it
 )
 
-func newTunnelLab(t *testing.T) *tunnelLab {
+func newTunnelLab(t testing.TB) *tunnelLab {
 	t.Helper()
 	l := &tunnelLab{r: netns.New(t, "r"), n: netns.New(t, "n"), keys: map[[2]string][]byte{}, spis: map[[2]string]uint32{}}
 	must(t, l.r.Sysctl("net.ipv4.ip_forward", "1"))
@@ -129,7 +129,14 @@ func (l *tunnelLab) desired(x string, via map[string]controlplane.PathKind) *con
 
 // setVia puts a's path to peer (and the peer's to a) on kind k; it returns
 // the changes, which must not touch an SA.
-func (l *tunnelLab) setVia(t *testing.T, via map[string]controlplane.PathKind, peer string, k controlplane.PathKind) {
+func (l *tunnelLab) setVia(t testing.TB, via map[string]controlplane.PathKind, peer string, k controlplane.PathKind) {
+	t.Helper()
+	l.setViaKeys(t, via, peer, k, false)
+}
+
+// setViaKeys is setVia; with newKeys the pair was keyed again, and SA
+// changes are expected.
+func (l *tunnelLab) setViaKeys(t testing.TB, via map[string]controlplane.PathKind, peer string, k controlplane.PathKind, newKeys bool) {
 	t.Helper()
 	via[peer] = k
 	hosts := map[string]*labHost{"b": l.b, "c": l.c}
@@ -144,7 +151,7 @@ func (l *tunnelLab) setVia(t *testing.T, via map[string]controlplane.PathKind, p
 			t.Fatalf("%s: Set via %v: %v", x, k, err)
 		}
 		for _, c := range ch {
-			if c.Object == "state" {
+			if c.Object == "state" && !newKeys {
 				t.Errorf("%s: moving to %v touched an SA (a rekey or re-add): %v", x, k, c)
 			}
 		}
@@ -298,16 +305,16 @@ func TestVMTunnelPaths(t *testing.T) {
 		layers string // on a's link, both directions
 		tshark string // tshark's frame.protocols for them ("" : it has no dissector)
 	}{
-		{l.b, controlplane.PathESPInUDP, "ipv4|udp|esp", "eth:ethertype:ip:udp:esp"},
+		{l.b, controlplane.PathESPInUDP, "ipv4|udp|esp", "eth:ethertype:ip:udp:udpencap:esp"},
 		{l.b, controlplane.PathIPv6, "ipv6|ipv6|esp", "eth:ethertype:ipv6:ipv6:esp"},
 		{l.b, controlplane.PathSit, "ipv4|ipv6|esp", "eth:ethertype:ip:ipv6:esp"},
 		{l.c, controlplane.PathFOU, "ipv4|udp|gue|ipv6|esp", ""},
-		{l.c, controlplane.PathESPInUDP, "ipv4|udp|esp", "eth:ethertype:ip:udp:esp"},
+		{l.c, controlplane.PathESPInUDP, "ipv4|udp|esp", "eth:ethertype:ip:udp:udpencap:esp"},
 	} {
 		t.Run(fmt.Sprintf("a-%s %v", tc.peer.name, tc.kind), func(t *testing.T) {
 			port++
 			l.setVia(t, via, tc.peer.name, tc.kind)
-			pcap := startCapture(t, l.r, "r0", func() { l.a.conn.SendKeepalive(netip.AddrPortFrom(tlPub["b"], 4500)) })
+			pcap := startCaptureSnap(t, l.r, "r0", 0, func() { l.a.conn.SendKeepalive(netip.AddrPortFrom(tlPub["b"], 4500)) })
 			s := startByteStreamPort(t, l.a, tc.peer, port)
 			s.waitFor(t, 256<<10)
 			s.finish(t)
@@ -362,14 +369,21 @@ func TestVMTunnelPaths(t *testing.T) {
 
 // start opens every host's tunnel socket and Dataplane and sets the
 // initial state (everything by ESP-in-UDP, every tunnel device made).
-func (l *tunnelLab) start(t *testing.T) {
+func (l *tunnelLab) start(t testing.TB) { l.startWith(t, nil) }
+
+// startWith is start with each host's Config changed by mod (nil: none).
+func (l *tunnelLab) startWith(t testing.TB, mod func(name string, c *Config)) {
 	t.Helper()
 	for _, h := range []*labHost{l.a, l.b, l.c} {
 		c, err := ListenAt(t.Context(), h.ns.NsHandle(), netip.MustParseAddrPort("0.0.0.0:4500"))
 		must(t, err)
 		h.conn = c
 		t.Cleanup(func() { c.Close() })
-		d, err := New(h.ns.NsHandle(), Config{Logger: testLogger(t).With("host", h.name)})
+		cfg := Config{Logger: testLogger(t).With("host", h.name)}
+		if mod != nil {
+			mod(h.name, &cfg)
+		}
+		d, err := New(h.ns.NsHandle(), cfg)
 		must(t, err)
 		h.dp = d
 		t.Cleanup(func() { d.Close() })

@@ -365,8 +365,15 @@ type capture struct {
 // is called until a packet shows up in the file.
 func startCapture(t *testing.T, n *netns.NS, dev string, poke func()) *capture {
 	t.Helper()
+	return startCaptureSnap(t, n, dev, 256, poke)
+}
+
+// startCaptureSnap is startCapture keeping snap bytes of each frame (0:
+// whole frames, for tshark to decrypt).
+func startCaptureSnap(t *testing.T, n *netns.NS, dev string, snap int, poke func()) *capture {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), dev+".pcap")
-	cmd := n.Command(t.Context(), "tcpdump", "-n", "-U", "-s", "256", "-i", dev, "-w", path)
+	cmd := n.Command(t.Context(), "tcpdump", "-n", "-U", "-s", fmt.Sprint(snap), "-i", dev, "-w", path)
 	must(t, n.StartCmd(cmd))
 	waitFor(t, 15*time.Second, func() bool {
 		poke()
