@@ -455,12 +455,33 @@ func (l *Lab) Dump() string {
 
 // SetWAN renumbers a gateway's WAN side (its NAT's public address changes,
 // as when an ISP hands out a new one): the old address goes, addr/24 comes,
-// and the default route is put back. The NAT forgets its mappings of the
-// old address (masquerade flushes them).
+// and the default route is put back. The NAT forgets every mapping (its
+// whole conntrack table: the kernel flushes masquerade's entries itself,
+// but not the port forwards' DNAT entries, which went on rewriting replies
+// to the old address), and the internet forgets the old address (the
+// router's neighbour entry would still deliver it to the gateway).
 func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
+	var old []string
+	if wan, err := gw.Handle.LinkByName("wan"); err == nil {
+		as, _ := gw.Handle.AddrList(wan, netlink.FAMILY_V4)
+		for _, a := range as {
+			old = append(old, a.IP.String())
+		}
+	}
 	via := strings.Join(strings.Split(addr, ".")[:3], ".") + ".1"
 	if err := readdressDev(gw, "wan", addr, via); err != nil {
 		return fmt.Errorf("lab: renumber %s's WAN to %s: %w", gw.Name, addr, err)
+	}
+	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
+		return fmt.Errorf("lab: renumber %s's WAN: flush its conntrack table: %w", gw.Name, err)
+	}
+	for _, a := range old {
+		if a == addr {
+			continue
+		}
+		if _, err := l.Inet.Run("ip", "neigh", "flush", "to", a); err != nil {
+			return fmt.Errorf("lab: renumber %s's WAN: %w", gw.Name, err)
+		}
 	}
 	return nil
 }
