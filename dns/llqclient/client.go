@@ -141,8 +141,11 @@ type Client struct {
 	// rebinding is set by Rebind: the transport was closed on purpose, so
 	// its end is no failure (logged as info, set up again at once).
 	rebinding bool
-	queries   map[qkey]*query
-	pending   map[uint16]*query
+	// stale are the LLQs left on the server by a Rebind, cancelled from
+	// the new socket once it is up.
+	stale   []staleLLQ
+	queries map[qkey]*query
+	pending map[uint16]*query
 	// keepAlive is the KeepAlive in force on conn; lastSend is when
 	// anything was last sent on it.
 	keepAlive time.Duration
@@ -162,6 +165,12 @@ const (
 	stActive               // established; refreshing when refreshing is true
 	stPolling              // plain queries
 )
+
+// staleLLQ is an LLQ that a Rebind left on the server.
+type staleLLQ struct {
+	q  *query
+	id uint64
+}
 
 type query struct {
 	key     qkey
@@ -322,6 +331,14 @@ func (c *Client) Run(ctx context.Context) error {
 		// silent: every LLQ lived there. After Rebind that is the plan,
 		// not a failure: no warning, no error in the status, no backoff.
 		for _, q := range c.queries {
+			if c.rebinding && q.st == stActive && q.id != 0 {
+				// Still live on the server until its lease ends: cancel
+				// it from the new socket (the server matches the ID and
+				// key, not the address), or every move would leave a
+				// set behind until the server's per-key limit answers
+				// SERV-FULL.
+				c.stale = append(c.stale, staleLLQ{q, q.id})
+			}
 			delete(c.pending, q.msgID)
 			q.waiting, q.due, q.st, q.id = false, time.Time{}, stSetup1, 0
 		}
@@ -385,6 +402,10 @@ func (c *Client) serve(ctx context.Context) error {
 		conn.Close()
 		<-readerDone
 	}()
+	for _, st := range c.stale {
+		c.send(st.q, c.llqMsg(st.q, llq.OpRefresh, st.id, 0), false)
+	}
+	c.stale = nil
 	for _, q := range c.queries {
 		c.startSetup(q)
 	}

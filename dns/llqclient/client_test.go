@@ -623,6 +623,14 @@ func TestRebindSetsUpAgain(t *testing.T) {
 		if st := c.Status(); st.Queries[0].Mode != ModeLLQ || st.Queries[0].Setups != 2 || st.LastError != "" {
 			t.Fatalf("not set up again after Rebind: %+v (last error %q)", st.Queries[0], st.LastError)
 		}
+		// The LLQ set up from the old address was cancelled from the
+		// new socket: one LLQ on the server, not one per move.
+		f.mu.Lock()
+		live := len(f.llqs)
+		f.mu.Unlock()
+		if live != 1 {
+			t.Errorf("%d LLQs on the server after a rebind, want 1 (the old one cancelled)", live)
+		}
 		if strings.Contains(logged.String(), "level=WARN") || !strings.Contains(logged.String(), "setting the LLQs up again") {
 			t.Errorf("a planned rebind logged:\n%s", logged.String())
 		}
