@@ -472,9 +472,9 @@ func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	if err := readdressDev(gw, "wan", addr, via); err != nil {
 		return fmt.Errorf("lab: renumber %s's WAN to %s: %w", gw.Name, addr, err)
 	}
-	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
-		return fmt.Errorf("lab: renumber %s's WAN: flush its conntrack table: %w", gw.Name, err)
-	}
+	// In this order: once the internet cannot reach the old address, no
+	// packet can make a new entry for it (the port forwards' DNAT rules
+	// do not look at the destination address).
 	for _, a := range old {
 		if a == addr {
 			continue
@@ -482,6 +482,9 @@ func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 		if _, err := l.Inet.Run("ip", "neigh", "flush", "to", a); err != nil {
 			return fmt.Errorf("lab: renumber %s's WAN: %w", gw.Name, err)
 		}
+	}
+	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
+		return fmt.Errorf("lab: renumber %s's WAN: flush its conntrack table: %w", gw.Name, err)
 	}
 	return nil
 }
