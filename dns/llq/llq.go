@@ -95,6 +95,9 @@ type Peer struct {
 	// session, so events leave from the address the client used); not
 	// persisted.
 	Reply any
+	// Local is the address the client sent its UDP LLQ to ("" unknown):
+	// persisted, so the events of a restored LLQ leave from it too.
+	Local string
 }
 
 // Event is one event message for one LLQ, ready to sign and send.
@@ -186,6 +189,7 @@ type persisted struct {
 	Class   uint16 `json:"class"`
 	Key     string `json:"key,omitempty"`
 	Addr    string `json:"addr"`
+	Local   string `json:"local,omitempty"`
 	Expires int64  `json:"exp"`
 }
 
@@ -293,7 +297,7 @@ func (t *Table) persistLocked(id uint64, e *Entry) {
 	var data []byte
 	if e != nil {
 		data, _ = json.Marshal(persisted{ID: e.ID, Name: e.Q.Name, Type: e.Q.Qtype, Class: e.Q.Qclass,
-			Key: e.Key, Addr: e.Peer.Addr, Expires: e.Expires.UnixNano()})
+			Key: e.Key, Addr: e.Peer.Addr, Local: e.Peer.Local, Expires: e.Expires.UnixNano()})
 	}
 	t.pq = append(t.pq, persistOp{id, data})
 	t.pqCond.Signal()
@@ -316,7 +320,7 @@ func (t *Table) Restore(data [][]byte) int {
 			continue
 		}
 		e := &Entry{ID: p.ID, Q: dns.Question{Name: p.Name, Qtype: p.Type, Qclass: p.Class},
-			Key: p.Key, Peer: Peer{Net: "udp", Addr: p.Addr}, Expires: exp}
+			Key: p.Key, Peer: Peer{Net: "udp", Addr: p.Addr, Local: p.Local}, Expires: exp}
 		t.addLocked(e)
 		n++
 	}

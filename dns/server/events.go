@@ -165,6 +165,9 @@ func (w *eventWorker) send(evs []llq.Event) error {
 					continue
 				}
 				m.Addr = net.UDPAddrFromAddrPort(ap)
+				if ev.Peer.Local != "" {
+					m.OOB = srcOOB(net.ParseIP(ev.Peer.Local)) // the address the client used
+				}
 			}
 			if pc == nil {
 				pc = ipv4.NewPacketConn(s.udp)

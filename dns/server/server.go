@@ -575,6 +575,9 @@ func (s *Server) peer(w dns.ResponseWriter) llq.Peer {
 	p := llq.Peer{Net: "udp", Addr: w.RemoteAddr().String()}
 	if uw, ok := w.(*udpWriter); ok {
 		p.Reply = uw.sess
+		if uw.sess.local != nil {
+			p.Local = uw.sess.local.String() // persisted: a restored LLQ's events leave from it too
+		}
 	}
 	return p
 }

@@ -592,3 +592,55 @@ func TestMetricsHooks(t *testing.T) {
 		t.Errorf("after an UPDATE with one LLQ: %d events in %d changes (latency %v), %d fsyncs", events, changes, worst, syncs)
 	}
 }
+
+// After a restart, a restored UDP LLQ's events still leave from the address
+// the client sent its LLQ to (127.0.0.2), as before the restart: the local
+// address is persisted with the LLQ (issue 17 rough edge).
+func TestRestoredEventSourceOnWildcard(t *testing.T) {
+	dir := t.TempDir()
+	srv, addrs := startServer(t, dir, func(c *server.Config) { c.Listen, c.ListenTLS = "0.0.0.0:0", "" })
+	k := addUser(t, srv, "alice", "")
+	_, port, _ := net.SplitHostPort(addrs.DNS)
+	target := net.JoinHostPort("127.0.0.2", port)
+	c := newLLQClient(t, target, k)
+	name := "src.alice.btmm.example."
+	id, _ := c.setup(name, dns.TypeA)
+	srv.Close()
+	var srv2 *server.Server
+	for range 50 { // the old socket may linger for a moment
+		s, err := server.New(server.Config{Zone: zoneName, DataDir: dir, Listen: "0.0.0.0:" + port, ServerAddrs: []string{"127.0.0.1"}}, testLogger(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Start(context.Background()); err == nil {
+			srv2 = s
+			break
+		}
+		s.Close()
+		time.Sleep(20 * time.Millisecond)
+	}
+	if srv2 == nil {
+		t.Fatal("restart failed")
+	}
+	t.Cleanup(func() { srv2.Close() })
+	if srv2.LLQs() != 1 {
+		t.Fatalf("%d LLQs restored", srv2.LLQs())
+	}
+	update(t, net.JoinHostPort("127.0.0.1", port), k, 3600, func(m *dns.Msg) { m.Insert([]dns.RR{rr(t, name+" 60 IN A 192.0.2.1")}) })
+	buf := make([]byte, 65535)
+	c.conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	n, from, err := c.conn.ReadFromUDP(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := new(dns.Msg)
+	if err := m.Unpack(buf[:n]); err != nil {
+		t.Fatal(err)
+	}
+	if o, ok := llq.Option(m); !ok || o.Id != id || o.Opcode != llq.OpEvent {
+		t.Fatalf("event %v", m)
+	}
+	if from.String() != target {
+		t.Fatalf("restored LLQ's event came from %v, want %v", from, target)
+	}
+}

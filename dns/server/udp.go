@@ -28,6 +28,7 @@ func setUDPSocketOptions(conn *net.UDPConn) {
 type udpSession struct {
 	raddr *net.UDPAddr
 	oob   []byte // IP_PKTINFO / IPV6_PKTINFO with the request's destination as source; nil: none
+	local net.IP // the request's destination (nil: unknown)
 }
 
 // oobSize holds the control messages setUDPSocketOptions asks for.
@@ -43,14 +44,21 @@ func newUDPSession(raddr *net.UDPAddr, oob []byte) *udpSession {
 	} else if cm4 := new(ipv4.ControlMessage); cm4.Parse(oob) == nil && cm4.Dst != nil {
 		dst = cm4.Dst
 	}
-	switch {
-	case dst == nil:
-	case dst.To4() == nil:
-		sess.oob = (&ipv6.ControlMessage{Src: dst}).Marshal()
-	default:
-		sess.oob = (&ipv4.ControlMessage{Src: dst}).Marshal()
-	}
+	sess.local, sess.oob = dst, srcOOB(dst)
 	return sess
+}
+
+// srcOOB is the control message that makes a datagram leave from src (nil
+// for none).
+func srcOOB(src net.IP) []byte {
+	switch {
+	case src == nil:
+		return nil
+	case src.To4() == nil:
+		return (&ipv6.ControlMessage{Src: src}).Marshal()
+	default:
+		return (&ipv4.ControlMessage{Src: src}).Marshal()
+	}
 }
 
 func (sess *udpSession) write(conn *net.UDPConn, b []byte) (int, error) {
