@@ -459,7 +459,8 @@ func (l *Lab) Dump() string {
 // whole conntrack table: the kernel flushes masquerade's entries itself,
 // but not the port forwards' DNAT entries, which went on rewriting replies
 // to the old address), and the internet forgets the old address (the
-// router's neighbour entry would still deliver it to the gateway).
+// router's neighbour entry would still deliver it to the gateway); both
+// only where the kernel has conntrack over netlink (see below).
 func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	var old []string
 	if wan, err := gw.Handle.LinkByName("wan"); err == nil {
@@ -471,6 +472,14 @@ func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	via := strings.Join(strings.Split(addr, ".")[:3], ".") + ".1"
 	if err := readdressDev(gw, "wan", addr, via); err != nil {
 		return fmt.Errorf("lab: renumber %s's WAN to %s: %w", gw.Name, addr, err)
+	}
+	// Without conntrack over netlink (the VM's kernel refuses the flush
+	// with EINVAL: no nf_conntrack_netlink) the entries stay: keep the
+	// old address reachable too, or the stale entries would black-hole
+	// host1's replies (the NAT then still answers on its old address for
+	// a while: a NAT change's first echo is not meaningful there).
+	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
+		return nil
 	}
 	// In this order: once the internet cannot reach the old address, no
 	// packet can make a new entry for it (the port forwards' DNAT rules
