@@ -170,6 +170,21 @@ func TestRelayGoForwarding(t *testing.T) {
 	if st := s.Stats(); st.GoForwardedESP != 2 || st.GoForwarded != 3 || st.Flows != 2 {
 		t.Errorf("stats %+v", st)
 	}
+	// B's NAT mapping changes: it binds again from its new source, and
+	// only that one receives (the old bind is gone, not picked at random).
+	b2 := newTestHost(t, "b.alice.btmm.example.", alice)
+	if err := b2.cl.Bind(ctx, aa.Relayed, ba); err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		a.conn.WriteToUDPAddrPort(esp, ba.Relayed)
+		b2.expect(t, esp, aa.Relayed)
+	}
+	b.expectNothing(t)
+	if st := s.Stats(); st.Flows != 2 {
+		t.Errorf("flows after the re-bind: %+v", st)
+	}
+	b = b2
 	if al := s.Allocations(); len(al) != 2 || len(al[0].Peers) != 1 {
 		t.Errorf("allocations %+v", al)
 	}

@@ -698,6 +698,14 @@ func (s *Server) bind(m *stun.Message, cred Credential, r request, port uint16, 
 		s.mu.Unlock()
 		return s.refuse(m, &cred, stun.CodeForbidden, "a relay joins two hosts of one user")
 	}
+	// One source per (host, peer port): a host whose NAT mapping changed
+	// binds again from its new source, and the old one must not stay a
+	// destination (the flow table would pick either).
+	for f, y := range s.binds {
+		if f.InPort == port && y == x && f.From != from {
+			delete(s.binds, f)
+		}
+	}
 	s.binds[Flow{port, from}] = x
 	s.mu.Unlock()
 	s.syncFlows()
