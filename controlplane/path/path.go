@@ -162,7 +162,7 @@ func CandidatesFrom(published netip.AddrPort, caps register.Capabilities) []Cand
 		if !ok || seen[c.Addr] || c.Addr.Addr().Is4() == (k == KindIPv6) || k == KindIPv6 && !globalIPv6(c.Addr.Addr()) {
 			continue
 		}
-		if k == KindLAN && c.Addr == published {
+		if k == KindLAN && c.Addr == published && !private(c.Addr.Addr()) {
 			k = KindDirect // its own address is public: reachable by anyone
 		}
 		addr := c.Addr
@@ -184,6 +184,14 @@ func CandidatesFrom(published netip.AddrPort, caps register.Capabilities) []Cand
 }
 
 var ulaPrefix = netip.MustParsePrefix("fc00::/7")
+
+// cgnatPrefix is RFC 6598's shared address space.
+var cgnatPrefix = netip.MustParsePrefix("100.64.0.0/10")
+
+// private reports an address only its own network reaches (RFC 1918,
+// RFC 6598): published as the SRV/A endpoint (a gateway that answered
+// nothing, "treated as public") it is still a LAN candidate.
+func private(a netip.Addr) bool { return a.IsPrivate() || cgnatPrefix.Contains(a) }
 
 func globalIPv6(a netip.Addr) bool {
 	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !ulaPrefix.Contains(a) && a.Zone() == ""

@@ -132,6 +132,13 @@ func TestCandidatesFrom(t *testing.T) {
 	if len(pub) != 1 || pub[0].Kind != KindDirect {
 		t.Errorf("public host: %+v", pub)
 	}
+	// A private address published as SRV/A (a gateway that answered
+	// nothing, the host "treated as public") stays a LAN candidate.
+	priv := CandidatesFrom(netip.MustParseAddrPort("192.168.1.2:4500"), register.Capabilities{Candidates: []register.Candidate{
+		{Kind: "lan", Addr: netip.MustParseAddrPort("192.168.1.2:4500")}}})
+	if len(priv) != 1 || priv[0].Kind != KindLAN {
+		t.Errorf("private SRV/A: %+v", priv)
+	}
 	// Today's records only: one direct candidate.
 	old := CandidatesFrom(netip.MustParseAddrPort("11.3.0.2:4500"), register.Capabilities{Version: 1})
 	if len(old) != 1 || old[0].Kind != KindDirect {
