@@ -276,6 +276,11 @@ func (p *paths) publish(local []netip.Addr) {
 		cands = append(cands, register.Candidate{Kind: path.TXTKind(path.KindRelayUDP), Addr: p.alloc.Relayed})
 	}
 	cands = append(cands, p.tunnelCandidates(local)...) // issue 15 (tunnels.go)
+	// Our own candidates changed (a NAT that now maps differently, a new
+	// allocation): the peers learn it by LLQ within milliseconds and
+	// probe at once; probing them at once too makes the checks
+	// simultaneous from both sides, which is what opens two NATs.
+	kick := p.cands != nil && !slices.Equal(p.cands, cands)
 	p.cands = cands
 	caps := p.base
 	pub := p.key.Public()
@@ -284,6 +289,10 @@ func (p *paths) publish(local []netip.Addr) {
 	p.mu.Unlock()
 	if err := p.a.reg.SetCapabilities(caps); err != nil {
 		p.a.log.Warn("publishing candidates", "err", err)
+	}
+	if kick {
+		p.a.log.Info("paths: our candidates changed; checking every peer", "nat", nat, "candidates", cands)
+		p.sel.Kick()
 	}
 	p.a.mu.Lock()
 	mapped := p.a.nat.External.IsValid() || p.a.cfg.NAT == nil
