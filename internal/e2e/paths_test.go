@@ -1,0 +1,480 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/path"
+	"github.com/btmm/btmm/internal/lab"
+	"github.com/btmm/btmm/internal/miniupnpd"
+	"github.com/btmm/btmm/internal/netns"
+	"github.com/btmm/btmm/internal/testenv"
+)
+
+// Relay namespace hung off the lab's inet (two addresses: STUN mapping
+// behaviour is judged from two responder IPs).
+const (
+	relayAddr  = "11.4.0.2"
+	relayAddr2 = "11.4.0.3"
+)
+
+// setNAT makes a lab gateway's NAT endpoint-independent (Linux masquerade,
+// ports kept where free) or symmetric (masquerade random,fully-random: a new
+// port per connection), without PCP (no miniupnpd). Conntrack entries of
+// the other kind made earlier are flushed.
+func setNAT(t *testing.T, gw *netns.NS, lanCIDR string, symmetric bool) {
+	t.Helper()
+	rule := `oifname "wan" ip saddr ` + lanCIDR + ` masquerade`
+	if symmetric {
+		rule += " random,fully-random"
+	}
+	gw.MustRun(t, "nft", "flush", "chain", "inet", "filter", "postrouting")
+	gw.MustRun(t, "nft", "add", "rule", "inet", "filter", "postrouting", "jump", "postrouting_miniupnpd")
+	gw.MustRun(t, "sh", "-c", "nft add rule inet filter postrouting "+rule)
+	firewallWAN(t, gw)
+	// A NAT of the new kind starts without mappings: the old ones would
+	// otherwise live on as long as keepalives and probes refresh them.
+	flushConntrack(t, gw)
+}
+
+// everyFlow matches every conntrack entry.
+type everyFlow struct{}
+
+func (everyFlow) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return true }
+
+// flushConntrack empties a namespace's IPv4 conntrack table, entry by
+// entry (Debian 6.1 refuses vishvananda's whole-table flush with EINVAL).
+func flushConntrack(t *testing.T, ns *netns.NS) {
+	t.Helper()
+	if _, err := ns.Handle.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.FAMILY_V4, everyFlow{}); err != nil {
+		t.Fatalf("flush %s's conntrack table: %v", ns.Name, err)
+	}
+}
+
+type pathHost struct {
+	host
+	gw  *netns.NS
+	lan string
+}
+
+// firewallWAN gives a gateway a home router's input filter: nothing from
+// the WAN side opens a connection to the gateway itself. Without it a
+// peer's hole-punching probe that arrives before our own went out is
+// delivered locally, and the conntrack entry it leaves takes the very
+// port our probe must be mapped to (the NAT then picks another one).
+func firewallWAN(t *testing.T, gw *netns.NS) {
+	t.Helper()
+	gw.Run("nft", "delete", "table", "inet", "wanfw")
+	gw.MustRun(t, "sh", "-c", `nft -f - <<'EOF'
+table inet wanfw {
+	chain input {
+		type filter hook input priority 0; policy accept;
+		iifname "wan" ct state new drop
+	}
+}
+EOF`)
+}
+
+// carrierNAT makes inet a carrier-grade NAT for gw3's WAN network
+// (11.6.0.0/24): traffic from it leaves as 11.7.0.1 (snat keeps ports
+// where free: endpoint-independent mapping, as RFC 6888 REQ-1 wants of a
+// CGN), and nothing from outside opens a connection to it. gw3 keeps its
+// public-looking WAN address, so miniupnpd there serves PCP whose mapping
+// (11.6.0.2:port) nobody outside can reach: a double NAT with PCP only at
+// the inner one (RFC 6281 §4.4).
+func carrierNAT(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	l.Inet.MustRun(t, "ip", "addr", "add", "11.7.0.1/32", "dev", "lo")
+	l.Inet.MustRun(t, "sh", "-c", `nft -f - <<'EOF'
+table ip cgn {
+	chain forward {
+		type filter hook forward priority 0; policy accept;
+		ct state established,related accept
+		ip daddr 11.6.0.0/24 iifname != "gw3" drop
+	}
+	chain input {
+		type filter hook input priority 0; policy accept;
+		ip daddr 11.7.0.1 ct state new drop
+	}
+	chain postrouting {
+		type nat hook postrouting priority 100; policy accept;
+		ip saddr 11.6.0.0/24 oifname != "gw3" snat to 11.7.0.1
+	}
+}
+EOF`)
+}
+
+// TestConnectivityEverywhereCleartext is the issue-14 table on the
+// ebpf-cleartext dataplane (no ESP needed), the host kernel's run.
+// connectivity(t, "xfrm") is the same table with ESP and the capture on
+// the relay (the VM's run, landed once it has passed there).
+func TestConnectivityEverywhereCleartext(t *testing.T) {
+	testenv.RequireNetNS(t)
+	if testenv.InVM() {
+		t.Skip("host tier: the paths table on ebpf-cleartext is the host kernel's run (a paths lab costs the VM minutes under TCG); runs under `make test-netns`")
+	}
+	connectivity(t, "ebpf-cleartext")
+}
+
+// connectivity: host1 and host2 behind the lab's NATs, pub with a public
+// address, a btmm-relay with the kernel forwarder, btmm-dnsd publishing it.
+// Row by row (one lab; host2 moves, gateways change), each host reaches
+// each peer over the expected path, btmmctl shows it, ULAs answer pings and
+// one TCP connection opened in the first row carries byte-checked data in
+// every row without being closed:
+//
+//	row                                   host1 -> host2   host2 -> host1
+//	symmetric NATs, no PCP                relay-udp        relay-udp      (bulk: kernel-forwarded, ESP only on the relay)
+//	endpoint-independent NATs, no PCP     punched          punched
+//	one NAT without hairpinning           lan              lan
+//	EIM (gw1) vs symmetric (gw2)          relay-udp        relay-udp
+//	double NAT: PCP at gw3, CGN outside   punched          punched        (the PCP mapping is unreachable)
+//
+// and pub (public) reaches the NATed hosts punched (peer-reflexive), they
+// reach it direct.
+func connectivity(t *testing.T, dataplane string) {
+	testenv.RequireBinary(t, "ping", "iputils-ping")
+	esp := dataplane != "ebpf-cleartext"
+	var tshark, tcpdump string
+	if esp {
+		tshark = testenv.RequireBinary(t, "tshark", "tshark")
+		tcpdump = testenv.RequireBinary(t, "tcpdump", "tcpdump")
+	}
+	bins := binaries(t)
+	dir := t.TempDir()
+	l := lab.New(t)
+
+	say(t, "btmm-relay in its own namespace at %s and %s, kernel forwarder on eth0", relayAddr, relayAddr2)
+	rl := netns.New(t, "relay")
+	netns.MustVeth(t, l.Inet, "rly", rl, "eth0")
+	l.Inet.MustAddr(t, "rly", "11.4.0.1/24")
+	rl.MustAddr(t, "eth0", relayAddr+"/24")
+	rl.MustAddr(t, "eth0", relayAddr2+"/24")
+	rl.MustRoute(t, "default", "11.4.0.1", "eth0")
+	say(t, "inet is a carrier NAT for gw3's network (11.6.0.0/24 leaves as 11.7.0.1)")
+	carrierNAT(t, l)
+	firewallWAN(t, l.GW3)
+
+	hostKey := rendezvousWith(t, l, bins, dir, fmt.Sprintf(`
+[[relay]]
+name = "relay.%s"
+port = 3478
+addrs = [%q, %q]
+`, zone, relayAddr, relayAddr2))
+	relayStatus := filepath.Join(dir, "relay.json")
+	writeFile(t, filepath.Join(dir, "relay.toml"), fmt.Sprintf(`listen = ["%s:3478", "%s:3478"]
+public = %q
+ports = "40000-40099"
+keys_dir = %q
+zone = %q
+device = "eth0"
+status_file = %q
+log_level = "debug"
+`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, relayStatus), 0o644)
+	relayd := start(t, rl, "btmm-relay", filepath.Join(bins, "btmm-relay"), "-config", filepath.Join(dir, "relay.toml"))
+
+	psk := filepath.Join(dir, "psk")
+	b := make([]byte, 48)
+	rand.Read(b)
+	writeFile(t, psk, fmt.Sprintf("%x\n", b), 0o600)
+	hosts := []*pathHost{
+		{host: host{name: "host1", ns: l.Host1, dataplane: dataplane}, gw: l.GW1, lan: "192.168.1.0/24"},
+		{host: host{name: "host2", ns: l.Host2, dataplane: dataplane}, gw: l.GW2, lan: "192.168.2.0/24"},
+		{host: host{name: "pub", ns: l.Pub, dataplane: dataplane}},
+	}
+	startHost := func(h *pathHost) {
+		h.sock = filepath.Join(dir, h.name+".sock")
+		conf := filepath.Join(dir, h.name+".toml")
+		writeFile(t, conf, fmt.Sprintf(`host = %q
+domain = %q
+state_file = %q
+control_socket = %q
+log_level = "debug"
+
+[tunnel]
+dataplane = %q
+
+[dns]
+key_file = %q
+server = "%s:53"
+resolver = "%s:53"
+
+[keying]
+mode = "psk"
+psk_file = %q
+
+[paths]
+mode = "auto"
+refresh = "3s"
+%s`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, psk,
+			namesSection(dir, h.name)), 0o644)
+		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
+	}
+	statuses := func() map[string]*agent.Status {
+		sts := map[string]*agent.Status{}
+		for _, h := range hosts {
+			if st, err := h.status(t, bins); err == nil {
+				sts[h.name] = st
+			}
+		}
+		return sts
+	}
+	// waitPaths waits until every host has every listed peer keyed, in
+	// the kernel and on the expected path kind, and btmmctl shows it.
+	waitPaths := func(row string, want map[[2]string]path.Kind) map[string]*agent.Status {
+		t.Helper()
+		var sts map[string]*agent.Status
+		t0 := time.Now()
+		waitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
+			sts = statuses()
+			for pair, kind := range want {
+				st := sts[pair[0]]
+				if st == nil {
+					return fmt.Errorf("%s: no status", pair[0])
+				}
+				var p *agent.PeerStatus
+				for i := range st.Peers {
+					if st.Peers[i].Name == pair[1] {
+						p = &st.Peers[i]
+					}
+				}
+				if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || p.Outer != p.Path.Remote {
+					return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
+				}
+			}
+			return nil
+		})
+		t.Logf("%s: every pair on its expected path after %v", row, time.Since(t0).Round(time.Millisecond))
+		for _, h := range hosts {
+			out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "peers")
+			show(t, "btmmctl peers   # on "+h.name, out)
+			for pair, kind := range want {
+				if pair[0] == h.name && !strings.Contains(out, kind.String()) {
+					t.Errorf("%s: btmmctl peers on %s does not show %v", row, h.name, kind)
+				}
+			}
+		}
+		return sts
+	}
+	pingAll := func(sts map[string]*agent.Status) {
+		t.Helper()
+		for _, h := range hosts {
+			for _, o := range hosts {
+				if o == h {
+					continue
+				}
+				// A path that just changed on one side may take a probe
+				// round on the other: a generous deadline, then no loss.
+				waitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
+					res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
+					if err != nil || !strings.Contains(res, " 0% packet loss") {
+						return fmt.Errorf("%v\n%s", err, res)
+					}
+					return nil
+				})
+			}
+		}
+	}
+	wantNAT := func(row string, sts map[string]*agent.Status, name, nat string) {
+		t.Helper()
+		if n := sts[name].Paths; n == nil || n.NAT != nat {
+			t.Errorf("%s: %s measured NAT %+v, want %s", row, name, n, nat)
+		}
+	}
+
+	row := "symmetric NATs without PCP"
+	say(t, "Row 1, %s: gw1 and gw2 masquerade random,fully-random, no miniupnpd", row)
+	setNAT(t, l.GW1, hosts[0].lan, true)
+	setNAT(t, l.GW2, hosts[1].lan, true)
+	for _, h := range hosts {
+		startHost(h)
+	}
+	sts := waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindRelayUDP, {"host2", "host1"}: path.KindRelayUDP,
+		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
+		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
+	})
+	wantNAT(row, sts, "host1", "symmetric")
+	wantNAT(row, sts, "host2", "symmetric")
+	wantNAT(row, sts, "pub", "none")
+	pingAll(sts)
+
+	say(t, "A byte-checked TCP stream host1 -> host2 through the relay, captured on the relay")
+	echo := startEcho(t, l.Host2, sts["host2"].ULA)
+	conn := dialEcho(t, l.Host1, echo)
+	defer conn.Close()
+	pcap := filepath.Join(dir, "relay.pcap")
+	var capture *exec.Cmd
+	if esp {
+		capture = rl.Command(t.Context(), tcpdump, "-q", "-n", "-i", "eth0", "-s", "0", "-U", "-w", pcap, "udp")
+		if err := rl.StartCmd(capture); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second) // tcpdump starting
+	}
+	cpu0 := procCPU(t, relayd.cmd.Process.Pid)
+	marker := bytes.Repeat([]byte("CLEARTEXT-MARKER "), 64)
+	const bulk = 8 << 20
+	sent := streamCheck(t, conn, marker, bulk)
+	cpu1 := procCPU(t, relayd.cmd.Process.Pid)
+	roundTrip(t, conn, "after the bulk transfer through the relay")
+	var rs struct {
+		Stats struct {
+			GoForwarded     uint64 `json:"go_forwarded"`
+			GoForwardedESP  uint64 `json:"go_forwarded_esp"`
+			KernelForwarded uint64 `json:"kernel_forwarded"`
+			Dropped         uint64 `json:"dropped"`
+		} `json:"stats"`
+	}
+	time.Sleep(2500 * time.Millisecond) // status_file is rewritten every 2 s
+	if raw, err := os.ReadFile(relayStatus); err != nil || json.Unmarshal(raw, &rs) != nil {
+		t.Fatalf("relay status file: %v", err)
+	}
+	relayCPU := cpu1 - cpu0
+	t.Logf("relay: %d bytes through, %d datagrams forwarded by the kernel, %d tunnel datagrams by Go (%d non-ESP: keying/probes), relay process CPU %v during the transfer",
+		sent, rs.Stats.KernelForwarded, rs.Stats.GoForwardedESP, rs.Stats.GoForwarded-rs.Stats.GoForwardedESP, relayCPU)
+	if rs.Stats.GoForwardedESP != 0 || rs.Stats.KernelForwarded < bulk/9000 {
+		t.Errorf("the relay's Go process forwarded %d tunnel datagrams, the kernel %d: want 0 and the whole transfer", rs.Stats.GoForwardedESP, rs.Stats.KernelForwarded)
+	}
+	if esp {
+		capture.Process.Signal(os.Interrupt)
+		capture.Wait()
+		raw, err := os.ReadFile(pcap)
+		if err != nil || len(raw) < bulk {
+			t.Fatalf("capture on the relay: %d bytes, %v", len(raw), err)
+		}
+		if bytes.Contains(raw, []byte("CLEARTEXT-MARKER")) {
+			t.Fatal("the relay saw the TCP payload in clear")
+		}
+		decode := []string{"-r", pcap}
+		for p := 40000; p < 40010; p++ {
+			decode = append(decode, "-d", "udp.port=="+strconv.Itoa(p)+",udpencap")
+		}
+		espOut, _ := rl.Run(tshark, append(decode, "-Y", "esp", "-T", "fields", "-e", "frame.number")...)
+		clear, _ := rl.Run(tshark, append(decode, "-Y", "ipv6 || tcp", "-T", "fields", "-e", "frame.number")...)
+		nESP, nClear := strings.Count(espOut, "\n"), strings.Count(clear, "\n")
+		t.Logf("tshark on the relay: %d ESP frames, %d frames with IPv6 or TCP visible", nESP, nClear)
+		if nESP < bulk/1500 || nClear != 0 {
+			t.Errorf("tshark on the relay: %d ESP, %d IPv6/TCP frames; want the transfer as ESP and nothing else", nESP, nClear)
+		}
+	}
+
+	row = "endpoint-independent NATs without PCP"
+	say(t, "Row 2, %s: host1 <-> host2 move from the relay to a hole-punched path, the TCP connection stays", row)
+	setNAT(t, l.GW1, hosts[0].lan, false)
+	setNAT(t, l.GW2, hosts[1].lan, false)
+	sts = waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
+		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
+	})
+	roundTrip(t, conn, row)
+	// Baseline for the relay's CPU figure: the same transfer not through
+	// the relay (what the VM charges to an idle process meanwhile).
+	cpu2 := procCPU(t, relayd.cmd.Process.Pid)
+	streamCheck(t, conn, marker, bulk)
+	cpu3 := procCPU(t, relayd.cmd.Process.Pid)
+	t.Logf("relay process CPU: %v during the 8 MiB transfer through it, %v during the same transfer on the punched path (baseline)", relayCPU, cpu3-cpu2)
+	pingAll(sts)
+	wantNAT(row, sts, "host1", "eim")
+	wantNAT(row, sts, "host2", "eim")
+
+	row = "two hosts behind one NAT without hairpinning"
+	say(t, "Row 3, %s: host2 moves behind gw1 (Linux masquerade, no hairpin rules)", row)
+	if err := l.Move(l.Host2, lab.BehindGW1); err != nil {
+		t.Fatal(err)
+	}
+	sts = waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindLAN, {"host2", "host1"}: path.KindLAN,
+		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
+	})
+	roundTrip(t, conn, row)
+	pingAll(sts)
+
+	row = "endpoint-independent NAT vs symmetric NAT"
+	say(t, "Row 4, %s: gw2 symmetric again, host2 moves back behind it", row)
+	setNAT(t, l.GW2, hosts[1].lan, true)
+	if err := l.Move(l.Host2, lab.BehindGW2); err != nil {
+		t.Fatal(err)
+	}
+	sts = waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindRelayUDP, {"host2", "host1"}: path.KindRelayUDP,
+		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
+	})
+	roundTrip(t, conn, row)
+	pingAll(sts)
+	wantNAT(row, sts, "host2", "symmetric")
+
+	row = "double NAT (PCP inside, a carrier NAT outside)"
+	say(t, "Row 5, %s: host2 moves behind gw3 (miniupnpd), which is behind inet's carrier NAT", row)
+	miniupnpd.StartT(t, l.GW3, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix("192.168.3.0/24"), KeepRuleset: true})
+	if err := l.Move(l.Host2, lab.BehindGW3); err != nil {
+		t.Fatal(err)
+	}
+	sts = waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
+		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
+	})
+	roundTrip(t, conn, row)
+	streamCheck(t, conn, marker, 1<<20)
+	pingAll(sts)
+	wantNAT(row, sts, "host2", "eim")
+	out, _ := l.Host2.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "status")
+	show(t, "btmmctl status   # on host2 behind the double NAT", out)
+}
+
+// streamCheck writes n bytes of a pattern through the echo server and
+// checks every byte that comes back.
+func streamCheck(t *testing.T, c net.Conn, pattern []byte, n int) int {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(120 * time.Second))
+	errc := make(chan error, 1)
+	go func() {
+		var err error
+		for sent := 0; sent < n && err == nil; sent += len(pattern) {
+			_, err = c.Write(pattern[:min(len(pattern), n-sent)])
+		}
+		errc <- err
+	}()
+	got := make([]byte, n)
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("TCP stream: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("TCP stream write: %v", err)
+	}
+	for i := 0; i < n; i += len(pattern) {
+		if !bytes.Equal(got[i:min(i+len(pattern), n)], pattern[:min(len(pattern), n-i)]) {
+			t.Fatalf("TCP stream corrupted at byte %d", i)
+		}
+	}
+	c.SetDeadline(time.Time{})
+	return n
+}
+
+// procCPU is a process's user+system CPU time (/proc/PID/stat, clock ticks of 10 ms).
+func procCPU(t *testing.T, pid int) time.Duration {
+	t.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := strings.Fields(string(raw[bytes.LastIndexByte(raw, ')')+2:]))
+	ut, _ := strconv.Atoi(f[11])
+	st, _ := strconv.Atoi(f[12])
+	return time.Duration(ut+st) * 10 * time.Millisecond
+}
