@@ -443,7 +443,10 @@ func roam(t *testing.T, dp, others string) {
 		}
 		time.Sleep(150 * time.Millisecond) // past a debounce now and then: changes are being followed
 	}
-	took := stopWithin(t, h1, 20*time.Second)
+	// btmmd's shutdown deadline is the unit's TimeoutStopSec (45 s,
+	// hack/systemd/btmmd.service), after which systemd kills it; under
+	// TCG it took 3.6-13.5 s here (records deleted, DELETEs sent).
+	took := stopWithin(t, h1, 45*time.Second)
 	t.Logf("btmmd stopped %v after SIGTERM", took.Round(time.Millisecond))
 	noneLeft(t, h1)
 }
