@@ -928,6 +928,14 @@ func Pinned(root string) ([]string, error) {
 	return names, nil
 }
 
+// ours reports whether a is a local ULA as the dataplanes add it (on lo,
+// /128, nodad), which nobody else does with this boot's random ULA: one a
+// btmmd that crashed left behind, adopted so that Close removes it.
+func ours(a netlink.Addr, lo int) bool {
+	ones, bits := a.Mask.Size()
+	return a.LinkIndex == lo && ones == 128 && bits == 128 && a.Flags&unix.IFA_F_NODAD != 0
+}
+
 // setLocalULA makes ula (if valid) an address of lo, where the kernel finds
 // it as the source of the routes to the peers, and removes the ULA this
 // dataplane added before if it differs. An address that was already there
@@ -955,7 +963,11 @@ func (d *Dataplane) setLocalULA(ula netip.Addr) ([]controlplane.Change, error) {
 	}
 	for _, a := range addrs {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip.Unmap() == ula {
-			return changes, nil // assigned by someone else
+			if ours(a, lo.Attrs().Index) {
+				// Left by a btmmd that crashed: ours, removed at Close.
+				d.loULA = ula
+			}
+			return changes, nil // else assigned by someone else
 		}
 	}
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: ula.AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}

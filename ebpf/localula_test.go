@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 func hasULA(t *testing.T, h *host) bool {
@@ -39,8 +40,19 @@ func TestLocalULAOwnedNetNS(t *testing.T) {
 		t.Fatal("Close left the ULA it had added")
 	}
 
-	// Assigned by someone else: used, never removed.
-	a.ns.MustAddr(t, "lo", a.ula.String()+"/128")
+	// Left by a btmmd that crashed (as we add it: /128 nodad): adopted,
+	// removed at Close.
+	must(t, a.ns.Handle.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: a.ula.AsSlice(), Mask: net.CIDRMask(128, 128)}, Flags: unix.IFA_F_NODAD}))
+	a.start(t, Config{Cleartext: true})
+	a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port)))
+	closeAndCheck(t, a)
+	if hasULA(t, a) {
+		t.Fatal("Close left the ULA a crashed run had added")
+	}
+
+	// Assigned by someone else (`ip addr add ULA/128 dev lo`: no nodad):
+	// used, never removed.
+	must(t, a.ns.Handle.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: a.ula.AsSlice(), Mask: net.CIDRMask(128, 128)}}))
 	a.start(t, Config{Cleartext: true})
 	a.set(t, a.state(b, netip.AddrPortFrom(b.outer, b.port)))
 	closeAndCheck(t, a)

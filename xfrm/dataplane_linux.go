@@ -897,6 +897,11 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 		}
 		for _, h := range have {
 			if h.IP.Equal(want.IP) {
+				if ones, _ := h.Mask.Size(); ones == 128 && h.Flags&syscall.IFA_F_NODAD != 0 && d.loAddr != ula {
+					// /128 nodad, as we add it: left by a btmmd that
+					// crashed (this boot's random ULA); ours to remove.
+					a.prevLo, d.loAddr = d.loAddr, ula
+				}
 				return // ours already, or someone else's: not ours to remove
 			}
 		}

@@ -545,3 +545,30 @@ func TestInterfaceDeletedBehindOurBack(t *testing.T) {
 		t.Fatalf("not restored (-want +got):\n%s", diff)
 	}
 }
+
+// TestFallbackAdoptsCrashedULA: a ULA on lo as we add it (/128 nodad), left
+// by a btmmd that crashed, is adopted and removed at Close; one added by
+// someone else (no nodad) is used and left (issue 17: the ULA on lo after a
+// crash, a restart and a stop).
+func TestFallbackAdoptsCrashedULA(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		flags int
+		left  string
+	}{{"crashed btmmd's", syscall.IFA_F_NODAD, "\n"}, {"an administrator's", 0, "addr fd00::a/128 dev lo\n"}} {
+		k := newFakeKernel()
+		k.noXfrmi = true
+		lo, _ := k.LinkByName("lo")
+		k.AddrAdd(lo, &netlink.Addr{IPNet: prefix128(ulaA), Flags: tc.flags})
+		d := newFake(t, k, Config{})
+		if _, err := d.Set(context.Background(), stateOf(peer("b", ulaB, "10.0.0.2:4500", gcm(0x1001), gcm(0x1002)))); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRender(t, k); got != tc.left {
+			t.Errorf("%s ULA: after Close %q, want %q", tc.name, got, tc.left)
+		}
+	}
+}
