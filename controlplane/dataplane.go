@@ -7,7 +7,15 @@ import (
 	"hash/fnv"
 	"net/netip"
 	"time"
+
+	"github.com/btmm/btmm/controlplane/identity"
 )
+
+// NonESPMarker is RFC 3948 §2.2's four zero bytes in front of a datagram on
+// the ESP-in-UDP port that is not ESP (an ESP SPI is never 0): keying
+// messages and the relay's control messages. The one definition; do not
+// modify.
+var NonESPMarker = [4]byte{}
 
 // DefaultTunnelPort is the UDP port for ESP-in-UDP and keying (RFC 3948's 4500).
 const DefaultTunnelPort = 4500
@@ -187,14 +195,12 @@ func TunnelLinkLocal(ula netip.Addr) netip.Addr {
 	return netip.AddrFrom16(b)
 }
 
-var ulaPrefix = netip.MustParsePrefix("fc00::/7")
-
 // checkTunnel validates one tunnel endpoint.
 func checkTunnel(t Tunnel, local Local) error {
 	a := t.Remote.Addr()
 	switch t.Kind {
 	case PathIPv6:
-		if !a.Is6() || a.Is4In6() || a.Zone() != "" || !a.IsGlobalUnicast() || ulaPrefix.Contains(a) || t.Remote.Port() != 0 {
+		if !a.Is6() || a.Is4In6() || a.Zone() != "" || !a.IsGlobalUnicast() || identity.IsULA(a) || t.Remote.Port() != 0 {
 			return fmt.Errorf("ipv6 tunnel: remote %v is not a global IPv6 address (no port)", t.Remote)
 		}
 	case PathSit:
@@ -224,7 +230,7 @@ type State struct {
 // input changes nothing.
 func (s *State) Validate() error {
 	var errs []error
-	if !s.Local.ULA.Is6() || !ulaPrefix.Contains(s.Local.ULA) {
+	if !identity.IsULA(s.Local.ULA) {
 		errs = append(errs, fmt.Errorf("local ULA %v is not an IPv6 ULA (fc00::/7)", s.Local.ULA))
 	}
 	if s.Local.Port == 0 {
@@ -233,7 +239,7 @@ func (s *State) Validate() error {
 	if s.Local.FOUPort != 0 && s.Local.FOUPort == s.Local.Port {
 		errs = append(errs, fmt.Errorf("local FOU port %d is the tunnel port", s.Local.FOUPort))
 	}
-	if o := s.Local.Outer6; o.IsValid() && (!o.Is6() || o.Is4In6() || !o.IsGlobalUnicast() || ulaPrefix.Contains(o)) {
+	if o := s.Local.Outer6; o.IsValid() && (!o.Is6() || o.Is4In6() || !o.IsGlobalUnicast() || identity.IsULA(o)) {
 		errs = append(errs, fmt.Errorf("local IPv6 outer address %v is not a global IPv6 address", o))
 	}
 	seen := map[netip.Addr]bool{}
@@ -242,7 +248,7 @@ func (s *State) Validate() error {
 	// IPv6), so two peers cannot share one.
 	remotes := map[netip.Addr]string{}
 	for _, p := range s.Peers {
-		if !p.ULA.Is6() || !ulaPrefix.Contains(p.ULA) {
+		if !identity.IsULA(p.ULA) {
 			errs = append(errs, fmt.Errorf("peer %q: ULA %v is not an IPv6 ULA", p.Name, p.ULA))
 		}
 		if p.ULA == s.Local.ULA {

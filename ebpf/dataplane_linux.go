@@ -5,14 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/btmm/btmm/xfrm"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sync"
 	"time"
@@ -23,7 +21,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
+	"github.com/btmm/btmm/controlplane/nsthread"
 	"github.com/btmm/btmm/controlplane/repair"
+	"github.com/btmm/btmm/xfrm"
 )
 
 // DefaultPinRoot is where programs, maps and links are pinned.
@@ -308,33 +309,9 @@ func (d *Dataplane) Status() string {
 	return s
 }
 
-// inNS runs f on a locked thread inside the dataplane's namespace (attach
-// calls resolve interface indexes in the caller's namespace). A thread that
-// cannot switch back is left locked so the runtime discards it.
-func (d *Dataplane) inNS(f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(d.ns); err != nil {
-			errc <- fmt.Errorf("setns: %w", err)
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("return to original netns: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// inNS runs f inside the dataplane's namespace (attach calls resolve
+// interface indexes in the caller's namespace).
+func (d *Dataplane) inNS(f func() error) error { return nsthread.In(d.ns, f) }
 
 // peerEntry is what the maps say about one peer.
 type peerEntry struct {
@@ -683,11 +660,9 @@ func (d *Dataplane) leave(left attachment) ([]controlplane.Change, error) {
 // device's own, as setRoutes makes them.
 func (d *Dataplane) ourNeigh(n netlink.Neigh, dev netlink.Link) bool {
 	a, ok := netip.AddrFromSlice(n.IP)
-	return ok && n.State&netlink.NUD_PERMANENT != 0 && ulaPrefix.Contains(a) &&
+	return ok && n.State&netlink.NUD_PERMANENT != 0 && identity.IsULA(a) &&
 		len(n.HardwareAddr) > 0 && bytes.Equal(n.HardwareAddr, dev.Attrs().HardwareAddr)
 }
-
-var ulaPrefix = netip.MustParsePrefix("fc00::/7")
 
 // setRoutes makes a /128 route and a permanent neighbour entry for each
 // peer on the device the programs are on, moving routes from any other

@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/repair"
 )
 
@@ -124,7 +125,7 @@ func (d *Dataplane) onRoute(typ uint16, b []byte) {
 		d.repair.Kick(fmt.Sprintf("route %v deleted", m.Prefix))
 	case m.Type == repair.RTMDelAddr && m.Family == unix.AF_INET6 && w.ula.IsValid() && m.Prefix.Addr() == w.ula:
 		d.repair.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
-	case m.Type == repair.RTMDelNeigh && m.Family == unix.AF_INET6 && dev && ulaPrefix.Contains(m.Addr):
+	case m.Type == repair.RTMDelNeigh && m.Family == unix.AF_INET6 && dev && identity.IsULA(m.Addr):
 		d.repair.Kick(fmt.Sprintf("neighbour %v deleted", m.Addr))
 	case (m.Type == repair.RTMDelQdisc || m.Type == repair.RTMDelTfilter) && dev:
 		d.repair.Kick("tc qdisc or filter deleted")

@@ -6,12 +6,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/btmm/btmm/controlplane/nsthread"
 )
 
 // Socket options of RFC 3948 UDP encapsulation (linux/udp.h).
@@ -89,32 +90,14 @@ func ListenAt(ctx context.Context, ns netns.NsHandle, laddr netip.AddrPort) (*Co
 }
 
 func listenIn(ns netns.NsHandle, listen func() (*Conn, error)) (*Conn, error) {
-	type result struct {
-		c   *Conn
-		err error
+	var c *Conn
+	if err := nsthread.In(ns, func() (err error) { c, err = listen(); return err }); err != nil {
+		if c != nil {
+			c.Close()
+		}
+		return nil, fmt.Errorf("xfrm: listen: %w", err)
 	}
-	done := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			done <- result{err: fmt.Errorf("xfrm: listen: current netns: %w", err)}
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			done <- result{err: fmt.Errorf("xfrm: listen: enter netns: %w", err)}
-			runtime.UnlockOSThread()
-			return
-		}
-		c, err := listen()
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread() // else the thread dies with the goroutine
-		}
-		done <- result{c, err}
-	}()
-	r := <-done
-	return r.c, r.err
+	return c, nil
 }
 
 // ReadKeying reads the next keying message into b and returns its length

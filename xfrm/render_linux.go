@@ -3,14 +3,13 @@ package xfrm
 import (
 	"fmt"
 	"net"
-	"net/netip"
 	"sort"
 	"strings"
 
 	"github.com/vishvananda/netlink"
-)
 
-var ulaPrefix = netip.MustParsePrefix("fc00::/7")
+	"github.com/btmm/btmm/controlplane/identity"
+)
 
 // render describes what the kernel behind h holds that matters to this
 // package, one object per line in `ip xfrm`-like words, sorted: the xfrm
@@ -48,7 +47,7 @@ func render(h handle, ifname string) (string, error) {
 		}
 		for _, a := range as {
 			ip := ipAddr(a.IP)
-			if ulaPrefix.Contains(ip) {
+			if identity.IsULA(ip) {
 				ones, _ := a.Mask.Size()
 				lines = append(lines, fmt.Sprintf("addr %v/%d dev %s", ip, ones, dev))
 			}
@@ -128,7 +127,7 @@ func render(h handle, ifname string) (string, error) {
 		return "", fmt.Errorf("render: routes: %w", err)
 	}
 	for _, r := range rs {
-		if r.Dst == nil || !ulaPrefix.Contains(ipAddr(r.Dst.IP)) {
+		if r.Dst == nil || !identity.IsULA(ipAddr(r.Dst.IP)) {
 			continue
 		}
 		if ones, _ := r.Dst.Mask.Size(); ones != 128 {

@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
 )
 
 // Tunnel devices (issue 15, docs/tunnels.md). Per peer with tunnels: an
@@ -79,7 +80,7 @@ func (d *Dataplane) tunnelLink(local controlplane.Local, p controlplane.Peer, t 
 				return nil, fmt.Errorf("peer %q: no route to %v: %v", p.Name, remote, err)
 			}
 			a, ok := netip.AddrFromSlice(rs[0].Src)
-			if !ok || !a.Is6() || a.Is4In6() || !a.IsGlobalUnicast() || ulaPrefix.Contains(a) {
+			if !ok || !a.Is6() || a.Is4In6() || !a.IsGlobalUnicast() || identity.IsULA(a) {
 				return nil, fmt.Errorf("peer %q: the route to %v has no global IPv6 source (%v)", p.Name, remote, rs[0].Src)
 			}
 			l6 = a

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+
+	"github.com/btmm/btmm/controlplane"
 )
 
 // The XFRM netlink messages this package builds or parses itself (the ones
@@ -42,7 +44,7 @@ var ne = binary.NativeEndian
 
 // nonESPMarker is RFC 3948 §2.2's four zero bytes in front of keying
 // messages on the ESP-in-UDP port (where an ESP packet has its non-zero SPI).
-var nonESPMarker = [4]byte{}
+var nonESPMarker = controlplane.NonESPMarker
 
 // errNotKeying reports a datagram on the tunnel port that is not a keying
 // message (no non-ESP marker).

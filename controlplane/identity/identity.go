@@ -231,6 +231,14 @@ func readState(path string) (Identity, error) {
 	return id, nil
 }
 
+// ULAPrefix is RFC 4193's block of Unique Local Addresses, fc00::/7 (an
+// identity is always in its locally assigned half, fd00::/8).
+var ULAPrefix = netip.MustParsePrefix("fc00::/7")
+
+// IsULA reports whether a is an IPv6 Unique Local Address (fc00::/7; not an
+// IPv4 address, not zoned). Every package that tells ULAs apart uses it.
+func IsULA(a netip.Addr) bool { return a.Is6() && ULAPrefix.Contains(a) }
+
 func (id Identity) validate() error {
 	if !id.ULA.Is6() || id.ULA.As16()[0] != 0xfd {
 		return fmt.Errorf("ULA %v is not in fd00::/8", id.ULA)

@@ -7,16 +7,16 @@
 package kernelprobe
 
 import (
-	"errors"
 	"fmt"
 	"net"
-	"runtime"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/btmm/btmm/controlplane/nsthread"
 )
 
 // Feature is a kernel facility.
@@ -107,33 +107,17 @@ func Probe(f Feature) error {
 	if !ok {
 		return fmt.Errorf("kernelprobe: unknown feature %q", f)
 	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // not unlocked: a thread stuck in the throwaway namespace dies with this goroutine
-		orig, err := netns.Get()
+	return nsthread.Do(func() error {
+		ns, err := netns.New() // enters it: a throwaway namespace
 		if err != nil {
-			errc <- fmt.Errorf("probe %s: %w", f, err)
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.New()
-		if err != nil {
-			errc <- fmt.Errorf("probe %s: new network namespace: %w", f, err)
-			return
+			return fmt.Errorf("probe %s: new network namespace: %w", f, err)
 		}
 		defer ns.Close()
 		h, err := netlink.NewHandleAt(ns)
-		if err == nil {
-			err = p(h)
-			h.Close()
+		if err != nil {
+			return err
 		}
-		if serr := netns.Set(orig); serr != nil {
-			err = errors.Join(err, serr)
-			errc <- err
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	return <-errc
+		defer h.Close()
+		return p(h)
+	})
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
 )
 
 // PeerConfig is one of the user's other hosts to key with.
@@ -308,7 +309,7 @@ type peer struct {
 // New checks cfg and returns an Agent; call Run to start it.
 func New(cfg Config) (*Agent, error) {
 	cfg.setDefaults()
-	if !cfg.ULA.Is6() || !netip.MustParsePrefix("fc00::/7").Contains(cfg.ULA) {
+	if !identity.IsULA(cfg.ULA) {
 		return nil, fmt.Errorf("keying: local ULA %v is not an IPv6 ULA", cfg.ULA)
 	}
 	if cfg.Auth == nil || cfg.Transport == nil || cfg.Installer == nil {

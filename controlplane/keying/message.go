@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+
+	"github.com/btmm/btmm/controlplane"
 )
 
 // Version is the keying message format version this package speaks.
@@ -12,8 +14,8 @@ import (
 const Version = 2
 
 // NonESPMarker is the RFC 3948 §2.2 prefix that tells the receiver of a
-// datagram on the ESP-in-UDP port that it is not ESP (an ESP SPI is never 0).
-var NonESPMarker = [4]byte{}
+// datagram on the ESP-in-UDP port that it is not ESP (controlplane's).
+var NonESPMarker = controlplane.NonESPMarker
 
 // MsgType is the kind of a keying message.
 type MsgType uint8

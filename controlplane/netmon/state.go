@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/btmm/btmm/controlplane/identity"
 )
 
 // Link is a network interface as rtnetlink reports it.
@@ -126,12 +128,10 @@ type IgnoreFunc func(name string) bool
 // anything else named btmm*).
 func DefaultIgnore(name string) bool { return strings.HasPrefix(name, "btmm") }
 
-var ula = netip.MustParsePrefix("fc00::/7")
-
 // interestingAddr reports whether an address can be a tunnel endpoint.
 func interestingAddr(p netip.Prefix) bool {
 	a := p.Addr()
-	return a.IsValid() && !a.IsLoopback() && !a.IsLinkLocalUnicast() && !a.IsMulticast() && !ula.Contains(a)
+	return a.IsValid() && !a.IsLoopback() && !a.IsLinkLocalUnicast() && !a.IsMulticast() && !identity.IsULA(a)
 }
 
 // State reduces a snapshot to what the Monitor compares.

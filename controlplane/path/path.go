@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/dns/register"
 )
 
@@ -183,8 +184,6 @@ func CandidatesFrom(published netip.AddrPort, caps register.Capabilities) []Cand
 	return out
 }
 
-var ulaPrefix = netip.MustParsePrefix("fc00::/7")
-
 // cgnatPrefix is RFC 6598's shared address space.
 var cgnatPrefix = netip.MustParsePrefix("100.64.0.0/10")
 
@@ -194,7 +193,7 @@ var cgnatPrefix = netip.MustParsePrefix("100.64.0.0/10")
 func private(a netip.Addr) bool { return a.IsPrivate() || cgnatPrefix.Contains(a) }
 
 func globalIPv6(a netip.Addr) bool {
-	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !ulaPrefix.Contains(a) && a.Zone() == ""
+	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !identity.IsULA(a) && a.Zone() == ""
 }
 
 // WithTunnelProbes prepares a peer's tunnel candidates for checks: those of

@@ -13,6 +13,8 @@ import (
 
 	"github.com/miekg/dns"
 	"github.com/pion/stun/v3"
+
+	"github.com/btmm/btmm/controlplane"
 )
 
 // Methods and attributes beyond RFC 8489/8656.
@@ -23,8 +25,8 @@ const (
 )
 
 // NonESPMarker prefixes every datagram between a host's tunnel socket and
-// the relay (RFC 3948 §2.2).
-var NonESPMarker = []byte{0, 0, 0, 0}
+// the relay (RFC 3948 §2.2; controlplane's).
+var NonESPMarker = controlplane.NonESPMarker[:]
 
 // Errors the client returns for the relay's refusals (errors.Is).
 var (

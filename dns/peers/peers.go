@@ -45,6 +45,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/dns/register"
 	"github.com/miekg/dns"
 )
@@ -327,8 +328,6 @@ func firstSRV(rrs []dns.RR) *dns.SRV {
 	return best
 }
 
-var ulaPrefix = netip.MustParsePrefix("fc00::/7")
-
 // peerLocked assembles host's Peer from the answers. ok is false when the
 // host is not (or no longer) a usable peer; pending is true when an answer
 // it needs has not arrived yet (a watch just started), in which case the
@@ -353,7 +352,7 @@ func (t *Tracker) assembleLocked(host, inst string) (Peer, bool) {
 	var ulas []netip.Addr
 	for _, rr := range t.answers[key{host, dns.TypeAAAA}] {
 		if a, ok := rr.(*dns.AAAA); ok {
-			if ip, ok := netip.AddrFromSlice(a.AAAA); ok && ulaPrefix.Contains(ip) {
+			if ip, ok := netip.AddrFromSlice(a.AAAA); ok && identity.IsULA(ip) {
 				ulas = append(ulas, ip)
 			}
 		}

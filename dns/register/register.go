@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/dns/tsig"
 	"github.com/miekg/dns"
 )
@@ -117,7 +118,7 @@ func New(cfg Config, log *slog.Logger) (*Registrar, error) {
 	if !dns.IsSubDomain(cfg.Zone, cfg.Domain) {
 		return nil, fmt.Errorf("register: domain %s is not inside zone %s", cfg.Domain, cfg.Zone)
 	}
-	if !cfg.ULA.Is6() || !netip.MustParsePrefix("fc00::/7").Contains(cfg.ULA) {
+	if !identity.IsULA(cfg.ULA) {
 		return nil, fmt.Errorf("register: %v is not an IPv6 ULA", cfg.ULA)
 	}
 	if cfg.Key == nil {

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/dns/store"
 	"github.com/miekg/dns"
 )
@@ -199,7 +200,7 @@ func (z *Zone) checkULAs(m *dns.Msg, req Request, get func(string) []store.Recor
 			continue
 		}
 		ip, ok := netip.AddrFromSlice(a.AAAA)
-		if !ok || !netip.MustParsePrefix("fc00::/7").Contains(ip) {
+		if !ok || !identity.IsULA(ip) {
 			continue
 		}
 		if other := z.ulaHolder(req.User, z.hostLabel(a.Hdr.Name, req.User), ip, get); other != "" {
