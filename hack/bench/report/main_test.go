@@ -23,7 +23,8 @@ BenchmarkX/a	1	20 Mbit/s
 BenchmarkX/b	1	7 Mbit/s	0.35 ratio-to-a
 ok  	pkg	1s
 command: go test -bench Y ./b/
-date: 2026-12-02
+date: 2026-12-01
+machine: 4 CPUs (other), 8 GiB, Linux 6.1
 load: 1.0 2.0 3.0
 BenchmarkY-2	1	4 p99-ms	0 ns/op
 failed: go test -bench Z ./c/
@@ -42,11 +43,13 @@ func TestReport(t *testing.T) {
 	s := string(got)
 	for _, want := range []string{
 		"# Benchmarks\n\nprose\n\n" + beginMark,
-		"Machine: 2 CPUs (AMD EPYC), 24 GiB, Linux 6.18.",
-		"| X/a | a vs b | 20 Mbit/s (10–30) | 3 | `go test -bench X ./a/`, 2026-12-02, load 1.0 2.0 3.0 |",
-		"| X/b | a vs b | 6 Mbit/s (5–7); 0.35 ratio-to-a (0.2–0.5) | 3 |",
-		"| Y | — | 4 p99-ms | 1 | `go test -bench Y ./b/`",
-		"| — | **failed in this run: nothing measured** | — | 0 | `go test -bench Z ./c/` |",
+		"### host tier\n\nMachine: 2 CPUs (AMD EPYC), 24 GiB, Linux 6.18.",
+		"#### X\n\na vs b.\n\n`go test -bench X ./a/` (2026-12-02, load average 1.0 2.0 3.0)\n",
+		"| a | 20 Mbit/s (10–30) | 3 |",
+		"| b | 6 Mbit/s (5–7); 0.35 ratio-to-a (0.2–0.5) | 3 |",
+		"#### Y\n\n`go test -bench Y ./b/` (2026-12-01, load average 1.0 2.0 3.0; machine 4 CPUs (other), 8 GiB, Linux 6.1)",
+		"| Y | 4 p99-ms | 1 |",
+		"**Failed in this run, nothing measured:** `go test -bench Z ./c/`",
 		endMark + "\n\nmore prose\n",
 	} {
 		if !strings.Contains(s, want) {
