@@ -7,6 +7,7 @@ import (
 	"slices"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/identity"
 	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/dns/register"
 )
@@ -37,7 +38,7 @@ type TunnelsConfig struct {
 }
 
 func globalIPv6(a netip.Addr) bool {
-	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !netip.MustParsePrefix("fc00::/7").Contains(a) && a.Zone() == ""
+	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !identity.IsULA(a) && a.Zone() == ""
 }
 
 func interfaceAddrs6() []netip.Addr {
