@@ -17,7 +17,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +26,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/btmm/btmm/controlplane/nsthread"
 )
 
 const runDir = "/run/netns"
@@ -71,18 +72,11 @@ func CreateNamed(name string) (*NS, error) {
 		return nil, fmt.Errorf("netns %s already exists", name)
 	}
 	var h netns.NsHandle
-	err := onLockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return err
-		}
-		defer orig.Close()
-		h, err = netns.NewNamed(name)
-		if err != nil {
-			netns.Set(orig)
+	err := nsthread.Do(func() (err error) {
+		if h, err = netns.NewNamed(name); err != nil { // enters it; nsthread returns
 			return fmt.Errorf("create netns %s: %w", name, err)
 		}
-		return netns.Set(orig)
+		return nil
 	})
 	if err != nil {
 		return nil, err
@@ -163,41 +157,14 @@ func (n *NS) Close() error {
 	return nil
 }
 
-// Do runs f inside the namespace on a locked OS thread. If the thread cannot
-// return to its original namespace it is left locked, so the runtime ends it
-// instead of reusing it.
+// Do runs f inside the namespace on a locked OS thread (controlplane/nsthread:
+// a thread that cannot return to its original namespace is not reused).
 func (n *NS) Do(f func() error) error {
-	return onLockedThread(func() error {
-		orig, err := netns.Get()
-		if err != nil {
-			return err
-		}
-		defer orig.Close()
-		if err := netns.Set(n.ns); err != nil {
-			return fmt.Errorf("setns %s: %w", n.Name, err)
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			return errStuck{fmt.Errorf("return from %s: %w", n.Name, err)}
-		}
-		return ferr
-	})
-}
-
-type errStuck struct{ error }
-
-func onLockedThread(f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		err := f()
-		var stuck errStuck
-		if !errors.As(err, &stuck) {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
+	var ferr error
+	if err := nsthread.In(n.ns, func() error { ferr = f(); return nil }); err != nil {
+		return fmt.Errorf("netns %s: %w", n.Name, errors.Join(err, ferr))
+	}
+	return ferr
 }
 
 // Command returns an exec.Cmd that runs name in the namespace through

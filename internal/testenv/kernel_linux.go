@@ -5,12 +5,13 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"runtime"
 	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/btmm/btmm/controlplane/nsthread"
 )
 
 // Feature is a kernel facility a test may need.
@@ -149,33 +150,20 @@ var probers = [numFeatures]func(h *netlink.Handle) error{
 }
 
 // inThrowawayNetNS runs f with a handle in a fresh, unnamed network namespace
-// created on a locked OS thread. The thread is dropped (not unlocked) if it
-// cannot return to its original namespace.
+// (controlplane/nsthread: on a locked OS thread, not reused if it cannot
+// return to its original namespace).
 func inThrowawayNetNS(f func(h *netlink.Handle) error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
+	return nsthread.Do(func() error {
+		ns, err := netns.New() // enters it
 		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		ns, err := netns.New()
-		if err != nil {
-			errc <- fmt.Errorf("new netns: %w", err)
-			return
+			return fmt.Errorf("new netns: %w", err)
 		}
 		defer ns.Close()
 		h, err := netlink.NewHandleAt(ns)
-		if err == nil {
-			err = f(h)
-			h.Close()
+		if err != nil {
+			return err
 		}
-		if netns.Set(orig) == nil {
-			runtime.UnlockOSThread()
-		}
-		errc <- err
-	}()
-	return <-errc
+		defer h.Close()
+		return f(h)
+	})
 }
