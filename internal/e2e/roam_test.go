@@ -60,6 +60,7 @@ type hostConf struct {
 	nat       string // "" = auto (PCP / NAT-PMP); else nat.mode off with this external address
 	keepalive string // "" = default
 	debounce  string // network.debounce; "" = default
+	extra     string // more TOML at the end (sections of its own)
 }
 
 func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf) *host {
@@ -104,7 +105,7 @@ keytab = %q
 krb5_conf = %q
 realm = %q
 %s%s`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
-		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name), network), 0o644)
+		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name), network)+hc.extra, 0o644)
 	h.d = start(t, ns, "btmmd "+name, filepath.Join(s.bins, "btmmd"), "-config", conf)
 	return h
 }
