@@ -929,7 +929,7 @@ func (d *Dataplane) setLocalULA(ula netip.Addr) ([]controlplane.Change, error) {
 		changes = append(changes, controlplane.Change{Op: "delete", Object: "address", What: fmt.Sprintf("%v/128 dev lo", d.loULA)})
 		d.loULA = netip.Addr{}
 	}
-	if !ula.IsValid() || d.loULA == ula {
+	if !ula.IsValid() {
 		return changes, nil
 	}
 	addrs, err := xfrm.RetryDump(func() ([]netlink.Addr, error) { return d.nl.AddrList(nil, netlink.FAMILY_V6) })
