@@ -352,7 +352,13 @@ func TestSimultaneousStartAsymmetricPaths(t *testing.T) {
 		if !okA || !okB {
 			t.Fatalf("not keyed within 3 s: a %v, b %v", okA, okB)
 		}
-		pairOK(t, pa, pb)
+		// Traffic flows both ways at once. Which exchange is in use may
+		// still change (when b's own exchange completed before a's INIT
+		// reached it, b answers that INIT too, as a rekey: its new
+		// inbound SA is In and the one in use stays in PrevIn until the
+		// unconfirmed answer lapses).
+		usable(t, pa, pb)
+		usable(t, pb, pa)
 		// Past the time an unconfirmed answer is kept: the pair in use
 		// must be a confirmed one on both sides.
 		time.Sleep(time.Minute)
@@ -397,4 +403,16 @@ func TestMovedReachesPublishedAddress(t *testing.T) {
 			t.Fatalf("%d INITs: a move must not rekey", inits)
 		}
 	})
+}
+
+// usable fails unless what x sends with (x.Out) is installed inbound at y
+// (In, or an earlier inbound SA y still keeps).
+func usable(t testing.TB, x, y controlplane.Peer) {
+	t.Helper()
+	for _, in := range append([]controlplane.SA{y.In}, y.PrevIn...) {
+		if x.Out.SPI == in.SPI && bytes.Equal(x.Out.Key, in.Key) && x.Out.Cipher == in.Cipher {
+			return
+		}
+	}
+	t.Errorf("outbound SA %v is not among the receiver's inbound SAs (In %v, PrevIn %v)", x.Out, y.In, y.PrevIn)
 }
