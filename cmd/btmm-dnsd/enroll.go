@@ -139,7 +139,8 @@ func kadminKeytab(kadmin, realm, principal string) ([]byte, error) {
 		defer cancel()
 		out, err := exec.CommandContext(ctx, argv[0], append(argv[1:], "-r", realm, "-q", query)...).CombinedOutput()
 		if err != nil {
-			return string(out), fmt.Errorf("%s -q %q: %w: %s", kadmin, query, err, strings.TrimSpace(string(out)))
+			// argv[0] only: the rest of -kadmin may hold a password (-w).
+			return string(out), fmt.Errorf("%s -q %q: %w: %s", argv[0], query, err, strings.TrimSpace(string(out)))
 		}
 		return string(out), nil
 	}

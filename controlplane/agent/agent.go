@@ -242,7 +242,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			defer wg.Done()
 			if err := f(runCtx); err != nil && runCtx.Err() == nil {
 				a.log.Error("part failed", "part", name, "err", err)
-				errc <- fmt.Errorf("%s: %w", name, err)
+				select { // the first failure ends the run; later ones are logged above
+				case errc <- fmt.Errorf("%s: %w", name, err):
+				default:
+				}
 				cancel()
 			}
 		}()

@@ -412,8 +412,7 @@ func (p *paths) release() {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	p.rc.Tries = 2
-	p.rc.Refresh(ctx, alloc, 0) // best effort: it expires anyway
+	p.rc.Refresh(ctx, alloc, 0) // best effort, bounded by ctx: it expires anyway
 }
 
 // PathsStatus is what btmmctl shows about paths.
