@@ -30,15 +30,27 @@ type stallProxy struct {
 
 func startStallProxy(t *testing.T, kdc netip.AddrPort, stall string) *stallProxy {
 	t.Helper()
-	tl, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := tl.Addr().(*net.TCPAddr).Port
-	ul, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
-	if err != nil {
-		tl.Close()
-		t.Skipf("no UDP port %d beside the TCP one: %v", port, err)
+	// One port for both: the UDP one may be taken by someone else (then
+	// another TCP port is tried).
+	var (
+		tl   *net.TCPListener
+		ul   *net.UDPConn
+		port int
+	)
+	for try := 0; ul == nil; try++ {
+		var err error
+		tl, err = net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		port = tl.Addr().(*net.TCPAddr).Port
+		ul, err = net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
+		if err != nil {
+			tl.Close()
+			if try == 20 {
+				t.Fatalf("no UDP port beside a TCP one after 20 tries: %v", err)
+			}
+		}
 	}
 	p := &stallProxy{addr: netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(port)), udp: ul, tcp: tl, stall: []byte(stall)}
 	t.Cleanup(func() { ul.Close(); tl.Close() })
