@@ -1340,9 +1340,6 @@ func (d *Dataplane) deliver(e Event) {
 	}
 }
 
-// Close removes every kernel object of ours (routes, policies, states, the
-// address and the xfrm interface), stops the event monitor and closes
-// Events.
 // scheduleReapLocked arms a timer for the earliest retiring deadline.
 func (d *Dataplane) scheduleReapLocked() {
 	if d.reaper != nil {
@@ -1389,6 +1386,9 @@ func (d *Dataplane) reap() {
 	d.scheduleReapLocked()
 }
 
+// Close removes every kernel object of ours (routes, policies, states, the
+// address and the xfrm interface), stops the event monitor and closes
+// Events.
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	if d.closed {
