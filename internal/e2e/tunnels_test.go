@@ -156,8 +156,11 @@ func TestTunnelPaths(t *testing.T) {
 		}
 	})
 	t.Logf("pub's link: %d IPv6|IPv6|ESP, %d GUE (udp 4501), %d outer TCP port 7, %d IPv6|IPv6|TCP", n[0], n[1], n[2], n[3])
-	if n[0] < 40 || n[1] < 40 {
-		t.Errorf("want the round trips' ESP on the wire: %d IPv6|IPv6|ESP (host1), %d GUE (host2), want >= 40 each", n[0], n[1])
+	// At least one frame per round trip on each path. Not two: the
+	// capture may start a frame or two late and segments can be
+	// coalesced (CI saw 36 of 40 once).
+	if n[0] < 20 || n[1] < 20 {
+		t.Errorf("want the round trips' ESP on the wire: %d IPv6|IPv6|ESP (host1), %d GUE (host2), want >= 20 each (20 round trips)", n[0], n[1])
 	}
 	if n[2] != 0 || n[3] != 0 {
 		t.Errorf("ULA TCP in the clear on pub's link: %d outer, %d inside ip6tnl", n[2], n[3])
