@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -153,6 +154,12 @@ type Server struct {
 	stats   Stats
 	wg      sync.WaitGroup
 	closed  bool
+	// ctx ends when the server closes: it bounds stream handshakes, so
+	// a client that stalls its handshake does not hold Serve's return.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// nhandshake counts stream TLS handshakes in progress.
+	nhandshake atomic.Int64
 }
 
 type allocation struct {
@@ -253,6 +260,7 @@ func Listen(cfg Config) (*Server, error) {
 	s := &Server{cfg: cfg, log: cfg.Logger, allocs: map[uint16]*allocation{}, binds: map[Flow]*allocation{},
 		seen: map[[stun.TransactionIDSize]byte]time.Time{}, buckets: map[netip.Addr]*bucket{}, flows: map[Flow]Rewrite{},
 		streams: map[netip.AddrPort]*stream{}}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	for _, a := range cfg.Listen {
 		c, err := cfg.ListenPacket(a)
 		if err != nil {
@@ -321,6 +329,7 @@ func (s *Server) Serve(ctx context.Context) error {
 }
 
 func (s *Server) closeAll() {
+	s.cancel()
 	s.mu.Lock()
 	s.closed = true
 	for _, c := range s.main {

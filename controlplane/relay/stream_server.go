@@ -16,6 +16,9 @@ import (
 // it opened (a connection that never authenticates costs little for long).
 const streamIdle = 30 * time.Second
 
+// streamHandshakeTimeout bounds a stream's TLS handshake.
+const streamHandshakeTimeout = 10 * time.Second
+
 // streamWriteTimeout bounds one write to a stream: a host that stops
 // reading is dropped rather than holding the relay's queue.
 const streamWriteTimeout = 30 * time.Second
@@ -118,8 +121,15 @@ func (s *Server) acceptLoop(l net.Listener) {
 // frames in both directions until either side closes.
 func (s *Server) serveStream(c *tls.Conn) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if err := c.HandshakeContext(context.Background()); err != nil {
+	// The handshake ends at its deadline or when the server closes,
+	// whichever comes first (a stalled client does not hold Close).
+	ctx, cancel := context.WithTimeout(s.ctx, streamHandshakeTimeout)
+	defer cancel()
+	c.SetDeadline(time.Now().Add(streamHandshakeTimeout))
+	s.nhandshake.Add(1)
+	err := c.HandshakeContext(ctx)
+	s.nhandshake.Add(-1)
+	if err != nil {
 		s.log.Debug("stream handshake", "remote", c.RemoteAddr(), "err", err)
 		s.count(func(st *Stats) { st.Dropped++ })
 		return
@@ -189,3 +199,6 @@ func (s *Server) serveStream(c *tls.Conn) {
 		s.handle(in, d, st.src, remote.Addr(), func(resp []byte) { st.send(s, port, resp) })
 	}
 }
+
+// handshaking is the number of stream TLS handshakes in progress.
+func (s *Server) handshaking() int { return int(s.nhandshake.Load()) }

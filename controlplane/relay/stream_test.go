@@ -12,6 +12,7 @@ import (
 	"math/big"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -245,4 +246,56 @@ func FuzzFrame(f *testing.F) {
 			t.Fatalf("frame %x re-encodes to %x (%v)", b, again, err)
 		}
 	})
+}
+
+// TestStreamCloseDuringHandshake: a client that opens the stream port and
+// stalls its TLS handshake does not hold the server's shutdown: Serve
+// returns well before the handshake deadline (10 s), and the stalled
+// connection is closed.
+func TestStreamCloseDuringHandshake(t *testing.T) {
+	s, err := Listen(Config{Listen: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")}, Keys: keys(alice),
+		PortMin: 41000, PortMax: 41999,
+		StreamListen: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:0")},
+		TLS:          &tls.Config{Certificates: []tls.Certificate{testCert(t)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer cancel()
+	var stalled []net.Conn
+	for range 3 {
+		c, err := net.Dial("tcp4", s.StreamAddrs()[0].String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		stalled = append(stalled, c)
+	}
+	// Let the server accept them and start their handshakes.
+	deadline := time.Now().Add(5 * time.Second)
+	for s.handshaking() < len(stalled) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := s.handshaking(); n != len(stalled) {
+		t.Fatalf("%d handshakes in progress, want %d", n, len(stalled))
+	}
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(streamHandshakeTimeout / 2):
+		t.Fatalf("Serve did not return %v after its context ended, with %d stalled handshakes", streamHandshakeTimeout/2, len(stalled))
+	}
+	t.Logf("Serve returned %v after cancel", time.Since(start))
+	for _, c := range stalled {
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("stalled connection not closed by the server: %v", err)
+		}
+	}
 }
