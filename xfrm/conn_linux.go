@@ -162,15 +162,19 @@ func (c *Conn) Close() error {
 // keying channel (controlplane/keying.Transport): WriteKeying and
 // SendKeepalive go out of the socket of the destination's family,
 // ReadKeying returns what either received. Either may be nil (a host
-// without IPv4, or without IPv6). Close closes both.
+// without IPv4, or without IPv6). Close closes both and ends every
+// goroutine of the channel.
 type Dual struct {
-	V4, V6 *Conn
-	once   sync.Once
-	rx     chan dualMsg
-	done   chan struct{}
-	mu     sync.Mutex
-	err    error
-	open   int
+	V4, V6   *Conn
+	once     sync.Once
+	rx       chan dualMsg
+	done     chan struct{} // closed once: by Close, or when every reader failed
+	doneOnce sync.Once
+	readers  sync.WaitGroup
+	mu       sync.Mutex
+	err      error
+	open     int
+	closed   bool // Close began: start launches no reader
 }
 
 type dualMsg struct {
@@ -188,27 +192,37 @@ func NewDual(v4, v6 *Conn) (*Dual, error) {
 
 func (d *Dual) start() {
 	d.once.Do(func() {
+		d.mu.Lock() // Close's Wait comes after every Add, or no reader starts
+		defer d.mu.Unlock()
+		if d.closed {
+			return
+		}
 		for _, c := range []*Conn{d.V4, d.V6} {
 			if c == nil {
 				continue
 			}
 			d.open++
+			d.readers.Add(1)
 			go func() {
+				defer d.readers.Done()
 				buf := make([]byte, maxKeyingDatagram)
 				for {
 					n, from, err := c.ReadKeying(buf)
 					if err != nil {
 						d.mu.Lock()
-						if d.err == nil {
-							d.err = err
-						}
 						d.open--
-						if d.open == 0 {
-							close(d.done)
-						}
+						last := d.open == 0
 						d.mu.Unlock()
+						if last {
+							d.finish(err)
+						} else {
+							d.setErr(err)
+						}
 						return
 					}
+					// A reader blocked on a full rx leaves when the
+					// channel closes (done), not only when its socket
+					// fails: nobody may drain rx after Close.
 					select {
 					case d.rx <- dualMsg{append([]byte(nil), buf[:n]...), from}:
 					case <-d.done:
@@ -220,10 +234,31 @@ func (d *Dual) start() {
 	})
 }
 
+func (d *Dual) setErr(err error) {
+	d.mu.Lock()
+	if d.err == nil {
+		d.err = err
+	}
+	d.mu.Unlock()
+}
+
+// finish records err (the first one wins) and closes done.
+func (d *Dual) finish(err error) {
+	d.setErr(err)
+	d.doneOnce.Do(func() { close(d.done) })
+}
+
 // ReadKeying returns the next keying datagram from either socket. An error
 // means both are closed.
 func (d *Dual) ReadKeying(b []byte) (int, netip.AddrPort, error) {
 	d.start()
+	select {
+	case <-d.done: // closed: no more messages, even buffered ones
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return 0, netip.AddrPort{}, d.err
+	default:
+	}
 	select {
 	case m := <-d.rx:
 		return copy(b, m.b), m.from, nil
@@ -263,13 +298,28 @@ func (d *Dual) SendKeepalive(to netip.AddrPort) error {
 	return c.SendKeepalive(to)
 }
 
-// Close closes both sockets.
+// Close closes both sockets and ends the channel: ReadKeying returns an
+// error (net.ErrClosed) from then on, and Close returns once both readers
+// have left, including one that was blocked handing over a datagram nobody
+// reads any more.
 func (d *Dual) Close() error {
+	d.mu.Lock()
+	d.closed = true
+	d.mu.Unlock()
 	var errs []error
 	for _, c := range []*Conn{d.V4, d.V6} {
 		if c != nil {
-			errs = append(errs, c.Close())
+			if err := c.Close(); err != nil {
+				errs = append(errs, err)
+			}
 		}
+	}
+	d.finish(fmt.Errorf("xfrm: dual keying channel: %w", net.ErrClosed))
+	if len(errs) == 0 {
+		// Both sockets are closed, so every reader's read fails or
+		// its hand-over sees done: they leave at once. (After a failed
+		// close a reader could still sit in a read: do not wait.)
+		d.readers.Wait()
 	}
 	return errors.Join(errs...)
 }

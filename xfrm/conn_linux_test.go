@@ -3,11 +3,15 @@ package xfrm
 import (
 	"context"
 	"errors"
-	"github.com/btmm/btmm/internal/testenv"
+	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/btmm/btmm/internal/testenv"
 )
 
 func TestConnKeyingRoundTrip(t *testing.T) {
@@ -145,5 +149,94 @@ func TestDualKeying(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("ReadKeying after Close did not return")
+	}
+}
+
+// dualReaders counts the goroutines of Dual's readers, and of those the
+// ones blocked in a select (handing a datagram over) rather than reading.
+func dualReaders() (all, handing int) {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		lines := strings.Split(g, "\n")
+		// The reader is the goroutine's first frame (its name depends on
+		// inlining: xfrm.(*Dual).start.func1.1 or <caller>.(*Dual).start.func2.1).
+		if len(lines) < 2 || !strings.Contains(lines[1], ".(*Dual).start.func") {
+			continue
+		}
+		head := lines[0]
+		all++
+		if strings.Contains(head, "[select") {
+			handing++
+		}
+	}
+	return all, handing
+}
+
+// TestDualCloseUnblocksReaders: a reader blocked handing a datagram to a
+// full channel (nobody calls ReadKeying any more) leaves when Dual closes,
+// and ReadKeying after Close fails at once instead of returning what was
+// buffered.
+func TestDualCloseUnblocksReaders(t *testing.T) {
+	ctx := context.Background()
+	before, _ := dualReaders()
+	v4, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	snd, err := Listen(ctx, netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer snd.Close()
+	d, err := NewDual(v4, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.start()
+	// Fill rx (cap 64) and give the reader one more to block on.
+	for i := range cap(d.rx) + 1 {
+		if err := snd.WriteKeying([]byte(fmt.Sprint("msg ", i)), v4.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(d.rx) < cap(d.rx); {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d datagrams buffered", len(d.rx), cap(d.rx))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	// The reader reads the 65th and blocks handing it over.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if _, n := dualReaders(); n > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the reader never blocked on the full channel")
+		}
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- d.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		n, _ := dualReaders()
+		if n <= before {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d Dual reader goroutine(s) still running after Close", n-before)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	buf := make([]byte, 100)
+	if n, _, err := d.ReadKeying(buf); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("ReadKeying after Close = %q, %v; want net.ErrClosed", buf[:n], err)
 	}
 }

@@ -170,6 +170,7 @@ func serve(ctx context.Context, cfg *Config, log *slog.Logger, hup <-chan os.Sig
 				dp.Close()
 				return err
 			}
+			defer dual.Close() // first: ends its readers, even one blocked on a full channel
 			ac.Transport = dual
 		}
 	}
