@@ -107,24 +107,15 @@ func (d *Dataplane) pollTCX(ctx context.Context) {
 // onRoute kicks the repair when our routes (IPv6, protocol 98), our ULA,
 // neighbour entries, clsact qdisc or filters, or our device go.
 func (d *Dataplane) onRoute(typ uint16, b []byte) {
-	if typ == repair.Overrun {
-		d.repair.Kick("rtnetlink notifications lost (socket overrun)")
-		return
-	}
-	m, err := repair.ParseRoute(typ, b)
-	if err != nil {
-		d.log.Debug("rtnetlink notification", "err", err)
-		return
-	}
 	d.wmu.Lock()
 	w := d.watching
 	d.wmu.Unlock()
+	m, more := d.repair.KickOnRoute(typ, b, routeProtocol, w.ula)
+	if !more {
+		return
+	}
 	dev := w.ifindex != 0 && m.Ifindex == w.ifindex
 	switch {
-	case m.Type == repair.RTMDelRoute && m.Family == unix.AF_INET6 && m.Protocol == routeProtocol && m.Table == unix.RT_TABLE_MAIN:
-		d.repair.Kick(fmt.Sprintf("route %v deleted", m.Prefix))
-	case m.Type == repair.RTMDelAddr && m.Family == unix.AF_INET6 && w.ula.IsValid() && m.Prefix.Addr() == w.ula:
-		d.repair.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
 	case m.Type == repair.RTMDelNeigh && m.Family == unix.AF_INET6 && dev && identity.IsULA(m.Addr):
 		d.repair.Kick(fmt.Sprintf("neighbour %v deleted", m.Addr))
 	case (m.Type == repair.RTMDelQdisc || m.Type == repair.RTMDelTfilter) && dev:

@@ -49,8 +49,12 @@ func (d *Dataplane) startRepair(nsFd int) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); d.repair.Run(ctx) }()
-	// Close runs the closers in order: the loop stops before the watchers,
-	// and both before Close removes our objects (so it does not fight it).
+	// Close removes our objects first, under d.mu with d.closed set, so a
+	// repair kicked by those very deletions finds reapply doing nothing
+	// (and one already running finishes before the removal starts). Only
+	// then does it run the closers, in order: this loop stops (cancel,
+	// wait), then the two watchers close, then the closers that were
+	// there before (event monitor, the netlink handles reapply uses).
 	d.closers = append([]func() error{func() error { cancel(); <-done; return nil }, wx.Close, wr.Close}, d.closers...)
 	return nil
 }
@@ -69,23 +73,14 @@ func (d *Dataplane) reapply(ctx context.Context) ([]controlplane.Change, error) 
 // our ULA goes, or the xfrm interface or a tunnel device is deleted or set
 // down.
 func (d *Dataplane) onRoute(typ uint16, b []byte) {
-	if typ == repair.Overrun {
-		d.repair.Kick("rtnetlink notifications lost (socket overrun)")
-		return
-	}
-	m, err := repair.ParseRoute(typ, b)
-	if err != nil {
-		d.log.Debug("rtnetlink notification", "err", err)
-		return
-	}
 	d.wmu.Lock()
 	w := d.watch
 	d.wmu.Unlock()
+	m, more := d.repair.KickOnRoute(typ, b, uint8(d.cfg.RouteProtocol), w.ula)
+	if !more {
+		return
+	}
 	switch {
-	case m.Type == repair.RTMDelRoute && m.Family == syscall.AF_INET6 && m.Protocol == uint8(d.cfg.RouteProtocol) && m.Table == syscall.RT_TABLE_MAIN:
-		d.repair.Kick(fmt.Sprintf("route %v deleted", m.Prefix))
-	case m.Type == repair.RTMDelAddr && m.Family == syscall.AF_INET6 && w.ula.IsValid() && m.Prefix.Addr() == w.ula:
-		d.repair.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
 	case (m.Type == repair.RTMDelLink || m.Type == repair.RTMNewLink && !m.Up()) && w.ifindex != 0 && m.Ifindex == w.ifindex:
 		d.repair.Kick(fmt.Sprintf("interface %s deleted or down", d.cfg.Interface))
 	case (m.Type == repair.RTMDelLink || m.Type == repair.RTMNewLink && !m.Up()) && w.tunnels[m.Ifindex]:

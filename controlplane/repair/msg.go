@@ -42,6 +42,7 @@ const (
 	afInet  = 2
 	afInet6 = 10
 
+	rtTableMain  = 254 // RT_TABLE_MAIN
 	nudPermanent = 0x80
 	iffUp        = 0x1
 

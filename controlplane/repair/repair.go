@@ -11,6 +11,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -260,4 +261,33 @@ func (l *Loop) KickOnXfrm(reqid uint32) func(typ uint16, body []byte) {
 			l.Kick("xfrm " + what + " " + verb)
 		}
 	}
+}
+
+// KickOnRoute is the part of a dataplane's rtnetlink Watch callback that
+// every dataplane shares: lost notifications (an overrun) kick l; a
+// notification that does not parse is logged at Debug and dropped; the
+// deletion of one of the dataplane's own routes (IPv6, main table, routing
+// protocol proto) or of its ULA (when valid) kicks l. In those cases more is
+// false. Otherwise it returns the parsed message and more is true: the
+// dataplane looks at it for objects of its own kind (devices, qdiscs,
+// neighbour entries).
+func (l *Loop) KickOnRoute(typ uint16, b []byte, proto uint8, ula netip.Addr) (m Msg, more bool) {
+	if typ == Overrun {
+		l.Kick("rtnetlink notifications lost (socket overrun)")
+		return Msg{}, false
+	}
+	m, err := ParseRoute(typ, b)
+	if err != nil {
+		l.cfg.Logger.Debug("rtnetlink notification", "err", err)
+		return m, false
+	}
+	switch {
+	case m.Type == RTMDelRoute && m.Family == afInet6 && m.Protocol == proto && m.Table == rtTableMain:
+		l.Kick(fmt.Sprintf("route %v deleted", m.Prefix))
+	case m.Type == RTMDelAddr && m.Family == afInet6 && ula.IsValid() && m.Prefix.Addr() == ula:
+		l.Kick(fmt.Sprintf("address %v deleted", m.Prefix))
+	default:
+		return m, true
+	}
+	return m, false
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -277,6 +278,40 @@ func TestKickOnXfrm(t *testing.T) {
 		l.KickOnXfrm(0x6281)(tc.typ, tc.b)
 		if l.reason != tc.want {
 			t.Errorf("%s: kick %q, want %q", tc.name, l.reason, tc.want)
+		}
+	}
+}
+
+// TestKickOnRoute: the shared start of the dataplanes' rtnetlink handlers
+// kicks for an overrun and for our route (our protocol) or our ULA going;
+// foreign routes and addresses neither kick nor reach the dataplane; other
+// messages (links) reach it unkicked; a malformed one is dropped.
+func TestKickOnRoute(t *testing.T) {
+	ours := netip.MustParsePrefix("fd00::b/128")
+	ula := netip.MustParseAddr("fd00::a")
+	for _, tc := range []struct {
+		name string
+		typ  uint16
+		b    []byte
+		want string // the kick's reason; "" no kick
+		more bool
+	}{
+		{"overrun", Overrun, nil, "rtnetlink notifications lost (socket overrun)", false},
+		{"our route deleted", RTMDelRoute, buildRoute(RTMDelRoute, 98, ours, 3), "route fd00::b/128 deleted", false},
+		{"foreign route deleted", RTMDelRoute, buildRoute(RTMDelRoute, 4, ours, 3), "", true},
+		{"our route added", RTMNewRoute, buildRoute(RTMNewRoute, 98, ours, 3), "", true},
+		{"our ULA deleted", RTMDelAddr, buildAddr(RTMDelAddr, netip.PrefixFrom(ula, 128), 1), "address fd00::a/128 deleted", false},
+		{"another address deleted", RTMDelAddr, buildAddr(RTMDelAddr, ours, 1), "", true},
+		{"link down", RTMNewLink, buildLink(3, 0), "", true},
+		{"malformed", RTMDelRoute, []byte{10, 128}, "", false},
+	} {
+		l := New(nil, Config{})
+		m, more := l.KickOnRoute(tc.typ, tc.b, 98, ula)
+		if l.reason != tc.want || more != tc.more {
+			t.Errorf("%s: kick %q, more %v; want %q, %v", tc.name, l.reason, more, tc.want, tc.more)
+		}
+		if more && m.Type != tc.typ {
+			t.Errorf("%s: message type %d, want %d", tc.name, m.Type, tc.typ)
 		}
 	}
 }
