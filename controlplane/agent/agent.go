@@ -306,6 +306,12 @@ func (a *Agent) onNAT(r NATReport) {
 		if a.cfg.Rebind != nil {
 			a.cfg.Rebind()
 		}
+		if a.paths != nil {
+			// Measure and publish our candidates again: a new mapping,
+			// or none usable (a private address) and SRV/A must say
+			// the reflexive endpoint or the relay again.
+			a.paths.republish()
+		}
 	}
 }
 

@@ -62,6 +62,7 @@ type paths struct {
 	mu      sync.Mutex
 	nat     relay.NAT
 	seen    []netip.AddrPort
+	lastRfx netip.AddrPort // the last reflexive endpoint measured (kept across failed measurements)
 	alloc   relay.Allocation
 	servers []netip.AddrPort
 	lastErr string
@@ -194,8 +195,14 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	local := p.cfg.LocalAddrs()
 	servers, err := p.cfg.Servers(ctx)
 	if err != nil || len(servers) == 0 {
-		// Without a relay we still probe: LAN and published candidates.
-		p.setErr(fmt.Sprintf("no relay/STUN servers: %v", err))
+		// Without a relay we still probe: LAN and published candidates
+		// (paths are on by default; a domain without a btmm-relay is
+		// normal, not an error).
+		if err != nil {
+			p.setErr(fmt.Sprintf("no relay/STUN servers: %v", err))
+		} else {
+			p.setNote("no btmm-relay published (SRV _btmm-relay._udp): no reflexive endpoint or relay; LAN and direct paths only")
+		}
 		p.mu.Lock()
 		p.servers, p.nat, p.seen = nil, relay.NATUnknown, nil
 		p.mu.Unlock()
@@ -206,7 +213,20 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	p.mu.Lock()
 	p.servers, p.nat, p.seen = servers, nat, seen
 	alloc := p.alloc
+	// Our NAT now maps the tunnel socket elsewhere (replaced, rebooted,
+	// its mappings flushed): the LLQ's own UDP mapping has most likely
+	// gone with it, and the server's pushes (the peers' new candidates
+	// included) would be lost until the LLQ's next refresh, minutes away.
+	var moved bool
+	if len(seen) > 0 {
+		moved = p.lastRfx.IsValid() && p.lastRfx != seen[0]
+		p.lastRfx = seen[0]
+	}
 	p.mu.Unlock()
+	if moved && p.a.cfg.Rebind != nil {
+		p.a.log.Info("paths: our NAT maps us elsewhere now; setting the LLQs up again", "reflexive", seen[0])
+		p.a.cfg.Rebind()
+	}
 	next := p.cfg.Refresh
 	switch {
 	case nat == relay.NATBlocked:
@@ -240,13 +260,24 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 
 // setErr records the last problem; a repeat of the same one is not logged again.
 func (p *paths) setErr(s string) {
-	p.mu.Lock()
-	same := p.lastErr == s
-	p.lastErr = s
-	p.mu.Unlock()
-	if !same {
+	if p.record(s) {
 		p.a.log.Warn("paths", "err", s)
 	}
+}
+
+// setNote is setErr for a state that is no fault (logged at Info).
+func (p *paths) setNote(s string) {
+	if p.record(s) {
+		p.a.log.Info("paths: " + s)
+	}
+}
+
+func (p *paths) record(s string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	same := p.lastErr == s
+	p.lastErr = s
+	return !same
 }
 
 // publish puts our candidates into the TXT record, and, while the NAT side
@@ -294,8 +325,12 @@ func (p *paths) publish(local []netip.Addr) {
 		p.a.log.Info("paths: our candidates changed; checking every peer", "nat", nat, "candidates", cands)
 		p.sel.Kick()
 	}
+	// A private or shared address is no mapping: natpmp reports our own
+	// address when no gateway answers ("treated as a public network"),
+	// and behind a NAT that is unreachable from outside.
 	p.a.mu.Lock()
-	mapped := p.a.nat.External.IsValid() || p.a.cfg.NAT == nil
+	ext := p.a.nat.External
+	mapped := p.a.cfg.NAT == nil || ext.IsValid() && !ext.Addr().IsPrivate() && !cgnat.Contains(ext.Addr())
 	p.a.mu.Unlock()
 	if mapped {
 		return
@@ -476,9 +511,8 @@ func SRVServers(resolver, domain string) func(ctx context.Context) ([]netip.Addr
 				out = append(out, netip.AddrPortFrom(a, s.Port))
 			}
 		}
-		if len(out) == 0 {
-			return nil, fmt.Errorf("relay discovery: no _btmm-relay._udp.%s", dns.Fqdn(domain))
-		}
+		// None published is no error (paths are on by default): the
+		// caller says so once and keeps to LAN and direct paths.
 		return out, nil
 	}
 }

@@ -228,31 +228,8 @@ func startAlice(t *testing.T, third, keyingExtra string) *alice {
 		kdc.AddPrincipal(t, principal)
 		ktPath, _ := kdc.Keytab(t, h.name+".keytab", principal)
 		h.sock = filepath.Join(dir, h.name+".sock")
-		conf := filepath.Join(dir, h.name+".toml")
-		writeFile(t, conf, fmt.Sprintf(`host = %q
-domain = %q
-state_file = %q
-control_socket = %q
-log_level = "debug"
-
-[tunnel]
-dataplane = %q
-
-[dns]
-key_file = %q
-server = "%s:53"
-resolver = "%s:53"
-
-[nat]
-mode = "auto"
-
-[keying]
-keytab = %q
-krb5_conf = %q
-realm = %q
-%s
-%s`, h.name, domain, filepath.Join(dir, h.name+".identity.json"), h.sock, h.dataplane, hostKey(h.name), lab.InetAddr, lab.InetAddr, ktPath, kdc.Krb5Conf, realm,
-			keyingExtra, namesSection(dir, h.name)), 0o644)
+		conf := writeHostConf(t, hostFiles{name: h.name, dir: dir, sock: h.sock, dnsKey: hostKey(h.name),
+			keying: kerberosKeying(ktPath, kdc.Krb5Conf) + "\n" + keyingExtra}, hostConf{dataplane: h.dataplane})
 		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
 	}
 	return al

@@ -69,43 +69,8 @@ func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf)
 	principal := "host/" + name + "." + strings.TrimSuffix(domain, ".")
 	s.kdc.AddPrincipal(t, principal)
 	ktPath, _ := s.kdc.Keytab(t, name+".keytab", principal)
-	nat := `mode = "auto"`
-	if hc.nat != "" {
-		nat = fmt.Sprintf("mode = \"off\"\nexternal = %q", hc.nat)
-	}
-	keepalive := ""
-	if hc.keepalive != "" {
-		keepalive = fmt.Sprintf("keepalive = %q", hc.keepalive)
-	}
-	network := ""
-	if hc.debounce != "" {
-		network = fmt.Sprintf("\n[network]\ndebounce = %q\n", hc.debounce)
-	}
-	conf := filepath.Join(s.dir, name+".toml")
-	writeFile(t, conf, fmt.Sprintf(`host = %q
-domain = %q
-state_file = %q
-control_socket = %q
-log_level = "debug"
-
-[tunnel]
-dataplane = %q
-%s
-
-[dns]
-key_file = %q
-server = "%s:53"
-resolver = "%s:53"
-
-[nat]
-%s
-
-[keying]
-keytab = %q
-krb5_conf = %q
-realm = %q
-%s%s`, name, domain, filepath.Join(s.dir, name+".identity.json"), h.sock, hc.dataplane, keepalive, s.hostKey(name),
-		lab.InetAddr, lab.InetAddr, nat, ktPath, s.kdc.Krb5Conf, realm, namesSection(s.dir, name), network)+hc.extra, 0o644)
+	conf := writeHostConf(t, hostFiles{name: name, dir: s.dir, sock: h.sock, dnsKey: s.hostKey(name),
+		keying: kerberosKeying(ktPath, s.kdc.Krb5Conf)}, hc)
 	h.d = start(t, ns, "btmmd "+name, filepath.Join(s.bins, "btmmd"), "-config", conf)
 	return h
 }
