@@ -119,6 +119,9 @@ type Dataplane struct {
 	// loULA is the local ULA this dataplane put on lo (invalid if it was
 	// there already: then it is not ours to remove).
 	loULA netip.Addr
+	// lo is the ingress program on lo while a peer's outer address is a
+	// relay-tcp bridge socket (loopback_linux.go).
+	lo loAttachment
 	// desired is the last valid desired state, which a repair re-applies.
 	desired *controlplane.State
 	guard   xfrm.SeqGuard
@@ -384,7 +387,7 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	for _, p := range desired.Peers {
 		keep[p.ULA] = true
 		src := desired.Local.Outer
-		if !src.IsValid() || src.IsUnspecified() {
+		if !src.IsValid() || src.IsUnspecified() || loopbackOuter(p.Outer) {
 			var err error
 			if src, err = d.sourceFor(p.Outer.Addr()); err != nil {
 				srcErrs = append(srcErrs, fmt.Errorf("peer %q: %w", p.Name, err))
@@ -483,6 +486,18 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 		} else {
 			note("add", "map", fmt.Sprintf("peer %s %v outer %v (local %v)", p.Name, p.ULA, w.outer, w.local))
 		}
+	}
+
+	// 3b. The ingress program on lo while a peer is reached through the
+	// relay-tcp bridge (a loopback outer address).
+	bridged := false
+	for _, w := range want {
+		bridged = bridged || loopbackOuter(w.outer)
+	}
+	if c, err := d.setLoopback(bridged); err != nil {
+		errs = append(errs, err)
+	} else {
+		changes = append(changes, c...)
 	}
 
 	// 4. Routes and neighbours to the peers' ULAs, only for peers the maps
@@ -842,6 +857,9 @@ func (d *Dataplane) Close() error {
 		errs = append(errs, err)
 	}
 	if err := d.inNS(func() error { return d.detach(d.attach) }); err != nil {
+		errs = append(errs, err)
+	}
+	if err := d.inNS(d.detachLoopback); err != nil {
 		errs = append(errs, err)
 	}
 	for _, m := range []*ebpf.Map{d.objs.Config, d.objs.Drops, d.objs.PeerByOuter, d.objs.PeerByUla, d.objs.PeerStats} {

@@ -271,6 +271,20 @@ int btmm_egress(struct __sk_buff *skb)
 	udp->dest = bpf_htons(pc.outer_port);
 	udp->len = bpf_htons(outer_len - sizeof(struct iphdr));
 	udp->check = 0; // RFC 3948 §2.1: IPv4 UDP checksum zero
+	if (pc.outer_addr[0] == 127) {
+		// A loopback outer address is btmmd's relay-tcp bridge socket
+		// (docs/paths.md): the peer is reached over a TLS stream to the
+		// relay, which Go carries. Hand the datagram to this host's
+		// stack as if it arrived on lo (Ethernet addresses zero: lo's
+		// own, so the stack takes it as for this host).
+		__builtin_memset(eth->h_dest, 0, 6);
+		__builtin_memset(eth->h_source, 0, 6);
+		if (st) {
+			st->tx_packets += 1;
+			st->tx_bytes += skb->len;
+		}
+		return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+	}
 	return send_ipv4(skb, eth, ip->saddr, ip->daddr, st);
 }
 

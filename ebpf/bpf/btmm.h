@@ -135,6 +135,8 @@ struct udphdr {
 
 // bpf_fib_lookup.
 #define BPF_FIB_LOOKUP_OUTPUT (1U << 1)
+#define BPF_F_INGRESS (1ULL << 0)
+#define LOOPBACK_IFINDEX 1 // lo is ifindex 1 in every network namespace
 #define BPF_FIB_LKUP_RET_SUCCESS 0
 #define BPF_FIB_LKUP_RET_BLACKHOLE 1
 #define BPF_FIB_LKUP_RET_UNREACHABLE 2
