@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane/nsthread"
 )
@@ -33,6 +34,10 @@ const (
 	Sit    Feature = "sit"    // sit (6in4, IP protocol 41)
 	IP6Tnl Feature = "ip6tnl" // ip6tnl (ip6ip6)
 	FOU    Feature = "fou"    // fou listeners with GUE (generic netlink family fou)
+	// ESPInTCP is RFC 8229 ESP in TCP (CONFIG_INET_ESPINTCP: the TCP
+	// upper-layer protocol "espintcp"), which would keep the relay-tcp
+	// path in the kernel (docs/paths.md).
+	ESPInTCP Feature = "espintcp"
 )
 
 // All lists every feature, in the order netcheck shows them.
@@ -67,7 +72,44 @@ var probers = map[Feature]func(h *netlink.Handle) error{
 		_, err := h.FouList(netlink.FAMILY_V4)
 		return err
 	},
-	TCX: ProbeTCX,
+	TCX:      ProbeTCX,
+	ESPInTCP: probeESPInTCP,
+}
+
+// probeESPInTCP sets TCP_ULP "espintcp" on a connected TCP socket over lo
+// in the probe's namespace: ENOENT when the kernel has no espintcp.
+func probeESPInTCP(h *netlink.Handle) error {
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	if err := h.LinkSetUp(lo); err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_ULP, "espintcp")
+	}); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("TCP_ULP espintcp: %w", serr)
+	}
+	return nil
 }
 
 // ProbeTCX attaches a trivial SCHED_CLS program with TCX to a veth made
