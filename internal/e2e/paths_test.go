@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
-
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/internal/lab"
@@ -52,17 +50,11 @@ func setNAT(t *testing.T, gw *netns.NS, lanCIDR string, symmetric bool) {
 	flushConntrack(t, gw)
 }
 
-// everyFlow matches every conntrack entry.
-type everyFlow struct{}
-
-func (everyFlow) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return true }
-
-// flushConntrack empties a namespace's IPv4 conntrack table, entry by
-// entry (Debian 6.1 refuses vishvananda's whole-table flush with EINVAL).
+// flushConntrack empties a namespace's conntrack table (lab.FlushConntrack).
 func flushConntrack(t *testing.T, ns *netns.NS) {
 	t.Helper()
-	if _, err := ns.Handle.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.FAMILY_V4, everyFlow{}); err != nil {
-		t.Fatalf("flush %s's conntrack table: %v", ns.Name, err)
+	if err := lab.FlushConntrack(ns); err != nil {
+		t.Fatal(err)
 	}
 }
 

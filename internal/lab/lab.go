@@ -453,14 +453,32 @@ func (l *Lab) Dump() string {
 	return b.String()
 }
 
+// everyFlow matches every conntrack entry.
+type everyFlow struct{}
+
+func (everyFlow) MatchConntrackFlow(*netlink.ConntrackFlow) bool { return true }
+
+// FlushConntrack empties ns's conntrack table (IPv4 and IPv6) entry by
+// entry: it lists the table and deletes each entry it found, and fails if
+// it cannot (a kernel without conntrack over netlink, nf_conntrack_netlink,
+// answers EINVAL: hack/vmexec loads it in the VM). Entries that packets in
+// flight make meanwhile stay.
+func FlushConntrack(ns *netns.NS) error {
+	for _, fam := range []netlink.InetFamily{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		if _, err := ns.Handle.ConntrackDeleteFilters(netlink.ConntrackTable, fam, everyFlow{}); err != nil {
+			return fmt.Errorf("lab: flush %s's conntrack table (family %d): %w", ns.Name, fam, err)
+		}
+	}
+	return nil
+}
+
 // SetWAN renumbers a gateway's WAN side (its NAT's public address changes,
 // as when an ISP hands out a new one): the old address goes, addr/24 comes,
 // and the default route is put back. The NAT forgets every mapping (its
 // whole conntrack table: the kernel flushes masquerade's entries itself,
 // but not the port forwards' DNAT entries, which went on rewriting replies
 // to the old address), and the internet forgets the old address (the
-// router's neighbour entry would still deliver it to the gateway); both
-// only where the kernel has conntrack over netlink (see below).
+// router's neighbour entry would still deliver it to the gateway).
 func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	var old []string
 	if wan, err := gw.Handle.LinkByName("wan"); err == nil {
@@ -473,17 +491,9 @@ func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	if err := readdressDev(gw, "wan", addr, via); err != nil {
 		return fmt.Errorf("lab: renumber %s's WAN to %s: %w", gw.Name, addr, err)
 	}
-	// Without conntrack over netlink (the VM's kernel refuses the flush
-	// with EINVAL: no nf_conntrack_netlink) the entries stay: keep the
-	// old address reachable too, or the stale entries would black-hole
-	// host1's replies (the NAT then still answers on its old address for
-	// a while: a NAT change's first echo is not meaningful there).
-	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
-		return nil
-	}
 	// In this order: once the internet cannot reach the old address, no
 	// packet can make a new entry for it (the port forwards' DNAT rules
-	// do not look at the destination address).
+	// do not look at the destination address), then the table goes.
 	for _, a := range old {
 		if a == addr {
 			continue
@@ -492,8 +502,8 @@ func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 			return fmt.Errorf("lab: renumber %s's WAN: %w", gw.Name, err)
 		}
 	}
-	if err := gw.Handle.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
-		return fmt.Errorf("lab: renumber %s's WAN: flush its conntrack table: %w", gw.Name, err)
+	if err := FlushConntrack(gw); err != nil {
+		return fmt.Errorf("lab: renumber %s's WAN: %w", gw.Name, err)
 	}
 	return nil
 }

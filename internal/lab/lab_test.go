@@ -1,11 +1,15 @@
 package lab
 
 import (
+	"fmt"
 	"net"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
+	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
 )
 
@@ -172,8 +176,17 @@ func TestLabMoves(t *testing.T) {
 	if err := l.Move(l.Pub, Public); err == nil {
 		t.Fatal("pub moved")
 	}
+	// host1 (back behind gw1) has entries for gw1's old address; the
+	// renumbering drops them all.
+	seenFrom(t, l, l.Host1)
+	if n := conntrackWith(t, l.GW1, GW1WAN); n == 0 {
+		t.Fatalf("no conntrack entry with %s on gw1 before renumbering", GW1WAN)
+	}
 	if err := l.SetWAN(l.GW1, "11.1.0.3"); err != nil {
 		t.Fatal(err)
+	}
+	if n := conntrackWith(t, l.GW1, GW1WAN); n != 0 {
+		t.Fatalf("%d conntrack entries with the old address %s left on gw1 after SetWAN", n, GW1WAN)
 	}
 	if got := seenFrom(t, l, l.Host1); got != "11.1.0.3" {
 		t.Fatalf("after renumbering gw1's WAN pub sees host1 as %s", got)
@@ -183,5 +196,70 @@ func TestLabMoves(t *testing.T) {
 	}
 	if out, _ := l.GW1.Run("sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout_stream"); strings.TrimSpace(out) != "30" {
 		t.Fatalf("udp stream timeout on gw1: %q", out)
+	}
+}
+
+// conntrackFlows lists ns's IPv4 conntrack entries.
+func conntrackFlows(t *testing.T, ns *netns.NS) []*netlink.ConntrackFlow {
+	t.Helper()
+	flows, err := ns.Handle.ConntrackTableList(netlink.ConntrackTable, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatalf("list %s's conntrack table: %v", ns.Name, err)
+	}
+	return flows
+}
+
+// conntrackWith counts ns's IPv4 conntrack entries with addr in either
+// direction's tuple.
+func conntrackWith(t *testing.T, ns *netns.NS, addr string) int {
+	t.Helper()
+	ip := net.ParseIP(addr)
+	n := 0
+	for _, f := range conntrackFlows(t, ns) {
+		for _, a := range []net.IP{f.Forward.SrcIP, f.Forward.DstIP, f.Reverse.SrcIP, f.Reverse.DstIP} {
+			if a.Equal(ip) {
+				n++
+				break
+			}
+		}
+	}
+	return n
+}
+
+// TestFlushConntrack: a NAT gateway's conntrack table with masquerade
+// (UDP) and ICMP entries is empty after FlushConntrack, on the host's
+// kernel and on the VM's 6.1 (where a whole-table flush is refused).
+func TestFlushConntrack(t *testing.T) {
+	testenv.RequireNetNS(t)
+	testenv.RequireBinary(t, "nft", "nftables")
+	testenv.RequireBinary(t, "ping", "iputils-ping")
+	l := New(t)
+	if got := seenFrom(t, l, l.Host1); got != GW1WAN {
+		t.Fatalf("pub sees host1 as %s, want %s", got, GW1WAN)
+	}
+	if out, err := l.Host1.Run("ping", "-c", "1", "-W", "2", InetAddr); err != nil {
+		t.Fatalf("host1 -> inet: %v\n%s", err, out)
+	}
+	before := conntrackFlows(t, l.GW1)
+	protos := map[uint8]bool{}
+	for _, f := range before {
+		protos[f.Forward.Protocol] = true
+	}
+	if !protos[17] || !protos[1] {
+		t.Fatalf("gw1 has no UDP and ICMP entries to flush: %d entries, protocols %v", len(before), protos)
+	}
+	if err := FlushConntrack(l.GW1); err != nil {
+		t.Fatal(err)
+	}
+	if after := conntrackFlows(t, l.GW1); len(after) != 0 {
+		var b strings.Builder
+		for _, f := range after {
+			fmt.Fprintln(&b, f)
+		}
+		t.Fatalf("%d of %d entries left after the flush:\n%s", len(after), len(before), &b)
+	}
+	// The NAT still works: a new flow makes a new entry.
+	if got := seenFrom(t, l, l.Host1); got != GW1WAN || len(conntrackFlows(t, l.GW1)) == 0 {
+		t.Fatalf("after the flush pub sees host1 as %s with %d entries on gw1", got, len(conntrackFlows(t, l.GW1)))
 	}
 }
