@@ -18,6 +18,7 @@ import (
 	"github.com/btmm/btmm/cmd/internal/cli"
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/dns/llqclient"
 )
 
@@ -229,6 +230,18 @@ func printStatus(w io.Writer, st *agent.Status) {
 		if ps.LastError != "" {
 			fmt.Fprintf(w, "           last path error: %s\n", ps.LastError)
 		}
+		if rt := ps.RelayTCP; rt != nil {
+			state := "connecting"
+			if rt.Bridge.Up {
+				state = "up since " + rt.Bridge.Since.Format(time.RFC3339)
+			}
+			fmt.Fprintf(w, "relay-tcp  UDP blocked: TLS stream to %s (%s) %s; btmmd carries the data (Go bridge), %d peer(s); frames out %d in %d, dropped %d, reconnects %d\n",
+				rt.Server.Name, rt.Server.Addr, state, len(rt.Peers), rt.Bridge.FramesOut, rt.Bridge.FramesIn, rt.Bridge.Dropped, rt.Bridge.Reconnects)
+			fmt.Fprintf(w, "           ESP in TCP (RFC 8229) in this kernel: %s\n", rt.ESPInTCP)
+			if rt.Bridge.LastError != "" {
+				fmt.Fprintf(w, "           last stream error: %s\n", rt.Bridge.LastError)
+			}
+		}
 	}
 	r := st.Register
 	reg := "not published"
@@ -344,6 +357,9 @@ func printPeers(w io.Writer, st *agent.Status, now time.Time) {
 		kind := "-"
 		if p.Path.IsValid() {
 			kind = p.Path.Kind.String()
+			if p.Path.Kind == path.KindRelayTCP {
+				kind += " (btmmd carries it)"
+			}
 		} else if p.Outer.IsValid() {
 			kind = "direct" // no path selection: the peer's outer endpoint
 		}

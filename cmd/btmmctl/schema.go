@@ -8,6 +8,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/path"
 )
 
 // The JSON schema of `btmmctl --json` (docs/btmmctl.md), version 1. It is
@@ -166,6 +167,23 @@ type PathJSON struct {
 	Kind   string `json:"kind"` // lan, direct, punched, relay-udp, relay-tcp
 	Local  string `json:"local,omitempty"`
 	Remote string `json:"remote"`
+	// Carrier is who moves the peer's packets: "kernel", or "btmmd" on
+	// relay-tcp (the bridge copies them between a loopback socket, the
+	// local end, and the TLS stream to the relay).
+	Carrier string `json:"carrier,omitempty"`
+}
+
+// pathJSON describes p; outer is the dataplane's outer address for the
+// peer (a relay-tcp peer's bridge socket).
+func pathJSON(p path.Path, outer netip.AddrPort) *PathJSON {
+	pj := &PathJSON{Kind: p.Kind.String(), Local: addrPort(p.Local), Remote: addrPort(p.Remote), Carrier: "kernel"}
+	if p.Kind == path.KindRelayTCP {
+		pj.Carrier = "btmmd"
+		if !p.Local.IsValid() {
+			pj.Local = addrPort(outer)
+		}
+	}
+	return pj
 }
 
 // Counters are the kernel's counters for a peer's SAs (or BPF map entry).
@@ -289,7 +307,7 @@ func peersJSON(st *agent.Status, now time.Time) []PeerJSON {
 			InSPI: p.InSPI, Cipher: string(p.Cipher), KeyingError: p.KeyingError, InKernel: p.InKernel,
 			Device: p.Capabilities.Device, Dataplanes: p.Capabilities.Dataplanes, PeerNAT: p.Capabilities.NAT}
 		if p.Path.IsValid() {
-			pj.Path = &PathJSON{Kind: p.Path.Kind.String(), Local: addrPort(p.Path.Local), Remote: addrPort(p.Path.Remote)}
+			pj.Path = pathJSON(p.Path, p.Outer)
 		}
 		if i := slices.IndexFunc(st.Counters, func(c controlplane.PeerStats) bool { return c.ULA == p.ULA }); i >= 0 {
 			c := st.Counters[i]
@@ -310,7 +328,7 @@ func pingJSON(r *agent.PingResult) PingJSON {
 		RTTSeconds: r.RTT.Seconds(), PathProbeRTTSeconds: r.PathProbeRTT.Seconds(), OuterSource: r.OuterSource,
 		External: addrPort(r.External), InTunnel: r.InTunnel, Error: r.Error}
 	if r.Path.IsValid() {
-		pj.Path = &PathJSON{Kind: r.Path.Kind.String(), Local: addrPort(r.Path.Local), Remote: addrPort(r.Path.Remote)}
+		pj.Path = pathJSON(r.Path, netip.AddrPort{})
 	}
 	return pj
 }

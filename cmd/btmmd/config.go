@@ -91,6 +91,12 @@ type Config struct {
 		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
 		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
+		// TLSServers are the relays' TLS stream ports for relay-tcp (UDP
+		// blocked): "NAME:PORT" (dialled by name) or "NAME@IPV4:PORT"
+		// (dialled at the address); the certificate must name NAME. Empty:
+		// SRV _btmm-relay._tcp.<domain>.
+		TLSServers []string `toml:"tls_servers"`
+		CAFile     string   `toml:"ca_file"` // CA for the relay's certificate; default dns.ca_file, else the system's
 	} `toml:"paths"`
 
 	// Tunnels are the tunnel path kinds (issue 15, docs/tunnels.md).
@@ -245,6 +251,11 @@ func (c *Config) fill() error {
 	for _, sv := range c.Paths.Servers {
 		if ap, err := netip.ParseAddrPort(sv); err != nil || !ap.Addr().Is4() {
 			errs = append(errs, fmt.Errorf("paths.servers: %q is not IPv4:port", sv))
+		}
+	}
+	for _, sv := range c.Paths.TLSServers {
+		if _, err := parseStreamServer(sv); err != nil {
+			errs = append(errs, fmt.Errorf("paths.tls_servers: %w", err))
 		}
 	}
 	if c.Paths.Refresh != "" {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"net/netip"
@@ -47,6 +48,15 @@ type PathsConfig struct {
 	// Refresh is how often the NAT behaviour and reflexive endpoint are
 	// measured again and binds renewed (60 s).
 	Refresh time.Duration
+	// StreamServers returns the relays' TLS stream ports (static, or SRV
+	// _btmm-relay._tcp.<domain>), used only when UDP is blocked
+	// (relay-tcp, relaytcp.go). Nil: none.
+	StreamServers func(ctx context.Context) ([]StreamServer, error)
+	// StreamRoots verify the relay's certificate (nil: the system's).
+	StreamRoots *x509.CertPool
+	// Cleartext: the dataplane sends whole IPv6 packets in UDP (ebpf
+	// cleartext), which the relay-tcp bridge completes as a card would.
+	Cleartext bool
 }
 
 type paths struct {
@@ -70,6 +80,13 @@ type paths struct {
 	// peerTunnels are each peer's tunnel endpoints as given to the
 	// dataplane (tunnels.go).
 	peerTunnels map[netip.Addr][]controlplane.Tunnel
+	// relay-tcp (relaytcp.go): the bridge while UDP is blocked, whether
+	// alloc was made over it, and whether the next refresh may skip NAT
+	// detection (the stream just came up: allocate at once).
+	bt         *bridgeTransport
+	bs         *bridgeState
+	allocTCP   bool
+	skipDetect bool
 }
 
 func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, error) {
@@ -87,8 +104,11 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 		return nil, err
 	}
 	p := &paths{a: a, cfg: cfg, key: key, base: base, kick: make(chan struct{}, 1), nat: relay.NATUnknown}
-	p.mux = path.NewMux(a.cfg.Transport)
-	p.rc = &relay.Client{Send: p.mux.WriteKeying, Cred: cfg.Cred,
+	p.bt = newBridgeTransport(a.cfg.Transport, p)
+	p.mux = path.NewMux(p.bt)
+	// NAT detection and allocations made over UDP always use UDP; the
+	// bridge's client (relaytcp.go) speaks over the stream.
+	p.rc = &relay.Client{Send: a.cfg.Transport.WriteKeying, Cred: cfg.Cred,
 		Host: dns.Fqdn(a.cfg.Host + "." + strings.TrimSuffix(a.cfg.Domain, "."))}
 	p.sel, err = path.New(path.Config{Key: key, Send: p.mux.WriteKeying, OnChange: p.onPath,
 		Preference: cfg.Preference, Logger: a.log.With("part", "paths")})
@@ -96,7 +116,12 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 		return nil, err
 	}
 	p.mux.HandleProbes(func(b []byte, from netip.AddrPort) { p.sel.HandleProbe(b, from) })
-	p.mux.HandleSTUN(p.rc.Handle)
+	p.mux.HandleSTUN(func(b []byte, from netip.AddrPort) {
+		p.rc.Handle(b, from)
+		if rc := p.client(); rc != p.rc {
+			rc.Handle(b, from)
+		}
+	})
 	return p, nil
 }
 
@@ -110,11 +135,19 @@ type pathInstaller struct{ a *Agent }
 // authenticated MOVED from a network it just joined): it is followed at
 // once, and the probes look again.
 func (pi pathInstaller) Install(ctx context.Context, p controlplane.Peer) error {
-	if c := pi.a.paths.current(p.ULA); c.IsValid() && !c.Kind.Tunnel() && p.Outer.IsValid() && p.Outer != c.Remote {
+	c := pi.a.paths.current(p.ULA)
+	if c.IsValid() && !c.Kind.Tunnel() && p.Outer.IsValid() && p.Outer != c.Remote {
 		if pi.a.paths.sel.Known(p.ULA, p.Outer) {
 			p.Outer = c.Remote
 		} else {
 			pi.a.paths.sel.Kick()
+		}
+	}
+	if c.Kind == path.KindRelayTCP && p.Outer == c.Remote {
+		// Keying speaks to the peer's relay port (over the stream); the
+		// dataplane sends to the peer's bridge socket.
+		if o, err := pi.a.paths.bridgeOuter(p.ULA, c); err == nil {
+			p.Outer = o
 		}
 	}
 	return pi.a.rec.Install(ctx, p)
@@ -164,6 +197,7 @@ func (p *paths) run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			p.release()
+			p.stopBridge()
 			return nil
 		case err := <-errc:
 			if ctx.Err() != nil {
@@ -209,10 +243,31 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 		p.publish(local)
 		return p.cfg.Refresh
 	}
-	nat, seen := p.rc.DetectNAT(ctx, servers, local)
+	p.mu.Lock()
+	skip := p.skipDetect && p.nat == relay.NATBlocked && p.bs != nil
+	p.skipDetect = false
+	nat, seen := p.nat, p.seen
+	p.mu.Unlock()
+	if !skip {
+		nat, seen = p.rc.DetectNAT(ctx, servers, local)
+	}
+	if nat != relay.NATBlocked {
+		p.stopBridge() // UDP works (again): never relay-tcp
+	}
+	rc := p.rc
+	if nat == relay.NATBlocked && !p.bridged() {
+		// No UDP: the relay's TLS stream (relaytcp.go).
+		if err := p.startBridge(ctx, servers); err != nil {
+			p.setErr(err.Error())
+		}
+	}
+	if nat == relay.NATBlocked {
+		rc = p.client()
+	}
 	p.mu.Lock()
 	p.servers, p.nat, p.seen = servers, nat, seen
 	alloc := p.alloc
+	streamDown := nat == relay.NATBlocked && (p.bs == nil || !p.bs.br.Up())
 	// Our NAT now maps the tunnel socket elsewhere (replaced, rebooted,
 	// its mappings flushed): the LLQ's own UDP mapping has most likely
 	// gone with it, and the server's pushes (the peers' new candidates
@@ -229,11 +284,12 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	}
 	next := p.cfg.Refresh
 	switch {
-	case nat == relay.NATBlocked:
-		// No UDP: nothing to allocate over it (the TCP fallback is not built).
-		alloc = relay.Allocation{}
+	case streamDown:
+		// UDP blocked and no stream yet: nothing to allocate over (the
+		// stream coming up kicks a refresh).
+		alloc, next = relay.Allocation{}, 10*time.Second
 	case !alloc.Relayed.IsValid() || !slices.Contains(servers, alloc.Server):
-		a, err := p.rc.Allocate(ctx, servers[0], 0)
+		a, err := rc.Allocate(ctx, servers[0], 0)
 		if err != nil {
 			p.setErr("relay allocation: " + err.Error())
 			next = 10 * time.Second
@@ -242,7 +298,7 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 			p.a.log.Info("relay allocation", "relayed", a.Relayed, "server", a.Server, "lifetime", a.Lifetime)
 		}
 	default:
-		if _, err := p.rc.Refresh(ctx, alloc, max(alloc.Lifetime, time.Minute)); err != nil { // 0 would delete it
+		if _, err := rc.Refresh(ctx, alloc, max(alloc.Lifetime, time.Minute)); err != nil { // 0 would delete it
 			p.setErr("relay refresh: " + err.Error())
 			alloc, next = relay.Allocation{}, time.Second
 		}
@@ -372,11 +428,12 @@ func (p *paths) bindAll(ctx context.Context) {
 	}
 	p.a.mu.Unlock()
 	var wg sync.WaitGroup
+	rc := p.client()
 	for _, t := range targets {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := p.rc.Bind(ctx, t, alloc); err != nil {
+			if err := rc.Bind(ctx, t, alloc); err != nil {
 				p.a.log.Info("relay bind", "peer_relay", t, "err", err)
 			}
 		}()
@@ -395,7 +452,7 @@ func (p *paths) onPeerEvent(ev PeerEvent) {
 		p.mu.Unlock()
 		return
 	}
-	cands := p.peerCandidates(ev)
+	cands := p.bridgeCandidates(p.peerCandidates(ev))
 	if err := p.sel.SetPeer(ev.ULA, ev.Name, ev.Capabilities.ProbeKey, cands); err != nil {
 		p.a.log.Warn("paths: peer", "peer", ev.Name, "err", err)
 		return
@@ -426,7 +483,19 @@ func (p *paths) onPath(ula netip.Addr, np path.Path) {
 	// A tunnel kind moves the route only (its outer endpoint is the
 	// device's); the ESP-in-UDP endpoint stays what DNS and keying say.
 	if !np.Kind.Tunnel() {
-		if err := p.a.rec.SetPeerOuter(ctx, name, ula, np.Remote, controlplane.SourcePath); err != nil {
+		outer := np.Remote
+		if np.Kind == path.KindRelayTCP {
+			// The dataplane sends to the peer's bridge socket (relaytcp.go).
+			o, err := p.bridgeOuter(ula, np)
+			if err != nil {
+				p.a.log.Warn("paths: relay-tcp", "peer", name, "err", err)
+				return
+			}
+			outer = o
+		} else {
+			p.leftBridge(ula)
+		}
+		if err := p.a.rec.SetPeerOuter(ctx, name, ula, outer, controlplane.SourcePath); err != nil {
 			p.a.log.Warn("paths: moving peer", "peer", name, "err", err)
 		}
 	}
@@ -440,10 +509,10 @@ func (p *paths) onPath(ula netip.Addr, np path.Path) {
 
 func (p *paths) release() {
 	p.mu.Lock()
-	alloc := p.alloc
+	alloc, overStream := p.alloc, p.allocTCP
 	p.mu.Unlock()
-	if !alloc.Relayed.IsValid() {
-		return
+	if !alloc.Relayed.IsValid() || overStream {
+		return // an allocation made over the stream expires with it
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -460,12 +529,15 @@ type PathsStatus struct {
 	Candidates []register.Candidate `json:"candidates,omitempty"`
 	LastError  string               `json:"last_error,omitempty"`
 	Peers      []path.PeerStatus    `json:"peers,omitempty"`
+	// RelayTCP is the relay-tcp bridge while UDP is blocked (nil: not running).
+	RelayTCP *RelayTCPStatus `json:"relay_tcp,omitempty"`
 }
 
 func (p *paths) status() *PathsStatus {
+	rt := p.relayTCPStatus()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return &PathsStatus{NAT: string(p.nat), NATText: p.nat.Describe(), Reflexive: slices.Clone(p.seen),
+	return &PathsStatus{RelayTCP: rt, NAT: string(p.nat), NATText: p.nat.Describe(), Reflexive: slices.Clone(p.seen),
 		Relay: p.alloc.Relayed, Servers: slices.Clone(p.servers), Candidates: slices.Clone(p.cands),
 		LastError: p.lastErr, Peers: p.sel.Status()}
 }

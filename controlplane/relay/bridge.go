@@ -67,7 +67,9 @@ type BridgeStatus struct {
 	Sockets    int       `json:"sockets"`        // peer relay ports bridged
 	FramesOut  uint64    `json:"frames_out"`
 	FramesIn   uint64    `json:"frames_in"`
-	Dropped    uint64    `json:"dropped"` // queue full, stream down, no socket for a port
+	BytesOut   uint64    `json:"bytes_out"` // datagram bytes framed onto the stream
+	BytesIn    uint64    `json:"bytes_in"`  // datagram bytes taken off it
+	Dropped    uint64    `json:"dropped"`   // queue full, stream down, no socket for a port
 	Reconnects uint64    `json:"reconnects"`
 	LastError  string    `json:"last_error,omitempty"`
 }
@@ -212,6 +214,7 @@ func (b *Bridge) read(conn net.Conn) error {
 		}
 		b.mu.Lock()
 		b.st.FramesIn++
+		b.st.BytesIn += uint64(len(d))
 		sock := b.socks[port]
 		b.mu.Unlock()
 		switch {
@@ -249,6 +252,7 @@ func (b *Bridge) Send(port uint16, datagram []byte) error {
 	select {
 	case b.q <- f:
 		b.st.FramesOut++
+		b.st.BytesOut += uint64(len(datagram))
 		return nil
 	default:
 		b.st.Dropped++

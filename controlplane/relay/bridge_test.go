@@ -173,7 +173,9 @@ func TestBridgeThroughRelay(t *testing.T) {
 	defer tunnel.Close()
 	var br *Bridge
 	cl := &Client{Cred: alice, Host: "a.alice.btmm.example.", RTO: 200 * time.Millisecond, Tries: 5,
-		Send: func(m []byte, to netip.AddrPort) error { return br.Send(to.Port(), append(bytes.Clone(NonESPMarker), m...)) }}
+		Send: func(m []byte, to netip.AddrPort) error {
+			return br.Send(to.Port(), append(bytes.Clone(NonESPMarker), m...))
+		}}
 	keyingIn := make(chan [2]any, 8)
 	up := make(chan struct{}, 4)
 	br = NewBridge(BridgeConfig{
