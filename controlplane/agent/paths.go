@@ -505,6 +505,12 @@ func (p *paths) onPath(ula netip.Addr, np path.Path) {
 		}
 	}
 	p.a.updateKeyingPeers(ctx)
+	// The path answers now: a keying exchange still waiting for its
+	// next retransmission (its INIT went out before the path worked)
+	// goes again at once.
+	if err := p.a.keyer.Retry(ctx, ula); err != nil {
+		p.a.log.Debug("paths: keying retry", "peer", name, "err", err)
+	}
 }
 
 func (p *paths) release() {

@@ -402,6 +402,18 @@ func (a *Agent) Rekey(ctx context.Context, ula netip.Addr) error {
 	return err
 }
 
+// Retry sends an exchange in flight with the peer again now instead of at
+// its next retransmission: the path checks just found a way to the peer
+// (e.g. the relay forwards once both sides have bound, and the first INIT
+// arrived before that). No exchange in flight: nothing happens.
+func (a *Agent) Retry(ctx context.Context, ula netip.Addr) error {
+	return a.do(ctx, func() {
+		if p := a.peers[ula]; p != nil && p.ex != nil && p.ex.phase != waitAuth {
+			p.ex.nextTx = a.cfg.Now()
+		}
+	})
+}
+
 // Moved tells every keyed peer that this host's outer address changed: it
 // sends each one an authenticated MOVED from the tunnel socket (so from the
 // new address and through the new NAT), retransmitted like an INIT until
@@ -546,6 +558,12 @@ func (a *Agent) setPeers(cfgs []PeerConfig) {
 			p.outer = c.Outer
 			if p.cur != nil || p.pending != nil {
 				a.reinstall(p) // the dataplane moves the SAs (no rekey)
+			}
+			if ex := p.ex; ex != nil && ex.phase != waitAuth {
+				// What is in flight went to the old address (e.g. a
+				// peer's SRV before the path checks chose): send it to
+				// the new one now, not at the next retransmission.
+				ex.nextTx = now
 			}
 		}
 	}

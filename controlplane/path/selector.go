@@ -74,6 +74,9 @@ func (c *Config) setDefaults() error {
 	return nil
 }
 
+// triggerGap bounds the triggered checks a known candidate's PINGs cause.
+const triggerGap = 20 * time.Millisecond
+
 // Selector runs the connectivity checks of every peer and chooses each
 // one's path. Its methods may be called from any goroutine.
 type Selector struct {
@@ -387,7 +390,15 @@ func (s *Selector) HandleProbe(b []byte, from netip.AddrPort) error {
 	case Ping:
 		pong := Probe{Type: Pong, Sender: s.cfg.Key.Public(), TxID: pr.TxID, Seen: from}
 		out = append(out, outMsg{pong.Seal(p.pairKey), from})
-		if from.Addr().Is4() && p.cand(from) == nil {
+		if c := p.cand(from); c != nil {
+			// A known candidate that does not answer us yet: check it at
+			// once (triggered check, RFC 8445 §7.3.1.4) instead of at
+			// the next burst offset or interval; the peer's PING just
+			// opened the way back. At most one per triggerGap.
+			if !s.alive(c, now) && now.Sub(c.lastPing) >= triggerGap {
+				out = append(out, s.pingLocked(p, c, now))
+			}
+		} else if from.Addr().Is4() {
 			c := &candState{Candidate: Candidate{Kind: KindPunched, Addr: from, Source: "prflx"}, learnt: now}
 			p.cands = append(p.cands, c)
 			s.trimLearnt(p)

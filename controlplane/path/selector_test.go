@@ -207,3 +207,35 @@ func TestSelectorLearntBounded(t *testing.T) {
 		}
 	})
 }
+
+// TestSelectorTriggeredCheckOnKnownCandidate: a learns of b first (b has
+// just started and does not know a yet, so a's first PINGs go unanswered);
+// b learns of a 30 ms later and PINGs it. a's answer to that PING comes
+// with a PING of its own to b (triggered check), so a's path is chosen
+// within milliseconds, not at its next burst offset (100 ms).
+func TestSelectorTriggeredCheckOnKnownCandidate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		n := newSimNet(t, ctx)
+		a := n.addHost(t, "a", "fd00::a", "11.1.0.2:4500", nil)
+		b := n.addHost(t, "b", "fd00::b", "11.2.0.2:4500", nil)
+		pa, pb := a.key.Public(), b.key.Public()
+		if err := a.sel.SetPeer(b.ula, b.name, pb[:], b.candidates()); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(30 * time.Millisecond)
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.IsValid() {
+			t.Fatalf("a has a path to b (%v) before b knows a", p)
+		}
+		if err := b.sel.SetPeer(a.ula, a.name, pa[:], a.candidates()); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(5 * time.Millisecond)
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.Kind != KindDirect {
+			t.Errorf("a -> b 35 ms after a learnt of b (5 ms after b learnt of a): %v, want direct (triggered by b's PING)\n%+v", p, a.sel.Status())
+		}
+	})
+}
