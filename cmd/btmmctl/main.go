@@ -261,6 +261,16 @@ func printStatus(w io.Writer, st *agent.Status) {
 	if l := st.LLQ; l != nil {
 		fmt.Fprintf(w, "llq        %s\n", llqLine(l))
 	}
+	if n := st.Names; n != nil {
+		line := n.Mechanism + ": " + n.Detail
+		if n.Why != "" {
+			line += " (" + n.Why + ")"
+		}
+		if n.Error != "" {
+			line += "; error: " + n.Error
+		}
+		fmt.Fprintf(w, "names      %s\n", line)
+	}
 	if st.LastError != "" {
 		fmt.Fprintf(w, "error      dataplane: %s\n", st.LastError)
 	}

@@ -142,6 +142,7 @@ func TestJSONSchema(t *testing.T) {
 		LLQ:         &llqclient.Status{Server: "203.0.113.10:53", Queries: []llqclient.QueryStatus{{Name: "_autotunnel._udp.alice.btmm.example.", Type: "PTR", Mode: llqclient.ModeLLQ, Lease: time.Hour}}},
 		Network:     agent.NetworkStatus{Following: true, Online: true, Keepalive: "20s", Took: "262ms"},
 		KeyingStats: &keying.Stats{Datagrams: 3},
+		Names:       &agent.NamesStatus{Mechanism: "hosts", Detail: "block in /etc/hosts", Why: "systemd-resolved is not running"},
 		Counters:    []controlplane.PeerStats{{ULA: netip.MustParseAddr("fd00::2"), TxPackets: 5, RxPackets: 4}},
 		Peers: []agent.PeerStatus{{PeerStatus: controlplane.PeerStatus{Name: "desktop", ULA: netip.MustParseAddr("fd00::2"),
 			Outer: netip.MustParseAddrPort("11.0.0.1:40001"), OuterBy: "dns", Keyed: true, OutSPI: 0x1001, InSPI: 0x2002, InKernel: true},
@@ -161,7 +162,8 @@ func TestJSONSchema(t *testing.T) {
 	if back.Schema != 1 || back.UptimeSeconds < 89 || back.Registration.LeaseSeconds != 5400 || back.Network.KeepaliveSeconds != 20 ||
 		back.Network.LastTookSeconds != 0.262 || back.LLQ.Mode != "llq" || back.LLQ.Questions[0].LeaseSeconds != 3600 ||
 		p.Health.State != "ok" || p.Health.LastHandshakeSeconds < 59 || p.Health.LastReceivedSeconds < 4 ||
-		p.Counters == nil || p.Counters.RxPackets != 4 || back.Keying.Datagrams != 3 {
+		p.Counters == nil || p.Counters.RxPackets != 4 || back.Keying.Datagrams != 3 ||
+		back.Names == nil || back.Names.Mechanism != "hosts" || back.Names.Why != "systemd-resolved is not running" {
 		t.Errorf("status --json:\n%s", out.String())
 	}
 	for _, key := range []string{`"uptime_seconds"`, `"lease_seconds"`, `"last_handshake"`, `"last_received_seconds_ago"`, `"in_kernel"`} {
@@ -288,6 +290,7 @@ func TestErrors(t *testing.T) {
 func TestStatusSigningPolicy(t *testing.T) {
 	st := agent.Status{Host: "laptop", Domain: "alice.btmm.example.",
 		Register: register.Status{Published: true, Server: "203.0.113.10:53", Lease: time.Hour, LeaseEchoed: true, AcceptUnsigned: true},
+		Names:    &agent.NamesStatus{Mechanism: "resolved", Detail: "systemd-resolved, link btmm0: DNS 127.0.0.77:53, domain alice.btmm.example, not default route"},
 		LLQ: &llqclient.Status{Server: "203.0.113.10:53", Polling: 1, Queries: []llqclient.QueryStatus{
 			{Name: "_autotunnel._udp.alice.btmm.example.", Type: "PTR", Mode: llqclient.ModeLLQ},
 			{Name: "desktop.alice.btmm.example.", Type: "AAAA", Mode: llqclient.ModePolling, Reason: "server does not sign its responses (accept_unsigned accepts them, for Apple's dnsextd)"},
@@ -298,7 +301,8 @@ func TestStatusSigningPolicy(t *testing.T) {
 		t.Fatalf("status exit %d: %s", code, errOut.String())
 	}
 	for _, want := range []string{"UNSIGNED answers accepted (dns.accept_unsigned)",
-		"llq        2 questions on 203.0.113.10:53: 1 pushed, 1 polling (server does not sign its responses"} {
+		"llq        2 questions on 203.0.113.10:53: 1 pushed, 1 polling (server does not sign its responses",
+		"names      resolved: systemd-resolved, link btmm0: DNS 127.0.0.77:53, domain alice.btmm.example, not default route\n"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status output lacks %q:\n%s", want, out.String())
 		}

@@ -36,6 +36,7 @@ type StatusJSON struct {
 	Network         *NetworkJSON       `json:"network,omitempty"`
 	Registration    *RegistrationJSON  `json:"registration,omitempty"`
 	LLQ             *LLQJSON           `json:"llq,omitempty"`
+	Names           *NamesJSON         `json:"names,omitempty"`
 	Keying          *KeyingJSON        `json:"keying,omitempty"`
 	DataplaneError  string             `json:"dataplane_error,omitempty"`
 	Repair          *RepairJSON        `json:"last_repair,omitempty"`
@@ -95,6 +96,14 @@ type QuestionJSON struct {
 	LeaseSeconds float64 `json:"lease_seconds,omitempty"`
 	Answers      int     `json:"answers"`
 	Setups       int     `json:"setups"`
+}
+
+// NamesJSON is how the user's host names reach the system resolver.
+type NamesJSON struct {
+	Mechanism string `json:"mechanism"` // resolved, hosts, none
+	Detail    string `json:"detail"`
+	Why       string `json:"why,omitempty"`
+	Error     string `json:"error,omitempty"`
 }
 
 // KeyingJSON is the key exchange's counters.
@@ -277,6 +286,9 @@ func statusJSON(st *agent.Status, now time.Time) *StatusJSON {
 			out.LLQ.Questions = append(out.LLQ.Questions, QuestionJSON{Name: q.Name, Type: q.Type, Mode: string(q.Mode),
 				Reason: q.Reason, LeaseSeconds: q.Lease.Seconds(), Answers: q.Answers, Setups: q.Setups})
 		}
+	}
+	if n := st.Names; n != nil {
+		out.Names = &NamesJSON{Mechanism: n.Mechanism, Detail: n.Detail, Why: n.Why, Error: n.Error}
 	}
 	out.Keying = &KeyingJSON{Error: st.KeyingError}
 	if k := st.KeyingStats; k != nil {

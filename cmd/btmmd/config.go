@@ -77,9 +77,15 @@ type Config struct {
 	} `toml:"keying"`
 
 	Names struct {
-		Mode      string `toml:"mode"`       // "hosts" (default): stub + hosts file block; "off"
+		// Mode: "auto" (default): a DNS route to the stub in
+		// systemd-resolved where it runs, else the hosts file block;
+		// "resolved" or "hosts": only that one; "off".
+		Mode      string `toml:"mode"`
 		Listen    string `toml:"listen"`     // the name stub's address, default 127.0.0.77:53
 		HostsFile string `toml:"hosts_file"` // default /etc/hosts
+		// Search: with resolved, the domain is also a search domain
+		// (`ping desk`); false: routing only (~domain). Default true.
+		Search *bool `toml:"search"`
 	} `toml:"names"`
 
 	Metrics struct {
@@ -223,8 +229,14 @@ func (c *Config) fill() error {
 		errs = append(errs, fmt.Errorf("keying.mode %q: want kerberos or psk", c.Keying.Mode))
 	}
 	switch c.Names.Mode {
-	case "", "hosts":
-		c.Names.Mode = "hosts"
+	case "", "auto", "resolved", "hosts":
+		if c.Names.Mode == "" {
+			c.Names.Mode = "auto"
+		}
+		if c.Names.Search == nil {
+			yes := true
+			c.Names.Search = &yes
+		}
 		if c.Names.HostsFile == "" {
 			c.Names.HostsFile = defaultHostsFile
 		}
@@ -235,7 +247,7 @@ func (c *Config) fill() error {
 		}
 	case "off":
 	default:
-		errs = append(errs, fmt.Errorf("names.mode %q: want hosts or off", c.Names.Mode))
+		errs = append(errs, fmt.Errorf("names.mode %q: want auto, resolved, hosts or off", c.Names.Mode))
 	}
 	if err := metrics.CheckAddr(c.Metrics.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("metrics.listen: %w", err))

@@ -32,6 +32,15 @@ key_file = "/k"
 		c.Keying.Mode != "kerberos" || c.Keying.Keytab != "/etc/krb5.keytab" || c.ControlSocket != "/run/btmm/btmmd.sock" {
 		t.Fatalf("defaults: %+v", c)
 	}
+	if c.Names.Mode != "auto" || c.Names.Search == nil || !*c.Names.Search || c.Names.Listen != "127.0.0.77:53" || c.Names.HostsFile != "/etc/hosts" {
+		t.Fatalf("names defaults: %+v", c.Names)
+	}
+	for mode, ok := range map[string]bool{"auto": true, "resolved": true, "hosts": true, "off": true, "dbus": false} {
+		_, err := loadConfig(write("domain = \"alice.btmm.example.\"\n[dns]\nkey_file = \"/k\"\n[names]\nmode = \"" + mode + "\"\nsearch = false\n"))
+		if (err == nil) != ok {
+			t.Errorf("names.mode %q: err %v", mode, err)
+		}
+	}
 	if c.keepalive != 20*time.Second || c.debounce != 250*time.Millisecond || c.Network.Follow == nil || !*c.Network.Follow {
 		t.Fatalf("roaming defaults: keepalive %v, debounce %v, follow %v", c.keepalive, c.debounce, c.Network.Follow)
 	}

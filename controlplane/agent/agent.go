@@ -157,6 +157,7 @@ type Agent struct {
 	peers          map[netip.Addr]PeerEvent // the peers keyed: ULAs exactly one name holds (derived from book)
 	book           peerBook                 // the user's other hosts by name (identity.go)
 	conflicts      []Conflict
+	names          *NamesStatus // set by SetNames
 	started        time.Time
 	pendingNet     *netmon.Change // latest major change not yet followed
 	pendingNATMove bool           // our NAT's external address changed: tell peers
@@ -441,6 +442,27 @@ type Status struct {
 	// Paths: NAT behaviour, candidates, relay allocation and per-peer
 	// paths (nil without path selection).
 	Paths *PathsStatus `json:"paths,omitempty"`
+	// Names: how this host's and its peers' names reach the system
+	// resolver (nil: not reported, e.g. names off).
+	Names *NamesStatus `json:"names,omitempty"`
+}
+
+// NamesStatus is how names resolve (cmd/btmmd's names part reports it).
+type NamesStatus struct {
+	// Mechanism: "resolved" (a per-link DNS route in systemd-resolved
+	// to the stub), "hosts" (a managed block in the hosts file), or
+	// "none" (neither is in place yet, see Error).
+	Mechanism string `json:"mechanism"`
+	Detail    string `json:"detail"`          // link, stub, domain, or the file
+	Why       string `json:"why,omitempty"`   // why this mechanism (names.mode auto)
+	Error     string `json:"error,omitempty"` // the last failure to set it up
+}
+
+// SetNames records how names resolve, for Status.
+func (a *Agent) SetNames(n NamesStatus) {
+	a.mu.Lock()
+	a.names = &n
+	a.mu.Unlock()
 }
 
 // PeerStatus joins what DNS, keying and the dataplane know of one peer.
@@ -470,6 +492,10 @@ func (a *Agent) Status(ctx context.Context) Status {
 		caps[u] = p.Capabilities
 	}
 	st.Conflicts = slices.Clone(a.conflicts)
+	if a.names != nil {
+		n := *a.names
+		st.Names = &n
+	}
 	a.mu.Unlock()
 	if a.cfg.NAT == nil {
 		st.NAT = NATReport{External: a.cfg.External, Status: "static external address (no NAT handling)"}

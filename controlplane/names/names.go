@@ -1,11 +1,11 @@
 // Package names makes a user's hosts resolvable by name on each of them,
 // without the user changing resolvers (issue 17): a DNS stub (RFC 1034/1035
 // answers via miekg/dns) that answers AAAA for <host>.<user domain> from
-// btmmd's peer table (stub.go), and a managed block in /etc/hosts
+// btmmd's peer table (stub.go); a per-link DNS route to it in
+// systemd-resolved, set over D-Bus (org.freedesktop.resolve1, resolved.go);
+// and, where resolved does not run, a managed block in /etc/hosts
 // (hosts.go) that the system resolver reads. Names outside the user's
-// domain never reach the stub. Not done yet: wiring the stub into
-// systemd-resolved as a per-link DNS route (org.freedesktop.resolve1 over
-// D-Bus) where resolved runs.
+// domain never reach the stub.
 package names
 
 import (

@@ -1,10 +1,12 @@
 package names
 
 import (
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -80,7 +82,7 @@ func TestTable(t *testing.T) {
 func TestStub(t *testing.T) {
 	tb := NewTable("alice.btmm.example.")
 	tb.Set([]Host{{"desk", ulaDesk}})
-	s, err := ListenStub(netip.MustParseAddrPort("127.0.0.1:0"), tb, nil)
+	s, err := ListenStub(netip.MustParseAddrPort("127.0.0.1:0"), tb, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,5 +145,77 @@ func TestWriteHostsConcurrent(t *testing.T) {
 	b, _ := os.ReadFile(p)
 	if !strings.HasPrefix(string(b), "127.0.0.1 localhost\n") || strings.Count(string(b), "# BEGIN btmm ") != 8 || strings.Count(string(b), "# END btmm ") != 8 {
 		t.Fatalf("after 8 concurrent writers:\n%s", b)
+	}
+}
+
+// TestStubForwardsServiceNames: SRV discovery names in the domain (and
+// names deeper than a host) go to the zone's server; host names never do.
+func TestStubForwardsServiceNames(t *testing.T) {
+	zone := dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		m := new(dns.Msg)
+		m.SetReply(r)
+		m.Authoritative = true
+		if q := r.Question[0]; q.Qtype == dns.TypeSRV {
+			m.Answer = []dns.RR{&dns.SRV{Hdr: dns.RR_Header{Name: q.Name, Rrtype: dns.TypeSRV, Class: dns.ClassINET, Ttl: 60},
+				Port: 53, Target: "ns.btmm.example."}}
+		}
+		w.WriteMsg(m)
+	})
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan struct{})
+	zs := &dns.Server{PacketConn: pc, Handler: zone, NotifyStartedFunc: func() { close(started) }}
+	go zs.ActivateAndServe()
+	<-started
+	defer zs.Shutdown()
+	tb := NewTable("alice.btmm.example.")
+	tb.Set([]Host{{"desk", ulaDesk}})
+	var upstream atomic.Value
+	upstream.Store(pc.LocalAddr().String())
+	s, err := ListenStub(netip.MustParseAddrPort("127.0.0.1:0"), tb, func() string { return upstream.Load().(string) }, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	ask := func(name string, qt uint16) *dns.Msg {
+		t.Helper()
+		m := new(dns.Msg)
+		m.SetQuestion(name, qt)
+		r, _, err := new(dns.Client).Exchange(m, s.Addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	if r := ask("_dns-update._udp.alice.btmm.example.", dns.TypeSRV); r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+		t.Fatalf("SRV not forwarded: %v", r)
+	}
+	if r := ask("a.b.alice.btmm.example.", dns.TypeSRV); len(r.Answer) != 1 {
+		t.Fatalf("deep name not forwarded: %v", r)
+	}
+	if r := ask("desk.alice.btmm.example.", dns.TypeSRV); len(r.Answer) != 0 || r.Rcode != dns.RcodeSuccess {
+		t.Fatalf("a host name was forwarded: %v", r)
+	}
+	if r := ask("gone.alice.btmm.example.", dns.TypeAAAA); r.Rcode != dns.RcodeNameError {
+		t.Fatalf("unknown host: %v", r)
+	}
+	upstream.Store("")
+	if r := ask("_dns-update._udp.alice.btmm.example.", dns.TypeSRV); r.Rcode != dns.RcodeNameError {
+		t.Fatalf("without upstream: %v", r)
+	}
+	upstream.Store("127.0.0.1:1") // nothing there
+	if r := ask("_dns-update._udp.alice.btmm.example.", dns.TypeSRV); r.Rcode != dns.RcodeServerFailure {
+		t.Fatalf("upstream down: %v", r)
+	}
+}
+
+func TestDomains(t *testing.T) {
+	if got := Domains("Alice.btmm.example.", true); len(got) != 1 || got[0].String() != "alice.btmm.example" {
+		t.Errorf("search: %v", got)
+	}
+	if got := Domains("alice.btmm.example", false); len(got) != 1 || got[0].String() != "~alice.btmm.example" {
+		t.Errorf("routing only: %v", got)
 	}
 }

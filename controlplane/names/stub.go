@@ -20,10 +20,61 @@ const TTL = 10
 // NODATA for its other types (so an A lookup does not fail the name),
 // NXDOMAIN for unknown names in the domain, SOA at the apex, REFUSED for
 // anything outside it (resolved never routes those here).
-func Handler(t *Table) dns.Handler {
+//
+// Names in the domain that cannot be host names — service names such as
+// _dns-update._udp.<domain> (a label starting with "_") and names more than
+// one label below it — are passed to the zone's server when upstream
+// returns one (its host:port, e.g. the server btmmd registers with): once
+// systemd-resolved routes the whole domain here, discovery by SRV must
+// still reach the real zone.
+func Handler(t *Table, upstream func() string) dns.Handler {
 	return dns.HandlerFunc(func(w dns.ResponseWriter, r *dns.Msg) {
+		if up := forwardTo(t, r, upstream); up != "" {
+			if m := forward(r, up); m != nil {
+				w.WriteMsg(m)
+				return
+			}
+			m := new(dns.Msg)
+			m.SetRcode(r, dns.RcodeServerFailure)
+			w.WriteMsg(m)
+			return
+		}
 		w.WriteMsg(answer(t, r))
 	})
+}
+
+// forwardTo returns the server to pass r to ("": answer it here).
+func forwardTo(t *Table, r *dns.Msg, upstream func() string) string {
+	if upstream == nil || r.Opcode != dns.OpcodeQuery || len(r.Question) != 1 {
+		return ""
+	}
+	name := dns.CanonicalName(r.Question[0].Name)
+	if name == t.domain || !dns.IsSubDomain(t.domain, name) {
+		return ""
+	}
+	labels := dns.SplitDomainName(strings.TrimSuffix(name, t.domain))
+	if len(labels) == 1 && !strings.HasPrefix(labels[0], "_") {
+		return ""
+	}
+	return upstream()
+}
+
+// forward asks up (UDP, then TCP if the answer was truncated); nil: no answer.
+func forward(r *dns.Msg, up string) *dns.Msg {
+	q := r.Copy()
+	q.RecursionDesired = false
+	for _, n := range []string{"udp", "tcp"} {
+		c := &dns.Client{Net: n, Timeout: 2 * time.Second}
+		m, _, err := c.Exchange(q, up)
+		if err != nil {
+			return nil
+		}
+		if !m.Truncated || n == "tcp" {
+			m.Id = r.Id
+			return m
+		}
+	}
+	return nil
 }
 
 func answer(t *Table, r *dns.Msg) *dns.Msg {
@@ -65,8 +116,8 @@ type Stub struct {
 }
 
 // ListenStub serves t on addr (e.g. 127.0.0.77:53; port 0: any, the same
-// for UDP and TCP) until Close.
-func ListenStub(addr netip.AddrPort, t *Table, log *slog.Logger) (*Stub, error) {
+// for UDP and TCP) until Close. upstream may be nil (see Handler).
+func ListenStub(addr netip.AddrPort, t *Table, upstream func() string, log *slog.Logger) (*Stub, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -81,7 +132,7 @@ func ListenStub(addr netip.AddrPort, t *Table, log *slog.Logger) (*Stub, error) 
 		pc.Close()
 		return nil, fmt.Errorf("name stub: %w", err)
 	}
-	h := Handler(t)
+	h := Handler(t, upstream)
 	s := &Stub{Addr: addr,
 		udp: &dns.Server{PacketConn: pc, Handler: h},
 		tcp: &dns.Server{Listener: l, Handler: h, ReadTimeout: 5 * time.Second},

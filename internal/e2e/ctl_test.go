@@ -74,7 +74,7 @@ func TestLivenessAndCtlCleartext(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { wcmd.Process.Kill(); wcmd.Wait() })
-	waitFor(t, "btmmctl watch is connected", 10*time.Second, func() error {
+	testenv.WaitFor(t, "btmmctl watch is connected", 10*time.Second, func() error {
 		if !strings.Contains(watch.String(), "watching: host1.") {
 			return fmt.Errorf("watch printed %q", watch.String())
 		}
@@ -85,7 +85,7 @@ func TestLivenessAndCtlCleartext(t *testing.T) {
 	startPingEvery(t, l.Host1, sts["host2"].ULA, 200*time.Millisecond)
 	l.GW2.MustRun(t, "nft", "add table inet btmmtest; add chain inet btmmtest cut { type filter hook forward priority -10; policy drop; }")
 	cut := time.Now()
-	waitFor(t, "host1 sees host2 stale", 60*time.Second, func() error {
+	testenv.WaitFor(t, "host1 sees host2 stale", 60*time.Second, func() error {
 		h, err := health(h1, "host2")
 		if err != nil {
 			return err
@@ -106,7 +106,7 @@ func TestLivenessAndCtlCleartext(t *testing.T) {
 	}
 
 	l.GW2.MustRun(t, "nft", "delete table inet btmmtest")
-	waitFor(t, "host1 sees host2 ok again", 30*time.Second, func() error {
+	testenv.WaitFor(t, "host1 sees host2 ok again", 30*time.Second, func() error {
 		h, err := health(h1, "host2")
 		if err != nil {
 			return err
@@ -116,7 +116,7 @@ func TestLivenessAndCtlCleartext(t *testing.T) {
 		}
 		return nil
 	})
-	waitFor(t, "btmmctl watch reports both changes", 10*time.Second, func() error {
+	testenv.WaitFor(t, "btmmctl watch reports both changes", 10*time.Second, func() error {
 		w := watch.String()
 		if !strings.Contains(w, "peer_health host2: ok -> stale (sending for") || !strings.Contains(w, "peer_health host2: stale -> ok") {
 			return fmt.Errorf("watch printed:\n%s", w)

@@ -74,7 +74,7 @@ func establish(t *testing.T, dp string) {
 	setNAT(t, l.GW2, "192.168.2.0/24", false)
 	setNAT(t, l.GW3, "192.168.3.0/24", true)
 	pl.startHost(t, h1)
-	waitFor(t, "host1 ready (registered, LLQ up)", 60*time.Second, func() error {
+	testenv.WaitFor(t, "host1 ready (registered, LLQ up)", 60*time.Second, func() error {
 		if logTime(h1.d.log.String(), time.Time{}, "msg=ready").IsZero() {
 			return fmt.Errorf("not ready")
 		}
@@ -108,7 +108,7 @@ func establish(t *testing.T, dp string) {
 	stop := func(peer *pathHost) {
 		stopWithin(t, &peer.host, 45*time.Second)
 		peer.d = nil
-		waitFor(t, "host1 forgets "+peer.name, 60*time.Second, func() error {
+		testenv.WaitFor(t, "host1 forgets "+peer.name, 60*time.Second, func() error {
 			st, err := h1.status(t, pl.bins)
 			if err != nil {
 				return err
@@ -131,7 +131,7 @@ func establish(t *testing.T, dp string) {
 	}
 	for _, peer := range []*pathHost{pub, h2} {
 		pl.startHost(t, peer)
-		waitFor(t, "host1 has "+peer.name+" keyed", 120*time.Second, func() error {
+		testenv.WaitFor(t, "host1 has "+peer.name+" keyed", 120*time.Second, func() error {
 			st, err := h1.status(t, pl.bins)
 			if err != nil {
 				return err
@@ -144,7 +144,7 @@ func establish(t *testing.T, dp string) {
 			}
 			return fmt.Errorf("not yet")
 		})
-		waitFor(t, "an echo from "+peer.name, 60*time.Second, func() error {
+		testenv.WaitFor(t, "an echo from "+peer.name, 60*time.Second, func() error {
 			if pingers[peer.name].replies() == 0 {
 				return fmt.Errorf("none yet")
 			}
@@ -172,7 +172,7 @@ func establish(t *testing.T, dp string) {
 			pl.startHost(t, c.peer)
 			var llq, chosen time.Time
 			var echo time.Time
-			waitFor(t, fmt.Sprintf("try %d %v: host1 on %v to %s, an echo back", r, c.kind, c.kind, c.peer.name), 120*time.Second, func() error {
+			testenv.WaitFor(t, fmt.Sprintf("try %d %v: host1 on %v to %s, an echo back", r, c.kind, c.kind, c.peer.name), 120*time.Second, func() error {
 				log := h1.d.log.String()
 				if llq.IsZero() {
 					llq = logTime(log, tStart, `msg="peer added"`, `peer="`+c.peer.name+`.`)
@@ -230,7 +230,7 @@ func relayThroughput(t *testing.T, pl *pathsLab, dp string) {
 	pl.startHost(t, h2)
 	pl.startHost(t, pub)
 	var sts map[string]*agent.Status
-	waitFor(t, "host1 reaches pub direct and host2 through the relay", 120*time.Second, func() error {
+	testenv.WaitFor(t, "host1 reaches pub direct and host2 through the relay", 120*time.Second, func() error {
 		sts = pl.statuses(t)
 		st := sts["host1"]
 		if st == nil {

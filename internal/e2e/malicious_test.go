@@ -155,7 +155,7 @@ func TestMaliciousHost(t *testing.T) {
 	}
 	cut := time.Now()
 	for _, h := range []*host{h1, h2} {
-		waitFor(t, h.name+" drops mallory after delhost", 60*time.Second, func() error {
+		testenv.WaitFor(t, h.name+" drops mallory after delhost", 60*time.Second, func() error {
 			st, err := h.status(t, bins)
 			if err != nil {
 				return err
@@ -240,7 +240,7 @@ func (al *alice) allKeyed(want int) {
 	t := al.t
 	t.Helper()
 	for _, h := range al.hosts {
-		waitFor(t, h.name+" has its peers keyed", 6*time.Minute, func() error { // generous: discovery may fall back to polling (5 min)
+		testenv.WaitFor(t, h.name+" has its peers keyed", 6*time.Minute, func() error { // generous: discovery may fall back to polling (5 min)
 			st, err := h.status(t, al.bins)
 			if err != nil {
 				return err

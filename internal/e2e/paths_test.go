@@ -264,7 +264,7 @@ func connectivity(t *testing.T, dataplane string) {
 		t.Helper()
 		var sts map[string]*agent.Status
 		t0 := time.Now()
-		waitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
+		testenv.WaitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
 			sts = statuses()
 			for pair, kind := range want {
 				st := sts[pair[0]]
@@ -306,7 +306,7 @@ func connectivity(t *testing.T, dataplane string) {
 				}
 				// A path that just changed on one side may take a probe
 				// round on the other: a generous deadline, then no loss.
-				waitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
+				testenv.WaitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
 					res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
 					if err != nil || !strings.Contains(res, " 0% packet loss") {
 						return fmt.Errorf("%v\n%s", err, res)

@@ -130,7 +130,7 @@ func reconverge(t *testing.T, dp string) {
 		}
 		close(stop)
 		wg.Wait()
-		waitFor(t, kind+": an echo sent after the move comes back", 60*time.Second, func() error {
+		testenv.WaitFor(t, kind+": an echo sent after the move comes back", 60*time.Second, func() error {
 			if at, ok := p.firstSentAfter(done); ok {
 				smp.echo = at.Sub(t0)
 				return nil

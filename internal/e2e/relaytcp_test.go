@@ -234,7 +234,7 @@ func waitRelayTCPPaths(t *testing.T, bins string, hosts []*pathHost, row string,
 	t.Helper()
 	var sts map[string]*agent.Status
 	t0 := time.Now()
-	waitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
+	testenv.WaitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
 		sts = map[string]*agent.Status{}
 		for _, h := range hosts {
 			if st, err := h.status(t, bins); err == nil {
@@ -289,7 +289,7 @@ func pingPairs(t *testing.T, hosts []*pathHost, sts map[string]*agent.Status) {
 			if o == h {
 				continue
 			}
-			waitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
+			testenv.WaitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
 				res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
 				if err != nil || !strings.Contains(res, " 0% packet loss") {
 					return fmt.Errorf("%v\n%s", err, res)

@@ -82,7 +82,7 @@ func TestDelprincCutsHostOffE2E(t *testing.T) {
 	}
 	// Generous: the bound that matters is on the pairs' hard ends; when
 	// the daemons act on them is up to a loaded machine running TCG.
-	waitFor(t, "host3 cut off after delprinc", hard+3*time.Minute, cutOff)
+	testenv.WaitFor(t, "host3 cut off after delprinc", hard+3*time.Minute, cutOff)
 	took := time.Since(t0)
 	t.Logf("host3 cut off %v after delprinc (keying.hard_lifetime %v)", took.Round(100*time.Millisecond), hard)
 	if took > 2*hard {

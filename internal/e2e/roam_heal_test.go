@@ -163,7 +163,7 @@ func selfHeal(t *testing.T, dp1, dpPub string) {
 			continue
 		}
 		p := startPing(t, l.Host1, ulaPub)
-		waitFor(t, "host1's ping to pub running", 30*time.Second, func() error {
+		testenv.WaitFor(t, "host1's ping to pub running", 30*time.Second, func() error {
 			if p.replies() < 5 {
 				return fmt.Errorf("%d replies", p.replies())
 			}
@@ -174,14 +174,14 @@ func selfHeal(t *testing.T, dp1, dpPub string) {
 		if err := b.do(); err != nil {
 			t.Fatalf("%s on %s: %v", b.name, b.on.name, err)
 		}
-		waitFor(t, b.on.name+" repairs after "+b.name, 30*time.Second, func() error {
+		testenv.WaitFor(t, b.on.name+" repairs after "+b.name, 30*time.Second, func() error {
 			if c := repairs(b.on); c <= n {
 				return fmt.Errorf("%d repairs", c)
 			}
 			return nil
 		})
 		r := p.replies()
-		waitFor(t, "echoes after "+b.name, 30*time.Second, func() error {
+		testenv.WaitFor(t, "echoes after "+b.name, 30*time.Second, func() error {
 			if p.replies() < r+10 {
 				return fmt.Errorf("%d replies", p.replies()-r)
 			}

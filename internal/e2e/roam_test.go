@@ -81,7 +81,7 @@ func (s *system) keyed(t *testing.T, hosts ...*host) map[string]*agent.Status {
 	t.Helper()
 	sts := map[string]*agent.Status{}
 	for _, h := range hosts {
-		waitFor(t, h.name+" has its peers keyed and in the kernel", 120*time.Second, func() error {
+		testenv.WaitFor(t, h.name+" has its peers keyed and in the kernel", 120*time.Second, func() error {
 			st, err := h.status(t, s.bins)
 			if err != nil {
 				return err
@@ -340,7 +340,7 @@ func roam(t *testing.T, dp, others string) {
 	} {
 		say(t, "host1 (%s): %s", dp, st.name)
 		p := startPing(t, l.Pub, ula1)
-		waitFor(t, "pub's ping running", 30*time.Second, func() error {
+		testenv.WaitFor(t, "pub's ping running", 30*time.Second, func() error {
 			if p.replies() < 5 {
 				return fmt.Errorf("%d replies", p.replies())
 			}
@@ -354,7 +354,7 @@ func roam(t *testing.T, dp, others string) {
 		reach(t, h2, ula1, 60*time.Second)
 		roundTripWithin(t, conn, "after "+st.name, 90*time.Second)
 		n := p.replies()
-		waitFor(t, "ping replies after the move", 30*time.Second, func() error {
+		testenv.WaitFor(t, "ping replies after the move", 30*time.Second, func() error {
 			if p.replies() < n+10 {
 				return fmt.Errorf("%d replies", p.replies())
 			}
@@ -370,7 +370,7 @@ func roam(t *testing.T, dp, others string) {
 			// worth a look: what did each side do meanwhile?
 			t.Logf("long outage; host1's log:\n%s\npub's log:\n%s", h1.d.log, pub.d.log)
 		}
-		waitFor(t, "pub follows host1 to "+st.outer, 30*time.Second, func() error {
+		testenv.WaitFor(t, "pub follows host1 to "+st.outer, 30*time.Second, func() error {
 			stp, err := pub.status(t, s.bins)
 			if err != nil {
 				return err
@@ -440,7 +440,7 @@ func TestIdleKeepalive(t *testing.T) {
 	// host1 and host2 cannot key with each other (two NATs, no mapping):
 	// only pub's tunnels count.
 	var ulas = map[string]netip.Addr{}
-	waitFor(t, "pub keyed with host1 and host2", 120*time.Second, func() error {
+	testenv.WaitFor(t, "pub keyed with host1 and host2", 120*time.Second, func() error {
 		st, err := pub.status(t, s.bins)
 		if err != nil {
 			return err
@@ -458,7 +458,7 @@ func TestIdleKeepalive(t *testing.T) {
 		return nil
 	})
 	for _, h := range []*host{h1, h2} {
-		waitFor(t, h.name+" keyed with pub", 60*time.Second, func() error {
+		testenv.WaitFor(t, h.name+" keyed with pub", 60*time.Second, func() error {
 			st, err := h.status(t, s.bins)
 			if err != nil {
 				return err

@@ -134,19 +134,6 @@ func checkNamesConfined(t *testing.T, args []string) {
 	}
 }
 
-func waitFor(t *testing.T, what string, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Fatalf("%s: not after %v: %v", what, timeout, err)
-}
-
 func writeFile(t *testing.T, path, content string, mode os.FileMode) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), mode); err != nil {
@@ -178,7 +165,7 @@ listen_tls = ""
 	}
 	writeFile(t, filepath.Join(dir, "alice.key"), string(out), 0o600)
 	start(t, l.Inet, "btmm-dnsd", filepath.Join(bins, "btmm-dnsd"), "-config", conf)
-	waitFor(t, "btmm-dnsd listening", 60*time.Second, func() error {
+	testenv.WaitFor(t, "btmm-dnsd listening", 60*time.Second, func() error {
 		return l.Inet.Do(func() error {
 			c, err := net.DialTimeout("tcp", lab.InetAddr+":53", time.Second)
 			if err == nil {
@@ -267,7 +254,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	}
 	// Names: each host's own hosts file (namesSection) lists the others.
 	for _, h := range hosts {
-		waitFor(t, h.name+"'s hosts file lists its peers", 10*time.Second, func() error {
+		testenv.WaitFor(t, h.name+"'s hosts file lists its peers", 10*time.Second, func() error {
 			b, err := os.ReadFile(filepath.Join(dir, h.name+".hosts"))
 			if err != nil {
 				return err
@@ -422,7 +409,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	// re-query -> DNS update -> LLQ push -> SA move on host1.
 	want := netip.MustParseAddrPort("11.2.0.3:4500")
 	var after agent.PeerStatus
-	waitFor(t, "host1 follows host2 to 11.2.0.3", 60*time.Second, func() error {
+	testenv.WaitFor(t, "host1 follows host2 to 11.2.0.3", 60*time.Second, func() error {
 		roundTrip(t, conn, "during the move")
 		st, err := hosts[0].status(t, bins)
 		if err != nil {
@@ -464,7 +451,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { wcmd.Process.Kill(); wcmd.Wait() })
-	waitFor(t, "btmmctl watch is connected", 10*time.Second, func() error {
+	testenv.WaitFor(t, "btmmctl watch is connected", 10*time.Second, func() error {
 		if !strings.Contains(watch.String(), `"type":"watching"`) {
 			return fmt.Errorf("watch printed %q", watch.String())
 		}
@@ -493,7 +480,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 		t.Errorf("gw1 still maps port 4500 after btmmd stopped (%v):\n%s", err, rules)
 	}
 	for _, o := range hosts[1:] {
-		waitFor(t, o.name+" sees host1 leave", 30*time.Second, func() error {
+		testenv.WaitFor(t, o.name+" sees host1 leave", 30*time.Second, func() error {
 			st, err := o.status(t, bins)
 			if err != nil {
 				return err
@@ -508,7 +495,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	}
 	out, _ = hosts[1].ns.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "peers")
 	show(t, "btmmctl peers   # on host2, after host1 stopped: its records were deleted, the LLQ pushed the removal", out)
-	waitFor(t, "btmmctl watch on host2 reports host1 gone", 10*time.Second, func() error {
+	testenv.WaitFor(t, "btmmctl watch on host2 reports host1 gone", 10*time.Second, func() error {
 		if !strings.Contains(watch.String(), `"type":"peer_removed","peer":"host1"`) {
 			return fmt.Errorf("watch printed:\n%s", watch.String())
 		}

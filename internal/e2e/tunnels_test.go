@@ -124,7 +124,7 @@ func TestTunnelPaths(t *testing.T) {
 		return 0, fmt.Errorf("%s does not list %s", h.name, peerName)
 	}
 	for _, h := range hosts {
-		waitFor(t, h.name+"'s peers on their tunnel paths", 120*time.Second, func() error {
+		testenv.WaitFor(t, h.name+"'s peers on their tunnel paths", 120*time.Second, func() error {
 			for k, w := range want {
 				if k[0] != h.name {
 					continue
@@ -169,7 +169,7 @@ func TestTunnelPaths(t *testing.T) {
 	say(t, "The IPv6 route to host1 goes away: host1 <-> pub move to another kind, the TCP connection stays, no rekey")
 	before := peer(t, sts["host1"], "pub")
 	l.Inet.MustRun(t, "ip", "-6", "route", "del", "2001:db8:11::/64")
-	waitFor(t, "host1 leaves ipv6 for pub", 60*time.Second, func() error {
+	testenv.WaitFor(t, "host1 leaves ipv6 for pub", 60*time.Second, func() error {
 		roundTripWithin(t, c1, "while the IPv6 route is gone", 30*time.Second)
 		if k, err := via(hosts[0], "pub"); err != nil || k == controlplane.PathIPv6 {
 			return fmt.Errorf("host1 -> pub by %v (%v)", k, err)
@@ -180,7 +180,7 @@ func TestTunnelPaths(t *testing.T) {
 	say(t, "host1 -> pub now by %v", k)
 	roundTripWithin(t, c1, "after leaving ipv6", 30*time.Second)
 	l.Inet.MustRun(t, "ip", "-6", "route", "add", "2001:db8:11::/64", "via", "2001:db8:1::2")
-	waitFor(t, "host1 back on ipv6 to pub", 120*time.Second, func() error {
+	testenv.WaitFor(t, "host1 back on ipv6 to pub", 120*time.Second, func() error {
 		roundTripWithin(t, c1, "while the IPv6 route is back", 30*time.Second)
 		if k, err := via(hosts[0], "pub"); err != nil || k != controlplane.PathIPv6 {
 			return fmt.Errorf("host1 -> pub by %v (%v)", k, err)

@@ -44,19 +44,6 @@ func run(name string, args ...string) (string, error) {
 	return string(out), nil
 }
 
-func waitFor(t *testing.T, what string, timeout time.Duration, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	var err error
-	for time.Now().Before(deadline) {
-		if err = f(); err == nil {
-			return
-		}
-		time.Sleep(300 * time.Millisecond)
-	}
-	t.Fatalf("%s: not after %v: %v", what, timeout, err)
-}
-
 func writeFile(t *testing.T, path, content string, mode os.FileMode) {
 	t.Helper()
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
@@ -182,6 +169,8 @@ external = "%s:4500"
 [keying]
 mode = "psk"
 psk_file = "/root/alice.psk"
+[names]
+mode = "off"   # desk shares this machine's files: /etc/hosts and names are laptop's
 `, host, domain, sock, state, serverIP, ip)
 	}
 
@@ -217,7 +206,7 @@ psk_file = "/root/alice.psk"
 		}
 	})
 	var peerULA string
-	waitFor(t, "laptop and desk keyed with each other", 2*time.Minute, func() error {
+	testenv.WaitFor(t, "laptop and desk keyed with each other", 2*time.Minute, func() error {
 		for _, sock := range []string{"/run/btmm/btmmd.sock", peerDir + "/btmmd.sock"} {
 			st, err := status(sock)
 			if err != nil {
@@ -255,7 +244,7 @@ psk_file = "/root/alice.psk"
 
 	// Names: the peer by its short and full name (hosts block), the stub,
 	// and other names as before.
-	waitFor(t, "desk resolves to its ULA", 30*time.Second, func() error {
+	testenv.WaitFor(t, "desk resolves to its ULA", 30*time.Second, func() error {
 		for _, n := range []string{"desk", "desk." + strings.TrimSuffix(domain, "."), "laptop"} {
 			out, err := run("getent", "ahostsv6", n)
 			if err != nil {
@@ -283,6 +272,17 @@ psk_file = "/root/alice.psk"
 		t.Fatalf("localhost no longer resolves: %v %s", err, out)
 	}
 
+	// names.mode auto without systemd-resolved running: the hosts block
+	// (checked above), and btmmctl status says so and why.
+	if n := ctlNames(t); n.Mechanism != "hosts" || n.Why != "systemd-resolved is not running" {
+		t.Fatalf("btmmctl status --json names (resolved not running): %+v", n)
+	}
+	if out := sh(t, "btmmctl", "status"); !strings.Contains(out, "names      hosts: block in /etc/hosts; stub 127.0.0.77:53 (systemd-resolved is not running)") {
+		t.Errorf("btmmctl status does not show the names mechanism:\n%s", out)
+	}
+	// Once resolved runs, a per-link DNS route to the stub instead.
+	namesThroughResolved(t, peerULA, laptopULA.String())
+
 	// Metrics: both daemons answer on their configured local addresses.
 	for _, m := range []struct{ url, want string }{
 		{"http://127.0.0.1:9477/metrics", `btmm_peer_packets_total{direction="tx",peer="desk"}`},
@@ -295,7 +295,7 @@ psk_file = "/root/alice.psk"
 		{"http://127.0.0.1:9478/metrics", "btmm_dnsd_store_fsync_seconds_count "},
 		{"http://127.0.0.1:9478/metrics", "btmm_dnsd_llq_event_seconds_count "},
 	} {
-		waitFor(t, m.url+" shows "+m.want, 20*time.Second, func() error {
+		testenv.WaitFor(t, m.url+" shows "+m.want, 20*time.Second, func() error {
 			resp, err := http.Get(m.url)
 			if err != nil {
 				return err
@@ -313,7 +313,7 @@ psk_file = "/root/alice.psk"
 	// keeps running with the old configuration).
 	writeFile(t, "/etc/btmm/btmmd.toml", "log_level = \"debug\"\n"+laptopConf, 0o644)
 	sh(t, "systemctl", "reload", "btmmd")
-	waitFor(t, "btmmd logs the reload", 30*time.Second, func() error {
+	testenv.WaitFor(t, "btmmd logs the reload", 30*time.Second, func() error {
 		if !strings.Contains(journal("btmmd"), "reloaded configuration and key files") {
 			return fmt.Errorf("not in the journal yet")
 		}
@@ -321,7 +321,7 @@ psk_file = "/root/alice.psk"
 	})
 	writeFile(t, "/etc/btmm/btmmd.toml", laptopConf+"\n[tunnel]\nport = 4501\n", 0o644)
 	sh(t, "systemctl", "reload", "btmmd")
-	waitFor(t, "btmmd refuses the port change", 30*time.Second, func() error {
+	testenv.WaitFor(t, "btmmd refuses the port change", 30*time.Second, func() error {
 		if !strings.Contains(journal("btmmd"), "tunnel.port cannot change while btmmd runs") {
 			return fmt.Errorf("not in the journal yet")
 		}
@@ -354,6 +354,17 @@ psk_file = "/root/alice.psk"
 	}
 	if out, err := run("dig", "+short", "+time=2", "+tries=1", "@127.0.0.77", "desk."+domain, "AAAA"); err == nil {
 		t.Errorf("after systemctl stop, the name stub still answers: %s", out)
+	}
+	// resolved: no route to the stub is left, the stub's address is gone
+	// from btmm's link, and the domain no longer resolves.
+	if out := sh(t, "resolvectl", "status"); strings.Contains(out, strings.TrimSuffix(domain, ".")) || strings.Contains(out, "127.0.0.77") {
+		t.Errorf("after systemctl stop, resolvectl status still shows btmmd's route:\n%s", out)
+	}
+	if out := sh(t, "ip", "-4", "addr"); strings.Contains(out, "127.0.0.77") {
+		t.Errorf("after systemctl stop, the stub's address is still on a link:\n%s", out)
+	}
+	if out, err := run("resolvectl", "query", "desk."+domain); err == nil {
+		t.Errorf("after systemctl stop, desk still resolves through systemd-resolved: %s", out)
 	}
 	if out := sh(t, "dig", "+short", "@"+serverIP, "laptop."+domain, "AAAA"); strings.TrimSpace(out) != "" {
 		t.Errorf("after systemctl stop, the server still has laptop's AAAA: %s", out)
