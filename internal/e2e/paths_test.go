@@ -125,6 +125,7 @@ type pathsLab struct {
 	keys        map[string]string // host name: its key file
 	psk         string
 	hosts       []*pathHost
+	ca          string // the CA of the relay's TLS stream port (relay-tcp, relaytcp_test.go)
 }
 
 // newPathsLab builds it; cgn also makes inet a carrier NAT for gw3's
@@ -148,11 +149,14 @@ func newPathsLab(t *testing.T, dataplane string, cgn bool) *pathsLab {
 	}
 	firewallWAN(t, l.GW3)
 
+	// The relay's TLS stream port for the UDP-blocked row (relaytcp_test.go).
+	ca, crt, key := relayTLS(t, dir, "relay."+strings.TrimSuffix(zone, "."))
 	hostKey := rendezvousWith(t, l, bins, dir, fmt.Sprintf(`
 [[relay]]
 name = "relay.%s"
 port = 3478
 addrs = [%q, %q]
+tls_port = 443
 `, zone, relayAddr, relayAddr2))
 	relayStatus := filepath.Join(dir, "relay.json")
 	writeFile(t, filepath.Join(dir, "relay.toml"), fmt.Sprintf(`listen = ["%s:3478", "%s:3478"]
@@ -163,7 +167,10 @@ zone = %q
 device = "eth0"
 status_file = %q
 log_level = "debug"
-`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, relayStatus), 0o644)
+tls_listen = ["%s:443"]
+tls_cert = %q
+tls_key = %q
+`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, relayStatus, relayAddr, crt, key), 0o644)
 	relayd := start(t, rl, "btmm-relay", filepath.Join(bins, "btmm-relay"), "-config", filepath.Join(dir, "relay.toml"))
 
 	psk := filepath.Join(dir, "psk")
@@ -175,7 +182,7 @@ log_level = "debug"
 		{host: host{name: "host2", ns: l.Host2, dataplane: dataplane}, gw: l.GW2, lan: "192.168.2.0/24"},
 		{host: host{name: "pub", ns: l.Pub, dataplane: dataplane}},
 	}
-	return &pathsLab{l: l, rl: rl, relayd: relayd, relayStatus: relayStatus, dir: dir, bins: bins, hostKey: hostKey, keys: map[string]string{}, psk: psk, hosts: hosts}
+	return &pathsLab{l: l, rl: rl, relayd: relayd, relayStatus: relayStatus, dir: dir, bins: bins, hostKey: hostKey, keys: map[string]string{}, psk: psk, hosts: hosts, ca: ca}
 }
 
 // startHost starts h's btmmd.
@@ -190,7 +197,7 @@ func (pl *pathsLab) startHost(t *testing.T, h *pathHost) {
 	// Tunnel kinds (issue 15) off: this table is about ESP-in-UDP paths.
 	conf := writeHostConf(t, hostFiles{name: h.name, dir: pl.dir, sock: h.sock, dnsKey: key,
 		keying: fmt.Sprintf("mode = \"psk\"\npsk_file = %q", pl.psk)},
-		hostConf{dataplane: h.dataplane, extra: "\n[paths]\nmode = \"auto\"\nrefresh = \"3s\"\n\n[tunnels]\nmode = \"off\"\n"})
+		hostConf{dataplane: h.dataplane, extra: fmt.Sprintf("\n[paths]\nmode = \"auto\"\nrefresh = \"3s\"\nca_file = %q\n\n[tunnels]\nmode = \"off\"\n", pl.ca)})
 	h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(pl.bins, "btmmd"), "-config", conf)
 }
 
@@ -239,6 +246,8 @@ func TestConnectivityEverywhereCleartext(t *testing.T) {
 //	EIM (gw1) vs symmetric (gw2)          relay-udp        relay-udp
 //	gw2 replaced by a PCP NAT             direct           punched        (relay -> direct, the TCP connection stays)
 //	double NAT: PCP at gw3, CGN outside   punched          punched        (the PCP mapping is unreachable)
+//	UDP blocked at gw1 (DNS passes)       relay-tcp        relay-udp      (ebpf-cleartext only: btmmd's bridge, relaytcp_test.go)
+//	UDP back at gw1                       punched          punched
 //
 // and pub (public) reaches the NATed hosts punched (peer-reflexive), they
 // reach it direct.
@@ -277,7 +286,7 @@ func connectivity(t *testing.T, dataplane string) {
 						p = &st.Peers[i]
 					}
 				}
-				if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || p.Outer != p.Path.Remote {
+				if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || !pathOuterOK(p) {
 					return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
 				}
 			}
@@ -489,6 +498,10 @@ func connectivity(t *testing.T, dataplane string) {
 	wantNAT(row, sts, "host2", "eim")
 	out, _ := l.Host2.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "status")
 	show(t, "btmmctl status   # on host2 behind the double NAT", out)
+
+	if !esp { // ESP through the relay-tcp bridge has not run in the VM yet (docs/paths.md)
+		udpBlockedRow(t, l, conn, marker, waitPaths, pingAll, wantNAT)
+	}
 }
 
 // streamCheck writes n bytes of a pattern through the echo server and

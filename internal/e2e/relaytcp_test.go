@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -298,4 +299,54 @@ func pingPairs(t *testing.T, hosts []*pathHost, sts map[string]*agent.Status) {
 			})
 		}
 	}
+}
+
+// pathOuterOK: the dataplane sends to the path's remote endpoint, or, on
+// relay-tcp, to a loopback bridge socket.
+func pathOuterOK(p *agent.PeerStatus) bool {
+	if p.Path.Kind == path.KindRelayTCP {
+		return p.Outer.Addr().IsLoopback()
+	}
+	return p.Outer == p.Path.Remote
+}
+
+// udpBlockedRow is the e2e table's "UDP blocked" row (after the double-NAT
+// row: host1 behind gw1's EIM NAT, host2 behind gw3 and the carrier NAT):
+// gw1 drops all UDP but DNS, host1 goes relay-tcp to both peers (they reach
+// it relay-udp) and the TCP connection opened in row 1 carries on; then UDP
+// comes back and host1 returns to its UDP paths.
+func udpBlockedRow(t *testing.T, l *lab.Lab, conn net.Conn, marker []byte,
+	waitPaths func(string, map[[2]string]path.Kind) map[string]*agent.Status,
+	pingAll func(map[string]*agent.Status), wantNAT func(string, map[string]*agent.Status, string, string)) {
+	t.Helper()
+	row := "UDP blocked (TCP only)"
+	say(t, "Row 7, %s: gw1 drops all UDP but DNS; host1 reaches its peers over the relay's TLS stream", row)
+	blockUDP(t, l.GW1)
+	sts := waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindRelayTCP, {"host2", "host1"}: path.KindRelayUDP,
+		{"host1", "pub"}: path.KindRelayTCP, {"pub", "host1"}: path.KindRelayUDP,
+		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
+	})
+	wantNAT(row, sts, "host1", "blocked")
+	for _, n := range []string{"host2", "pub"} {
+		if sts[n].Paths.RelayTCP != nil {
+			t.Errorf("%s: %s (UDP works) runs a relay-tcp bridge", row, n)
+		}
+	}
+	roundTrip(t, conn, row)
+	streamCheck(t, conn, marker, 1<<20)
+	pingAll(sts)
+
+	row = "UDP back"
+	say(t, "Row 7b, %s: gw1 forwards UDP again; host1 leaves relay-tcp", row)
+	unblockUDP(t, l.GW1)
+	sts = waitPaths(row, map[[2]string]path.Kind{
+		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
+		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
+	})
+	if sts["host1"].Paths.RelayTCP != nil {
+		t.Errorf("%s: host1 still runs the relay-tcp bridge", row)
+	}
+	roundTrip(t, conn, row)
+	pingAll(sts)
 }
