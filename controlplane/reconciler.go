@@ -51,8 +51,11 @@ type peerState struct {
 	outerAt time.Time
 	outerBy string
 	prev    netip.AddrPort // the outer address before the last move
-	keys    *Peer          // nil until keyed
-	keyedAt time.Time
+	// backSince is the first kernel mapping event back to prev since the
+	// last move (before outerAt: none yet).
+	backSince time.Time
+	keys      *Peer // nil until keyed
+	keyedAt   time.Time
 }
 
 // NewReconciler returns a Reconciler for dp with this host's side of the tunnels.
@@ -89,8 +92,18 @@ const (
 )
 
 // StaleMappingWindow is how long after a move a kernel mapping event that
-// points back to the previous address is taken for a late packet and ignored.
+// points back to the previous address may be taken for a late packet and
+// ignored; LateBurst bounds how long such late packets keep coming.
 const StaleMappingWindow = 30 * time.Second
+
+// LateBurst is how long mapping events back to the previous address are
+// ignored after the first of them: packets sent before a move arrive late in
+// one burst, while ESP that keeps arriving from there for longer is sent from
+// there now and is followed. (A NAT may move a peer's packets to a
+// transient port and back, e.g. when a conntrack race after its mappings
+// were flushed makes it remap the source port of the first ones: ignoring
+// the way back for the whole window black-holed our traffic for 30 s.)
+const LateBurst = time.Second
 
 // SetPeerOuter records where a peer is reachable now; source (SourceDNS,
 // SourceKeying, SourceKernel) says who said so.
@@ -113,13 +126,22 @@ func (r *Reconciler) SetPeerOuter(ctx context.Context, name string, ula netip.Ad
 		r.mu.Unlock()
 		return nil
 	}
-	if source == SourceKernel && outer == p.prev && r.now().Sub(p.outerAt) < StaleMappingWindow {
-		// ESP from the address we just moved away from: a packet sent
-		// before the move, delivered late. Following it would send our
-		// traffic to an address the peer has left.
-		r.log.Info("ignoring stale NAT mapping event", "peer", p.name, "outer", outer, "current", p.outer)
-		r.mu.Unlock()
-		return nil
+	if now := r.now(); source == SourceKernel && outer == p.prev && now.Sub(p.outerAt) < StaleMappingWindow {
+		// ESP from the address we just moved away from: packets sent
+		// before the move, delivered late, would pull our traffic back
+		// to an address the peer has left. They come in one burst;
+		// past LateBurst after the first one it is the peer's traffic.
+		log := r.log.Debug // one event per packet: Info for the first only
+		if p.backSince.Before(p.outerAt) {
+			p.backSince, log = now, r.log.Info
+		}
+		if now.Sub(p.backSince) < LateBurst {
+			log("ignoring stale NAT mapping event", "peer", p.name, "outer", outer, "current", p.outer)
+			r.mu.Unlock()
+			return nil
+		}
+		r.log.Info("ESP keeps arriving from the previous address: following it", "peer", p.name, "outer", outer,
+			"current", p.outer, "since", now.Sub(p.backSince).Round(time.Millisecond))
 	}
 	p.prev = p.outer
 	p.outer, p.outerAt, p.outerBy = outer, r.now(), source

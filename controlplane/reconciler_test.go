@@ -163,6 +163,45 @@ func TestReconcilerIgnoresStaleKernelMapping(t *testing.T) {
 	})
 }
 
+// ESP that keeps arriving from the address a peer left (for longer than a
+// late burst) is followed back: a NAT that gave the peer's first packets
+// a transient port after its conntrack flush (TestVMReconvergence) and then
+// took it back black-holed our traffic for the whole StaleMappingWindow.
+func TestReconcilerFollowsPersistentMappingBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx := context.Background()
+		fake := &dataplanetest.Fake{}
+		r := controlplane.NewReconciler(fake, local, nil)
+		usual, transient := netip.MustParseAddrPort("11.3.0.2:4500"), netip.MustParseAddrPort("11.3.0.2:39862")
+		r.SetPeerOuter(ctx, "b", bULA, usual, controlplane.SourceDNS)
+		r.Install(ctx, controlplane.Peer{ULA: bULA, Out: sa(0x1001), In: sa(0x2001)})
+		time.Sleep(time.Minute)
+		r.SetPeerOuter(ctx, "b", bULA, transient, controlplane.SourceKernel) // the NAT's remap
+		if !strings.Contains(fake.Render(), "encap "+transient.String()) {
+			t.Fatalf("kernel mapping to a new address not followed:\n%s", fake.Render())
+		}
+		// ESP from the usual port again, one event per packet: the
+		// first second is taken for late packets, then it is followed.
+		for range 9 {
+			time.Sleep(100 * time.Millisecond)
+			r.SetPeerOuter(ctx, "b", bULA, usual, controlplane.SourceKernel)
+		}
+		if !strings.Contains(fake.Render(), "encap "+transient.String()) {
+			t.Fatalf("moved back within a late burst's second:\n%s", fake.Render())
+		}
+		time.Sleep(200 * time.Millisecond)
+		r.SetPeerOuter(ctx, "b", bULA, usual, controlplane.SourceKernel)
+		if !strings.Contains(fake.Render(), "encap "+usual.String()) {
+			t.Fatalf("ESP from the previous address for 1.1 s not followed:\n%s", fake.Render())
+		}
+		// A late burst after that move is ignored again.
+		r.SetPeerOuter(ctx, "b", bULA, transient, controlplane.SourceKernel)
+		if !strings.Contains(fake.Render(), "encap "+usual.String()) {
+			t.Fatalf("a late packet after moving back moved the peer again:\n%s", fake.Render())
+		}
+	})
+}
+
 // Status, Desired and other reports must not wait for a kernel call that
 // hangs (issue 12 item 6): the reconciler's lock is not held across Set.
 func TestReconcilerStatusWhileSetStalled(t *testing.T) {
