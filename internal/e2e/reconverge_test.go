@@ -83,11 +83,53 @@ func reconverge(t *testing.T, dp string) {
 		t.Cleanup(func() { m.Close() })
 		outTo = func(addr string) (bool, error) { return mapOutTo(m, addr) }
 	}
+	// Conntrack counts packets per direction on the gateways, for the
+	// snapshot of a slow round.
+	for _, gw := range []*netns.NS{l.GW1, l.GW2} {
+		if err := gw.Sysctl("net.netfilter.nf_conntrack_acct", "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	p := startPingEvery(t, l.Pub, ula1, 10*time.Millisecond)
+	// snapshot is the state along the echo's path, for a round whose
+	// echo is slow to come back: both hosts' ESP states (with their
+	// counters) and neighbours, host1's routes, the gateways' conntrack
+	// entries and rules (miniupnpd's port forwards), inet's neighbours.
+	snapshot := func() string {
+		var b strings.Builder
+		for _, c := range []struct {
+			ns   *netns.NS
+			cmds [][]string
+		}{
+			{l.Host1, [][]string{{"ip", "-s", "xfrm", "state"}, {"ip", "-4", "route"}, {"ip", "-4", "neigh"}}},
+			{l.Pub, [][]string{{"ip", "-s", "xfrm", "state"}, {"ip", "-4", "neigh"}}},
+			{l.GW1, [][]string{{"nft", "list", "ruleset"}, {"ip", "-4", "neigh"}}},
+			{l.GW2, [][]string{{"nft", "list", "ruleset"}, {"ip", "-4", "neigh"}}},
+			{l.Inet, [][]string{{"ip", "-4", "neigh"}}},
+		} {
+			fmt.Fprintf(&b, "== %s\n", c.ns.Name)
+			for _, cmd := range c.cmds {
+				out, err := c.ns.Run(cmd[0], cmd[1:]...)
+				fmt.Fprintf(&b, "$ %s (err %v)\n%s", strings.Join(cmd, " "), err, out)
+			}
+			if c.ns == l.GW1 || c.ns == l.GW2 {
+				flows, err := c.ns.Handle.ConntrackTableList(netlink.ConntrackTable, netlink.FAMILY_V4)
+				fmt.Fprintf(&b, "$ conntrack -L (err %v)\n", err)
+				for _, f := range flows {
+					if f.Forward.Protocol == 17 {
+						fmt.Fprintln(&b, f)
+					}
+				}
+			}
+		}
+		return b.String()
+	}
+	logLen := func(h *host) int { return len(h.d.log.String()) }
 
 	type sample struct{ sa, echo time.Duration }
 	measure := func(kind string, want string, do func() error) sample {
 		t.Helper()
+		log1, logPub := logLen(h1), logLen(pub)
 		t0 := time.Now()
 		saAt := make(chan time.Time, 1)
 		stop := make(chan struct{})
@@ -130,14 +172,27 @@ func reconverge(t *testing.T, dp string) {
 		}
 		close(stop)
 		wg.Wait()
-		testenv.WaitFor(t, kind+": an echo sent after the move comes back", 60*time.Second, func() error {
+		// A slow echo (3 s after the move, well past the SA's move)
+		// leaves a snapshot of the path and both daemons' logs.
+		var slow []string
+		for deadline := t0.Add(60 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 			if at, ok := p.firstSentAfter(done); ok {
 				smp.echo = at.Sub(t0)
-				return nil
+				break
 			}
-			return fmt.Errorf("no reply to an echo sent after the move")
-		})
+			if len(slow) < 2 && time.Since(t0) > time.Duration(3+12*len(slow))*time.Second {
+				slow = append(slow, fmt.Sprintf("--- snapshot %v after the move ---\n%s", time.Since(t0).Round(time.Millisecond), snapshot()))
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: no reply to an echo sent after the move in 60 s\n%s", kind, strings.Join(slow, ""))
+			}
+		}
 		t.Logf("%s -> %s: SA %v (%d polls, %d failed), echo %v", kind, want, smp.sa.Round(time.Millisecond), polls, failed, smp.echo.Round(time.Millisecond))
+		if slow != nil {
+			slow = append(slow, fmt.Sprintf("--- snapshot at the first echo (%v) ---\n%s", smp.echo.Round(time.Millisecond), snapshot()))
+			t.Logf("slow round (%s, move at %s):\n%s--- host1's log since the move ---\n%s--- pub's log since the move ---\n%s",
+				kind, t0.Format("15:04:05.000"), strings.Join(slow, ""), h1.d.log.String()[log1:], pub.d.log.String()[logPub:])
+		}
 		time.Sleep(time.Second) // settle: MOVED acknowledged, NAT mapped, records published
 		return smp
 	}
