@@ -2,6 +2,7 @@ package ebpf
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"net"
 	"net/netip"
 	"os"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/google/go-cmp/cmp"
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/relay"
@@ -153,4 +156,40 @@ func loAttached(t *testing.T, h *host) []string {
 		}
 	}
 	return out
+}
+
+// TestEgressLoopbackOuter (Program.Run): a peer whose outer address is a
+// loopback bridge socket gets the same IPv4/UDP header as any peer, with
+// zero Ethernet addresses (lo's own), and the verdict is a redirect (to
+// lo's ingress), in both modes; the counters count it.
+func TestEgressLoopbackOuter(t *testing.T) {
+	for _, mode := range []uint8{modeSecure, modeCleartext} {
+		e := newProgEnv(t, mode)
+		bridge := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), 45678)
+		lo := netip.MustParseAddr("127.0.0.1")
+		must(t, e.objs.PeerByUla.Put(ulaKey(ulaB), btmmPeer{OuterAddr: bridge.Addr().As4(), LocalAddr: lo.As4(), OuterPort: bridge.Port()}))
+		var inner, payload []byte
+		if mode == modeSecure {
+			payload = esp(0x1001, 64)
+			inner = eth(0x86dd, ipv6(ulaA, ulaB, 50, payload))
+		} else {
+			payload = ipv6(ulaA, ulaB, 6, make([]byte, 32))
+			inner = eth(0x86dd, payload)
+		}
+		ret, out := e.run(t, e.objs.BtmmEgress, inner)
+		if ret != actRedirect {
+			t.Fatalf("mode %d: verdict %d, want TC_ACT_REDIRECT", mode, ret)
+		}
+		ip := ipv4(lo, bridge.Addr(), 17, 0x4000, udp(portA, bridge.Port(), payload))
+		binary.BigEndian.PutUint16(ip[10:], 0)
+		binary.BigEndian.PutUint16(ip[10:], ipsum(ip[:20]))
+		want := eth(0x0800, ip)
+		clear(want[:12]) // Ethernet addresses zero: lo's own
+		if diff := cmp.Diff(want, out); diff != "" {
+			t.Errorf("mode %d: egress frame (-want +got):\n%s", mode, diff)
+		}
+		if s := e.stats(t); s.TxPackets != 1 {
+			t.Errorf("mode %d: stats %+v, want 1 tx packet", mode, s)
+		}
+	}
 }
