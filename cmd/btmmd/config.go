@@ -93,7 +93,7 @@ type Config struct {
 	} `toml:"metrics"`
 
 	Paths struct {
-		Mode       string   `toml:"mode"`       // "auto" (candidates, probes, relays) or "off" (default for now)
+		Mode       string   `toml:"mode"`       // "auto" (default: candidates, probes, relays) or "off"
 		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
 		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
@@ -107,8 +107,8 @@ type Config struct {
 
 	// Tunnels are the tunnel path kinds (issue 15, docs/tunnels.md).
 	Tunnels struct {
-		// Mode: "auto" (default with paths.mode auto and the xfrm
-		// dataplane) or "off" (ESP-in-UDP only).
+		// Mode: "auto" (default with paths.mode = "auto" set in the
+		// file and the xfrm dataplane) or "off" (ESP-in-UDP only).
 		Mode    string   `toml:"mode"`
 		Kinds   []string `toml:"kinds"`    // of "ipv6", "sit", "fou" (default all three)
 		FOUPort uint16   `toml:"fou_port"` // GUE port for fou, mapped like the tunnel port (default tunnel.port + 1)
@@ -252,10 +252,14 @@ func (c *Config) fill() error {
 	if err := metrics.CheckAddr(c.Metrics.Listen); err != nil {
 		errs = append(errs, fmt.Errorf("metrics.listen: %w", err))
 	}
+	// Tunnel paths (issue 15) stay opt-in: they follow an explicit
+	// paths.mode = "auto", not this default (fillTunnels).
+	pathsExplicit := c.Paths.Mode != ""
 	switch c.Paths.Mode {
 	case "":
-		// Off until the whole VM tier has run with it on (docs/paths.md).
-		c.Paths.Mode = "off"
+		// On by default, as a Tailscale user expects: with no relay/STUN
+		// server published the checks still find LAN and direct paths.
+		c.Paths.Mode = "auto"
 	case "auto", "off":
 	default:
 		errs = append(errs, fmt.Errorf("paths.mode %q: want auto or off", c.Paths.Mode))
@@ -280,7 +284,7 @@ func (c *Config) fill() error {
 			errs = append(errs, fmt.Errorf("paths.preference: %w", err))
 		}
 	}
-	errs = append(errs, c.fillTunnels())
+	errs = append(errs, c.fillTunnels(pathsExplicit))
 	if c.StateFile == "" {
 		c.StateFile = "/run/btmm/identity.json"
 	}
@@ -292,12 +296,16 @@ func (c *Config) fill() error {
 }
 
 // fillTunnels checks [tunnels] and fills in its defaults.
-func (c *Config) fillTunnels() error {
+//
+// pathsExplicit: paths.mode was set in the file. Tunnels default to on only
+// with an explicit paths.mode = "auto" (and xfrm), so that turning path
+// selection on by default changed nothing else.
+func (c *Config) fillTunnels(pathsExplicit bool) error {
 	t := &c.Tunnels
 	switch t.Mode {
 	case "":
 		t.Mode = "off"
-		if c.Paths.Mode == "auto" && c.Tunnel.Dataplane == "xfrm" {
+		if pathsExplicit && c.Paths.Mode == "auto" && c.Tunnel.Dataplane == "xfrm" {
 			t.Mode = "auto"
 		}
 	case "off":

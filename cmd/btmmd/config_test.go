@@ -142,8 +142,16 @@ func TestConfigTunnels(t *testing.T) {
 		return loadConfig(p)
 	}
 	c, err := load("")
-	if err != nil || c.Tunnels.Mode != "off" || c.Tunnels.FOUPort != 0 {
-		t.Fatalf("paths off: tunnels %+v, %v (want off)", c.Tunnels, err)
+	if err != nil || c.Paths.Mode != "auto" || c.Tunnels.Mode != "off" || c.Tunnels.FOUPort != 0 {
+		t.Fatalf("defaults: paths %q, tunnels %+v, %v (want paths auto, tunnels off: they follow an explicit paths.mode only)", c.Paths.Mode, c.Tunnels, err)
+	}
+	c, err = load("[paths]\nmode = \"off\"\n")
+	if err != nil || c.Paths.Mode != "off" || c.Tunnels.Mode != "off" {
+		t.Fatalf("paths off: paths %q, tunnels %+v, %v", c.Paths.Mode, c.Tunnels, err)
+	}
+	c, err = load("[tunnels]\nmode = \"auto\"\n")
+	if err != nil || c.Paths.Mode != "auto" || c.Tunnels.Mode != "auto" {
+		t.Fatalf("tunnels auto with the default paths.mode: paths %q, tunnels %+v, %v", c.Paths.Mode, c.Tunnels, err)
 	}
 	c, err = load("[paths]\nmode = \"auto\"\n")
 	if err != nil || c.Tunnels.Mode != "auto" || len(c.Tunnels.Kinds) != 3 || c.Tunnels.FOUPort != 4501 {
@@ -158,7 +166,7 @@ func TestConfigTunnels(t *testing.T) {
 		t.Fatalf("ipv6 only: tunnels %+v, %v (want no FOU port)", c.Tunnels, err)
 	}
 	for _, tc := range []struct{ name, conf, want string }{
-		{"auto without paths", "[tunnels]\nmode = \"auto\"\n", "needs paths.mode"},
+		{"auto without paths", "[paths]\nmode = \"off\"\n[tunnels]\nmode = \"auto\"\n", "needs paths.mode"},
 		{"auto with ebpf", "[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf\"\n[tunnels]\nmode = \"auto\"\n", "carries ESP-in-UDP only"},
 		{"bad mode", "[tunnels]\nmode = \"on\"\n", "tunnels.mode"},
 		{"not a tunnel kind", "[paths]\nmode = \"auto\"\n[tunnels]\nkinds = [\"relay-udp\"]\n", "not a tunnel kind"},

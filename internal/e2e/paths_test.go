@@ -405,15 +405,15 @@ func connectivity(t *testing.T, dataplane string) {
 		ports, _ := rl.Run(tshark, "-r", pcap, "-T", "fields", "-e", "udp.srcport", "-e", "udp.dstport")
 		decode := []string{"-r", pcap}
 		seen := map[string]bool{"3478": true, "": true}
-		for _, p := range strings.Fields(ports) {
-			if !seen[p] {
+		for _, p := range strings.Fields(ports) { // and tshark's warnings on stderr
+			if _, err := strconv.Atoi(p); err == nil && !seen[p] {
 				seen[p] = true
 				decode = append(decode, "-d", "udp.port=="+p+",udpencap")
 			}
 		}
 		espOut, _ := rl.Run(tshark, append(decode, "-Y", "esp", "-T", "fields", "-e", "frame.number")...)
 		clear, _ := rl.Run(tshark, append(decode, "-Y", "ipv6 || tcp", "-T", "fields", "-e", "frame.number")...)
-		nESP, nClear := strings.Count(espOut, "\n"), strings.Count(clear, "\n")
+		nESP, nClear := countNumbers(espOut), countNumbers(clear)
 		t.Logf("tshark on the relay: %d ESP frames, %d frames with IPv6 or TCP visible (%d UDP ports decoded as ESP-in-UDP)", nESP, nClear, len(seen)-2)
 		if nESP < bulk/1500 || nClear != 0 {
 			shown, _ := rl.Run(tshark, append(decode, "-Y", "ipv6 || tcp", "-V")...)
@@ -502,6 +502,18 @@ func connectivity(t *testing.T, dataplane string) {
 	if !esp { // ESP through the relay-tcp bridge has not run in the VM yet (docs/paths.md)
 		udpBlockedRow(t, l, conn, marker, waitPaths, pingAll, wantNAT)
 	}
+}
+
+// countNumbers counts the lines of tshark -T fields -e frame.number
+// output that are frame numbers (not its warnings).
+func countNumbers(out string) int {
+	n := 0
+	for _, l := range strings.Split(out, "\n") {
+		if _, err := strconv.Atoi(strings.TrimSpace(l)); err == nil {
+			n++
+		}
+	}
+	return n
 }
 
 // streamCheck writes n bytes of a pattern through the echo server and

@@ -434,9 +434,12 @@ func TestIdleKeepalive(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	h1 := s.startHost(t, "host1", l.Host1, hostConf{dataplane: "xfrm", nat: lab.GW1WAN + ":4500"})
-	h2 := s.startHost(t, "host2", l.Host2, hostConf{dataplane: "xfrm", nat: lab.GW2WAN + ":4500", keepalive: "off"})
-	pub := s.startHost(t, "pub", l.Pub, hostConf{dataplane: "xfrm", keepalive: "off"})
+	// Path checks off: their probes (every 5 s) keep NAT mappings too,
+	// and this test is about RFC 3948 keepalives alone.
+	noPaths := "\n[paths]\nmode = \"off\"\n"
+	h1 := s.startHost(t, "host1", l.Host1, hostConf{dataplane: "xfrm", nat: lab.GW1WAN + ":4500", extra: noPaths})
+	h2 := s.startHost(t, "host2", l.Host2, hostConf{dataplane: "xfrm", nat: lab.GW2WAN + ":4500", keepalive: "off", extra: noPaths})
+	pub := s.startHost(t, "pub", l.Pub, hostConf{dataplane: "xfrm", keepalive: "off", extra: noPaths})
 	// host1 and host2 cannot key with each other (two NATs, no mapping):
 	// only pub's tunnels count.
 	var ulas = map[string]netip.Addr{}
