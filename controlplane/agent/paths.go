@@ -161,7 +161,12 @@ func (pi pathInstaller) Remove(ctx context.Context, ula netip.Addr) error {
 // probes and STUN.
 func (p *paths) transport() keying.Transport { return p.mux }
 
-func interfaceAddrs() []netip.Addr {
+// interfaceAddrs returns the IPv4 addresses of the up, non-loopback interfaces.
+func interfaceAddrs() []netip.Addr { return upAddrs(netip.Addr.Is4) }
+
+// upAddrs returns the addresses of the up, non-loopback interfaces that keep
+// accepts (IPv4-mapped ones as IPv4): interfaceAddrs, interfaceAddrs6.
+func upAddrs(keep func(netip.Addr) bool) []netip.Addr {
 	var out []netip.Addr
 	ifs, _ := net.Interfaces()
 	for _, i := range ifs {
@@ -171,7 +176,7 @@ func interfaceAddrs() []netip.Addr {
 		addrs, _ := i.Addrs()
 		for _, a := range addrs {
 			if pn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(pn.IP); ok && ip.Unmap().Is4() {
+				if ip, ok := netip.AddrFromSlice(pn.IP); ok && keep(ip.Unmap()) {
 					out = append(out, ip.Unmap())
 				}
 			}
@@ -367,7 +372,8 @@ func (p *paths) publish(local []netip.Addr) {
 	// allocation): the peers learn it by LLQ within milliseconds and
 	// probe at once; probing them at once too makes the checks
 	// simultaneous from both sides, which is what opens two NATs.
-	kick := p.cands != nil && !slices.Equal(p.cands, cands)
+	changed := !slices.Equal(p.cands, cands)
+	kick := p.cands != nil && changed
 	p.cands = cands
 	caps := p.base
 	pub := p.key.Public()
@@ -380,6 +386,13 @@ func (p *paths) publish(local []netip.Addr) {
 	if kick {
 		p.a.log.Info("paths: our candidates changed; checking every peer", "nat", nat, "candidates", cands)
 		p.sel.Kick()
+	}
+	if changed && p.tunnels() != nil {
+		// Which of a peer's tunnel kinds we can use follows our own
+		// situation (sit: no NAT in front of us; ipv6: a global IPv6
+		// address), which our candidates carry too: a move to a public
+		// address makes sit usable with nothing new from the peer.
+		p.refeed()
 	}
 	// A private or shared address is no mapping: natpmp reports our own
 	// address when no gateway answers ("treated as a public network"),

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"net"
 	"net/netip"
 	"slices"
 
@@ -41,24 +40,8 @@ func globalIPv6(a netip.Addr) bool {
 	return a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !identity.IsULA(a) && a.Zone() == ""
 }
 
-func interfaceAddrs6() []netip.Addr {
-	var out []netip.Addr
-	ifs, _ := net.Interfaces()
-	for _, i := range ifs {
-		if i.Flags&net.FlagUp == 0 || i.Flags&net.FlagLoopback != 0 {
-			continue
-		}
-		addrs, _ := i.Addrs()
-		for _, a := range addrs {
-			if pn, ok := a.(*net.IPNet); ok {
-				if ip, ok := netip.AddrFromSlice(pn.IP); ok && globalIPv6(ip) {
-					out = append(out, ip)
-				}
-			}
-		}
-	}
-	return out
-}
+// interfaceAddrs6 returns the global IPv6 addresses of the up, non-loopback interfaces.
+func interfaceAddrs6() []netip.Addr { return upAddrs(globalIPv6) }
 
 func (p *paths) tunnels() *TunnelsConfig { return p.a.cfg.Tunnels }
 
@@ -78,11 +61,17 @@ func (p *paths) publicIPv4(local []netip.Addr) netip.Addr {
 		return ext.Addr()
 	}
 	for _, l := range local {
-		if l.Is4() && l.IsGlobalUnicast() && !l.IsPrivate() && !cgnat.Contains(l) {
+		if publicAddr(l) {
 			return l
 		}
 	}
 	return netip.Addr{}
+}
+
+// publicAddr: a global unicast IPv4 address that is neither private nor
+// shared (CGNAT).
+func publicAddr(a netip.Addr) bool {
+	return a.Is4() && a.IsGlobalUnicast() && !a.IsPrivate() && !cgnat.Contains(a)
 }
 
 // tunnelCandidates are our tunnel endpoints for TXT.
@@ -108,6 +97,12 @@ func (p *paths) tunnelCandidates(local []netip.Addr) []register.Candidate {
 		p.a.mu.Lock()
 		fou := p.a.nat.FOU
 		p.a.mu.Unlock()
+		// A gateway that never answered PCP/NAT-PMP leaves the NAT side
+		// "treating the network as public" with our private address as
+		// the mapping: nobody outside reaches a GUE port there.
+		if fou.IsValid() && !publicAddr(fou.Addr()) {
+			fou = netip.AddrPort{}
+		}
 		if !fou.IsValid() && pub.IsValid() {
 			fou = netip.AddrPortFrom(pub, tc.FOUPort)
 		}

@@ -111,6 +111,49 @@ table ip cgn {
 EOF`)
 }
 
+// relayNS hangs a namespace for btmm-relay off the lab's inet, with
+// relayAddr and relayAddr2 on its eth0.
+func relayNS(t *testing.T, l *lab.Lab) *netns.NS {
+	t.Helper()
+	rl := netns.New(t, "relay")
+	netns.MustVeth(t, l.Inet, "rly", rl, "eth0")
+	l.Inet.MustAddr(t, "rly", "11.4.0.1/24")
+	rl.MustAddr(t, "eth0", relayAddr+"/24")
+	rl.MustAddr(t, "eth0", relayAddr2+"/24")
+	rl.MustRoute(t, "default", "11.4.0.1", "eth0")
+	return rl
+}
+
+// relayDNS is btmm-dnsd's [[relay]] section publishing the relay of
+// relayNS, with extra TOML lines in it.
+func relayDNS(extra string) string {
+	return fmt.Sprintf(`
+[[relay]]
+name = "relay.%s"
+port = 3478
+addrs = [%q, %q]
+`, zone, relayAddr, relayAddr2) + extra
+}
+
+// startRelay starts btmm-relay in rl (relayNS) with its kernel forwarder
+// on eth0, authenticating allocations with the keys of the btmm-dnsd whose
+// data directory is dir/dnsd (extra: more TOML lines); it returns the
+// daemon and its status file.
+func startRelay(t *testing.T, rl *netns.NS, bins, dir, extra string) (*daemon, string) {
+	t.Helper()
+	status := filepath.Join(dir, "relay.json")
+	writeFile(t, filepath.Join(dir, "relay.toml"), fmt.Sprintf(`listen = ["%s:3478", "%s:3478"]
+public = %q
+ports = "40000-40099"
+keys_dir = %q
+zone = %q
+device = "eth0"
+status_file = %q
+log_level = "debug"
+`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, status)+extra, 0o644)
+	return start(t, rl, "btmm-relay", filepath.Join(bins, "btmm-relay"), "-config", filepath.Join(dir, "relay.toml")), status
+}
+
 // pathsLab is the lab of the paths table: a btmm-relay namespace (kernel
 // forwarder, two addresses) on inet, btmm-dnsd publishing it by SRV, and
 // host1 (behind gw1), host2 (behind gw2) and pub, whose btmmd startHost
@@ -137,12 +180,7 @@ func newPathsLab(t *testing.T, dataplane string, cgn bool) *pathsLab {
 	l := lab.New(t)
 
 	say(t, "btmm-relay in its own namespace at %s and %s, kernel forwarder on eth0", relayAddr, relayAddr2)
-	rl := netns.New(t, "relay")
-	netns.MustVeth(t, l.Inet, "rly", rl, "eth0")
-	l.Inet.MustAddr(t, "rly", "11.4.0.1/24")
-	rl.MustAddr(t, "eth0", relayAddr+"/24")
-	rl.MustAddr(t, "eth0", relayAddr2+"/24")
-	rl.MustRoute(t, "default", "11.4.0.1", "eth0")
+	rl := relayNS(t, l)
 	if cgn {
 		say(t, "inet is a carrier NAT for gw3's network (11.6.0.0/24 leaves as 11.7.0.1)")
 		carrierNAT(t, l)
@@ -151,27 +189,8 @@ func newPathsLab(t *testing.T, dataplane string, cgn bool) *pathsLab {
 
 	// The relay's TLS stream port for the UDP-blocked row (relaytcp_test.go).
 	ca, crt, key := relayTLS(t, dir, "relay."+strings.TrimSuffix(zone, "."))
-	hostKey := rendezvousWith(t, l, bins, dir, fmt.Sprintf(`
-[[relay]]
-name = "relay.%s"
-port = 3478
-addrs = [%q, %q]
-tls_port = 443
-`, zone, relayAddr, relayAddr2))
-	relayStatus := filepath.Join(dir, "relay.json")
-	writeFile(t, filepath.Join(dir, "relay.toml"), fmt.Sprintf(`listen = ["%s:3478", "%s:3478"]
-public = %q
-ports = "40000-40099"
-keys_dir = %q
-zone = %q
-device = "eth0"
-status_file = %q
-log_level = "debug"
-tls_listen = ["%s:443"]
-tls_cert = %q
-tls_key = %q
-`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, relayStatus, relayAddr, crt, key), 0o644)
-	relayd := start(t, rl, "btmm-relay", filepath.Join(bins, "btmm-relay"), "-config", filepath.Join(dir, "relay.toml"))
+	hostKey := rendezvousWith(t, l, bins, dir, relayDNS("tls_port = 443\n"))
+	relayd, relayStatus := startRelay(t, rl, bins, dir, fmt.Sprintf("tls_listen = [\"%s:443\"]\ntls_cert = %q\ntls_key = %q\n", relayAddr, crt, key))
 
 	psk := filepath.Join(dir, "psk")
 	b := make([]byte, 48)

@@ -35,11 +35,14 @@ type system struct {
 	gws     map[*netns.NS]*miniupnpd.Daemon
 }
 
-func newSystem(t *testing.T) *system {
+func newSystem(t *testing.T) *system { return newSystemWith(t, "") }
+
+// newSystemWith is newSystem with dnsdExtra appended to btmm-dnsd's config.
+func newSystemWith(t *testing.T, dnsdExtra string) *system {
 	t.Helper()
 	s := &system{bins: binaries(t), dir: t.TempDir(), l: lab.New(t), gws: map[*netns.NS]*miniupnpd.Daemon{}}
 	say(t, "btmm-dnsd: zone %s, user alice; each host gets its own key (`btmm-dnsd addhost alice HOST`)", zone)
-	s.hostKey = rendezvous(t, s.l, s.bins, s.dir)
+	s.hostKey = rendezvousWith(t, s.l, s.bins, s.dir, dnsdExtra)
 	say(t, "krb5kdc: realm %s with host principals", realm)
 	s.kdc = krbtest.StartIn(t, realm, s.l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
 	return s
@@ -220,6 +223,11 @@ func noneLeft(t *testing.T, h *host) {
 		if strings.TrimSpace(out) != "" && !strings.Contains(out, "does not exist") && !strings.Contains(out, "Cannot find device") {
 			t.Errorf("after btmmd stopped, `%s` on %s shows:\n%s", strings.Join(what, " "), h.name, out)
 		}
+	}
+	// Its ULA is gone (lo or the xfrm interface; the lab has no other
+	// address in fc00::/7).
+	if out, _ := h.ns.Run("ip", "-6", "-o", "addr", "show"); strings.Contains(out, "inet6 fd") || strings.Contains(out, "inet6 fc") {
+		t.Errorf("after btmmd stopped, %s still has a ULA:\n%s", h.name, out)
 	}
 	// Its block in the hosts file (namesSection) is gone.
 	if b, err := os.ReadFile(filepath.Join(filepath.Dir(h.sock), h.name+".hosts")); err != nil || strings.Contains(string(b), "# BEGIN btmm") {

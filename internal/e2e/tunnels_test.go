@@ -5,15 +5,30 @@ import (
 	"fmt"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/agent"
+	"github.com/btmm/btmm/controlplane/path"
 	"github.com/btmm/btmm/internal/lab"
 	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
 )
+
+// nsCmd is a command line (split at spaces) to run in a namespace.
+type nsCmd struct {
+	ns   *netns.NS
+	args string
+}
+
+func mustRunAll(t *testing.T, cmds []nsCmd) {
+	t.Helper()
+	for _, c := range cmds {
+		f := strings.Fields(c.args)
+		c.ns.MustRun(t, f[0], f[1:]...)
+	}
+}
 
 // ipv6Internet gives the lab global IPv6 (2001:db8::/32) beside its IPv4:
 // inet routes it, pub has 2001:db8:3::2, and gw1 routes 2001:db8:11::/64
@@ -21,10 +36,7 @@ import (
 // gateway's firewall lets IPv6 in). gw2 and host2 stay IPv4-only.
 func ipv6Internet(t *testing.T, l *lab.Lab) {
 	t.Helper()
-	for _, s := range []struct {
-		ns   *netns.NS
-		args string
-	}{
+	mustRunAll(t, []nsCmd{
 		{l.Inet, "sysctl -qw net.ipv6.conf.all.forwarding=1"},
 		{l.Inet, "ip -6 addr add 2001:db8:1::1/64 dev gw1 nodad"},
 		{l.Inet, "ip -6 addr add 2001:db8:3::1/64 dev pub nodad"},
@@ -38,10 +50,7 @@ func ipv6Internet(t *testing.T, l *lab.Lab) {
 		{l.Host1, "ip -6 route add default via 2001:db8:11::1"},
 		{l.Pub, "ip -6 addr add 2001:db8:3::2/64 dev eth0 nodad"},
 		{l.Pub, "ip -6 route add default via 2001:db8:3::1"},
-	} {
-		f := strings.Fields(s.args)
-		s.ns.MustRun(t, f[0], f[1:]...)
-	}
+	})
 	out, err := l.Host1.Run("ping", "-6", "-c", "1", "-W", "5", "2001:db8:3::2")
 	if err != nil {
 		t.Fatalf("lab IPv6: host1 cannot reach pub: %v\n%s", err, out)
@@ -49,8 +58,8 @@ func ipv6Internet(t *testing.T, l *lab.Lab) {
 }
 
 // wire captures on inet's side of pub's link while f runs and returns how
-// many frames each tcpdump filter matches.
-func wire(t *testing.T, l *lab.Lab, filters []string, f func()) []int {
+// many frames each tcpdump filter matches, and the capture file.
+func wire(t *testing.T, l *lab.Lab, filters []string, f func()) ([]int, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "pub.pcap")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -74,7 +83,70 @@ func wire(t *testing.T, l *lab.Lab, filters []string, f func()) []int {
 		}
 		n = append(n, c)
 	}
-	return n
+	return n, path
+}
+
+// tunnelsConf turns path selection (candidates refreshed every refresh) and
+// tunnel paths on, with the GUE port 4501.
+func tunnelsConf(refresh string) string {
+	return fmt.Sprintf("\n[paths]\nmode = \"auto\"\nrefresh = %q\n\n[tunnels]\nmode = \"auto\"\nfou_port = 4501\n", refresh)
+}
+
+// startTunnelHosts starts btmmd (xfrm, Kerberos, the TOML extra: paths and
+// tunnels on) on host1, host2 and pub, in that order.
+func (s *system) startTunnelHosts(t *testing.T, extra string) []*host {
+	t.Helper()
+	var hosts []*host
+	for _, h := range []struct {
+		name string
+		ns   *netns.NS
+	}{{"host1", s.l.Host1}, {"host2", s.l.Host2}, {"pub", s.l.Pub}} {
+		say(t, "btmmd on %s (xfrm dataplane, paths and tunnels on)", h.name)
+		hosts = append(hosts, s.startHost(t, h.name, h.ns, hostConf{dataplane: "xfrm", extra: extra}))
+	}
+	return hosts
+}
+
+// waitKinds waits until, for every pair {from, to} of want, from has to
+// keyed, in its kernel and on the wanted path kind (the selector's choice
+// and, for a tunnel kind, the dataplane's Via), then shows `btmmctl peers`
+// on every host and checks that it names each wanted kind.
+func waitKinds(t *testing.T, bins string, hosts []*host, want map[[2]string]path.Kind, d time.Duration) map[string]*agent.Status {
+	t.Helper()
+	sts := map[string]*agent.Status{}
+	t0 := time.Now()
+	testenv.WaitFor(t, "every pair on its expected path", d, func() error {
+		for _, h := range hosts {
+			st, err := h.status(t, bins)
+			if err != nil {
+				return err
+			}
+			sts[h.name] = st
+		}
+		for pair, kind := range want {
+			var p *agent.PeerStatus
+			for i, q := range sts[pair[0]].Peers {
+				if q.Name == pair[1] {
+					p = &sts[pair[0]].Peers[i]
+				}
+			}
+			if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || kind.Tunnel() && p.Via != kind.PathKind() {
+				return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
+			}
+		}
+		return nil
+	})
+	t.Logf("every pair on its expected path after %v", time.Since(t0).Round(time.Millisecond))
+	for _, h := range hosts {
+		out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "peers")
+		show(t, "btmmctl peers   # on "+h.name, out)
+		for pair, kind := range want {
+			if pair[0] == h.name && !strings.Contains(out, kind.String()) {
+				t.Errorf("btmmctl peers on %s does not show %v", h.name, kind)
+			}
+		}
+	}
+	return sts
 }
 
 // TestTunnelPaths (issue 15) runs btmmd with tunnel paths on three hosts
@@ -85,7 +157,8 @@ func wire(t *testing.T, l *lab.Lab, filters []string, f func()) []int {
 // pairs with host2; ESP is on the wire and no ULA TCP in the clear; a TCP
 // connection between host1 and pub stays open while the IPv6 route goes
 // away (traffic moves to another kind) and comes back (back to ipv6), with
-// no rekey; SIGTERM leaves no tunnel device or GUE listener.
+// no rekey; SIGTERM on host1 leaves nothing of ours (noneLeft), no tunnel
+// device and no GUE listener.
 func TestTunnelPaths(t *testing.T) {
 	testenv.Require(t, testenv.ESP, testenv.XfrmIface, testenv.Sit, testenv.IP6Tnl, testenv.FOU)
 	testenv.RequireBinary(t, "ping", "iputils-ping")
@@ -96,21 +169,14 @@ func TestTunnelPaths(t *testing.T) {
 	say(t, "Lab with IPv6: host1 dual-stack behind gw1 (IPv4 NAT), host2 IPv4-only behind gw2, pub public IPv4 + IPv6")
 	ipv6Internet(t, l)
 	s.upnp(t, l.GW1, l.GW2)
-	tun := "\n[paths]\nmode = \"auto\"\nrefresh = \"10s\"\n\n[tunnels]\nmode = \"auto\"\nfou_port = 4501\n"
-	var hosts []*host
-	for _, h := range []struct {
-		name string
-		ns   *netns.NS
-	}{{"host1", l.Host1}, {"host2", l.Host2}, {"pub", l.Pub}} {
-		say(t, "btmmd on %s (xfrm dataplane, paths and tunnels on)", h.name)
-		hosts = append(hosts, s.startHost(t, h.name, h.ns, hostConf{dataplane: "xfrm", extra: tun}))
-	}
+	tun := tunnelsConf("10s")
+	hosts := s.startTunnelHosts(t, tun)
 	sts := s.keyed(t, hosts...)
-	want := map[[2]string]controlplane.PathKind{
-		{"host1", "pub"}: controlplane.PathIPv6, {"pub", "host1"}: controlplane.PathIPv6,
-		{"host1", "host2"}: controlplane.PathFOU, {"host2", "host1"}: controlplane.PathFOU,
-		{"host2", "pub"}: controlplane.PathFOU, {"pub", "host2"}: controlplane.PathFOU,
-	}
+	waitKinds(t, bins, hosts, map[[2]string]path.Kind{
+		{"host1", "pub"}: path.KindIPv6, {"pub", "host1"}: path.KindIPv6,
+		{"host1", "host2"}: path.KindFOU, {"host2", "host1"}: path.KindFOU,
+		{"host2", "pub"}: path.KindFOU, {"pub", "host2"}: path.KindFOU,
+	}, 180*time.Second)
 	via := func(h *host, peerName string) (controlplane.PathKind, error) {
 		st, err := h.status(t, bins)
 		if err != nil {
@@ -123,21 +189,6 @@ func TestTunnelPaths(t *testing.T) {
 		}
 		return 0, fmt.Errorf("%s does not list %s", h.name, peerName)
 	}
-	for _, h := range hosts {
-		testenv.WaitFor(t, h.name+"'s peers on their tunnel paths", 120*time.Second, func() error {
-			for k, w := range want {
-				if k[0] != h.name {
-					continue
-				}
-				if got, err := via(h, k[1]); err != nil || got != w {
-					return fmt.Errorf("%s -> %s by %v (%v), want %v", k[0], k[1], got, err, w)
-				}
-			}
-			return nil
-		})
-		out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "peers")
-		show(t, "btmmctl peers   # on "+h.name, out)
-	}
 	out, _ := l.Host1.Run("ip", "-d", "link", "show", "group", "25217")
 	show(t, "ip -d link show group 25217   # on host1: btmm's tunnel devices", out)
 	out, _ = l.Host2.Run("ip", "fou", "show")
@@ -149,7 +200,7 @@ func TestTunnelPaths(t *testing.T) {
 	defer c1.Close()
 	c2 := dialEcho(t, l.Host2, echo)
 	defer c2.Close()
-	n := wire(t, l, []string{"ip6 and ip6[6] == 41 and ip6[46] == 50", "udp port 4501", "tcp port 7", "ip6 and ip6[6] == 41 and ip6[46] == 6"}, func() {
+	n, _ := wire(t, l, []string{"ip6 and ip6[6] == 41 and ip6[46] == 50", "udp port 4501", "tcp port 7", "ip6 and ip6[6] == 41 and ip6[46] == 6"}, func() {
 		for range 20 {
 			roundTrip(t, c1, "on ipv6")
 			roundTrip(t, c2, "on fou")
@@ -199,18 +250,9 @@ func TestTunnelPaths(t *testing.T) {
 	say(t, "SIGTERM btmmd on host1: no tunnel device, GUE listener or transport state of ours stays")
 	c1.Close()
 	h1 := hosts[0]
-	h1.d.cmd.Process.Signal(syscall.SIGTERM)
-	exited := make(chan error, 1)
-	go func() { exited <- h1.d.cmd.Wait() }()
-	select {
-	case err := <-exited:
-		if err != nil {
-			t.Fatalf("btmmd on host1 exited with %v", err)
-		}
-	case <-time.After(45 * time.Second): // the unit's TimeoutStopSec (TCG is slow)
-		t.Fatal("btmmd on host1 did not stop within 45 s of SIGTERM")
-	}
-	for _, what := range [][]string{{"ip", "link", "show", "group", "25217"}, {"ip", "fou", "show"}, {"ip", "xfrm", "state"}} {
+	stopWithin(t, h1, 45*time.Second) // the unit's TimeoutStopSec (TCG is slow)
+	noneLeft(t, h1)
+	for _, what := range [][]string{{"ip", "link", "show", "group", "25217"}, {"ip", "fou", "show"}} {
 		if out, _ := l.Host1.Run(what[0], what[1:]...); strings.TrimSpace(out) != "" {
 			t.Errorf("after btmmd stopped, `%s` on host1 shows:\n%s", strings.Join(what, " "), out)
 		}
