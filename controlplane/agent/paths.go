@@ -569,35 +569,53 @@ func (p *paths) current(ula netip.Addr) path.Path {
 	return p.sel.Current(ula)
 }
 
+// lookupSRV asks resolver for name's SRV records and returns the answer
+// (its additional section holds the targets' addresses) and the SRVs,
+// lowest priority first.
+func lookupSRV(ctx context.Context, resolver, name string) (*dns.Msg, []*dns.SRV, error) {
+	c := &dns.Client{Timeout: 3 * time.Second}
+	m := new(dns.Msg)
+	m.SetQuestion(name, dns.TypeSRV)
+	r, _, err := c.ExchangeContext(ctx, m, resolver)
+	if err != nil {
+		return nil, nil, err
+	}
+	var srvs []*dns.SRV
+	for _, rr := range r.Answer {
+		if s, ok := rr.(*dns.SRV); ok {
+			srvs = append(srvs, s)
+		}
+	}
+	slices.SortStableFunc(srvs, func(a, b *dns.SRV) int { return int(a.Priority) - int(b.Priority) })
+	return r, srvs, nil
+}
+
+// targetAddrs returns an SRV target's IPv4 addresses, sorted: from the
+// answer's additional section, else from an A query to resolver.
+func targetAddrs(ctx context.Context, resolver string, r *dns.Msg, target string) []netip.Addr {
+	addrs := addrsIn(r.Extra, target)
+	if len(addrs) == 0 {
+		q := new(dns.Msg)
+		q.SetQuestion(target, dns.TypeA)
+		if ra, _, err := (&dns.Client{Timeout: 3 * time.Second}).ExchangeContext(ctx, q, resolver); err == nil {
+			addrs = addrsIn(ra.Answer, target)
+		}
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	return addrs
+}
+
 // SRVServers looks up SRV _btmm-relay._udp.<domain> through resolver and
 // returns every address of every target, lowest priority first.
 func SRVServers(resolver, domain string) func(ctx context.Context) ([]netip.AddrPort, error) {
 	return func(ctx context.Context) ([]netip.AddrPort, error) {
-		c := &dns.Client{Timeout: 3 * time.Second}
-		m := new(dns.Msg)
-		m.SetQuestion("_btmm-relay._udp."+dns.Fqdn(domain), dns.TypeSRV)
-		r, _, err := c.ExchangeContext(ctx, m, resolver)
+		r, srvs, err := lookupSRV(ctx, resolver, "_btmm-relay._udp."+dns.Fqdn(domain))
 		if err != nil {
 			return nil, fmt.Errorf("relay discovery: %w", err)
 		}
-		var srvs []*dns.SRV
-		for _, rr := range r.Answer {
-			if s, ok := rr.(*dns.SRV); ok {
-				srvs = append(srvs, s)
-			}
-		}
-		slices.SortStableFunc(srvs, func(a, b *dns.SRV) int { return int(a.Priority) - int(b.Priority) })
 		var out []netip.AddrPort
 		for _, s := range srvs {
-			addrs := addrsIn(r.Extra, s.Target)
-			slices.SortFunc(addrs, netip.Addr.Compare) // a stable first server (allocations live there)
-			if len(addrs) == 0 {
-				q := new(dns.Msg)
-				q.SetQuestion(s.Target, dns.TypeA)
-				if ra, _, err := c.ExchangeContext(ctx, q, resolver); err == nil {
-					addrs = addrsIn(ra.Answer, s.Target)
-				}
-			}
+			addrs := targetAddrs(ctx, resolver, r, s.Target) // sorted: a stable first server (allocations live there)
 			for _, a := range addrs {
 				out = append(out, netip.AddrPortFrom(a, s.Port))
 			}

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/miekg/dns"
 
@@ -346,31 +345,13 @@ func espInTCP() string {
 // its certificate by (lowest priority first).
 func SRVStreamServers(resolver, domain string) func(ctx context.Context) ([]StreamServer, error) {
 	return func(ctx context.Context) ([]StreamServer, error) {
-		c := &dns.Client{Timeout: 3 * time.Second}
-		m := new(dns.Msg)
-		m.SetQuestion(zone.RelayStreamService+dns.Fqdn(domain), dns.TypeSRV)
-		r, _, err := c.ExchangeContext(ctx, m, resolver)
+		r, srvs, err := lookupSRV(ctx, resolver, zone.RelayStreamService+dns.Fqdn(domain))
 		if err != nil {
 			return nil, fmt.Errorf("relay stream discovery: %w", err)
 		}
-		var srvs []*dns.SRV
-		for _, rr := range r.Answer {
-			if s, ok := rr.(*dns.SRV); ok {
-				srvs = append(srvs, s)
-			}
-		}
-		slices.SortStableFunc(srvs, func(a, b *dns.SRV) int { return int(a.Priority) - int(b.Priority) })
 		var out []StreamServer
 		for _, s := range srvs {
-			addrs := addrsIn(r.Extra, s.Target)
-			if len(addrs) == 0 {
-				q := new(dns.Msg)
-				q.SetQuestion(s.Target, dns.TypeA)
-				if ra, _, err := c.ExchangeContext(ctx, q, resolver); err == nil {
-					addrs = addrsIn(ra.Answer, s.Target)
-				}
-			}
-			slices.SortFunc(addrs, netip.Addr.Compare)
+			addrs := targetAddrs(ctx, resolver, r, s.Target)
 			for _, a := range addrs {
 				out = append(out, StreamServer{Name: strings.TrimSuffix(s.Target, "."),
 					Addr: netip.AddrPortFrom(a, s.Port).String()})
