@@ -373,7 +373,10 @@ func printPeers(w io.Writer, st *agent.Status, now time.Time) {
 		} else if p.Outer.IsValid() {
 			kind = "direct" // no path selection: the peer's outer endpoint
 		}
-		outer, from := p.Outer.String(), p.OuterBy
+		outer, from := "-", p.OuterBy
+		if p.Outer.IsValid() {
+			outer = p.Outer.String()
+		}
 		if t, ok := (&controlplane.Peer{Tunnels: p.Tunnels}).Tunnel(p.Via); ok && p.Via != controlplane.PathESPInUDP {
 			// A tunnel path (issue 15): its device and remote endpoint.
 			kind, outer, from = fmt.Sprintf("%v dev %s", p.Via, p.Device), t.Remote.String(), "path"

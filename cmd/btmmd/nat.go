@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"sync"
 
 	"github.com/btmm/btmm/controlplane/agent"
@@ -56,7 +57,7 @@ func natFunc(log *slog.Logger, fouPort uint16) (run agent.NATFunc, rediscover fu
 					return <-done
 				}
 				ext, _ := st.Endpoint(natpmp.UDP, port)
-				r := agent.NATReport{External: ext, Status: st.String(), BehindNAT: behindNAT(st)}
+				r := agent.NATReport{External: ext, Status: natStatus(st), BehindNAT: behindNAT(st)}
 				if fouPort != 0 {
 					r.FOU, _ = st.Endpoint(natpmp.UDP, fouPort)
 				}
@@ -76,4 +77,15 @@ func behindNAT(st natpmp.Status) bool {
 		return natpmp.IsPrivate(st.Local) || natpmp.IsCGNAT(st.Local)
 	}
 	return true
+}
+
+// natStatus is the NAT side's state for btmmctl status. Without an IPv4
+// default route (an IPv6-only host) there is nothing to map, which is no
+// failure: natpmp looks again quietly every RetryInterval, and peers reach
+// this host at its c-v6 endpoint (docs/tunnels.md).
+func natStatus(st natpmp.Status) string {
+	if st.State == natpmp.StateFailed && strings.Contains(st.Detail, natpmp.ErrNoRoute.Error()) {
+		return "no IPv4 default route: no NAT mapping and no IPv4 endpoint published (IPv6-only: peers reach this host at its c-v6 endpoint)"
+	}
+	return st.String()
 }

@@ -165,6 +165,7 @@ type Agent struct {
 	activity       map[netip.Addr]*activity
 	health         map[netip.Addr]*healthTrack // health.go
 	keyingErrs     map[netip.Addr]string       // health.go: the last keying errors read
+	unreach        map[netip.Addr]string       // peers not keyed: no common address family (tunnels.go)
 }
 
 // New checks cfg and builds the agent's parts; Run starts them.
@@ -358,18 +359,37 @@ func (a *Agent) updateKeyingPeers(ctx context.Context) {
 	for i := range kp {
 		evs[kp[i].ULA] = a.peers[kp[i].ULA]
 	}
+	if a.paths != nil {
+		// Peers with no IPv4 endpoint (IPv6-only hosts, reached at their
+		// c-v6 endpoint): the book keys only those with one.
+		for ula, ev := range a.peers {
+			if _, ok := evs[ula]; !ok && !ev.Outer.IsValid() {
+				evs[ula] = ev
+				kp = append(kp, keying.PeerConfig{Name: ev.Name, ULA: ula, Principal: a.principalFor(ev.Name)})
+			}
+		}
+		slices.SortFunc(kp, func(x, y keying.PeerConfig) int { return x.ULA.Compare(y.ULA) })
+	}
 	a.mu.Unlock()
+	unreach := map[netip.Addr]string{}
 	for i := range kp {
 		ev := evs[kp[i].ULA]
 		port := ev.Capabilities.KeyingPort
 		if port == 0 {
 			port = a.cfg.TunnelPort
 		}
-		kp[i].Outer = keyingOuter(a.paths.current(kp[i].ULA), port, kp[i].Outer)
-		if !kp[i].Outer.IsValid() {
-			kp[i].Outer = a.paths.keyingFallback(ev) // an IPv6-only peer
+		if a.paths == nil {
+			continue
+		}
+		kp[i].Outer = a.paths.keyingAt(ev, port, kp[i].Outer) // IPv6-only peers and hosts too (tunnels.go)
+		if why := a.paths.noCommonFamily(ev); why != "" {
+			unreach[kp[i].ULA] = why
 		}
 	}
+	kp = slices.DeleteFunc(kp, func(p keying.PeerConfig) bool { return unreach[p.ULA] != "" || !p.Outer.IsValid() })
+	a.mu.Lock()
+	a.unreach = unreach
+	a.mu.Unlock()
 	if err := a.keyer.SetPeers(ctx, kp); err != nil {
 		a.log.Warn("keying peers", "err", err)
 	}
@@ -550,6 +570,7 @@ func (a *Agent) Status(ctx context.Context) Status {
 		a.mu.Unlock()
 		st.Peers = append(st.Peers, ps)
 	}
+	st.Peers = a.appendUnreachable(st.Peers, caps)
 	st.Network = a.Network()
 	for _, c := range recent {
 		st.Recent = append(st.Recent, c.String())

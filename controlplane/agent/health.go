@@ -61,6 +61,7 @@ type PeerHealth struct {
 
 // healthInput is what a peer's health is judged on.
 type healthInput struct {
+	noFamily   string // why the peer cannot be reached at all (tunnels.go noCommonFamily), "" none
 	outerKnown bool
 	keyed      bool
 	inKernel   bool
@@ -79,6 +80,8 @@ type healthInput struct {
 // judge returns a peer's state and reason at now.
 func judge(in healthInput, now time.Time) (state, reason string) {
 	switch {
+	case in.noFamily != "":
+		return HealthUnreachable, in.noFamily
 	case !in.outerKnown:
 		return HealthUnreachable, "no outer address known (the peer published none yet)"
 	case !in.keyed && in.keyingErr != "":
@@ -200,8 +203,9 @@ func (a *Agent) updateHealth(ctx context.Context, now time.Time) {
 
 // healthInputLocked gathers what a peer is judged on. a.mu is held.
 func (a *Agent) healthInputLocked(p controlplane.PeerStatus, dataErr error) healthInput {
-	in := healthInput{outerKnown: p.Outer.IsValid(), keyed: p.Keyed, inKernel: p.InKernel,
-		keyingErr: a.keyingErrs[p.ULA], handshake: p.KeyedAt}
+	// A tunnel is an outer address too (an IPv6-only peer has no IPv4 one).
+	in := healthInput{noFamily: a.unreach[p.ULA], outerKnown: p.Outer.IsValid() || len(p.Tunnels) > 0, keyed: p.Keyed,
+		inKernel: p.InKernel, keyingErr: a.keyingErrs[p.ULA], handshake: p.KeyedAt}
 	if dataErr != nil {
 		in.dataErr = dataErr.Error()
 	}

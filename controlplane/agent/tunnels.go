@@ -135,9 +135,9 @@ func (p *paths) usable(k path.Kind) bool {
 	case path.KindIPv6:
 		return tc.IPv6 && len(p.addrs6()) > 0
 	case path.KindSit:
-		return tc.Sit && !p.a.behindNAT()
+		return tc.Sit && !p.a.behindNAT() && !p.ipv6Only()
 	case path.KindFOU:
-		return tc.FOUPort != 0
+		return tc.FOUPort != 0 && !p.ipv6Only()
 	}
 	return false
 }
@@ -154,9 +154,13 @@ func (p *paths) rank(k path.Kind) int {
 }
 
 // peerCandidates are the candidates of a peer to check: its published ones,
-// the tunnel kinds this host can use checked through their devices.
+// the tunnel kinds this host can use checked through their devices (an
+// IPv6-only host checks none of the IPv4 ones: it cannot send there).
 func (p *paths) peerCandidates(ev PeerEvent) []path.Candidate {
 	cands := path.CandidatesFrom(ev.Outer, ev.Capabilities)
+	if p.ipv6Only() {
+		cands = slices.DeleteFunc(cands, func(c path.Candidate) bool { return c.Addr.Addr().Is4() })
+	}
 	port := ev.Capabilities.KeyingPort
 	if port == 0 {
 		port = p.a.cfg.TunnelPort
@@ -243,4 +247,86 @@ func (p *paths) republish() {
 	case p.kick <- struct{}{}:
 	default:
 	}
+}
+
+// ipv6Only reports whether this host has global IPv6 addresses and no IPv4
+// address (an IPv6-only network; docs/tunnels.md): it reaches peers only at
+// their c-v6 endpoints. A host with no address at all (between networks)
+// is not taken for one.
+func (p *paths) ipv6Only() bool {
+	if p == nil {
+		return false
+	}
+	if slices.ContainsFunc(p.cfg.LocalAddrs(), func(a netip.Addr) bool { return a.Is4() && a.IsGlobalUnicast() }) {
+		return false
+	}
+	f := interfaceAddrs6
+	if tc := p.tunnels(); tc != nil && tc.LocalAddrs6 != nil {
+		f = tc.LocalAddrs6
+	}
+	return len(f()) > 0
+}
+
+// keyingAt is where keying messages for a peer go: the chosen path's
+// endpoint (keyingOuter), else its SRV/A, else (an IPv6-only peer, or this
+// host IPv6-only) its first IPv6 endpoint; invalid when there is none this
+// host can reach.
+func (p *paths) keyingAt(ev PeerEvent, port uint16, def netip.AddrPort) netip.AddrPort {
+	out := keyingOuter(p.current(ev.ULA), port, def)
+	if !out.IsValid() || out.Addr().Is4() && p.ipv6Only() {
+		out = p.keyingFallback(ev)
+	}
+	return out
+}
+
+// noCommonFamily says why this host and a peer cannot reach each other at
+// all ("" when they may): one is IPv6-only and the other has no IPv6
+// endpoint it can use. Such a peer is not keyed (no exchange could get
+// through, so none is tried again and again), and btmmctl peers shows it
+// unreachable with this reason.
+func (p *paths) noCommonFamily(ev PeerEvent) string {
+	if p == nil || ev.Removed {
+		return ""
+	}
+	if p.keyingFallback(ev).IsValid() {
+		return "" // its IPv6 endpoint, which we can use
+	}
+	published6 := slices.ContainsFunc(path.CandidatesFrom(ev.Outer, ev.Capabilities), func(c path.Candidate) bool { return c.Kind == path.KindIPv6 })
+	why6 := "this host has no global IPv6 address"
+	if tc := p.tunnels(); tc == nil || !tc.IPv6 {
+		why6 = "ipv6 tunnels are off on this host ([tunnels])"
+	}
+	if p.ipv6Only() {
+		if published6 {
+			return "no common address family: this host is IPv6-only and " + why6
+		}
+		return "no common address family: this host is IPv6-only (no IPv4 address) and " + ev.Name + " publishes no IPv6 endpoint (c-v6)"
+	}
+	v4 := ev.Outer.IsValid() || slices.ContainsFunc(path.CandidatesFrom(ev.Outer, ev.Capabilities), func(c path.Candidate) bool { return c.Addr.Addr().Is4() })
+	if !v4 && published6 {
+		return "no common address family: " + ev.Name + " is IPv6-only (publishes only c-v6) and " + why6
+	}
+	return ""
+}
+
+// appendUnreachable adds to ps the peers with no common address family that
+// the dataplane does not know (an IPv6-only peer of an IPv4-only host has
+// neither an outer address nor a tunnel there), so btmmctl peers lists them
+// with the reason.
+func (a *Agent) appendUnreachable(ps []PeerStatus, caps map[netip.Addr]register.Capabilities) []PeerStatus {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	added := false
+	for ula, why := range a.unreach {
+		if slices.ContainsFunc(ps, func(p PeerStatus) bool { return p.ULA == ula }) {
+			continue
+		}
+		ps = append(ps, PeerStatus{PeerStatus: controlplane.PeerStatus{Name: a.peers[ula].Name, ULA: ula},
+			Capabilities: caps[ula], Health: PeerHealth{State: HealthUnreachable, Reason: why}})
+		added = true
+	}
+	if added {
+		slices.SortFunc(ps, func(x, y PeerStatus) int { return x.ULA.Compare(y.ULA) })
+	}
+	return ps
 }

@@ -12,6 +12,10 @@
 //
 //	Peer{Name, ULA, Outer: <target A>:<SRV port>, Capabilities: <TXT>}
 //
+// A host without SRV or A (an IPv6-only host: it has no IPv4 endpoint) is a
+// Peer with an invalid Outer when its TXT carries a global IPv6 endpoint
+// (c-v6=[2001:db8::2]:4500, docs/tunnels.md); without one it is not a peer.
+//
 // Events say Added, Changed (outer address, port or capabilities) or Removed
 // (the browse PTR went away, or the AAAA, SRV or A did, e.g. at lease expiry
 // or clean shutdown) and always carry the full Peer. A host whose ULA changes
@@ -54,7 +58,7 @@ import (
 type Peer struct {
 	Name         string // host name, e.g. "desktop.alice.btmm.example."
 	ULA          netip.Addr
-	Outer        netip.AddrPort // SRV target's A : SRV port
+	Outer        netip.AddrPort // SRV target's A : SRV port; invalid for an IPv6-only host (c-v6 only)
 	Capabilities register.Capabilities
 }
 
@@ -362,23 +366,6 @@ func (t *Tracker) assembleLocked(host, inst string) (Peer, bool) {
 	}
 	slices.SortFunc(ulas, netip.Addr.Compare)
 	p.ULA = ulas[0]
-	srv := firstSRV(t.answers[key{inst, dns.TypeSRV}])
-	if srv == nil {
-		return p, false
-	}
-	var v4s []netip.Addr
-	for _, rr := range t.answers[key{dns.CanonicalName(srv.Target), dns.TypeA}] {
-		if a, ok := rr.(*dns.A); ok {
-			if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
-				v4s = append(v4s, ip)
-			}
-		}
-	}
-	if len(v4s) == 0 {
-		return p, false
-	}
-	slices.SortFunc(v4s, netip.Addr.Compare)
-	p.Outer = netip.AddrPortFrom(v4s[0], srv.Port)
 	for _, rr := range t.answers[key{inst, dns.TypeTXT}] {
 		if txt, ok := rr.(*dns.TXT); ok {
 			caps, err := register.ParseCapabilities(txt.Txt)
@@ -389,8 +376,43 @@ func (t *Tracker) assembleLocked(host, inst string) (Peer, bool) {
 			break
 		}
 	}
-	return p, true
+	if srv := firstSRV(t.answers[key{inst, dns.TypeSRV}]); srv != nil {
+		var v4s []netip.Addr
+		for _, rr := range t.answers[key{dns.CanonicalName(srv.Target), dns.TypeA}] {
+			if a, ok := rr.(*dns.A); ok {
+				if ip, ok := netip.AddrFromSlice(a.A.To4()); ok {
+					v4s = append(v4s, ip)
+				}
+			}
+		}
+		if len(v4s) > 0 {
+			slices.SortFunc(v4s, netip.Addr.Compare)
+			p.Outer = netip.AddrPortFrom(v4s[0], srv.Port)
+			return p, true
+		}
+	}
+	// No IPv4 endpoint (SRV + A): an IPv6-only host is still a peer when
+	// it publishes a global IPv6 endpoint (c-v6, docs/tunnels.md), reached
+	// over an ip6tnl device; Outer stays invalid.
+	return p, HasIPv6Endpoint(p.Capabilities)
 }
+
+// HasIPv6Endpoint reports whether caps carry a c-v6 candidate with a global
+// IPv6 address (not a ULA, not link-local): an IPv6-only host's only
+// endpoint.
+func HasIPv6Endpoint(caps register.Capabilities) bool {
+	for _, c := range caps.Candidates {
+		a := c.Addr.Addr()
+		if c.Kind == CandidateIPv6 && a.Is6() && !a.Is4In6() && a.IsGlobalUnicast() && !identity.IsULA(a) && a.Zone() == "" && c.Addr.Port() != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// CandidateIPv6 is the TXT candidate kind of a global IPv6 endpoint
+// (c-v6=[addr]:port, path.KindIPv6).
+const CandidateIPv6 = "v6"
 
 // diff computes the current peers, records them as emitted and returns the
 // events that lead there.

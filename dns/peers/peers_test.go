@@ -229,3 +229,58 @@ func TestFollow(t *testing.T) {
 		}
 	})
 }
+
+// An IPv6-only host publishes no SRV or A (it has no IPv4 endpoint): it is a
+// peer with an invalid Outer as long as its TXT carries a global c-v6
+// endpoint, and not a peer without one.
+func TestTrackerIPv6Only(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d := "alice.btmm.example."
+		v6only := func(host, ula, txt string) []string {
+			return []string{
+				"_autotunnel._udp." + d + " 60 IN PTR _autotunnel._udp." + host + "." + d,
+				host + "." + d + " 60 IN AAAA " + ula,
+				"_autotunnel._udp." + host + "." + d + " 60 IN TXT " + txt,
+			}
+		}
+		z := &fakeZone{}
+		tr := New(Config{Domain: "alice.btmm.example", Self: "laptop.alice.btmm.example."}, z, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go func() { _ = tr.Run(ctx) }()
+		// No c-v6 (only an IPv4 LAN candidate, no SRV): nowhere to reach it.
+		z.set(v6only("nov6", "fd00::5", `"txtvers=1" "proto=1" "c-lan=192.168.1.5:4500"`))
+		// A c-v6 with a ULA is no outer address either.
+		z.set(v6only("ulav6", "fd00::6", `"txtvers=1" "proto=1" "c-v6=[fd00::6]:4500"`))
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if n := len(tr.Events()); n != 0 {
+			t.Fatalf("%d events for hosts with no endpoint, want none: %v", n, <-tr.Events())
+		}
+		z.set(v6only("v6only", "fd00::4", `"txtvers=1" "proto=1" "kport=4500" "c-v6=[2001:db8:4::2]:4500"`))
+		ev := next(t, tr)
+		want := Peer{Name: "v6only." + d, ULA: netip.MustParseAddr("fd00::4"),
+			Capabilities: register.Capabilities{Version: 1, KeyingPort: 4500,
+				Candidates: []register.Candidate{{Kind: CandidateIPv6, Addr: netip.MustParseAddrPort("[2001:db8:4::2]:4500")}}}}
+		if ev.Kind != Added || !ev.Peer.Equal(want) || ev.Peer.Outer.IsValid() {
+			t.Fatalf("got %v %v, want added %v", ev.Kind, ev.Peer, want)
+		}
+		// It gains IPv4 (SRV + A): same peer, now with its ESP-in-UDP endpoint.
+		tgt := "AutoTunnel-00-00-00-FF-FE-00-00-04." + d
+		z.set([]string{"_autotunnel._udp.v6only." + d + " 60 IN SRV 0 0 4500 " + tgt, tgt + " 60 IN A 11.0.0.4"})
+		if ev = next(t, tr); ev.Kind != Changed || ev.Peer.Outer != netip.MustParseAddrPort("11.0.0.4:4500") {
+			t.Fatalf("got %v %v, want changed to 11.0.0.4:4500", ev.Kind, ev.Peer)
+		}
+		// And loses it again: back to IPv6 only, not removed.
+		z.set(nil, "_autotunnel._udp.v6only."+d+" 60 IN SRV 0 0 4500 "+tgt, tgt+" 60 IN A 11.0.0.4")
+		if ev = next(t, tr); ev.Kind != Changed || ev.Peer.Outer.IsValid() || ev.Peer.ULA != want.ULA {
+			t.Fatalf("got %v %v, want changed to no IPv4 endpoint", ev.Kind, ev.Peer)
+		}
+		// Its c-v6 goes: nothing left to reach it by.
+		z.set([]string{`_autotunnel._udp.v6only.` + d + ` 60 IN TXT "txtvers=1" "proto=1"`},
+			`_autotunnel._udp.v6only.`+d+` 60 IN TXT "txtvers=1" "proto=1" "kport=4500" "c-v6=[2001:db8:4::2]:4500"`)
+		if ev = next(t, tr); ev.Kind != Removed || ev.Peer.ULA != want.ULA {
+			t.Fatalf("got %v %v, want removed", ev.Kind, ev.Peer)
+		}
+	})
+}
