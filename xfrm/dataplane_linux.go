@@ -548,6 +548,9 @@ func (d *Dataplane) plan(ctx context.Context, st *controlplane.State) ([]peerPla
 // the route's source), tunnel-mode SAs and policies.
 func (d *Dataplane) planESP(st *controlplane.State, pp *peerPlan) error {
 	p := pp.peer
+	if p.Outer.Addr().Unmap().IsLoopback() {
+		return d.planLoopbackESP(st, pp)
+	}
 	pp.local = st.Local.Outer
 	if !pp.local.IsValid() || st.Local.Device == "" && !d.xfrmi {
 		rs, err := d.h.RouteGet(p.Outer.Addr().AsSlice())
@@ -573,6 +576,81 @@ func (d *Dataplane) planESP(st *controlplane.State, pp *peerPlan) error {
 	if !pp.local.Is4() {
 		return fmt.Errorf("peer %q: local outer address %v is not IPv4", p.Name, pp.local)
 	}
+	d.planESPObjects(st, pp)
+	return nil
+}
+
+// planLoopbackESP plans a peer whose outer address is a loopback socket:
+// btmmd's relay-tcp bridge (docs/paths.md). The bridge takes datagrams only
+// from our tunnel port on a loopback address and writes the peer's to our
+// tunnel port on its own (loopback) address, where the inbound SA must be
+// found: the SAs run between that address and the socket, whatever
+// Local.Outer and Local.Device say. The ULA route must not go via lo:
+// IPv6 makes any route on a loopback device a reject route (fib6_is_reject),
+// so without the xfrm interface it goes via the IPv4 default route's device
+// (the configured device if any); the policy takes the packet before that
+// device does, and the ESP-in-UDP leaves by the route to 127.0.0.0/8 (lo).
+func (d *Dataplane) planLoopbackESP(st *controlplane.State, pp *peerPlan) error {
+	p := pp.peer
+	pp.local = p.Outer.Addr().Unmap()
+	if !pp.local.Is4() {
+		return fmt.Errorf("peer %q: loopback outer address %v is not IPv4", p.Name, p.Outer)
+	}
+	if !d.xfrmi {
+		dev, err := d.routeDevice(st.Local.Device)
+		if err != nil {
+			return fmt.Errorf("peer %q (relay-tcp bridge at %v): %w", p.Name, p.Outer, err)
+		}
+		pp.dev = dev
+	}
+	d.planESPObjects(st, pp)
+	return nil
+}
+
+// routeDevice is a device for a route whose packets an xfrm policy takes
+// (not lo): the named one, else the IPv4 default route's, else the first
+// other device that is up.
+func (d *Dataplane) routeDevice(name string) (int, error) {
+	if name != "" {
+		l, err := d.h.LinkByName(name)
+		if err != nil {
+			return 0, fmt.Errorf("local device %q: %w", name, err)
+		}
+		return l.Attrs().Index, nil
+	}
+	rs, err := d.h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return 0, fmt.Errorf("list IPv4 routes: %w", err)
+	}
+	for _, r := range rs {
+		if ones, _ := maskOnes(r.Dst); ones == 0 && r.LinkIndex > 0 {
+			return r.LinkIndex, nil
+		}
+	}
+	ls, err := d.h.LinkList()
+	if err != nil {
+		return 0, fmt.Errorf("list links: %w", err)
+	}
+	for _, l := range ls {
+		if a := l.Attrs(); a.Flags&net.FlagLoopback == 0 && a.Flags&net.FlagUp != 0 && a.Name != "lo" {
+			return a.Index, nil
+		}
+	}
+	return 0, errors.New("no device up but lo to route the ULA by (IPv6 rejects routes on lo)")
+}
+
+// maskOnes is a route destination's prefix length (a default route: nil or /0).
+func maskOnes(n *net.IPNet) (int, int) {
+	if n == nil {
+		return 0, 0
+	}
+	return n.Mask.Size()
+}
+
+// planESPObjects fills in the tunnel-mode SAs and policies between
+// pp.local and the peer's outer address.
+func (d *Dataplane) planESPObjects(st *controlplane.State, pp *peerPlan) {
+	p := pp.peer
 	local := netip.AddrPortFrom(pp.local, st.Local.Port)
 	me, them := st.Local.ULA, p.ULA
 	pp.states = append(pp.states, d.stateFor(p.Out, local, p.Outer, me, them))
@@ -588,7 +666,6 @@ func (d *Dataplane) planESP(st *controlplane.State, pp *peerPlan) error {
 		{Dir: netlink.XFRM_DIR_IN, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
 		{Dir: netlink.XFRM_DIR_FWD, Src: prefix128(them), Dst: prefix128(me), Ifid: d.ifid(), Tmpls: tmpl(p.Outer.Addr(), pp.local)},
 	}
-	return nil
 }
 
 // --- Set -------------------------------------------------------------------
