@@ -8,6 +8,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/btmm/btmm/internal/testenv"
 )
 
 // TestMAC1MAC2: MAC1 binds a datagram to the responder's ULA and identity;
@@ -114,6 +116,7 @@ func TestRateLimiter(t *testing.T) {
 // (reassembly, rate-limiter table), asks for cookies, and a, whose INIT
 // arrives in the middle of the flood, is keyed after one COOKIE round trip.
 func TestUnderLoadCookies(t *testing.T) {
+	testenv.HostTier(t, "synctest over an in-memory network, no kernel involved")
 	synctest.Test(t, func(t *testing.T) {
 		n := newMemNet()
 		b := startNode(t, n, "b", ulaB, addrB, mustPSK(t, psk1), func(c *Config) { c.LoadThreshold = 16 })

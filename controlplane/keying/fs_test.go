@@ -6,6 +6,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/btmm/btmm/internal/testenv"
 )
 
 // TestKerberosForwardSecrecy runs three exchanges between two agents on a
@@ -17,6 +19,7 @@ import (
 // erased once its exchange is done, and no keying datagram exceeds
 // MaxDatagramLen (no IP fragmentation on a 1280-byte path).
 func TestKerberosForwardSecrecy(t *testing.T) {
+	testenv.HostTier(t, "Kerberos keying against a real KDC over UDP sockets, kernel-independent")
 	var mu sync.Mutex
 	var ephs []*ephemeral
 	ephemeralHook = func(e *ephemeral) { mu.Lock(); ephs = append(ephs, e); mu.Unlock() }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/internal/krbtest"
+	"github.com/btmm/btmm/internal/testenv"
 	"github.com/jcmturner/gokrb5/v8/config"
 )
 
@@ -132,6 +133,7 @@ func (p *stallProxy) count() int {
 // a's keying with b nor outlives AuthTimeout: the attempt ends with
 // ErrKDCUnreachable, and a's next attempt asks again.
 func TestSlowKDCStallsOnlyItsPeer(t *testing.T) {
+	testenv.HostTier(t, "a slow KDC over UDP sockets, kernel-independent")
 	k, ktA, ktB := newRealm(t)
 	const princSlow = "host/slow.btmm.test"
 	k.AddPrincipal(t, princSlow)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/internal/krbtest"
+	"github.com/btmm/btmm/internal/testenv"
 	"github.com/jcmturner/gokrb5/v8/keytab"
 )
 
@@ -147,6 +148,7 @@ func newRealm(t *testing.T, bOpts ...string) (k *krbtest.KDC, ktA, ktB *keytab.K
 // the same moment (crossing INITs), converge on one SA pair with identical
 // keys, and rekey (short SA lifetime) with a fresh AP-REQ each time.
 func TestKerberosKeying(t *testing.T) {
+	testenv.HostTier(t, "Kerberos keying against a real KDC over UDP sockets, kernel-independent (the VM keys with ESP in TestVMPingFloodAcrossRekey*)")
 	k, ktA, ktB := newRealm(t)
 	short := func(c *Config) { c.SALifetime = 3 * time.Second }
 	a := startKrbNode(t, k, "a", princA, ulaA, ktA, short)
@@ -227,6 +229,7 @@ func attrOffset(t testing.TB, msg []byte, typ byte) int {
 // cause (errors.Is on our sentinels) and installs nothing on either host.
 // b is a pure responder here (its own INITs are dropped).
 func TestKerberosRefusals(t *testing.T) {
+	testenv.HostTier(t, "Kerberos refusals against a real KDC over UDP sockets, kernel-independent")
 	for _, tt := range []struct {
 		name    string
 		bOpts   []string                                          // addprinc options for b's principal
@@ -351,6 +354,7 @@ func TestKerberosRefusals(t *testing.T) {
 // retransmission cache has let it go: b refuses it as a replay with an
 // authenticated ERROR and changes no SA.
 func TestKerberosReplay(t *testing.T) {
+	testenv.HostTier(t, "replays against a real KDC over UDP sockets, kernel-independent")
 	k, ktA, ktB := newRealm(t)
 	a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
 	b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)
@@ -404,6 +408,7 @@ func TestKerberosReplay(t *testing.T) {
 // tickets; with an hour-long SA lifetime the SA pair is still rekeyed before
 // the ticket ends (at 80% of it), with a new ticket from the KDC.
 func TestKerberosRekeyBeforeTicketExpiry(t *testing.T) {
+	testenv.HostTier(t, "Kerberos rekeys against a real KDC over UDP sockets, kernel-independent")
 	k, ktA, ktB := newRealm(t, "-maxlife", "6 seconds")
 	a := startKrbNode(t, k, "a", princA, ulaA, ktA, nil)
 	b := startKrbNode(t, k, "b", princB, ulaB, ktB, nil)

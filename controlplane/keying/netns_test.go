@@ -18,6 +18,7 @@ import (
 // sides install one matching SA pair; the responder learns the initiator's
 // outer address from the authenticated exchange.
 func TestNetnsKerberosKeying(t *testing.T) {
+	testenv.HostTier(t, "Kerberos keying between namespaces over UDP, no kernel feature the host lacks")
 	testenv.RequireNetNS(t)
 	k, ktA, ktB := newRealm(t)
 	nsA, nsB := netns.New(t, "kna"), netns.New(t, "knb")

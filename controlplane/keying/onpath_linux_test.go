@@ -120,6 +120,7 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 // through. Keying completes anyway on the first attempt: the unauthenticated
 // ERRORs are hints, the rest fails its checks.
 func TestNetnsForgedErrorOnPath(t *testing.T) {
+	testenv.HostTier(t, "forged keying ERRORs from an nftables router in netns, no kernel feature the host lacks")
 	testenv.RequireNetNS(t)
 	testenv.RequireBinary(t, "nft", "nftables")
 	k, ktA, ktB := newRealm(t)

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/btmm/btmm/internal/krbtest"
+	"github.com/btmm/btmm/internal/testenv"
 )
 
 // TestDelprincCutsHostOff: three hosts keyed with each other on a real MIT
@@ -18,6 +19,7 @@ import (
 // fails; a and b stay keyed with each other all along (their SA pair is
 // never removed, only rekeyed).
 func TestDelprincCutsHostOff(t *testing.T) {
+	testenv.HostTier(t, "Kerberos keying against a real KDC over UDP, no kernel feature the host lacks (internal/e2e TestDelprincCutsHostOffE2E covers delprinc in the VM)")
 	const hard = 20 * time.Second
 	const princC = "host/c.btmm.test"
 	ulaC := netip.MustParseAddr("fd00::c")

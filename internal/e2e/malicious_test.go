@@ -37,6 +37,7 @@ func TestMaliciousHost(t *testing.T) {
 	testenv.RequireBinary(t, "ping", "iputils-ping")
 	nsupdate := testenv.RequireBinary(t, "nsupdate", "bind9-dnsutils")
 	tcpdump := testenv.RequireBinary(t, "tcpdump", "tcpdump")
+	t.Parallel() // its own lab (startAlice); overlaps the other e2e labs (the VM tier runs them two at a time)
 	al := startAlice(t, "mallory", "")
 	l, bins, dir, hosts := al.l, al.bins, al.dir, al.hosts
 	h1, h2, mal := hosts[0], hosts[1], hosts[2]

@@ -238,6 +238,7 @@ func (pl *pathsLab) statuses(t *testing.T) map[string]*agent.Status {
 // capture on the relay: the VM's run.
 func TestConnectivityEverywhere(t *testing.T) {
 	testenv.Require(t, testenv.ESP)
+	t.Parallel() // its own lab (newPathsLab); overlaps the other e2e labs (the VM tier runs them two at a time)
 	connectivity(t, "xfrm")
 }
 

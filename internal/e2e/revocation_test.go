@@ -25,6 +25,7 @@ import (
 func TestDelprincCutsHostOffE2E(t *testing.T) {
 	testenv.Require(t, testenv.ESP)
 	testenv.RequireBinary(t, "ping", "iputils-ping")
+	t.Parallel() // its own lab (startAlice); overlaps the other e2e labs (the VM tier runs them two at a time)
 	const hard = 60 * time.Second
 	al := startAlice(t, "host3", fmt.Sprintf("sa_lifetime = %q\nhard_lifetime = %q\n", "60s", "60s"))
 	al.allKeyed(2)

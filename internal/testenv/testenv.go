@@ -32,6 +32,16 @@ func RequireAll() bool { return os.Getenv("BTMM_REQUIRE_ALL") == "1" }
 // InVM reports whether the test runs inside hack/vmexec's VM.
 func InVM() bool { return os.Getenv("BTMM_IN_VM") == "1" }
 
+// HostTier skips t inside the VM: why says what makes the host kernel's run
+// enough (it does not depend on the kernel's version or on what the host
+// kernel lacks). hack/skipcheck checks that the netns tier ran it.
+func HostTier(t testing.TB, why string) {
+	t.Helper()
+	if InVM() {
+		t.Skipf("host tier: %s; runs under `make test-netns`", why)
+	}
+}
+
 // RequireRoot skips t unless the test runs as root (in the VM, where tests
 // always run as root, it fails).
 func RequireRoot(t testing.TB) {
