@@ -33,7 +33,7 @@ type Embedded struct {
 	log     *os.File
 	lock    *os.File // flock on dir/LOCK: one process per store
 	logLen  int      // records in the log since the last snapshot
-	watches map[*watch]struct{}
+	watches map[*Watcher]struct{}
 
 	syncMu    sync.Mutex // one fsync at a time (group commit); taken before mu
 	writeSeq  uint64     // transactions written to the log
@@ -43,55 +43,6 @@ type Embedded struct {
 	// CompactEvery is the number of log records after which a snapshot is
 	// written and the log truncated. Default 10000.
 	CompactEvery int
-}
-
-// watch delivers changes through an unbounded queue so that a committer
-// never blocks on a watcher (a watcher may itself commit, as the lease
-// expirer does).
-type watch struct {
-	ctx   context.Context
-	ch    chan Change
-	mu    sync.Mutex
-	cond  *sync.Cond
-	queue []Change
-	done  bool
-}
-
-func (w *watch) push(c Change) {
-	w.mu.Lock()
-	w.queue = append(w.queue, c)
-	w.mu.Unlock()
-	w.cond.Signal()
-}
-
-func (w *watch) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
-	w.cond.Signal()
-}
-
-// pump moves queued changes to the channel until stopped or ctx ends.
-func (w *watch) pump() {
-	defer close(w.ch)
-	for {
-		w.mu.Lock()
-		for len(w.queue) == 0 && !w.done {
-			w.cond.Wait()
-		}
-		if w.done {
-			w.mu.Unlock()
-			return
-		}
-		c := w.queue[0]
-		w.queue = w.queue[1:]
-		w.mu.Unlock()
-		select {
-		case w.ch <- c:
-		case <-w.ctx.Done():
-			return
-		}
-	}
 }
 
 // walRecord is one log entry: a committed transaction or a meta change.
@@ -187,7 +138,7 @@ func OpenOptions(dir string, o Options) (*Embedded, error) {
 
 func newMem(dir string) *Embedded {
 	return &Embedded{dir: dir, names: map[string]map[string]Record{}, below: map[string]int{}, meta: map[string][]byte{},
-		watches: map[*watch]struct{}{}, CompactEvery: 10000}
+		watches: map[*Watcher]struct{}{}, CompactEvery: 10000}
 }
 
 // lockDir takes the flock on dir/LOCK: one process per store.
@@ -662,7 +613,7 @@ func (s *Embedded) syncUpTo(seq uint64) error {
 
 func (s *Embedded) notify(ch Change) {
 	for w := range s.watches {
-		w.push(ch)
+		w.Push(ch)
 	}
 }
 
@@ -697,18 +648,16 @@ func (s *Embedded) allLocked() []Record {
 func (s *Embedded) Watch(ctx context.Context) (<-chan Change, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	w := &watch{ctx: ctx, ch: make(chan Change, 16)}
-	w.cond = sync.NewCond(&w.mu)
+	w := NewWatcher(ctx)
 	s.watches[w] = struct{}{}
-	go w.pump()
 	go func() {
 		<-ctx.Done()
 		s.mu.Lock()
 		delete(s.watches, w)
 		s.mu.Unlock()
-		w.stop()
+		w.Stop()
 	}()
-	return w.ch, s.rev
+	return w.C(), s.rev
 }
 
 // PutMeta implements Store.
@@ -814,7 +763,7 @@ func (s *Embedded) Close() error {
 	s.lock.Close() // releases the flock
 	for w := range s.watches {
 		delete(s.watches, w)
-		w.stop()
+		w.Stop()
 	}
 	return err
 }

@@ -89,7 +89,7 @@ type Store struct {
 	rev     int64
 	idx     *store.Index
 	guards  map[string]int64 // guard -> mod revision
-	watches map[*watch]struct{}
+	watches map[*store.Watcher]struct{}
 	werr    error // the watch's last error, while it is down
 
 	// rmu guards replicas apart from mu: the zone lists the replicas
@@ -136,7 +136,7 @@ func Open(ctx context.Context, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("etcdstore: connect %v: %w", cfg.Endpoints, err)
 	}
 	s := &Store{cfg: cfg, cli: cli, log: log, done: make(chan struct{}), guards: map[string]int64{},
-		replicas: map[string]store.Server{}, watches: map[*watch]struct{}{}, idx: store.NewIndex()}
+		replicas: map[string]store.Server{}, watches: map[*store.Watcher]struct{}{}, idx: store.NewIndex()}
 	s.cond = sync.NewCond(&s.mu)
 	if err := s.load(ctx); err != nil {
 		cli.Close()
@@ -851,56 +851,9 @@ func (s *Store) All() ([]store.Record, uint64) {
 	return s.idx.All(), uint64(s.rev)
 }
 
-// watch is one Watch subscriber with an unbounded queue (a committer never
-// blocks on a watcher).
-type watch struct {
-	ctx   context.Context
-	ch    chan store.Change
-	mu    sync.Mutex
-	cond  *sync.Cond
-	queue []store.Change
-	done  bool
-}
-
-func (w *watch) push(c store.Change) {
-	w.mu.Lock()
-	w.queue = append(w.queue, c)
-	w.mu.Unlock()
-	w.cond.Signal()
-}
-
-func (w *watch) stop() {
-	w.mu.Lock()
-	w.done = true
-	w.mu.Unlock()
-	w.cond.Signal()
-}
-
-func (w *watch) pump() {
-	defer close(w.ch)
-	for {
-		w.mu.Lock()
-		for len(w.queue) == 0 && !w.done {
-			w.cond.Wait()
-		}
-		if w.done {
-			w.mu.Unlock()
-			return
-		}
-		c := w.queue[0]
-		w.queue = w.queue[1:]
-		w.mu.Unlock()
-		select {
-		case w.ch <- c:
-		case <-w.ctx.Done():
-			return
-		}
-	}
-}
-
 func (s *Store) notify(c store.Change) {
 	for w := range s.watches {
-		w.push(c)
+		w.Push(c)
 	}
 }
 
@@ -908,22 +861,20 @@ func (s *Store) notify(c store.Change) {
 func (s *Store) Watch(ctx context.Context) (<-chan store.Change, uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	w := &watch{ctx: ctx, ch: make(chan store.Change, 16)}
-	w.cond = sync.NewCond(&w.mu)
+	w := store.NewWatcher(ctx)
 	if s.closed {
-		close(w.ch)
-		return w.ch, uint64(s.rev)
+		w.Stop()
+		return w.C(), uint64(s.rev)
 	}
 	s.watches[w] = struct{}{}
-	go w.pump()
 	go func() {
 		<-ctx.Done()
 		s.mu.Lock()
 		delete(s.watches, w)
 		s.mu.Unlock()
-		w.stop()
+		w.Stop()
 	}()
-	return w.ch, uint64(s.rev)
+	return w.C(), uint64(s.rev)
 }
 
 // PutMeta implements store.Store (replica-local).
@@ -949,7 +900,7 @@ func (s *Store) Close() error {
 	s.closed = true
 	for w := range s.watches {
 		delete(s.watches, w)
-		w.stop()
+		w.Stop()
 	}
 	s.cond.Broadcast()
 	s.mu.Unlock()
