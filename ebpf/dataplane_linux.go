@@ -136,6 +136,7 @@ type Dataplane struct {
 type watchInfo struct {
 	ula     netip.Addr
 	ifindex int // the device the programs are on
+	lo      int // lo's ifindex while the ingress program is on it (relay-tcp)
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -523,7 +524,7 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	}
 
 	d.wmu.Lock()
-	d.watching = watchInfo{ula: desired.Local.ULA, ifindex: d.attach.index()}
+	d.watching = watchInfo{ula: desired.Local.ULA, ifindex: d.attach.index(), lo: d.lo.index()}
 	d.wmu.Unlock()
 
 	// 5. Deletes: the device we left, peers no longer desired.

@@ -269,6 +269,21 @@ func (p *pump) finish(t testing.TB) {
 	p.s.finish(t, p.h.Sum(nil))
 }
 
+// sendChecked sends n random bytes from a to b over one TCP connection
+// between the ULAs and checks that all arrive intact.
+func sendChecked(t testing.TB, a, b *host, n int) {
+	t.Helper()
+	data := randomBytes(t, n)
+	s := openStream(t, a, b)
+	w, err := s.conn.Write(data)
+	s.sent.Add(int64(w))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(data)
+	s.finish(t, sum[:])
+}
+
 func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
@@ -277,13 +292,19 @@ func randomBytes(t testing.TB, n int) []byte {
 	return b
 }
 
-// attached lists programs attached to dev in h's namespace, by TCX query
-// and by clsact filter listing.
+// attached lists programs attached to h's device in its namespace, by
+// TCX query and by clsact filter listing.
 func attached(t testing.TB, h *host) []string {
+	t.Helper()
+	return attachedOn(t, h, h.dev)
+}
+
+// attachedOn is attached for another device of h's namespace (lo).
+func attachedOn(t testing.TB, h *host, dev string) []string {
 	t.Helper()
 	var names []string
 	must(t, h.ns.Do(func() error {
-		l, err := net.InterfaceByName(h.dev)
+		l, err := net.InterfaceByName(dev)
 		if err != nil {
 			return err
 		}
@@ -304,7 +325,7 @@ func attached(t testing.TB, h *host) []string {
 		}
 		return nil
 	}))
-	l, err := h.ns.LinkByName(h.dev)
+	l, err := h.ns.LinkByName(dev)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -381,16 +402,7 @@ func TestCleartextNetNS(t *testing.T) {
 			t.Logf("a: %s", a.dp.Status())
 			ping(t, a, b)
 			ping(t, b, a)
-
-			data := randomBytes(t, 8<<20)
-			s := openStream(t, a, b)
-			n, err := s.conn.Write(data)
-			s.sent.Add(int64(n))
-			if err != nil {
-				t.Fatal(err)
-			}
-			sum := sha256.Sum256(data)
-			s.finish(t, sum[:])
+			sendChecked(t, a, b, 8<<20)
 
 			sa, sb := peerStats(t, a), peerStats(t, b)
 			t.Logf("a->b %+v", sa)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -56,11 +57,19 @@ func (d *Dataplane) setLoopback(want bool) ([]controlplane.Change, error) {
 		err := d.inNS(d.detachLoopback)
 		return []controlplane.Change{{Op: "delete", Object: "attach", What: "ingress program on lo (no relay-tcp peer)"}}, err
 	}
+	var prev map[string]string // sysctls as they were before our first attach
+	again := ""
 	if d.lo.dev != nil {
-		if d.lo.clsact || tcxIfindex(d.lo.tcx) == d.lo.dev.Attrs().Index {
+		if d.loIntact(d.lo) {
 			return nil, nil
 		}
-		d.lo.tcx.Close() // detached by someone else: attach again
+		// Detached by someone else (a TCX link detached, our filter or
+		// the clsact qdisc deleted): attach again. The repair loop gets
+		// here (pollTCX, onRoute).
+		if d.lo.tcx != nil {
+			d.lo.tcx.Close()
+		}
+		prev, again = d.lo.saved, " again (it had been detached)"
 		d.lo = loAttachment{}
 	}
 	var a loAttachment
@@ -105,12 +114,37 @@ func (d *Dataplane) setLoopback(want bool) ([]controlplane.Change, error) {
 	if err != nil {
 		return nil, fmt.Errorf("ebpf: relay-tcp bridge: %w", err)
 	}
+	for k, v := range prev {
+		a.saved[k] = v // what to put back is what was there before us
+	}
 	d.lo = a
 	kind := "tcx"
 	if a.clsact {
 		kind = "clsact+cls_bpf"
 	}
-	return []controlplane.Change{{Op: "add", Object: "attach", What: "ingress program on lo via " + kind + " (relay-tcp bridge)"}}, nil
+	return []controlplane.Change{{Op: "add", Object: "attach", What: "ingress program on lo via " + kind + again + " (relay-tcp bridge)"}}, nil
+}
+
+// index is lo's ifindex while attached (0: not attached).
+func (a loAttachment) index() int {
+	if a.dev == nil {
+		return 0
+	}
+	return a.dev.Attrs().Index
+}
+
+// loIntact reports whether the ingress program still hangs on lo as a says
+// (the kernel announces a deleted filter or qdisc, not a detached TCX link:
+// pollTCX asks).
+func (d *Dataplane) loIntact(a loAttachment) bool {
+	switch {
+	case a.dev == nil:
+		return true
+	case a.clsact:
+		fs, err := d.nl.FilterList(a.dev, netlink.HANDLE_MIN_INGRESS)
+		return err == nil && slices.ContainsFunc(fs, ourFilter)
+	}
+	return a.tcx != nil && tcxIfindex(a.tcx) == a.dev.Attrs().Index
 }
 
 // detachLoopback undoes setLoopback (inside the namespace).

@@ -84,7 +84,8 @@ func (d *Dataplane) reapply(context.Context) ([]controlplane.Change, error) {
 }
 
 // pollTCX kicks the repair when one of our TCX links no longer hangs on
-// its device (`bpftool link detach`, or the device went away).
+// its device (`bpftool link detach`, or the device went away), lo's
+// included.
 func (d *Dataplane) pollTCX(ctx context.Context) {
 	t := time.NewTicker(tcxCheck)
 	defer t.Stop()
@@ -97,15 +98,20 @@ func (d *Dataplane) pollTCX(ctx context.Context) {
 		d.mu.Lock()
 		a := d.attach
 		lost := len(a.tcx) > 0 && !d.intact(a)
+		loLost := d.lo.tcx != nil && !d.loIntact(d.lo)
 		d.mu.Unlock()
 		if lost {
 			d.repair.Kick("tcx program detached from " + a.name())
+		}
+		if loLost {
+			d.repair.Kick("tcx program detached from lo (relay-tcp bridge)")
 		}
 	}
 }
 
 // onRoute kicks the repair when our routes (IPv6, protocol 98), our ULA,
-// neighbour entries, clsact qdisc or filters, or our device go.
+// neighbour entries, clsact qdisc or filters (on our device, and on lo
+// while a peer is bridged), or our device go.
 func (d *Dataplane) onRoute(typ uint16, b []byte) {
 	d.wmu.Lock()
 	w := d.watching
@@ -115,11 +121,14 @@ func (d *Dataplane) onRoute(typ uint16, b []byte) {
 		return
 	}
 	dev := w.ifindex != 0 && m.Ifindex == w.ifindex
+	lo := w.lo != 0 && m.Ifindex == w.lo
 	switch {
 	case m.Type == repair.RTMDelNeigh && m.Family == unix.AF_INET6 && dev && identity.IsULA(m.Addr):
 		d.repair.Kick(fmt.Sprintf("neighbour %v deleted", m.Addr))
 	case (m.Type == repair.RTMDelQdisc || m.Type == repair.RTMDelTfilter) && dev:
 		d.repair.Kick("tc qdisc or filter deleted")
+	case (m.Type == repair.RTMDelQdisc || m.Type == repair.RTMDelTfilter) && lo:
+		d.repair.Kick("tc qdisc or filter deleted on lo (relay-tcp bridge)")
 	case m.Type == repair.RTMDelLink && dev:
 		d.repair.Kick("device deleted")
 	}
