@@ -24,6 +24,11 @@ type Client struct {
 	// doubling, Tries transmissions (default 250 ms, 5).
 	RTO   time.Duration
 	Tries int
+	// BlockedAfter: DetectNAT calls UDP blocked when no responder has
+	// answered this long after its first requests (default 2 s: the first
+	// three transmissions to each, 250+500+1000 ms), instead of waiting out
+	// every retransmission (7.75 s per responder).
+	BlockedAfter time.Duration
 
 	mu      sync.Mutex
 	pending map[[stun.TransactionIDSize]byte]chan *stun.Message
@@ -203,15 +208,56 @@ func (n NAT) Describe() string {
 // DetectNAT asks two responders (different IP addresses) for our reflexive
 // endpoint: the same endpoint from both is an endpoint-independent mapping,
 // different ones a symmetric NAT; one of our own addresses means no NAT.
+//
+// The responders are asked at once. When none has answered BlockedAfter
+// after the first requests, UDP is blocked (the agent then reaches for the
+// relay's TLS stream at once; its next measurement tells if UDP works
+// after all). Once one has answered, the others get their full
+// retransmission schedule. seen is in the order of servers.
 func (c *Client) DetectNAT(ctx context.Context, servers []netip.AddrPort, local []netip.Addr) (NAT, []netip.AddrPort) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		i int
+		m netip.AddrPort
+	}
+	results := make(chan result, len(servers))
+	for i, s := range servers {
+		go func() {
+			m, err := c.Binding(ctx, s)
+			if err != nil {
+				m = netip.AddrPort{}
+			}
+			results <- result{i, m}
+		}()
+	}
+	blockedAfter := c.BlockedAfter
+	if blockedAfter <= 0 {
+		blockedAfter = 2 * time.Second
+	}
+	timer := time.NewTimer(blockedAfter)
+	defer timer.Stop()
+	mapped := make([]netip.AddrPort, len(servers))
+	answered := false
+	for n := 0; n < len(servers); {
+		select {
+		case r := <-results:
+			n++
+			mapped[r.i] = r.m
+			answered = answered || r.m.IsValid()
+		case <-timer.C:
+			if !answered {
+				return NATBlocked, nil // the Bindings end with ctx
+			}
+		}
+	}
 	var seen []netip.AddrPort
-	for _, s := range servers {
-		if m, err := c.Binding(ctx, s); err == nil {
+	for _, m := range mapped {
+		if m.IsValid() {
 			seen = append(seen, m)
 		}
 	}
-	switch {
-	case len(seen) == 0:
+	if len(seen) == 0 {
 		return NATBlocked, nil
 	}
 	for _, l := range local {

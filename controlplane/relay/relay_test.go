@@ -335,9 +335,29 @@ func TestDetectNAT(t *testing.T) {
 	}
 	silent, _ := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	defer silent.Close()
-	h.cl.Tries = 2
-	if nat, _ := h.cl.DetectNAT(ctx, []netip.AddrPort{silent.LocalAddr().(*net.UDPAddr).AddrPort()}, nil); nat != NATBlocked {
+	silent2, _ := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 2)})
+	defer silent2.Close()
+	quiet := []netip.AddrPort{silent.LocalAddr().(*net.UDPAddr).AddrPort(), silent2.LocalAddr().(*net.UDPAddr).AddrPort()}
+	// Two silent responders, 5 tries of RTO 100 ms (3.1 s each, 6.2 s one
+	// after the other as it was): blocked after BlockedAfter.
+	h.cl.Tries, h.cl.BlockedAfter = 5, time.Second
+	t0 := time.Now()
+	if nat, _ := h.cl.DetectNAT(ctx, quiet, nil); nat != NATBlocked {
 		t.Errorf("no answer: %v, want blocked", nat)
+	}
+	took := time.Since(t0)
+	t.Logf("two silent responders: blocked after %v", took.Round(time.Millisecond))
+	if took < time.Second || took > 2500*time.Millisecond {
+		t.Errorf("blocked after %v, want BlockedAfter (1 s)", took)
+	}
+	// One silent responder and one that answers: not blocked, the silent
+	// one given its whole schedule (Tries 2: 750 ms) and left out.
+	h.cl.Tries = 2
+	if nat, seen := h.cl.DetectNAT(ctx, []netip.AddrPort{quiet[0], s.Addrs()[0]}, nil); nat != NATUnknown || len(seen) != 1 {
+		t.Errorf("one of two answers: %v %v, want unknown with one reflexive endpoint", nat, seen)
+	}
+	if nat, _ := h.cl.DetectNAT(ctx, quiet[:1], nil); nat != NATBlocked {
+		t.Errorf("no answer (Tries 2): %v, want blocked", nat)
 	}
 }
 
