@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -27,26 +26,11 @@ import (
 // reply from the peer's ULA, and to host1 choosing the expected path; then
 // relay throughput against direct throughput and the relay's own CPU,
 // alternated rounds in the same run.
-func TestPathEstablishmentCleartext(t *testing.T) {
-	if os.Getenv("BTMM_BENCH") != "1" {
-		t.Skip("benchmark: set BTMM_BENCH=1 (make bench)")
-	}
-	testenv.RequireNetNS(t)
-	if testenv.InVM() {
-		t.Skip("host tier: the cleartext path-establishment benchmark runs on the host kernel (make bench); runs under `make test-netns`")
-	}
-	establish(t, "ebpf-cleartext")
-}
+func TestPathEstablishmentCleartext(t *testing.T) { establish(t, "ebpf-cleartext") }
 
 // TestVMPathEstablishment is the same benchmark with ESP (xfrm) in the VM
 // (`make bench-vm`).
-func TestVMPathEstablishment(t *testing.T) {
-	if os.Getenv("BTMM_BENCH") != "1" {
-		t.Skip("benchmark: set BTMM_BENCH=1 (make bench-vm)")
-	}
-	testenv.Require(t, testenv.ESP)
-	establish(t, "xfrm")
-}
+func TestVMPathEstablishment(t *testing.T) { establish(t, "xfrm") }
 
 // establish: host1 stays behind gw1 (endpoint-independent NAT, no PCP) and
 // runs btmmd throughout; the peer starts and stops once per try:
@@ -62,11 +46,7 @@ func TestVMPathEstablishment(t *testing.T) {
 // and gw1 forgets every mapping towards the peer's side, so no try rides on
 // holes a previous one punched.
 func establish(t *testing.T, dp string) {
-	testenv.RequireBinary(t, "ping", "iputils-ping")
-	tries := 20
-	if v := os.Getenv("BTMM_BENCH_TRIES"); v != "" {
-		fmt.Sscan(v, &tries)
-	}
+	tries := benchStart(t, dp, "path-establishment", "BTMM_BENCH_TRIES")
 	pl := newPathsLab(t, dp, false)
 	l := pl.l
 	h1, h2, pub := pl.hosts[0], pl.hosts[1], pl.hosts[2]

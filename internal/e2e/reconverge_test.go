@@ -16,7 +16,6 @@ import (
 
 	"github.com/btmm/btmm/internal/lab"
 	"github.com/btmm/btmm/internal/netns"
-	"github.com/btmm/btmm/internal/testenv"
 )
 
 // TestVMReconvergence is issue 12's re-convergence benchmark (reported,
@@ -33,35 +32,16 @@ import (
 // For each move it reports the time from the move to pub's kernel SA
 // pointing at host1's new address, and to the first echo reply to a request
 // sent after the move; then p50 and p99 per kind.
-func TestVMReconvergence(t *testing.T) {
-	if os.Getenv("BTMM_BENCH") != "1" {
-		t.Skip("benchmark: set BTMM_BENCH=1 (make bench-vm)")
-	}
-	testenv.Require(t, testenv.ESP)
-	reconverge(t, "xfrm")
-}
+func TestVMReconvergence(t *testing.T) { reconverge(t, "xfrm") }
 
 // TestReconvergenceCleartext is the same benchmark on the host kernel
 // (`make bench`) with the ebpf-cleartext dataplane: no TCG, so its times
 // are those of a real kernel; "pub's kernel points at the new address" is
 // its BPF map (peer_by_outer) holding host1's new outer address.
-func TestReconvergenceCleartext(t *testing.T) {
-	if os.Getenv("BTMM_BENCH") != "1" {
-		t.Skip("benchmark: set BTMM_BENCH=1 (make bench)")
-	}
-	testenv.RequireNetNS(t)
-	if testenv.InVM() {
-		t.Skip("host tier: the cleartext re-convergence benchmark runs on the host kernel (make bench); runs under `make test-netns`")
-	}
-	reconverge(t, "ebpf-cleartext")
-}
+func TestReconvergenceCleartext(t *testing.T) { reconverge(t, "ebpf-cleartext") }
 
 func reconverge(t *testing.T, dp string) {
-	testenv.RequireBinary(t, "ping", "iputils-ping")
-	moves := 20
-	if v := os.Getenv("BTMM_BENCH_MOVES"); v != "" {
-		fmt.Sscan(v, &moves)
-	}
+	moves := benchStart(t, dp, "re-convergence", "BTMM_BENCH_MOVES")
 	// BTMM_BENCH_DEBOUNCE sets network.debounce (default 250 ms), to
 	// see what of a host's own move is the debounce.
 	debounce := os.Getenv("BTMM_BENCH_DEBOUNCE")
