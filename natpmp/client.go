@@ -269,6 +269,9 @@ type session struct {
 	resets   int
 	external netip.Addr
 	maps     map[MappingRequest]*mapping
+	// discovering: Rediscover abandons the exchange under way (discovery
+	// lasts up to 128 s: the network may have changed long before).
+	discovering bool
 }
 
 type announcement struct {
@@ -476,6 +479,8 @@ func (c *Client) discover(ctx context.Context) *session {
 		}
 	}
 	go s.read()
+	s.discovering = true
+	defer func() { s.discovering = false }()
 	fail := func(state State, err error) *session {
 		s.close()
 		c.setState(func(st *Status) {
@@ -523,6 +528,9 @@ func (c *Client) discover(ctx context.Context) *session {
 			return false
 		})
 		switch {
+		case errors.Is(err, errRediscover):
+			s.close() // Run starts again at once
+			return nil
 		case errors.Is(err, ErrNoGateway):
 			return fail(StateNoGateway, fmt.Errorf("pcp: %w", err))
 		case err != nil:
@@ -534,7 +542,10 @@ func (c *Client) discover(ctx context.Context) *session {
 		}
 	}
 	if !s.pcp {
-		if err := c.queryExternal(ctx, s); errors.Is(err, ErrNoGateway) {
+		if err := c.queryExternal(ctx, s); errors.Is(err, errRediscover) {
+			s.close()
+			return nil
+		} else if errors.Is(err, ErrNoGateway) {
 			return fail(StateNoGateway, err)
 		} else if err != nil {
 			return fail(StateFailed, err)
@@ -607,6 +618,13 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// A wake that is not a Rediscover (Add, Remove) is handed on to Run.
+	var woken bool
+	defer func() {
+		if woken {
+			c.poke()
+		}
+	}()
 	for try, wait := range c.cfg.Schedule {
 		for _, req := range reqs(try) {
 			if _, err := s.conn.Write(req); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
@@ -625,6 +643,14 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 				}
 			case <-timer.C:
 				break try
+			case <-c.wake:
+				woken = true
+				c.mu.Lock()
+				again := c.rediscover
+				c.mu.Unlock()
+				if again && s.discovering {
+					return nil, errRediscover // Run sees the flag once woken
+				}
 			}
 		}
 	}

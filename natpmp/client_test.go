@@ -530,3 +530,43 @@ func TestSilentPCPFallsBackToNATPMP(t *testing.T) {
 		h.stop(t)
 	})
 }
+
+// Rediscover during a discovery that is still waiting (up to 128 s) starts
+// it again at once: the network it was about is gone, and a gateway that
+// came up meanwhile (a replaced router, now with PCP) is found within the
+// new schedule's first tries, not at the old schedule's last one. A wake
+// that is no Rediscover (Add) leaves the discovery alone.
+func TestRediscoverDuringDiscovery(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		g.silent = true
+		t0 := time.Now()
+		h := start(t, g, nil)
+		time.Sleep(10 * time.Second) // tries at 0 .. 7.75 s, the next at 15.75 s
+		synctest.Wait()
+		if err := h.c.Add(MappingRequest{UDP, 4501}); err != nil {
+			t.Fatal(err)
+		}
+		synctest.Wait()
+		n := len(g.requests())
+		if st := h.c.Status(); st.State != StateStarting || n == 0 {
+			t.Fatalf("after Add: %v, %d requests: discovery should go on", st, n)
+		}
+		g.mu.Lock()
+		g.silent = false
+		g.mu.Unlock()
+		h.c.Rediscover()
+		synctest.Wait()
+		st := h.c.Status()
+		if _, ok := st.Endpoint(UDP, 4500); !ok || st.State != StateMapped {
+			t.Fatalf("Rediscover during discovery: %v, want mapped at once", st)
+		}
+		if _, ok := st.Endpoint(UDP, 4501); !ok {
+			t.Errorf("the mapping added during discovery is missing: %v", st)
+		}
+		if took := time.Since(t0); took != 10*time.Second {
+			t.Errorf("mapped %v after start, want at the Rediscover (10 s)", took)
+		}
+		h.stop(t)
+	})
+}

@@ -17,3 +17,6 @@ var (
 	// ErrNoRoute means there is no IPv4 default route to find a gateway on.
 	ErrNoRoute = errors.New("no IPv4 default route")
 )
+
+// errRediscover ends a discovery exchange that Rediscover made stale.
+var errRediscover = errors.New("natpmp: rediscover asked during discovery")

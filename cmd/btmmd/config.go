@@ -97,6 +97,7 @@ type Config struct {
 		Servers    []string `toml:"servers"`    // btmm-relay/STUN ADDRESS:PORTs; empty: SRV _btmm-relay._udp.<domain>
 		Preference []string `toml:"preference"` // path kinds, best first (docs/paths.md)
 		Refresh    string   `toml:"refresh"`    // how often NAT behaviour and candidates are measured again (60s)
+		Recheck    string   `toml:"recheck"`    // how often one STUN Binding checks between measurements that the NAT still maps us alike (15s)
 		// TLSServers are the relays' TLS stream ports for relay-tcp (UDP
 		// blocked): "NAME:PORT" (dialled by name) or "NAME@IPV4:PORT"
 		// (dialled at the address); the certificate must name NAME. Empty:
@@ -274,9 +275,12 @@ func (c *Config) fill() error {
 			errs = append(errs, fmt.Errorf("paths.tls_servers: %w", err))
 		}
 	}
-	if c.Paths.Refresh != "" {
-		if d, err := time.ParseDuration(c.Paths.Refresh); err != nil || d < time.Second {
-			errs = append(errs, fmt.Errorf("paths.refresh %q: want a duration >= 1s", c.Paths.Refresh))
+	for name, v := range map[string]string{"refresh": c.Paths.Refresh, "recheck": c.Paths.Recheck} {
+		if v == "" {
+			continue
+		}
+		if d, err := time.ParseDuration(v); err != nil || d < time.Second {
+			errs = append(errs, fmt.Errorf("paths.%s %q: want a duration >= 1s", name, v))
 		}
 	}
 	for _, k := range c.Paths.Preference {

@@ -50,6 +50,7 @@ func pathsConfig(cfg *Config, key *register.Key) (*agent.PathsConfig, error) {
 		pc.StreamServers = func(context.Context) ([]agent.StreamServer, error) { return ss, nil }
 	}
 	pc.Refresh, _ = time.ParseDuration(cfg.Paths.Refresh) // checked by fill; "" is the default
+	pc.Recheck, _ = time.ParseDuration(cfg.Paths.Recheck)
 	for _, k := range cfg.Paths.Preference {
 		kind, _ := path.ParseKind(k) // checked by fill
 		pc.Preference = append(pc.Preference, kind)

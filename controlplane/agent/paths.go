@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -48,6 +49,10 @@ type PathsConfig struct {
 	// Refresh is how often the NAT behaviour and reflexive endpoint are
 	// measured again and binds renewed (60 s).
 	Refresh time.Duration
+	// Recheck is how often one STUN Binding checks between full
+	// measurements that our NAT still maps us where it did (15 s;
+	// natwatch.go).
+	Recheck time.Duration
 	// StreamServers returns the relays' TLS stream ports (static, or SRV
 	// _btmm-relay._tcp.<domain>), used only when UDP is blocked
 	// (relay-tcp, relaytcp.go). Nil: none.
@@ -68,6 +73,11 @@ type paths struct {
 	rc   *relay.Client
 	base register.Capabilities
 	kick chan struct{}
+	// The NAT recheck between full measurements (natwatch.go): its own
+	// client (fewer tries), state, and the selector's trigger.
+	wc         *relay.Client
+	watch      natWatch
+	recheckNow chan struct{}
 
 	mu      sync.Mutex
 	nat     relay.NAT
@@ -87,7 +97,13 @@ type paths struct {
 	bs         *bridgeState
 	allocTCP   bool
 	skipDetect bool
+	// cancelRefresh stops the measurement under way when our network
+	// changes (Kick): what it measured is about the old one.
+	cancelRefresh context.CancelCauseFunc
 }
+
+// errMoved cancels a measurement that our own network change made stale.
+var errMoved = errors.New("our network changed during the measurement")
 
 func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, error) {
 	if cfg.Servers == nil {
@@ -96,6 +112,9 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 	if cfg.Refresh <= 0 {
 		cfg.Refresh = time.Minute
 	}
+	if cfg.Recheck <= 0 {
+		cfg.Recheck = 15 * time.Second
+	}
 	if cfg.LocalAddrs == nil {
 		cfg.LocalAddrs = interfaceAddrs
 	}
@@ -103,21 +122,25 @@ func newPaths(a *Agent, cfg PathsConfig, base register.Capabilities) (*paths, er
 	if err != nil {
 		return nil, err
 	}
-	p := &paths{a: a, cfg: cfg, key: key, base: base, kick: make(chan struct{}, 1), nat: relay.NATUnknown}
+	p := &paths{a: a, cfg: cfg, key: key, base: base, kick: make(chan struct{}, 1), recheckNow: make(chan struct{}, 1), nat: relay.NATUnknown}
 	p.bt = newBridgeTransport(a.cfg.Transport, p)
 	p.mux = path.NewMux(p.bt)
 	// NAT detection and allocations made over UDP always use UDP; the
 	// bridge's client (relaytcp.go) speaks over the stream.
 	p.rc = &relay.Client{Send: a.cfg.Transport.WriteKeying, Cred: cfg.Cred,
 		Host: dns.Fqdn(a.cfg.Host + "." + strings.TrimSuffix(a.cfg.Domain, "."))}
+	// The recheck gives up sooner than a measurement (3 tries, 1.75 s):
+	// no answer only makes the full measurement run.
+	p.wc = &relay.Client{Send: a.cfg.Transport.WriteKeying, Tries: 3}
 	p.sel, err = path.New(path.Config{Key: key, Send: p.mux.WriteKeying, OnChange: p.onPath,
-		Preference: cfg.Preference, Logger: a.log.With("part", "paths")})
+		OnSeenChange: p.onSeenChange, Preference: cfg.Preference, Logger: a.log.With("part", "paths")})
 	if err != nil {
 		return nil, err
 	}
 	p.mux.HandleProbes(func(b []byte, from netip.AddrPort) { p.sel.HandleProbe(b, from) })
 	p.mux.HandleSTUN(func(b []byte, from netip.AddrPort) {
 		p.rc.Handle(b, from)
+		p.wc.Handle(b, from)
 		if rc := p.client(); rc != p.rc {
 			rc.Handle(b, from)
 		}
@@ -198,7 +221,10 @@ func (p *paths) run(ctx context.Context) error {
 	defer wg.Wait()
 	t := time.NewTimer(0)
 	defer t.Stop()
+	rt := time.NewTimer(p.recheckEvery())
+	defer rt.Stop()
 	for {
+		full := true
 		select {
 		case <-ctx.Done():
 			p.release()
@@ -211,28 +237,57 @@ func (p *paths) run(ctx context.Context) error {
 			return fmt.Errorf("keying channel: %w", err)
 		case <-p.kick:
 		case <-t.C:
+		case <-rt.C:
+			full = p.recheck(ctx)
+		case <-p.recheckNow:
+			full = p.recheck(ctx)
 		}
-		next := p.refresh(ctx)
-		t.Reset(next)
+		if full {
+			t.Reset(p.refresh(ctx))
+		}
+		rt.Reset(p.recheckEvery())
 	}
 }
 
-// Kick re-measures and re-probes at once (our network changed).
+// Kick re-measures and re-probes at once: our network changed. A
+// measurement under way is abandoned (it is about the old network), and
+// the paths that answered before must answer again (path.Selector.Moved).
 func (p *paths) Kick() {
+	p.mu.Lock()
+	if p.cancelRefresh != nil {
+		p.cancelRefresh(errMoved)
+	}
+	p.mu.Unlock()
 	select {
 	case p.kick <- struct{}{}:
 	default:
 	}
-	p.sel.Kick()
+	p.sel.Moved()
 }
 
 // refresh measures the NAT, keeps the allocation, publishes the candidates
 // and renews binds; it returns when to run again.
 func (p *paths) refresh(ctx context.Context) time.Duration {
-	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	mctx, stop := context.WithCancelCause(ctx)
+	p.mu.Lock()
+	p.cancelRefresh = stop
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.cancelRefresh = nil
+		p.mu.Unlock()
+		stop(nil)
+	}()
+	// moved: Kick abandoned this measurement; its kick runs the next one
+	// at once.
+	moved := func() bool { return errors.Is(context.Cause(mctx), errMoved) }
+	ctx, cancel := context.WithTimeout(mctx, 20*time.Second)
 	defer cancel()
 	local := p.cfg.LocalAddrs()
 	servers, err := p.cfg.Servers(ctx)
+	if moved() {
+		return p.cfg.Refresh
+	}
 	if err != nil || len(servers) == 0 {
 		// Without a relay we still probe: LAN and published candidates
 		// (paths are on by default; a domain without a btmm-relay is
@@ -255,6 +310,10 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	p.mu.Unlock()
 	if !skip {
 		nat, seen = p.rc.DetectNAT(ctx, servers, local)
+		if moved() {
+			return p.cfg.Refresh
+		}
+		p.watch.measured(nat, servers, seen)
 	}
 	if nat != relay.NATBlocked {
 		p.stopBridge() // UDP works (again): never relay-tcp
@@ -277,15 +336,23 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 	// its mappings flushed): the LLQ's own UDP mapping has most likely
 	// gone with it, and the server's pushes (the peers' new candidates
 	// included) would be lost until the LLQ's next refresh, minutes away.
-	var moved bool
+	var remapped bool
 	if len(seen) > 0 {
-		moved = p.lastRfx.IsValid() && p.lastRfx != seen[0]
+		remapped = p.lastRfx.IsValid() && p.lastRfx != seen[0]
 		p.lastRfx = seen[0]
 	}
 	p.mu.Unlock()
-	if moved && p.a.cfg.Rebind != nil {
-		p.a.log.Info("paths: our NAT maps us elsewhere now; setting the LLQs up again", "reflexive", seen[0])
-		p.a.cfg.Rebind()
+	if remapped {
+		p.a.log.Info("paths: our NAT maps us elsewhere now; setting the LLQs up again, looking for a PCP/NAT-PMP gateway again", "reflexive", seen[0])
+		if p.a.cfg.Rebind != nil {
+			p.a.cfg.Rebind()
+		}
+		// Another gateway may speak PCP where the old one did not (or
+		// no longer): natpmp would otherwise look again only minutes
+		// later.
+		if p.a.cfg.Rediscover != nil {
+			p.a.cfg.Rediscover()
+		}
 	}
 	next := p.cfg.Refresh
 	switch {
@@ -488,6 +555,7 @@ func (p *paths) onPath(ula netip.Addr, np path.Path) {
 	if !np.IsValid() {
 		return // keep the last outer address: a path may come back
 	}
+	p.udpAnswers(np) // natwatch.go
 	ctx, cancel := context.WithTimeout(p.a.ctx, 10*time.Second)
 	defer cancel()
 	p.a.mu.Lock()

@@ -42,7 +42,18 @@ type Config struct {
 	Upgrade time.Duration
 	// MaxLearnt bounds peer-reflexive candidates kept per peer (8).
 	MaxLearnt int
-	Logger    *slog.Logger
+	// MoveGrace is how long, after Moved, answers received before the
+	// move still count (1 s): a path that answers a probe sent from the
+	// new network within it stays without a gap; one that does not is
+	// given up then instead of DeadAfter after its last answer.
+	MoveGrace time.Duration
+	// OnSeenChange is called (never with the Selector's lock held) when a
+	// peer tells, in a PONG, another source for our PINGs to one of its
+	// candidates than its previous PONG did (Probe.Seen, as Tailscale's
+	// disco pong): our NAT maps us elsewhere towards it. Through a relay
+	// the source seen is the relay's, which does not change.
+	OnSeenChange func(remote, old, seen netip.AddrPort)
+	Logger       *slog.Logger
 }
 
 func (c *Config) setDefaults() error {
@@ -68,6 +79,9 @@ func (c *Config) setDefaults() error {
 	if c.MaxLearnt <= 0 {
 		c.MaxLearnt = 8
 	}
+	if c.MoveGrace <= 0 {
+		c.MoveGrace = time.Second
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -90,6 +104,9 @@ type Selector struct {
 	txids map[[txidLen]byte]txRef
 	// Reflexive is our endpoint as peers see it (PONG's Seen), newest first.
 	seen []netip.AddrPort
+	// movedAt is the last Moved: answers from before it count only
+	// until MoveGrace after it.
+	movedAt time.Time
 }
 
 type txRef struct {
@@ -115,6 +132,7 @@ type candState struct {
 	lastPing, lastPong, learnt time.Time
 	rtt                        time.Duration
 	pongs, pings               int
+	seen                       netip.AddrPort // our source as the peer saw it (last PONG)
 }
 
 // New checks cfg and returns a Selector; Run drives its timers.
@@ -217,6 +235,23 @@ func (s *Selector) Kick() {
 	s.poke()
 }
 
+// Moved is Kick after our own network changed (another address, another
+// network): an answer received before it says nothing about the paths
+// from here, so a path that does not answer the burst within MoveGrace is
+// given up then (and the best one that does answer chosen) instead of
+// DeadAfter after its last answer. A path that does answer stays: no gap.
+func (s *Selector) Moved() {
+	s.mu.Lock()
+	s.movedAt = time.Now()
+	for _, p := range s.peers {
+		for _, c := range p.cands {
+			c.seen = netip.AddrPort{} // of course the peers see us elsewhere now
+		}
+	}
+	s.mu.Unlock()
+	s.Kick()
+}
+
 func (s *Selector) startBurst(p *peerState, now time.Time) {
 	p.burstAt, p.burstN = now, 0
 }
@@ -259,6 +294,9 @@ func (s *Selector) tick(now time.Time) time.Time {
 		if now.Sub(r.sent) > s.cfg.DeadAfter {
 			delete(s.txids, id)
 		}
+	}
+	if graceEnd := s.movedAt.Add(s.cfg.MoveGrace); !s.movedAt.IsZero() && now.Before(graceEnd) {
+		next = graceEnd // then the paths that did not answer since go
 	}
 	for _, p := range s.peers {
 		// Burst: every candidate at each offset.
@@ -347,7 +385,12 @@ func (s *Selector) rankOf(k Kind) int {
 }
 
 func (s *Selector) alive(c *candState, now time.Time) bool {
-	return !c.lastPong.IsZero() && now.Sub(c.lastPong) <= s.cfg.DeadAfter
+	if c.lastPong.IsZero() || now.Sub(c.lastPong) > s.cfg.DeadAfter {
+		return false
+	}
+	// Since a move only answers to probes from the new network count
+	// (after MoveGrace).
+	return !c.lastPong.Before(s.movedAt) || now.Before(s.movedAt.Add(s.cfg.MoveGrace))
 }
 
 func (s *Selector) pingLocked(p *peerState, c *candState, now time.Time) outMsg {
@@ -386,6 +429,7 @@ func (s *Selector) HandleProbe(b []byte, from netip.AddrPort) error {
 	p := s.byKey[pr.Sender]
 	now := time.Now()
 	var out []outMsg
+	var seenChange func()
 	switch pr.Type {
 	case Ping:
 		pong := Probe{Type: Pong, Sender: s.cfg.Key.Public(), TxID: pr.TxID, Seen: from}
@@ -416,6 +460,13 @@ func (s *Selector) HandleProbe(b []byte, from netip.AddrPort) error {
 		c := ref.cand
 		c.lastPong, c.rtt = now, now.Sub(ref.sent)
 		c.pongs++
+		if pr.Seen.IsValid() && pr.Seen != c.seen {
+			if c.seen.IsValid() && s.cfg.OnSeenChange != nil {
+				remote, old, seen := c.Addr, c.seen, pr.Seen
+				seenChange = func() { s.cfg.OnSeenChange(remote, old, seen) }
+			}
+			c.seen = pr.Seen
+		}
 		if pr.Seen.IsValid() {
 			s.seen = append([]netip.AddrPort{pr.Seen}, slices.DeleteFunc(s.seen, func(a netip.AddrPort) bool { return a == pr.Seen })...)
 			if len(s.seen) > 8 {
@@ -429,6 +480,9 @@ func (s *Selector) HandleProbe(b []byte, from netip.AddrPort) error {
 		if err := s.cfg.Send(m.b, m.to); err != nil {
 			s.cfg.Logger.Debug("probe not sent", "to", m.to, "err", err)
 		}
+	}
+	if seenChange != nil {
+		seenChange()
 	}
 	if pr.Type == Pong {
 		s.reselect(ula)

@@ -3,6 +3,7 @@ package path
 import (
 	"context"
 	"net/netip"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -99,10 +100,11 @@ func TestSelectorUpgradeAndFallback(t *testing.T) {
 		if p := a.sel.Current(b.ula); p.Kind != KindDirect || p.Remote != b.pcp {
 			t.Fatalf("after PCP: %v, want direct %v", p, b.pcp)
 		}
-		// The direct path breaks (the mapping is gone, nobody told us).
+		// The direct path breaks (something between a and b drops it;
+		// the relay, which sends to b's mapping too, still gets through).
 		start := time.Now()
 		n.mu.Lock()
-		n.cut = func(_, to netip.AddrPort) bool { return to == b.pcp }
+		n.cut = func(from, to netip.AddrPort) bool { return to == b.pcp && from.Addr() != n.relay }
 		n.mu.Unlock()
 		for a.sel.Current(b.ula).Kind == KindDirect && time.Since(start) < time.Minute {
 			time.Sleep(100 * time.Millisecond)
@@ -236,6 +238,101 @@ func TestSelectorTriggeredCheckOnKnownCandidate(t *testing.T) {
 		synctest.Wait()
 		if p := a.sel.Current(b.ula); p.Kind != KindDirect {
 			t.Errorf("a -> b 35 ms after a learnt of b (5 ms after b learnt of a): %v, want direct (triggered by b's PING)\n%+v", p, a.sel.Status())
+		}
+	})
+}
+
+// TestSelectorMoved: after our own network changed (Moved) a path that
+// answered before the move stays if it answers again (no change at all),
+// and is given up MoveGrace after the move if it does not, instead of
+// DeadAfter after its last answer: a and b behind one NAT on the LAN path,
+// then a moves behind another NAT, where b's LAN address is unreachable.
+func TestSelectorMoved(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		n := newSimNet(t, ctx)
+		shared := newNAT("11.1.0.2", false)
+		a := n.addHost(t, "a", "fd00::a", "192.168.1.2:4500", shared)
+		b := n.addHost(t, "b", "fd00::b", "192.168.1.3:4500", shared)
+		var changes []string
+		a.sel.cfg.OnChange = func(_ netip.Addr, p Path) { changes = append(changes, p.String()) }
+		meet(t, a, b)
+		time.Sleep(5 * time.Second)
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.Kind != KindLAN {
+			t.Fatalf("start: %v, want lan", p)
+		}
+		// Moved with nothing changed: the LAN path answers the burst and stays.
+		before := len(changes)
+		a.sel.Moved()
+		time.Sleep(a.sel.cfg.MoveGrace + time.Second)
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.Kind != KindLAN || len(changes) != before {
+			t.Fatalf("after a Moved that changed nothing: %v, changes %q", p, changes[before:])
+		}
+		// a moves behind another NAT: b's LAN address is out of reach.
+		n.mu.Lock()
+		a.nat, a.addr = newNAT("11.5.0.2", false), netip.MustParseAddrPort("192.168.5.2:4500")
+		n.mu.Unlock()
+		start := time.Now()
+		a.sel.Moved()
+		for a.sel.Current(b.ula).Kind == KindLAN && time.Since(start) < time.Minute {
+			time.Sleep(10 * time.Millisecond)
+		}
+		took := time.Since(start)
+		if took > a.sel.cfg.MoveGrace+10*time.Millisecond {
+			t.Errorf("the dead LAN path was given up %v after the move, want MoveGrace (%v); DeadAfter is %v", took, a.sel.cfg.MoveGrace, a.sel.cfg.DeadAfter)
+		}
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.Kind != KindRelayUDP {
+			t.Errorf("after the move: %v, want the relay (its answer came from the new network)", p)
+		}
+	})
+}
+
+// TestSelectorSeenChange: a PONG that reports our PINGs to a candidate
+// coming from another source than the previous PONG did (our NAT was
+// replaced) is reported once (OnSeenChange); steady PONGs and the relay's
+// (whose source seen is the relay's own port) are not.
+func TestSelectorSeenChange(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		n := newSimNet(t, ctx)
+		a := n.addHost(t, "a", "fd00::a", "192.168.1.2:4500", newNAT("11.1.0.2", false))
+		b := n.addHost(t, "b", "fd00::b", "11.3.0.2:4500", nil)
+		type change struct{ remote, old, seen netip.AddrPort }
+		var mu sync.Mutex
+		var got []change
+		a.sel.cfg.OnSeenChange = func(remote, old, seen netip.AddrPort) {
+			mu.Lock()
+			got = append(got, change{remote, old, seen})
+			mu.Unlock()
+		}
+		meet(t, a, b)
+		time.Sleep(3 * a.sel.cfg.Active)
+		synctest.Wait()
+		if p := a.sel.Current(b.ula); p.Kind != KindDirect {
+			t.Fatalf("start: %v, want direct", p)
+		}
+		mu.Lock()
+		if len(got) != 0 {
+			t.Errorf("steady PONGs reported as changes: %v", got)
+		}
+		mu.Unlock()
+		old := a.rfx()
+		// The gateway is replaced: same public address, new mappings.
+		n.mu.Lock()
+		a.nat = newNAT("11.1.0.2", false)
+		a.nat.next = 30000
+		n.mu.Unlock()
+		time.Sleep(2 * a.sel.cfg.Active)
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		if len(got) != 1 || got[0].remote != b.addr || got[0].old.Port() != old.Port() || got[0].seen.Port() <= 30000 {
+			t.Errorf("changes reported %v, want one for %v from %v to a port above 30000", got, b.addr, old)
 		}
 	})
 }

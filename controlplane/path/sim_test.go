@@ -161,6 +161,13 @@ func (s *simNet) route(sender *simHost, b []byte, src, dst netip.AddrPort) {
 		return
 	}
 	if owner, ok := s.allocs[dst]; ok { // the relay
+		// One source per (sender, port), as btmm-relay's Bind: a sender
+		// whose NAT mapping changed is bound at its new source only.
+		for k, v := range s.binds {
+			if k[0] == dst && v == sender && k[1] != src {
+				delete(s.binds, k)
+			}
+		}
 		s.binds[[2]netip.AddrPort{dst, src}] = sender
 		for k, v := range s.binds {
 			if k[0] == sender.alloc && v == owner {

@@ -157,7 +157,7 @@ log_level = "debug"
 // pathsLab is the lab of the paths table: a btmm-relay namespace (kernel
 // forwarder, two addresses) on inet, btmm-dnsd publishing it by SRV, and
 // host1 (behind gw1), host2 (behind gw2) and pub, whose btmmd startHost
-// starts ([paths] auto, refresh 3 s, tunnel kinds off, PSK keying).
+// starts ([paths] auto, refresh 3 s unless defaultRefresh, tunnel kinds off, PSK keying).
 type pathsLab struct {
 	l           *lab.Lab
 	rl          *netns.NS
@@ -169,6 +169,10 @@ type pathsLab struct {
 	psk         string
 	hosts       []*pathHost
 	ca          string // the CA of the relay's TLS stream port (relay-tcp, relaytcp_test.go)
+	// defaultRefresh runs btmmd with its own [paths] refresh and recheck
+	// (60 s, 15 s); else refresh is 3 s, so that a NAT change is measured
+	// almost at once whatever else notices it.
+	defaultRefresh bool
 }
 
 // newPathsLab builds it; cgn also makes inet a carrier NAT for gw3's
@@ -213,10 +217,14 @@ func (pl *pathsLab) startHost(t *testing.T, h *pathHost) {
 		key = pl.hostKey(h.name)
 		pl.keys[h.name] = key
 	}
+	refresh := `refresh = "3s"`
+	if pl.defaultRefresh {
+		refresh = ""
+	}
 	// Tunnel kinds (issue 15) off: this table is about ESP-in-UDP paths.
 	conf := writeHostConf(t, hostFiles{name: h.name, dir: pl.dir, sock: h.sock, dnsKey: key,
 		keying: fmt.Sprintf("mode = \"psk\"\npsk_file = %q", pl.psk)},
-		hostConf{dataplane: h.dataplane, extra: fmt.Sprintf("\n[paths]\nmode = \"auto\"\nrefresh = \"3s\"\nca_file = %q\n\n[tunnels]\nmode = \"off\"\n", pl.ca)})
+		hostConf{dataplane: h.dataplane, extra: fmt.Sprintf("\n[paths]\nmode = \"auto\"\n%s\nca_file = %q\n\n[tunnels]\nmode = \"off\"\n", refresh, pl.ca)})
 	h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(pl.bins, "btmmd"), "-config", conf)
 }
 
@@ -280,6 +288,10 @@ func connectivity(t *testing.T, dataplane string) {
 		tcpdump = testenv.RequireBinary(t, "tcpdump", "tcpdump")
 	}
 	pl := newPathsLab(t, dataplane, true)
+	// btmmd's own refresh (60 s) and recheck (15 s): a NAT that changes
+	// under a host (rows 2, 5, 7) is noticed by the recheck and by its
+	// peers' PONGs, not by a frequent full measurement.
+	pl.defaultRefresh = true
 	l, rl, relayd, relayStatus, dir, bins, hosts := pl.l, pl.rl, pl.relayd, pl.relayStatus, pl.dir, pl.bins, pl.hosts
 	startHost := func(h *pathHost) { pl.startHost(t, h) }
 	statuses := func() map[string]*agent.Status { return pl.statuses(t) }
@@ -444,12 +456,15 @@ func connectivity(t *testing.T, dataplane string) {
 
 	row = "endpoint-independent NATs without PCP"
 	say(t, "Row 2, %s: host1 <-> host2 move from the relay to a hole-punched path, the TCP connection stays", row)
+	changed := time.Now()
 	setNAT(t, l.GW1, hosts[0].lan, false)
 	setNAT(t, l.GW2, hosts[1].lan, false)
 	sts = waitPaths(row, map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
 		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
 	})
+	upgradeTimes(t, row, changed, hosts[0], hosts[1])
+	upgradeTimes(t, row, changed, hosts[1], hosts[0])
 	roundTrip(t, conn, row)
 	// Baseline for the relay's CPU figure: the same transfer not through
 	// the relay (what the VM charges to an idle process meanwhile).
@@ -489,12 +504,14 @@ func connectivity(t *testing.T, dataplane string) {
 
 	row = "a gateway gains PCP"
 	say(t, "Row 5, %s: gw2's symmetric NAT is replaced by a PCP one (Linux masquerade and miniupnpd): host1 <-> host2 leave the relay, the TCP connection stays", row)
+	changed = time.Now()
 	setNAT(t, l.GW2, hosts[1].lan, false)
 	miniupnpd.StartT(t, l.GW2, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(hosts[1].lan), KeepRuleset: true})
 	sts = waitPaths(row, map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindDirect, {"host2", "host1"}: path.KindPunched,
 		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindDirect,
 	})
+	upgradeTimes(t, row, changed, hosts[0], hosts[1])
 	if ext := sts["host2"].NAT.External; ext != netip.AddrPortFrom(netip.MustParseAddr(lab.GW2WAN), 4500) {
 		t.Errorf("%s: host2's NAT mapping is %v (%s), want %s:4500 by PCP", row, ext, sts["host2"].NAT.Status, lab.GW2WAN)
 	}
@@ -520,8 +537,38 @@ func connectivity(t *testing.T, dataplane string) {
 	show(t, "btmmctl status   # on host2 behind the double NAT", out)
 
 	if !esp { // ESP through the relay-tcp bridge has not run in the VM yet (docs/paths.md)
-		udpBlockedRow(t, l, conn, marker, waitPaths, pingAll, wantNAT)
+		udpBlockedRow(t, pl, conn, marker, waitPaths, pingAll, wantNAT)
 	}
+}
+
+// upgradeTimes logs, from the moment a NAT in front of h2 changed
+// (nothing changed on h2 itself), when h2 noticed it (what triggered its
+// recheck: its own timer or a peer's PONG; when a measurement found its
+// reflexive endpoint moved) and got a PCP mapping, and when h1 left the
+// relay for h2 (and for which kind) and reached it direct. A finding, not
+// an assertion.
+func upgradeTimes(t *testing.T, row string, changed time.Time, h1, h2 *pathHost) {
+	t.Helper()
+	l1, l2 := h1.d.log.String(), h2.d.log.String()
+	at := func(log string, subs ...string) string {
+		if ts := logTime(log, changed, subs...); !ts.IsZero() {
+			return ts.Sub(changed).Round(time.Millisecond).String()
+		}
+		return "never"
+	}
+	left := "never"
+	if ts := logTime(l1, changed, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `); !ts.IsZero() {
+		left = ts.Sub(changed).Round(time.Millisecond).String()
+		for _, k := range []path.Kind{path.KindLAN, path.KindDirect, path.KindPunched} {
+			if logTime(l1, changed, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `, `to="`+k.String()+` `) == ts {
+				left += " (to " + k.String() + ")"
+			}
+		}
+	}
+	t.Logf("%s: time to upgrade after the NAT change: %s: a peer's PONG said it was seen elsewhere at %s, its recheck (timer or PONG) decided to measure at %s, the measurement found its NAT moved at %s, PCP mapping at %s; %s left the relay for %s at %s, direct at %s",
+		row, h2.name, at(l2, `msg="paths: a peer sees us from another source`), at(l2, `msg="paths: NAT recheck: measuring again"`),
+		at(l2, `msg="paths: our NAT maps us elsewhere now`), at(l2, `msg=nat `, `status="mapped via PCP`),
+		h1.name, h2.name, left, at(l1, `msg=path `, `peer=`+h2.name+` `, `to="direct `))
 }
 
 // countNumbers counts the lines of tshark -T fields -e frame.number
