@@ -170,7 +170,7 @@ type Dataplane struct {
 	closed   bool
 	xfrmi    bool       // the xfrm interface exists
 	loAddr   netip.Addr // ULA we added on lo (fallback mode)
-	fouPort  uint16     // the GUE listener we added (or took over); 0: none
+	tun      *Tunnels   // tunnel devices and the GUE listener (tunnel_linux.go)
 	spiPeer  map[uint32]netip.Addr
 	outerOf  map[netip.Addr]netip.AddrPort
 	lastMove map[netip.Addr]time.Time
@@ -264,6 +264,7 @@ func newDataplane(h handle, mig migrator, cfg Config) (*Dataplane, error) {
 		outerOf:  map[netip.Addr]netip.AddrPort{},
 		lastMove: map[netip.Addr]time.Time{}, prevOut: map[uint32]netip.Addr{}, retiring: map[stateKey]retiree{},
 		expired: map[uint32]bool{}}
+	d.tun = newTunnels(h, cfg.IfID, cfg.Logger)
 	if err := d.removeLeftovers(); err != nil {
 		return nil, fmt.Errorf("xfrm: remove leftovers: %w", err)
 	}
@@ -408,7 +409,7 @@ func (d *Dataplane) removeLeftovers() error {
 			errs = append(errs, fmt.Errorf("delete state spi 0x%08x: %w", uint32(s.Spi), err))
 		}
 	}
-	errs = append(errs, d.removeLinks())
+	errs = append(errs, d.tun.RemoveAll())
 	if l, err := d.h.LinkByName(d.cfg.Interface); err == nil {
 		x, ok := l.(*netlink.Xfrmi)
 		if !ok || x.Ifid != d.cfg.IfID {
@@ -520,7 +521,7 @@ func (d *Dataplane) plan(ctx context.Context, st *controlplane.State) ([]peerPla
 			}
 			pp.tpolicies = append(pp.tpolicies, netlink.XfrmPolicy{Dir: netlink.XFRM_DIR_IN, Src: prefix128(them), Dst: prefix128(me), Tmpls: tmpl(them, me)})
 			for _, t := range p.Tunnels {
-				l, err := d.tunnelLink(st.Local, p, t)
+				l, err := d.tun.Link(st.Local, p, t)
 				if err != nil {
 					errs = append(errs, err)
 					pp.keepLinks = append(pp.keepLinks, controlplane.TunnelDevice(t.Kind, p.ULA))
@@ -721,8 +722,8 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 	a.address(link, desired.Local.ULA)
 	// Tunnel devices (and the GUE listener they receive on) before any
 	// route points into them.
-	a.fou(desired.Local.FOUPort)
-	klinks, err := d.ourLinks()
+	d.tun.Fou(a, desired.Local.FOUPort)
+	klinks, err := d.tun.Links()
 	if err != nil {
 		return nil, fmt.Errorf("xfrm: set: %w", err)
 	}
@@ -741,7 +742,7 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 			wantLinks[n] = true
 		}
 	}
-	linkIdx := a.links(links, haveLinks, desired.Local.ULA)
+	linkIdx := d.tun.Apply(a, links, haveLinks, desired.Local.ULA)
 	for i := range plans {
 		pp := &plans[i]
 		switch {
@@ -877,7 +878,7 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 			a.do("delete", "link", linkWhat(l), d.h.LinkDel(l))
 		}
 	}
-	a.oldFou(desired.Local.FOUPort)
+	d.tun.OldFou(a, desired.Local.FOUPort)
 	a.oldAddress(link, desired.Local.ULA)
 
 	d.spiPeer = map[uint32]netip.Addr{}
@@ -942,6 +943,10 @@ type applier struct {
 	changes []controlplane.Change
 	errs    []error
 }
+
+// Do and Fail make the applier the tunnel devices' Recorder.
+func (a *applier) Do(op, obj, what string, err error) bool { return a.do(op, obj, what, err) }
+func (a *applier) Fail(err error)                          { a.errs = append(a.errs, err) }
 
 // do records op on success, the error otherwise; it reports success.
 func (a *applier) do(op, obj, what string, err error) bool {
@@ -1478,12 +1483,7 @@ func (d *Dataplane) Close() error {
 	}
 	var errs []error
 	errs = append(errs, d.removeLeftovers())
-	if d.fouPort != 0 {
-		if err := d.delFou(d.fouPort); err != nil {
-			errs = append(errs, fmt.Errorf("delete fou port %d: %w", d.fouPort, err))
-		}
-		d.fouPort = 0
-	}
+	errs = append(errs, d.tun.CloseFou())
 	if d.loAddr.IsValid() {
 		if lo, err := d.h.LinkByName("lo"); err == nil {
 			if err := d.h.AddrDel(lo, &netlink.Addr{IPNet: prefix128(d.loAddr)}); err != nil && !absent(err) && !errors.Is(err, syscall.EADDRNOTAVAIL) {

@@ -3,12 +3,14 @@ package xfrm
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
 	"syscall"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/identity"
@@ -28,6 +30,9 @@ import (
 // (controlplane.TunnelDevice); nothing else is touched. The fou listener
 // has no tag: the one on Local.FOUPort with GUE encapsulation is btmm's
 // (a killed btmmd's is taken over), any other is left alone.
+//
+// Tunnels is shared: package ebpf's secure mode makes the same devices
+// with its own tag (OpenTunnels), so there is one copy of this code.
 
 const (
 	ip6tnlIgnEncapLimit = 0x1 // IP6_TNL_F_IGN_ENCAP_LIMIT: no destination options header
@@ -37,45 +42,109 @@ const (
 	addrGenModeNone     = 1 // IN6_ADDR_GEN_MODE_NONE
 )
 
-// ourLink reports whether l is one of our tunnel devices.
-func (d *Dataplane) ourLink(l netlink.Link) bool {
+// tunnelHandle is the part of a netlink handle the tunnel devices need.
+type tunnelHandle interface {
+	LinkByName(name string) (netlink.Link, error)
+	LinkList() ([]netlink.Link, error)
+	LinkAdd(netlink.Link) error
+	LinkDel(netlink.Link) error
+	LinkSetUp(netlink.Link) error
+	LinkModify(netlink.Link) error
+	LinkSetAlias(link netlink.Link, alias string) error
+	LinkSetIP6AddrGenMode(link netlink.Link, mode int) error
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	AddrAdd(link netlink.Link, addr *netlink.Addr) error
+	AddrDel(link netlink.Link, addr *netlink.Addr) error
+	RouteGet(dst net.IP) ([]netlink.Route, error)
+	FouAdd(netlink.Fou) error
+	FouDel(netlink.Fou) error
+	FouList(family int) ([]netlink.Fou, error)
+}
+
+// Recorder collects what a step changed (Do reports success) and what
+// failed.
+type Recorder interface {
+	Do(op, obj, what string, err error) bool
+	Fail(err error)
+}
+
+// Tunnels makes, adopts and removes the tunnel devices and the GUE
+// listener of one dataplane (tag: the devices' link group).
+type Tunnels struct {
+	h       tunnelHandle
+	group   uint32
+	log     *slog.Logger
+	fouPort uint16 // the GUE listener we added (or took over); 0: none
+	close   func() error
+}
+
+func newTunnels(h tunnelHandle, group uint32, log *slog.Logger) *Tunnels {
+	return &Tunnels{h: h, group: group, log: log, close: func() error { return nil }}
+}
+
+// OpenTunnels returns the tunnel devices of the dataplane tagged group in
+// network namespace ns, with netlink sockets of its own (Close closes
+// them; it removes nothing: RemoveAll and CloseFou do).
+func OpenTunnels(ns netns.NsHandle, group uint32, log *slog.Logger) (*Tunnels, error) {
+	h, err := netlink.NewHandleAt(ns, syscall.NETLINK_ROUTE, syscall.NETLINK_GENERIC)
+	if err != nil {
+		return nil, fmt.Errorf("tunnels: netlink handle: %w", err)
+	}
+	fc, err := dialFou(int(ns))
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("tunnels: generic netlink socket: %w", err)
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	t := newTunnels(nsHandle{h, fc}, group, log)
+	t.close = func() error { h.Close(); return fc.Close() }
+	return t, nil
+}
+
+// Close closes the netlink sockets of OpenTunnels.
+func (t *Tunnels) Close() error { return t.close() }
+
+// Ours reports whether l is one of our tunnel devices.
+func (t *Tunnels) Ours(l netlink.Link) bool {
 	switch l.(type) {
 	case *netlink.Sittun, *netlink.Ip6tnl:
 	default:
 		return false
 	}
 	a := l.Attrs()
-	return a.Group == d.cfg.IfID && (strings.HasPrefix(a.Name, "bt6-") || strings.HasPrefix(a.Name, "bts-"))
+	return a.Group == t.group && (strings.HasPrefix(a.Name, "bt6-") || strings.HasPrefix(a.Name, "bts-"))
 }
 
-// ourLinks lists our tunnel devices.
-func (d *Dataplane) ourLinks() ([]netlink.Link, error) {
-	all, err := RetryDump(d.h.LinkList)
+// Links lists our tunnel devices.
+func (t *Tunnels) Links() ([]netlink.Link, error) {
+	all, err := RetryDump(t.h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
 	var ours []netlink.Link
 	for _, l := range all {
-		if d.ourLink(l) {
+		if t.Ours(l) {
 			ours = append(ours, l)
 		}
 	}
 	return ours, nil
 }
 
-// tunnelLink is the device desired for peer p's tunnel t.
-func (d *Dataplane) tunnelLink(local controlplane.Local, p controlplane.Peer, t controlplane.Tunnel) (netlink.Link, error) {
+// Link is the device desired for peer p's tunnel tun.
+func (t *Tunnels) Link(local controlplane.Local, p controlplane.Peer, tun controlplane.Tunnel) (netlink.Link, error) {
 	// NewLinkAttrs: TxQLen -1, or the request would set the queue length.
 	la := netlink.NewLinkAttrs()
-	la.Name, la.Group, la.Alias = controlplane.TunnelDevice(t.Kind, p.ULA), d.cfg.IfID, fmt.Sprintf("btmm %v to %s %v", t.Kind, p.Name, p.ULA)
-	remote := t.Remote.Addr()
-	switch t.Kind {
+	la.Name, la.Group, la.Alias = controlplane.TunnelDevice(tun.Kind, p.ULA), t.group, fmt.Sprintf("btmm %v to %s %v", tun.Kind, p.Name, p.ULA)
+	remote := tun.Remote.Addr()
+	switch tun.Kind {
 	case controlplane.PathIPv6:
 		// ip6tnl needs a local address to send (the kernel will not pick
 		// one per packet for ip6ip6): ours, or the route's source.
 		l6 := local.Outer6
 		if !l6.IsValid() {
-			rs, err := d.h.RouteGet(remote.AsSlice())
+			rs, err := t.h.RouteGet(remote.AsSlice())
 			if err != nil || len(rs) == 0 {
 				return nil, fmt.Errorf("peer %q: no route to %v: %v", p.Name, remote, err)
 			}
@@ -92,12 +161,12 @@ func (d *Dataplane) tunnelLink(local controlplane.Local, p controlplane.Peer, t 
 		// device survives our own moves, and receives what comes from
 		// the peer's address to any of ours (behind a NAT: our private one).
 		s := &netlink.Sittun{LinkAttrs: la, Remote: remote.AsSlice(), Ttl: tunnelTTL, Proto: ipprotoIPv6, PMtuDisc: 1}
-		if t.Kind == controlplane.PathFOU {
-			s.EncapType, s.EncapSport, s.EncapDport = tunnelEncapGUE, local.FOUPort, t.Remote.Port()
+		if tun.Kind == controlplane.PathFOU {
+			s.EncapType, s.EncapSport, s.EncapDport = tunnelEncapGUE, local.FOUPort, tun.Remote.Port()
 		}
 		return s, nil
 	}
-	return nil, fmt.Errorf("peer %q: %v is not a tunnel kind", p.Name, t.Kind)
+	return nil, fmt.Errorf("peer %q: %v is not a tunnel kind", p.Name, tun.Kind)
 }
 
 func sameIP(a, b net.IP) bool {
@@ -139,57 +208,57 @@ func linkWhat(l netlink.Link) string {
 	return l.Attrs().Name
 }
 
-// links makes the desired tunnel devices exist, up, as desired and with
-// our link-local address; it returns their ifindexes by name.
-func (a *applier) links(want []netlink.Link, have map[string]netlink.Link, ula netip.Addr) map[string]int {
-	d := a.d
+// Apply makes the desired tunnel devices exist, up, as desired and with
+// our link-local address (have: Links by name); it returns their ifindexes
+// by name.
+func (t *Tunnels) Apply(a Recorder, want []netlink.Link, have map[string]netlink.Link, ula netip.Addr) map[string]int {
 	idx := map[string]int{}
 	for _, w := range want {
 		name := w.Attrs().Name
 		h, ok := have[name]
 		switch {
 		case !ok:
-			if other, err := d.h.LinkByName(name); err == nil {
-				a.errs = append(a.errs, fmt.Errorf("add link %s: a %s device of that name exists and is not btmm's", name, other.Type()))
+			if other, err := t.h.LinkByName(name); err == nil {
+				a.Fail(fmt.Errorf("add link %s: a %s device of that name exists and is not btmm's", name, other.Type()))
 				continue
 			}
-			if !a.do("add", "link", linkWhat(w), d.h.LinkAdd(w)) {
+			if !a.Do("add", "link", linkWhat(w), t.h.LinkAdd(w)) {
 				continue
 			}
-			l, err := d.h.LinkByName(name)
+			l, err := t.h.LinkByName(name)
 			if err != nil {
-				a.errs = append(a.errs, fmt.Errorf("add link %s: %w", name, err))
+				a.Fail(fmt.Errorf("add link %s: %w", name, err))
 				continue
 			}
 			// The kernel takes the group (our tag) at creation, the
 			// alias (for people) only from a change.
-			if err := d.h.LinkSetAlias(l, w.Attrs().Alias); err != nil {
-				a.errs = append(a.errs, fmt.Errorf("alias of %s: %w", name, err))
+			if err := t.h.LinkSetAlias(l, w.Attrs().Alias); err != nil {
+				a.Fail(fmt.Errorf("alias of %s: %w", name, err))
 			}
 			// Only our link-local address: none made from the outer one.
-			if err := d.h.LinkSetIP6AddrGenMode(l, addrGenModeNone); err != nil {
-				d.log.Debug("addrgenmode none", "link", name, "err", err)
+			if err := t.h.LinkSetIP6AddrGenMode(l, addrGenModeNone); err != nil {
+				t.log.Debug("addrgenmode none", "link", name, "err", err)
 			}
 			h = l
 		case !sameLink(h, w):
 			// Found by name (index 0): with an index and a name the
 			// kernel tries a rename, which an up device refuses (EBUSY).
 			w.Attrs().Index = 0
-			if !a.do("update", "link", linkWhat(w), d.h.LinkModify(w)) {
+			if !a.Do("update", "link", linkWhat(w), t.h.LinkModify(w)) {
 				continue
 			}
 		}
 		if h.Attrs().Flags&net.FlagUp == 0 && h.Attrs().RawFlags&syscall.IFF_UP == 0 {
-			if err := d.h.LinkSetUp(h); err != nil {
-				a.errs = append(a.errs, fmt.Errorf("bring %s up: %w", name, err))
+			if err := t.h.LinkSetUp(h); err != nil {
+				a.Fail(fmt.Errorf("bring %s up: %w", name, err))
 				continue
 			}
 		}
 		idx[name] = h.Attrs().Index
 		ll := controlplane.TunnelLinkLocal(ula)
-		as, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(h, netlink.FAMILY_V6) })
+		as, err := RetryDump(func() ([]netlink.Addr, error) { return t.h.AddrList(h, netlink.FAMILY_V6) })
 		if err != nil {
-			a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", name, err))
+			a.Fail(fmt.Errorf("list addresses on %s: %w", name, err))
 			continue
 		}
 		found := false
@@ -198,27 +267,26 @@ func (a *applier) links(want []netlink.Link, have map[string]netlink.Link, ula n
 				found = true
 			} else if ip.IsLinkLocalUnicast() {
 				// An old ULA's, or the kernel's before addrgenmode none.
-				a.do("delete", "address", fmt.Sprintf("%v/64 dev %s", ip, name), d.h.AddrDel(h, &x))
+				a.Do("delete", "address", fmt.Sprintf("%v/64 dev %s", ip, name), t.h.AddrDel(h, &x))
 			}
 		}
 		if !found {
 			addr := &netlink.Addr{IPNet: &net.IPNet{IP: ll.AsSlice(), Mask: net.CIDRMask(64, 128)}, Flags: syscall.IFA_F_NODAD}
-			a.do("add", "address", fmt.Sprintf("%v/64 dev %s", ll, name), d.h.AddrAdd(h, addr))
+			a.Do("add", "address", fmt.Sprintf("%v/64 dev %s", ll, name), t.h.AddrAdd(h, addr))
 		}
 	}
 	return idx
 }
 
-// fou makes the GUE listener on port exist (0: none) and removes the one
-// we had on another port; it runs before the devices that send to peers.
-func (a *applier) fou(port uint16) {
-	d := a.d
+// Fou makes the GUE listener on port exist (0: none); it runs before the
+// devices that send to peers. OldFou removes the one we had on another port.
+func (t *Tunnels) Fou(a Recorder, port uint16) {
 	if port == 0 {
 		return
 	}
-	fs, err := RetryDump(func() ([]netlink.Fou, error) { return d.h.FouList(netlink.FAMILY_V4) })
+	fs, err := RetryDump(func() ([]netlink.Fou, error) { return t.h.FouList(netlink.FAMILY_V4) })
 	if err != nil {
-		a.errs = append(a.errs, fmt.Errorf("list fou ports (is the fou module loaded?): %w", err))
+		a.Fail(fmt.Errorf("list fou ports (is the fou module loaded?): %w", err))
 		return
 	}
 	for _, f := range fs {
@@ -226,49 +294,68 @@ func (a *applier) fou(port uint16) {
 			continue
 		}
 		if f.EncapType != netlink.FOU_ENCAP_GUE {
-			a.errs = append(a.errs, fmt.Errorf("fou port %d is in use by a listener that is not btmm's (ipproto %d, not gue)", port, f.Protocol))
+			a.Fail(fmt.Errorf("fou port %d is in use by a listener that is not btmm's (ipproto %d, not gue)", port, f.Protocol))
 			return
 		}
-		if d.fouPort != port {
-			d.log.Info("taking over the GUE listener on our FOU port (a killed btmmd's)", "port", port)
-			d.fouPort = port
+		if t.fouPort != port {
+			t.log.Info("taking over the GUE listener on our FOU port (a killed btmmd's)", "port", port)
+			t.fouPort = port
 		}
 		return
 	}
-	if a.do("add", "fou", fmt.Sprintf("port %d gue", port), d.h.FouAdd(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port), EncapType: netlink.FOU_ENCAP_GUE})) {
-		d.fouPort = port
+	if a.Do("add", "fou", fmt.Sprintf("port %d gue", port), t.h.FouAdd(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port), EncapType: netlink.FOU_ENCAP_GUE})) {
+		t.fouPort = port
 	}
 }
 
-// oldFou removes our GUE listener when it is no longer desired on its port.
-func (a *applier) oldFou(port uint16) {
-	d := a.d
-	if d.fouPort == 0 || d.fouPort == port {
+// OldFou removes our GUE listener when it is no longer desired on its port.
+func (t *Tunnels) OldFou(a Recorder, port uint16) {
+	if t.fouPort == 0 || t.fouPort == port {
 		return
 	}
-	old := d.fouPort
-	if a.do("delete", "fou", fmt.Sprintf("port %d gue", old), d.delFou(old)) {
-		d.fouPort = 0
+	old := t.fouPort
+	if a.Do("delete", "fou", fmt.Sprintf("port %d gue", old), t.delFou(old)) {
+		t.fouPort = 0
 	}
 }
 
-func (d *Dataplane) delFou(port uint16) error {
-	err := d.h.FouDel(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port)})
+// CloseFou removes our GUE listener (Close).
+func (t *Tunnels) CloseFou() error {
+	if t.fouPort == 0 {
+		return nil
+	}
+	if err := t.delFou(t.fouPort); err != nil {
+		return fmt.Errorf("delete fou port %d: %w", t.fouPort, err)
+	}
+	t.fouPort = 0
+	return nil
+}
+
+func (t *Tunnels) delFou(port uint16) error {
+	err := t.h.FouDel(netlink.Fou{Family: netlink.FAMILY_V4, Port: int(port)})
 	if absent(err) {
 		return nil
 	}
 	return err
 }
 
-// removeLinks deletes our tunnel devices (leftovers, Close).
-func (d *Dataplane) removeLinks() error {
-	ls, err := d.ourLinks()
+// Delete deletes one of our tunnel devices (gone already is no error).
+func (t *Tunnels) Delete(l netlink.Link) error {
+	if err := t.h.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
+		return err
+	}
+	return nil
+}
+
+// RemoveAll deletes our tunnel devices (leftovers, Close).
+func (t *Tunnels) RemoveAll() error {
+	ls, err := t.Links()
 	if err != nil {
 		return err
 	}
 	var errs []error
 	for _, l := range ls {
-		if err := d.h.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
+		if err := t.h.LinkDel(l); err != nil && !errors.Is(err, syscall.ENODEV) {
 			errs = append(errs, fmt.Errorf("delete link %s: %w", l.Attrs().Name, err))
 		}
 	}
