@@ -125,6 +125,9 @@ type Dataplane struct {
 	// desired is the last valid desired state, which a repair re-applies.
 	desired *controlplane.State
 	guard   xfrm.SeqGuard
+	// tun makes the tunnel devices and the GUE listener of peers on
+	// tunnel paths (secure mode only; package xfrm's code, our tag).
+	tun *xfrm.Tunnels
 
 	repair   *repair.Loop
 	stopRep  func()     // stops the repair loop and watchers
@@ -170,7 +173,19 @@ func New(cfg Config) (*Dataplane, error) {
 		d.ns.Close()
 		return nil, fmt.Errorf("ebpf: netlink handle: %w", err)
 	}
+	if !cfg.Cleartext {
+		// Devices a crashed run left are adopted: the first Set keeps the
+		// desired ones and deletes the others.
+		if d.tun, err = xfrm.OpenTunnels(d.ns, reqid, d.log); err != nil {
+			d.nl.Close()
+			d.ns.Close()
+			return nil, fmt.Errorf("ebpf: %w", err)
+		}
+	}
 	if err := d.start(); err != nil {
+		if d.tun != nil {
+			d.tun.Close()
+		}
 		d.nl.Close()
 		d.ns.Close()
 		return nil, err
@@ -344,15 +359,20 @@ func (d *Dataplane) readPeers() (map[netip.Addr]peerEntry, error) {
 	return out, nil
 }
 
-// CheckPaths refuses what this dataplane cannot carry: it swaps the outer
-// IPv6 header of ESP for IPv4 | UDP in TC, so every peer goes by ESP-in-UDP
-// over IPv4. Tunnel devices (ipv6, sit, fou paths, docs/tunnels.md) are
-// package xfrm's; a host that wants them runs the xfrm dataplane.
-func CheckPaths(s *controlplane.State) error {
+// CheckPaths refuses what this dataplane cannot carry. In secure mode a
+// peer may have tunnel devices (ipv6, sit, fou paths, docs/tunnels.md):
+// its route goes into the device, which the programs never see, and ESP
+// in transport mode between the ULAs protects it. Cleartext mode has no
+// ESP, and a tunnel never carries cleartext ULA traffic: every peer goes by
+// UDP encapsulation (the program) there.
+func CheckPaths(s *controlplane.State, cleartext bool) error {
+	if !cleartext {
+		return nil
+	}
 	var errs []error
 	for _, p := range s.Peers {
 		if p.Via != controlplane.PathESPInUDP || len(p.Tunnels) > 0 {
-			errs = append(errs, fmt.Errorf("peer %q: %v path and tunnels %v: the ebpf dataplane carries only ESP-in-UDP over IPv4 (tunnel paths need the xfrm dataplane)", p.Name, p.Via, p.Tunnels))
+			errs = append(errs, fmt.Errorf("peer %q: %v path and tunnels %v: the ebpf dataplane in cleartext mode carries only IPv6 in UDP over IPv4 (a tunnel never carries cleartext ULA traffic: tunnel paths need ESP, the ebpf dataplane in secure mode or the xfrm one)", p.Name, p.Via, p.Tunnels))
 		}
 	}
 	return errors.Join(errs...)
@@ -366,7 +386,7 @@ func (d *Dataplane) Set(ctx context.Context, desired *controlplane.State) ([]con
 	if err := desired.Validate(); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
-	if err := CheckPaths(desired); err != nil {
+	if err := CheckPaths(desired, d.cfg.Cleartext); err != nil {
 		return nil, fmt.Errorf("ebpf: set: %w", err)
 	}
 	d.mu.Lock()
@@ -387,6 +407,9 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	var srcErrs []error
 	for _, p := range desired.Peers {
 		keep[p.ULA] = true
+		if !p.Outer.IsValid() {
+			continue // reached only by a tunnel device (an IPv6-only peer)
+		}
 		src := desired.Local.Outer
 		if !src.IsValid() || src.IsUnspecified() || loopbackOuter(p.Outer) {
 			var err error
@@ -501,13 +524,27 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 		changes = append(changes, c...)
 	}
 
+	// 3c. Tunnel devices (secure mode) before a route points into them.
+	var viaDev map[netip.Addr]int
+	if d.tun != nil {
+		var c []controlplane.Change
+		c, viaDev, err = d.setTunnels(desired)
+		changes = append(changes, c...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+
 	// 4. Routes and neighbours to the peers' ULAs, only for peers the maps
-	// know (a route without a map entry would bypass the tunnel).
+	// know (a route without a map entry would bypass the tunnel) or whose
+	// path is a tunnel device.
 	routed := &controlplane.State{Local: desired.Local}
 	for _, p := range desired.Peers {
 		if _, ok := want[p.ULA]; ok {
 			routed.Peers = append(routed.Peers, p)
 		} else if _, ok := have[p.ULA]; ok {
+			routed.Peers = append(routed.Peers, p)
+		} else if p.Via != controlplane.PathESPInUDP {
 			routed.Peers = append(routed.Peers, p)
 		}
 	}
@@ -517,7 +554,7 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	} else {
 		changes = append(changes, c...)
 	}
-	c, err = d.setRoutes(routed)
+	c, err = d.setRoutes(routed, viaDev)
 	changes = append(changes, c...)
 	if err != nil {
 		errs = append(errs, err)
@@ -530,6 +567,13 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	// 5. Deletes: the device we left, peers no longer desired.
 	if left.dev != nil {
 		c, err := d.leave(left)
+		changes = append(changes, c...)
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if d.tun != nil {
+		c, err := d.oldTunnels(desired)
 		changes = append(changes, c...)
 		if err != nil {
 			errs = append(errs, err)
@@ -683,8 +727,10 @@ func (d *Dataplane) ourNeigh(n netlink.Neigh, dev netlink.Link) bool {
 // setRoutes makes a /128 route and a permanent neighbour entry for each
 // peer on the device the programs are on, moving routes from any other
 // device, and deletes our routes (and their neighbour entries) to peers no
-// longer desired.
-func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Change, error) {
+// longer desired. A peer on a tunnel path (Via) is routed into its tunnel
+// device instead, viaDev's ifindex (absent: the device could not be made
+// just now, its route stays as it is).
+func (d *Dataplane) setRoutes(desired *controlplane.State, viaDev map[netip.Addr]int) ([]controlplane.Change, error) {
 	var changes []controlplane.Change
 	var errs []error
 	have := map[netip.Addr]netlink.Route{}
@@ -735,8 +781,19 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 				LinkIndex: idx, Dst: &net.IPNet{IP: p.ULA.AsSlice(), Mask: net.CIDRMask(128, 128)},
 				Src: desired.Local.ULA.AsSlice(), MTU: mtu, Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN,
 			}
+			devName := dev.Attrs().Name
+			if p.Via != controlplane.PathESPInUDP {
+				// Into the tunnel device: the programs never see the
+				// peer's packets, transport-mode ESP protects them.
+				tidx, ok := viaDev[p.ULA]
+				if !ok {
+					continue
+				}
+				r.LinkIndex, r.MTU = tidx, xfrm.TransportMTU(dev.Attrs().MTU, p.Via, p.Out.Cipher)
+				devName = controlplane.TunnelDevice(p.Via, p.ULA)
+			}
 			h, ok := have[p.ULA]
-			if ok && h.LinkIndex == idx && h.MTU == mtu && h.Src.Equal(r.Src) {
+			if ok && h.LinkIndex == r.LinkIndex && h.MTU == r.MTU && h.Src.Equal(r.Src) {
 				continue
 			}
 			if err := d.nl.RouteReplace(r); err != nil {
@@ -747,7 +804,7 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 			if ok {
 				op = "update"
 			}
-			changes = append(changes, controlplane.Change{Op: op, Object: "route", What: fmt.Sprintf("%v/128 dev %s src %v mtu %d", p.ULA, dev.Attrs().Name, desired.Local.ULA, mtu)})
+			changes = append(changes, controlplane.Change{Op: op, Object: "route", What: fmt.Sprintf("%v/128 dev %s src %v mtu %d", p.ULA, devName, desired.Local.ULA, r.MTU)})
 		}
 	}
 	for a, r := range have {
@@ -761,11 +818,19 @@ func (d *Dataplane) setRoutes(desired *controlplane.State) ([]controlplane.Chang
 		devName := fmt.Sprintf("if%d", r.LinkIndex)
 		if l, err := d.nl.LinkByIndex(r.LinkIndex); err == nil {
 			devName = l.Attrs().Name
-			if ns, err := d.nl.NeighList(r.LinkIndex, netlink.FAMILY_V6); err == nil {
+		}
+		// Our neighbour entry is on the route's device, or on the
+		// programs' device for a peer routed into a tunnel device.
+		for _, i := range slices.Compact([]int{r.LinkIndex, d.attach.index()}) {
+			l, err := d.nl.LinkByIndex(i)
+			if i == 0 || err != nil {
+				continue
+			}
+			if ns, err := d.nl.NeighList(i, netlink.FAMILY_V6); err == nil {
 				for _, x := range ns {
 					if x.IP.Equal(a.AsSlice()) && d.ourNeigh(x, l) {
 						if d.nl.NeighDel(&x) == nil {
-							changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", a, devName)})
+							changes = append(changes, controlplane.Change{Op: "delete", Object: "neigh", What: fmt.Sprintf("%v dev %s", a, l.Attrs().Name)})
 						}
 					}
 				}
@@ -846,7 +911,7 @@ func (d *Dataplane) Close() error {
 		d.mu.Lock()
 	}
 	var errs []error
-	if _, err := d.setRoutes(&controlplane.State{}); err != nil {
+	if _, err := d.setRoutes(&controlplane.State{}, nil); err != nil {
 		errs = append(errs, err)
 	}
 	if !d.cfg.Cleartext {
@@ -856,6 +921,16 @@ func (d *Dataplane) Close() error {
 	}
 	if _, err := d.setLocalULA(netip.Addr{}); err != nil {
 		errs = append(errs, err)
+	}
+	if d.tun != nil {
+		// Ours only: devices with our tag and name, our GUE listener.
+		if err := d.tun.RemoveAll(); err != nil {
+			errs = append(errs, err)
+		}
+		if err := d.tun.CloseFou(); err != nil {
+			errs = append(errs, err)
+		}
+		d.tun.Close()
 	}
 	if err := d.inNS(func() error { return d.detach(d.attach) }); err != nil {
 		errs = append(errs, err)

@@ -109,7 +109,8 @@ type Config struct {
 	// Tunnels are the tunnel path kinds (issue 15, docs/tunnels.md).
 	Tunnels struct {
 		// Mode: "auto" (default with paths.mode = "auto" set in the
-		// file and the xfrm dataplane) or "off" (ESP-in-UDP only).
+		// file and the xfrm or ebpf dataplane) or "off" (ESP-in-UDP
+		// only). ebpf-cleartext has no ESP: tunnels are refused there.
 		Mode    string   `toml:"mode"`
 		Kinds   []string `toml:"kinds"`    // of "ipv6", "sit", "fou" (default all three)
 		FOUPort uint16   `toml:"fou_port"` // GUE port for fou, mapped like the tunnel port (default tunnel.port + 1)
@@ -302,14 +303,15 @@ func (c *Config) fill() error {
 // fillTunnels checks [tunnels] and fills in its defaults.
 //
 // pathsExplicit: paths.mode was set in the file. Tunnels default to on only
-// with an explicit paths.mode = "auto" (and xfrm), so that turning path
-// selection on by default changed nothing else.
+// with an explicit paths.mode = "auto" (and ESP: xfrm or ebpf), so that
+// turning path selection on by default changed nothing else. A tunnel never
+// carries cleartext ULA traffic, so ebpf-cleartext has none.
 func (c *Config) fillTunnels(pathsExplicit bool) error {
 	t := &c.Tunnels
 	switch t.Mode {
 	case "":
 		t.Mode = "off"
-		if pathsExplicit && c.Paths.Mode == "auto" && c.Tunnel.Dataplane == "xfrm" {
+		if pathsExplicit && c.Paths.Mode == "auto" && c.Tunnel.Dataplane != "ebpf-cleartext" {
 			t.Mode = "auto"
 		}
 	case "off":
@@ -317,8 +319,8 @@ func (c *Config) fillTunnels(pathsExplicit bool) error {
 		if c.Paths.Mode != "auto" {
 			return errors.New(`tunnels.mode auto needs paths.mode = "auto" (the path checks choose among the kinds)`)
 		}
-		if c.Tunnel.Dataplane != "xfrm" {
-			return fmt.Errorf("tunnels.mode auto: the %s dataplane carries ESP-in-UDP only (docs/tunnels.md); use tunnel.dataplane = \"xfrm\" or tunnels.mode = \"off\"", c.Tunnel.Dataplane)
+		if c.Tunnel.Dataplane == "ebpf-cleartext" {
+			return errors.New(`tunnels.mode auto: the ebpf-cleartext dataplane has no ESP and a tunnel never carries cleartext ULA traffic (docs/tunnels.md); use tunnel.dataplane = "ebpf" or "xfrm", or tunnels.mode = "off"`)
 		}
 	default:
 		return fmt.Errorf("tunnels.mode %q: want auto or off", t.Mode)

@@ -158,8 +158,12 @@ func TestConfigTunnels(t *testing.T) {
 		t.Fatalf("paths auto: tunnels %+v, %v (want auto, ipv6 sit fou, fou_port 4501)", c.Tunnels, err)
 	}
 	c, err = load("[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf\"\n")
+	if err != nil || c.Tunnels.Mode != "auto" || c.Tunnels.FOUPort != 4501 {
+		t.Fatalf("ebpf: tunnels %+v, %v (want auto, as with xfrm: secure mode carries them)", c.Tunnels, err)
+	}
+	c, err = load("[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf-cleartext\"\n")
 	if err != nil || c.Tunnels.Mode != "off" {
-		t.Fatalf("ebpf: tunnels %+v, %v (want off by default)", c.Tunnels, err)
+		t.Fatalf("ebpf-cleartext: tunnels %+v, %v (want off by default)", c.Tunnels, err)
 	}
 	c, err = load("[paths]\nmode = \"auto\"\n[tunnels]\nkinds = [\"ipv6\"]\n")
 	if err != nil || c.Tunnels.FOUPort != 0 || len(c.Tunnels.Kinds) != 1 {
@@ -167,7 +171,7 @@ func TestConfigTunnels(t *testing.T) {
 	}
 	for _, tc := range []struct{ name, conf, want string }{
 		{"auto without paths", "[paths]\nmode = \"off\"\n[tunnels]\nmode = \"auto\"\n", "needs paths.mode"},
-		{"auto with ebpf", "[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf\"\n[tunnels]\nmode = \"auto\"\n", "carries ESP-in-UDP only"},
+		{"auto with ebpf-cleartext", "[paths]\nmode = \"auto\"\n[tunnel]\ndataplane = \"ebpf-cleartext\"\n[tunnels]\nmode = \"auto\"\n", "a tunnel never carries cleartext ULA traffic"},
 		{"bad mode", "[tunnels]\nmode = \"on\"\n", "tunnels.mode"},
 		{"not a tunnel kind", "[paths]\nmode = \"auto\"\n[tunnels]\nkinds = [\"relay-udp\"]\n", "not a tunnel kind"},
 		{"fou on the tunnel port", "[paths]\nmode = \"auto\"\n[tunnels]\nfou_port = 4500\n", "tunnels.fou_port 4500 is tunnel.port"},

@@ -11,12 +11,16 @@ import (
 // tunnelsConfig turns [tunnels] into the agent's tunnel paths
 // (docs/tunnels.md): each kind configured whose kernel device exists here
 // (a kind the kernel lacks is logged and left out, as is every kind
-// without xfrm interfaces). nil: ESP-in-UDP only.
+// without xfrm interfaces on the xfrm dataplane; the ebpf one needs none).
+// nil: ESP-in-UDP only.
 func tunnelsConfig(cfg *Config, log *slog.Logger) *agent.TunnelsConfig {
 	if cfg.Tunnels.Mode != "auto" || len(cfg.Tunnels.Kinds) == 0 {
 		return nil
 	}
-	if err := kernelprobe.Probe(kernelprobe.XfrmIface); err != nil {
+	if cfg.Tunnel.Dataplane == "ebpf-cleartext" {
+		return nil // refused by the configuration check already
+	}
+	if err := kernelprobe.Probe(kernelprobe.XfrmIface); err != nil && cfg.Tunnel.Dataplane == "xfrm" {
 		log.Warn("tunnels off: the kernel has no xfrm interfaces (the transport-mode policies need them)", "err", err)
 		return nil
 	}

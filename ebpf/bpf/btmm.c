@@ -19,6 +19,13 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
+// Secure mode: the mark bit ingress sets on ESP it decapsulated from UDP.
+// XFRM tells the two inbound SAs of one SPI apart by it for a peer that
+// also has tunnel devices: ESP-in-UDP arrives here (tunnel mode, the SA and
+// policy with this mark), ESP through a sit/ip6tnl device without it
+// (transport mode). Go: ebpf.ESPInUDPMark.
+#define ESP_IN_UDP_MARK 0x04000000
+
 enum mode {
 	MODE_OFF = 0,
 	MODE_SECURE = 1,
@@ -395,6 +402,7 @@ int btmm_ingress(struct __sk_buff *skb)
 		ip6->hop_limit = 64;
 		__builtin_memcpy(ip6->saddr, peer.addr, 16);
 		__builtin_memcpy(ip6->daddr, cfg->local_ula, 16);
+		skb->mark |= ESP_IN_UDP_MARK;
 	} else {
 		struct ipv6hdr in;
 		if (plen < sizeof(in) || bpf_skb_load_bytes(skb, hlen, &in, sizeof(in)) < 0)
