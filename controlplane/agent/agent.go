@@ -341,7 +341,10 @@ func (a *Agent) onPeer(ev PeerEvent) {
 		}
 	case a.paths.current(holder.ULA).IsValid() && !a.paths.current(holder.ULA).Kind.Tunnel():
 		// The path selector decides where this peer is reached.
-	case holder.Outer.IsValid():
+	case holder.Outer.IsValid() && !a.paths.ipv6Only():
+		// (An IPv6-only host cannot send to an IPv4 endpoint: the
+		// dataplane would fail to route it. Its peers are reached by
+		// their tunnels, tunnels.go.)
 		if err := a.rec.SetPeerOuter(ctx, holder.Name, holder.ULA, holder.Outer, controlplane.SourceDNS); err != nil {
 			a.log.Warn("moving peer", "peer", holder.Name, "err", err)
 		}

@@ -170,8 +170,8 @@ func TestNoCommonAddressFamily(t *testing.T) {
 			c.Tunnels = &TunnelsConfig{IPv6: true, LocalAddrs6: func() []netip.Addr { return six }}
 		})
 	}
-	probeKey := make([]byte, 32)
-	probeKey[0] = 1
+	pk := mustKey(t).Public()
+	probeKey := pk[:]
 	caps := func(cands ...register.Candidate) register.Capabilities {
 		return register.Capabilities{Version: 1, KeyingPort: 4500, ProbeKey: probeKey, Candidates: cands}
 	}
@@ -215,6 +215,22 @@ func TestNoCommonAddressFamily(t *testing.T) {
 			}
 		}
 		return fmt.Errorf("keying peers %+v", ks)
+	})
+
+	// The dataplane gets host1's tunnel and not its IPv4 endpoint, which
+	// an IPv6-only host cannot route to (the xfrm dataplane refuses a
+	// peer it has no route to).
+	eventually(t, "v6only's dataplane state for host1", func() error {
+		peers, _, _ := v6h.a.rec.Status()
+		for _, p := range peers {
+			if p.Name == "host1" || p.ULA == a("fd00::1") {
+				if p.Outer.IsValid() || len(p.Tunnels) != 1 || p.Tunnels[0].Remote.Addr() != a("2001:db8:1::2") {
+					return fmt.Errorf("host1: outer %v, tunnels %v", p.Outer, p.Tunnels)
+				}
+				return nil
+			}
+		}
+		return fmt.Errorf("host1 not in the reconciler: %+v", peers)
 	})
 
 	time.Sleep(2 * time.Second) // keying's retries would have started by now
