@@ -406,10 +406,12 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	keep := map[netip.Addr]bool{}
 	var srcErrs []error
 	for _, p := range desired.Peers {
-		keep[p.ULA] = true
 		if !p.Outer.IsValid() {
-			continue // reached only by a tunnel device (an IPv6-only peer)
+			// Reached only by a tunnel device (an IPv6-only peer): no map
+			// entry, an old one goes.
+			continue
 		}
+		keep[p.ULA] = true
 		src := desired.Local.Outer
 		if !src.IsValid() || src.IsUnspecified() || loopbackOuter(p.Outer) {
 			var err error

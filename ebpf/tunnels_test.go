@@ -1,6 +1,7 @@
 package ebpf
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/internal/testenv"
+	"github.com/btmm/btmm/xfrm"
 )
 
 const tunFOUPort = 6080
@@ -208,4 +210,82 @@ func TestTunnelPathsSecureVM(t *testing.T) {
 	if got := adminTunnels(t, a); got != adminBefore {
 		t.Errorf("the administrator's tunnels changed:\nbefore:\n%s\nafter:\n%s", adminBefore, got)
 	}
+}
+
+// TestTunnelInteropXfrmVM: a on this dataplane, b on package xfrm's, both
+// with tunnel endpoints: one TCP stream from a to b, byte-checked at the
+// end, while single Sets on both move the pair from ESP-in-UDP to ipv6, sit,
+// ipv6 with no IPv4 outer address on either side (IPv6-only: no map entry)
+// and back; pings answer both ways in each phase and b's transport-mode SA
+// from a counts the packets through the devices. The wire formats agree.
+func TestTunnelInteropXfrmVM(t *testing.T) {
+	testenv.Require(t, testenv.ESP, testenv.XfrmIface, testenv.Sit, testenv.IP6Tnl)
+	a, b := topology(t)
+	a.ns.MustRun(t, "ip", "-6", "addr", "add", outer6A.String()+"/64", "dev", a.dev, "nodad")
+	b.ns.MustRun(t, "ip", "-6", "addr", "add", outer6B.String()+"/64", "dev", b.dev, "nodad")
+	conn, err := xfrm.ListenAt(context.Background(), b.ns.NsHandle(), netip.AddrPortFrom(netip.IPv4Unspecified(), b.port))
+	must(t, err)
+	t.Cleanup(func() { conn.Close() })
+	bdp, err := xfrm.New(b.ns.NsHandle(), xfrm.Config{})
+	must(t, err)
+	t.Cleanup(func() { bdp.Close() })
+	a.start(t, Config{})
+	bState := func(via controlplane.PathKind) *controlplane.State {
+		st := b.tunnelState(a, via, false)
+		st.Local.Device, st.Local.FOUPort = "", 0
+		return st
+	}
+	v6only := false
+	set := func(via controlplane.PathKind) {
+		sa, sb := a.tunnelState(b, via, false), bState(via)
+		if v6only {
+			// IPv6-only: no IPv4 outer address, the ipv6 tunnel only.
+			for _, st := range []*controlplane.State{sa, sb} {
+				st.Peers[0].Outer, st.Peers[0].Tunnels = netip.AddrPort{}, st.Peers[0].Tunnels[:1]
+			}
+		}
+		t.Logf("a changes: %v", a.set(t, sa))
+		if _, err := bdp.Set(context.Background(), sb); err != nil {
+			t.Fatalf("xfrm dataplane on b: %v", err)
+		}
+	}
+	set(controlplane.PathESPInUDP)
+	ping(t, a, b)
+	s := openStream(t, a, b)
+	pm := startPump(t, s)
+	sent := int64(0)
+	esp, v6, sit := controlplane.PathESPInUDP, controlplane.PathIPv6, controlplane.PathSit
+	for i, via := range []controlplane.PathKind{v6, sit, v6, esp} {
+		v6only = i == 2
+		set(via)
+		if v6only {
+			// The peer has no map entry: only its device route.
+			if peers, err := a.dp.readPeers(); err != nil || len(peers) != 0 {
+				t.Errorf("IPv6-only peer: map entries %v, %v; want none", peers, err)
+			}
+		}
+		sent += 256 << 10
+		pm.waitSent(t, sent)
+		ping(t, a, b)
+		ping(t, b, a)
+		if via == controlplane.PathESPInUDP {
+			continue
+		}
+		ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		must(t, err)
+		n := uint64(0)
+		for _, x := range ss {
+			if src, _ := netip.AddrFromSlice(x.Src); src == a.ula && x.Mode == netlink.XFRM_MODE_TRANSPORT {
+				n = x.Statistics.Packets
+			}
+		}
+		tx := linkTx(t, a, controlplane.TunnelDevice(via, b.ula))
+		t.Logf("%v: b's transport-mode SA from a: %d packets; a's %s sent %d", via, n, controlplane.TunnelDevice(via, b.ula), tx)
+		if n == 0 || tx == 0 {
+			t.Errorf("%v: nothing went through the devices (b's transport SA %d packets, a's device %d)", via, n, tx)
+		}
+	}
+	pm.finish(t)
+	t.Logf("stream: %d bytes, every one checked", s.sent.Load())
+	closeAndCheck(t, a)
 }
