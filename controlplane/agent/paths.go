@@ -375,6 +375,12 @@ func (p *paths) refresh(ctx context.Context) time.Duration {
 			alloc, next = relay.Allocation{}, time.Second
 		}
 	}
+	if moved() {
+		// An Allocate or Refresh cut short by the move proves nothing:
+		// keep the allocation (dropping it would unpublish c-relay for
+		// the moment until the next measurement allocates again).
+		return p.cfg.Refresh
+	}
 	if alloc.Lifetime > 0 {
 		next = min(next, alloc.Lifetime/2)
 	}

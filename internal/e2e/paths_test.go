@@ -456,15 +456,16 @@ func connectivity(t *testing.T, dataplane string) {
 
 	row = "endpoint-independent NATs without PCP"
 	say(t, "Row 2, %s: host1 <-> host2 move from the relay to a hole-punched path, the TCP connection stays", row)
-	changed := time.Now()
 	setNAT(t, l.GW1, hosts[0].lan, false)
+	changed1 := time.Now() // gw1 is of the new kind, without mappings
 	setNAT(t, l.GW2, hosts[1].lan, false)
+	changed := time.Now() // and gw2 (setNAT takes seconds under TCG)
 	sts = waitPaths(row, map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
 		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
 	})
-	upgradeTimes(t, row, changed, hosts[0], hosts[1])
-	upgradeTimes(t, row, changed, hosts[1], hosts[0])
+	upgradeTimes(t, row, changed, changed, hosts[0], hosts[1])
+	upgradeTimes(t, row, changed1, changed, hosts[1], hosts[0])
 	roundTrip(t, conn, row)
 	// Baseline for the relay's CPU figure: the same transfer not through
 	// the relay (what the VM charges to an idle process meanwhile).
@@ -504,14 +505,14 @@ func connectivity(t *testing.T, dataplane string) {
 
 	row = "a gateway gains PCP"
 	say(t, "Row 5, %s: gw2's symmetric NAT is replaced by a PCP one (Linux masquerade and miniupnpd): host1 <-> host2 leave the relay, the TCP connection stays", row)
-	changed = time.Now()
 	setNAT(t, l.GW2, hosts[1].lan, false)
+	changed = time.Now()
 	miniupnpd.StartT(t, l.GW2, miniupnpd.Options{WAN: "wan", LAN: "lan", LANNet: netip.MustParsePrefix(hosts[1].lan), KeepRuleset: true})
 	sts = waitPaths(row, map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindDirect, {"host2", "host1"}: path.KindPunched,
 		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindDirect,
 	})
-	upgradeTimes(t, row, changed, hosts[0], hosts[1])
+	upgradeTimes(t, row, changed, changed, hosts[0], hosts[1])
 	if ext := sts["host2"].NAT.External; ext != netip.AddrPortFrom(netip.MustParseAddr(lab.GW2WAN), 4500) {
 		t.Errorf("%s: host2's NAT mapping is %v (%s), want %s:4500 by PCP", row, ext, sts["host2"].NAT.Status, lab.GW2WAN)
 	}
@@ -541,34 +542,35 @@ func connectivity(t *testing.T, dataplane string) {
 	}
 }
 
-// upgradeTimes logs, from the moment a NAT in front of h2 changed
-// (nothing changed on h2 itself), when h2 noticed it (what triggered its
-// recheck: its own timer or a peer's PONG; when a measurement found its
-// reflexive endpoint moved) and got a PCP mapping, and when h1 left the
-// relay for h2 (and for which kind) and reached it direct. A finding, not
-// an assertion.
-func upgradeTimes(t *testing.T, row string, changed time.Time, h1, h2 *pathHost) {
+// upgradeTimes logs, from the moment h2's NAT had changed (nothing changed
+// on h2 itself), when h2 noticed it (what triggered its recheck: its own
+// timer or a peer's PONG; when a measurement found its reflexive endpoint
+// moved) and got a PCP mapping, and, from the moment both sides' NATs had
+// changed (both: the same moment where only h2's changed), when h1 left
+// the relay for h2 (and for which kind) and reached it direct. A finding,
+// not an assertion.
+func upgradeTimes(t *testing.T, row string, changed, both time.Time, h1, h2 *pathHost) {
 	t.Helper()
 	l1, l2 := h1.d.log.String(), h2.d.log.String()
-	at := func(log string, subs ...string) string {
-		if ts := logTime(log, changed, subs...); !ts.IsZero() {
-			return ts.Sub(changed).Round(time.Millisecond).String()
+	at := func(since time.Time, log string, subs ...string) string {
+		if ts := logTime(log, since, subs...); !ts.IsZero() {
+			return ts.Sub(since).Round(time.Millisecond).String()
 		}
 		return "never"
 	}
 	left := "never"
-	if ts := logTime(l1, changed, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `); !ts.IsZero() {
-		left = ts.Sub(changed).Round(time.Millisecond).String()
+	if ts := logTime(l1, both, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `); !ts.IsZero() {
+		left = ts.Sub(both).Round(time.Millisecond).String()
 		for _, k := range []path.Kind{path.KindLAN, path.KindDirect, path.KindPunched} {
-			if logTime(l1, changed, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `, `to="`+k.String()+` `) == ts {
+			if logTime(l1, both, `msg=path `, `peer=`+h2.name+` `, `from="relay-udp `, `to="`+k.String()+` `) == ts {
 				left += " (to " + k.String() + ")"
 			}
 		}
 	}
-	t.Logf("%s: time to upgrade after the NAT change: %s: a peer's PONG said it was seen elsewhere at %s, its recheck (timer or PONG) decided to measure at %s, the measurement found its NAT moved at %s, PCP mapping at %s; %s left the relay for %s at %s, direct at %s",
-		row, h2.name, at(l2, `msg="paths: a peer sees us from another source`), at(l2, `msg="paths: NAT recheck: measuring again"`),
-		at(l2, `msg="paths: our NAT maps us elsewhere now`), at(l2, `msg=nat `, `status="mapped via PCP`),
-		h1.name, h2.name, left, at(l1, `msg=path `, `peer=`+h2.name+` `, `to="direct `))
+	t.Logf("%s: time to upgrade: after its NAT changed, %s heard from a peer's PONG that it is seen elsewhere at %s, its recheck (timer or PONG) decided to measure at %s, the measurement found its NAT moved at %s, PCP mapping at %s; after the NAT change(s), %s left the relay for %s at %s, direct at %s",
+		row, h2.name, at(changed, l2, `msg="paths: a peer sees us from another source`), at(changed, l2, `msg="paths: NAT recheck: measuring again"`),
+		at(changed, l2, `msg="paths: our NAT maps us elsewhere now`), at(changed, l2, `msg=nat `, `status="mapped via PCP`),
+		h1.name, h2.name, left, at(both, l1, `msg=path `, `peer=`+h2.name+` `, `to="direct `))
 }
 
 // countNumbers counts the lines of tshark -T fields -e frame.number
