@@ -274,7 +274,7 @@ func TestConnectivityEverywhereCleartext(t *testing.T) {
 //	EIM (gw1) vs symmetric (gw2)          relay-udp        relay-udp
 //	gw2 replaced by a PCP NAT             direct           punched        (relay -> direct, the TCP connection stays)
 //	double NAT: PCP at gw3, CGN outside   punched          punched        (the PCP mapping is unreachable)
-//	UDP blocked at gw1 (DNS passes)       relay-tcp        relay-udp      (ebpf-cleartext only: btmmd's bridge, relaytcp_test.go)
+//	UDP blocked at gw1 (DNS passes)       relay-tcp        relay-udp      (btmmd's bridge, relaytcp_test.go; ESP only on the relay)
 //	UDP back at gw1                       punched          punched
 //
 // and pub (public) reaches the NATed hosts punched (peer-reflexive), they
@@ -294,69 +294,17 @@ func connectivity(t *testing.T, dataplane string) {
 	pl.defaultRefresh = true
 	l, rl, relayd, relayStatus, dir, bins, hosts := pl.l, pl.rl, pl.relayd, pl.relayStatus, pl.dir, pl.bins, pl.hosts
 	startHost := func(h *pathHost) { pl.startHost(t, h) }
-	statuses := func() map[string]*agent.Status { return pl.statuses(t) }
 	// converged: each row's time from its change to every pair on its
 	// expected path (logged at the end: a slow row is a finding).
 	var converged []string
 	defer func() { t.Logf("convergence per row: %s", strings.Join(converged, "; ")) }()
-	// waitPaths waits until every host has every listed peer keyed, in
-	// the kernel and on the expected path kind, and btmmctl shows it.
 	waitPaths := func(row string, want map[[2]string]path.Kind) map[string]*agent.Status {
 		t.Helper()
-		var sts map[string]*agent.Status
-		t0 := time.Now()
-		testenv.WaitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
-			sts = statuses()
-			for pair, kind := range want {
-				st := sts[pair[0]]
-				if st == nil {
-					return fmt.Errorf("%s: no status", pair[0])
-				}
-				var p *agent.PeerStatus
-				for i := range st.Peers {
-					if st.Peers[i].Name == pair[1] {
-						p = &st.Peers[i]
-					}
-				}
-				if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || !pathOuterOK(p) {
-					return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
-				}
-			}
-			return nil
-		})
-		took := time.Since(t0).Round(time.Millisecond)
-		t.Logf("%s: every pair on its expected path after %v", row, took)
+		sts, took := pl.waitPaths(t, row, want)
 		converged = append(converged, fmt.Sprintf("%s %v", row, took))
-		for _, h := range hosts {
-			out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "peers")
-			show(t, "btmmctl peers   # on "+h.name, out)
-			for pair, kind := range want {
-				if pair[0] == h.name && !strings.Contains(out, kind.String()) {
-					t.Errorf("%s: btmmctl peers on %s does not show %v", row, h.name, kind)
-				}
-			}
-		}
 		return sts
 	}
-	pingAll := func(sts map[string]*agent.Status) {
-		t.Helper()
-		for _, h := range hosts {
-			for _, o := range hosts {
-				if o == h {
-					continue
-				}
-				// A path that just changed on one side may take a probe
-				// round on the other: a generous deadline, then no loss.
-				testenv.WaitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
-					res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
-					if err != nil || !strings.Contains(res, " 0% packet loss") {
-						return fmt.Errorf("%v\n%s", err, res)
-					}
-					return nil
-				})
-			}
-		}
-	}
+	pingAll := func(sts map[string]*agent.Status) { t.Helper(); pl.pingAll(t, sts) }
 	wantNAT := func(row string, sts map[string]*agent.Status, name, nat string) {
 		t.Helper()
 		if n := sts[name].Paths; n == nil || n.NAT != nat {
@@ -537,9 +485,7 @@ func connectivity(t *testing.T, dataplane string) {
 	out, _ := l.Host2.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[1].sock, "status")
 	show(t, "btmmctl status   # on host2 behind the double NAT", out)
 
-	if !esp { // ESP through the relay-tcp bridge has not run in the VM yet (docs/paths.md)
-		udpBlockedRow(t, pl, conn, marker, waitPaths, pingAll, wantNAT)
-	}
+	udpBlockedRow(t, pl, conn, marker, waitPaths, pingAll, wantNAT, tcpdump)
 }
 
 // upgradeTimes logs, from the moment h2's NAT had changed (nothing changed

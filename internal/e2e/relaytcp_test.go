@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,7 +21,6 @@ import (
 
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/path"
-	"github.com/btmm/btmm/internal/lab"
 	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
 )
@@ -95,75 +95,32 @@ func unblockUDP(t *testing.T, gw *netns.NS) {
 // data), relay-udp on theirs. host2 and pub, whose UDP works, never start a
 // bridge. Pings pass both ways and a byte-checked TCP stream crosses.
 // Then gw1 lets UDP through again: host1 stops the bridge and moves to UDP
-// paths, the TCP connection still carrying data.
+// paths, the TCP connection still carrying data. (With ESP, xfrm, the same
+// path is the UDP-blocked row of TestConnectivityEverywhere in the VM.)
 func TestRelayTCPCleartext(t *testing.T) {
 	testenv.RequireNetNS(t)
 	if testenv.InVM() {
 		t.Skip("host tier: the relay-tcp lab on ebpf-cleartext is the host kernel's run (a paths lab costs the VM minutes under TCG); runs under `make test-netns`")
 	}
 	testenv.RequireBinary(t, "ping", "iputils-ping")
-	bins := binaries(t)
-	dir := t.TempDir()
-	l := lab.New(t)
-	const dataplane = "ebpf-cleartext"
+	pl := newPathsLab(t, "ebpf-cleartext", false)
+	l, hosts := pl.l, pl.hosts
 	relayName := "relay." + strings.TrimSuffix(zone, ".")
 
-	say(t, "btmm-relay at %s and %s, its TLS stream port on %s:443 (certificate for %s)", relayAddr, relayAddr2, relayAddr, relayName)
-	rl := netns.New(t, "relay")
-	netns.MustVeth(t, l.Inet, "rly", rl, "eth0")
-	l.Inet.MustAddr(t, "rly", "11.4.0.1/24")
-	rl.MustAddr(t, "eth0", relayAddr+"/24")
-	rl.MustAddr(t, "eth0", relayAddr2+"/24")
-	rl.MustRoute(t, "default", "11.4.0.1", "eth0")
-	ca, crt, key := relayTLS(t, dir, relayName)
-
-	hostKey := rendezvousWith(t, l, bins, dir, fmt.Sprintf(`
-[[relay]]
-name = "%s."
-port = 3478
-addrs = [%q, %q]
-tls_port = 443
-`, relayName, relayAddr, relayAddr2))
-	relayStatus := filepath.Join(dir, "relay.json")
-	writeFile(t, filepath.Join(dir, "relay.toml"), fmt.Sprintf(`listen = ["%s:3478", "%s:3478"]
-public = %q
-ports = "40000-40099"
-keys_dir = %q
-zone = %q
-device = "eth0"
-status_file = %q
-log_level = "debug"
-tls_listen = ["%s:443"]
-tls_cert = %q
-tls_key = %q
-`, relayAddr, relayAddr2, relayAddr, filepath.Join(dir, "dnsd", "keys"), zone, relayStatus, relayAddr, crt, key), 0o644)
-	start(t, rl, "btmm-relay", filepath.Join(bins, "btmm-relay"), "-config", filepath.Join(dir, "relay.toml"))
-
-	psk := filepath.Join(dir, "psk")
-	b := make([]byte, 48)
-	rand.Read(b)
-	writeFile(t, psk, fmt.Sprintf("%x\n", b), 0o600)
-	hosts := []*pathHost{
-		{host: host{name: "host1", ns: l.Host1, dataplane: dataplane}, gw: l.GW1, lan: "192.168.1.0/24"},
-		{host: host{name: "host2", ns: l.Host2, dataplane: dataplane}, gw: l.GW2, lan: "192.168.2.0/24"},
-		{host: host{name: "pub", ns: l.Pub, dataplane: dataplane}},
-	}
 	say(t, "gw1 and gw2: endpoint-independent NATs without PCP; gw1 drops all UDP but DNS")
 	setNAT(t, l.GW1, hosts[0].lan, false)
 	setNAT(t, l.GW2, hosts[1].lan, false)
 	blockUDP(t, l.GW1)
+	t0 := time.Now()
 	for _, h := range hosts {
-		h.sock = filepath.Join(dir, h.name+".sock")
-		conf := writeHostConf(t, hostFiles{name: h.name, dir: dir, sock: h.sock, dnsKey: hostKey(h.name),
-			keying: fmt.Sprintf("mode = \"psk\"\npsk_file = %q", psk)},
-			hostConf{dataplane: h.dataplane, extra: fmt.Sprintf("\n[paths]\nmode = \"auto\"\nrefresh = \"3s\"\nca_file = %q\n\n[tunnels]\nmode = \"off\"\n", ca)})
-		h.d = start(t, h.ns, "btmmd "+h.name, filepath.Join(bins, "btmmd"), "-config", conf)
+		pl.startHost(t, h)
 	}
-	sts := waitRelayTCPPaths(t, bins, hosts, "UDP blocked at gw1", map[[2]string]path.Kind{
+	sts, _ := pl.waitPaths(t, "UDP blocked at gw1", map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindRelayTCP, {"host2", "host1"}: path.KindRelayUDP,
 		{"host1", "pub"}: path.KindRelayTCP, {"pub", "host1"}: path.KindRelayUDP,
 		{"host2", "pub"}: path.KindDirect, {"pub", "host2"}: path.KindPunched,
 	})
+	t.Logf("from btmmd's start to every pair on its path: %v", time.Since(t0).Round(time.Millisecond))
 	if p := sts["host1"].Paths; p == nil || p.NAT != "blocked" || p.RelayTCP == nil || p.RelayTCP.Carrier != "go" ||
 		p.RelayTCP.Server.Name != relayName || !p.RelayTCP.Bridge.Up {
 		t.Errorf("host1's paths status: %+v", p)
@@ -173,14 +130,14 @@ tls_key = %q
 			t.Errorf("%s (UDP works) shows %+v: it must never use relay-tcp", n, p)
 		}
 	}
-	out, _ := l.Host1.Run(filepath.Join(bins, "btmmctl"), "-socket", hosts[0].sock, "status")
+	out, _ := l.Host1.Run(filepath.Join(pl.bins, "btmmctl"), "-socket", hosts[0].sock, "status")
 	show(t, "btmmctl status   # on host1 (UDP blocked)", out)
 	for _, w := range []string{"UDP blocked", "relay-tcp", "btmmd carries the data", "ESP in TCP (RFC 8229)"} {
 		if !strings.Contains(out, w) {
 			t.Errorf("btmmctl status on host1 lacks %q", w)
 		}
 	}
-	pingPairs(t, hosts, sts)
+	pl.pingAll(t, sts)
 
 	say(t, "A byte-checked TCP stream host1 -> host2 through the bridge, the TLS stream and the relay")
 	echo := startEcho(t, l.Host2, sts["host2"].ULA)
@@ -189,33 +146,11 @@ tls_key = %q
 	marker := bytes.Repeat([]byte("RELAY-TCP "), 100)
 	const bulk = 2 << 20
 	sent := streamCheck(t, conn, marker, bulk)
-	time.Sleep(2500 * time.Millisecond) // status_file is rewritten every 2 s
-	var rs struct {
-		Stats struct {
-			Streams      int    `json:"streams"`
-			StreamFrames uint64 `json:"stream_frames"`
-		} `json:"stats"`
-	}
-	if raw, err := os.ReadFile(relayStatus); err != nil || json.Unmarshal(raw, &rs) != nil {
-		t.Fatalf("relay status file: %v", err)
-	}
-	st1, err := hosts[0].status(t, bins)
-	if err != nil {
-		t.Fatal(err)
-	}
-	br := st1.Paths.RelayTCP.Bridge
-	// Frames in are fewer than frames out: in the lab host2's GSO
-	// super-packets cross the veths whole and reach the relay's socket as
-	// one datagram each (a card would have segmented them); bytes count.
-	t.Logf("%d bytes echoed; host1's bridge: %d frames (%d bytes) out, %d (%d bytes) in, %d dropped; relay: %d streams, %d frames onto streams",
-		sent, br.FramesOut, br.BytesOut, br.FramesIn, br.BytesIn, br.Dropped, rs.Stats.Streams, rs.Stats.StreamFrames)
-	if br.BytesOut < bulk || br.BytesIn < bulk || br.FramesOut < bulk/1500 || rs.Stats.Streams != 1 || rs.Stats.StreamFrames < br.FramesIn/2 {
-		t.Errorf("the transfer did not go through the bridge and the relay's stream port")
-	}
+	checkBridgeCarried(t, pl, sent, bulk)
 
 	say(t, "gw1 lets UDP through again: host1 leaves relay-tcp, the TCP connection stays")
 	unblockUDP(t, l.GW1)
-	sts = waitRelayTCPPaths(t, bins, hosts, "UDP back at gw1", map[[2]string]path.Kind{
+	sts, _ = pl.waitPaths(t, "UDP back at gw1", map[[2]string]path.Kind{
 		{"host1", "host2"}: path.KindPunched, {"host2", "host1"}: path.KindPunched,
 		{"host1", "pub"}: path.KindDirect, {"pub", "host1"}: path.KindPunched,
 	})
@@ -224,24 +159,52 @@ tls_key = %q
 	}
 	roundTrip(t, conn, "after leaving relay-tcp")
 	streamCheck(t, conn, marker, 256<<10)
-	pingPairs(t, hosts, sts)
+	pl.pingAll(t, sts)
 }
 
-// waitRelayTCPPaths waits until every listed pair is keyed, in the kernel,
-// on the expected kind, with the dataplane's outer address the path's
-// remote (a relay-tcp peer: a loopback bridge socket), and btmmctl peers
-// shows it.
-func waitRelayTCPPaths(t *testing.T, bins string, hosts []*pathHost, row string, want map[[2]string]path.Kind) map[string]*agent.Status {
+// checkBridgeCarried checks that a transfer of bulk bytes from host1 went
+// through host1's bridge (both ways: the echo) and the relay's stream port.
+func checkBridgeCarried(t *testing.T, pl *pathsLab, sent, bulk int) {
+	t.Helper()
+	time.Sleep(2500 * time.Millisecond) // status_file is rewritten every 2 s
+	var rs struct {
+		Stats struct {
+			Streams      int    `json:"streams"`
+			StreamFrames uint64 `json:"stream_frames"`
+		} `json:"stats"`
+	}
+	if raw, err := os.ReadFile(pl.relayStatus); err != nil || json.Unmarshal(raw, &rs) != nil {
+		t.Fatalf("relay status file: %v", err)
+	}
+	st1, err := pl.hosts[0].status(t, pl.bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st1.Paths == nil || st1.Paths.RelayTCP == nil {
+		t.Fatalf("host1 runs no bridge: %+v", st1.Paths)
+	}
+	br := st1.Paths.RelayTCP.Bridge
+	// Frames in are fewer than frames out: in the lab host2's GSO
+	// super-packets cross the veths whole and reach the relay's socket as
+	// one datagram each (a card would have segmented them); bytes count.
+	t.Logf("%d bytes echoed; host1's bridge: %d frames (%d bytes) out, %d (%d bytes) in, %d dropped; relay: %d streams, %d frames onto streams",
+		sent, br.FramesOut, br.BytesOut, br.FramesIn, br.BytesIn, br.Dropped, rs.Stats.Streams, rs.Stats.StreamFrames)
+	if br.BytesOut < uint64(bulk) || br.BytesIn < uint64(bulk) || br.FramesOut < uint64(bulk/1500) || rs.Stats.Streams != 1 || rs.Stats.StreamFrames < br.FramesIn/2 {
+		t.Errorf("the transfer did not go through the bridge and the relay's stream port")
+	}
+}
+
+// waitPaths waits until every listed pair is keyed, in the kernel, on the
+// expected kind, with the dataplane's outer address the path's remote (a
+// relay-tcp peer: a loopback bridge socket), and btmmctl peers shows it
+// (relay-tcp: "(btmmd carries it)"). It returns the statuses and how long
+// that took.
+func (pl *pathsLab) waitPaths(t *testing.T, row string, want map[[2]string]path.Kind) (map[string]*agent.Status, time.Duration) {
 	t.Helper()
 	var sts map[string]*agent.Status
 	t0 := time.Now()
 	testenv.WaitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
-		sts = map[string]*agent.Status{}
-		for _, h := range hosts {
-			if st, err := h.status(t, bins); err == nil {
-				sts[h.name] = st
-			}
-		}
+		sts = pl.statuses(t)
 		for pair, kind := range want {
 			st := sts[pair[0]]
 			if st == nil {
@@ -253,18 +216,19 @@ func waitRelayTCPPaths(t *testing.T, bins string, hosts []*pathHost, row string,
 					p = &st.Peers[i]
 				}
 			}
-			if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind {
+			if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || !pathOuterOK(p) {
 				return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
-			}
-			if kind == path.KindRelayTCP && !p.Outer.Addr().IsLoopback() || kind != path.KindRelayTCP && p.Outer != p.Path.Remote {
-				return fmt.Errorf("%s -> %s: %v with outer %v (path remote %v)", pair[0], pair[1], kind, p.Outer, p.Path.Remote)
 			}
 		}
 		return nil
 	})
-	t.Logf("%s: every pair on its expected path after %v", row, time.Since(t0).Round(time.Millisecond))
-	for _, h := range hosts {
-		out, _ := h.ns.Run(filepath.Join(bins, "btmmctl"), "-socket", h.sock, "peers")
+	took := time.Since(t0).Round(time.Millisecond)
+	t.Logf("%s: every pair on its expected path after %v", row, took)
+	for _, h := range pl.hosts {
+		if h.d == nil {
+			continue
+		}
+		out, _ := h.ns.Run(filepath.Join(pl.bins, "btmmctl"), "-socket", h.sock, "peers")
 		show(t, "btmmctl peers   # on "+h.name, out)
 		for pair, kind := range want {
 			if pair[0] != h.name {
@@ -279,15 +243,17 @@ func waitRelayTCPPaths(t *testing.T, bins string, hosts []*pathHost, row string,
 			}
 		}
 	}
-	return sts
+	return sts, took
 }
 
-// pingPairs pings every host's ULA from every other host.
-func pingPairs(t *testing.T, hosts []*pathHost, sts map[string]*agent.Status) {
+// pingAll pings every running host's ULA from every other one. A path that
+// just changed on one side may take a probe round on the other: a generous
+// deadline, then no loss.
+func (pl *pathsLab) pingAll(t *testing.T, sts map[string]*agent.Status) {
 	t.Helper()
-	for _, h := range hosts {
-		for _, o := range hosts {
-			if o == h {
+	for _, h := range pl.hosts {
+		for _, o := range pl.hosts {
+			if o == h || h.d == nil || o.d == nil {
 				continue
 			}
 			testenv.WaitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
@@ -313,11 +279,13 @@ func pathOuterOK(p *agent.PeerStatus) bool {
 // udpBlockedRow is the e2e table's "UDP blocked" row (after the double-NAT
 // row: host1 behind gw1's EIM NAT, host2 behind gw3 and the carrier NAT):
 // gw1 drops all UDP but DNS, host1 goes relay-tcp to both peers (they reach
-// it relay-udp) and the TCP connection opened in row 1 carries on; then UDP
-// comes back and host1 returns to its UDP paths.
+// it relay-udp) and the TCP connection opened in row 1 carries on (1 MiB
+// through the bridge, checked to have gone through it); with tcpdump set
+// (ESP) a capture on the relay during that transfer holds no byte of it in
+// clear. Then UDP comes back and host1 returns to its UDP paths.
 func udpBlockedRow(t *testing.T, pl *pathsLab, conn net.Conn, marker []byte,
 	waitPaths func(string, map[[2]string]path.Kind) map[string]*agent.Status,
-	pingAll func(map[string]*agent.Status), wantNAT func(string, map[string]*agent.Status, string, string)) {
+	pingAll func(map[string]*agent.Status), wantNAT func(string, map[string]*agent.Status, string, string), tcpdump string) {
 	t.Helper()
 	l := pl.l
 	row := "UDP blocked (TCP only)"
@@ -335,7 +303,31 @@ func udpBlockedRow(t *testing.T, pl *pathsLab, conn net.Conn, marker []byte,
 		}
 	}
 	roundTrip(t, conn, row)
-	streamCheck(t, conn, marker, 1<<20)
+	var capture *exec.Cmd
+	pcap := filepath.Join(pl.dir, "relay-tcp.pcap")
+	if tcpdump != "" {
+		// Both legs: host1's TLS stream (443) and host2's ESP-in-UDP.
+		capture = pl.rl.Command(t.Context(), tcpdump, "-q", "-n", "-i", "eth0", "-s", "0", "-U", "-w", pcap, "tcp port 443 or udp")
+		if err := pl.rl.StartCmd(capture); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second) // tcpdump starting
+	}
+	const bulk = 1 << 20
+	sent := streamCheck(t, conn, marker, bulk)
+	if capture != nil {
+		capture.Process.Signal(os.Interrupt)
+		capture.Wait()
+		raw, err := os.ReadFile(pcap)
+		if err != nil || len(raw) < 2*bulk {
+			t.Errorf("%s: capture on the relay: %d bytes, %v; want both legs of the transfer", row, len(raw), err)
+		}
+		if bytes.Contains(raw, marker[:32]) {
+			t.Errorf("%s: the relay saw the TCP payload in clear", row)
+		}
+		t.Logf("%s: %d bytes captured on the relay during the transfer, none of the payload in clear", row, len(raw))
+	}
+	checkBridgeCarried(t, pl, sent, bulk)
 	pingAll(sts)
 
 	row = "UDP back"
