@@ -1,12 +1,16 @@
 package agent
 
 import (
+	"context"
+	"log/slog"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/btmm/btmm/controlplane/keying"
 	"github.com/btmm/btmm/controlplane/relay"
+	"github.com/btmm/btmm/dns/register"
 )
 
 // TestNATWatch: the recheck's decisions. A full measurement runs when the
@@ -69,5 +73,51 @@ func TestNATWatch(t *testing.T) {
 		if got := w.seenChanged(at); got != want {
 			t.Errorf("seenChanged at +%v = %v, want %v", at.Sub(t0), got, want)
 		}
+	}
+}
+
+// TestRefreshAbandonedOnMove: a measurement under way when our network
+// changes (Kick) is abandoned at once, publishing nothing it measured on
+// the old network (row 4 of the e2e table: the relay lookup waited 3 s on
+// a socket of the old address, then published the old LAN address), and
+// the kick stays queued for the next measurement.
+func TestRefreshAbandonedOnMove(t *testing.T) {
+	tr, err := keying.ListenUDP(netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	a := &Agent{cfg: Config{Transport: tr, Host: "h", Domain: "alice.btmm.example."}, log: slog.New(slog.DiscardHandler)}
+	asked := make(chan struct{})
+	p, err := newPaths(a, PathsConfig{
+		Servers: func(ctx context.Context) ([]netip.AddrPort, error) {
+			close(asked)
+			<-ctx.Done() // a lookup stuck on the old network
+			return nil, ctx.Err()
+		},
+		LocalAddrs: func() []netip.Addr { return []netip.Addr{netip.MustParseAddr("192.168.1.3")} },
+	}, register.Capabilities{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan time.Duration, 1)
+	go func() { done <- p.refresh(context.Background()) }()
+	<-asked
+	t0 := time.Now()
+	p.Kick()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the measurement went on after the move")
+	}
+	t.Logf("abandoned %v after the move", time.Since(t0).Round(time.Microsecond))
+	st := p.status()
+	if st.LastError != "" || len(st.Candidates) != 0 {
+		t.Errorf("the abandoned measurement left error %q and candidates %v", st.LastError, st.Candidates)
+	}
+	select {
+	case <-p.kick:
+	default:
+		t.Error("no measurement queued after the move")
 	}
 }
