@@ -107,6 +107,9 @@ type Client struct {
 
 	wake chan struct{}
 	ran  atomic.Bool
+	// annc carries the gateway announcements to Run (and to a discovery
+	// under way: an announcement then sends the next try at once).
+	annc chan announcement
 
 	mu         sync.Mutex
 	rediscover bool
@@ -155,7 +158,7 @@ func New(cfg Config) (*Client, error) {
 	if cfg.ShutdownTimeout <= 0 {
 		cfg.ShutdownTimeout = 3 * time.Second
 	}
-	c := &Client{cfg: cfg, log: cfg.Logger, now: cfg.Now, wake: make(chan struct{}, 1),
+	c := &Client{cfg: cfg, log: cfg.Logger, now: cfg.Now, wake: make(chan struct{}, 1), annc: make(chan announcement, 4),
 		want: map[MappingRequest]bool{}, subs: map[chan Status]struct{}{}}
 	for _, m := range cfg.Mappings {
 		if err := checkRequest(m); err != nil {
@@ -287,7 +290,7 @@ func (c *Client) Run(ctx context.Context) error {
 	if c.ran.Swap(true) {
 		return ErrClosed
 	}
-	annc := make(chan announcement, 4)
+	annc := c.annc
 	if !c.cfg.NoAnnouncements {
 		pc, err := c.cfg.ListenAnnouncements()
 		if err != nil {
@@ -620,6 +623,11 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 	defer timer.Stop()
 	// A wake that is not a Rediscover (Add, Remove) is handed on to Run.
 	var woken bool
+	// Announcements are Run's to act on, except during discovery.
+	var annc chan announcement
+	if s.discovering {
+		annc = c.annc
+	}
 	defer func() {
 		if woken {
 			c.poke()
@@ -651,6 +659,12 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 				if again && s.discovering {
 					return nil, errRediscover // Run sees the flag once woken
 				}
+			case a := <-annc:
+				// A gateway (re)started its PCP/NAT-PMP server (RFC 6887
+				// §14.1.1): the next try goes now, not at the end of a
+				// wait of up to 64 s.
+				c.log.Info("natpmp: announcement during discovery; asking again at once", "from", a.from)
+				break try
 			}
 		}
 	}

@@ -570,3 +570,31 @@ func TestRediscoverDuringDiscovery(t *testing.T) {
 		h.stop(t)
 	})
 }
+
+// A gateway that starts answering and announces itself (RFC 6887 §14.1.1)
+// while a discovery waits between two tries is asked again at once, not at
+// the next try of the schedule (up to 64 s later).
+func TestAnnouncementDuringDiscovery(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		g.silent = true
+		t0 := time.Now()
+		h := start(t, g, nil)
+		time.Sleep(20 * time.Second) // tries at 0 .. 15.75 s, the next at 31.75 s
+		synctest.Wait()
+		g.mu.Lock()
+		g.silent = false
+		g.mu.Unlock()
+		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
+		h.ann.c <- a
+		synctest.Wait()
+		st := h.c.Status()
+		if _, ok := st.Endpoint(UDP, 4500); !ok || st.State != StateMapped {
+			t.Fatalf("announcement during discovery: %v, want mapped at once", st)
+		}
+		if took := time.Since(t0); took != 20*time.Second {
+			t.Errorf("mapped %v after start, want at the announcement (20 s)", took)
+		}
+		h.stop(t)
+	})
+}
