@@ -633,11 +633,17 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 			c.poke()
 		}
 	}()
-	for try, wait := range c.cfg.Schedule {
+	send := func(try int) error {
 		for _, req := range reqs(try) {
 			if _, err := s.conn.Write(req); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
-				return nil, fmt.Errorf("send to %v: %w", s.gw, err)
+				return fmt.Errorf("send to %v: %w", s.gw, err)
 			}
+		}
+		return nil
+	}
+	for try, wait := range c.cfg.Schedule {
+		if err := send(try); err != nil {
+			return nil, err
 		}
 		timer.Reset(wait)
 	try:
@@ -661,10 +667,14 @@ func (c *Client) exchangeN(ctx context.Context, s *session, reqs func(try int) [
 				}
 			case a := <-annc:
 				// A gateway (re)started its PCP/NAT-PMP server (RFC 6887
-				// §14.1.1): the next try goes now, not at the end of a
-				// wait of up to 64 s.
+				// §14.1.1): this try goes again now, not at the end of a
+				// wait of up to 64 s (and the wait starts again: an
+				// announcement never shortens the schedule).
 				c.log.Info("natpmp: announcement during discovery; asking again at once", "from", a.from)
-				break try
+				if err := send(try); err != nil {
+					return nil, err
+				}
+				timer.Reset(wait)
 			}
 		}
 	}

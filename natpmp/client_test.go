@@ -598,3 +598,33 @@ func TestAnnouncementDuringDiscovery(t *testing.T) {
 		h.stop(t)
 	})
 }
+
+// An announcement from a gateway that still does not answer, during the
+// last wait of a discovery, neither ends the discovery early nor is lost:
+// the try is sent again and the schedule runs to its end.
+func TestAnnouncementDuringLastWait(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		g := newFakeGateway(true)
+		g.silent = true
+		t0 := time.Now()
+		h := start(t, g, func(c *Config) { c.Schedule = []time.Duration{time.Second, 4 * time.Second} })
+		time.Sleep(2 * time.Second) // in the last wait (1 s .. 5 s)
+		synctest.Wait()
+		n := len(g.requests())
+		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
+		h.ann.c <- a
+		synctest.Wait()
+		if st := h.c.Status(); st.State != StateStarting {
+			t.Fatalf("after an announcement in the last wait: %v, want still discovering", st)
+		}
+		if got := len(g.requests()); got != n+1 {
+			t.Errorf("%d requests after the announcement, want %d (the try again)", got, n+1)
+		}
+		time.Sleep(4*time.Second + 10*time.Millisecond)
+		synctest.Wait()
+		if st := h.c.Status(); st.State != StateNoGateway || time.Since(t0) < 6*time.Second {
+			t.Errorf("status %v at %v, want no gateway after the whole last wait", st, time.Since(t0))
+		}
+		h.stop(t)
+	})
+}
