@@ -843,13 +843,68 @@ func (d *Dataplane) setRoutes(desired *controlplane.State, viaDev map[netip.Addr
 	return changes, errors.Join(errs...)
 }
 
-// Stats implements controlplane.Dataplane: per-peer counters summed over CPUs.
+// Stats implements controlplane.Dataplane: per-peer counters summed over
+// CPUs, plus in secure mode what went through the peer's tunnel devices
+// (its transport-mode SAs' counters: the programs never see that traffic).
 func (d *Dataplane) Stats(ctx context.Context) ([]controlplane.PeerStats, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return nil, ErrClosed
 	}
+	out, err := d.programStats()
+	if err != nil || d.cfg.Cleartext || d.desired == nil {
+		return out, err
+	}
+	peers := map[netip.Addr]bool{}
+	for _, p := range d.desired.Peers {
+		peers[p.ULA] = len(p.Tunnels) > 0
+	}
+	ss, err := xfrm.RetryDump(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
+	if err != nil {
+		return nil, fmt.Errorf("ebpf: stats: %w", err)
+	}
+	byULA := map[netip.Addr]int{}
+	for i, s := range out {
+		byULA[s.ULA] = i
+	}
+	local := d.desired.Local.ULA
+	for _, x := range ss {
+		if x.Reqid != reqid || x.Mode != netlink.XFRM_MODE_TRANSPORT {
+			continue
+		}
+		src, _ := netip.AddrFromSlice(x.Src)
+		dst, _ := netip.AddrFromSlice(x.Dst)
+		peer, tx := dst.Unmap(), true
+		if dst.Unmap() == local {
+			peer, tx = src.Unmap(), false
+		}
+		if !peers[peer] {
+			continue
+		}
+		i, ok := byULA[peer]
+		if !ok {
+			// No map entry (an IPv6-only peer): device traffic only.
+			out = append(out, controlplane.PeerStats{ULA: peer})
+			i = len(out) - 1
+			byULA[peer] = i
+		}
+		if tx {
+			out[i].TxPackets += x.Statistics.Packets
+			out[i].TxBytes += x.Statistics.Bytes
+		} else {
+			out[i].RxPackets += x.Statistics.Packets
+			out[i].RxBytes += x.Statistics.Bytes
+		}
+		out[i].Drops += uint64(x.Statistics.ReplayWindow) + uint64(x.Statistics.Replay) + uint64(x.Statistics.Failed)
+	}
+	slices.SortFunc(out, func(a, b controlplane.PeerStats) int { return a.ULA.Compare(b.ULA) })
+	return out, nil
+}
+
+// programStats are the programs' per-peer counters (ESP-in-UDP or IPv6 in
+// UDP), summed over CPUs.
+func (d *Dataplane) programStats() ([]controlplane.PeerStats, error) {
 	var out []controlplane.PeerStats
 	var k btmmUla
 	var per []btmmCounters

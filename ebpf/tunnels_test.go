@@ -41,6 +41,19 @@ func (h *host) tunnelState(p *host, via controlplane.PathKind, fou bool) *contro
 	return st
 }
 
+// programStats are h's programs' counters for its one peer (map only).
+func programStats(t testing.TB, h *host) controlplane.PeerStats {
+	t.Helper()
+	h.dp.mu.Lock()
+	st, err := h.dp.programStats()
+	h.dp.mu.Unlock()
+	must(t, err)
+	if len(st) != 1 {
+		t.Fatalf("%s: program counters for %d peers, want 1", h.name, len(st))
+	}
+	return st[0]
+}
+
 // linkTx is the transmitted-packet counter of device name in h's namespace.
 func linkTx(t testing.TB, h *host, name string) uint64 {
 	t.Helper()
@@ -147,7 +160,7 @@ func TestTunnelPathsSecureVM(t *testing.T) {
 		ca := a.set(t, a.tunnelState(b, ph.aVia, ph.fou))
 		cb := b.set(t, b.tunnelState(a, ph.bVia, ph.fou))
 		t.Logf("a changes: %v\nb changes: %v", ca, cb)
-		st0 := peerStats(t, a)
+		st0, all0 := programStats(t, a), peerStats(t, a)
 		var tx0 uint64
 		if ph.dev != "" {
 			tx0 = linkTx(t, a, ph.dev)
@@ -155,7 +168,12 @@ func TestTunnelPathsSecureVM(t *testing.T) {
 		sent += 256 << 10
 		pm.waitSent(t, sent)
 		ping(t, a, b)
-		st1 := peerStats(t, a)
+		st1, all1 := programStats(t, a), peerStats(t, a)
+		// Stats counts both ways whatever the path (health and btmmctl
+		// ping read it).
+		if all1.TxPackets <= all0.TxPackets || all1.RxPackets <= all0.RxPackets {
+			t.Errorf("%s: a's Stats for b did not move: %+v -> %+v", ph.name, all0, all1)
+		}
 		ss, out := espStates(t, a, b)
 		if got := spiSet(ss); !slices.Equal(got, wantSPIs) {
 			t.Errorf("%s: a's SPIs %q, want %q (no rekey)", ph.name, got, wantSPIs)
@@ -264,10 +282,17 @@ func TestTunnelInteropXfrmVM(t *testing.T) {
 				t.Errorf("IPv6-only peer: map entries %v, %v; want none", peers, err)
 			}
 		}
+		before, err := a.dp.Stats(context.Background())
+		must(t, err)
 		sent += 256 << 10
 		pm.waitSent(t, sent)
 		ping(t, a, b)
 		ping(t, b, a)
+		after, err := a.dp.Stats(context.Background())
+		must(t, err)
+		if len(after) != 1 || len(before) != 1 || after[0].RxPackets <= before[0].RxPackets || after[0].TxPackets <= before[0].TxPackets {
+			t.Errorf("%v: a's Stats %+v -> %+v, want b's counters moving both ways", via, before, after)
+		}
 		if via == controlplane.PathESPInUDP {
 			continue
 		}

@@ -50,7 +50,7 @@ func TestDemoPaths(t *testing.T) {
 	say(t, "gw1 and gw2 become symmetric NATs (masquerade random,fully-random) without PCP")
 	setNAT(t, l.GW1, "192.168.1.0/24", true)
 	setNAT(t, l.GW2, "192.168.2.0/24", true)
-	hosts := s.startTunnelHosts(t, tunnelsConf("3s"))
+	hosts := s.startTunnelHosts(t, tunnelsConf("3s"), "xfrm")
 	byName := map[string]*host{}
 	for _, h := range hosts {
 		byName[h.name] = h

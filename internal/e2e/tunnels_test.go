@@ -92,17 +92,21 @@ func tunnelsConf(refresh string) string {
 	return fmt.Sprintf("\n[paths]\nmode = \"auto\"\nrefresh = %q\n\n[tunnels]\nmode = \"auto\"\nfou_port = 4501\n", refresh)
 }
 
-// startTunnelHosts starts btmmd (xfrm, Kerberos, the TOML extra: paths and
-// tunnels on) on host1, host2 and pub, in that order.
-func (s *system) startTunnelHosts(t *testing.T, extra string) []*host {
+// startTunnelHosts starts btmmd (xfrm, pub on pubDataplane, Kerberos, the
+// TOML extra: paths and tunnels on) on host1, host2 and pub, in that order.
+func (s *system) startTunnelHosts(t *testing.T, extra, pubDataplane string) []*host {
 	t.Helper()
 	var hosts []*host
 	for _, h := range []struct {
 		name string
 		ns   *netns.NS
 	}{{"host1", s.l.Host1}, {"host2", s.l.Host2}, {"pub", s.l.Pub}} {
-		say(t, "btmmd on %s (xfrm dataplane, paths and tunnels on)", h.name)
-		hosts = append(hosts, s.startHost(t, h.name, h.ns, hostConf{dataplane: "xfrm", extra: extra}))
+		dp := "xfrm"
+		if h.name == "pub" {
+			dp = pubDataplane
+		}
+		say(t, "btmmd on %s (%s dataplane, paths and tunnels on)", h.name, dp)
+		hosts = append(hosts, s.startHost(t, h.name, h.ns, hostConf{dataplane: dp, extra: extra}))
 	}
 	return hosts
 }
@@ -151,7 +155,8 @@ func waitKinds(t *testing.T, bins string, hosts []*host, want map[[2]string]path
 
 // TestTunnelPaths (issue 15) runs btmmd with tunnel paths on three hosts
 // of the lab with IPv6: host1 (dual-stack behind gw1's IPv4 NAT), host2
-// (IPv4 only behind gw2's NAT) and pub (public IPv4 and IPv6), miniupnpd on
+// (IPv4 only behind gw2's NAT) and pub (public IPv4 and IPv6; the ebpf
+// dataplane in secure mode, the others xfrm), miniupnpd on
 // both gateways mapping the tunnel and the FOU port. The path checks
 // choose ipv6 between host1 and pub and fou (GUE through the NATs) for the
 // pairs with host2; ESP is on the wire and no ULA TCP in the clear; a TCP
@@ -170,7 +175,7 @@ func TestTunnelPaths(t *testing.T) {
 	ipv6Internet(t, l)
 	s.upnp(t, l.GW1, l.GW2)
 	tun := tunnelsConf("10s")
-	hosts := s.startTunnelHosts(t, tun)
+	hosts := s.startTunnelHosts(t, tun, "ebpf")
 	sts := s.keyed(t, hosts...)
 	waitKinds(t, bins, hosts, map[[2]string]path.Kind{
 		{"host1", "pub"}: path.KindIPv6, {"pub", "host1"}: path.KindIPv6,
@@ -255,6 +260,14 @@ func TestTunnelPaths(t *testing.T) {
 	for _, what := range [][]string{{"ip", "link", "show", "group", "25217"}, {"ip", "fou", "show"}} {
 		if out, _ := l.Host1.Run(what[0], what[1:]...); strings.TrimSpace(out) != "" {
 			t.Errorf("after btmmd stopped, `%s` on host1 shows:\n%s", strings.Join(what, " "), out)
+		}
+	}
+	say(t, "SIGTERM btmmd on pub (ebpf): the same, its devices carry the ebpf tag (group 753167)")
+	stopWithin(t, hosts[2], 45*time.Second)
+	noneLeft(t, hosts[2])
+	for _, what := range [][]string{{"ip", "link", "show", "group", "753167"}, {"ip", "fou", "show"}} {
+		if out, _ := l.Pub.Run(what[0], what[1:]...); strings.TrimSpace(out) != "" {
+			t.Errorf("after btmmd stopped, `%s` on pub shows:\n%s", strings.Join(what, " "), out)
 		}
 	}
 }
