@@ -41,7 +41,7 @@ func TestDemoPaths(t *testing.T) {
 	tshark := testenv.RequireBinary(t, "tshark", "tshark")
 	t.Parallel()
 	say(t, "Paths: IPv6 direct, sit, ESP-in-UDP, hole punching and a kernel-forwarded relay, chosen per peer by btmmd")
-	s := newSystemWith(t, relayDNS(""))
+	s := newSystemWith(t, relayDNS(""), false)
 	l, bins, dir := s.l, s.bins, s.dir
 	say(t, "btmm-relay at %s (published by btmm-dnsd's SRV), its eBPF forwarder on eth0", relayAddr)
 	_, relayStatus := startRelay(t, relayNS(t, l), bins, dir, "")

@@ -36,6 +36,10 @@ func writeHostConf(t *testing.T, f hostFiles, hc hostConf) string {
 	if hc.debounce != "" {
 		network = fmt.Sprintf("\n[network]\ndebounce = %q\n", hc.debounce)
 	}
+	services := lab.InetAddr
+	if hc.services6 {
+		services = "[" + inetAddr6 + "]"
+	}
 	conf := filepath.Join(f.dir, f.name+".toml")
 	writeFile(t, conf, fmt.Sprintf(`host = %q
 domain = %q
@@ -58,7 +62,7 @@ resolver = "%s:53"
 [keying]
 %s
 %s%s`, f.name, domain, filepath.Join(f.dir, f.name+".identity.json"), f.sock, hc.dataplane, keepalive, f.dnsKey,
-		lab.InetAddr, lab.InetAddr, nat, f.keying, namesSection(f.dir, f.name), network)+hc.extra, 0o644)
+		services, services, nat, f.keying, namesSection(f.dir, f.name), network)+hc.extra, 0o644)
 	return conf
 }
 

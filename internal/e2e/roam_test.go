@@ -35,16 +35,28 @@ type system struct {
 	gws     map[*netns.NS]*miniupnpd.Daemon
 }
 
-func newSystem(t *testing.T) *system { return newSystemWith(t, "") }
+func newSystem(t *testing.T) *system { return newSystemWith(t, "", false) }
 
-// newSystemWith is newSystem with dnsdExtra appended to btmm-dnsd's config.
-func newSystemWith(t *testing.T, dnsdExtra string) *system {
+// inetAddr6 is where btmm-dnsd and krb5kdc also listen with services6 (on
+// inet's lo; ipv6Internet routes the lab's IPv6).
+const inetAddr6 = "2001:db8::1"
+
+// newSystemWith is newSystem with dnsdExtra appended to btmm-dnsd's config
+// and, with services6, btmm-dnsd and krb5kdc reachable at inetAddr6 too
+// (for IPv6-only hosts: hostConf.services6).
+func newSystemWith(t *testing.T, dnsdExtra string, services6 bool) *system {
 	t.Helper()
 	s := &system{bins: binaries(t), dir: t.TempDir(), l: lab.New(t), gws: map[*netns.NS]*miniupnpd.Daemon{}}
+	listen := lab.InetAddr + ":53"
+	var also []netip.Addr
+	if services6 {
+		s.l.Inet.MustRun(t, "ip", "-6", "addr", "add", inetAddr6+"/128", "dev", "lo", "nodad")
+		listen, also = "[::]:53", []netip.Addr{netip.MustParseAddr(inetAddr6)}
+	}
 	say(t, "btmm-dnsd: zone %s, user alice; each host gets its own key (`btmm-dnsd addhost alice HOST`)", zone)
-	s.hostKey = rendezvousWith(t, s.l, s.bins, s.dir, dnsdExtra)
+	s.hostKey = rendezvousOn(t, s.l, s.bins, s.dir, listen, dnsdExtra)
 	say(t, "krb5kdc: realm %s with host principals", realm)
-	s.kdc = krbtest.StartIn(t, realm, s.l.Inet, netip.MustParseAddr(lab.InetAddr), 88)
+	s.kdc = krbtest.StartIn(t, realm, s.l.Inet, netip.MustParseAddr(lab.InetAddr), 88, also...)
 	return s
 }
 
@@ -64,6 +76,7 @@ type hostConf struct {
 	keepalive string // "" = default
 	debounce  string // network.debounce; "" = default
 	extra     string // more TOML at the end (sections of its own)
+	services6 bool   // reach btmm-dnsd and the KDC at inetAddr6 (an IPv6-only host)
 }
 
 func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf) *host {
@@ -72,8 +85,18 @@ func (s *system) startHost(t *testing.T, name string, ns *netns.NS, hc hostConf)
 	principal := "host/" + name + "." + strings.TrimSuffix(domain, ".")
 	s.kdc.AddPrincipal(t, principal)
 	ktPath, _ := s.kdc.Keytab(t, name+".keytab", principal)
+	krb5Conf := s.kdc.Krb5Conf
+	if hc.services6 {
+		krb5Conf = filepath.Join(s.dir, name+".krb5.conf")
+		kdc := netip.AddrPortFrom(netip.MustParseAddr(inetAddr6), s.kdc.Addr.Port()).String()
+		cc := s.kdc.ClientConfig()
+		if !strings.Contains(cc, "kdc = "+s.kdc.Addr.String()) {
+			t.Fatalf("krb5.conf names no kdc = %v:\n%s", s.kdc.Addr, cc)
+		}
+		writeFile(t, krb5Conf, strings.Replace(cc, "kdc = "+s.kdc.Addr.String(), "kdc = "+kdc, 1), 0o644)
+	}
 	conf := writeHostConf(t, hostFiles{name: name, dir: s.dir, sock: h.sock, dnsKey: s.hostKey(name),
-		keying: kerberosKeying(ktPath, s.kdc.Krb5Conf)}, hc)
+		keying: kerberosKeying(ktPath, krb5Conf)}, hc)
 	h.d = start(t, ns, "btmmd "+name, filepath.Join(s.bins, "btmmd"), "-config", conf)
 	return h
 }

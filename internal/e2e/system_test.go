@@ -151,14 +151,21 @@ func rendezvous(t *testing.T, l *lab.Lab, bins, dir string) func(host string) st
 // rendezvousWith is rendezvous with extra TOML appended to btmm-dnsd's config.
 func rendezvousWith(t *testing.T, l *lab.Lab, bins, dir, extra string) func(host string) string {
 	t.Helper()
+	return rendezvousOn(t, l, bins, dir, lab.InetAddr+":53", extra)
+}
+
+// rendezvousOn is rendezvousWith listening on listen ("[::]:53": every
+// address of inet, IPv6 too).
+func rendezvousOn(t *testing.T, l *lab.Lab, bins, dir, listen, extra string) func(host string) string {
+	t.Helper()
 	conf := filepath.Join(dir, "dnsd.toml")
 	writeFile(t, conf, fmt.Sprintf(`zone = %q
 server_name = "ns.%s"
 server_addrs = [%q]
 data_dir = %q
-listen = "%s:53"
+listen = %q
 listen_tls = ""
-`, zone, zone, lab.InetAddr, filepath.Join(dir, "dnsd"), lab.InetAddr)+extra, 0o644)
+`, zone, zone, lab.InetAddr, filepath.Join(dir, "dnsd"), listen)+extra, 0o644)
 	out, err := exec.Command(filepath.Join(bins, "btmm-dnsd"), "-config", conf, "adduser", "alice").Output()
 	if err != nil {
 		t.Fatalf("btmm-dnsd adduser: %v", err)

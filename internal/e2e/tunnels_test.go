@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -70,20 +73,43 @@ func wire(t *testing.T, l *lab.Lab, filters []string, f func()) ([]int, string) 
 	time.Sleep(time.Second) // tcpdump listening
 	f()
 	time.Sleep(500 * time.Millisecond)
+	// SIGTERM: tcpdump ends its file cleanly (SIGKILL may leave a partial
+	// last record); SIGKILL (ctx) if it does not stop.
+	cmd.Process.Signal(syscall.SIGTERM)
+	stopped := make(chan struct{})
+	go func() { cmd.Wait(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		cancel()
+		<-stopped
+	}
 	cancel()
-	cmd.Wait()
 	var n []int
 	for _, flt := range filters {
-		out, _ := l.Inet.Run("tcpdump", "-n", "-r", path, flt)
+		out, err := l.Inet.Run("tcpdump", "-n", "-r", path, flt)
 		c := 0
 		for _, line := range strings.Split(out, "\n") {
-			if strings.TrimSpace(line) != "" && !strings.HasPrefix(line, "reading from") {
+			if strings.TrimSpace(line) != "" && !strings.HasPrefix(line, "reading from") && !strings.HasPrefix(line, "tcpdump: ") {
 				c++
 			}
+		}
+		if err != nil {
+			// Say why: a count of 0 from a capture that cannot be read
+			// would pass the "nothing in clear" checks for nothing.
+			fi, _ := os.Stat(path)
+			t.Errorf("tcpdump -r %s %q (%d bytes): %v", path, flt, size(fi), err)
 		}
 		n = append(n, c)
 	}
 	return n, path
+}
+
+func size(fi os.FileInfo) int64 {
+	if fi == nil {
+		return -1
+	}
+	return fi.Size()
 }
 
 // tunnelsConf turns path selection (candidates refreshed every refresh) and
@@ -153,35 +179,109 @@ func waitKinds(t *testing.T, bins string, hosts []*host, want map[[2]string]path
 	return sts
 }
 
-// TestTunnelPaths (issue 15) runs btmmd with tunnel paths on three hosts
+// v6onlyAddr is the IPv6-only host's address (2001:db8:4::/64 off inet).
+const v6onlyAddr = "2001:db8:4::2"
+
+// ipv6OnlyHost adds to the lab with IPv6 (ipv6Internet) a namespace with
+// nothing but v6onlyAddr and an IPv6 default route via inet: no IPv4
+// address, no IPv4 route, no NAT.
+func ipv6OnlyHost(t *testing.T, l *lab.Lab) *netns.NS {
+	t.Helper()
+	v6 := netns.New(t, "v6only")
+	netns.MustVeth(t, l.Inet, "v6o", v6, "eth0")
+	mustRunAll(t, []nsCmd{
+		{l.Inet, "ip -6 addr add 2001:db8:4::1/64 dev v6o nodad"},
+		{v6, "ip link set lo up"},
+		{v6, "ip -6 addr add " + v6onlyAddr + "/64 dev eth0 nodad"},
+		{v6, "ip -6 route add default via 2001:db8:4::1"},
+	})
+	if out, _ := v6.Run("sh", "-c", "ip -4 addr show scope global; ip -4 route"); strings.TrimSpace(out) != "" {
+		t.Fatalf("the IPv6-only host has IPv4:\n%s", out)
+	}
+	if out, err := v6.Run("ping", "-6", "-c", "1", "-W", "5", "2001:db8:3::2"); err != nil {
+		t.Fatalf("lab IPv6: v6only cannot reach pub: %v\n%s", err, out)
+	}
+	return v6
+}
+
+// TestTunnelPaths (issue 15) runs btmmd with tunnel paths on four hosts
 // of the lab with IPv6: host1 (dual-stack behind gw1's IPv4 NAT), host2
-// (IPv4 only behind gw2's NAT) and pub (public IPv4 and IPv6; the ebpf
-// dataplane in secure mode, the others xfrm), miniupnpd on
-// both gateways mapping the tunnel and the FOU port. The path checks
-// choose ipv6 between host1 and pub and fou (GUE through the NATs) for the
-// pairs with host2; ESP is on the wire and no ULA TCP in the clear; a TCP
-// connection between host1 and pub stays open while the IPv6 route goes
-// away (traffic moves to another kind) and comes back (back to ipv6), with
-// no rekey; SIGTERM on host1 leaves nothing of ours (noneLeft), no tunnel
-// device and no GUE listener.
+// (IPv4 only behind gw2's NAT), pub (public IPv4 and IPv6; the ebpf
+// dataplane in secure mode, the others xfrm) and v6only (IPv6
+// only: no IPv4 address or route; btmm-dnsd and krb5kdc reached at
+// inetAddr6, no NAT-PMP/PCP gateway), miniupnpd on both gateways mapping
+// the tunnel and the FOU port. The path checks choose ipv6 between host1
+// and pub and fou (GUE through the NATs) for the pairs with host2; v6only
+// publishes no SRV/A (only c-v6), is keyed over IPv6 and reaches pub and
+// host1 by ipv6; v6only and host2 share no address family: neither keys the
+// other and btmmctl peers says why. ESP is on the wire and no ULA TCP in
+// the clear (v6only's byte-checked stream to pub: IPv6|IPv6|ESP only); a
+// TCP connection between host1 and pub stays open while the IPv6 route
+// goes away (traffic moves to another kind) and comes back (back to ipv6),
+// with no rekey; SIGTERM on host1 and on pub leaves nothing of ours
+// (noneLeft), no tunnel device and no GUE listener.
 func TestTunnelPaths(t *testing.T) {
 	testenv.Require(t, testenv.ESP, testenv.XfrmIface, testenv.Sit, testenv.IP6Tnl, testenv.FOU)
 	testenv.RequireBinary(t, "ping", "iputils-ping")
 	testenv.RequireBinary(t, "tcpdump", "tcpdump")
 	t.Parallel()
-	s := newSystem(t)
+	s := newSystemWith(t, "", true) // btmm-dnsd and krb5kdc at inetAddr6 too, for the IPv6-only host
 	l, bins := s.l, s.bins
-	say(t, "Lab with IPv6: host1 dual-stack behind gw1 (IPv4 NAT), host2 IPv4-only behind gw2, pub public IPv4 + IPv6")
+	say(t, "Lab with IPv6: host1 dual-stack behind gw1 (IPv4 NAT), host2 IPv4-only behind gw2, pub public IPv4 + IPv6, v6only IPv6 only (%s)", v6onlyAddr)
 	ipv6Internet(t, l)
+	var v6cost time.Duration // VM time the IPv6-only host adds (what is not overlapped)
+	t0 := time.Now()
+	v6 := ipv6OnlyHost(t, l)
+	v6cost += time.Since(t0)
 	s.upnp(t, l.GW1, l.GW2)
 	tun := tunnelsConf("10s")
 	hosts := s.startTunnelHosts(t, tun, "ebpf")
-	sts := s.keyed(t, hosts...)
-	waitKinds(t, bins, hosts, map[[2]string]path.Kind{
+	say(t, "btmmd on v6only (IPv6 only; dns.server, dns.resolver and the KDC given as [%s])", inetAddr6)
+	t0 = time.Now()
+	h6 := s.startHost(t, "v6only", v6, hostConf{dataplane: "xfrm", extra: tun, services6: true})
+	v6cost += time.Since(t0)
+	sts := waitKinds(t, bins, hosts, map[[2]string]path.Kind{
 		{"host1", "pub"}: path.KindIPv6, {"pub", "host1"}: path.KindIPv6,
 		{"host1", "host2"}: path.KindFOU, {"host2", "host1"}: path.KindFOU,
 		{"host2", "pub"}: path.KindFOU, {"pub", "host2"}: path.KindFOU,
 	}, 180*time.Second)
+	t0 = time.Now()
+	waitKinds(t, bins, []*host{h6, hosts[0], hosts[2]}, map[[2]string]path.Kind{
+		{"v6only", "pub"}: path.KindIPv6, {"pub", "v6only"}: path.KindIPv6,
+		{"v6only", "host1"}: path.KindIPv6, {"host1", "v6only"}: path.KindIPv6,
+	}, 180*time.Second)
+	v6cost += time.Since(t0)
+	t0 = time.Now()
+
+	say(t, "host2 (IPv4 only) and v6only (IPv6 only) share no address family: neither keys the other, btmmctl peers says why")
+	for _, pr := range [][2]*host{{hosts[1], h6}, {h6, hosts[1]}} {
+		st, err := pr[0].status(t, bins)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := peer(t, st, pr[1].name)
+		if p.Keyed || p.Health.State != agent.HealthUnreachable || !strings.Contains(p.Health.Reason, "no common address family") || p.KeyingError != "" {
+			t.Errorf("%s -> %s: want unreachable (no common address family), never keyed, no keying error; have keyed %v, health %+v, keying error %q",
+				pr[0].name, pr[1].name, p.Keyed, p.Health, p.KeyingError)
+		}
+		t.Logf("%s -> %s: %s: %s", pr[0].name, pr[1].name, p.Health.State, p.Health.Reason)
+	}
+	st6, err := h6.status(t, bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, _ := v6.Run(filepath.Join(bins, "btmmctl"), "-socket", h6.sock, "status")
+	show(t, "btmmctl status   # on v6only", out)
+	if !strings.HasPrefix(st6.NAT.Status, "no IPv4 default route") || st6.NAT.External.IsValid() {
+		t.Errorf("v6only's NAT status %q, external %v: want no IPv4 default route, no external address", st6.NAT.Status, st6.NAT.External)
+	}
+	if st6.Register.LastError != "" {
+		t.Errorf("v6only's registration: %s", st6.Register.LastError)
+	}
+	if out, err := v6.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "5", peer(t, st6, "host1").ULA.String()); err != nil {
+		t.Errorf("v6only cannot ping host1's ULA (dual-stack behind gw1): %v\n%s", err, out)
+	}
+	v6cost += time.Since(t0)
 	via := func(h *host, peerName string) (controlplane.PathKind, error) {
 		st, err := h.status(t, bins)
 		if err != nil {
@@ -194,24 +294,58 @@ func TestTunnelPaths(t *testing.T) {
 		}
 		return 0, fmt.Errorf("%s does not list %s", h.name, peerName)
 	}
-	out, _ := l.Host1.Run("ip", "-d", "link", "show", "group", "25217")
+	out, _ = l.Host1.Run("ip", "-d", "link", "show", "group", "25217")
 	show(t, "ip -d link show group 25217   # on host1: btmm's tunnel devices", out)
 	out, _ = l.Host2.Run("ip", "fou", "show")
 	show(t, "ip fou show   # on host2", out)
 
-	say(t, "TCP between the ULAs host1 -> pub (ipv6) and host2 -> pub (fou); the capture on pub's link shows ESP only")
+	say(t, "TCP between the ULAs host1 -> pub (ipv6), host2 -> pub (fou) and v6only -> pub (ipv6, 256 KiB byte-checked); the capture on pub's link shows ESP only")
 	echo := startEcho(t, l.Pub, sts["pub"].ULA)
 	c1 := dialEcho(t, l.Host1, echo)
 	defer c1.Close()
 	c2 := dialEcho(t, l.Host2, echo)
 	defer c2.Close()
-	n, _ := wire(t, l, []string{"ip6 and ip6[6] == 41 and ip6[46] == 50", "udp port 4501", "tcp port 7", "ip6 and ip6[6] == 41 and ip6[46] == 6"}, func() {
+	c6 := dialEcho(t, v6, echo)
+	defer c6.Close()
+	marker := []byte("CLEARTEXT-MARKER v6only ")
+	v6h := "ip6 host " + v6onlyAddr
+	// Inside the ip6tnl: ICMPv6 (58) or hop-by-hop (0: MLD) to a
+	// multicast (ff..) or link-local (fe80) destination (inner header at
+	// 40, its destination at 64): the device's own neighbour discovery
+	// and multicast listener reports, never ULA traffic.
+	devCtl := "(ip6[6] == 41 and (ip6[46] == 58 or ip6[46] == 0) and (ip6[64] == 0xff or ip6[64] == 0xfe))"
+	n, pcap := wire(t, l, []string{"ip6 and ip6[6] == 41 and ip6[46] == 50", "udp port 4501", "tcp port 7", "ip6 and ip6[6] == 41 and ip6[46] == 6",
+		v6h + " and ip6[6] == 41 and ip6[46] == 50", // v6only's ESP in ip6tnl
+		v6h + " and ip6[6] == 41 and ip6[46] == 17", // path checks through the device (link-local, authenticated)
+		v6h + " and udp port 4500",                  // keying over IPv6
+		v6h + " and " + devCtl,                      // the device's own link-local/multicast ICMPv6 and MLD (ND, MLD reports)
+		v6h + " and not (ip6[6] == 41 and (ip6[46] == 50 or ip6[46] == 17)) and not udp port 4500 and not " + devCtl, // anything else
+	}, func() {
 		for range 20 {
 			roundTrip(t, c1, "on ipv6")
 			roundTrip(t, c2, "on fou")
 		}
+		t0 := time.Now()
+		streamCheck(t, c6, bytes.Repeat(marker, 64), 256<<10)
+		v6cost += time.Since(t0)
 	})
 	t.Logf("pub's link: %d IPv6|IPv6|ESP, %d GUE (udp 4501), %d outer TCP port 7, %d IPv6|IPv6|TCP", n[0], n[1], n[2], n[3])
+	t.Logf("v6only on pub's link: %d IPv6|IPv6|ESP, %d IPv6|IPv6|UDP (path checks), %d keying over IPv6, %d device ND/MLD, %d other", n[4], n[5], n[6], n[7], n[8])
+	if n[7]+n[8] > 0 {
+		out, _ := l.Inet.Run("tcpdump", "-n", "-v", "-r", pcap, v6h+" and not (ip6[6] == 41 and (ip6[46] == 50 or ip6[46] == 17)) and not udp port 4500")
+		t.Logf("v6only's frames that are not ESP, checks or keying:\n%s", out)
+	}
+	// 256 KiB each way is hundreds of frames; 20 leaves room for
+	// segmentation offloads the capture may see whole.
+	if n[4] < 20 || n[8] != 0 {
+		t.Errorf("v6only's 256 KiB each way to pub: want at least 20 IPv6|IPv6|ESP frames and nothing but ESP, checks, keying and the device's ND/MLD; have %d ESP, %d other",
+			n[4], n[8])
+	}
+	if raw, err := os.ReadFile(pcap); err != nil || bytes.Contains(raw, marker) {
+		t.Errorf("the capture on pub's link holds v6only's payload in clear (or is unreadable: %v)", err)
+	}
+	say(t, "v6only -> pub: 256 KiB through pub's echo and back over ipv6, every byte checked; no byte of it readable on the wire")
+	t.Logf("the IPv6-only host's phases took %v of this test (namespace, its btmmd's start, its pairs' convergence after the others', the checks, the stream)", v6cost.Round(100*time.Millisecond))
 	// At least one frame per round trip on each path. Not two: the
 	// capture may start a frame or two late and segments can be
 	// coalesced (CI saw 36 of 40 once).

@@ -36,6 +36,7 @@ type KDC struct {
 	Realm    string
 	Dir      string         // temporary directory holding the database, configs and keytabs
 	Addr     netip.AddrPort // where the KDC listens (UDP and TCP)
+	Also     []netip.Addr   // more addresses it listens on, at Addr's port (StartIn)
 	Krb5Conf string         // path of the client krb5.conf (KRB5_CONFIG)
 	KDCConf  string         // path of kdc.conf (KRB5_KDC_PROFILE)
 
@@ -56,16 +57,19 @@ func Start(t testing.TB, realm string) *KDC {
 // (an address the namespace has, such as the lab's 11.0.0.1), so that hosts
 // in other namespaces reach it. The database and configs stay in the test's
 // temporary directory; kadmin.local works on them from the test as with Start.
-func StartIn(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16) *KDC {
+// It also listens on the addresses also (an IPv6 one for IPv6-only hosts);
+// krb5.conf names addr.
+func StartIn(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16, also ...netip.Addr) *KDC {
 	t.Helper()
-	return start(t, realm, ns, addr, port)
+	return start(t, realm, ns, addr, port, also...)
 }
 
-func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16) *KDC {
+func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint16, also ...netip.Addr) *KDC {
 	t.Helper()
 	testenv.RequireRoot(t)
 	k := &KDC{
 		Realm:    realm,
+		Also:     also,
 		Dir:      t.TempDir(),
 		kdcBin:   testenv.RequireBinary(t, "krb5kdc", "krb5-kdc"),
 		kdb5Util: testenv.RequireBinary(t, "kdb5_util", "krb5-kdc"),
@@ -107,11 +111,15 @@ func start(t testing.TB, realm string, ns *netns.NS, addr netip.Addr, port uint1
 	}
 }
 
-// writeConfigs writes krb5.conf and kdc.conf for k.Addr.
+// writeConfigs writes krb5.conf and kdc.conf for k.Addr (and k.Also).
 func (k *KDC) writeConfigs(t testing.TB) {
 	t.Helper()
 	if err := os.WriteFile(k.Krb5Conf, []byte(k.ClientConfig()), 0o644); err != nil {
 		t.Fatal(err)
+	}
+	listen := k.Addr.String()
+	for _, a := range k.Also {
+		listen += ", " + netip.AddrPortFrom(a, k.Addr.Port()).String()
 	}
 	kdcConf := fmt.Sprintf(`[kdcdefaults]
  kdc_listen = %[1]s
@@ -129,7 +137,7 @@ func (k *KDC) writeConfigs(t testing.TB) {
 
 [logging]
  kdc = STDERR
-`, k.Addr, k.Realm, k.Dir)
+`, listen, k.Realm, k.Dir)
 	if err := os.WriteFile(k.KDCConf, []byte(kdcConf), 0o644); err != nil {
 		t.Fatal(err)
 	}
