@@ -197,39 +197,72 @@ func checkBridgeCarried(t *testing.T, pl *pathsLab, sent, bulk int) {
 // waitPaths waits until every listed pair is keyed, in the kernel, on the
 // expected kind, with the dataplane's outer address the path's remote (a
 // relay-tcp peer: a loopback bridge socket), and btmmctl peers shows it
-// (relay-tcp: "(btmmd carries it)"). It returns the statuses and how long
-// that took.
+// (relay-tcp: "(btmmd carries it)"), without a break for pathsHold. It
+// returns the statuses and how long it took until the paths held.
 func (pl *pathsLab) waitPaths(t *testing.T, row string, want map[[2]string]path.Kind) (map[string]*agent.Status, time.Duration) {
 	t.Helper()
 	var sts map[string]*agent.Status
+	var outs map[string]string
 	t0 := time.Now()
+	var okSince time.Time
 	testenv.WaitFor(t, row+": every pair on its expected path", 240*time.Second, func() error {
-		sts = pl.statuses(t)
-		for pair, kind := range want {
-			st := sts[pair[0]]
-			if st == nil {
-				return fmt.Errorf("%s: no status", pair[0])
-			}
-			var p *agent.PeerStatus
-			for i := range st.Peers {
-				if st.Peers[i].Name == pair[1] {
-					p = &st.Peers[i]
-				}
-			}
-			if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || !pathOuterOK(p) {
-				return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
-			}
+		err := pl.onPaths(t, want, &sts, &outs)
+		switch {
+		case err != nil:
+			okSince = time.Time{}
+			return err
+		case okSince.IsZero():
+			okSince = time.Now()
+		}
+		// Held for pathsHold: right after a move the statuses may still
+		// show the previous row's paths for a moment (the host has not
+		// noticed yet), which happen to be this row's.
+		if held := time.Since(okSince); held < pathsHold {
+			return fmt.Errorf("on the expected paths for %v, want %v", held.Round(time.Millisecond), pathsHold)
 		}
 		return nil
 	})
-	took := time.Since(t0).Round(time.Millisecond)
-	t.Logf("%s: every pair on its expected path after %v", row, took)
+	took := okSince.Sub(t0).Round(time.Millisecond)
+	t.Logf("%s: every pair on its expected path after %v (and still %v later)", row, took, pathsHold)
+	for _, h := range pl.hosts {
+		if out, ok := outs[h.name]; ok {
+			show(t, "btmmctl peers   # on "+h.name, out)
+		}
+	}
+	return sts, took
+}
+
+// pathsHold is how long waitPaths wants every pair on its expected path.
+const pathsHold = 3 * time.Second
+
+// onPaths checks that every listed pair is keyed, in the kernel, on the
+// expected kind with the dataplane's outer address the path's remote, and
+// that btmmctl peers on each host shows it; it leaves the statuses and the
+// btmmctl outputs in *sts and *outs.
+func (pl *pathsLab) onPaths(t *testing.T, want map[[2]string]path.Kind, sts *map[string]*agent.Status, outs *map[string]string) error {
+	*sts = pl.statuses(t)
+	for pair, kind := range want {
+		st := (*sts)[pair[0]]
+		if st == nil {
+			return fmt.Errorf("%s: no status", pair[0])
+		}
+		var p *agent.PeerStatus
+		for i := range st.Peers {
+			if st.Peers[i].Name == pair[1] {
+				p = &st.Peers[i]
+			}
+		}
+		if p == nil || !p.Keyed || !p.InKernel || p.Path.Kind != kind || !pathOuterOK(p) {
+			return fmt.Errorf("%s -> %s: want %v keyed in kernel, have %+v", pair[0], pair[1], kind, p)
+		}
+	}
+	*outs = map[string]string{}
 	for _, h := range pl.hosts {
 		if h.d == nil {
 			continue
 		}
 		out, _ := h.ns.Run(filepath.Join(pl.bins, "btmmctl"), "-socket", h.sock, "peers")
-		show(t, "btmmctl peers   # on "+h.name, out)
+		(*outs)[h.name] = out
 		for pair, kind := range want {
 			if pair[0] != h.name {
 				continue
@@ -239,11 +272,11 @@ func (pl *pathsLab) waitPaths(t *testing.T, row string, want map[[2]string]path.
 				w += " (btmmd carries it)"
 			}
 			if !strings.Contains(out, w) {
-				t.Errorf("%s: btmmctl peers on %s does not show %q", row, h.name, w)
+				return fmt.Errorf("btmmctl peers on %s does not show %q:\n%s", h.name, w, out)
 			}
 		}
 	}
-	return sts, took
+	return nil
 }
 
 // pingAll pings every running host's ULA from every other one. A path that
