@@ -342,7 +342,20 @@ func roam(t *testing.T, dp, others string) {
 		}
 		return m
 	}
-	before := spis()
+	// Both sides of every pair agree first (out = the other's in): a pair
+	// that started keying at once may still be settling which exchange
+	// wins, and that is not a rekey caused by a move.
+	var before map[string][2]uint32
+	testenv.WaitFor(t, "every pair's SPIs agree on both sides", 60*time.Second, func() error {
+		before = spis()
+		for k, v := range before {
+			a, b, _ := strings.Cut(k, "->")
+			if w, ok := before[b+"->"+a]; ok && (v[0] != w[1] || v[1] != w[0]) {
+				return fmt.Errorf("%s %v but %s->%s %v", k, v, b, a, w)
+			}
+		}
+		return nil
+	})
 
 	echo := startEcho(t, l.Host1, ula1)
 	conn := dialEcho(t, l.Host2, echo)
