@@ -23,6 +23,12 @@ type harness struct {
 	done   chan error
 }
 
+// announce delivers a PCP ANNOUNCE (RFC 6887 §14.1.1) to the client.
+func (h *harness) announce() {
+	a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
+	h.ann.c <- a
+}
+
 func start(t *testing.T, g *fakeGateway, mod func(*Config)) *harness {
 	t.Helper()
 	h := &harness{g: g, ann: newFakeAnnouncer(), done: make(chan error, 1)}
@@ -488,11 +494,8 @@ func TestRediscoverAndAnnouncementAfterNoGateway(t *testing.T) {
 		}
 		// The gateway comes up and announces itself: looked for at once,
 		// not after RetryInterval.
-		g.mu.Lock()
-		g.silent = false
-		g.mu.Unlock()
-		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
-		h.ann.c <- a
+		g.answer()
+		h.announce()
 		synctest.Wait()
 		if _, ok := h.c.Status().Endpoint(UDP, 4500); !ok {
 			t.Fatalf("not mapped after the announcement: %v", h.c.Status())
@@ -552,9 +555,7 @@ func TestRediscoverDuringDiscovery(t *testing.T) {
 		if st := h.c.Status(); st.State != StateStarting || n == 0 {
 			t.Fatalf("after Add: %v, %d requests: discovery should go on", st, n)
 		}
-		g.mu.Lock()
-		g.silent = false
-		g.mu.Unlock()
+		g.answer()
 		h.c.Rediscover()
 		synctest.Wait()
 		st := h.c.Status()
@@ -582,11 +583,8 @@ func TestAnnouncementDuringDiscovery(t *testing.T) {
 		h := start(t, g, nil)
 		time.Sleep(20 * time.Second) // tries at 0 .. 15.75 s, the next at 31.75 s
 		synctest.Wait()
-		g.mu.Lock()
-		g.silent = false
-		g.mu.Unlock()
-		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
-		h.ann.c <- a
+		g.answer()
+		h.announce()
 		synctest.Wait()
 		st := h.c.Status()
 		if _, ok := st.Endpoint(UDP, 4500); !ok || st.State != StateMapped {
@@ -611,8 +609,7 @@ func TestAnnouncementDuringLastWait(t *testing.T) {
 		time.Sleep(2 * time.Second) // in the last wait (1 s .. 5 s)
 		synctest.Wait()
 		n := len(g.requests())
-		a, _ := PCPResponse{Opcode: PCPOpAnnounce}.MarshalBinary()
-		h.ann.c <- a
+		h.announce()
 		synctest.Wait()
 		if st := h.c.Status(); st.State != StateStarting {
 			t.Fatalf("after an announcement in the last wait: %v, want still discovering", st)

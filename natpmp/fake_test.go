@@ -87,6 +87,13 @@ func (g *fakeConn) Close() error {
 	return nil
 }
 
+// answer makes a silent gateway answer again.
+func (g *fakeGateway) answer() {
+	g.mu.Lock()
+	g.silent = false
+	g.mu.Unlock()
+}
+
 func (g *fakeGateway) epoch() uint32 { return uint32(time.Since(g.start) / time.Second) }
 
 // reboot loses every mapping and restarts the epoch.
