@@ -12,6 +12,8 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // attachment is how the programs hang on one device: TCX links (pinned, so
@@ -212,7 +214,7 @@ func ourFilter(f netlink.Filter) bool {
 // clsactIntact reports whether both our filters are on dev.
 func (d *Dataplane) clsactIntact(dev netlink.Link) bool {
 	for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
-		fs, err := d.nl.FilterList(dev, parent)
+		fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return d.nl.FilterList(dev, parent) })
 		if err != nil || !slices.ContainsFunc(fs, ourFilter) {
 			return false
 		}
@@ -231,7 +233,7 @@ func (d *Dataplane) delFilters(dev netlink.Link) error {
 	}
 	empty := true
 	for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
-		fs, err := d.nl.FilterList(dev, parent)
+		fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return d.nl.FilterList(dev, parent) })
 		if err != nil || len(fs) > 0 {
 			empty = false
 		}
@@ -245,7 +247,7 @@ func (d *Dataplane) delFilters(dev netlink.Link) error {
 // removeStaleFilters deletes our clsact filters from every device but keep
 // (an earlier run's, left when the agent died after the host moved).
 func (d *Dataplane) removeStaleFilters(keep int) {
-	links, err := d.nl.LinkList()
+	links, err := nldump.Retry(d.nl.LinkList)
 	if err != nil {
 		return
 	}
@@ -255,7 +257,7 @@ func (d *Dataplane) removeStaleFilters(keep int) {
 		}
 		found := false
 		for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
-			if fs, err := d.nl.FilterList(l, parent); err == nil && slices.ContainsFunc(fs, ourFilter) {
+			if fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return d.nl.FilterList(l, parent) }); err == nil && slices.ContainsFunc(fs, ourFilter) {
 				found = true
 			}
 		}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/identity"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/controlplane/nsthread"
 	"github.com/btmm/btmm/controlplane/repair"
 	"github.com/btmm/btmm/xfrm"
@@ -239,7 +240,7 @@ func (d *Dataplane) wantDevice(local string) (netlink.Link, error) {
 		name = d.cfg.Device
 	}
 	if name == "" {
-		rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
+		rs, err := nldump.Retry(func() ([]netlink.Route, error) {
 			return d.nl.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 		})
 		if err != nil {
@@ -701,7 +702,7 @@ func (d *Dataplane) leave(left attachment) ([]controlplane.Change, error) {
 		changes = append(changes, controlplane.Change{Op: "delete", Object: "attach", What: "programs on " + left.name()})
 	}
 	if left.index() != d.attach.index() {
-		neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(left.index(), netlink.FAMILY_V6) })
+		neighs, err := nldump.Retry(func() ([]netlink.Neigh, error) { return d.nl.NeighList(left.index(), netlink.FAMILY_V6) })
 		if err == nil {
 			for _, n := range neighs {
 				if !d.ourNeigh(n, left.dev) {
@@ -736,7 +737,7 @@ func (d *Dataplane) setRoutes(desired *controlplane.State, viaDev map[netip.Addr
 	var changes []controlplane.Change
 	var errs []error
 	have := map[netip.Addr]netlink.Route{}
-	rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) {
 		return d.nl.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol, Table: unix.RT_TABLE_MAIN},
 			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
@@ -755,7 +756,7 @@ func (d *Dataplane) setRoutes(desired *controlplane.State, viaDev map[netip.Addr
 	dev := d.attach.dev
 	if dev != nil && len(desired.Peers) > 0 {
 		idx := dev.Attrs().Index
-		neighs, err := xfrm.RetryDump(func() ([]netlink.Neigh, error) { return d.nl.NeighList(idx, netlink.FAMILY_V6) })
+		neighs, err := nldump.Retry(func() ([]netlink.Neigh, error) { return d.nl.NeighList(idx, netlink.FAMILY_V6) })
 		if err != nil {
 			return nil, fmt.Errorf("list neighbours: %w", err)
 		}
@@ -828,7 +829,7 @@ func (d *Dataplane) setRoutes(desired *controlplane.State, viaDev map[netip.Addr
 			if i == 0 || err != nil {
 				continue
 			}
-			if ns, err := d.nl.NeighList(i, netlink.FAMILY_V6); err == nil {
+			if ns, err := nldump.Retry(func() ([]netlink.Neigh, error) { return d.nl.NeighList(i, netlink.FAMILY_V6) }); err == nil {
 				for _, x := range ns {
 					if x.IP.Equal(a.AsSlice()) && d.ourNeigh(x, l) {
 						if d.nl.NeighDel(&x) == nil {
@@ -860,7 +861,7 @@ func (d *Dataplane) Stats(ctx context.Context) ([]controlplane.PeerStats, error)
 	for _, p := range d.desired.Peers {
 		peers[p.ULA] = len(p.Tunnels) > 0
 	}
-	ss, err := xfrm.RetryDump(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
+	ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("ebpf: stats: %w", err)
 	}
@@ -1083,7 +1084,7 @@ func (d *Dataplane) setLocalULA(ula netip.Addr) ([]controlplane.Change, error) {
 	if !ula.IsValid() {
 		return changes, nil
 	}
-	addrs, err := xfrm.RetryDump(func() ([]netlink.Addr, error) { return d.nl.AddrList(nil, netlink.FAMILY_V6) })
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.nl.AddrList(nil, netlink.FAMILY_V6) })
 	if err != nil {
 		return changes, fmt.Errorf("local ULA: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/xfrm"
 	"hash"
 	"io"
@@ -69,7 +70,7 @@ func topology(t testing.TB) (a, b *host) {
 		must(t, h.ns.Sysctl("net.ipv6.conf."+h.dev+".addr_gen_mode", "1"))
 		l, err := h.ns.LinkByName(h.dev)
 		must(t, err)
-		addrs, err := xfrm.RetryDump(func() ([]netlink.Addr, error) { return h.ns.Handle.AddrList(l, netlink.FAMILY_V6) })
+		addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.ns.Handle.AddrList(l, netlink.FAMILY_V6) })
 		must(t, err)
 		for _, ad := range addrs {
 			must(t, h.ns.Handle.AddrDel(l, &ad))
@@ -330,7 +331,7 @@ func attachedOn(t testing.TB, h *host, dev string) []string {
 		t.Fatal(err)
 	}
 	for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
-		fs, _ := h.ns.Handle.FilterList(l, parent)
+		fs, _ := nldump.Retry(func() ([]netlink.Filter, error) { return h.ns.Handle.FilterList(l, parent) })
 		for _, f := range fs {
 			names = append(names, fmt.Sprintf("filter %s", f.Type()))
 		}
@@ -352,21 +353,23 @@ func leftovers(t testing.TB, h *host) []string {
 		names, _ := Pinned(h.root)
 		got = append(got, fmt.Sprintf("pin root %s: %v %v", h.root, err, names))
 	}
-	rs, _ := h.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol}, netlink.RT_FILTER_PROTOCOL)
+	rs, _ := nldump.Retry(func() ([]netlink.Route, error) {
+		return h.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol}, netlink.RT_FILTER_PROTOCOL)
+	})
 	for _, r := range rs {
 		got = append(got, "route "+r.String())
 	}
-	ns, _ := h.ns.Handle.NeighList(0, netlink.FAMILY_V6)
+	ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return h.ns.Handle.NeighList(0, netlink.FAMILY_V6) })
 	for _, n := range ns {
 		if n.State&netlink.NUD_PERMANENT != 0 {
 			got = append(got, "neigh "+n.String())
 		}
 	}
-	ss, _ := h.ns.Handle.XfrmStateList(netlink.FAMILY_ALL)
+	ss, _ := nldump.Retry(func() ([]netlink.XfrmState, error) { return h.ns.Handle.XfrmStateList(netlink.FAMILY_ALL) })
 	for _, s := range ss {
 		got = append(got, fmt.Sprintf("xfrm state spi 0x%x", s.Spi))
 	}
-	ps, _ := h.ns.Handle.XfrmPolicyList(netlink.FAMILY_ALL)
+	ps, _ := nldump.Retry(func() ([]netlink.XfrmPolicy, error) { return h.ns.Handle.XfrmPolicyList(netlink.FAMILY_ALL) })
 	for range ps {
 		got = append(got, "xfrm policy")
 	}
@@ -492,7 +495,7 @@ func TestMoveSecureVM(t *testing.T) {
 	a, b := topology(t)
 	connect(t, a, b, Config{})
 	sas := func() map[int]netlink.XfrmState {
-		ss, err := a.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return a.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		must(t, err)
 		m := map[int]netlink.XfrmState{}
 		for _, s := range ss {
@@ -640,7 +643,7 @@ func TestSecureVM(t *testing.T) {
 
 	// ESP really carried it: the SAs counted the bytes.
 	for _, h := range []*host{a, b} {
-		ss, err := h.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return h.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -724,7 +727,7 @@ func TestInteropXfrmVM(t *testing.T) {
 		{"hand-built", func(t *testing.T, a, b *host, st *controlplane.State) func(t *testing.T) {
 			xfrmHost(t, b, a, st.Peers[0].In, st.Peers[0].Out)
 			return func(t *testing.T) {
-				ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V4)
+				ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return b.ns.Handle.XfrmStateList(netlink.FAMILY_V4) })
 				must(t, err)
 				for _, x := range ss {
 					t.Logf("xfrm host b: state spi 0x%x %s->%s packets %d bytes %d", x.Spi, x.Src, x.Dst, x.Statistics.Packets, x.Statistics.Bytes)

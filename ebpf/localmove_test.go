@@ -10,9 +10,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
-	"github.com/btmm/btmm/xfrm"
 )
 
 // routedTopology: a and b behind router r, each on its own /24; a has a
@@ -109,7 +109,7 @@ func testLocalMove(t *testing.T, cfg Config) {
 	}
 	ping(t, a, b)
 	sas := func() map[int]netlink.XfrmState {
-		ss, err := a.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return a.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		must(t, err)
 		m := map[int]netlink.XfrmState{}
 		for _, s := range ss {
@@ -186,8 +186,10 @@ func testLocalMove(t *testing.T, cfg Config) {
 		if got := attached(t, a); len(got) < 2 {
 			t.Errorf("%s: attached to %s: %q, want both programs", m.name, m.to, got)
 		}
-		rs, err := xfrm.RetryDump(func() ([]netlink.Route, error) {
-			return a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol}, netlink.RT_FILTER_PROTOCOL)
+		rs, err := nldump.Retry(func() ([]netlink.Route, error) {
+			return nldump.Retry(func() ([]netlink.Route, error) {
+				return a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: routeProtocol}, netlink.RT_FILTER_PROTOCOL)
+			})
 		})
 		must(t, err)
 		to, err := a.ns.LinkByName(m.to)
@@ -195,7 +197,7 @@ func testLocalMove(t *testing.T, cfg Config) {
 		if len(rs) != 1 || rs[0].LinkIndex != to.Attrs().Index {
 			t.Errorf("%s: routes after the move: %v, want one via %s", m.name, rs, m.to)
 		}
-		if ns, _ := a.ns.Handle.NeighList(0, netlink.FAMILY_V6); len(ns) != 1 || ns[0].LinkIndex != to.Attrs().Index {
+		if ns, _ := nldump.Retry(func() ([]netlink.Neigh, error) { return a.ns.Handle.NeighList(0, netlink.FAMILY_V6) }); len(ns) != 1 || ns[0].LinkIndex != to.Attrs().Index {
 			t.Errorf("%s: neighbour entries %v, want one on %s", m.name, ns, m.to)
 		}
 	}

@@ -7,11 +7,13 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 func hasULA(t *testing.T, h *host) bool {
 	t.Helper()
-	addrs, err := h.ns.Handle.AddrList(nil, netlink.FAMILY_V6)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.ns.Handle.AddrList(nil, netlink.FAMILY_V6) })
 	must(t, err)
 	for _, a := range addrs {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && ip == h.ula {

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // Loopback outer addresses (relay-tcp, docs/paths.md): a peer reached
@@ -141,7 +142,7 @@ func (d *Dataplane) loIntact(a loAttachment) bool {
 	case a.dev == nil:
 		return true
 	case a.clsact:
-		fs, err := d.nl.FilterList(a.dev, netlink.HANDLE_MIN_INGRESS)
+		fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return d.nl.FilterList(a.dev, netlink.HANDLE_MIN_INGRESS) })
 		return err == nil && slices.ContainsFunc(fs, ourFilter)
 	}
 	return a.tcx != nil && tcxIfindex(a.tcx) == a.dev.Attrs().Index
@@ -164,7 +165,7 @@ func (d *Dataplane) detachLoopback() error {
 		}
 		empty := true
 		for _, parent := range []uint32{netlink.HANDLE_MIN_EGRESS, netlink.HANDLE_MIN_INGRESS} {
-			if fs, err := d.nl.FilterList(a.dev, parent); err != nil || len(fs) > 0 {
+			if fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return d.nl.FilterList(a.dev, parent) }); err != nil || len(fs) > 0 {
 				empty = false
 			}
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/controlplane/relay"
 	"github.com/btmm/btmm/internal/testenv"
 )
@@ -134,7 +135,7 @@ func testLoopbackOuter(t *testing.T, cfg Config) {
 	t.Logf("the bridge carried %d datagrams a -> b and %d b -> a", br.out.Load(), br.in.Load())
 	if !cfg.Cleartext {
 		// ESP carried it: a's outbound SA counted the bytes.
-		ss, err := a.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return a.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		must(t, err)
 		for _, s := range ss {
 			t.Logf("a: state spi 0x%x %s->%s packets %d bytes %d", s.Spi, s.Src, s.Dst, s.Statistics.Packets, s.Statistics.Bytes)

@@ -13,6 +13,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/controlplane/repair"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/btmm/btmm/internal/udpecho"
@@ -132,7 +133,9 @@ func testRepair(t *testing.T, cfg Config) {
 			t.Errorf("%q: the administrator's tc filter is gone", brk)
 		}
 	}
-	if rs, err := a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, foreignRoute, netlink.RT_FILTER_DST); err != nil || len(rs) != 1 || rs[0].Protocol != 4 {
+	if rs, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, foreignRoute, netlink.RT_FILTER_DST)
+	}); err != nil || len(rs) != 1 || rs[0].Protocol != 4 {
 		t.Errorf("the administrator's route: %v %v", rs, err)
 	}
 	if got := attached(t, a); kind == "tcx" && len(got) != 2 {
@@ -165,7 +168,7 @@ func testRepair(t *testing.T, cfg Config) {
 
 		st, err := b.dp.Stats(t.Context())
 		must(t, err)
-		ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return b.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		must(t, err)
 		for _, s := range ss {
 			if s.Statistics.ReplayWindow+s.Statistics.Replay+s.Statistics.Failed != 0 {

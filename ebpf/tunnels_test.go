@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/btmm/btmm/xfrm"
 )
@@ -69,7 +70,7 @@ func linkTx(t testing.TB, h *host, name string) uint64 {
 // packet counter.
 func espStates(t testing.TB, h *host, peer *host) ([]string, netlink.XfrmState) {
 	t.Helper()
-	ss, err := h.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+	ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return h.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 	must(t, err)
 	var out []string
 	var o netlink.XfrmState
@@ -304,7 +305,7 @@ func TestTunnelInteropXfrmVM(t *testing.T) {
 		if via == controlplane.PathESPInUDP {
 			continue
 		}
-		ss, err := b.ns.Handle.XfrmStateList(netlink.FAMILY_V6)
+		ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return b.ns.Handle.XfrmStateList(netlink.FAMILY_V6) })
 		must(t, err)
 		n := uint64(0)
 		for _, x := range ss {

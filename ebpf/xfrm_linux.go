@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/xfrm"
 	"net"
 	"net/netip"
@@ -146,10 +147,10 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 		}
 	}
 	var tx map[int]uint64 // transmit counters before the dump: SeqGuard's bound
-	if links, err := d.nl.LinkList(); err == nil {
+	if links, err := nldump.Retry(d.nl.LinkList); err == nil {
 		tx = xfrm.TxCounters(links)
 	}
-	states, err := xfrm.RetryDump(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
+	states, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return d.nl.XfrmStateList(netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states: %w", err)
 	}
@@ -208,7 +209,7 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 			tmp := *w
 			tmp.Mode = other.mode
 			var now map[int]uint64
-			if links, err := d.nl.LinkList(); err == nil {
+			if links, err := nldump.Retry(d.nl.LinkList); err == nil {
 				now = xfrm.TxCounters(links)
 			}
 			if d.guard.Restore(&tmp, true, now) {
@@ -265,7 +266,7 @@ func (d *Dataplane) setXfrm(desired *controlplane.State) ([]controlplane.Change,
 		addPol(netlink.XFRM_DIR_IN, p.ULA, local, netlink.XFRM_MODE_TUNNEL, markUDP)
 		addPol(netlink.XFRM_DIR_IN, p.ULA, local, netlink.XFRM_MODE_TRANSPORT, markDevice)
 	}
-	pols, err := xfrm.RetryDump(func() ([]netlink.XfrmPolicy, error) { return d.nl.XfrmPolicyList(netlink.FAMILY_V6) })
+	pols, err := nldump.Retry(func() ([]netlink.XfrmPolicy, error) { return d.nl.XfrmPolicyList(netlink.FAMILY_V6) })
 	if err != nil {
 		errs = append(errs, fmt.Errorf("list xfrm policies: %w", err))
 		return changes, errors.Join(errs...)

@@ -9,6 +9,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // DefaultRoute finds the IPv4 default route through h (nil: a handle in the
@@ -24,7 +26,9 @@ func DefaultRoute(h *netlink.Handle) (Route, error) {
 		defer nh.Close()
 		h = nh
 	}
-	routes, err := h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	routes, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return Route{}, fmt.Errorf("natpmp: default route: list routes: %w", err)
 	}
@@ -56,7 +60,7 @@ func DefaultRoute(h *netlink.Handle) (Route, error) {
 	if err != nil {
 		return rt, fmt.Errorf("natpmp: default route: link %d: %w", best.LinkIndex, err)
 	}
-	addrs, err := h.AddrList(link, netlink.FAMILY_V4)
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_V4) })
 	if err != nil {
 		return rt, fmt.Errorf("natpmp: default route: addresses of %s: %w", link.Attrs().Name, err)
 	}

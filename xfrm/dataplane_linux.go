@@ -18,6 +18,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/btmm/btmm/controlplane"
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/controlplane/repair"
 )
 
@@ -328,7 +329,7 @@ func (d *Dataplane) ifid() int {
 }
 
 func (d *Dataplane) states() ([]netlink.XfrmState, error) {
-	all, err := RetryDump(func() ([]netlink.XfrmState, error) { return d.h.XfrmStateList(netlink.FAMILY_ALL) })
+	all, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return d.h.XfrmStateList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states: %w", err)
 	}
@@ -342,7 +343,7 @@ func (d *Dataplane) states() ([]netlink.XfrmState, error) {
 }
 
 func (d *Dataplane) policies() ([]netlink.XfrmPolicy, error) {
-	all, err := RetryDump(func() ([]netlink.XfrmPolicy, error) { return d.h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	all, err := nldump.Retry(func() ([]netlink.XfrmPolicy, error) { return d.h.XfrmPolicyList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm policies: %w", err)
 	}
@@ -356,7 +357,7 @@ func (d *Dataplane) policies() ([]netlink.XfrmPolicy, error) {
 }
 
 func (d *Dataplane) routes() ([]netlink.Route, error) {
-	rs, err := RetryDump(func() ([]netlink.Route, error) {
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) {
 		return d.h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Protocol: d.cfg.RouteProtocol, Table: syscall.RT_TABLE_MAIN},
 			netlink.RT_FILTER_PROTOCOL|netlink.RT_FILTER_TABLE)
 	})
@@ -364,20 +365,6 @@ func (d *Dataplane) routes() ([]netlink.Route, error) {
 		return nil, fmt.Errorf("list routes: %w", err)
 	}
 	return rs, nil
-}
-
-// RetryDump repeats a netlink dump the kernel interrupted because its tables
-// changed mid-dump (vishvananda/netlink's ErrDumpInterrupted), up to five
-// times. The ebpf dataplane uses it too.
-func RetryDump[T any](f func() ([]T, error)) ([]T, error) {
-	var err error
-	for range 5 {
-		var r []T
-		if r, err = f(); !errors.Is(err, netlink.ErrDumpInterrupted) {
-			return r, err
-		}
-	}
-	return nil, err
 }
 
 func absent(err error) bool {
@@ -619,7 +606,9 @@ func (d *Dataplane) routeDevice(name string) (int, error) {
 		}
 		return l.Attrs().Index, nil
 	}
-	rs, err := d.h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) {
+		return d.h.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: syscall.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	})
 	if err != nil {
 		return 0, fmt.Errorf("list IPv4 routes: %w", err)
 	}
@@ -628,7 +617,7 @@ func (d *Dataplane) routeDevice(name string) (int, error) {
 			return r.LinkIndex, nil
 		}
 	}
-	ls, err := d.h.LinkList()
+	ls, err := nldump.Retry(d.h.LinkList)
 	if err != nil {
 		return 0, fmt.Errorf("list links: %w", err)
 	}
@@ -757,7 +746,7 @@ func (d *Dataplane) setLocked(ctx context.Context, desired *controlplane.State) 
 		}
 	}
 	// Transmit counters before the state dump: SeqGuard's bound.
-	if links, err := d.h.LinkList(); err == nil {
+	if links, err := nldump.Retry(d.h.LinkList); err == nil {
 		a.tx = TxCounters(links)
 	}
 	kstates, err := d.states()
@@ -972,7 +961,7 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 			a.errs = append(a.errs, fmt.Errorf("find lo: %w", err))
 			return
 		}
-		have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(lo, netlink.FAMILY_V6) })
+		have, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(lo, netlink.FAMILY_V6) })
 		if err != nil {
 			a.errs = append(a.errs, fmt.Errorf("list addresses on lo: %w", err))
 			return
@@ -992,7 +981,7 @@ func (a *applier) address(link netlink.Link, ula netip.Addr) {
 		}
 		return
 	}
-	have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
+	have, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
 	if err != nil {
 		a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", d.cfg.Interface, err))
 		return
@@ -1018,7 +1007,7 @@ func (a *applier) oldAddress(link netlink.Link, ula netip.Addr) {
 		}
 		return
 	}
-	have, err := RetryDump(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
+	have, err := nldump.Retry(func() ([]netlink.Addr, error) { return d.h.AddrList(link, netlink.FAMILY_V6) })
 	if err != nil {
 		a.errs = append(a.errs, fmt.Errorf("list addresses on %s: %w", d.cfg.Interface, err))
 		return
@@ -1371,7 +1360,7 @@ func (d *Dataplane) Stats(ctx context.Context) ([]controlplane.PeerStats, error)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var tx map[int]uint64
-	if links, err := d.h.LinkList(); err == nil {
+	if links, err := nldump.Retry(d.h.LinkList); err == nil {
 		tx = TxCounters(links)
 	}
 	ss, err := d.states()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/testenv"
 )
 
@@ -120,7 +121,9 @@ func TestVMLoopbackOuter(t *testing.T) {
 			_, err = b.dp.Set(t.Context(), stb)
 			must(t, err)
 
-			rs, err := a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Dst: host128(b.ula)}, netlink.RT_FILTER_DST)
+			rs, err := nldump.Retry(func() ([]netlink.Route, error) {
+				return a.ns.Handle.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Dst: host128(b.ula)}, netlink.RT_FILTER_DST)
+			})
 			must(t, err)
 			if len(rs) != 1 || rs[0].Type != 1 /* RTN_UNICAST */ {
 				t.Fatalf("a's route to b's ULA: %+v, want one unicast route", rs)

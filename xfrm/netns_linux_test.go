@@ -8,6 +8,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/vishvananda/netlink"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/testenv"
 )
 
@@ -97,7 +98,7 @@ func TestNetNSOwnership(t *testing.T) {
 	if _, err := h.LinkByName("btmm0"); err == nil {
 		t.Error("btmm0 survived Close")
 	}
-	if addrs, _ := h.AddrList(nil, netlink.FAMILY_V6); strings.Contains(fmtAddrs(addrs), "fd00::a") {
+	if addrs, _ := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_V6) }); strings.Contains(fmtAddrs(addrs), "fd00::a") {
 		t.Errorf("ULA survived Close: %v", addrs)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane/identity"
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // render describes what the kernel behind h holds that matters to this
@@ -41,7 +42,7 @@ func render(h handle, ifname string) (string, error) {
 			}
 			lines = append(lines, fmt.Sprintf("link %s xfrm if_id 0x%x %s", dev, x.Ifid, up))
 		}
-		as, err := h.AddrList(l, netlink.FAMILY_V6)
+		as, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_V6) })
 		if err != nil {
 			return "", fmt.Errorf("render: addresses of %s: %w", dev, err)
 		}
@@ -55,7 +56,7 @@ func render(h handle, ifname string) (string, error) {
 	}
 	// Tunnel devices (ours and anyone's), their link-local addresses, and
 	// the fou listeners.
-	ls, err := RetryDump(h.LinkList)
+	ls, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return "", fmt.Errorf("render: links: %w", err)
 	}
@@ -81,7 +82,7 @@ func render(h handle, ifname string) (string, error) {
 			up = "up"
 		}
 		lines = append(lines, fmt.Sprintf("link %s %s group 0x%x alias %q %s", a.Name, desc, a.Group, a.Alias, up))
-		as, err := h.AddrList(l, netlink.FAMILY_V6)
+		as, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(l, netlink.FAMILY_V6) })
 		if err != nil {
 			return "", fmt.Errorf("render: addresses of %s: %w", a.Name, err)
 		}
@@ -90,7 +91,7 @@ func render(h handle, ifname string) (string, error) {
 			lines = append(lines, fmt.Sprintf("addr %v/%d dev %s", ipAddr(x.IP), ones, a.Name))
 		}
 	}
-	if fs, err := h.FouList(netlink.FAMILY_V4); err == nil {
+	if fs, err := nldump.Retry(func() ([]netlink.Fou, error) { return h.FouList(netlink.FAMILY_V4) }); err == nil {
 		for _, f := range fs {
 			if f.EncapType == netlink.FOU_ENCAP_GUE {
 				lines = append(lines, fmt.Sprintf("fou port %d gue", f.Port))
@@ -99,14 +100,14 @@ func render(h handle, ifname string) (string, error) {
 			}
 		}
 	}
-	ss, err := RetryDump(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
+	ss, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return h.XfrmStateList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return "", fmt.Errorf("render: states: %w", err)
 	}
 	for _, s := range ss {
 		lines = append(lines, renderState(&s))
 	}
-	ps, err := RetryDump(func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
+	ps, err := nldump.Retry(func() ([]netlink.XfrmPolicy, error) { return h.XfrmPolicyList(netlink.FAMILY_ALL) })
 	if err != nil {
 		return "", fmt.Errorf("render: policies: %w", err)
 	}
@@ -120,7 +121,7 @@ func render(h handle, ifname string) (string, error) {
 		}
 		lines = append(lines, s)
 	}
-	rs, err := RetryDump(func() ([]netlink.Route, error) {
+	rs, err := nldump.Retry(func() ([]netlink.Route, error) {
 		return h.RouteListFiltered(netlink.FAMILY_V6, &netlink.Route{Table: 254}, netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {

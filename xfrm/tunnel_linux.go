@@ -14,6 +14,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/identity"
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // Tunnel devices (issue 15, docs/tunnels.md). Per peer with tunnels: an
@@ -119,7 +120,7 @@ func (t *Tunnels) Ours(l netlink.Link) bool {
 
 // Links lists our tunnel devices.
 func (t *Tunnels) Links() ([]netlink.Link, error) {
-	all, err := RetryDump(t.h.LinkList)
+	all, err := nldump.Retry(t.h.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("list links: %w", err)
 	}
@@ -256,7 +257,7 @@ func (t *Tunnels) Apply(a Recorder, want []netlink.Link, have map[string]netlink
 		}
 		idx[name] = h.Attrs().Index
 		ll := controlplane.TunnelLinkLocal(ula)
-		as, err := RetryDump(func() ([]netlink.Addr, error) { return t.h.AddrList(h, netlink.FAMILY_V6) })
+		as, err := nldump.Retry(func() ([]netlink.Addr, error) { return t.h.AddrList(h, netlink.FAMILY_V6) })
 		if err != nil {
 			a.Fail(fmt.Errorf("list addresses on %s: %w", name, err))
 			continue
@@ -284,7 +285,7 @@ func (t *Tunnels) Fou(a Recorder, port uint16) {
 	if port == 0 {
 		return
 	}
-	fs, err := RetryDump(func() ([]netlink.Fou, error) { return t.h.FouList(netlink.FAMILY_V4) })
+	fs, err := nldump.Retry(func() ([]netlink.Fou, error) { return t.h.FouList(netlink.FAMILY_V4) })
 	if err != nil {
 		a.Fail(fmt.Errorf("list fou ports (is the fou module loaded?): %w", err))
 		return

@@ -20,6 +20,7 @@ import (
 
 	"github.com/btmm/btmm/controlplane/agent"
 	"github.com/btmm/btmm/controlplane/names"
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // Defaults of the [names] section.
@@ -288,7 +289,7 @@ func (n *namesRunner) stop() {
 
 // ulaLink is the link that holds the ULA.
 func ulaLink(h *netlink.Handle, ula netip.Addr) (netlink.Link, error) {
-	as, err := h.AddrList(nil, netlink.FAMILY_V6)
+	as, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_V6) })
 	if err != nil {
 		return nil, fmt.Errorf("list addresses: %w", err)
 	}
@@ -332,7 +333,7 @@ func delStubAddr(h *netlink.Handle, link netlink.Link, a netip.Addr) {
 }
 
 func hasAddr(h *netlink.Handle, link netlink.Link, a netip.Addr) bool {
-	as, err := h.AddrList(link, netlink.FAMILY_V4)
+	as, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_V4) })
 	if err != nil {
 		return false
 	}

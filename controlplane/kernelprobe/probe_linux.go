@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/controlplane/nsthread"
 )
 
@@ -69,7 +70,7 @@ var probers = map[Feature]func(h *netlink.Handle) error{
 	FOU: func(h *netlink.Handle) error {
 		// Listing resolves the generic netlink family (the kernel loads
 		// the module on that request where it can).
-		_, err := h.FouList(netlink.FAMILY_V4)
+		_, err := nldump.Retry(func() ([]netlink.Fou, error) { return h.FouList(netlink.FAMILY_V4) })
 		return err
 	},
 	TCX:      ProbeTCX,

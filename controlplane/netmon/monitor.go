@@ -323,7 +323,7 @@ func (m *Monitor) evaluate(ctx context.Context, b *burst) bool {
 	}
 	m.mu.Unlock()
 	major, reasons := Classify(old, cur)
-	if !major && cur.Default4.Valid() && b.flaps[cur.Default4.Index] {
+	if !major && cur.Default4.Valid() && (b.flaps[cur.Default4.Index] || old.carrierLost(cur, cur.Default4.Index)) {
 		// Down and up again within the window: the state looks the
 		// same, but the path behind the link may not be (another
 		// access point, a NAT that lost its mappings).

@@ -278,6 +278,52 @@ func TestFlapIsMajor(t *testing.T) {
 	})
 }
 
+// A flap the kernel folded into one notification that already shows the
+// link up (linkwatch on a busy host) is still major: the carrier-down count
+// of the default route's link grew. A count that grew on another link, or
+// did not grow, is no flap.
+func TestFoldedFlapIsMajor(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		withDowns := func(sn Snapshot, index int, n uint32) Snapshot {
+			sn.Links = slices.Clone(sn.Links)
+			for i := range sn.Links {
+				if sn.Links[i].Index == index {
+					sn.Links[i].Downs = n
+				}
+			}
+			return sn
+		}
+		home := Host("eth0", 2, lan1, gw1, true)
+		other := Link{Index: 3, Name: "wlan0", Up: true}
+		home.Links = append(home.Links, other)
+		h := startHarness(t, withDowns(home, 2, 4), Config{})
+		for _, step := range []struct {
+			name  string
+			sn    Snapshot
+			major bool
+		}{
+			{"eth0 up again, carrier-down count unchanged", withDowns(home, 2, 4), false},
+			{"another link's count grew", withDowns(withDowns(home, 2, 4), 3, 1), false},
+			{"eth0's count grew, one 'up' notification", withDowns(withDowns(home, 2, 5), 3, 1), true},
+		} {
+			n := len(h.got())
+			h.f.Publish(step.sn, linkMsgFor(step.sn, "eth0"))
+			time.Sleep(time.Second)
+			synctest.Wait()
+			got := h.got()[n:]
+			if !step.major {
+				if len(got) != 0 {
+					t.Fatalf("%s: reported %+v, want nothing", step.name, got)
+				}
+				continue
+			}
+			if len(got) != 1 || !got[0].Major || !strings.Contains(strings.Join(got[0].Reasons, ";"), "eth0 went down and up") {
+				t.Fatalf("%s: %+v, want one major change 'went down and up'", step.name, got)
+			}
+		}
+	})
+}
+
 func TestConfigErrors(t *testing.T) {
 	if _, err := New(nil, Config{}); err == nil {
 		t.Error("nil source accepted")

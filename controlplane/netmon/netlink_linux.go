@@ -2,7 +2,6 @@ package netmon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -10,6 +9,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/btmm/btmm/controlplane/nldump"
 )
 
 // NewSource returns the rtnetlink Source of network namespace ns; a closed
@@ -209,21 +210,27 @@ func (s *nlSource) Snapshot(ctx context.Context) (Snapshot, error) {
 	}
 	defer h.Close()
 	var sn Snapshot
-	links, err := retryDump(ctx, h.LinkList)
+	links, err := nldump.Retry(h.LinkList)
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("netmon: snapshot: links: %w", err)
 	}
-	for _, l := range links {
-		sn.Links = append(sn.Links, linkOf(l))
+	downs, err := s.carrierDowns()
+	if err != nil {
+		return Snapshot{}, err
 	}
-	addrs, err := retryDump(ctx, func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
+	for _, l := range links {
+		ll := linkOf(l)
+		ll.Downs = downs[ll.Index]
+		sn.Links = append(sn.Links, ll)
+	}
+	addrs, err := nldump.Retry(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_ALL) })
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("netmon: snapshot: addresses: %w", err)
 	}
 	for _, a := range addrs {
 		sn.Addrs = append(sn.Addrs, Addr{Index: a.LinkIndex, Prefix: prefixOf(a.IPNet), Secondary: a.Flags&unix.IFA_F_SECONDARY != 0})
 	}
-	routes, err := retryDump(ctx, func() ([]netlink.Route, error) {
+	routes, err := nldump.Retry(func() ([]netlink.Route, error) {
 		return h.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
 	})
 	if err != nil {
@@ -235,15 +242,4 @@ func (s *nlSource) Snapshot(ctx context.Context) (Snapshot, error) {
 		}
 	}
 	return sn, nil
-}
-
-// retryDump repeats a dump the kernel interrupted (a change arrived while
-// it was read), a few times.
-func retryDump[T any](ctx context.Context, f func() ([]T, error)) ([]T, error) {
-	for i := 0; ; i++ {
-		v, err := f()
-		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == 9 || ctx.Err() != nil {
-			return v, err
-		}
-	}
 }

@@ -16,6 +16,11 @@ type Link struct {
 	Up       bool   `json:"up"`             // administratively up and with carrier (operstate up or unknown)
 	Kind     string `json:"kind,omitempty"` // "veth", "bridge", "xfrm", ...; "" for plain devices
 	Loopback bool   `json:"loopback,omitempty"`
+	// Downs is the kernel's carrier-down count of the link
+	// (IFLA_CARRIER_DOWN_COUNT; 0 where not read). It only grows, and it
+	// counts a down-and-up that reached us as one "up" notification.
+	// State.Equal ignores it: a flap is a reason, not a state.
+	Downs uint32 `json:"carrier_downs,omitempty"`
 }
 
 // Addr is one address of a link.
@@ -95,8 +100,22 @@ func (s State) Online() bool {
 
 // Equal reports whether two states are the same.
 func (s State) Equal(o State) bool {
-	return slices.Equal(s.Links, o.Links) && slices.Equal(s.Addrs, o.Addrs) &&
+	return slices.EqualFunc(s.Links, o.Links, sameLink) && slices.Equal(s.Addrs, o.Addrs) &&
 		s.Default4 == o.Default4 && s.Default6 == o.Default6
+}
+
+// sameLink compares two links but for their carrier-down counts.
+func sameLink(a, b Link) bool {
+	a.Downs, b.Downs = 0, 0
+	return a == b
+}
+
+// carrierLost reports whether the kernel took the carrier of link index away
+// between s and later (its carrier-down count grew).
+func (s State) carrierLost(later State, index int) bool {
+	i := slices.IndexFunc(s.Links, func(l Link) bool { return l.Index == index })
+	j := slices.IndexFunc(later.Links, func(l Link) bool { return l.Index == index })
+	return i >= 0 && j >= 0 && later.Links[j].Downs > s.Links[i].Downs
 }
 
 func (s State) String() string {
@@ -231,7 +250,7 @@ func Classify(old, cur State) (major bool, reasons []string) {
 	if old.Default6 != cur.Default6 {
 		reasons = append(reasons, fmt.Sprintf("IPv6 default route: %v -> %v (btmm's outer is IPv4)", old.Default6, cur.Default6))
 	}
-	if !slices.Equal(old.Links, cur.Links) || !slices.Equal(old.Addrs, cur.Addrs) {
+	if !slices.EqualFunc(old.Links, cur.Links, sameLink) || !slices.Equal(old.Addrs, cur.Addrs) {
 		if !major {
 			reasons = append(reasons, "links or addresses changed off the default route")
 		}

@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	ctlrelay "github.com/btmm/btmm/controlplane/relay"
 )
 
@@ -228,8 +229,8 @@ func (f *Forwarder) Close() error {
 		if err := f.nl.FilterDel(f.filter()); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("ebpf/relay: delete filter: %w", err))
 		}
-		if fs, err := f.nl.FilterList(f.dev, netlink.HANDLE_MIN_INGRESS); err == nil && len(fs) == 0 {
-			if eg, err := f.nl.FilterList(f.dev, netlink.HANDLE_MIN_EGRESS); err == nil && len(eg) == 0 {
+		if fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return f.nl.FilterList(f.dev, netlink.HANDLE_MIN_INGRESS) }); err == nil && len(fs) == 0 {
+			if eg, err := nldump.Retry(func() ([]netlink.Filter, error) { return f.nl.FilterList(f.dev, netlink.HANDLE_MIN_EGRESS) }); err == nil && len(eg) == 0 {
 				f.nl.QdiscDel(&netlink.GenericQdisc{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: f.dev.Attrs().Index,
 					Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT}, QdiscType: "clsact"})
 			}

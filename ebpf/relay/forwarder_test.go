@@ -13,6 +13,7 @@ import (
 	"github.com/pion/stun/v3"
 	"github.com/vishvananda/netlink"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	ctlrelay "github.com/btmm/btmm/controlplane/relay"
 	"github.com/btmm/btmm/internal/netns"
 	"github.com/btmm/btmm/internal/testenv"
@@ -220,7 +221,7 @@ func testKernelForwarding(t *testing.T, clsact bool) {
 		must(t, fw.Close())
 		l, err := rl.LinkByName("r0")
 		must(t, err)
-		if fs, err := rl.Handle.FilterList(l, netlink.HANDLE_MIN_INGRESS); err != nil || len(fs) != 0 {
+		if fs, err := nldump.Retry(func() ([]netlink.Filter, error) { return rl.Handle.FilterList(l, netlink.HANDLE_MIN_INGRESS) }); err != nil || len(fs) != 0 {
 			t.Errorf("filters left after Close: %v %v", fs, err)
 		}
 	}()

@@ -14,6 +14,7 @@ import (
 	ciliumebpf "github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/lab"
 	"github.com/btmm/btmm/internal/netns"
 )
@@ -223,7 +224,7 @@ func currentWAN(t *testing.T, gw *netns.NS) string {
 
 // xfrmOutTo reports whether ns has an ESP-in-UDP state sending to addr.
 func xfrmOutTo(ns *netns.NS, addr string) (bool, error) {
-	states, err := ns.Handle.XfrmStateList(netlink.FAMILY_V4)
+	states, err := nldump.Retry(func() ([]netlink.XfrmState, error) { return ns.Handle.XfrmStateList(netlink.FAMILY_V4) })
 	if err != nil {
 		return false, err
 	}

@@ -36,6 +36,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/btmm/btmm/controlplane/nldump"
 	"github.com/btmm/btmm/internal/netns"
 )
 
@@ -369,7 +370,7 @@ func readdressDev(ns *netns.NS, dev, addr, gw string) error {
 	if err != nil {
 		return err
 	}
-	old, err := ns.Handle.AddrList(link, netlink.FAMILY_V4)
+	old, err := nldump.Retry(func() ([]netlink.Addr, error) { return ns.Handle.AddrList(link, netlink.FAMILY_V4) })
 	if err != nil {
 		return err
 	}
@@ -482,7 +483,7 @@ func FlushConntrack(ns *netns.NS) error {
 func (l *Lab) SetWAN(gw *netns.NS, addr string) error {
 	var old []string
 	if wan, err := gw.Handle.LinkByName("wan"); err == nil {
-		as, _ := gw.Handle.AddrList(wan, netlink.FAMILY_V4)
+		as, _ := nldump.Retry(func() ([]netlink.Addr, error) { return gw.Handle.AddrList(wan, netlink.FAMILY_V4) })
 		for _, a := range as {
 			old = append(old, a.IP.String())
 		}
