@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sort"
 	"sync"
@@ -16,9 +17,11 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/nldump"
+	"github.com/btmm/btmm/controlplane/nsthread"
 	"github.com/btmm/btmm/controlplane/repair"
 )
 
@@ -130,16 +133,44 @@ type handle interface {
 	LinkModify(netlink.Link) error
 	LinkSetAlias(link netlink.Link, alias string) error
 	LinkSetIP6AddrGenMode(link netlink.Link, mode int) error
+	NoRouterDiscovery(dev string) error
 	FouAdd(netlink.Fou) error
 	FouDel(netlink.Fou) error
 	FouList(family int) ([]netlink.Fou, error)
 }
 
 // nsHandle is the namespace's netlink handle with fou changes sent by our
-// own generic netlink code (netlink_linux.go).
+// own generic netlink code (netlink_linux.go), and the namespace itself
+// (our own copy of the handle) for the sysctls netlink cannot set.
 type nsHandle struct {
 	*netlink.Handle
 	fou *fouConn
+	ns  netns.NsHandle
+}
+
+// newNSHandle wraps h and fc with a duplicate of ns, which close closes.
+func newNSHandle(ns netns.NsHandle, h *netlink.Handle, fc *fouConn) (nsHandle, func() error, error) {
+	fd, err := unix.FcntlInt(uintptr(ns), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nsHandle{}, nil, fmt.Errorf("duplicate the namespace handle: %w", err)
+	}
+	own := netns.NsHandle(fd)
+	return nsHandle{h, fc, own}, own.Close, nil
+}
+
+// NoRouterDiscovery turns IPv6 router discovery off on dev (accept_ra and
+// router_solicitations 0, /proc/sys in the handle's namespace): a tunnel
+// device to one peer has no router to find, and the kernel would send
+// router solicitations through the tunnel when the device comes up.
+func (h nsHandle) NoRouterDiscovery(dev string) error {
+	return nsthread.In(h.ns, func() error {
+		for _, k := range []string{"accept_ra", "router_solicitations"} {
+			if err := os.WriteFile("/proc/sys/net/ipv6/conf/"+dev+"/"+k, []byte("0"), 0o644); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 func (h nsHandle) FouAdd(f netlink.Fou) error {
@@ -230,14 +261,22 @@ func New(ns netns.NsHandle, cfg Config) (*Dataplane, error) {
 		h.Close()
 		return nil, fmt.Errorf("xfrm: generic netlink socket: %w", err)
 	}
-	d, err := newDataplane(nsHandle{h, fc}, mc, cfg)
+	nh, closeNS, err := newNSHandle(ns, h, fc)
 	if err != nil {
+		fc.Close()
+		mc.Close()
+		h.Close()
+		return nil, fmt.Errorf("xfrm: %w", err)
+	}
+	d, err := newDataplane(nh, mc, cfg)
+	if err != nil {
+		closeNS()
 		fc.Close()
 		mc.Close()
 		h.Close()
 		return nil, err
 	}
-	d.closers = append(d.closers, mc.Close, fc.Close, func() error { h.Close(); return nil })
+	d.closers = append(d.closers, mc.Close, fc.Close, closeNS, func() error { h.Close(); return nil })
 	mon, err := dialMonitor(int(ns))
 	if err != nil {
 		d.Close()

@@ -2,6 +2,7 @@ package xfrm
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"slices"
 	"syscall"
@@ -21,10 +22,11 @@ type fakeKernel struct {
 	addrs    map[int][]netlink.Addr
 	routes   []netlink.Route
 
-	noXfrmi   bool // LinkAdd of an xfrm interface fails
-	noMigrate bool // XFRM_MSG_MIGRATE answers ENOPROTOOPT
-	failSPI   int  // XfrmStateAdd of this SPI fails
-	migrated  int  // successful migrations
+	noXfrmi   bool            // LinkAdd of an xfrm interface fails
+	noMigrate bool            // XFRM_MSG_MIGRATE answers ENOPROTOOPT
+	failSPI   int             // XfrmStateAdd of this SPI fails
+	migrated  int             // successful migrations
+	noRD      map[string]bool // devices with router discovery turned off
 	nextIndex int
 	routeSrc  net.IP // RouteGet's answer
 	routeSrc6 net.IP // RouteGet's answer for an IPv6 destination
@@ -231,6 +233,14 @@ func cloneLink(l netlink.Link) netlink.Link {
 // LinkSetUp sets the flag on the kernel's link (found by name, as the
 // kernel finds it by index) and on l.
 func (k *fakeKernel) LinkSetUp(l netlink.Link) error {
+	switch l.(type) {
+	case *netlink.Sittun, *netlink.Ip6tnl:
+		if !k.noRD[l.Attrs().Name] {
+			// The real kernel would send router solicitations
+			// through the tunnel from here on.
+			return fmt.Errorf("fake: tunnel device %s brought up with router discovery on", l.Attrs().Name)
+		}
+	}
 	if kl, err := k.LinkByName(l.Attrs().Name); err == nil {
 		kl.Attrs().Flags |= net.FlagUp
 	}
@@ -276,6 +286,16 @@ func (k *fakeKernel) LinkModify(l netlink.Link) error {
 }
 
 func (k *fakeKernel) LinkSetIP6AddrGenMode(netlink.Link, int) error { return nil }
+
+// NoRouterDiscovery records the device: tests check every tunnel device
+// had router discovery turned off before it came up.
+func (k *fakeKernel) NoRouterDiscovery(dev string) error {
+	if k.noRD == nil {
+		k.noRD = map[string]bool{}
+	}
+	k.noRD[dev] = true
+	return nil
+}
 
 func (k *fakeKernel) FouAdd(f netlink.Fou) error {
 	if k.noFou {

@@ -12,11 +12,23 @@ import (
 	"github.com/btmm/btmm/controlplane/nldump"
 )
 
+// renderHandle is what render reads: a *netlink.Handle or the dataplane's.
+type renderHandle interface {
+	LinkByIndex(index int) (netlink.Link, error)
+	LinkByName(name string) (netlink.Link, error)
+	LinkList() ([]netlink.Link, error)
+	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
+	FouList(family int) ([]netlink.Fou, error)
+	XfrmStateList(family int) ([]netlink.XfrmState, error)
+	XfrmPolicyList(family int) ([]netlink.XfrmPolicy, error)
+	RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error)
+}
+
 // render describes what the kernel behind h holds that matters to this
 // package, one object per line in `ip xfrm`-like words, sorted: the xfrm
 // interface and ULA addresses, every XFRM state and policy (ours and
 // foreign), and IPv6 routes to ULAs. Keys appear only as their length.
-func render(h handle, ifname string) (string, error) {
+func render(h renderHandle, ifname string) (string, error) {
 	var lines []string
 	names := map[int]string{}
 	name := func(i int) string {

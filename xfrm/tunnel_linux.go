@@ -53,6 +53,7 @@ type tunnelHandle interface {
 	LinkModify(netlink.Link) error
 	LinkSetAlias(link netlink.Link, alias string) error
 	LinkSetIP6AddrGenMode(link netlink.Link, mode int) error
+	NoRouterDiscovery(dev string) error
 	AddrList(link netlink.Link, family int) ([]netlink.Addr, error)
 	AddrAdd(link netlink.Link, addr *netlink.Addr) error
 	AddrDel(link netlink.Link, addr *netlink.Addr) error
@@ -99,8 +100,14 @@ func OpenTunnels(ns netns.NsHandle, group uint32, log *slog.Logger) (*Tunnels, e
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	t := newTunnels(nsHandle{h, fc}, group, log)
-	t.close = func() error { h.Close(); return fc.Close() }
+	nh, closeNS, err := newNSHandle(ns, h, fc)
+	if err != nil {
+		fc.Close()
+		h.Close()
+		return nil, fmt.Errorf("tunnels: %w", err)
+	}
+	t := newTunnels(nh, group, log)
+	t.close = func() error { h.Close(); closeNS(); return fc.Close() }
 	return t, nil
 }
 
@@ -239,6 +246,11 @@ func (t *Tunnels) Apply(a Recorder, want []netlink.Link, have map[string]netlink
 			// Only our link-local address: none made from the outer one.
 			if err := t.h.LinkSetIP6AddrGenMode(l, addrGenModeNone); err != nil {
 				t.log.Debug("addrgenmode none", "link", name, "err", err)
+			}
+			// No router solicitations through the tunnel (set while
+			// the device is down: the kernel sends them on up).
+			if err := t.h.NoRouterDiscovery(name); err != nil {
+				a.Fail(fmt.Errorf("router discovery off on %s: %w", name, err))
 			}
 			h = l
 		case !sameLink(h, w):

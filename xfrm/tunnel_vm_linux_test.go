@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/internal/netns"
@@ -204,8 +205,11 @@ next:
 		return strings.Join(append(out, "esp"), "|"), binary.BigEndian.Uint32(b)
 	case 6:
 		return strings.Join(append(out, "tcp"), "|"), 0
-	case 58:
-		return strings.Join(append(out, "icmpv6"), "|"), 0
+	case 58: // with its type: icmpv6-133 is a router solicitation
+		if len(b) < 1 {
+			return strings.Join(append(out, "icmpv6(short)"), "|"), 0
+		}
+		return strings.Join(append(out, fmt.Sprintf("icmpv6-%d", b[0])), "|"), 0
 	case 17:
 		if len(b) < 8 {
 			return strings.Join(append(out, "udp(short)"), "|"), 0
@@ -288,7 +292,37 @@ func TestVMTunnelPaths(t *testing.T) {
 	adminBefore := adminObjects(t, l.a)
 
 	via := map[string]controlplane.PathKind{}
+	// Our tunnel devices come up with router discovery off: no router
+	// solicitation (ICMPv6 133) goes through a tunnel. The kernel sends
+	// the first within rtr_solicit_delay (1 s) of the device coming up.
+	setup := startCaptureSnap(t, l.r, "r0", 0, func() {
+		if l.a.conn == nil { // before start: anything across r0
+			l.a.ns.Run("ping", "-c", "1", "-W", "1", tlPub["b"].String())
+			return
+		}
+		l.a.conn.SendKeepalive(netip.AddrPortFrom(tlPub["b"], 4500)) // what stop waits for
+	})
 	l.start(t)
+	time.Sleep(3 * time.Second)
+	inner := 0
+	for _, f := range setup.stop(t) {
+		lay, _ := frameLayers(f)
+		if strings.HasSuffix(lay, "icmpv6-133") && strings.Count(lay, "ipv") > 1 {
+			t.Errorf("a router solicitation through a tunnel on a's link: %s", lay)
+		}
+		if strings.Count(lay, "ipv") > 1 {
+			inner++
+		}
+	}
+	for _, dev := range []controlplane.PathKind{controlplane.PathIPv6, controlplane.PathSit} {
+		name := controlplane.TunnelDevice(dev, l.b.ula)
+		for _, k := range []string{"accept_ra", "router_solicitations"} {
+			if v, err := l.a.ns.Run("cat", "/proc/sys/net/ipv6/conf/"+name+"/"+k); err != nil || strings.TrimSpace(v) != "0" {
+				t.Errorf("%s of %s on a: %q %v, want 0", k, name, v, err)
+			}
+		}
+	}
+	t.Logf("setup capture: %d tunnelled frame(s) in the 3 s after start", inner)
 	// Link-local through each device: what path checks will use.
 	for _, dev := range []controlplane.PathKind{controlplane.PathIPv6, controlplane.PathSit} {
 		name := controlplane.TunnelDevice(dev, l.b.ula)
