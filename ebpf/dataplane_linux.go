@@ -139,8 +139,9 @@ type Dataplane struct {
 // watchInfo is what the watchers need to tell our objects' notifications.
 type watchInfo struct {
 	ula     netip.Addr
-	ifindex int // the device the programs are on
-	lo      int // lo's ifindex while the ingress program is on it (relay-tcp)
+	ifindex int          // the device the programs are on
+	lo      int          // lo's ifindex while the ingress program is on it (relay-tcp)
+	tunnels map[int]bool // ifindexes of our tunnel devices (secure mode)
 }
 
 var _ controlplane.Dataplane = (*Dataplane)(nil)
@@ -529,9 +530,10 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 
 	// 3c. Tunnel devices (secure mode) before a route points into them.
 	var viaDev map[netip.Addr]int
+	var tunDevs map[int]bool
 	if d.tun != nil {
 		var c []controlplane.Change
-		c, viaDev, err = d.setTunnels(desired)
+		c, viaDev, tunDevs, err = d.setTunnels(desired)
 		changes = append(changes, c...)
 		if err != nil {
 			errs = append(errs, err)
@@ -564,7 +566,7 @@ func (d *Dataplane) setLocked(desired *controlplane.State) ([]controlplane.Chang
 	}
 
 	d.wmu.Lock()
-	d.watching = watchInfo{ula: desired.Local.ULA, ifindex: d.attach.index(), lo: d.lo.index()}
+	d.watching = watchInfo{ula: desired.Local.ULA, ifindex: d.attach.index(), lo: d.lo.index(), tunnels: tunDevs}
 	d.wmu.Unlock()
 
 	// 5. Deletes: the device we left, peers no longer desired.

@@ -134,9 +134,13 @@ func connect(t testing.TB, a, b *host, cfg Config) {
 	b.set(t, b.state(a, netip.AddrPortFrom(a.outer, a.port)))
 }
 
+// ping wants every echo answered. -w (a deadline) rather than -W: with -W
+// ping gives up on a reply after twice the round trip it has seen, so a
+// first echo delayed by neighbour resolution on a busy machine counted as
+// lost.
 func ping(t testing.TB, from, to *host) {
 	t.Helper()
-	out, err := from.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", to.ula.String())
+	out, err := from.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", to.ula.String())
 	if err != nil {
 		t.Fatalf("ping %s -> %s: %v", from.name, to.name, err)
 	}

@@ -111,7 +111,8 @@ func (d *Dataplane) pollTCX(ctx context.Context) {
 
 // onRoute kicks the repair when our routes (IPv6, protocol 98), our ULA,
 // neighbour entries, clsact qdisc or filters (on our device, and on lo
-// while a peer is bridged), or our device go.
+// while a peer is bridged), our device, or a tunnel device of ours goes
+// (or is set down).
 func (d *Dataplane) onRoute(typ uint16, b []byte) {
 	d.wmu.Lock()
 	w := d.watching
@@ -131,5 +132,9 @@ func (d *Dataplane) onRoute(typ uint16, b []byte) {
 		d.repair.Kick("tc qdisc or filter deleted on lo (relay-tcp bridge)")
 	case m.Type == repair.RTMDelLink && dev:
 		d.repair.Kick("device deleted")
+	case (m.Type == repair.RTMDelLink || m.Type == repair.RTMNewLink && !m.Up()) && w.tunnels[m.Ifindex]:
+		// A tunnel device (its route went with it); the GUE listener
+		// has no notification: the periodic audit puts it back.
+		d.repair.Kick(fmt.Sprintf("tunnel device %d deleted or down", m.Ifindex))
 	}
 }

@@ -126,7 +126,7 @@ func testRepair(t *testing.T, cfg Config) {
 		if d > 10*time.Second {
 			t.Errorf("%q: echoes stopped for %v", brk, d)
 		}
-		if o, err := a.ns.Run("ping", "-6", "-c", "20", "-i", "0.01", "-W", "2", b.ula.String()); err != nil || !strings.Contains(o, " 0% packet loss") {
+		if o, err := a.ns.Run("ping", "-6", "-c", "20", "-i", "0.01", "-w", "10", b.ula.String()); err != nil || !strings.Contains(o, " 0% packet loss") {
 			t.Errorf("%q: ping after the repair: %v\n%s", brk, err, o)
 		}
 		if kind != "tcx" && brk[1] != "qdisc" && !foreignFilter() {

@@ -39,13 +39,14 @@ func (r *recorder) Do(op, obj, what string, err error) bool {
 func (r *recorder) Fail(err error) { r.errs = append(r.errs, err) }
 
 // setTunnels makes the desired devices and the GUE listener; it returns the
-// ifindex of each tunnel-path peer's device (absent: not made just now).
-func (d *Dataplane) setTunnels(desired *controlplane.State) ([]controlplane.Change, map[netip.Addr]int, error) {
+// ifindex of each tunnel-path peer's device (absent: not made just now) and
+// the ifindexes of all our devices (the repair loop watches them).
+func (d *Dataplane) setTunnels(desired *controlplane.State) ([]controlplane.Change, map[netip.Addr]int, map[int]bool, error) {
 	r := &recorder{}
 	d.tun.Fou(r, desired.Local.FOUPort)
 	klinks, err := d.tun.Links()
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	have := map[string]netlink.Link{}
 	for _, l := range klinks {
@@ -63,6 +64,10 @@ func (d *Dataplane) setTunnels(desired *controlplane.State) ([]controlplane.Chan
 		}
 	}
 	idx := d.tun.Apply(r, want, have, desired.Local.ULA)
+	all := map[int]bool{}
+	for _, i := range idx {
+		all[i] = true
+	}
 	via := map[netip.Addr]int{}
 	for _, p := range desired.Peers {
 		if p.Via == controlplane.PathESPInUDP {
@@ -72,7 +77,7 @@ func (d *Dataplane) setTunnels(desired *controlplane.State) ([]controlplane.Chan
 			via[p.ULA] = i
 		}
 	}
-	return r.changes, via, errors.Join(r.errs...)
+	return r.changes, via, all, errors.Join(r.errs...)
 }
 
 // oldTunnels deletes our devices no desired peer lists (once no route

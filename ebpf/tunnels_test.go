@@ -8,11 +8,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/btmm/btmm/controlplane"
 	"github.com/btmm/btmm/controlplane/nldump"
+	"github.com/btmm/btmm/controlplane/repair"
 	"github.com/btmm/btmm/internal/testenv"
 	"github.com/btmm/btmm/xfrm"
 )
@@ -120,7 +122,9 @@ func TestTunnelPathsSecureVM(t *testing.T) {
 	a.ns.MustRun(t, "ip", "fou", "add", "port", "5555", "gue")
 	adminBefore := adminTunnels(t, a)
 
-	a.start(t, Config{})
+	// No periodic audit on a: the device repairs below must come from
+	// the link notifications.
+	a.start(t, Config{Repair: repair.Config{Audit: -1}})
 	b.start(t, Config{})
 	esp, v6, sit, fou := controlplane.PathESPInUDP, controlplane.PathIPv6, controlplane.PathSit, controlplane.PathFOU
 	a.set(t, a.tunnelState(b, esp, false))
@@ -214,6 +218,36 @@ func TestTunnelPathsSecureVM(t *testing.T) {
 	t.Logf("stream: %d bytes, every one checked", s.sent.Load())
 	d, _ := a.dp.Drops()
 	t.Logf("a drops %v", d)
+
+	// Someone else deletes the device a's traffic to b goes into (its route
+	// goes with it), or sets down a device no route goes into (only the
+	// link notification tells): the repair loop makes it again or brings
+	// it up, with its link-local address and the route.
+	a.set(t, a.tunnelState(b, v6, false))
+	b.set(t, b.tunnelState(a, v6, false))
+	for _, rc := range []struct {
+		dev string
+		cmd []string
+	}{
+		{controlplane.TunnelDevice(v6, b.ula), []string{"ip", "link", "del", controlplane.TunnelDevice(v6, b.ula)}},
+		{controlplane.TunnelDevice(sit, b.ula), []string{"ip", "link", "set", controlplane.TunnelDevice(sit, b.ula), "down"}},
+	} {
+		n := a.dp.LastRepair().Count
+		start := time.Now()
+		a.ns.MustRun(t, rc.cmd[0], rc.cmd[1:]...)
+		r := repairedAfter(a, n)
+		if r.Count <= n {
+			t.Fatalf("%q: no repair recorded in 30 s", rc.cmd)
+		}
+		t.Logf("%q: repaired after %v: %q", rc.cmd, r.At.Sub(start).Round(time.Millisecond), r.What)
+		if out := a.ns.MustRun(t, "ip", "-6", "addr", "show", "dev", rc.dev, "up"); !strings.Contains(out, "fe80::") {
+			t.Errorf("%q: %s not up with its link-local address after the repair:\n%s", rc.cmd, rc.dev, out)
+		}
+		if out := a.ns.MustRun(t, "ip", "-6", "route", "show", b.ula.String()); !strings.Contains(out, "dev "+controlplane.TunnelDevice(v6, b.ula)) {
+			t.Errorf("%q: the route to b's ULA is not into %s after the repair:\n%s", rc.cmd, controlplane.TunnelDevice(v6, b.ula), out)
+		}
+		ping(t, a, b)
+	}
 
 	ours := func(h *host) string {
 		return h.ns.MustRun(t, "ip", "link", "show", "group", fmt.Sprint(reqid)) + h.ns.MustRun(t, "ip", "fou", "show")

@@ -140,7 +140,7 @@ func TestVMLoopbackOuter(t *testing.T) {
 			}
 
 			for _, p := range [][2]*labHost{{a, b}, {b, a}} {
-				out, err := p[0].ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", p[1].ula.String())
+				out, err := p[0].ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", p[1].ula.String())
 				if err != nil || !strings.Contains(out, " 0% packet loss") {
 					t.Fatalf("%s -> %s through the bridge: %v\n%s", p[0].name, p[1].name, err, out)
 				}
@@ -159,7 +159,7 @@ func TestVMLoopbackOuter(t *testing.T) {
 			// Back on the wire.
 			l.set(t, 0)
 			l.set(t, 1)
-			out, err := a.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", b.ula.String())
+			out, err := a.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", b.ula.String())
 			if err != nil || !strings.Contains(out, " 0% packet loss") {
 				t.Fatalf("a -> b back on the wire: %v\n%s", err, out)
 			}

@@ -66,7 +66,7 @@ func TestVMBehindNAT(t *testing.T) {
 	must(t, err)
 	t.Logf("followed: %q", changeStrings(ch))
 	for _, pair := range [][2]*labHost{{b, a}, {a, b}} {
-		out, err := pair[0].ns.Run("ping", "-6", "-c", "4", "-i", "0.2", "-W", "3", pair[1].ula.String())
+		out, err := pair[0].ns.Run("ping", "-6", "-c", "4", "-i", "0.2", "-w", "10", pair[1].ula.String())
 		if err != nil || !strings.Contains(out, " 0% packet loss") {
 			t.Fatalf("%s -> %s through the NAT: %v\n%s", pair[0].name, pair[1].name, err, out)
 		}

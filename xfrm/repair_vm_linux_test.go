@@ -90,7 +90,7 @@ func TestVMRepair(t *testing.T) {
 			t.Errorf("%s: echoes stopped for %v", tc.name, d)
 		}
 		// More traffic after the repair: the peer accepts the sequence numbers.
-		if o, err := a.ns.Run("ping", "-6", "-c", "20", "-i", "0.01", "-W", "2", b.ula.String()); err != nil || !strings.Contains(o, " 0% packet loss") {
+		if o, err := a.ns.Run("ping", "-6", "-c", "20", "-i", "0.01", "-w", "10", b.ula.String()); err != nil || !strings.Contains(o, " 0% packet loss") {
 			t.Errorf("%s: ping after the repair: %v\n%s", tc.name, err, o)
 		}
 	}

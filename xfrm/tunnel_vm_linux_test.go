@@ -327,7 +327,7 @@ func TestVMTunnelPaths(t *testing.T) {
 	for _, dev := range []controlplane.PathKind{controlplane.PathIPv6, controlplane.PathSit} {
 		name := controlplane.TunnelDevice(dev, l.b.ula)
 		to := controlplane.TunnelLinkLocal(l.b.ula).String() + "%" + name
-		if out, err := l.a.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", to); err != nil {
+		if out, err := l.a.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-w", "10", to); err != nil {
 			t.Errorf("a -> b's link-local through %s: %v\n%s", name, err, out)
 		}
 	}
@@ -389,6 +389,35 @@ func TestVMTunnelPaths(t *testing.T) {
 				}
 			}
 		})
+	}
+	// Someone else deletes the tunnel device traffic to b is on, or sets
+	// it down: the repair loop (link watch) makes it again or brings it
+	// up, with its route, and b's ULA answers through it.
+	for _, tc := range []struct {
+		kind controlplane.PathKind
+		brk  func(dev string) []string
+	}{
+		{controlplane.PathIPv6, func(dev string) []string { return []string{"ip", "link", "del", dev} }},
+		{controlplane.PathSit, func(dev string) []string { return []string{"ip", "link", "set", dev, "down"} }},
+	} {
+		l.setVia(t, via, "b", tc.kind)
+		dev := controlplane.TunnelDevice(tc.kind, l.b.ula)
+		n := l.a.dp.LastRepair().Count
+		start := time.Now()
+		cmd := tc.brk(dev)
+		l.a.ns.MustRun(t, cmd[0], cmd[1:]...)
+		waitFor(t, 30*time.Second, func() bool { return l.a.dp.LastRepair().Count > n })
+		r := l.a.dp.LastRepair()
+		t.Logf("%q: repaired after %v: %q", tc.brk(dev), r.At.Sub(start).Round(time.Millisecond), r.What)
+		if out, err := l.a.ns.Run("ip", "link", "show", "dev", dev, "up"); err != nil || !strings.Contains(out, dev) {
+			t.Errorf("%q: %s not up after the repair: %v\n%s", tc.brk(dev), dev, err, out)
+		}
+		if out, err := l.a.ns.Run("ip", "-6", "route", "show", l.b.ula.String()); err != nil || !strings.Contains(out, "dev "+dev) {
+			t.Errorf("%q: the route to b's ULA is not on %s after the repair: %v\n%s", tc.brk(dev), dev, err, out)
+		}
+		if out, err := l.a.ns.Run("ping", "-6", "-c", "3", "-i", "0.3", "-w", "10", l.b.ula.String()); err != nil {
+			t.Errorf("%q: a -> b's ULA on %v after the repair: %v\n%s", tc.brk(dev), tc.kind, err, out)
+		}
 	}
 	for _, h := range []*labHost{l.a, l.b, l.c} {
 		must(t, h.dp.Close())

@@ -48,7 +48,7 @@ func TestVMPing(t *testing.T) {
 			for i, h := range l.hosts {
 				for j, p := range l.hosts {
 					if i != j {
-						out, err := h.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "3", p.ula.String())
+						out, err := h.ns.Run("ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", p.ula.String())
 						if err != nil || !strings.Contains(out, " 0% packet loss") {
 							t.Fatalf("%s -> %s: ping -6 %s: %v\n%s", h.name, p.name, p.ula, err, out)
 						}
@@ -311,7 +311,7 @@ func TestVMEvents(t *testing.T) {
 	ch, err := a.dp.Set(t.Context(), st)
 	must(t, err)
 	t.Logf("followed the mapping: %q", changeStrings(ch))
-	out, err := b.ns.Run("ping", "-6", "-c", "6", "-i", "0.2", "-W", "3", a.ula.String())
+	out, err := b.ns.Run("ping", "-6", "-c", "6", "-i", "0.2", "-w", "10", a.ula.String())
 	if err != nil || !strings.Contains(out, " 0% packet loss") {
 		t.Fatalf("ping after following the mapping: %v\n%s", err, out)
 	}

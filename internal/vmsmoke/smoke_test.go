@@ -109,7 +109,7 @@ func TestESPInUDPPing(t *testing.T) {
 		}()
 	}
 	time.Sleep(1500 * time.Millisecond) // tcpdump needs a moment to attach
-	res, err := a.ns.Run("ping", "-6", "-c", "3", "-i", "0.3", "-W", "3", b.ula.String())
+	res, err := a.ns.Run("ping", "-6", "-c", "3", "-i", "0.3", "-w", "10", b.ula.String())
 	if err != nil || !strings.Contains(res, " 0% packet loss") {
 		t.Fatalf("ping -6 %s over ESP-in-UDP: %v\n%s", b.ula, err, res)
 	}
