@@ -173,13 +173,17 @@ type staleLLQ struct {
 }
 
 type query struct {
-	key     qkey
-	fns     map[int]func([]dns.RR)
-	st      state
-	id      uint64
-	lease   time.Duration
-	msgID   uint16
-	reqMAC  string
+	key   qkey
+	fns   map[int]func([]dns.RR)
+	st    state
+	id    uint64
+	lease time.Duration
+	msgID uint16
+	// reqMACs are the TSIG MACs of every transmission of the request
+	// q waits for, the latest last: each retransmission is signed anew,
+	// and under load the answer to an earlier one comes after the next
+	// went out (it answers the same question and is as authentic).
+	reqMACs []string
 	tries   int
 	due     time.Time // next retransmission, refresh or poll
 	waiting bool      // a request is outstanding
@@ -191,6 +195,11 @@ type query struct {
 	lastReq   *dns.Msg
 	answers   map[string]dns.RR
 	delivered bool
+	// early holds the records of events that came for this LLQ before
+	// its setup's ACK (stSetup2): the server registers the LLQ, and may
+	// send events for changes after the ACK's answers were taken, before
+	// the ACK itself leaves. They are applied on top of the ACK's answers.
+	early []dns.RR
 }
 
 // New checks cfg; it does no I/O.
@@ -635,7 +644,7 @@ func (c *Client) fire(now time.Time) {
 
 func (c *Client) startSetup(q *query) {
 	delete(c.pending, q.msgID)
-	q.st, q.id, q.tries, q.dropped = stSetup1, 0, 0, ""
+	q.st, q.id, q.tries, q.dropped, q.early = stSetup1, 0, 0, "", nil
 	c.send(q, c.llqMsg(q, llq.OpSetup, 0, c.cfg.Lease), true)
 }
 
@@ -644,7 +653,7 @@ func (c *Client) toPolling(q *query, reason string) {
 		c.log.Warn("llq: unavailable, polling", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "reason", reason, "every", c.cfg.PollInterval)
 	}
 	delete(c.pending, q.msgID)
-	q.st, q.reason, q.waiting, q.id = stPolling, reason, false, 0
+	q.st, q.reason, q.waiting, q.id, q.early = stPolling, reason, false, 0, nil
 	now := time.Now()
 	q.llqAt = now.Add(c.cfg.RetryLLQ)
 	q.due = now // poll at once
@@ -674,7 +683,7 @@ func (c *Client) send(q *query, m *dns.Msg, track bool) {
 		return
 	}
 	if track {
-		q.reqMAC = mac
+		q.reqMACs = []string{mac}
 		q.lastReq = m
 	}
 	c.lastSend = time.Now()
@@ -694,7 +703,7 @@ func (c *Client) retransmit(q *query) {
 	if err != nil {
 		return
 	}
-	q.reqMAC = mac
+	q.reqMACs = append(q.reqMACs, mac)
 	c.lastSend = time.Now()
 	if err := c.conn.Send(b); err != nil {
 		c.setError(fmt.Errorf("llqclient: send to %s: %w", c.server, err))
@@ -716,6 +725,25 @@ func (c *Client) pack(m *dns.Msg, requestMAC string) ([]byte, string, error) {
 // verify applies the response policy to an answer or event.
 func (c *Client) verify(raw []byte, requestMAC string) error {
 	return register.ResponsePolicy{AcceptUnsigned: c.cfg.AcceptUnsigned}.Check(c.cfg.Key, raw, requestMAC)
+}
+
+// verifyAnswer checks an answer against the MACs of the request's
+// transmissions, latest first; the error is the latest's.
+func (c *Client) verifyAnswer(raw []byte, macs []string) error {
+	var first error
+	for i := len(macs) - 1; i >= 0; i-- {
+		err := c.verify(raw, macs[i])
+		if err == nil {
+			return nil
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	if first == nil {
+		first = c.verify(raw, "")
+	}
+	return first
 }
 
 // droppedReason is what the status says when answers are not believed.
@@ -744,7 +772,7 @@ func (c *Client) handle(raw []byte) {
 	if !ok || !strings.EqualFold(m.Question[0].Name, q.key.name) || m.Question[0].Qtype != q.key.qtype {
 		return
 	}
-	if err := c.verify(raw, q.reqMAC); err != nil {
+	if err := c.verifyAnswer(raw, q.reqMACs); err != nil {
 		if q.dropped == "" {
 			c.log.Warn("llq: dropping an answer we cannot believe", "name", q.key.name, "err", err)
 		}
@@ -797,8 +825,21 @@ func (c *Client) handle(raw []byte) {
 		q.st, q.reason, q.setups = stActive, "", q.setups+1
 		q.lease = time.Duration(o.LeaseLife) * time.Second
 		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
-		c.log.Debug("llq: established", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "lease", q.lease, "answers", len(m.Answer))
-		c.replace(q, m.Answer)
+		c.log.Debug("llq: established", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "lease", q.lease, "answers", len(m.Answer), "early_events", len(q.early))
+		// The ACK's answers, then the changes whose events came before it.
+		// (Replacing the answers with the ACK's alone undid those changes,
+		// and their events, acknowledged, never come again: the change
+		// stayed lost until the LLQ was set up again, as a refresh
+		// carries no answers.)
+		next := map[string]dns.RR{}
+		for _, rr := range m.Answer {
+			if q.matches(rr) && rr.Header().Ttl != llq.RemovedTTL {
+				next[rrKey(rr)] = rr
+			}
+		}
+		q.apply(next, q.early)
+		q.early = nil
+		c.set(q, next)
 	case q.st == stActive && o.Opcode == llq.OpRefresh:
 		q.lease = time.Duration(o.LeaseLife) * time.Second
 		q.due = now.Add(RefreshAfter(q.lease, c.rand()))
@@ -834,21 +875,34 @@ func (c *Client) handleEvent(raw []byte, m *dns.Msg, o *dns.EDNS0_LLQ) {
 			c.setError(fmt.Errorf("llqclient: ack event: %w", err))
 		}
 	}
+	if q.st == stSetup2 {
+		// Before the setup's ACK: its answers may predate this change
+		// (handle applies it on top of them).
+		c.log.Debug("llq: event before the setup's ACK", "name", q.key.name, "type", dns.TypeToString[q.key.qtype], "records", len(m.Answer))
+		q.early = append(q.early, m.Answer...)
+		return
+	}
 	next := make(map[string]dns.RR, len(q.answers))
 	for k, v := range q.answers {
 		next[k] = v
 	}
-	for _, rr := range m.Answer {
+	q.apply(next, m.Answer)
+	c.set(q, next)
+}
+
+// apply changes answers by an event's records, in order: a record with
+// llq.RemovedTTL goes, any other is added.
+func (q *query) apply(answers map[string]dns.RR, rrs []dns.RR) {
+	for _, rr := range rrs {
 		if !q.matches(rr) {
 			continue
 		}
 		if rr.Header().Ttl == llq.RemovedTTL {
-			delete(next, rrKey(rr))
+			delete(answers, rrKey(rr))
 		} else {
-			next[rrKey(rr)] = rr
+			answers[rrKey(rr)] = rr
 		}
 	}
-	c.set(q, next)
 }
 
 func (q *query) matches(rr dns.RR) bool {

@@ -63,6 +63,16 @@ type fakeLLQ struct {
 	mute  bool // drop everything
 	lease uint32
 	p     *pipe
+	// beforeAck runs (f.mu held) when a challenge response is answered,
+	// after the ACK's answers are taken and before the ACK is sent: a
+	// change there sends its event ahead of the ACK, as a server whose
+	// reply goroutine is slower than its event sender does.
+	beforeAck func()
+	// lateFirst > 0: each request is answered once, lateFirst after its
+	// first transmission (after the client's retransmission went out);
+	// its retransmissions are not answered.
+	lateFirst time.Duration
+	seen      map[uint16]bool
 }
 
 func newFake(t *testing.T, key *register.Key) *fakeLLQ {
@@ -151,6 +161,15 @@ func (f *fakeLLQ) serve(b []byte) {
 	if t := m.IsTsig(); t != nil {
 		reqMAC = t.MAC
 	}
+	if f.lateFirst > 0 && !m.Response {
+		if f.seen == nil {
+			f.seen = map[uint16]bool{}
+		}
+		if f.seen[m.Id] {
+			return // a retransmission: only the first is answered
+		}
+		f.seen[m.Id] = true
+	}
 	o, ok := llq.Option(m)
 	if m.Response {
 		if ok && o.Opcode == llq.OpEvent {
@@ -165,7 +184,7 @@ func (f *fakeLLQ) serve(b []byte) {
 	if !ok || f.noLLQ {
 		f.record("query")
 		resp.Answer = f.answers(q)
-		f.replyTo(resp, reqMAC)
+		f.answer(resp, reqMAC)
 		return
 	}
 	opt := &dns.EDNS0_LLQ{Code: dns.EDNS0LLQ, Version: 1, Opcode: o.Opcode, Id: o.Id, LeaseLife: f.lease}
@@ -181,6 +200,9 @@ func (f *fakeLLQ) serve(b []byte) {
 			opt.Error = llq.ErrNoSuchLLQ
 		} else {
 			resp.Answer = f.answers(q)
+			if f.beforeAck != nil {
+				f.beforeAck()
+			}
 		}
 	case o.Opcode == llq.OpRefresh:
 		f.record(fmt.Sprintf("refresh %d", o.LeaseLife))
@@ -191,13 +213,36 @@ func (f *fakeLLQ) serve(b []byte) {
 		}
 	}
 	llq.SetOption(resp, *opt)
-	f.replyTo(resp, reqMAC)
+	f.answer(resp, reqMAC)
+}
+
+// answer replies to a request, lateFirst later if set.
+func (f *fakeLLQ) answer(resp *dns.Msg, reqMAC string) {
+	if f.lateFirst == 0 {
+		f.replyTo(resp, reqMAC)
+		return
+	}
+	p := f.p
+	go func() {
+		select {
+		case <-time.After(f.lateFirst):
+		case <-p.closed:
+			return
+		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.replyTo(resp, reqMAC)
+	}()
 }
 
 // change updates the zone and sends events to every LLQ on the name.
 func (f *fakeLLQ) change(add, del string) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.changeLocked(add, del)
+}
+
+func (f *fakeLLQ) changeLocked(add, del string) {
 	var changed []dns.RR
 	if add != "" {
 		rr, _ := dns.NewRR(add)
@@ -327,6 +372,85 @@ func TestSetupEventsAndAcks(t *testing.T) {
 		if got := f.steps(); got[len(got)-1] != "refresh 0" {
 			t.Errorf("shutdown did not cancel the LLQ: %q", got)
 		}
+	})
+}
+
+// TestEventBeforeSetupAck: the server registers an LLQ, takes the answers
+// for its ACK, and a change's event leaves before the ACK does (the real
+// server's event sender and reply path are separate goroutines). The client
+// must end with the changed answers: the event is newer than the ACK's
+// answers. (Before, the ACK's answers replaced the event's change, and the
+// acknowledged event never came again: in the VM an IPv6-only host's peers
+// could keep its first TXT, without its c-v6 endpoint, for the LLQ's hour.)
+func TestEventBeforeSetupAck(t *testing.T) {
+	key, _ := register.NewKey("alice.btmm.example.", "hmac-md5", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, key)
+		txt := "_autotunnel._udp." + host
+		f.change(txt+` 60 IN TXT "txtvers=1"`, "")
+		raced := false
+		f.beforeAck = func() {
+			if !raced {
+				raced = true
+				f.changeLocked(txt+` 60 IN TXT "txtvers=1" "c-v6=[2001:db8:4::2]:4500"`, txt+` 60 IN TXT "txtvers=1"`)
+			}
+		}
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		defer cancel()
+		go c.Run(ctx)
+		var w watcher
+		c.Watch(txt, dns.TypeTXT, w.fn)
+		synctest.Wait()
+		if !raced {
+			t.Fatalf("the change did not happen during the setup: %q", f.steps())
+		}
+		if got := f.steps(); !slices.Contains(got, "ack") {
+			t.Errorf("the early event was not acknowledged: %q", got)
+		}
+		want := []string{`"txtvers=1" "c-v6=[2001:db8:4::2]:4500"`}
+		if got := w.last(); !slices.Equal(got, want) {
+			t.Errorf("after the setup: %q, want %q (the event that came before the ACK was lost)", got, want)
+		}
+		// Later events still apply on top.
+		f.change(txt+` 60 IN TXT "txtvers=2"`, txt+` 60 IN TXT "txtvers=1" "c-v6=[2001:db8:4::2]:4500"`)
+		synctest.Wait()
+		if got := w.last(); !slices.Equal(got, []string{`"txtvers=2"`}) {
+			t.Errorf("after a later event: %q", got)
+		}
+	})
+}
+
+// TestLateAnswerToFirstTransmission: under load the server answers each
+// request only after the client sent it again (re-signed, with another
+// MAC). That answer is authentic (signed over the MAC of a transmission of
+// ours, same ID and question) and is used: the LLQ is set up. Before, only
+// the latest transmission's MAC was tried, every answer was dropped ("llq:
+// dropping an answer we cannot believe", seen in the VM under two busy
+// loops) and the question fell back to polling every 5 minutes.
+func TestLateAnswerToFirstTransmission(t *testing.T) {
+	key, _ := register.NewKey("alice.btmm.example.", "hmac-md5", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
+	synctest.Test(t, func(t *testing.T) {
+		f := newFake(t, key)
+		f.change(host+" 60 IN AAAA fd00::1", "")
+		f.lateFirst = DefaultTimeout + 500*time.Millisecond
+		c := newTestClient(t, f, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error)
+		go func() { done <- c.Run(ctx) }()
+		var w watcher
+		c.Watch(host, dns.TypeAAAA, w.fn)
+		time.Sleep(30 * time.Second)
+		synctest.Wait()
+		st := c.Status()
+		if len(st.Queries) != 1 || st.Queries[0].Mode != ModeLLQ || st.Polling != 0 {
+			t.Errorf("status = %+v, want the LLQ set up", st)
+		}
+		if got := w.last(); !slices.Equal(got, []string{"fd00::1"}) {
+			t.Errorf("answers %q", got)
+		}
+		cancel()
+		<-done
 	})
 }
 
