@@ -148,6 +148,9 @@ type Agent struct {
 
 	keepaliveSender KeepaliveSender
 	followKick      chan struct{}
+	// keyingAgain asks keyingPeersAgain to hand keying the peers again: the
+	// last SetPeers failed (keying's goroutine was busy past the deadline).
+	keyingAgain chan struct{}
 	// echo sends one ICMPv6 echo request to a peer's ULA through the
 	// tunnel (ping.go; tests replace it).
 	echo func(ula netip.Addr)
@@ -186,7 +189,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.Keepalive = DefaultKeepalive
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, peers: map[netip.Addr]PeerEvent{}, started: time.Now(),
-		followKick: make(chan struct{}, 1), activity: map[netip.Addr]*activity{},
+		followKick: make(chan struct{}, 1), keyingAgain: make(chan struct{}, 1), activity: map[netip.Addr]*activity{},
 		health: map[netip.Addr]*healthTrack{}, keyingErrs: map[netip.Addr]string{}}
 	a.echo = a.sendEcho
 	a.keepaliveSender = cfg.KeepaliveSender
@@ -254,6 +257,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	start("reconciler", a.rec.Run)
 	start("keying", a.keyer.Run)
+	start("keying-peers", a.keyingPeersAgain)
 	start("register", a.reg.Run)
 	if a.cfg.NAT != nil {
 		start("nat", func(ctx context.Context) error { return a.cfg.NAT(ctx, a.cfg.TunnelPort, a.onNAT) })
@@ -394,7 +398,42 @@ func (a *Agent) updateKeyingPeers(ctx context.Context) {
 	a.unreach = unreach
 	a.mu.Unlock()
 	if err := a.keyer.SetPeers(ctx, kp); err != nil {
-		a.log.Warn("keying peers", "err", err)
+		if a.ctx.Err() != nil {
+			return // shutting down
+		}
+		// Keying's goroutine was busy (e.g. in a slow install) past ctx:
+		// it still has the previous set. Nothing else may come to hand it
+		// this one (a peer that appeared on a settled host: no more peer
+		// events or path changes), so it is tried again.
+		a.log.Warn("keying peers; trying again", "err", err, "in", keyingAgainAfter)
+		select {
+		case a.keyingAgain <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// keyingAgainAfter is how long after a failed SetPeers the peers are handed
+// to keying again.
+const keyingAgainAfter = time.Second
+
+// keyingPeersAgain hands keying the current peers again after a failed
+// SetPeers (updateKeyingPeers), until one succeeds.
+func (a *Agent) keyingPeersAgain(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.keyingAgain:
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(keyingAgainAfter):
+		}
+		uctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		a.updateKeyingPeers(uctx) // signals again if it fails again
+		cancel()
 	}
 }
 

@@ -232,6 +232,56 @@ func TestStatusAndShutdownWhileSetStalled(t *testing.T) {
 	}
 }
 
+// A peer that appears while keying's goroutine is stuck (here in an install
+// whose Dataplane.Set hangs) past updateKeyingPeers' deadline is handed to
+// keying again once it is free, with no further event: on a settled host
+// nothing else comes (no path change, no other peer event). Before, the
+// failed SetPeers was only logged: in the VM, host1 refused an IPv6-only
+// host's INITs ("unknown peer") for 81 s until a path change of its own
+// handed keying the peers again, and with nothing changing, never.
+func TestKeyingPeersAfterBusyKeying(t *testing.T) {
+	a, b := keyedPair(t)
+	waiting, release := a.dp.Stall()
+	defer release()
+	// A rekey with b: its install, in keying's goroutine, hangs in Set.
+	// (Rekey does nothing while an exchange is in flight, e.g. the first
+	// one still waiting for its ACK: asked again until one starts.)
+	deadline := time.After(20 * time.Second)
+	for reached := false; !reached; {
+		// Bounded: keying's goroutine may already be stuck in the Set.
+		rctx, cancel := context.WithTimeout(t.Context(), time.Second)
+		err := a.a.keyer.Rekey(rctx, b.ula)
+		cancel()
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatal(err)
+		}
+		select {
+		case <-waiting:
+			reached = true
+		case <-time.After(500 * time.Millisecond):
+		case <-deadline:
+			t.Fatal("no rekey's install reached Dataplane.Set")
+		}
+	}
+	c := netip.MustParseAddr("fd00::c")
+	a.events <- PeerEvent{Name: "c", ULA: c, Outer: netip.MustParseAddrPort("127.0.0.3:4500")}
+	// updateKeyingPeers gives up after 10 s; then the Set is let go.
+	time.Sleep(11 * time.Second)
+	release()
+	eventually(t, "c handed to keying", func() error {
+		ks, err := a.a.keyer.Status(t.Context())
+		if err != nil {
+			return err
+		}
+		for _, k := range ks {
+			if k.ULA == c {
+				return nil
+			}
+		}
+		return fmt.Errorf("keying's peers: %+v", ks)
+	})
+}
+
 // A major change of the host's network re-registers at once (not at the
 // lease refresh); offline sends nothing; coming back re-registers again.
 func TestMoveRepublishes(t *testing.T) {
