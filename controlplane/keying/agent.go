@@ -635,21 +635,32 @@ func (a *Agent) tick() time.Time {
 			}
 		}
 		if ex := p.ex; ex != nil {
-			if ex.phase != waitAuth {
-				if !now.Before(ex.nextTx) {
-					a.retransmit(p, now)
-				}
-				if p.ex != nil {
+			if ex.phase != waitAuth && !now.Before(ex.nextTx) {
+				a.retransmit(p, now)
+			}
+			if p.ex != nil {
+				if p.ex.phase != waitAuth {
 					next = earliest(next, p.ex.nextTx)
 				}
+				continue
 			}
-			continue
+			// The attempt just ended (no answer, no ACK): its retry
+			// below must wake us, not whatever comes next.
 		}
 		// A retry after a failure waits out its backoff even when the
 		// rekey time has passed; otherwise the next rekey is due.
 		due := p.nextAttempt
 		if due.IsZero() && p.cur != nil {
 			due = p.cur.rekeyAt
+		}
+		if due.IsZero() && p.pending == nil {
+			// Not keyed, nothing in flight, nothing planned: we answered
+			// the peer's INIT (which ended our own exchange) and its
+			// CONFIRM never came. The peer may have given that exchange
+			// up (its RESP lost or late), and waiting for it alone
+			// leaves the pair to its backoff: try ourselves.
+			a.backoff(p, now)
+			due = p.nextAttempt
 		}
 		if due.IsZero() {
 			continue
