@@ -77,7 +77,8 @@ func TestMaliciousHost(t *testing.T) {
 	// does host1-host2's (which must not show up there).
 	pingAll := func(when string) {
 		for _, pair := range [][2]*host{{h1, mal}, {h2, mal}, {h1, h2}, {h2, h1}} {
-			res, err := pair[0].ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", ulaOf(pair[1]).String())
+			// -w, not -W: see TestDelprincCutsHostOffE2E's ping.
+			res, err := pair[0].ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-w", "10", ulaOf(pair[1]).String())
 			if err != nil || !strings.Contains(res, " 0% packet loss") {
 				t.Fatalf("%s: ping %s -> %s: %v\n%s", when, pair[0].name, pair[1].name, err, res)
 			}
@@ -179,7 +180,7 @@ func TestMaliciousHost(t *testing.T) {
 			t.Errorf("%s keyed with mallory again after delhost:\n%s", h.name, xs)
 		}
 	}
-	if res, err := l.Host1.Run("ping", "-6", "-c", "3", "-i", "0.3", "-W", "3", ulaOf(h2).String()); err != nil || !strings.Contains(res, " 0% packet loss") {
+	if res, err := l.Host1.Run("ping", "-6", "-c", "3", "-i", "0.3", "-w", "10", ulaOf(h2).String()); err != nil || !strings.Contains(res, " 0% packet loss") {
 		t.Fatalf("host1 -> host2 after delhost of mallory: %v\n%s", err, res)
 	}
 
@@ -240,6 +241,7 @@ func startAlice(t *testing.T, third, keyingExtra string) *alice {
 func (al *alice) allKeyed(want int) {
 	t := al.t
 	t.Helper()
+	began := time.Now()
 	for _, h := range al.hosts {
 		testenv.WaitFor(t, h.name+" has its peers keyed", 6*time.Minute, func() error { // generous: discovery may fall back to polling (5 min)
 			st, err := h.status(t, al.bins)
@@ -259,6 +261,7 @@ func (al *alice) allKeyed(want int) {
 			return nil
 		})
 	}
+	t.Logf("every host has %d peers keyed and in its kernel after %v", want, time.Since(began).Round(100*time.Millisecond))
 }
 
 // pairSPIs returns the SPIs of the SAs between host1 and host2, read from

@@ -99,7 +99,7 @@ func start(t *testing.T, ns *netns.NS, name string, bin string, args ...string) 
 		// BTMM_E2E_LOGDIR: every daemon's log is written there at the
 		// end, passed or not (to see why a run was slow).
 		if dir := os.Getenv("BTMM_E2E_LOGDIR"); dir != "" {
-			os.WriteFile(filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".log"), []byte(d.log.String()), 0o644)
+			os.WriteFile(filepath.Join(dir, strings.ReplaceAll(t.Name()+" "+name, " ", "_")+".log"), []byte(d.log.String()), 0o644)
 		}
 	})
 	return d
