@@ -73,7 +73,7 @@ func TestDemoPaths(t *testing.T) {
 		t.Helper()
 		for _, p := range pairs {
 			from, to := byName[p[0]], sts[p[1]].ULA
-			res, err := from.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "5", to.String())
+			res, err := from.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-w", "10", to.String())
 			show(t, "ping -6 -c 2 "+to.String()+"   # "+p[0]+" -> "+p[1], res)
 			if err != nil || !strings.Contains(res, " 0% packet loss") {
 				t.Fatalf("ping %s -> %s: %v\n%s", p[0], p[1], err, res)

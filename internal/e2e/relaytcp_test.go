@@ -290,7 +290,7 @@ func (pl *pathsLab) pingAll(t *testing.T, sts map[string]*agent.Status) {
 				continue
 			}
 			testenv.WaitFor(t, "ping "+h.name+" -> "+o.name, 60*time.Second, func() error {
-				res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
+				res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-w", "10", sts[o.name].ULA.String())
 				if err != nil || !strings.Contains(res, " 0% packet loss") {
 					return fmt.Errorf("%v\n%s", err, res)
 				}

@@ -317,7 +317,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 	show(t, "ip xfrm state   # on host1 (keys shown by iproute2, not by btmm)", out)
 
 	say(t, "host1 pings host2's ULA %s through both NATs over ESP-in-UDP", sts["host2"].ULA)
-	res, err := l.Host1.Run("ping", "-6", "-c", "3", "-i", "0.3", "-W", "3", sts["host2"].ULA.String())
+	res, err := l.Host1.Run("ping", "-6", "-c", "3", "-i", "0.3", "-w", "10", sts["host2"].ULA.String())
 	show(t, "ping -6 "+sts["host2"].ULA.String(), res)
 	if err != nil || !strings.Contains(res, " 0% packet loss") {
 		t.Fatalf("ping host1 -> host2 ULA: %v\n%s", err, res)
@@ -328,7 +328,7 @@ func TestTwoHostsBehindNATs(t *testing.T) {
 			if o == h {
 				continue
 			}
-			res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-W", "3", sts[o.name].ULA.String())
+			res, err := h.ns.Run("ping", "-6", "-c", "2", "-i", "0.3", "-w", "10", sts[o.name].ULA.String())
 			if err != nil || !strings.Contains(res, " 0% packet loss") {
 				t.Fatalf("ping %s -> %s ULA: %v\n%s", h.name, o.name, err, res)
 			}

@@ -310,7 +310,7 @@ func TestTunnelPaths(t *testing.T) {
 	if st6.Register.LastError != "" {
 		t.Errorf("v6only's registration: %s", st6.Register.LastError)
 	}
-	if out, err := v6.Run("ping", "-6", "-c", "3", "-i", "0.2", "-W", "5", peer(t, st6, "host1").ULA.String()); err != nil {
+	if out, err := v6.Run("ping", "-6", "-c", "3", "-i", "0.2", "-w", "10", peer(t, st6, "host1").ULA.String()); err != nil {
 		t.Errorf("v6only cannot ping host1's ULA (dual-stack behind gw1): %v\n%s", err, out)
 	}
 	v6cost += time.Since(t0)
