@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/btmm/btmm/internal/testenv"
 )
@@ -41,7 +42,7 @@ func TestVMExecFailsLoudly(t *testing.T) {
 	variant := func(t *testing.T, old, new string) string {
 		t.Helper()
 		if strings.Count(string(src), old) != 1 {
-			t.Fatalf("hack/vmexec: want exactly one %q in the module list", old)
+			t.Fatalf("hack/vmexec: want exactly one %q", old)
 		}
 		p := filepath.Join(t.TempDir(), "vmexec")
 		if err := os.WriteFile(p, []byte(strings.Replace(string(src), old, new, 1)), 0o755); err != nil {
@@ -49,9 +50,10 @@ func TestVMExecFailsLoudly(t *testing.T) {
 		}
 		return p
 	}
-	run := func(t *testing.T, vmexec string) (string, int) {
+	run := func(t *testing.T, vmexec string, env ...string) (string, int) {
 		t.Helper()
 		cmd := exec.Command(vmexec, os.Args[0], "-test.run", "^TestKernelFeatures$", "-test.v", "-test.count=1")
+		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
 		var ee *exec.ExitError
 		if err != nil && !errors.As(err, &ee) {
@@ -74,6 +76,20 @@ func TestVMExecFailsLoudly(t *testing.T) {
 			t.Fatalf("with kvm_intel: exit status %d, want 125 and the module named:\n%s", code, out)
 		}
 		t.Logf("exit status %d; %s", code, line(out, "kvm-intel failed"))
+	})
+	t.Run("guest never starts the program", func(t *testing.T) {
+		// The busybox init stalls before it starts the program: each boot
+		// is given up after BTMM_VM_BOOT_TIMEOUT, booted again, and the run
+		// fails with 125 saying so (CI once saw a guest busy for 27 minutes
+		// without a line of output).
+		stall := variant(t, "echo \"BTMM-VMSTART $NONCE\" > $out\n", "sleep 3600\n")
+		start := time.Now()
+		out, code := run(t, stall, "BTMM_VM_BOOT_TIMEOUT=25", "BTMM_VM_BOOT_TRIES=2")
+		if code != 125 || !strings.Contains(out, "boot 1 of 2: the guest did not start the program within 25s") ||
+			!strings.Contains(out, "boot 2 of 2") || !strings.Contains(out, "the guest never started the program (2 boots of 25s each)") {
+			t.Fatalf("stalled guest: exit status %d, want 125 after two boots named:\n%s", code, out)
+		}
+		t.Logf("exit status %d after %v; %s", code, time.Since(start).Round(time.Second), line(out, "never started"))
 	})
 }
 
